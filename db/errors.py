@@ -1,0 +1,43 @@
+"""Expected failures of the domain. The GraphQL edge maps them to `AuthError`."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    INVALID_INPUT = "INVALID_INPUT"
+    EMAIL_TAKEN = "EMAIL_TAKEN"
+    WEAK_PASSWORD = "WEAK_PASSWORD"
+    INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
+    ACCOUNT_DISABLED = "ACCOUNT_DISABLED"
+    INVALID_OTP = "INVALID_OTP"
+    INVALID_TOKEN = "INVALID_TOKEN"
+    TOKEN_REUSED = "TOKEN_REUSED"
+    RATE_LIMITED = "RATE_LIMITED"
+
+
+class AuthFailure(Exception):
+    """An expected failure: a code, a message safe to show, the input field at fault."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+
+def invalid_input(message: str, field: str | None = None) -> AuthFailure:
+    return AuthFailure(ErrorCode.INVALID_INPUT, message, field=field)
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached right now."""

@@ -1,0 +1,28 @@
+"""Alembic, driven from code: `strawgate migrate`, auto-migration of the embedded default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_ROOT / "alembic"))
+    # ConfigParser interpolates "%": a password in the URL may hold one.
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def upgrade_head(database_url: str) -> None:
+    """Apply every pending migration. Runs its own event loop: call it from a worker
+    thread (or a CLI), never from inside a running loop."""
+    command.upgrade(alembic_config(database_url), "head")
+
+
+def downgrade_base(database_url: str) -> None:
+    command.downgrade(alembic_config(database_url), "base")

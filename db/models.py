@@ -1,0 +1,84 @@
+"""The tables. Timestamps that logic compares come from the injected clock."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Uuid,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from db.base import Base, UTCDateTime
+
+USER_AGENT_MAX = 512
+IP_MAX = 45  # the longest textual IPv6 address
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    # As the user typed it (trimmed, NFC); mail goes here.
+    email: Mapped[str] = mapped_column(String(254))
+    # What uniqueness and look-ups use; the database enforces it.
+    email_normalized: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    email_verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    sessions: Mapped[list[UserSession]] = relationship(
+        back_populates="user", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class UserSession(Base):
+    """One sign-in; its refresh tokens are one rotating family."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (Index("ix_sessions_user_id_revoked_at", "user_id", "revoked_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    revoke_reason: Mapped[str | None] = mapped_column(String(32), default=None)
+    user_agent: Mapped[str | None] = mapped_column(String(USER_AGENT_MAX), default=None)
+    ip: Mapped[str | None] = mapped_column(String(IP_MAX), default=None)
+    amr: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+    user: Mapped[User] = relationship(back_populates="sessions")
+    refresh_tokens: Mapped[list[RefreshToken]] = relationship(
+        back_populates="session", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class RefreshToken(Base):
+    """One generation of a session's refresh token, kept (as a digest) until the session ends,
+    so that reuse of any spent generation is recognised."""
+
+    __tablename__ = "refresh_tokens"
+    __table_args__ = (Index("ix_refresh_tokens_session_id_generation", "session_id", "generation",
+                            unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    generation: Mapped[int] = mapped_column(Integer)
+    # SHA-256 of the token: a 256-bit random token needs no salt or slow hash.
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    session: Mapped[UserSession] = relationship(back_populates="refresh_tokens")

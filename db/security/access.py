@@ -1,0 +1,117 @@
+"""Access tokens: short-lived JWTs (python-jose), decoded with everything pinned."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from jose import jwt
+from jose.exceptions import JOSEError
+
+from db.clock import Clock
+
+ACCESS_TOKEN_TYPE = "at+jwt"
+# Clock skew tolerated between servers when checking `iat` (python-jose ignores a future iat).
+IAT_LEEWAY_SECONDS = 60
+MAX_ACCESS_TOKEN_LENGTH = 4096
+
+
+class InvalidAccessToken(Exception):
+    """The bearer token is not one of ours, or no longer valid. Never says why to clients."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    user_id: uuid.UUID
+    session_id: uuid.UUID
+    amr: tuple[str, ...]
+
+
+class AccessTokenCodec:
+    def __init__(
+        self,
+        *,
+        key: str,
+        algorithm: str,
+        issuer: str,
+        audience: str,
+        lifetime: timedelta,
+        clock: Clock,
+    ) -> None:
+        self._key = key
+        self._algorithm = algorithm
+        self._issuer = issuer
+        self._audience = audience
+        self.lifetime = lifetime
+        self._clock = clock
+        self._options = {
+            "verify_signature": True,
+            "verify_aud": True,
+            "verify_iat": True,
+            "verify_exp": True,
+            "verify_nbf": True,
+            "verify_iss": True,
+            "verify_sub": True,
+            "verify_jti": True,
+            "require_aud": True,
+            "require_iat": True,
+            "require_exp": True,
+            "require_iss": True,
+            "require_sub": True,
+            "require_jti": True,
+            "leeway": 0,
+        }
+
+    def issue(self, *, user_id: uuid.UUID, session_id: uuid.UUID, amr: list[str]) -> str:
+        now = self._clock.now()
+        claims = {
+            "sub": str(user_id),
+            "sid": str(session_id),
+            "jti": uuid.uuid4().hex,
+            "iat": int(now.timestamp()),
+            "exp": int((now + self.lifetime).timestamp()),
+            "iss": self._issuer,
+            "aud": self._audience,
+            "amr": list(amr),
+        }
+        return str(
+            jwt.encode(claims, self._key, algorithm=self._algorithm, headers={"typ": ACCESS_TOKEN_TYPE})
+        )
+
+    def decode(self, token: str) -> AccessClaims:
+        if not token or len(token) > MAX_ACCESS_TOKEN_LENGTH:
+            raise InvalidAccessToken
+        try:
+            # The algorithm list is pinned: a token cannot choose `none` or another key type.
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._key,
+                algorithms=[self._algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                options=self._options,
+            )
+            # python-jose does not look at `typ`; checked only after the signature holds.
+            header = jwt.get_unverified_header(token)
+        except (JOSEError, ValueError, TypeError) as exc:
+            raise InvalidAccessToken from exc
+        if header.get("typ") != ACCESS_TOKEN_TYPE:
+            raise InvalidAccessToken
+        now = self._clock.now().timestamp()
+        exp, iat = claims.get("exp"), claims.get("iat")
+        # Checked again on the injected clock (python-jose uses the wall clock).
+        if not isinstance(exp, int) or exp <= now:
+            raise InvalidAccessToken
+        if not isinstance(iat, int) or iat > now + IAT_LEEWAY_SECONDS:
+            raise InvalidAccessToken
+        amr = claims.get("amr", [])
+        try:
+            return AccessClaims(
+                user_id=uuid.UUID(str(claims["sub"])),
+                session_id=uuid.UUID(str(claims["sid"])),
+                amr=tuple(str(value) for value in amr) if isinstance(amr, list) else (),
+            )
+        except (KeyError, ValueError) as exc:
+            raise InvalidAccessToken from exc

@@ -1,0 +1,1 @@
+"""Async services the GraphQL resolvers call."""

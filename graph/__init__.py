@@ -1,0 +1,1 @@
+"""The GraphQL edge of Strawgate: app factory, context, schema, resolvers, CLI."""

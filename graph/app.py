@@ -1,0 +1,264 @@
+"""The ASGI application. `uvicorn graph.app:app` with only environment variables is a
+complete server: everything that holds a client or runs in the background starts and
+stops in the lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from cross_web import HTTPException
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from strawberry.asgi import GraphQL
+from strawberry.http import GraphQLHTTPResponse
+from strawberry.types import ExecutionResult
+
+from db.clock import Clock, SystemClock
+from db.migrate import upgrade_head
+from db.security.access import AccessTokenCodec
+from db.security.passwords import PasswordHasher
+from db.security.tokens import derive_key
+from db.services.auth import AuthService
+from db.session import create_engine, create_sessionmaker
+from db.settings import ConfigError, Settings
+from graph.context import AppServices, Context
+from graph.errors import is_database_unavailable, present_errors
+from graph.schema import build_schema
+
+log = logging.getLogger("strawgate")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class GraphQLView(GraphQL[Context, None]):
+    """POST /graphql (JSON) and, in development, GraphiQL on GET. No WebSocket."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(
+            build_schema(settings),
+            graphql_ide="graphiql" if settings.graphiql_enabled else None,
+            allow_queries_via_get=False,
+            subscription_protocols=(),
+            multipart_uploads_enabled=False,
+        )
+
+    async def get_context(self, request: Any, response: Any) -> Context:
+        return Context(
+            request=request,
+            response=response,
+            services=request.app.state.services,
+            request_id=request.scope["state"]["request_id"],
+        )
+
+    def decode_json(self, data: str | bytes) -> object:
+        decoded = json.loads(data)
+        # Strawberry answers a JSON scalar body with a 500; batching is off, so only an
+        # object is a request.
+        if not isinstance(decoded, dict):
+            raise HTTPException(400, "The request body must be a JSON object.")
+        return decoded
+
+    async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
+        answer: GraphQLHTTPResponse = {"data": result.data}
+        if result.errors:
+            answer["errors"] = present_errors(
+                result.errors, request_id=request.scope["state"]["request_id"]
+            )
+        if result.extensions:
+            answer["extensions"] = result.extensions
+        return answer
+
+
+class RequestGuard:
+    """Gives each request an id (echoed as X-Request-ID) and caps the body: nothing in
+    Starlette, uvicorn or h11 does, so a client could otherwise stream without end."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            await _too_large(scope, receive, send_with_id)
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send_with_id)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await _too_large(scope, receive, send_with_id)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_with_id)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    response = JSONResponse({"errors": [{"message": "The request body is too large."}]}, 413)
+    await response(scope, receive, send)
+
+
+def configure_logging(settings: Settings) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+    logging.getLogger("strawgate").setLevel(settings.log_level.upper())
+
+
+def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> Starlette:
+    """The one place settings are read (from the environment and `.env`) when none are given."""
+    settings = (settings or Settings()).prepare()
+    configure_logging(settings)
+    clock = clock or SystemClock()
+    view = GraphQLView(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        with _single_process_on_sqlite(settings):
+            if settings.migrates_on_start:
+                # Alembic's async env runs its own loop: keep it off the server's loop.
+                await anyio.to_thread.run_sync(upgrade_head, settings.database_url)
+            engine = create_engine(settings)
+            hasher = await anyio.to_thread.run_sync(_make_hasher, settings)
+            app.state.services = AppServices(
+                settings=settings,
+                auth=AuthService(
+                    engine=engine,
+                    sessionmaker=create_sessionmaker(engine),
+                    hasher=hasher,
+                    access_tokens=AccessTokenCodec(
+                        key=settings.secret(),
+                        algorithm=settings.algorithm,
+                        issuer=settings.jwt_issuer,
+                        audience=settings.jwt_audience,
+                        lifetime=timedelta(minutes=settings.access_token_expire_minutes),
+                        clock=clock,
+                    ),
+                    refresh_key=derive_key(settings.secret(), "refresh-successor"),
+                    clock=clock,
+                    refresh_lifetime=timedelta(days=settings.refresh_token_expire_days),
+                    reuse_interval=timedelta(seconds=settings.refresh_token_reuse_interval),
+                    password_min_length=settings.password_min_length,
+                ),
+            )
+            log.info("Strawgate is up (%s, %s)", settings.environment, engine.dialect.name)
+            try:
+                yield
+            finally:
+                await engine.dispose()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        services: AppServices = request.app.state.services
+        try:
+            with anyio.fail_after(settings.db_timeout):
+                async with services.auth.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            if not is_database_unavailable(exc):
+                log.exception("readiness check failed")
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    app = Starlette(
+        middleware=[Middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)],
+        routes=[
+            Route("/graphql", view),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    return app
+
+
+def _make_hasher(settings: Settings) -> PasswordHasher:
+    return PasswordHasher(
+        memory_cost=settings.argon2_memory_cost,
+        time_cost=settings.argon2_time_cost,
+        parallelism=settings.argon2_parallelism,
+        workers=settings.password_hash_workers,
+    )
+
+
+@contextlib.contextmanager
+def _single_process_on_sqlite(settings: Settings) -> Any:
+    """SQLite serialises writers within one process only as far as BEGIN IMMEDIATE goes;
+    one server process per database file keeps it simple and safe."""
+    path = settings.sqlite_path()
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{path} is already served by another process: SQLite runs one worker; "
+                "use PostgreSQL (DATABASE_URL) for more"
+            ) from None
+        yield
+
+
+app = create_app()

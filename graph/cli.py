@@ -1,0 +1,85 @@
+"""The `strawgate` command: serve, migrate, export-schema."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from db.settings import ConfigError, Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = Settings()
+    if args.workers > 1 and settings.is_sqlite:
+        print(
+            "strawgate: SQLite serves one worker; set DATABASE_URL to PostgreSQL for more.",
+            file=sys.stderr,
+        )
+        return 2
+    # Only arguments are parsed here; the app reads its settings itself (graph.app:app),
+    # exactly as under `uvicorn graph.app:app`.
+    uvicorn.run(
+        "graph.app:app",
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        proxy_headers=True,  # trusted only from FORWARDED_ALLOW_IPS (uvicorn's default: 127.0.0.1)
+        lifespan="on",
+        ws="none",
+        server_header=False,
+    )
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from db.migrate import upgrade_head
+
+    settings = Settings()
+    if (path := settings.sqlite_path()) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    upgrade_head(settings.database_url)
+    return 0
+
+
+def _export_schema(args: argparse.Namespace) -> int:
+    from graph.schema import schema_sdl
+
+    text = schema_sdl()
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="strawgate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server (uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser("migrate", help="apply pending migrations (upgrade head)")
+    migrate.set_defaults(run=_migrate)
+
+    export = commands.add_parser("export-schema", help="write the GraphQL schema (SDL)")
+    export.add_argument("--output", "-o", default="schema.graphql", help='a path, or "-"')
+    export.set_defaults(run=_export_schema)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(f"strawgate: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""What a client sees of a failure: expected ones are data, the rest are masked and logged."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from graphql import GraphQLError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from db.errors import DatabaseUnavailable
+
+log = logging.getLogger("strawgate.errors")
+
+SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+INTERNAL_SERVER_ERROR = "INTERNAL_SERVER_ERROR"
+
+try:  # asyncpg is the production driver; its connection errors mean "database away"
+    import asyncpg
+
+    _ASYNCPG_UNAVAILABLE: tuple[type[BaseException], ...] = (
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.InterfaceError,
+    )
+except ImportError:  # pragma: no cover
+    _ASYNCPG_UNAVAILABLE = ()
+
+
+def is_database_unavailable(exc: BaseException | None) -> bool:
+    """True for failures that mean the database cannot be reached right now."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(
+            exc,
+            DatabaseUnavailable
+            | OperationalError
+            | InterfaceError
+            | PoolTimeoutError
+            | TimeoutError
+            | ConnectionError
+            | OSError
+            | _ASYNCPG_UNAVAILABLE,
+        ):
+            return True
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def present_errors(errors: list[GraphQLError], *, request_id: str) -> list[dict[str, Any]]:
+    """The errors as the client gets them. Validation, permission and other deliberate
+    GraphQL errors pass as they are; database outages become SERVICE_UNAVAILABLE; every
+    other exception is logged with its traceback and shown only as a request id."""
+    out: list[dict[str, Any]] = []
+    for error in errors:
+        original = error.original_error
+        if original is None or isinstance(original, GraphQLError):
+            out.append(error.formatted)
+            continue
+        if is_database_unavailable(original):
+            log.warning(
+                "database unavailable (request %s): %s", request_id, type(original).__name__
+            )
+            message = "The service is temporarily unavailable; try again shortly."
+            code = SERVICE_UNAVAILABLE
+        else:
+            log.error("unexpected error (request %s)", request_id, exc_info=original)
+            # Masked in every environment: no traceback, SQL or driver name reaches a client.
+            message = "Internal server error."
+            code = INTERNAL_SERVER_ERROR
+        formatted = GraphQLError(
+            message,
+            nodes=error.nodes,
+            path=error.path,
+            extensions={"code": code, "requestId": request_id},
+        ).formatted
+        out.append(formatted)
+    return out

@@ -1,0 +1,42 @@
+"""GraphQL input types of the client contract."""
+
+from __future__ import annotations
+
+import strawberry
+
+
+@strawberry.input
+class SignupInput:
+    email: str
+    password: str
+
+
+@strawberry.input
+class LoginInput:
+    email: str
+    password: str
+
+
+@strawberry.input
+class VerifyOtpInput:
+    challenge_token: str
+    code: str
+
+
+@strawberry.input
+class RefreshInput:
+    refresh_token: str | None = strawberry.field(
+        default=strawberry.UNSET,
+        description="Omit where the refresh token travels in an httpOnly cookie.",
+    )
+
+
+@strawberry.input
+class LogoutInput:
+    refresh_token: str | None = strawberry.field(
+        default=strawberry.UNSET,
+        description="Omit where the refresh token travels in an httpOnly cookie.",
+    )
+    everywhere: bool = strawberry.field(
+        default=False, description="End every session of the user, not only this one."
+    )

@@ -1,0 +1,115 @@
+"""signup, login, verifyOtp, refresh, logout and me."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import strawberry
+from strawberry.exceptions import StrawberryGraphQLError
+from strawberry.types import Info
+
+from db.errors import AuthFailure, ErrorCode, invalid_input
+from db.services.auth import IssuedSession
+from db.validation import has_control_characters
+from graph.context import Context
+from graph.inputs import LoginInput, LogoutInput, RefreshInput, SignupInput, VerifyOtpInput
+from graph.permissions import BearerTokenValid
+from graph.types import AuthError, AuthResult, AuthSession, LogoutResult, User
+
+
+def reject_control_characters(info: Info[Context, Any], data: object) -> None:
+    """Every string input is refused when it holds a NUL or another control character."""
+    converter = info.schema.config.name_converter
+    for field in data.__strawberry_definition__.fields:  # type: ignore[attr-defined]
+        value = getattr(data, field.python_name)
+        if isinstance(value, str) and has_control_characters(value):
+            name = converter.get_graphql_name(field)
+            raise invalid_input(f"{name} must not contain control characters.", name)
+
+
+async def _answer(
+    info: Info[Context, Any], data: object, run: Callable[[], Awaitable[IssuedSession]]
+) -> AuthResult:
+    """Checks the input, runs the service, and maps an expected failure to AuthError."""
+    try:
+        reject_control_characters(info, data)
+        return AuthSession.from_issued(await run())
+    except AuthFailure as failure:
+        return AuthError.from_failure(failure)
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(
+        description=(
+            "The signed-in user; null when the request carries no bearer token. A bearer token "
+            "that fails verification, or whose session has ended, gives a GraphQL error with "
+            'extensions.code "UNAUTHENTICATED".'
+        ),
+        permission_classes=[BearerTokenValid],
+    )
+    async def me(self, info: Info[Context, Any]) -> User | None:
+        view = await info.context.user()
+        return User.from_view(view) if view is not None else None
+
+
+async def _no_challenge() -> IssuedSession:
+    # This version issues no challenges yet, so every challenge token is unknown.
+    raise AuthFailure(
+        ErrorCode.INVALID_TOKEN,
+        "This challenge is invalid or has expired.",
+        field="challengeToken",
+    )
+
+
+# Operations that need no signed-in user never read the Authorization header: a client
+# holding an expired access token can still sign in, refresh and log out.
+@strawberry.type
+class Mutation:
+    @strawberry.mutation
+    async def signup(self, info: Info[Context, Any], input: SignupInput) -> AuthResult:
+        ctx = info.context
+        return await _answer(
+            info,
+            input,
+            lambda: ctx.services.auth.signup(
+                email=input.email, password=input.password, client=ctx.client
+            ),
+        )
+
+    @strawberry.mutation
+    async def login(self, info: Info[Context, Any], input: LoginInput) -> AuthResult:
+        ctx = info.context
+        return await _answer(
+            info,
+            input,
+            lambda: ctx.services.auth.login(
+                email=input.email, password=input.password, client=ctx.client
+            ),
+        )
+
+    @strawberry.mutation
+    async def verify_otp(self, info: Info[Context, Any], input: VerifyOtpInput) -> AuthResult:
+        return await _answer(info, input, _no_challenge)
+
+    @strawberry.mutation
+    async def refresh(self, info: Info[Context, Any], input: RefreshInput) -> AuthResult:
+        auth = info.context.services.auth
+        return await _answer(info, input, lambda: auth.refresh(refresh_token=input.refresh_token or None))
+
+    @strawberry.mutation(
+        description="Ends sessions; an unknown or missing refresh token ends none (revoked: 0)."
+    )
+    async def logout(self, info: Info[Context, Any], input: LogoutInput) -> LogoutResult:
+        try:
+            reject_control_characters(info, input)
+        except AuthFailure as failure:
+            # LogoutResult has no error member: refuse with a GraphQL error instead.
+            raise StrawberryGraphQLError(
+                failure.message, extensions={"code": failure.code.value, "field": failure.field}
+            ) from None
+        revoked = await info.context.services.auth.logout(
+            refresh_token=input.refresh_token or None, everywhere=input.everywhere
+        )
+        return LogoutResult(revoked=revoked)

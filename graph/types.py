@@ -1,0 +1,111 @@
+"""GraphQL object types and enums of the client contract."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Annotated
+
+import strawberry
+
+from db.errors import AuthFailure, ErrorCode
+from db.services.auth import IssuedSession, UserView
+
+AuthErrorCode = strawberry.enum(ErrorCode, name="AuthErrorCode")
+
+
+@strawberry.enum
+class OtpMethod(Enum):
+    TOTP = "TOTP"
+    EMAIL = "EMAIL"
+
+
+@strawberry.enum
+class OtpPurpose(Enum):
+    LOGIN = "LOGIN"
+    VERIFY_EMAIL = "VERIFY_EMAIL"
+
+
+@strawberry.type(description="A registered account.")
+class User:
+    id: strawberry.ID
+    email: str
+    email_verified: bool
+    otp_enabled: bool
+    created_at: datetime
+
+    @classmethod
+    def from_view(cls, view: UserView) -> User:
+        return cls(
+            id=strawberry.ID(str(view.id)),
+            email=view.email,
+            email_verified=view.email_verified,
+            otp_enabled=view.otp_enabled,
+            created_at=view.created_at,
+        )
+
+
+@strawberry.type(
+    description="A signed-in session: send accessToken as `Authorization: Bearer <token>`."
+)
+class AuthSession:
+    access_token: str
+    refresh_token: str | None = strawberry.field(
+        description="Null only where the refresh token travels in an httpOnly cookie instead."
+    )
+    token_type: str = strawberry.field(description='Always "Bearer".')
+    expires_in: int = strawberry.field(description="Seconds until accessToken expires.")
+    user: User
+
+    @classmethod
+    def from_issued(cls, issued: IssuedSession) -> AuthSession:
+        return cls(
+            access_token=issued.access_token,
+            refresh_token=issued.refresh_token,
+            token_type="Bearer",
+            expires_in=issued.expires_in,
+            user=User.from_view(issued.user),
+        )
+
+
+@strawberry.type(description="A second step is needed: send the code with verifyOtp.")
+class OtpChallenge:
+    challenge_token: str
+    method: OtpMethod
+    purpose: OtpPurpose
+    expires_in: int = strawberry.field(description="Seconds until challengeToken expires.")
+
+
+@strawberry.type(description="An expected failure, returned as data rather than as a GraphQL error.")
+class AuthError:
+    code: AuthErrorCode  # type: ignore[valid-type]
+    message: str = strawberry.field(
+        description=(
+            "Human-readable, safe to show; never reveals whether an email is registered on login."
+        )
+    )
+    field: str | None = strawberry.field(
+        description='The input field at fault, where there is one (e.g. "password").'
+    )
+    retry_after: int | None = strawberry.field(
+        description="Seconds to wait before trying again; set with RATE_LIMITED."
+    )
+
+    @classmethod
+    def from_failure(cls, failure: AuthFailure) -> AuthError:
+        return cls(
+            code=failure.code,
+            message=failure.message,
+            field=failure.field,
+            retry_after=failure.retry_after,
+        )
+
+
+AuthResult = Annotated[
+    AuthSession | OtpChallenge | AuthError, strawberry.union("AuthResult")
+]
+
+
+@strawberry.type
+class LogoutResult:
+    revoked: int = strawberry.field(description="How many sessions were ended.")
