@@ -70,8 +70,9 @@ class RefreshToken(Base):
     so that reuse of any spent generation is recognised."""
 
     __tablename__ = "refresh_tokens"
-    __table_args__ = (Index("ix_refresh_tokens_session_id_generation", "session_id", "generation",
-                            unique=True),)
+    __table_args__ = (
+        Index("ix_refresh_tokens_session_id_generation", "session_id", "generation", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     session_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 log = logging.getLogger("strawgate.settings")
 
 # The value `.env.example` ships with; production refuses to start with it.
-SECRET_KEY_PLACEHOLDER = "change-me-to-a-random-string-of-at-least-32-characters"
+SECRET_KEY_PLACEHOLDER = "change-me-to-a-random-string-of-at-least-32-characters"  # noqa: S105
 MIN_SECRET_KEY_LENGTH = 32
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/strawgate.db"
 SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512")

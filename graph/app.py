@@ -73,7 +73,9 @@ class GraphQLView(GraphQL[Context, None]):
             raise HTTPException(400, "The request body must be a JSON object.")
         return decoded
 
-    async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
+    async def process_result(
+        self, request: Request, result: ExecutionResult
+    ) -> GraphQLHTTPResponse:
         answer: GraphQLHTTPResponse = {"data": result.data}
         if result.errors:
             answer["errors"] = present_errors(

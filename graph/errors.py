@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from graphql import GraphQLError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -51,11 +50,11 @@ def is_database_unavailable(exc: BaseException | None) -> bool:
     return False
 
 
-def present_errors(errors: list[GraphQLError], *, request_id: str) -> list[dict[str, Any]]:
+def present_errors(errors: list[GraphQLError], *, request_id: str) -> list[object]:
     """The errors as the client gets them. Validation, permission and other deliberate
     GraphQL errors pass as they are; database outages become SERVICE_UNAVAILABLE; every
     other exception is logged with its traceback and shown only as a request id."""
-    out: list[dict[str, Any]] = []
+    out: list[object] = []
     for error in errors:
         original = error.original_error
         if original is None or isinstance(original, GraphQLError):

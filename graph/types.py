@@ -62,7 +62,7 @@ class AuthSession:
         return cls(
             access_token=issued.access_token,
             refresh_token=issued.refresh_token,
-            token_type="Bearer",
+            token_type="Bearer",  # noqa: S106 - the scheme, not a secret
             expires_in=issued.expires_in,
             user=User.from_view(issued.user),
         )
@@ -76,7 +76,9 @@ class OtpChallenge:
     expires_in: int = strawberry.field(description="Seconds until challengeToken expires.")
 
 
-@strawberry.type(description="An expected failure, returned as data rather than as a GraphQL error.")
+@strawberry.type(
+    description="An expected failure, returned as data rather than as a GraphQL error."
+)
 class AuthError:
     code: AuthErrorCode  # type: ignore[valid-type]
     message: str = strawberry.field(
@@ -101,9 +103,7 @@ class AuthError:
         )
 
 
-AuthResult = Annotated[
-    AuthSession | OtpChallenge | AuthError, strawberry.union("AuthResult")
-]
+AuthResult = Annotated[AuthSession | OtpChallenge | AuthError, strawberry.union("AuthResult")]
 
 
 @strawberry.type

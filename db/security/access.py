@@ -12,7 +12,7 @@ from jose.exceptions import JOSEError
 
 from db.clock import Clock
 
-ACCESS_TOKEN_TYPE = "at+jwt"
+ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type
 # Clock skew tolerated between servers when checking `iat` (python-jose ignores a future iat).
 IAT_LEEWAY_SECONDS = 60
 MAX_ACCESS_TOKEN_LENGTH = 4096
@@ -77,7 +77,9 @@ class AccessTokenCodec:
             "amr": list(amr),
         }
         return str(
-            jwt.encode(claims, self._key, algorithm=self._algorithm, headers={"typ": ACCESS_TOKEN_TYPE})
+            jwt.encode(
+                claims, self._key, algorithm=self._algorithm, headers={"typ": ACCESS_TOKEN_TYPE}
+            )
         )
 
     def decode(self, token: str) -> AccessClaims:

@@ -274,8 +274,7 @@ class AuthService:
     ) -> bool:
         """A spent token presented again soon after its rotation, whose successor is still
         the newest generation: a racing tab or a retried request, not an attacker."""
-        assert presented.rotated_at is not None
-        if now - presented.rotated_at > self.reuse_interval:
+        if presented.rotated_at is None or now - presented.rotated_at > self.reuse_interval:
             return False
         newest = await session.scalar(
             select(RefreshToken)
@@ -371,5 +370,3 @@ def _invalid_credentials() -> AuthFailure:
 
 def _invalid_token() -> AuthFailure:
     return AuthFailure(ErrorCode.INVALID_TOKEN, "This token is invalid or has expired.")
-
-

@@ -96,7 +96,9 @@ class Mutation:
     @strawberry.mutation
     async def refresh(self, info: Info[Context, Any], input: RefreshInput) -> AuthResult:
         auth = info.context.services.auth
-        return await _answer(info, input, lambda: auth.refresh(refresh_token=input.refresh_token or None))
+        return await _answer(
+            info, input, lambda: auth.refresh(refresh_token=input.refresh_token or None)
+        )
 
     @strawberry.mutation(
         description="Ends sessions; an unknown or missing refresh token ends none (revoked: 0)."

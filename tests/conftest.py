@@ -1,0 +1,144 @@
+"""Fixtures: a real PostgreSQL database per test session, the app with an injected clock,
+an httpx client on the ASGI app, and servers in subprocesses where a test needs processes."""
+
+from __future__ import annotations
+
+import os
+
+# graph.app builds `app = create_app()` at import, from the environment: make that a
+# development app that needs nothing, before anything imports it.
+os.environ.setdefault("ENVIRONMENT", "development")
+os.environ.setdefault("SECRET_KEY", "test-secret-key-0123456789abcdefghijklmnop")
+os.environ.setdefault("DATABASE_URL", "sqlite+aiosqlite:///:memory:")
+
+import asyncio
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
+
+from db.migrate import upgrade_head
+from db.settings import Settings
+from graph.app import create_app
+from tests.pg import provision, sqlalchemy_url
+
+TEST_SECRET = "test-secret-key-0123456789abcdefghijklmnop"
+PASSWORD = "correct horse battery staple"
+
+
+class MutableClock:
+    """A clock the tests move by hand."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.current = start or datetime.now(UTC).replace(microsecond=0)
+
+    def now(self) -> datetime:
+        return self.current
+
+    def advance(self, **delta: float) -> None:
+        self.current += timedelta(**delta)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    try:
+        url, cluster = provision()
+    except RuntimeError as exc:
+        pytest.exit(str(exc), returncode=3)
+    try:
+        yield url
+    finally:
+        if cluster is not None:
+            cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test session, dropped at the end."""
+    name = f"strawgate_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(pg_admin_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    url = sqlalchemy_url(pg_admin_url, name)
+    upgrade_head(url)
+    try:
+        yield url
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def clean_db(database_url: str) -> AsyncIterator[None]:
+    """Tests run against real transactions (and real concurrency), so each starts empty."""
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.execute(text("TRUNCATE users, sessions, refresh_tokens CASCADE"))
+    await engine.dispose()
+    yield
+
+
+@pytest.fixture
+def clock() -> MutableClock:
+    return MutableClock()
+
+
+@pytest.fixture
+def make_settings(database_url: str) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "environment": "development",
+            "database_url": database_url,
+            "secret_key": TEST_SECRET,
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+async def running(app: Starlette) -> AsyncIterator[Starlette]:
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def app(settings: Settings, clock: MutableClock, clean_db: None) -> AsyncIterator[Starlette]:
+    application = create_app(settings, clock=clock)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+def client_for(app: Starlette, ip: str = "203.0.113.7") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(ip, 40000))
+    return httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", headers={"user-agent": "pytest"}
+    )
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(app) as http:
+        yield http
+
+
+def unique_email() -> str:
+    return f"user-{secrets.token_hex(4)}@example.com"

@@ -1,0 +1,176 @@
+"""PostgreSQL for the tests: the one configured, the machine's own, or a throwaway cluster.
+
+Order: TEST_DATABASE_URL (an admin URL of a server the tests may create databases on);
+else PostgreSQL on 127.0.0.1:5432 (user postgres); else a private cluster started from
+local binaries (initdb + pg_ctl, as a non-root user: PostgreSQL refuses to run as root).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+NO_POSTGRES = (
+    "No PostgreSQL for the tests: set TEST_DATABASE_URL to an admin URL "
+    "(postgresql://user@host:port/db), run a server on 127.0.0.1:5432 that user postgres "
+    "can reach, or install the PostgreSQL server binaries (initdb, pg_ctl; Debian: "
+    "apt-get install postgresql) so the tests can start a throwaway cluster."
+)
+
+
+def find_pg_bin() -> Path | None:
+    """The folder with initdb and pg_ctl, newest version first."""
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return Path(found).parent
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if Path(folder, "initdb").exists() and Path(folder, "pg_ctl").exists():
+            return Path(folder)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def can_connect(dsn: str, wait: float = 2.0) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=wait)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+@dataclass
+class PrivateCluster:
+    """A PostgreSQL cluster of the tests' own, in a temporary folder, on a free port."""
+
+    bin_dir: Path
+    root: Path
+    port: int
+    user: str | None  # run as this OS user (when the tests run as root)
+
+    @classmethod
+    def create(cls) -> PrivateCluster:
+        bin_dir = find_pg_bin()
+        if bin_dir is None:
+            raise RuntimeError(NO_POSTGRES)
+        user = None
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError as exc:
+                raise RuntimeError(
+                    "Running as root and there is no 'postgres' user to run a throwaway "
+                    "PostgreSQL cluster as (PostgreSQL refuses to run as root)."
+                ) from exc
+            user = "postgres"
+        root = Path(tempfile.mkdtemp(prefix="strawgate-pg-"))
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            os.chown(root, entry.pw_uid, entry.pw_gid)
+        cluster = cls(bin_dir=bin_dir, root=root, port=free_port(), user=user)
+        cluster._run(
+            "initdb",
+            "-D",
+            str(cluster.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale",
+            "C",
+        )
+        return cluster
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.bin_dir / tool), *args]
+        if self.user is not None:
+            command = ["runuser", "-u", self.user, "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "30",
+            "start",
+        )
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def wait_until(predicate: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def provision() -> tuple[str, PrivateCluster | None]:
+    """An admin URL (asyncpg form) of a server the tests may create databases on."""
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        if not asyncio.run(can_connect(configured)):
+            raise RuntimeError(f"TEST_DATABASE_URL is set but cannot be reached. {NO_POSTGRES}")
+        return configured, None
+    local = "postgresql://postgres@127.0.0.1:5432/postgres"
+    if asyncio.run(can_connect(local)):
+        return local, None
+    cluster = PrivateCluster.create()
+    cluster.start()
+    return cluster.admin_url, cluster
+
+
+def sqlalchemy_url(dsn: str, database: str) -> str:
+    """The asyncpg URL SQLAlchemy takes, for `database` on the server of `dsn`."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(dsn).set(drivername="postgresql+asyncpg", database=database)
+    return url.render_as_string(hide_password=False)
