@@ -26,22 +26,22 @@ try:  # asyncpg is the production driver; its connection errors mean "database a
 except ImportError:  # pragma: no cover
     _ASYNCPG_UNAVAILABLE = ()
 
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    DatabaseUnavailable,
+    OperationalError,
+    InterfaceError,
+    PoolTimeoutError,
+    TimeoutError,
+    OSError,  # ConnectionRefusedError and friends
+    *_ASYNCPG_UNAVAILABLE,
+)
+
 
 def is_database_unavailable(exc: BaseException | None) -> bool:
     """True for failures that mean the database cannot be reached right now."""
     seen = 0
     while exc is not None and seen < 8:
-        if isinstance(
-            exc,
-            DatabaseUnavailable
-            | OperationalError
-            | InterfaceError
-            | PoolTimeoutError
-            | TimeoutError
-            | ConnectionError
-            | OSError
-            | _ASYNCPG_UNAVAILABLE,
-        ):
+        if isinstance(exc, _UNAVAILABLE):
             return True
         if isinstance(exc, DBAPIError) and exc.connection_invalidated:
             return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import httpx
 from sqlalchemy import select
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.models import RefreshToken, UserSession
 from db.security.tokens import token_digest
+from db.settings import Settings
 from tests.conftest import PASSWORD, MutableClock, unique_email
 from tests.gql import ME, gql, refresh, signup
 
@@ -92,7 +94,9 @@ async def test_reuse_of_an_older_generation_revokes_even_within_the_interval(
     assert (await refresh(client, third["refreshToken"]))["code"] == "INVALID_TOKEN"
 
 
-async def test_the_reuse_interval_is_configurable(make_settings, clock: MutableClock) -> None:  # type: ignore[no-untyped-def]
+async def test_the_reuse_interval_is_configurable(
+    make_settings: Callable[..., Settings], clock: MutableClock
+) -> None:
     from graph.app import create_app
     from tests.conftest import client_for
 

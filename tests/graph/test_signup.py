@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -10,7 +11,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.models import User, UserSession
-from tests.conftest import PASSWORD, unique_email
+from db.settings import Settings
+from tests.conftest import PASSWORD, MutableClock, unique_email
 from tests.gql import ME, gql, signup
 
 
@@ -144,7 +146,9 @@ async def test_no_composition_rules(client: httpx.AsyncClient) -> None:
         assert (await signup(client, unique_email(), password))["__typename"] == "AuthSession"
 
 
-async def test_minimum_length_is_configurable(make_settings, clock) -> None:  # type: ignore[no-untyped-def]
+async def test_minimum_length_is_configurable(
+    make_settings: Callable[..., Settings], clock: MutableClock
+) -> None:
     from graph.app import create_app
     from tests.conftest import client_for
 

@@ -1,0 +1,129 @@
+"""Password hashing: off the event loop, bounded, and never of an over-long password."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+import time
+from datetime import timedelta
+
+import pytest
+
+from db.clock import SystemClock
+from db.errors import AuthFailure, ErrorCode
+from db.security.access import AccessTokenCodec
+from db.security.passwords import PasswordHasher
+from db.services.auth import AuthService, ClientInfo
+from db.session import create_engine, create_sessionmaker
+from db.settings import Settings
+from tests.conftest import PASSWORD, TEST_SECRET, MutableClock
+
+
+async def test_hashing_runs_off_the_event_loop() -> None:
+    hasher = PasswordHasher(workers=2)
+    gaps: list[float] = []
+    done = False
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    start = time.perf_counter()
+    for _ in range(4):
+        await hasher.hash(PASSWORD)
+    elapsed = time.perf_counter() - start
+    done = True
+    await task
+    # Four hashes took tens of milliseconds; the loop never stalled for the length of one.
+    assert elapsed > 0.04
+    assert max(gaps) < elapsed / 3
+
+
+async def test_more_waiters_than_four_per_worker_are_refused() -> None:
+    hasher = PasswordHasher(workers=1)
+    results = await asyncio.gather(
+        *(hasher.hash(PASSWORD) for _ in range(12)), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, AuthFailure)]
+    assert len(results) - len(refused) == 5  # one running, four waiting
+    assert all(r.code is ErrorCode.RATE_LIMITED and r.retry_after == 1 for r in refused)
+    # Once the queue drains, hashing works again.
+    assert (await hasher.hash(PASSWORD)).startswith("$argon2id$")
+
+
+class CountingHasher(PasswordHasher):
+    calls = 0
+
+    async def hash(self, password: str) -> str:
+        self.calls += 1
+        return await super().hash(password)
+
+    async def verify(self, password: str, stored_hash: str) -> tuple[bool, str | None]:
+        self.calls += 1
+        return await super().verify(password, stored_hash)
+
+    async def verify_dummy(self, password: str) -> None:
+        self.calls += 1
+        await super().verify_dummy(password)
+
+
+@pytest.mark.usefixtures("clean_db")
+async def test_nothing_over_the_maximum_is_ever_hashed(database_url: str) -> None:
+    settings = Settings(_env_file=None, database_url=database_url, secret_key=TEST_SECRET)
+    engine = create_engine(settings)
+    hasher = CountingHasher()
+    clock = SystemClock()
+    auth = AuthService(
+        engine=engine,
+        sessionmaker=create_sessionmaker(engine),
+        hasher=hasher,
+        access_tokens=AccessTokenCodec(
+            key=TEST_SECRET,
+            algorithm="HS256",
+            issuer="i",
+            audience="a",
+            lifetime=timedelta(minutes=1),
+            clock=clock,
+        ),
+        refresh_key=b"k" * 32,
+        clock=clock,
+        refresh_lifetime=timedelta(days=1),
+        reuse_interval=timedelta(seconds=10),
+        password_min_length=8,
+    )
+    try:
+        await auth.signup(email="long@example.com", password=PASSWORD, client=ClientInfo())
+        assert hasher.calls == 1
+        huge = "x" * 100_000
+        with pytest.raises(AuthFailure) as signup_error:
+            await auth.signup(email="other@example.com", password=huge, client=ClientInfo())
+        assert signup_error.value.code is ErrorCode.WEAK_PASSWORD
+        with pytest.raises(AuthFailure) as login_error:
+            await auth.login(email="long@example.com", password=huge, client=ClientInfo())
+        assert login_error.value.code is ErrorCode.INVALID_CREDENTIALS
+        assert hasher.calls == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_login_answers_rate_limited_when_the_hash_queue_is_full(
+    make_settings: Callable[..., Settings], clock: MutableClock
+) -> None:
+    from graph.app import create_app
+    from tests.conftest import client_for, unique_email
+    from tests.gql import login, signup
+
+    app = create_app(make_settings(password_hash_workers=1), clock=clock)
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        email = unique_email()
+        await signup(http, email, PASSWORD)
+        results = await asyncio.gather(*(login(http, email, PASSWORD) for _ in range(16)))
+    kinds = [r.get("code") or r["__typename"] for r in results]
+    assert "AuthSession" in kinds
+    limited = [r for r in results if r.get("code") == "RATE_LIMITED"]
+    assert limited and all(r["retryAfter"] == 1 for r in limited)

@@ -1,0 +1,72 @@
+"""Configuration: production fails closed on a bad SECRET_KEY; development keeps a key."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from db.settings import SECRET_KEY_PLACEHOLDER, ConfigError, Settings
+from graph.app import create_app
+
+
+@pytest.fixture
+def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ENVIRONMENT", "SECRET_KEY", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_production_is_the_default(no_env: None) -> None:
+    assert Settings(_env_file=None).environment == "production"
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [(None, "must be set"), ("short-key", "at least 32"), (SECRET_KEY_PLACEHOLDER, "placeholder")],
+)
+def test_production_refuses_a_bad_secret_key(no_env: None, key: str | None, why: str) -> None:
+    settings = Settings(_env_file=None, secret_key=key)
+    with pytest.raises(ConfigError, match=why):
+        create_app(settings)
+
+
+def test_production_needs_nothing_else(no_env: None) -> None:
+    settings = Settings(_env_file=None, secret_key="k" * 32).prepare()
+    assert not settings.graphiql_enabled and not settings.introspection_enabled
+
+
+def test_settings_come_from_the_environment_and_dotenv(
+    no_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("ACCESS_TOKEN_EXPIRE_MINUTES=5\nJWT_ISSUER=from-dotenv\n")
+    monkeypatch.setenv("JWT_ISSUER", "from-env")
+    settings = Settings(_env_file=env_file)
+    assert settings.access_token_expire_minutes == 5
+    assert settings.jwt_issuer == "from-env"  # the environment wins over .env
+
+
+def test_unknown_algorithm_is_refused(no_env: None) -> None:
+    with pytest.raises(ValueError, match="ALGORITHM"):
+        Settings(_env_file=None, algorithm="none")
+
+
+def test_development_generates_a_key_once_and_keeps_it(no_env: None, tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/data/strawgate.db"
+    first = Settings(_env_file=None, environment="development", database_url=url).prepare()
+    key_file = tmp_path / "data" / "secret_key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(first.secret()) >= 32
+    again = Settings(_env_file=None, environment="development", database_url=url).prepare()
+    assert again.secret() == first.secret()
+
+
+def test_the_example_env_file_lists_every_setting() -> None:
+    example = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    names = {
+        line.split("=")[0].lstrip("# ").strip() for line in example.splitlines() if "=" in line
+    }
+    for field in Settings.model_fields:
+        assert field.upper() in names, field
+    assert f"SECRET_KEY={SECRET_KEY_PLACEHOLDER}" in example

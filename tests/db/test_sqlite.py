@@ -1,0 +1,71 @@
+"""The embedded default: the same code path on SQLite, with its write lock and UTC times."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from db.models import RefreshToken, User
+from db.settings import Settings
+from graph.app import create_app
+from tests.conftest import PASSWORD, MutableClock, client_for, unique_email
+from tests.gql import ME, gql, refresh, signup
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path}/strawgate.db"
+
+
+@pytest.fixture
+async def sqlite_client(
+    make_settings: Callable[..., Settings], sqlite_url: str, clock: MutableClock
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(make_settings(database_url=sqlite_url), clock=clock)
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        yield http
+
+
+async def test_the_whole_flow_runs_on_sqlite(sqlite_client: httpx.AsyncClient) -> None:
+    first = await signup(sqlite_client, unique_email(), PASSWORD)
+    assert first["__typename"] == "AuthSession"
+    assert (await gql(sqlite_client, ME, token=first["accessToken"]))["data"]["me"]
+    second = await refresh(sqlite_client, first["refreshToken"])
+    assert second["__typename"] == "AuthSession"
+
+
+async def test_concurrent_refreshes_do_not_lose_updates_on_sqlite(
+    sqlite_client: httpx.AsyncClient, sqlite_url: str
+) -> None:
+    """SQLite ignores FOR UPDATE; BEGIN IMMEDIATE is what serialises these."""
+    first = await signup(sqlite_client, unique_email(), PASSWORD)
+    results = await asyncio.gather(
+        *(refresh(sqlite_client, first["refreshToken"]) for _ in range(8))
+    )
+    assert {r["__typename"] for r in results} == {"AuthSession"}
+    assert len({r["refreshToken"] for r in results}) == 1
+    engine = create_async_engine(sqlite_url)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(RefreshToken))).all()
+    await engine.dispose()
+    assert len(rows) == 2
+
+
+async def test_timestamps_are_utc_on_sqlite(
+    sqlite_client: httpx.AsyncClient, sqlite_url: str, clock: MutableClock
+) -> None:
+    result = await signup(sqlite_client, unique_email(), PASSWORD)
+    assert result["user"]["createdAt"].endswith("+00:00")
+    engine = create_async_engine(sqlite_url)
+    async with engine.connect() as conn:
+        created = (await conn.execute(select(User.created_at))).scalar_one()
+    await engine.dispose()
+    assert created.tzinfo is not None and created.utcoffset() == UTC.utcoffset(None)
+    assert created == clock.now()

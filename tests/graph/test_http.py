@@ -1,0 +1,217 @@
+"""The HTTP edge: malformed requests get a 4xx, limits hold, errors are masked."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, MutableMapping
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from db.settings import Settings
+from graph.app import create_app
+from tests.conftest import PASSWORD, MutableClock, client_for, unique_email
+from tests.gql import ME, SIGNUP, gql, signup
+
+
+@pytest.mark.parametrize(
+    "body", [b'"x"', b"5", b"null", b"true", b"[]", b'[{"query": "{ me { id } }"}]']
+)
+async def test_json_that_is_not_an_object_is_a_400(client: httpx.AsyncClient, body: bytes) -> None:
+    response = await client.post(
+        "/graphql", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"{not json", "application/json"),
+        (b"\xff\xfe", "application/json"),
+        (b"query=me", "application/x-www-form-urlencoded"),
+        (b'{"query": "{ me { id } }"}', "text/plain"),
+        (b'{"query": 5}', "application/json"),
+        (b'{"query": "{ me { id } }", "variables": "x"}', "application/json"),
+        (b"{}", "application/json"),
+    ],
+)
+async def test_malformed_requests_are_a_4xx(
+    client: httpx.AsyncClient, body: bytes, content_type: str
+) -> None:
+    response = await client.post("/graphql", content=body, headers={"content-type": content_type})
+    assert 400 <= response.status_code < 500, response.text
+    assert "Traceback" not in response.text
+
+
+async def test_invalid_graphql_is_a_clean_error(client: httpx.AsyncClient) -> None:
+    for query in ("{ me { id ", "{ nope }", "mutation { signup(input: {}) { __typename } }"):
+        response = await client.post("/graphql", json={"query": query})
+        assert response.status_code in (200, 400)
+        assert response.json()["errors"]
+
+
+async def test_a_body_over_the_limit_is_refused(make_settings: Callable[..., Settings]) -> None:
+    app = create_app(make_settings(max_body_bytes=2048))
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        padding = "x" * 4096
+        query = f"{{ me {{ id }} }} # {padding}"
+        declared = await http.post("/graphql", json={"query": query})
+        assert declared.status_code == 413
+
+        async def stream() -> Any:
+            for _ in range(8):
+                yield b" " * 1024
+
+        streamed = await http.post(
+            "/graphql", content=stream(), headers={"content-type": "application/json"}
+        )
+        assert streamed.status_code == 413
+        small = await http.post("/graphql", json={"query": "{ me { id } }"})
+        assert small.status_code == 200
+
+
+async def test_depth_alias_and_token_limits(client: httpx.AsyncClient) -> None:
+    aliases = " ".join(f"a{i}: me {{ id }}" for i in range(16))
+    body = await gql(client, f"{{ {aliases} }}")
+    assert "aliases" in body["errors"][0]["message"]
+    long_query = "{ me { " + "id " * 2100 + "} }"
+    body = await gql(client, long_query)
+    assert "token" in body["errors"][0]["message"].lower()
+
+
+async def test_depth_limit_is_configurable(make_settings: Callable[..., Settings]) -> None:
+    # The contract's own types nest only three deep; the limit is shown with a lower setting.
+    app = create_app(make_settings(max_query_depth=1))
+    query = (
+        'mutation { login(input: {email: "a@example.com", password: "x"}) '
+        "{ ... on AuthSession { user { id } } } }"
+    )
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        body = await gql(http, query)
+        assert "exceeds maximum operation depth" in body["errors"][0]["message"]
+        assert "errors" not in await gql(http, ME)
+
+
+async def test_every_answer_carries_a_request_id(client: httpx.AsyncClient) -> None:
+    response = await client.post("/graphql", json={"query": ME})
+    assert len(response.headers["x-request-id"]) == 32
+    echoed = await client.get("/healthz", headers={"x-request-id": "lb-1234.abc"})
+    assert echoed.headers["x-request-id"] == "lb-1234.abc"
+    refused = await client.get("/healthz", headers={"x-request-id": "bad id\twith junk"})
+    assert refused.headers["x-request-id"] != "bad id\twith junk"
+
+
+async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+
+
+class BrokenClock:
+    def now(self) -> datetime:
+        raise RuntimeError("clock exploded near secret 5up3r")
+
+
+async def test_unexpected_errors_are_masked_and_logged_with_the_request_id(
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+    clean_db: None,
+) -> None:
+    app = create_app(make_settings(), clock=BrokenClock())
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        with caplog.at_level(logging.ERROR, logger="strawgate.errors"):
+            response = await http.post(
+                "/graphql",
+                json={
+                    "query": SIGNUP,
+                    "variables": {"i": {"email": unique_email(), "password": PASSWORD}},
+                },
+            )
+    assert response.status_code == 200
+    error = response.json()["errors"][0]
+    assert error["message"] == "Internal server error."
+    assert error["extensions"] == {
+        "code": "INTERNAL_SERVER_ERROR",
+        "requestId": response.headers["x-request-id"],
+    }
+    assert "5up3r" not in response.text and "Traceback" not in response.text
+    record = next(r for r in caplog.records if r.name == "strawgate.errors")
+    assert response.headers["x-request-id"] in record.getMessage()
+    assert record.exc_info is not None  # the traceback goes to the log
+
+
+async def test_no_websocket_route(app: Starlette) -> None:
+    sent: list[MutableMapping[str, Any]] = []
+    incoming = [{"type": "websocket.connect"}]
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "path": "/graphql",
+        "raw_path": b"/graphql",
+        "root_path": "",
+        "scheme": "ws",
+        "query_string": b"",
+        "headers": [(b"sec-websocket-protocol", b"graphql-transport-ws")],
+        "subprotocols": ["graphql-transport-ws"],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "app": app,
+    }
+    await app(scope, receive, send)
+    assert [m["type"] for m in sent] == ["websocket.close"]
+
+
+async def test_graphiql_and_introspection_in_development(client: httpx.AsyncClient) -> None:
+    page = await client.get("/graphql", headers={"accept": "text/html"})
+    assert page.status_code == 200 and "graphiql" in page.text.lower()
+    body = await gql(client, "{ __schema { queryType { name } } }")
+    assert body["data"]["__schema"]["queryType"]["name"] == "Query"
+
+
+async def test_production_turns_off_graphiql_and_introspection(
+    make_settings: Callable[..., Settings],
+) -> None:
+    app = create_app(make_settings(environment="production"))
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        page = await http.get("/graphql", headers={"accept": "text/html"})
+        assert page.status_code >= 400
+        body = await gql(http, "{ __schema { queryType { name } } }")
+        assert "introspection" in body["errors"][0]["message"].lower()
+        # ...and both can be turned back on.
+    app = create_app(make_settings(environment="production", graphiql=True, introspection=True))
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        assert (await http.get("/graphql", headers={"accept": "text/html"})).status_code == 200
+        body = await gql(http, "{ __schema { queryType { name } } }")
+        assert "errors" not in body
+
+
+async def test_queries_are_not_run_over_get(client: httpx.AsyncClient) -> None:
+    response = await client.get("/graphql", params={"query": "{ me { id } }"})
+    assert "data" not in response.text
+
+
+async def test_stored_user_agent_is_capped(
+    app: Starlette, database_url: str, clock: MutableClock
+) -> None:
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from db.models import UserSession
+
+    async with client_for(app) as http:
+        http.headers["user-agent"] = "A" * 2000
+        await signup(http, unique_email(), PASSWORD)
+    engine = create_async_engine(database_url)
+    async with engine.connect() as conn:
+        agent = (await conn.execute(select(UserSession.user_agent))).scalar_one()
+    await engine.dispose()
+    assert agent == "A" * 512

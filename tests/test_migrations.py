@@ -1,0 +1,63 @@
+"""One migration history for PostgreSQL and SQLite: upgrade, check, downgrade, upgrade."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import inspect
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from alembic import command
+from db.migrate import alembic_config, downgrade_base, upgrade_head
+from tests.pg import sqlalchemy_url
+
+TABLES = {"users", "sessions", "refresh_tokens"}
+
+
+async def table_names(url: str) -> set[str]:
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        names = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+    await engine.dispose()
+    return names - {"alembic_version"}
+
+
+@pytest.fixture
+def empty_pg_database(pg_admin_url: str) -> Iterator[str]:
+    name = f"strawgate_migrations_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(pg_admin_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sqlalchemy_url(pg_admin_url, name)
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def round_trip(url: str) -> None:
+    upgrade_head(url)
+    assert asyncio.run(table_names(url)) == TABLES
+    command.check(alembic_config(url))  # raises when the models and migrations drift
+    downgrade_base(url)
+    assert asyncio.run(table_names(url)) == set()
+    upgrade_head(url)
+    assert asyncio.run(table_names(url)) == TABLES
+
+
+def test_migrations_on_postgresql(empty_pg_database: str) -> None:
+    round_trip(empty_pg_database)
+
+
+def test_migrations_on_sqlite(tmp_path: Path) -> None:
+    round_trip(f"sqlite+aiosqlite:///{tmp_path}/strawgate.db")
