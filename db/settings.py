@@ -114,6 +114,8 @@ class Settings(BaseSettings):
                 )
             if key == SECRET_KEY_PLACEHOLDER:
                 raise ConfigError("SECRET_KEY is still the .env.example placeholder")
+            if self.is_sqlite:
+                log.warning("Production on SQLite: one server process only; use PostgreSQL")
             return self
         if not key:
             self.secret_key = SecretStr(load_or_create_dev_secret(self._dev_secret_path()))

@@ -11,14 +11,11 @@ os.environ.setdefault("ENVIRONMENT", "development")
 os.environ.setdefault("SECRET_KEY", "test-secret-key-0123456789abcdefghijklmnop")
 os.environ.setdefault("DATABASE_URL", "sqlite+aiosqlite:///:memory:")
 
-import asyncio
 import secrets
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from sqlalchemy import text
@@ -28,7 +25,7 @@ from starlette.applications import Starlette
 from db.migrate import upgrade_head
 from db.settings import Settings
 from graph.app import create_app
-from tests.pg import provision, sqlalchemy_url
+from tests.pg import provision, scratch_database
 
 TEST_SECRET = "test-secret-key-0123456789abcdefghijklmnop"
 PASSWORD = "correct horse battery staple"
@@ -63,22 +60,9 @@ def pg_admin_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def database_url(pg_admin_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test session, dropped at the end."""
-    name = f"strawgate_test_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(pg_admin_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    url = sqlalchemy_url(pg_admin_url, name)
-    upgrade_head(url)
-    try:
+    with scratch_database(pg_admin_url, "strawgate_test") as url:
+        upgrade_head(url)
         yield url
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

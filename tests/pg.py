@@ -8,6 +8,7 @@ local binaries (initdb + pg_ctl, as a non-root user: PostgreSQL refuses to run a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import pwd
@@ -16,6 +17,8 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +169,25 @@ def provision() -> tuple[str, PrivateCluster | None]:
     cluster = PrivateCluster.create()
     cluster.start()
     return cluster.admin_url, cluster
+
+
+async def _admin(admin_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def scratch_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """A new, empty database on the server of `admin_url` (its SQLAlchemy URL), dropped after."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(admin_url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield sqlalchemy_url(admin_url, name)
+    finally:
+        asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def sqlalchemy_url(dsn: str, database: str) -> str:

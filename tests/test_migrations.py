@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import command
 from db.migrate import alembic_config, downgrade_base, upgrade_head
-from tests.pg import sqlalchemy_url
+from tests.pg import scratch_database
 
 TABLES = {"users", "sessions", "refresh_tokens"}
 
@@ -29,20 +27,8 @@ async def table_names(url: str) -> set[str]:
 
 @pytest.fixture
 def empty_pg_database(pg_admin_url: str) -> Iterator[str]:
-    name = f"strawgate_migrations_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(pg_admin_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sqlalchemy_url(pg_admin_url, name)
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_database(pg_admin_url, "strawgate_migrations") as url:
+        yield url
 
 
 def round_trip(url: str) -> None:
