@@ -166,8 +166,9 @@ def configure_logging(settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> Starlette:
     """The one place settings are read (from the environment and `.env`) when none are given."""
-    settings = (settings or Settings()).prepare()
-    configure_logging(settings)
+    settings = settings or Settings()
+    configure_logging(settings)  # first, so that prepare() can say where a dev key lives
+    settings.prepare()
     clock = clock or SystemClock()
     view = GraphQLView(settings)
 

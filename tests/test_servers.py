@@ -1,0 +1,474 @@
+"""Real server processes: the SQLite newcomer path, one process per SQLite file, what
+production refuses, refresh rotation across processes, proxy headers, and a PostgreSQL
+outage the server survives."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from db.migrate import upgrade_head
+from db.models import RefreshToken, UserSession
+from db.settings import SECRET_KEY_PLACEHOLDER
+from tests.conftest import PASSWORD, unique_email
+from tests.gql import LOGIN, ME, REFRESH, SIGNUP
+from tests.pg import PrivateCluster, find_pg_bin, free_port, sqlalchemy_url
+from tests.servers import (
+    Server,
+    run_to_exit,
+    running,
+    running_many,
+    server_env,
+    start,
+    strawgate_command,
+    uvicorn_command,
+)
+
+pytestmark = pytest.mark.slow
+
+PRODUCTION_KEY = "prod-key-for-server-tests-0123456789abcd"  # 40 characters
+assert len(PRODUCTION_KEY) == 40
+
+# Nothing of the driver or a traceback may reach a client.
+LEAKS = ("asyncpg", "traceback", "sqlalchemy", "operationalerror", "connectionrefused")
+OUTAGE_BOUND = 6.0  # seconds, with DB_TIMEOUT=2
+RECOVERY_BOUND = 10.0
+
+
+def production_env(database_url: str, **overrides: str) -> dict[str, str]:
+    return server_env(
+        ENVIRONMENT="production",
+        SECRET_KEY=PRODUCTION_KEY,
+        DATABASE_URL=database_url,
+        **overrides,
+    )
+
+
+async def post(
+    http: httpx.AsyncClient,
+    query: str,
+    variables: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    sent = dict(headers or {})
+    if token is not None:
+        sent["authorization"] = f"Bearer {token}"
+    return await http.post(
+        "/graphql", json={"query": query, "variables": variables or {}}, headers=sent
+    )
+
+
+async def ok(
+    http: httpx.AsyncClient,
+    query: str,
+    variables: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The data of an answer that must be a 200 without errors."""
+    response = await post(http, query, variables, token=token, headers=headers)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    assert "errors" not in body, body
+    data: dict[str, Any] = body["data"]
+    return data
+
+
+async def signed_up(http: httpx.AsyncClient, email: str) -> dict[str, Any]:
+    data = await ok(http, SIGNUP, {"i": {"email": email, "password": PASSWORD}})
+    session: dict[str, Any] = data["signup"]
+    assert session["__typename"] == "AuthSession", session
+    return session
+
+
+async def logged_in(http: httpx.AsyncClient, email: str) -> dict[str, Any]:
+    data = await ok(http, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+    session: dict[str, Any] = data["login"]
+    assert session["__typename"] == "AuthSession", session
+    return session
+
+
+async def refreshed(http: httpx.AsyncClient, token: str) -> dict[str, Any]:
+    data = await ok(http, REFRESH, {"i": {"refreshToken": token}})
+    answer: dict[str, Any] = data["refresh"]
+    return answer
+
+
+async def my_email(http: httpx.AsyncClient, access_token: str) -> str:
+    data = await ok(http, ME, token=access_token)
+    return str(data["me"]["email"])
+
+
+async def session_rows(
+    database_url: str, user_id: str
+) -> list[tuple[UserSession, list[RefreshToken]]]:
+    """Every session of a user with its refresh-token generations, oldest first."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            sessions = (
+                await conn.execute(
+                    select(UserSession).where(UserSession.user_id == uuid.UUID(user_id))
+                )
+            ).all()
+            out: list[tuple[UserSession, list[RefreshToken]]] = []
+            for row in sessions:
+                tokens = (
+                    await conn.execute(
+                        select(RefreshToken)
+                        .where(RefreshToken.session_id == row.id)
+                        .order_by(RefreshToken.generation)
+                    )
+                ).all()
+                out.append((row, tokens))  # type: ignore[arg-type]
+    finally:
+        await engine.dispose()
+    return out
+
+
+# -- SQLite, the embedded default -------------------------------------------------------
+
+
+async def test_sqlite_newcomer_path_keeps_its_key_across_restarts(tmp_path: Path) -> None:
+    """`strawgate serve` in an empty folder, no DATABASE_URL and no SECRET_KEY: it works,
+    keeps a private key beside the database, and a restart keeps sessions valid."""
+    folder = tmp_path / "app"
+    folder.mkdir()
+    logs = tmp_path / "logs"
+    env = server_env(ENVIRONMENT="development")
+    email = unique_email()
+
+    port = free_port()
+    first = await start(strawgate_command(port), env=env, cwd=folder, logs=logs, port=port)
+    try:
+        async with first.client() as http:
+            assert (await http.get("/healthz")).status_code == 200
+            ready = await http.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            session = await signed_up(http, email)
+            assert await my_email(http, session["accessToken"]) == email
+    finally:
+        await first.stop()
+
+    var = folder / "var"
+    key_file = var / "secret_key"
+    assert (var / "strawgate.db").is_file()
+    assert key_file.is_file()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text(encoding="utf-8").strip()
+    assert len(key) >= 32
+    first_log = first.log()
+    assert str(key_file.resolve()) in first_log, first_log
+    assert key not in first_log
+
+    port = free_port()
+    second = await start(strawgate_command(port), env=env, cwd=folder, logs=logs, port=port)
+    try:
+        async with second.client() as http:
+            assert (await http.get("/readyz")).status_code == 200
+            # Same key, so the access token signed before the restart still verifies.
+            assert await my_email(http, session["accessToken"]) == email
+            again = await refreshed(http, session["refreshToken"])
+            assert again["__typename"] == "AuthSession", again
+    finally:
+        await second.stop()
+    assert key_file.read_text(encoding="utf-8").strip() == key
+    second_log = second.log()
+    assert str(key_file.resolve()) in second_log, second_log  # says which key it reuses
+    assert key not in second_log
+
+
+async def test_sqlite_serves_one_process_only(tmp_path: Path) -> None:
+    folder = tmp_path / "app"
+    folder.mkdir()
+    logs = tmp_path / "logs"
+    env = server_env(ENVIRONMENT="development")
+
+    code, output = await run_to_exit(
+        strawgate_command(free_port(), "--workers", "2"), env=env, cwd=folder, logs=logs
+    )
+    assert code != 0, output
+    assert "SQLite" in output, output
+
+    port = free_port()
+    async with running(strawgate_command(port), env=env, cwd=folder, logs=logs, port=port) as one:
+        code, output = await run_to_exit(
+            strawgate_command(free_port()), env=env, cwd=folder, logs=logs
+        )
+        assert code != 0, output
+        assert "SQLite" in output, output
+        assert "another process" in output, output
+        # The first server is untouched by the attempt.
+        assert one.process.returncode is None
+        async with one.client() as http:
+            assert (await http.get("/readyz")).status_code == 200
+            await signed_up(http, unique_email())
+
+
+# -- production settings ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "secret_key",
+    [None, "too-short-0123456789abcdefghij", SECRET_KEY_PLACEHOLDER],
+    ids=["missing", "short", "placeholder"],
+)
+async def test_production_refuses_to_start_without_a_good_secret_key(
+    tmp_path: Path, secret_key: str | None
+) -> None:
+    env = server_env() if secret_key is None else server_env(SECRET_KEY=secret_key)
+    code, output = await run_to_exit(
+        uvicorn_command(free_port()), env=env, cwd=tmp_path, logs=tmp_path / "logs"
+    )
+    assert code != 0, output
+    assert "SECRET_KEY" in output, output
+    if secret_key is not None and secret_key != SECRET_KEY_PLACEHOLDER:
+        assert secret_key not in output
+
+
+async def test_production_serves_no_graphiql_and_no_introspection(
+    tmp_path: Path, database_url: str
+) -> None:
+    env = production_env(database_url)
+    async with running(env=env, cwd=tmp_path, logs=tmp_path / "logs") as server:
+        async with server.client() as http:
+            page = await http.get("/graphql", headers={"accept": "text/html"})
+            is_html = "text/html" in page.headers.get("content-type", "")
+            assert not (page.status_code == 200 and is_html), page.text[:500]
+            assert "graphiql" not in page.text.lower()
+
+            response = await post(http, "{ __schema { types { name } } }")
+            body = response.json()
+            assert body.get("errors"), body
+            assert not body.get("data"), body
+            assert "introspection" in body["errors"][0]["message"].lower(), body
+
+            # The endpoint itself works.
+            assert await ok(http, "{ __typename }") == {"__typename": "Query"}
+        assert "production" in server.log()
+
+
+# -- several processes on one PostgreSQL database ----------------------------------------
+
+
+async def test_concurrent_refreshes_across_two_processes_share_one_successor(
+    tmp_path: Path, database_url: str, clean_db: None
+) -> None:
+    env = production_env(database_url)
+    async with running_many(2, env=env, cwd=tmp_path, logs=tmp_path / "logs") as servers:
+        async with servers[0].client() as one, servers[1].client() as two:
+            first = await signed_up(one, unique_email())
+            token = first["refreshToken"]
+            clients = [one, two] * 5
+            answers = await asyncio.gather(*(refreshed(http, token) for http in clients))
+
+            assert [a["__typename"] for a in answers] == ["AuthSession"] * 10, answers
+            successors = {a["refreshToken"] for a in answers}
+            assert len(successors) == 1, answers
+            (successor,) = successors
+            assert successor != token
+            # The successor rotates on, at either process.
+            third = await refreshed(two, successor)
+            assert third["__typename"] == "AuthSession", third
+            assert await my_email(one, third["accessToken"]) == first["user"]["email"]
+
+    ((session, tokens),) = await session_rows(database_url, first["user"]["id"])
+    assert [t.generation for t in tokens] == [0, 1, 2]
+    assert session.revoked_at is None
+
+
+async def test_concurrent_refreshes_without_reuse_interval_rotate_once(
+    tmp_path: Path, database_url: str, clean_db: None
+) -> None:
+    """With REFRESH_TOKEN_REUSE_INTERVAL=0 a racing request may be served as a retry (its
+    clock reading came before the winner's) or seen as reuse, ending the session. What
+    must hold: one successor generation, never a lost update, never an internal error."""
+    env = production_env(database_url, REFRESH_TOKEN_REUSE_INTERVAL="0")
+    async with running_many(2, env=env, cwd=tmp_path, logs=tmp_path / "logs") as servers:
+        async with servers[0].client() as one, servers[1].client() as two:
+            first = await signed_up(one, unique_email())
+            token = first["refreshToken"]
+            clients = [one, two] * 5
+            answers = await asyncio.gather(*(refreshed(http, token) for http in clients))
+
+            issued = [a for a in answers if a["__typename"] == "AuthSession"]
+            refused = [a for a in answers if a["__typename"] == "AuthError"]
+            assert len(issued) + len(refused) == len(answers), answers
+            assert issued, answers  # the rotation that won the lock
+            assert len({a["refreshToken"] for a in issued}) == 1, answers
+            assert issued[0]["refreshToken"] != token
+            assert {a["code"] for a in refused} <= {"TOKEN_REUSED", "INVALID_TOKEN"}, refused
+
+            rows = await session_rows(database_url, first["user"]["id"])
+            ((session, tokens),) = rows
+            assert [t.generation for t in tokens] == [0, 1]
+            assert tokens[0].rotated_at is not None
+            assert tokens[1].rotated_at is None
+            if any(a["code"] == "TOKEN_REUSED" for a in refused):
+                assert session.revoked_at is not None
+                assert session.revoke_reason == "refresh_token_reused"
+
+            # Presented once more, later than its rotation: reuse, whatever the race gave.
+            late = await refreshed(two, token)
+            assert late["__typename"] == "AuthError", late
+            assert late["code"] in {"TOKEN_REUSED", "INVALID_TOKEN"}, late
+
+    ((session, tokens),) = await session_rows(database_url, first["user"]["id"])
+    assert [t.generation for t in tokens] == [0, 1]
+    assert session.revoked_at is not None
+    assert session.revoke_reason == "refresh_token_reused"
+
+
+@pytest.mark.parametrize(
+    ("forwarded_allow_ips", "recorded"),
+    [("127.0.0.1", "198.51.100.9"), ("10.9.9.9", "127.0.0.1")],
+    ids=["trusted-proxy", "untrusted-proxy"],
+)
+async def test_proxy_headers_count_only_from_trusted_proxies(
+    tmp_path: Path,
+    database_url: str,
+    clean_db: None,
+    forwarded_allow_ips: str,
+    recorded: str,
+) -> None:
+    env = production_env(database_url, FORWARDED_ALLOW_IPS=forwarded_allow_ips)
+    port = free_port()
+    command = strawgate_command(port)
+    async with running(command, env=env, cwd=tmp_path, logs=tmp_path / "logs", port=port) as srv:
+        async with srv.client() as http:
+            data = await ok(
+                http,
+                SIGNUP,
+                {"i": {"email": unique_email(), "password": PASSWORD}},
+                headers={"x-forwarded-for": "198.51.100.9"},
+            )
+    session = data["signup"]
+    assert session["__typename"] == "AuthSession", session
+    ((row, _tokens),) = await session_rows(database_url, session["user"]["id"])
+    assert row.ip == recorded
+
+
+# -- PostgreSQL goes away and comes back ---------------------------------------------------
+
+
+async def _admin(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def private_database() -> Iterator[tuple[PrivateCluster, str]]:
+    """A throwaway cluster of this test's own (it is stopped and started), with a migrated
+    database; the SQLAlchemy URL of that database. The machine's PostgreSQL is never used."""
+    if find_pg_bin() is None:
+        pytest.skip("needs the PostgreSQL server binaries (initdb, pg_ctl)")
+    cluster = PrivateCluster.create()
+    try:
+        cluster.start()
+        asyncio.run(_admin(cluster.admin_url, 'CREATE DATABASE "strawgate_outage"'))
+        url = sqlalchemy_url(cluster.admin_url, "strawgate_outage")
+        upgrade_head(url)
+        yield cluster, url
+    finally:
+        cluster.destroy()
+
+
+def assert_unavailable(response: httpx.Response, elapsed: float) -> None:
+    assert elapsed < OUTAGE_BOUND, f"answered after {elapsed:.1f} s"
+    assert response.status_code == 200, response.text
+    body = response.json()
+    errors = body.get("errors")
+    assert errors, body
+    codes = [error.get("extensions", {}).get("code") for error in errors]
+    assert codes == ["SERVICE_UNAVAILABLE"] * len(errors), body
+    for error in errors:
+        assert error["extensions"]["requestId"] == response.headers["x-request-id"]
+    lowered = response.text.lower()
+    for leak in LEAKS:
+        assert leak not in lowered, response.text
+
+
+async def timed_post(
+    http: httpx.AsyncClient,
+    query: str,
+    variables: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = await post(http, query, variables, token=token)
+    return response, time.monotonic() - started
+
+
+async def wait_ready(server: Server, http: httpx.AsyncClient, limit: float) -> float:
+    """Seconds until /readyz answers 200; fails after `limit` seconds."""
+    started = time.monotonic()
+    last: object = None
+    while time.monotonic() - started < limit:
+        assert server.process.returncode is None, server.log()
+        try:
+            response = await http.get("/readyz", timeout=3.0)
+        except httpx.TransportError as exc:
+            last = exc
+        else:
+            if response.status_code == 200:
+                return time.monotonic() - started
+            last = response.status_code
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"/readyz not 200 within {limit} s (last: {last}):\n{server.log()}")
+
+
+async def test_postgres_outage_is_service_unavailable_and_the_process_recovers(
+    tmp_path: Path, private_database: tuple[PrivateCluster, str]
+) -> None:
+    cluster, url = private_database
+    env = production_env(url, DB_TIMEOUT="2")
+    email = unique_email()
+    credentials = {"i": {"email": email, "password": PASSWORD}}
+    async with running(env=env, cwd=tmp_path, logs=tmp_path / "logs") as server:
+        pid = server.pid
+        async with server.client() as http:
+            session = await signed_up(http, email)
+            access = session["accessToken"]
+            assert await my_email(http, access) == email
+
+            await asyncio.to_thread(cluster.stop)
+
+            response, elapsed = await timed_post(http, ME, token=access)
+            assert_unavailable(response, elapsed)
+            response, elapsed = await timed_post(http, LOGIN, credentials)
+            assert_unavailable(response, elapsed)
+            started = time.monotonic()
+            ready = await http.get("/readyz")
+            assert time.monotonic() - started < OUTAGE_BOUND
+            assert ready.status_code == 503, ready.text
+            # Still unavailable, not broken, on a second try.
+            response, elapsed = await timed_post(http, ME, token=access)
+            assert_unavailable(response, elapsed)
+            assert server.process.returncode is None, server.log()
+
+            await asyncio.to_thread(cluster.start)
+
+            await wait_ready(server, http, RECOVERY_BOUND)
+            assert await my_email(http, access) == email
+            again = await logged_in(http, email)
+            assert await my_email(http, again["accessToken"]) == email
+            assert server.process.returncode is None
+            assert server.pid == pid
