@@ -1,0 +1,176 @@
+"""Tables, targets and the JSON record of one benchmark run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Targets for Strawgate (throughput as a fraction of the scenario's reference).
+THROUGHPUT_TARGETS = {"me": 0.5, "login": 0.85, "refresh": 0.5}
+MAX_P99_OVER_P50 = 4.0
+MAX_RSS_MIB = 150.0  # the target's "150 MB", read as MiB like the kernel's figures
+
+
+@dataclass(frozen=True)
+class Row:
+    """One side of a scenario. ok_rps counts only correct answers (for login: AuthSession)."""
+
+    label: str
+    ok_rps: float | None = None
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    rss_mib: float | None = None
+    ok_share: float | None = None
+    error: str | None = None
+
+    @property
+    def tail_ratio(self) -> float | None:
+        if self.p50_ms is None or self.p99_ms is None or self.p50_ms <= 0:
+            return None
+        return self.p99_ms / self.p50_ms
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    strawgate: Row
+    reference: Row
+    notes: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        ours, theirs = self.strawgate.ok_rps, self.reference.ok_rps
+        if ours is None or not theirs:
+            return None
+        return ours / theirs
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: float | None
+    limit: float
+    at_least: bool  # value >= limit passes; otherwise value <= limit passes
+    unit: str = ""
+
+    @property
+    def passed(self) -> bool:
+        if self.value is None:
+            return False
+        return self.value >= self.limit if self.at_least else self.value <= self.limit
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": None if self.value is None else round(self.value, 4),
+            "limit": self.limit,
+            "comparison": ">=" if self.at_least else "<=",
+            "passed": self.passed,
+        }
+
+
+def checks_for(scenario: Scenario) -> list[Check]:
+    ours = scenario.strawgate
+    checks = [
+        Check(
+            f"{scenario.name}: throughput / reference",
+            scenario.ratio,
+            THROUGHPUT_TARGETS[scenario.name],
+            at_least=True,
+            unit="x",
+        ),
+        Check(f"{scenario.name}: p99 / p50", ours.tail_ratio, MAX_P99_OVER_P50, at_least=False),
+        Check(
+            f"{scenario.name}: peak RSS",
+            ours.rss_mib,
+            MAX_RSS_MIB,
+            at_least=False,
+            unit=" MiB",
+        ),
+    ]
+    failed = scenario.raw.get("strawgate_failed_answers")
+    if scenario.name == "refresh" and isinstance(failed, int):
+        checks.append(Check("refresh: non-AuthSession answers", float(failed), 0.0, at_least=False))
+    return checks
+
+
+# -- printing -----------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+HEADER = (
+    f"  {'':<11}{'ok/s':>10}{'req/s':>10}{'ok':>8}"
+    f"{'p50 ms':>10}{'p99 ms':>10}{'p99/p50':>9}{'RSS MiB':>9}"
+)
+
+
+def format_row(row: Row) -> str:
+    if row.error is not None:
+        return f"  {row.label:<11}ERROR: {row.error}"
+    return (
+        f"  {row.label:<11}{_num(row.ok_rps):>10}{_num(row.rps):>10}{_pct(row.ok_share):>8}"
+        f"{_num(row.p50_ms, 2):>10}{_num(row.p99_ms, 2):>10}{_num(row.tail_ratio, 2):>9}"
+        f"{_num(row.rss_mib):>9}"
+    )
+
+
+def format_check(check: Check) -> str:
+    sign = ">=" if check.at_least else "<="
+    value = "n/a" if check.value is None else f"{check.value:.2f}{check.unit}"
+    target = f"{sign} {check.limit:g}{check.unit}"
+    return (
+        f"  {'PASS' if check.passed else 'FAIL'}  {check.name:<38}{value:>12}   (target {target})"
+    )
+
+
+def format_scenario(scenario: Scenario) -> str:
+    lines = [f"[{scenario.name}] {scenario.title}", HEADER]
+    lines.append(format_row(scenario.strawgate))
+    lines.append(format_row(scenario.reference))
+    ratio = scenario.ratio
+    target = THROUGHPUT_TARGETS[scenario.name]
+    lines.append(f"  throughput ratio strawgate/reference: {_num(ratio, 2)} (target >= {target:g})")
+    lines.extend(f"  {note}" for note in scenario.notes)
+    return "\n".join(lines)
+
+
+def format_report(header: list[str], scenarios: list[Scenario], checks: list[Check]) -> str:
+    parts = ["\n".join(header)]
+    parts.extend(format_scenario(scenario) for scenario in scenarios)
+    verdict = "all targets met" if checks and all(c.passed for c in checks) else "targets missed"
+    parts.append("\n".join(["Targets", *(format_check(c) for c in checks), f"  => {verdict}"]))
+    return "\n\n".join(parts)
+
+
+def row_json(row: Row) -> dict[str, Any]:
+    return {
+        "ok_per_s": row.ok_rps,
+        "requests_per_s": row.rps,
+        "ok_share": row.ok_share,
+        "p50_ms": row.p50_ms,
+        "p99_ms": row.p99_ms,
+        "p99_over_p50": row.tail_ratio,
+        "peak_rss_mib": row.rss_mib,
+        "error": row.error,
+    }
+
+
+def scenario_json(scenario: Scenario) -> dict[str, Any]:
+    return {
+        "title": scenario.title,
+        "strawgate": row_json(scenario.strawgate),
+        "reference": row_json(scenario.reference),
+        "throughput_ratio": scenario.ratio,
+        "notes": scenario.notes,
+        "details": scenario.raw,
+    }

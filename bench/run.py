@@ -1,0 +1,627 @@
+"""Strawgate under load, beside a plain baseline measured in the same run.
+
+    .venv/bin/python -m bench.run [--duration 10] [--warmup 2] [--profile]
+
+See bench/README.md for what is measured and how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bench.harness import (
+    BENCH_DIR,
+    REPO_ROOT,
+    BenchError,
+    GraphQLClient,
+    LoadSettings,
+    PeakRss,
+    Server,
+    WrkResult,
+    check_local,
+    create_database,
+    drop_database,
+    pinned,
+    run_command,
+    run_wrk,
+    start_server,
+    stop_server,
+    venv_tool,
+    with_database,
+)
+from bench.report import (
+    Check,
+    Row,
+    Scenario,
+    checks_for,
+    format_report,
+    scenario_json,
+)
+
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+SERVER_CORE = 0
+LOAD_CORE = 1
+
+EMAIL = "bench1@example.com"
+PASSWORD = "a long bench password 123"
+
+SIGNUP = (
+    "mutation($i: SignupInput!){ signup(input:$i){ __typename"
+    " ... on AuthSession { accessToken refreshToken } ... on AuthError { code message } } }"
+)
+LOGIN = (
+    "mutation($i: LoginInput!){ login(input:$i){ __typename"
+    " ... on AuthSession { accessToken } ... on AuthError { code } } }"
+)
+# Seeding needs the refresh token too.
+LOGIN_FOR_SESSION = (
+    "mutation($i: LoginInput!){ login(input:$i){ __typename"
+    " ... on AuthSession { accessToken refreshToken } ... on AuthError { code } } }"
+)
+REFRESH = (
+    "mutation($i: RefreshInput!){ refresh(input:$i){ __typename"
+    " ... on AuthSession { accessToken refreshToken } ... on AuthError { code } } }"
+)
+ME_BODY = json.dumps({"query": "{ me { id email } }"})
+LOGIN_BODY = json.dumps(
+    {"query": LOGIN, "variables": {"i": {"email": EMAIL, "password": PASSWORD}}}
+)
+REFRESH_TEMPLATE = json.dumps({"query": REFRESH, "variables": {"i": {"refreshToken": "@TOKEN@"}}})
+
+# Logins in flight while seeding: the server's hash queue refuses beyond a few per core.
+SEED_CONCURRENCY = 2
+SEED_ATTEMPTS = 50
+
+
+@dataclass(frozen=True)
+class Options:
+    load: LoadSettings
+    sessions: int
+    hash_samples: int
+    profile: bool
+    pg_url: str
+
+
+@dataclass
+class Bench:
+    """Everything a scenario needs: the two running servers and where to write."""
+
+    options: Options
+    env: dict[str, str]
+    work: Path
+    logs: Path
+    results: Path
+    strawgate: Server
+    reference: Server
+
+    @property
+    def load(self) -> LoadSettings:
+        return self.options.load
+
+
+@dataclass(frozen=True)
+class Seeds:
+    access_token: str
+    token_files: dict[str, Path]  # "strawgate", "strawgate-warmup", "reference", ...
+
+
+# -- seeding ----------------------------------------------------------------------------------
+
+
+async def seed(bench: Bench) -> Seeds:
+    """One user (signup), then sessions through login: a refresh-token chain for every
+    connection, separately for each app and for its warm-up."""
+    async with GraphQLClient(bench.strawgate.url("/graphql")) as client:
+        signed_up = await client.field(
+            SIGNUP, {"i": {"email": EMAIL, "password": PASSWORD}}, "signup"
+        )
+        if signed_up.get("__typename") != "AuthSession":
+            raise BenchError(f"signup did not give a session: {signed_up}")
+        access_token = str(signed_up["accessToken"])
+        token_files: dict[str, Path] = {}
+        for name in ("strawgate-warmup", "strawgate", "reference-warmup", "reference"):
+            tokens = await _log_in_many(client, bench.options.sessions)
+            path = bench.work / f"refresh-tokens-{name}.txt"
+            path.write_text("\n".join(tokens) + "\n")
+            token_files[name] = path
+    return Seeds(access_token=access_token, token_files=token_files)
+
+
+async def _log_in_many(client: GraphQLClient, count: int) -> list[str]:
+    gate = asyncio.Semaphore(SEED_CONCURRENCY)
+
+    async def one() -> str:
+        async with gate:
+            for _ in range(SEED_ATTEMPTS):
+                answer = await client.field(
+                    LOGIN_FOR_SESSION, {"i": {"email": EMAIL, "password": PASSWORD}}, "login"
+                )
+                if answer.get("__typename") == "AuthSession" and answer.get("refreshToken"):
+                    return str(answer["refreshToken"])
+                if answer.get("code") != "RATE_LIMITED":
+                    raise BenchError(f"login for seeding failed: {answer}")
+                await asyncio.sleep(0.2)
+            raise BenchError("login for seeding stayed RATE_LIMITED")
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+async def measure(
+    bench: Bench,
+    server: Server,
+    path: str,
+    *,
+    name: str,
+    script: str,
+    args: list[str],
+    warmup_args: list[str] | None = None,
+) -> tuple[WrkResult, PeakRss]:
+    """A warm-up run, then the measured run with the server's peak RSS sampled."""
+    url = server.url(path)
+    if bench.load.warmup > 0:
+        await run_wrk(
+            url,
+            script,
+            args if warmup_args is None else warmup_args,
+            load=bench.load,
+            seconds=bench.load.warmup,
+            log_path=bench.logs / f"wrk-{name}-warmup.txt",
+        )
+    async with PeakRss(server.pid) as rss:
+        result = await run_wrk(
+            url,
+            script,
+            args,
+            load=bench.load,
+            seconds=bench.load.duration,
+            log_path=bench.logs / f"wrk-{name}.txt",
+        )
+    if server.process.returncode is not None:
+        raise BenchError(f"{server.name} exited during the run:\n{server.log_tail()}")
+    return result, rss
+
+
+def wrk_row(label: str, result: WrkResult, rss_mib: float | None) -> Row:
+    return Row(
+        label=label,
+        ok_rps=result.ok_rps,
+        rps=result.rps,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        rss_mib=rss_mib,
+        ok_share=result.ok / result.requests if result.requests else None,
+    )
+
+
+def describe(label: str, result: WrkResult) -> list[str]:
+    """Notes on whatever was not a correct answer."""
+    notes: list[str] = []
+    if result.failures:
+        shown = ", ".join(f"{name} {n}" for name, n in result.failures.items())
+        notes.append(f"{label}: {result.ok} ok of {result.requests}; other answers: {shown}")
+    if result.socket_errors:
+        shown = ", ".join(f"{name} {n}" for name, n in result.socket_errors.items())
+        notes.append(f"{label}: wrk socket errors: {shown}")
+    if result.samples:
+        notes.append(f"{label}: first unexpected body: {result.samples[0][:300]}")
+    return notes
+
+
+async def side(
+    bench: Bench,
+    label: str,
+    server: Server,
+    path: str,
+    scenario: Scenario,
+    **kwargs: Any,
+) -> Row:
+    """One measured side of a scenario; an error becomes the row's error, not an abort."""
+    try:
+        result, rss = await measure(bench, server, path, name=f"{scenario.name}-{label}", **kwargs)
+    except BenchError as exc:
+        scenario.notes.append(f"{label}: {exc}")
+        return Row(label, error=str(exc).splitlines()[0])
+    scenario.raw[label] = {
+        **result.as_json(),
+        "rss_at_start_mib": rss.start_mib,
+        "peak_rss_mib": rss.peak_mib,
+    }
+    scenario.notes.extend(describe(label, result))
+    return wrk_row(label, result, rss.peak_mib)
+
+
+def new_scenario(name: str, title: str) -> Scenario:
+    return Scenario(name, title, Row("strawgate"), Row("reference"))
+
+
+async def scenario_me(bench: Bench, seeds: Seeds) -> Scenario:
+    scenario = new_scenario(
+        "me", "POST { me { id email } } with a bearer token: JWT check + one SELECT"
+    )
+    args = [ME_BODY, seeds.access_token]
+    scenario.strawgate = await side(
+        bench, "strawgate", bench.strawgate, "/graphql", scenario, script="me.lua", args=args
+    )
+    scenario.reference = await side(
+        bench, "reference", bench.reference, "/me", scenario, script="me.lua", args=args
+    )
+    return scenario
+
+
+async def scenario_login(bench: Bench) -> Scenario:
+    scenario = new_scenario(
+        "login", "login mutation, one user: argon2id verify + new session (only AuthSession counts)"
+    )
+    scenario.strawgate = await side(
+        bench,
+        "strawgate",
+        bench.strawgate,
+        "/graphql",
+        scenario,
+        script="login.lua",
+        args=[LOGIN_BODY],
+    )
+    raw = scenario.raw.get("strawgate")
+    if isinstance(raw, dict):
+        outcomes: dict[str, int] = raw["outcomes"]
+        total = sum(outcomes.values())
+        if total:
+            ok = outcomes.get("ok", 0) / total
+            limited = outcomes.get("RATE_LIMITED", 0) / total
+            scenario.notes.insert(
+                0,
+                f"strawgate answers: AuthSession {100 * ok:.1f}%,"
+                f" RATE_LIMITED {100 * limited:.1f}%, other {100 * (1 - ok - limited):.1f}%"
+                " (ok/s counts AuthSession only)",
+            )
+    try:
+        probe = await hash_probe(bench)
+    except BenchError as exc:
+        scenario.reference = Row("reference", error=str(exc).splitlines()[0])
+        return scenario
+    median_s, p99_s = float(probe["median_s"]), float(probe["p99_s"])
+    scenario.reference = Row(
+        "reference",
+        ok_rps=1 / median_s,
+        rps=1 / median_s,
+        p50_ms=1000 * median_s,
+        p99_ms=1000 * p99_s,
+    )
+    scenario.raw["reference"] = {"hash_bound": probe}
+    scenario.notes.append(
+        f"reference: hash-bound limit = 1 / median password verify ({1000 * median_s:.1f} ms,"
+        f" {probe['count']} verifies on core {SERVER_CORE}); its p50/p99 are verify times"
+    )
+    return scenario
+
+
+async def hash_probe(bench: Bench) -> dict[str, Any]:
+    argv = pinned(
+        SERVER_CORE,
+        [
+            sys.executable,
+            str(BENCH_DIR / "hash_probe.py"),
+            "--count",
+            str(bench.options.hash_samples),
+        ],
+    )
+    output = await run_command(argv, env=bench.env, cwd=bench.work, time_limit=300)
+    probe: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+    return probe
+
+
+async def scenario_refresh(bench: Bench, seeds: Seeds) -> Scenario:
+    scenario = new_scenario(
+        "refresh",
+        f"refresh mutation, {bench.options.sessions} sessions:"
+        " every connection on its own token chain",
+    )
+    threads = str(bench.load.threads)
+
+    def chains(name: str) -> list[str]:
+        return [REFRESH_TEMPLATE, str(seeds.token_files[name]), threads]
+
+    scenario.strawgate = await side(
+        bench,
+        "strawgate",
+        bench.strawgate,
+        "/graphql",
+        scenario,
+        script="refresh.lua",
+        args=chains("strawgate"),
+        warmup_args=chains("strawgate-warmup"),
+    )
+    scenario.reference = await side(
+        bench,
+        "reference",
+        bench.reference,
+        "/refresh",
+        scenario,
+        script="refresh.lua",
+        args=chains("reference"),
+        warmup_args=chains("reference-warmup"),
+    )
+    raw = scenario.raw.get("strawgate")
+    if isinstance(raw, dict):
+        outcomes = raw["outcomes"]
+        scenario.raw["strawgate_failed_answers"] = sum(
+            n for name, n in outcomes.items() if name != "ok"
+        )
+    return scenario
+
+
+# -- profiling --------------------------------------------------------------------------------
+
+
+async def profile_me(bench: Bench, seeds: Seeds) -> str:
+    """A profile of Strawgate under the `me` load (not measured): pyinstrument if the venv
+    has it, else py-spy attached to the running server. Returns what was done."""
+    args = [ME_BODY, seeds.access_token]
+    seconds = bench.load.duration
+    if find_spec("pyinstrument") is not None:
+        out = bench.results / "profile-me.html"
+        server = await start_server(
+            "strawgate-pyinstrument",
+            "graph.app:app",
+            env=bench.env,
+            cwd=bench.work,
+            log_dir=bench.logs,
+            core=SERVER_CORE,
+            launcher=[sys.executable, "-m", "pyinstrument", "-r", "html", "-o", str(out), "-m"],
+        )
+        try:
+            await run_wrk(
+                server.url("/graphql"),
+                "me.lua",
+                args,
+                load=bench.load,
+                seconds=seconds,
+                log_path=bench.logs / "wrk-me-profile.txt",
+            )
+        finally:
+            # uvicorn re-raises the signal once shut down: as KeyboardInterrupt, SIGINT
+            # lets pyinstrument write its report; SIGTERM would end the process first.
+            await stop_server(server, signal.SIGINT)
+        written = out.exists() and out.stat().st_size > 0
+        return f"pyinstrument profile: {out}" if written else "pyinstrument wrote no profile"
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        return "profile skipped: neither pyinstrument (in this venv) nor py-spy is installed"
+    out = bench.results / "profile-me.svg"
+    record = asyncio.create_task(
+        run_command(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(bench.strawgate.pid),
+                "--duration",
+                str(round(seconds)),
+                "--output",
+                str(out),
+            ],
+            env=bench.env,
+            cwd=bench.work,
+            time_limit=seconds + 60,
+        )
+    )
+    await asyncio.sleep(0.5)  # let py-spy attach
+    await run_wrk(
+        bench.strawgate.url("/graphql"),
+        "me.lua",
+        args,
+        load=bench.load,
+        seconds=seconds,
+        log_path=bench.logs / "wrk-me-profile.txt",
+    )
+    try:
+        await record
+    except BenchError as exc:
+        return f"py-spy failed: {str(exc).splitlines()[-1]}"
+    return f"py-spy profile: {out}"
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def git_commit() -> str | None:
+    git = shutil.which("git")
+    if git is None:
+        return None
+    try:
+        done = subprocess.run(
+            [git, "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+async def run(options: Options) -> int:
+    results = BENCH_DIR / "results"
+    logs = results / "logs"
+    shutil.rmtree(logs, ignore_errors=True)  # logs and profiles are the latest run's
+    logs.mkdir(parents=True)
+    for stale in results.glob("profile-me.*"):
+        stale.unlink()
+    check_local(options.pg_url)
+    database = f"strawgate_bench_{secrets.token_hex(4)}"
+    env = {
+        **os.environ,
+        "ENVIRONMENT": "production",
+        "SECRET_KEY": secrets.token_urlsafe(36),  # 48 characters
+        "DATABASE_URL": with_database(options.pg_url, database, scheme="postgresql+asyncpg"),
+    }
+    load = options.load
+    pg = urlsplit(options.pg_url)
+    budget = 600 + 12 * (load.duration + load.warmup)
+    started = datetime.now(UTC)
+    has_taskset = shutil.which("taskset") is not None
+    server_core = f"core {SERVER_CORE}" if has_taskset else "unpinned"
+    load_core = f"core {LOAD_CORE}" if has_taskset else "unpinned"
+    header = [
+        f"Strawgate benchmark, {started:%Y-%m-%d %H:%M} UTC, commit {git_commit() or 'unknown'}",
+        f"servers: uvicorn, 1 worker, {server_core};"
+        f" load: wrk, {load.threads} threads, {load.connections} connections, {load_core};"
+        f" {load.duration:g} s per run after {load.warmup:g} s warm-up",
+        f"PostgreSQL {pg.hostname}:{pg.port or 5432}, scratch database {database};"
+        f" reference app: bench/reference_app.py",
+    ]
+    scenarios: list[Scenario] = []
+    profile_note: str | None = None
+    with tempfile.TemporaryDirectory(prefix="strawgate-bench-") as tmp:
+        work = Path(tmp)  # the servers' cwd: no stray .env is read
+        async with contextlib.AsyncExitStack() as stack:
+            async with asyncio.timeout(budget):
+                progress(f"creating database {database}")
+                await create_database(options.pg_url, database)
+                stack.push_async_callback(drop_database, options.pg_url, database)
+                progress("migrating")
+                await run_command(
+                    [venv_tool("strawgate"), "migrate"], env=env, cwd=work, time_limit=120
+                )
+                progress("starting servers")
+                servers: dict[str, Server] = {}
+                for name, app, extra in (
+                    ("strawgate", "graph.app:app", []),
+                    ("reference", "bench.reference_app:app", ["--app-dir", str(REPO_ROOT)]),
+                ):
+                    servers[name] = await start_server(
+                        name, app, env=env, cwd=work, log_dir=logs, core=SERVER_CORE, extra=extra
+                    )
+                    stack.push_async_callback(stop_server, servers[name])
+                bench = Bench(
+                    options, env, work, logs, results, servers["strawgate"], servers["reference"]
+                )
+                progress(f"seeding: signup, {4 * options.sessions} logins")
+                seeds = await seed(bench)
+                progress("scenario me")
+                scenarios.append(await scenario_me(bench, seeds))
+                progress("scenario login")
+                scenarios.append(await scenario_login(bench))
+                progress("scenario refresh")
+                scenarios.append(await scenario_refresh(bench, seeds))
+                if options.profile:
+                    progress("profiling me")
+                    try:
+                        profile_note = await profile_me(bench, seeds)
+                    except BenchError as exc:
+                        profile_note = f"profile failed: {str(exc).splitlines()[0]}"
+            progress("stopping servers, dropping the database")
+    checks: list[Check] = [check for scenario in scenarios for check in checks_for(scenario)]
+    if profile_note:
+        header.append(profile_note)
+    print(format_report(header, scenarios, checks))
+    record = {
+        "started": started.isoformat(),
+        "commit": git_commit(),
+        "settings": {
+            "duration_s": load.duration,
+            "warmup_s": load.warmup,
+            "connections": load.connections,
+            "wrk_threads": load.threads,
+            "sessions_per_chain_set": options.sessions,
+            "server_core": SERVER_CORE,
+            "load_core": LOAD_CORE,
+            "pinned": has_taskset,
+        },
+        "scenarios": {scenario.name: scenario_json(scenario) for scenario in scenarios},
+        "checks": [check.as_json() for check in checks],
+        "passed": all(check.passed for check in checks),
+        "profile": profile_note,
+    }
+    out = results / "latest.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nresults: {out.relative_to(REPO_ROOT)}; logs: {logs.relative_to(REPO_ROOT)}/")
+    return 0 if record["passed"] else 1
+
+
+def parse_options(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument(
+        "--sessions", type=int, default=64, help="refresh-token chains per app (and per warm-up)"
+    )
+    parser.add_argument("--hash-samples", type=int, default=30, help="password verifies to time")
+    parser.add_argument("--profile", action="store_true", help="also profile Strawgate under `me`")
+    args = parser.parse_args(argv)
+    if args.duration < 1 or args.warmup < 0:
+        parser.error("--duration must be at least 1 s and --warmup not negative")
+    if args.threads < 1 or args.connections < args.threads:
+        parser.error("need at least one wrk thread and one connection per thread")
+    if args.sessions < args.connections:
+        parser.error("--sessions must be at least --connections (one chain per connection)")
+    return Options(
+        load=LoadSettings(
+            duration=args.duration,
+            warmup=args.warmup,
+            connections=args.connections,
+            threads=args.threads,
+            core=LOAD_CORE,
+        ),
+        sessions=args.sessions,
+        hash_samples=max(1, args.hash_samples),
+        profile=args.profile,
+        pg_url=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL),
+    )
+
+
+async def _main(options: Options) -> int:
+    task = asyncio.current_task()
+    if task is not None:  # SIGTERM cleans up like Ctrl-C does
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await run(options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options(argv)
+    try:
+        return asyncio.run(_main(options))
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        print(f"server logs: {BENCH_DIR / 'results' / 'logs'}/", file=sys.stderr)
+        return 2
+    except TimeoutError:
+        print("benchmark failed: it ran over its time budget", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("benchmark interrupted; servers stopped, database dropped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
