@@ -56,7 +56,9 @@ class Settings(BaseSettings):
     password_hash_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
 
     # Database.
-    db_pool_size: int = Field(20, ge=1)
+    # Sized to the load: under more concurrent requests than pooled connections, the
+    # overflow connections are opened and closed again for every request.
+    db_pool_size: int = Field(40, ge=1)
     db_max_overflow: int = Field(10, ge=0)
     db_timeout: float = Field(5.0, gt=0)
     auto_migrate: bool | None = None  # None: on for the embedded SQLite default only

@@ -155,13 +155,15 @@ async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 def configure_logging(settings: Settings) -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-    logging.getLogger("strawgate").setLevel(settings.log_level.upper())
+    """Strawgate's own loggers at LOG_LEVEL. Where nobody configured logging, they get a
+    handler of their own; other libraries' loggers are left as they are."""
+    ours = logging.getLogger("strawgate")
+    ours.setLevel(settings.log_level.upper())
+    if not logging.getLogger().handlers and not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.propagate = False
 
 
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> Starlette:

@@ -2,30 +2,78 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import strawberry
-from graphql import GraphQLError
-from strawberry.extensions import (
-    AddValidationRules,
-    DisableIntrospection,
-    MaxAliasesLimiter,
-    MaxTokensLimiter,
-    ParserCache,
-    QueryDepthLimiter,
-    SchemaExtension,
-    ValidationCache,
-)
+from graphql import ASTValidationRule, DocumentNode, GraphQLError, GraphQLSchema, parse
+from graphql.validation import NoSchemaIntrospectionCustomRule
+from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter
+from strawberry.schema.schema import validate_document
 from strawberry.types import ExecutionContext
 
 from db.settings import Settings
 from graph.resolvers.auth import Mutation, Query
 
+# Distinct documents kept parsed and validated. Bounded, so that a stream of unique
+# query texts cannot grow memory.
 CACHE_SIZE = 256
 
 
+@lru_cache(maxsize=CACHE_SIZE)
+def _parse(query: str, max_tokens: int) -> DocumentNode:
+    return parse(query, max_tokens=max_tokens)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _validate(
+    schema: GraphQLSchema, document: DocumentNode, rules: tuple[type[ASTValidationRule], ...]
+) -> list[GraphQLError]:
+    return validate_document(schema, document, rules)
+
+
 class StrawgateSchema(strawberry.Schema):
+    """The served schema: documents are parsed and validated through shared LRU caches,
+    under the token, depth and alias limits (and, where configured, without introspection).
+
+    This is what Strawberry's ParserCache, ValidationCache, MaxTokensLimiter,
+    QueryDepthLimiter, MaxAliasesLimiter and DisableIntrospection extensions do, with
+    their rules, done once as the execution context is made. As six extensions it cost
+    more than the cached work itself: Strawberry wraps every hook of every extension in
+    fresh context managers on every request (see bench/README.md for the figures). The
+    limiter rule classes are built once, so the validation cache keys stay stable.
+    """
+
+    def __init__(
+        self,
+        *,
+        query: type,
+        mutation: type,
+        max_tokens: int,
+        rules: tuple[type[ASTValidationRule], ...],
+    ) -> None:
+        super().__init__(query=query, mutation=mutation)
+        self._max_tokens = max_tokens
+        self._rules = rules
+
+    def _create_execution_context(  # type: ignore[override]
+        self, query: str | None, allowed_operation_types: Any, **kwargs: Any
+    ) -> ExecutionContext:
+        context = super()._create_execution_context(query, allowed_operation_types, **kwargs)
+        # Also what Strawberry's own parse uses when the cached one below fails.
+        context.parse_options["max_tokens"] = self._max_tokens
+        if query is None:
+            return context
+        try:
+            document = _parse(query, self._max_tokens)
+        except GraphQLError:
+            return context  # Strawberry parses it again and reports the error its usual way
+        context.graphql_document = document
+        context.pre_execution_errors = _validate(
+            self._schema, document, (*context.validation_rules, *self._rules)
+        )
+        return context
+
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:
@@ -34,23 +82,15 @@ class StrawgateSchema(strawberry.Schema):
 
 
 def build_schema(settings: Settings) -> StrawgateSchema:
-    # The depth and alias rules are built once and shared by the per-request extension
-    # instances: a rule class made per request would miss the validation cache every time.
-    rules = [
+    rules: list[type[ASTValidationRule]] = [
         *QueryDepthLimiter(max_depth=settings.max_query_depth).validation_rules,
         *MaxAliasesLimiter(max_alias_count=settings.max_aliases).validation_rules,
     ]
-    extensions: list[Callable[[], SchemaExtension] | type[SchemaExtension]] = [
-        lambda: MaxTokensLimiter(max_token_count=settings.max_query_tokens),
-        lambda: AddValidationRules(rules),
-    ]
     if not settings.introspection_enabled:
-        extensions.append(DisableIntrospection)
-    extensions += [
-        lambda: ParserCache(maxsize=CACHE_SIZE),
-        lambda: ValidationCache(maxsize=CACHE_SIZE),
-    ]
-    return StrawgateSchema(query=Query, mutation=Mutation, extensions=extensions)
+        rules.append(NoSchemaIntrospectionCustomRule)
+    return StrawgateSchema(
+        query=Query, mutation=Mutation, max_tokens=settings.max_query_tokens, rules=tuple(rules)
+    )
 
 
 def _export_schema() -> strawberry.Schema:

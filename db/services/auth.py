@@ -27,6 +27,7 @@ from db.security.tokens import (
     successor_token,
     token_digest,
 )
+from db.session import PointRead
 from db.validation import (
     PASSWORD_MAX_LENGTH,
     check_new_password,
@@ -102,6 +103,7 @@ class AuthService:
         password_min_length: int,
     ) -> None:
         self.engine = engine
+        self._current_user = PointRead(engine, _CURRENT_USER)
         self.sessionmaker = sessionmaker
         self.hasher = hasher
         self.access_tokens = access_tokens
@@ -332,21 +334,17 @@ class AuthService:
     async def current_user(self, claims: AccessClaims) -> UserView | None:
         """The user of a live session, or None when the session has ended or the account
         is disabled: a revoked session's access tokens stop working at once."""
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    _CURRENT_USER,
-                    {"sid": claims.session_id, "uid": claims.user_id, "now": self.clock.now()},
-                )
-            ).first()
+        row = await self._current_user.first(
+            {"sid": claims.session_id, "uid": claims.user_id, "now": self.clock.now()}
+        )
         if row is None:
             return None
         return UserView(
-            id=row.id,
-            email=row.email,
-            email_verified=row.email_verified_at is not None,
+            id=row["id"],
+            email=row["email"],
+            email_verified=row["email_verified_at"] is not None,
             otp_enabled=False,
-            created_at=row.created_at,
+            created_at=row["created_at"],
         )
 
 
