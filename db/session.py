@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
 
-from sqlalchemy import Select, event
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.sql import Executable
 
 from db.settings import Settings
 
@@ -58,36 +61,110 @@ def _ping_on_checkout(engine: AsyncEngine) -> None:
             raise DisconnectionError("connection closed by the server")
 
 
-class PointRead:
-    """One SELECT on the hot path (every authenticated request runs one), as lean as each
-    database allows. The SQL is the SQLAlchemy statement's own, compiled once.
+class Runner(Protocol):
+    """Runs fixed Core statements inside one connection (and transaction, if begun)."""
 
-    On PostgreSQL the statement runs as a prepared statement straight on the pooled asyncpg
-    connection, outside any transaction (no BEGIN and ROLLBACK round trips around one
-    SELECT), with the parameters bound by asyncpg itself: SQLAlchemy's per-execution
-    parameter and result processing cost more than the query. The values are
-    driver-native (aware datetimes, UUIDs), so nothing is lost by skipping the type
-    processors. SQLite runs the statement through SQLAlchemy in its usual transaction
-    (BEGIN IMMEDIATE orders it behind writers).
+    async def first(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> Mapping[str, Any] | None: ...
+
+    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> None: ...
+
+
+class Statements:
+    """Fixed SQLAlchemy Core statements on the request path, run as lean as each database
+    allows: every authenticated request runs one, every refresh a handful.
+
+    On PostgreSQL each statement is compiled once (SQLAlchemy's own SQL) and run as a
+    prepared statement straight on the pooled asyncpg connection, with the parameters
+    bound by asyncpg: SQLAlchemy's per-execution parameter and result processing cost
+    more than the queries themselves (see bench/README.md). The values involved are
+    driver-native (aware datetimes, UUIDs, bytes; JSON through the codec SQLAlchemy
+    installs on the connection), so nothing is lost by skipping the type processors.
+    A read outside a transaction runs without BEGIN and ROLLBACK round trips.
+    SQLite runs the same statements through SQLAlchemy (its BEGIN IMMEDIATE is what
+    orders them behind writers).
+
+    Statements must be module-level constants with bindparam() placeholders: compiled
+    forms are kept per statement object.
     """
 
-    def __init__(self, engine: AsyncEngine, statement: Select[*tuple[Any, ...]]) -> None:
-        self._statement = statement
-        self._native: tuple[str, list[str]] | None = None
-        self._engine = engine
-        if engine.dialect.name == "postgresql":
-            compiled = statement.compile(dialect=engine.dialect)
-            self._native = (str(compiled), list(compiled.positiontup or ()))
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._native = engine.dialect.name == "postgresql"
+        self._compiled: dict[Executable, tuple[str, list[str], dict[str, Any]]] = {}
 
-    async def first(self, params: dict[str, Any]) -> Mapping[str, Any] | None:
-        async with self._engine.connect() as conn:
-            if self._native is None:
-                found = (await conn.execute(self._statement, params)).mappings().first()
-                return None if found is None else dict(found)
-            sql, names = self._native
-            raw = await conn.get_raw_connection()
-            row = await raw.driver_connection.fetchrow(sql, *(params[n] for n in names))  # type: ignore[union-attr]
-            return None if row is None else dict(row.items())
+    def bind(self, statement: Executable, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
+        """The statement's SQL and its positional arguments: `params`, and the values the
+        statement carries itself (a LIMIT, say)."""
+        found = self._compiled.get(statement)
+        if found is None:
+            compiled = statement.compile(dialect=self.engine.dialect)  # type: ignore[attr-defined]
+            own = {
+                name: bind.effective_value
+                for name, bind in compiled.binds.items()
+                if not bind.required  # a bindparam() without a value must be given
+            }
+            found = (str(compiled), list(compiled.positiontup or ()), own)
+            self._compiled[statement] = found
+        sql, names, own = found
+        return sql, [params[name] if name in params else own[name] for name in names]
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Runner]:
+        """For single reads: no transaction on PostgreSQL."""
+        async with self.engine.connect() as conn:
+            if self._native:
+                yield _NativeRunner(self, await _driver(conn))
+            else:
+                yield _SqlalchemyRunner(conn)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Runner]:
+        """Committed when the block ends, rolled back when it raises."""
+        async with self.engine.connect() as conn:
+            if self._native:
+                driver = await _driver(conn)
+                async with driver.transaction():
+                    yield _NativeRunner(self, driver)
+            else:
+                async with conn.begin():
+                    yield _SqlalchemyRunner(conn)
+
+
+async def _driver(conn: AsyncConnection) -> Any:
+    return (await conn.get_raw_connection()).driver_connection
+
+
+class _NativeRunner:
+    def __init__(self, statements: Statements, driver: Any) -> None:
+        self._statements = statements
+        self._driver = driver
+
+    async def first(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> Mapping[str, Any] | None:
+        sql, args = self._statements.bind(statement, params)
+        row = await self._driver.fetchrow(sql, *args)
+        return None if row is None else dict(row.items())
+
+    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> None:
+        sql, args = self._statements.bind(statement, params)
+        await self._driver.execute(sql, *args)
+
+
+class _SqlalchemyRunner:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def first(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> Mapping[str, Any] | None:
+        found = (await self._conn.execute(statement, dict(params))).mappings().first()
+        return None if found is None else dict(found)
+
+    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> None:
+        await self._conn.execute(statement, dict(params))
 
 
 def _make_sqlite_transactional(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hmac
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -27,7 +29,7 @@ from db.security.tokens import (
     successor_token,
     token_digest,
 )
-from db.session import PointRead
+from db.session import Runner, Statements
 from db.validation import (
     PASSWORD_MAX_LENGTH,
     check_new_password,
@@ -88,6 +90,63 @@ _CURRENT_USER = (
 )
 
 
+_LOCK_SESSION_BY_TOKEN = (
+    select(UserSession.id)
+    .join(RefreshToken, RefreshToken.session_id == UserSession.id)
+    .where(RefreshToken.token_hash == bindparam("digest"))
+    .with_for_update(of=UserSession)
+)
+
+# What a rotation decides on: the presented generation, its session and the user.
+_ROTATION_STATE = (
+    select(
+        RefreshToken.id,
+        RefreshToken.session_id,
+        RefreshToken.generation,
+        RefreshToken.rotated_at,
+        UserSession.revoked_at,
+        UserSession.expires_at,
+        UserSession.amr,
+        User.id.label("user_id"),
+        User.email,
+        User.email_verified_at,
+        User.created_at,
+        User.is_active,
+    )
+    .join(UserSession, UserSession.id == RefreshToken.session_id)
+    .join(User, User.id == UserSession.user_id)
+    .where(RefreshToken.token_hash == bindparam("digest"))
+)
+
+_NEWEST_GENERATION = (
+    select(RefreshToken.generation, RefreshToken.token_hash)
+    .where(RefreshToken.session_id == bindparam("session_id"))
+    .order_by(RefreshToken.generation.desc())
+    .limit(1)
+)
+_MARK_ROTATED = (
+    update(RefreshToken)
+    .where(RefreshToken.id == bindparam("token_id"))
+    .values(rotated_at=bindparam("now"))
+)
+_ADD_GENERATION = insert(RefreshToken).values(
+    session_id=bindparam("session_id"),
+    generation=bindparam("generation"),
+    token_hash=bindparam("token_hash"),
+    created_at=bindparam("now"),
+)
+_TOUCH_SESSION = (
+    update(UserSession)
+    .where(UserSession.id == bindparam("session_id"))
+    .values(last_used_at=bindparam("now"))
+)
+_REVOKE_SESSION = (
+    update(UserSession)
+    .where(UserSession.id == bindparam("session_id"))
+    .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
+)
+
+
 class AuthService:
     def __init__(
         self,
@@ -103,7 +162,7 @@ class AuthService:
         password_min_length: int,
     ) -> None:
         self.engine = engine
-        self._current_user = PointRead(engine, _CURRENT_USER)
+        self.statements = Statements(engine)
         self.sessionmaker = sessionmaker
         self.hasher = hasher
         self.access_tokens = access_tokens
@@ -225,69 +284,64 @@ class AuthService:
         digest = token_digest(refresh_token)
         now = self.clock.now()
         reused = False
-        async with self.sessionmaker.begin() as session:
-            session_id = await session.scalar(
-                select(RefreshToken.session_id).where(RefreshToken.token_hash == digest)
-            )
-            if session_id is None:
+        async with self.statements.transaction() as tx:
+            # The row lock serialises rotations of one session across processes (SQLite:
+            # BEGIN IMMEDIATE already holds the write lock). Everything else is read after
+            # it, so a racing refresh sees what the winner committed.
+            if await tx.first(_LOCK_SESSION_BY_TOKEN, {"digest": digest}) is None:
                 raise _invalid_token()
-            # The row lock serialises rotations of one session across processes
-            # (SQLite: BEGIN IMMEDIATE already holds the write lock).
-            user_session = await session.scalar(
-                select(UserSession).where(UserSession.id == session_id).with_for_update()
-            )
-            presented = await session.scalar(
-                select(RefreshToken).where(RefreshToken.token_hash == digest)
-            )
-            if user_session is None or presented is None or not _is_live(user_session, now):
+            state = await tx.first(_ROTATION_STATE, {"digest": digest})
+            if state is None or state["revoked_at"] is not None or state["expires_at"] <= now:
                 raise _invalid_token()
-            user = await session.get(User, user_session.user_id)
-            if user is None:
-                raise _invalid_token()
-            if not user.is_active:
+            if not state["is_active"]:
                 raise AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
+            session_id = state["session_id"]
             successor = successor_token(self._refresh_key, refresh_token)
-            if presented.rotated_at is None:
-                presented.rotated_at = now
-                session.add(
-                    RefreshToken(
-                        session_id=user_session.id,
-                        generation=presented.generation + 1,
-                        token_hash=token_digest(successor),
-                        created_at=now,
-                    )
+            if state["rotated_at"] is None:
+                await tx.execute(_MARK_ROTATED, {"token_id": state["id"], "now": now})
+                await tx.execute(
+                    _ADD_GENERATION,
+                    {
+                        "session_id": session_id,
+                        "generation": state["generation"] + 1,
+                        "token_hash": token_digest(successor),
+                        "now": now,
+                    },
                 )
-            elif not await self._is_retry(session, presented, successor, now):
-                user_session.revoked_at = now
-                user_session.revoke_reason = "refresh_token_reused"
+            elif not await self._is_retry(tx, state, successor, now):
+                await tx.execute(
+                    _REVOKE_SESSION,
+                    {"session_id": session_id, "now": now, "reason": "refresh_token_reused"},
+                )
                 reused = True
             if not reused:
-                user_session.last_used_at = now
-                result = self._issue(user_view(user), user_session.id, user_session.amr, successor)
+                await tx.execute(_TOUCH_SESSION, {"session_id": session_id, "now": now})
         if reused:  # raised after the commit, so the revocation holds
             raise AuthFailure(
                 ErrorCode.TOKEN_REUSED,
                 "This refresh token was already used; the session has been ended.",
             )
-        return result
+        user = UserView(
+            id=state["user_id"],
+            email=state["email"],
+            email_verified=state["email_verified_at"] is not None,
+            otp_enabled=False,
+            created_at=state["created_at"],
+        )
+        return self._issue(user, session_id, list(state["amr"]), successor)
 
     async def _is_retry(
-        self, session: AsyncSession, presented: RefreshToken, successor: str, now: datetime
+        self, tx: Runner, state: Mapping[str, Any], successor: str, now: datetime
     ) -> bool:
         """A spent token presented again soon after its rotation, whose successor is still
         the newest generation: a racing tab or a retried request, not an attacker."""
-        if presented.rotated_at is None or now - presented.rotated_at > self.reuse_interval:
+        if now - state["rotated_at"] > self.reuse_interval:
             return False
-        newest = await session.scalar(
-            select(RefreshToken)
-            .where(RefreshToken.session_id == presented.session_id)
-            .order_by(RefreshToken.generation.desc())
-            .limit(1)
-        )
+        newest = await tx.first(_NEWEST_GENERATION, {"session_id": state["session_id"]})
         return (
             newest is not None
-            and newest.generation == presented.generation + 1
-            and hmac.compare_digest(newest.token_hash, token_digest(successor))
+            and newest["generation"] == state["generation"] + 1
+            and hmac.compare_digest(newest["token_hash"], token_digest(successor))
         )
 
     # -- logout -------------------------------------------------------------------------
@@ -334,9 +388,11 @@ class AuthService:
     async def current_user(self, claims: AccessClaims) -> UserView | None:
         """The user of a live session, or None when the session has ended or the account
         is disabled: a revoked session's access tokens stop working at once."""
-        row = await self._current_user.first(
-            {"sid": claims.session_id, "uid": claims.user_id, "now": self.clock.now()}
-        )
+        async with self.statements.connection() as conn:
+            row = await conn.first(
+                _CURRENT_USER,
+                {"sid": claims.session_id, "uid": claims.user_id, "now": self.clock.now()},
+            )
         if row is None:
             return None
         return UserView(
