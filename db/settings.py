@@ -12,6 +12,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from db.security.passwords import usable_cpus
+
 log = logging.getLogger("strawgate.settings")
 
 # The value `.env.example` ships with; production refuses to start with it.
@@ -53,7 +55,7 @@ class Settings(BaseSettings):
     argon2_memory_cost: int = Field(19 * 1024, ge=8 * 1024)  # KiB (OWASP: 19 MiB)
     argon2_time_cost: int = Field(2, ge=1)
     argon2_parallelism: int = Field(1, ge=1)
-    password_hash_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    password_hash_workers: int = Field(default_factory=usable_cpus, ge=1)
 
     # Database.
     # Sized to the load: under more concurrent requests than pooled connections, the

@@ -207,6 +207,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             try:
                 yield
             finally:
+                hasher.close()
                 await engine.dispose()
 
     async def healthz(request: Request) -> Response:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import anyio
-import anyio.to_thread
 from passlib.context import CryptContext
 
 from db.errors import AuthFailure, ErrorCode
@@ -20,12 +21,14 @@ QUEUE_FACTOR = 4
 
 
 class PasswordHasher:
-    """Hashes and verifies passwords in worker threads.
+    """Hashes and verifies passwords in worker threads, never on the event loop.
 
-    Every argon2 hash holds its memory cost (19 MiB by default) while it runs, so the
-    number of hashes in flight is capped by a limiter sized to the CPU count; when more
-    than QUEUE_FACTOR times that many are already waiting, the caller is refused with
-    RATE_LIMITED rather than queued (a queue without bound is a memory and latency DoS).
+    Every argon2 hash holds its memory cost (19 MiB by default) while it runs, so hashes
+    run on a dedicated pool of `workers` threads (by default one per CPU this process may
+    use); when more than QUEUE_FACTOR times that many are already waiting, the caller is
+    refused with RATE_LIMITED rather than queued (a queue without bound is a memory and
+    latency DoS). A pool of its own, rather than the shared thread pool, also bounds the
+    memory the C allocator keeps for reuse: one hash's worth per hashing thread.
     """
 
     def __init__(
@@ -45,7 +48,7 @@ class PasswordHasher:
             argon2__parallelism=parallelism,
         )
         self.workers = workers
-        self._limiter = anyio.CapacityLimiter(workers)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash")
         self._max_in_flight = workers * (1 + QUEUE_FACTOR)
         self._in_flight = 0
         # Verified against when the email is unknown, so that a miss costs what a hit costs.
@@ -74,13 +77,28 @@ class PasswordHasher:
         ok, new_hash = self.context.verify_and_update(password, stored_hash)
         return bool(ok), new_hash
 
-    async def _run(self, func: Callable[..., T], *args: object) -> T:
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def check_capacity(self) -> None:
+        """Refuse now, before any other work, when the hashing queue is full."""
         if self._in_flight >= self._max_in_flight:
             raise AuthFailure(
                 ErrorCode.RATE_LIMITED, "The server is busy; try again shortly.", retry_after=1
             )
+
+    async def _run(self, func: Callable[..., T], *args: object) -> T:
+        self.check_capacity()
         self._in_flight += 1
         try:
-            return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
         finally:
             self._in_flight -= 1
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity), not all the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1

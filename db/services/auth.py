@@ -176,6 +176,7 @@ class AuthService:
 
     async def signup(self, *, email: str, password: str, client: ClientInfo) -> IssuedSession:
         """Create an account and sign it in."""
+        self.hasher.check_capacity()  # when overloaded, refuse before doing any work
         address = parse_email(email)
         password = normalize_password(password)
         check_new_password(password, min_length=self.password_min_length)
@@ -206,6 +207,7 @@ class AuthService:
     async def login(self, *, email: str, password: str, client: ClientInfo) -> IssuedSession:
         """Check a password and sign in. One answer whether the email is unknown or the
         password wrong, in about the same time."""
+        self.hasher.check_capacity()  # when overloaded, refuse before doing any work
         password = normalize_password(password)
         try:
             normalized: str | None = parse_email(email).normalized
