@@ -28,11 +28,13 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(
-            url, connect_args={"timeout": settings.db_timeout}, **overrides
+            url, connect_args={"timeout": settings.db_timeout}, hide_parameters=True, **overrides
         )
         _make_sqlite_transactional(engine, busy_timeout_ms=int(settings.db_timeout * 1000))
         return engine
     options: dict[str, Any] = {
+        # Statement parameters hold digests and hashes: keep them out of error messages.
+        "hide_parameters": True,
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
         "pool_timeout": settings.db_timeout,

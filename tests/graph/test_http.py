@@ -215,3 +215,18 @@ async def test_stored_user_agent_is_capped(
         agent = (await conn.execute(select(UserSession.user_agent))).scalar_one()
     await engine.dispose()
     assert agent == "A" * 512
+
+
+async def test_document_limits_apply_in_production(
+    make_settings: Callable[..., Settings],
+) -> None:
+    app = create_app(make_settings(environment="production"))
+    aliases = " ".join(f"a{i}: me {{ id }}" for i in range(16))
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        assert "aliases" in (await gql(http, f"{{ {aliases} }}"))["errors"][0]["message"]
+        too_long = "{ me { " + "id " * 2100 + "} }"
+        assert "token" in (await gql(http, too_long))["errors"][0]["message"].lower()
+        # The same documents are refused again from the caches, not let through.
+        assert "aliases" in (await gql(http, f"{{ {aliases} }}"))["errors"][0]["message"]
+        assert "token" in (await gql(http, too_long))["errors"][0]["message"].lower()
+        assert (await gql(http, ME)) == {"data": {"me": None}}
