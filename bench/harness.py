@@ -326,15 +326,19 @@ class LoadSettings:
 
 
 @dataclass(frozen=True)
-class WrkResult:
-    """What one wrk run measured; latencies in milliseconds."""
+class LoadResult:
+    """What one load run measured (wrk, or bench/login_client.py); latencies in ms.
+
+    wrk times every answer; the login client times only the successful ones (None when
+    there were none). `socket_errors` are wrk's; the login client counts its transport
+    errors among the outcomes."""
 
     requests: int
     seconds: float
-    p50_ms: float
-    p99_ms: float
-    mean_ms: float
-    max_ms: float
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    max_ms: float | None
     socket_errors: dict[str, int]
     outcomes: dict[str, int]
     samples: list[str] = field(default_factory=list)
@@ -361,14 +365,18 @@ class WrkResult:
             "seconds": round(self.seconds, 3),
             "requests_per_s": round(self.rps, 1),
             "ok_per_s": round(self.ok_rps, 1),
-            "p50_ms": round(self.p50_ms, 3),
-            "p99_ms": round(self.p99_ms, 3),
-            "mean_ms": round(self.mean_ms, 3),
-            "max_ms": round(self.max_ms, 3),
+            "p50_ms": _round(self.p50_ms),
+            "p99_ms": _round(self.p99_ms),
+            "mean_ms": _round(self.mean_ms),
+            "max_ms": _round(self.max_ms),
             "socket_errors": self.socket_errors,
             "outcomes": self.outcomes,
             "samples": self.samples,
         }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 RESULT_MARKER = "BENCH_RESULT "
@@ -382,7 +390,7 @@ async def run_wrk(
     load: LoadSettings,
     seconds: float,
     log_path: Path,
-) -> WrkResult:
+) -> LoadResult:
     """One wrk run of `seconds` with a scenario script from bench/lua."""
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -406,7 +414,7 @@ async def run_wrk(
     return _read_wrk_output(output, log_path)
 
 
-def _read_wrk_output(output: str, log_path: Path) -> WrkResult:
+def _read_wrk_output(output: str, log_path: Path) -> LoadResult:
     """Keep wrk's whole output in the log; parse the line common.lua's done() prints."""
     log_path.write_text(output)
     for line in output.splitlines():
@@ -415,8 +423,8 @@ def _read_wrk_output(output: str, log_path: Path) -> WrkResult:
     raise BenchError(f"wrk printed no result line:\n{output}")
 
 
-def _parse_wrk(raw: dict[str, Any]) -> WrkResult:
-    return WrkResult(
+def _parse_wrk(raw: dict[str, Any]) -> LoadResult:
+    return LoadResult(
         requests=int(raw["requests"]),
         seconds=float(raw["duration_us"]) / 1e6,
         p50_ms=float(raw["p50_us"]) / 1000,
@@ -424,6 +432,95 @@ def _parse_wrk(raw: dict[str, Any]) -> WrkResult:
         mean_ms=float(raw["mean_us"]) / 1000,
         max_ms=float(raw["max_us"]) / 1000,
         socket_errors={name: int(n) for name, n in raw["errors"].items() if n},
+        outcomes={name: int(n) for name, n in sorted(raw["outcomes"].items())},
+        samples=[str(sample) for sample in raw["samples"]],
+    )
+
+
+# -- login clients that honour retryAfter -----------------------------------------------------
+
+MEASURING_MARKER = "MEASURING"
+
+
+async def run_login_client(
+    url: str, body: str, *, load: LoadSettings, server_pid: int, log_path: Path
+) -> tuple[LoadResult, PeakRss, dict[str, Any]]:
+    """bench/login_client.py on the load core: `load.connections` users that honour
+    retryAfter, `load.warmup` s unmeasured then `load.duration` s measured in one go. The
+    server's peak RSS is sampled from the client's "MEASURING" line to its result line.
+    Returns the result, the RSS and the client's whole result record."""
+    argv = pinned(
+        load.core,
+        [
+            sys.executable,
+            str(BENCH_DIR / "login_client.py"),
+            "--url",
+            url,
+            "--body",
+            body,
+            "--users",
+            str(load.connections),
+            "--warmup",
+            str(load.warmup),
+            "--duration",
+            str(load.duration),
+        ],
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        env=dict(os.environ),
+        cwd=BENCH_DIR,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    raw: dict[str, Any] | None = None
+    rss: PeakRss | None = None
+    try:
+        async with (
+            asyncio.timeout(load.warmup + load.duration + 60),
+            contextlib.AsyncExitStack() as stack,
+        ):
+            while line := (await proc.stdout.readline()).decode(errors="replace"):
+                lines.append(line)
+                if line.strip() == MEASURING_MARKER and rss is None:
+                    rss = await stack.enter_async_context(PeakRss(server_pid))
+                elif line.startswith(RESULT_MARKER) and raw is None:
+                    await stack.aclose()  # the measured part is over: stop sampling
+                    raw = json.loads(line[len(RESULT_MARKER) :])
+            await proc.wait()
+    except BaseException:
+        await _kill(proc)
+        raise
+    finally:
+        _write_log(log_path, lines)
+    if proc.returncode != 0 or raw is None or rss is None:
+        raise BenchError(
+            f"login client exited with {proc.returncode} and no result:\n{''.join(lines[-30:])}"
+        )
+    return _parse_login_client(raw), rss, raw
+
+
+def _write_log(log_path: Path, lines: list[str]) -> None:
+    log_path.write_text("".join(lines))
+
+
+def _parse_login_client(raw: dict[str, Any]) -> LoadResult:
+    def ms(key: str) -> float | None:
+        value = raw.get(key)
+        return None if value is None else float(value)
+
+    return LoadResult(
+        requests=int(raw["requests"]),
+        seconds=float(raw["seconds"]),
+        p50_ms=ms("p50_ms"),
+        p99_ms=ms("p99_ms"),
+        mean_ms=ms("mean_ms"),
+        max_ms=ms("max_ms"),
+        socket_errors={},
         outcomes={name: int(n) for name, n in sorted(raw["outcomes"].items())},
         samples=[str(sample) for sample in raw["samples"]],
     )

@@ -32,6 +32,16 @@ class Row:
 
 
 @dataclass
+class Extra:
+    """A measurement reported beside a scenario's, with no target: printed, never checked."""
+
+    title: str
+    row: Row
+    refused_share: float | None = None  # share of answers that were RATE_LIMITED
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Scenario:
     name: str
     title: str
@@ -39,6 +49,7 @@ class Scenario:
     reference: Row
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    extras: list[Extra] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
@@ -141,7 +152,29 @@ def format_scenario(scenario: Scenario) -> str:
     target = THROUGHPUT_TARGETS[scenario.name]
     lines.append(f"  throughput ratio strawgate/reference: {_num(ratio, 2)} (target >= {target:g})")
     lines.extend(f"  {note}" for note in scenario.notes)
+    for extra in scenario.extras:
+        lines.extend(["", *format_extra(extra)])
     return "\n".join(lines)
+
+
+EXTRA_HEADER = (
+    f"  {'':<11}{'ok/s':>10}{'req/s':>10}{'refused':>8}{'p50 ms':>10}{'p99 ms':>10}{'RSS MiB':>9}"
+)
+
+
+def format_extra(extra: Extra) -> list[str]:
+    lines = [f"  {extra.title}", EXTRA_HEADER]
+    row = extra.row
+    if row.error is not None:
+        lines.append(f"  {row.label:<11}ERROR: {row.error}")
+    else:
+        lines.append(
+            f"  {row.label:<11}{_num(row.ok_rps):>10}{_num(row.rps):>10}"
+            f"{_pct(extra.refused_share):>8}{_num(row.p50_ms, 2):>10}{_num(row.p99_ms, 2):>10}"
+            f"{_num(row.rss_mib):>9}"
+        )
+    lines.extend(f"  {note}" for note in extra.notes)
+    return lines
 
 
 def format_report(header: list[str], scenarios: list[Scenario], checks: list[Check]) -> str:
@@ -173,4 +206,13 @@ def scenario_json(scenario: Scenario) -> dict[str, Any]:
         "throughput_ratio": scenario.ratio,
         "notes": scenario.notes,
         "details": scenario.raw,
+        "reported_only": [
+            {
+                "title": extra.title,
+                **row_json(extra.row),
+                "refused_share": extra.refused_share,
+                "notes": extra.notes,
+            }
+            for extra in scenario.extras
+        ],
     }

@@ -30,15 +30,16 @@ from bench.harness import (
     REPO_ROOT,
     BenchError,
     GraphQLClient,
+    LoadResult,
     LoadSettings,
     PeakRss,
     Server,
-    WrkResult,
     check_local,
     create_database,
     drop_database,
     pinned,
     run_command,
+    run_login_client,
     run_wrk,
     start_server,
     stop_server,
@@ -47,6 +48,7 @@ from bench.harness import (
 )
 from bench.report import (
     Check,
+    Extra,
     Row,
     Scenario,
     checks_for,
@@ -65,9 +67,10 @@ SIGNUP = (
     "mutation($i: SignupInput!){ signup(input:$i){ __typename"
     " ... on AuthSession { accessToken refreshToken } ... on AuthError { code message } } }"
 )
+# retryAfter: the login client sleeps what a RATE_LIMITED answer says.
 LOGIN = (
     "mutation($i: LoginInput!){ login(input:$i){ __typename"
-    " ... on AuthSession { accessToken } ... on AuthError { code } } }"
+    " ... on AuthSession { accessToken } ... on AuthError { code retryAfter } } }"
 )
 # Seeding needs the refresh token too.
 LOGIN_FOR_SESSION = (
@@ -174,7 +177,7 @@ async def measure(
     script: str,
     args: list[str],
     warmup_args: list[str] | None = None,
-) -> tuple[WrkResult, PeakRss]:
+) -> tuple[LoadResult, PeakRss]:
     """A warm-up run, then the measured run with the server's peak RSS sampled."""
     url = server.url(path)
     if bench.load.warmup > 0:
@@ -200,7 +203,7 @@ async def measure(
     return result, rss
 
 
-def wrk_row(label: str, result: WrkResult, rss_mib: float | None) -> Row:
+def load_row(label: str, result: LoadResult, rss_mib: float | None) -> Row:
     return Row(
         label=label,
         ok_rps=result.ok_rps,
@@ -212,7 +215,7 @@ def wrk_row(label: str, result: WrkResult, rss_mib: float | None) -> Row:
     )
 
 
-def describe(label: str, result: WrkResult) -> list[str]:
+def describe(label: str, result: LoadResult) -> list[str]:
     """Notes on whatever was not a correct answer."""
     notes: list[str] = []
     if result.failures:
@@ -246,7 +249,7 @@ async def side(
         "peak_rss_mib": rss.peak_mib,
     }
     scenario.notes.extend(describe(label, result))
-    return wrk_row(label, result, rss.peak_mib)
+    return load_row(label, result, rss.peak_mib)
 
 
 def new_scenario(name: str, title: str) -> Scenario:
@@ -268,31 +271,14 @@ async def scenario_me(bench: Bench, seeds: Seeds) -> Scenario:
 
 
 async def scenario_login(bench: Bench) -> Scenario:
+    users = bench.load.connections
     scenario = new_scenario(
-        "login", "login mutation, one user: argon2id verify + new session (only AuthSession counts)"
+        "login",
+        f"login mutation, one user, {users} clients that honour retryAfter:"
+        " argon2id verify + new session (only AuthSession counts)",
     )
-    scenario.strawgate = await side(
-        bench,
-        "strawgate",
-        bench.strawgate,
-        "/graphql",
-        scenario,
-        script="login.lua",
-        args=[LOGIN_BODY],
-    )
-    raw = scenario.raw.get("strawgate")
-    if isinstance(raw, dict):
-        outcomes: dict[str, int] = raw["outcomes"]
-        total = sum(outcomes.values())
-        if total:
-            ok = outcomes.get("ok", 0) / total
-            limited = outcomes.get("RATE_LIMITED", 0) / total
-            scenario.notes.insert(
-                0,
-                f"strawgate answers: AuthSession {100 * ok:.1f}%,"
-                f" RATE_LIMITED {100 * limited:.1f}%, other {100 * (1 - ok - limited):.1f}%"
-                " (ok/s counts AuthSession only)",
-            )
+    scenario.strawgate = await login_clients(bench, scenario)
+    scenario.extras.append(await login_hammer(bench, scenario))
     try:
         probe = await hash_probe(bench)
     except BenchError as exc:
@@ -312,6 +298,109 @@ async def scenario_login(bench: Bench) -> Scenario:
         f" {probe['count']} verifies on core {SERVER_CORE}); its p50/p99 are verify times"
     )
     return scenario
+
+
+def answer_counts(outcomes: dict[str, int]) -> tuple[int, int, int]:
+    """(AuthSession, RATE_LIMITED, any other answer) of a login run."""
+    ok = outcomes.get("ok", 0)
+    limited = outcomes.get("RATE_LIMITED", 0)
+    return ok, limited, sum(outcomes.values()) - ok - limited
+
+
+def other_answers(label: str, result: LoadResult) -> list[str]:
+    """Notes on login answers that were neither AuthSession nor RATE_LIMITED."""
+    notes: list[str] = []
+    others = {n: k for n, k in result.failures.items() if n != "RATE_LIMITED"}
+    if others:
+        shown = ", ".join(f"{name} {n}" for name, n in others.items())
+        notes.append(f"{label}: answers other than AuthSession and RATE_LIMITED: {shown}")
+        unexpected = [s for s in result.samples if '"RATE_LIMITED"' not in s]
+        if unexpected:
+            notes.append(f"{label}: first unexpected body: {unexpected[0][:300]}")
+    if result.socket_errors:
+        shown = ", ".join(f"{name} {n}" for name, n in result.socket_errors.items())
+        notes.append(f"{label}: wrk socket errors: {shown}")
+    return notes
+
+
+async def login_clients(bench: Bench, scenario: Scenario) -> Row:
+    """The measured login load: bench/login_client.py, users that sleep retryAfter when
+    refused. Its p50/p99 are of the AuthSession answers only."""
+    server = bench.strawgate
+    try:
+        result, rss, record = await run_login_client(
+            server.url("/graphql"),
+            LOGIN_BODY,
+            load=bench.load,
+            server_pid=server.pid,
+            log_path=bench.logs / "login-client-strawgate.txt",
+        )
+        if server.process.returncode is not None:
+            raise BenchError(f"{server.name} exited during the run:\n{server.log_tail()}")
+    except BenchError as exc:
+        scenario.notes.append(f"strawgate: {exc}")
+        return Row("strawgate", error=str(exc).splitlines()[0])
+    scenario.raw["strawgate"] = {
+        **result.as_json(),
+        "load": f"bench/login_client.py, {bench.load.connections} users honouring retryAfter",
+        "latency_of": "AuthSession answers, from request sent to answer",
+        "retry_sleep_s": record.get("retry_sleep_s"),
+        "rate_limited_without_retry_after": record.get("rate_limited_without_retry_after"),
+        "rss_at_start_mib": rss.start_mib,
+        "peak_rss_mib": rss.peak_mib,
+    }
+    ok, limited, other = answer_counts(result.outcomes)
+    scenario.notes.append(
+        f"strawgate answers: AuthSession {ok:,}, RATE_LIMITED {limited:,} (each followed by"
+        f" a retryAfter sleep), other {other:,}; p50/p99 are of the AuthSession answers"
+    )
+    missing = int(record.get("rate_limited_without_retry_after") or 0)
+    if missing:
+        scenario.notes.append(
+            f"strawgate: {missing:,} RATE_LIMITED answers had no retryAfter (the client slept 1 s)"
+        )
+    scenario.notes.extend(other_answers("strawgate", result))
+    return load_row("strawgate", result, rss.peak_mib)
+
+
+async def login_hammer(bench: Bench, scenario: Scenario) -> Extra:
+    """wrk on login, every connection straight back after each answer (retryAfter ignored).
+    Reported only: it shows the server stays responsive and refusals are cheap."""
+    load = bench.load
+    title = (
+        f"login, clients ignore retryAfter (wrk, {load.connections} connections, no backoff):"
+        " reported only, not a target; shows the server stays responsive and refusals are cheap"
+    )
+    try:
+        result, rss = await measure(
+            bench,
+            bench.strawgate,
+            "/graphql",
+            name="login-ignore-retry-after-strawgate",
+            script="login.lua",
+            args=[LOGIN_BODY],
+        )
+    except BenchError as exc:
+        return Extra(title, Row("strawgate", error=str(exc).splitlines()[0]), notes=[str(exc)])
+    scenario.raw["strawgate_ignoring_retry_after"] = {
+        **result.as_json(),
+        "rss_at_start_mib": rss.start_mib,
+        "peak_rss_mib": rss.peak_mib,
+    }
+    ok, limited, other = answer_counts(result.outcomes)
+    total = ok + limited + other
+    refusals_per_s = limited / result.seconds if result.seconds else 0.0
+    notes = [
+        f"answers: AuthSession {ok:,}, RATE_LIMITED {limited:,} ({refusals_per_s:,.1f}/s),"
+        f" other {other:,}; p50/p99 are of every answer"
+    ]
+    notes.extend(other_answers("strawgate", result))
+    return Extra(
+        title,
+        load_row("strawgate", result, rss.peak_mib),
+        refused_share=limited / total if total else None,
+        notes=notes,
+    )
 
 
 async def hash_probe(bench: Bench) -> dict[str, Any]:
@@ -489,7 +578,8 @@ async def run(options: Options) -> int:
     header = [
         f"Strawgate benchmark, {started:%Y-%m-%d %H:%M} UTC, commit {git_commit() or 'unknown'}",
         f"servers: uvicorn, 1 worker, {server_core};"
-        f" load: wrk, {load.threads} threads, {load.connections} connections, {load_core};"
+        f" load on {load_core}: wrk, {load.threads} threads, {load.connections} connections"
+        f" (login: bench/login_client.py, {load.connections} users honouring retryAfter);"
         f" {load.duration:g} s per run after {load.warmup:g} s warm-up",
         f"PostgreSQL {pg.hostname}:{pg.port or 5432}, scratch database {database};"
         f" reference app: bench/reference_app.py",

@@ -39,5 +39,9 @@ def invalid_input(message: str, field: str | None = None) -> AuthFailure:
     return AuthFailure(ErrorCode.INVALID_INPUT, message, field=field)
 
 
+class UniqueViolation(Exception):
+    """A write hit a unique constraint (a concurrent writer got there first)."""
+
+
 class DatabaseUnavailable(Exception):
     """The database cannot be reached right now."""

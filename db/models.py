@@ -6,7 +6,6 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import (
-    JSON,
     Boolean,
     ForeignKey,
     Index,
@@ -57,7 +56,8 @@ class UserSession(Base):
     revoke_reason: Mapped[str | None] = mapped_column(String(32), default=None)
     user_agent: Mapped[str | None] = mapped_column(String(USER_AGENT_MAX), default=None)
     ip: Mapped[str | None] = mapped_column(String(IP_MAX), default=None)
-    amr: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # How the user proved who they are: RFC 8176 values, space-separated (like a scope).
+    amr: Mapped[str] = mapped_column(String(64), default="pwd")
 
     user: Mapped[User] = relationship(back_populates="sessions")
     refresh_tokens: Mapped[list[RefreshToken]] = relationship(

@@ -1,4 +1,5 @@
-"""Engine and sessionmaker factories, with the SQLite settings that make it safe to share."""
+"""The engine factory (with the SQLite settings that make it safe to share) and the
+statement runner of the request path."""
 
 from __future__ import annotations
 
@@ -6,18 +7,18 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
+import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
     create_async_engine,
 )
 from sqlalchemy.sql import Executable
 
+from db.errors import UniqueViolation
 from db.settings import Settings
 
 
@@ -70,7 +71,10 @@ class Runner(Protocol):
         self, statement: Executable, params: Mapping[str, Any]
     ) -> Mapping[str, Any] | None: ...
 
-    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> None: ...
+    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
+        """Runs a write; the number of rows it touched. A unique constraint that stops it
+        raises UniqueViolation."""
+        ...
 
 
 class Statements:
@@ -150,9 +154,14 @@ class _NativeRunner:
         row = await self._driver.fetchrow(sql, *args)
         return None if row is None else dict(row.items())
 
-    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> None:
+    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
         sql, args = self._statements.bind(statement, params)
-        await self._driver.execute(sql, *args)
+        try:
+            status: str = await self._driver.execute(sql, *args)
+        except asyncpg.UniqueViolationError as exc:
+            raise UniqueViolation(exc.constraint_name) from exc
+        # The command tag: "UPDATE 3", "INSERT 0 1", "DELETE 0".
+        return int(status.rsplit(" ", 1)[-1]) if status[-1:].isdigit() else 0
 
 
 class _SqlalchemyRunner:
@@ -165,8 +174,14 @@ class _SqlalchemyRunner:
         found = (await self._conn.execute(statement, dict(params))).mappings().first()
         return None if found is None else dict(found)
 
-    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> None:
-        await self._conn.execute(statement, dict(params))
+    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
+        try:
+            result = await self._conn.execute(statement, dict(params))
+        except IntegrityError as exc:
+            if "unique" in str(exc.orig).lower():
+                raise UniqueViolation(str(exc.orig)) from exc
+            raise
+        return int(result.rowcount)
 
 
 def _make_sqlite_transactional(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:
@@ -187,7 +202,3 @@ def _make_sqlite_transactional(engine: AsyncEngine, *, busy_timeout_ms: int) -> 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)

@@ -34,7 +34,7 @@ from db.security.access import AccessTokenCodec
 from db.security.passwords import PasswordHasher
 from db.security.tokens import derive_key
 from db.services.auth import AuthService
-from db.session import create_engine, create_sessionmaker
+from db.session import create_engine
 from db.settings import ConfigError, Settings
 from graph.context import AppServices, Context
 from graph.errors import is_database_unavailable, present_errors
@@ -186,7 +186,6 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 settings=settings,
                 auth=AuthService(
                     engine=engine,
-                    sessionmaker=create_sessionmaker(engine),
                     hasher=hasher,
                     access_tokens=AccessTokenCodec(
                         key=settings.secret(),

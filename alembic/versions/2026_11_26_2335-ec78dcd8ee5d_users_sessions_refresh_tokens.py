@@ -46,7 +46,7 @@ def upgrade() -> None:
         sa.Column("revoke_reason", sa.String(length=32), nullable=True),
         sa.Column("user_agent", sa.String(length=512), nullable=True),
         sa.Column("ip", sa.String(length=45), nullable=True),
-        sa.Column("amr", sa.JSON(), nullable=False),
+        sa.Column("amr", sa.String(length=64), nullable=False),
         sa.ForeignKeyConstraint(
             ["user_id"], ["users.id"], name=op.f("fk_sessions_user_id_users"), ondelete="CASCADE"
         ),

@@ -1,5 +1,7 @@
--- Scenario "login": the same email and password on every request. Only an AuthSession
--- answer counts as "ok"; RATE_LIMITED (the password-hash queue is full) is counted apart.
+-- Scenario "login", clients that ignore retryAfter (reported only, not a target; the
+-- measured login load is bench/login_client.py): the same email and password on every
+-- request, each connection straight back after each answer. Only an AuthSession answer
+-- counts as "ok"; RATE_LIMITED (the password-hash queue is full) is counted apart.
 -- Arguments (after --): <JSON body>
 dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "common.lua")
 

@@ -1,8 +1,10 @@
 """Signup, login, refresh-token rotation, logout and the per-request session check.
 
 These services open their own transactions rather than taking one from the caller:
-a password hash (~20 ms of CPU in a worker thread) sits between reading the user and
-writing the session, and no database connection is held across it.
+a password hash (tens of milliseconds in a worker thread) sits between reading the user
+and writing the session, and no database connection is held across it. They run fixed
+Core statements through `Statements` (see db/session.py): this is the request path of
+every client, and ORM units of work cost more here than the queries.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy import bindparam, insert, select, true, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.clock import Clock
-from db.errors import AuthFailure, ErrorCode
+from db.errors import AuthFailure, ErrorCode, UniqueViolation
 from db.models import IP_MAX, RefreshToken, User, UserSession
 from db.security.access import AccessClaims, AccessTokenCodec
 from db.security.passwords import PasswordHasher
@@ -65,18 +66,57 @@ class ClientInfo:
     user_agent: str | None = None
 
 
-def user_view(user: User) -> UserView:
+def user_view(row: Mapping[str, Any], id_key: str = "id") -> UserView:
     return UserView(
-        id=user.id,
-        email=user.email,
-        email_verified=user.email_verified_at is not None,
+        id=row[id_key],
+        email=row["email"],
+        email_verified=row["email_verified_at"] is not None,
         otp_enabled=False,  # two-factor arrives with its own issue and tables
-        created_at=user.created_at,
+        created_at=row["created_at"],
     )
 
 
+# The statements of the request path, built once (SQLAlchemy caches their compiled form,
+# and Statements keeps the driver's).
+
+_USER_BY_EMAIL = select(
+    User.id,
+    User.email,
+    User.email_verified_at,
+    User.created_at,
+    User.password_hash,
+    User.is_active,
+).where(User.email_normalized == bindparam("email"))
+
+_ADD_USER = insert(User).values(
+    id=bindparam("user_id"),
+    email=bindparam("email"),
+    email_normalized=bindparam("email_normalized"),
+    password_hash=bindparam("password_hash"),
+    is_active=true(),
+    created_at=bindparam("now"),
+    updated_at=bindparam("now"),
+)
+
+_UPGRADE_HASH = (
+    update(User)
+    .where(User.id == bindparam("user_id"), User.password_hash == bindparam("old_hash"))
+    .values(password_hash=bindparam("new_hash"), updated_at=bindparam("now"))
+)
+
+_ADD_SESSION = insert(UserSession).values(
+    id=bindparam("session_id"),
+    user_id=bindparam("user_id"),
+    created_at=bindparam("now"),
+    last_used_at=bindparam("now"),
+    expires_at=bindparam("expires_at"),
+    user_agent=bindparam("user_agent"),
+    ip=bindparam("ip"),
+    amr=bindparam("amr"),
+)
+
 # The one query behind every authenticated request: the session is live and its user
-# active. Built once; SQLAlchemy caches its compiled form.
+# active.
 _CURRENT_USER = (
     select(User.id, User.email, User.email_verified_at, User.created_at)
     .join(UserSession, UserSession.user_id == User.id)
@@ -89,9 +129,9 @@ _CURRENT_USER = (
     )
 )
 
-
+# Serialises everything done to one session (rotation, logout) across processes.
 _LOCK_SESSION_BY_TOKEN = (
-    select(UserSession.id)
+    select(UserSession.id, UserSession.user_id, UserSession.revoked_at, UserSession.expires_at)
     .join(RefreshToken, RefreshToken.session_id == UserSession.id)
     .where(RefreshToken.token_hash == bindparam("digest"))
     .with_for_update(of=UserSession)
@@ -124,25 +164,39 @@ _NEWEST_GENERATION = (
     .order_by(RefreshToken.generation.desc())
     .limit(1)
 )
+
 _MARK_ROTATED = (
     update(RefreshToken)
     .where(RefreshToken.id == bindparam("token_id"))
     .values(rotated_at=bindparam("now"))
 )
+
 _ADD_GENERATION = insert(RefreshToken).values(
     session_id=bindparam("session_id"),
     generation=bindparam("generation"),
     token_hash=bindparam("token_hash"),
     created_at=bindparam("now"),
 )
+
 _TOUCH_SESSION = (
     update(UserSession)
     .where(UserSession.id == bindparam("session_id"))
     .values(last_used_at=bindparam("now"))
 )
+
 _REVOKE_SESSION = (
     update(UserSession)
     .where(UserSession.id == bindparam("session_id"))
+    .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
+)
+
+_REVOKE_USER_SESSIONS = (
+    update(UserSession)
+    .where(
+        UserSession.user_id == bindparam("user_id"),
+        UserSession.revoked_at.is_(None),
+        UserSession.expires_at > bindparam("now"),
+    )
     .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
 )
 
@@ -152,7 +206,6 @@ class AuthService:
         self,
         *,
         engine: AsyncEngine,
-        sessionmaker: async_sessionmaker[AsyncSession],
         hasher: PasswordHasher,
         access_tokens: AccessTokenCodec,
         refresh_key: bytes,
@@ -163,7 +216,6 @@ class AuthService:
     ) -> None:
         self.engine = engine
         self.statements = Statements(engine)
-        self.sessionmaker = sessionmaker
         self.hasher = hasher
         self.access_tokens = access_tokens
         self._refresh_key = refresh_key
@@ -180,28 +232,33 @@ class AuthService:
         address = parse_email(email)
         password = normalize_password(password)
         check_new_password(password, min_length=self.password_min_length)
-        async with self.sessionmaker() as session:
-            if await _user_id_by_email(session, address.normalized) is not None:
+        async with self.statements.connection() as conn:
+            if await conn.first(_USER_BY_EMAIL, {"email": address.normalized}) is not None:
                 raise _email_taken()
         password_hash = await self.hasher.hash(password)
         now = self.clock.now()
-        user = User(
-            id=uuid.uuid4(),
-            email=address.address,
-            email_normalized=address.normalized,
-            password_hash=password_hash,
-            is_active=True,
-            created_at=now,
-            updated_at=now,
-        )
+        user = {
+            "id": uuid.uuid4(),
+            "email": address.address,
+            "email_verified_at": None,
+            "created_at": now,
+        }
         try:
-            async with self.sessionmaker.begin() as session:
-                session.add(user)
+            async with self.statements.transaction() as tx:
                 # The unique index decides between concurrent signups; the check above
                 # only spares a hash in the common case.
-                await session.flush()
-                return await self._open_session(session, user, amr=["pwd"], client=client)
-        except IntegrityError:
+                await tx.execute(
+                    _ADD_USER,
+                    {
+                        "user_id": user["id"],
+                        "email": address.address,
+                        "email_normalized": address.normalized,
+                        "password_hash": password_hash,
+                        "now": now,
+                    },
+                )
+                return await self._open_session(tx, user_view(user), amr=["pwd"], client=client)
+        except UniqueViolation:
             raise _email_taken() from None
 
     async def login(self, *, email: str, password: str, client: ClientInfo) -> IssuedSession:
@@ -215,54 +272,60 @@ class AuthService:
             normalized = None  # cannot be registered; answered like an unknown address
         if len(password) > PASSWORD_MAX_LENGTH or not password:
             raise _invalid_credentials()  # never hash what no account can have
-        user: User | None = None
+        user: Mapping[str, Any] | None = None
         if normalized is not None:
-            async with self.sessionmaker() as session:
-                user = await session.scalar(select(User).where(User.email_normalized == normalized))
+            async with self.statements.connection() as conn:
+                user = await conn.first(_USER_BY_EMAIL, {"email": normalized})
         if user is None:
             await self.hasher.verify_dummy(password)
             raise _invalid_credentials()
-        ok, new_hash = await self.hasher.verify(password, user.password_hash)
+        ok, new_hash = await self.hasher.verify(password, user["password_hash"])
         if not ok:
             raise _invalid_credentials()
-        if not user.is_active:
+        if not user["is_active"]:
             raise AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
-        async with self.sessionmaker.begin() as session:
+        async with self.statements.transaction() as tx:
             if new_hash is not None:
                 # Upgrade a legacy or weaker hash, unless the password changed meanwhile.
-                await session.execute(
-                    update(User)
-                    .where(User.id == user.id, User.password_hash == user.password_hash)
-                    .values(password_hash=new_hash, updated_at=self.clock.now())
+                await tx.execute(
+                    _UPGRADE_HASH,
+                    {
+                        "user_id": user["id"],
+                        "old_hash": user["password_hash"],
+                        "new_hash": new_hash,
+                        "now": self.clock.now(),
+                    },
                 )
-            return await self._open_session(session, user, amr=["pwd"], client=client)
+            return await self._open_session(tx, user_view(user), amr=["pwd"], client=client)
 
     async def _open_session(
-        self, session: AsyncSession, user: User, *, amr: list[str], client: ClientInfo
+        self, tx: Runner, user: UserView, *, amr: list[str], client: ClientInfo
     ) -> IssuedSession:
         now = self.clock.now()
-        user_session = UserSession(
-            id=uuid.uuid4(),
-            user_id=user.id,
-            created_at=now,
-            last_used_at=now,
-            expires_at=now + self.refresh_lifetime,
-            user_agent=clean_user_agent(client.user_agent),
-            ip=client.ip[:IP_MAX] if client.ip else None,
-            amr=amr,
-        )
+        session_id = uuid.uuid4()
         refresh = new_opaque_token()
-        session.add(user_session)
-        session.add(
-            RefreshToken(
-                session_id=user_session.id,
-                generation=0,
-                token_hash=token_digest(refresh),
-                created_at=now,
-            )
+        await tx.execute(
+            _ADD_SESSION,
+            {
+                "session_id": session_id,
+                "user_id": user.id,
+                "now": now,
+                "expires_at": now + self.refresh_lifetime,
+                "user_agent": clean_user_agent(client.user_agent),
+                "ip": client.ip[:IP_MAX] if client.ip else None,
+                "amr": " ".join(amr),
+            },
         )
-        await session.flush()
-        return self._issue(user_view(user), user_session.id, amr, refresh)
+        await tx.execute(
+            _ADD_GENERATION,
+            {
+                "session_id": session_id,
+                "generation": 0,
+                "token_hash": token_digest(refresh),
+                "now": now,
+            },
+        )
+        return self._issue(user, session_id, amr, refresh)
 
     def _issue(
         self, user: UserView, session_id: uuid.UUID, amr: list[str], refresh: str
@@ -323,14 +386,8 @@ class AuthService:
                 ErrorCode.TOKEN_REUSED,
                 "This refresh token was already used; the session has been ended.",
             )
-        user = UserView(
-            id=state["user_id"],
-            email=state["email"],
-            email_verified=state["email_verified_at"] is not None,
-            otp_enabled=False,
-            created_at=state["created_at"],
-        )
-        return self._issue(user, session_id, list(state["amr"]), successor)
+        user = user_view(state, id_key="user_id")
+        return self._issue(user, session_id, state["amr"].split(), successor)
 
     async def _is_retry(
         self, tx: Runner, state: Mapping[str, Any], successor: str, now: datetime
@@ -353,34 +410,20 @@ class AuthService:
         session of its user. Returns how many sessions ended."""
         if not refresh_token or not looks_like_opaque_token(refresh_token):
             return 0
-        digest = token_digest(refresh_token)
         now = self.clock.now()
-        async with self.sessionmaker.begin() as session:
-            session_id = await session.scalar(
-                select(RefreshToken.session_id).where(RefreshToken.token_hash == digest)
-            )
-            if session_id is None:
-                return 0
-            user_session = await session.scalar(
-                select(UserSession).where(UserSession.id == session_id).with_for_update()
-            )
-            if user_session is None or not _is_live(user_session, now):
+        async with self.statements.transaction() as tx:
+            locked = await tx.first(_LOCK_SESSION_BY_TOKEN, {"digest": token_digest(refresh_token)})
+            if locked is None or locked["revoked_at"] is not None or locked["expires_at"] <= now:
                 return 0
             if not everywhere:
-                user_session.revoked_at = now
-                user_session.revoke_reason = "logout"
-                return 1
-            ended = await session.execute(
-                update(UserSession)
-                .where(
-                    UserSession.user_id == user_session.user_id,
-                    UserSession.revoked_at.is_(None),
-                    UserSession.expires_at > now,
+                await tx.execute(
+                    _REVOKE_SESSION, {"session_id": locked["id"], "now": now, "reason": "logout"}
                 )
-                .values(revoked_at=now, revoke_reason="logout_everywhere")
-                .execution_options(synchronize_session=False)
+                return 1
+            return await tx.execute(
+                _REVOKE_USER_SESSIONS,
+                {"user_id": locked["user_id"], "now": now, "reason": "logout_everywhere"},
             )
-            return int(ended.rowcount)  # type: ignore[attr-defined]
 
     # -- the per-request check ------------------------------------------------------------
 
@@ -395,23 +438,7 @@ class AuthService:
                 _CURRENT_USER,
                 {"sid": claims.session_id, "uid": claims.user_id, "now": self.clock.now()},
             )
-        if row is None:
-            return None
-        return UserView(
-            id=row["id"],
-            email=row["email"],
-            email_verified=row["email_verified_at"] is not None,
-            otp_enabled=False,
-            created_at=row["created_at"],
-        )
-
-
-def _is_live(user_session: UserSession, now: datetime) -> bool:
-    return user_session.revoked_at is None and user_session.expires_at > now
-
-
-async def _user_id_by_email(session: AsyncSession, normalized: str) -> uuid.UUID | None:
-    return await session.scalar(select(User.id).where(User.email_normalized == normalized))
+        return None if row is None else user_view(row)
 
 
 def _email_taken() -> AuthFailure:

@@ -14,7 +14,7 @@ from db.errors import AuthFailure, ErrorCode
 from db.security.access import AccessTokenCodec
 from db.security.passwords import PasswordHasher
 from db.services.auth import AuthService, ClientInfo
-from db.session import create_engine, create_sessionmaker
+from db.session import create_engine
 from db.settings import Settings
 from tests.conftest import PASSWORD, TEST_SECRET, MutableClock
 
@@ -80,7 +80,6 @@ async def test_nothing_over_the_maximum_is_ever_hashed(database_url: str) -> Non
     clock = SystemClock()
     auth = AuthService(
         engine=engine,
-        sessionmaker=create_sessionmaker(engine),
         hasher=hasher,
         access_tokens=AccessTokenCodec(
             key=TEST_SECRET,

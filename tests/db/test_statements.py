@@ -66,7 +66,7 @@ async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> No
                     "created_at": now,
                     "last_used_at": now,
                     "expires_at": now + timedelta(days=1),
-                    "amr": ["pwd"],
+                    "amr": "pwd",
                 },
             ),
         ):
@@ -90,7 +90,7 @@ async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> No
     assert row is not None and missing is None
     assert row["id"] == user_id
     assert row["created_at"] == now and row["created_at"].utcoffset() == timedelta(0)
-    assert row["amr"] == ["pwd"]
+    assert row["amr"] == "pwd"
     assert bytes(row["token_hash"]) == b"\x01" * 32
 
 

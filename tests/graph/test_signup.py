@@ -51,7 +51,7 @@ async def test_signup_records_the_session(client: httpx.AsyncClient, database_ur
     assert str(row.user_id) == result["user"]["id"]
     assert row.ip == "203.0.113.7"
     assert row.user_agent == "pytest"
-    assert row.amr == ["pwd"]
+    assert row.amr == "pwd"
     assert row.created_at.tzinfo is not None
     assert row.expires_at - row.created_at == __import__("datetime").timedelta(days=30)
 
