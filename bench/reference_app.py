@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -242,8 +241,7 @@ async def refresh(request: Request) -> JSONResponse:
             )
             return _auth_error("TOKEN_REUSED")
         await conn.execute("UPDATE sessions SET last_used_at = $1 WHERE id = $2", now, session_id)
-        amr = json.loads(session["amr"]) if isinstance(session["amr"], str) else session["amr"]
-        access = issue_access_token(user["id"], session_id, [str(value) for value in amr])
+        access = issue_access_token(user["id"], session_id, str(session["amr"]).split())
     return JSONResponse(
         {
             "data": {

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import re
 import uuid
@@ -16,6 +15,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import orjson
 from cross_web import HTTPException
 from sqlalchemy import text
 from starlette.applications import Starlette
@@ -66,12 +66,18 @@ class GraphQLView(GraphQL[Context, None]):
         )
 
     def decode_json(self, data: str | bytes) -> object:
-        decoded = json.loads(data)
+        try:
+            decoded = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:  # a ValueError, as Strawberry expects
+            raise HTTPException(400, "Unable to parse request body as JSON") from exc
         # Strawberry answers a JSON scalar body with a 500; batching is off, so only an
         # object is a request.
         if not isinstance(decoded, dict):
             raise HTTPException(400, "The request body must be a JSON object.")
         return decoded
+
+    def encode_json(self, data: object) -> bytes:
+        return orjson.dumps(data)
 
     async def process_result(
         self, request: Request, result: ExecutionResult

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any
 
 from jose import jwt
@@ -39,6 +41,7 @@ class AccessTokenCodec:
         audience: str,
         lifetime: timedelta,
         clock: Clock,
+        cache_size: int = 4096,
     ) -> None:
         self._key = key
         self._algorithm = algorithm
@@ -46,6 +49,7 @@ class AccessTokenCodec:
         self._audience = audience
         self.lifetime = lifetime
         self._clock = clock
+        self._verified: Callable[[str], _Verified] = lru_cache(maxsize=cache_size)(self._verify)
         self._options = {
             "verify_signature": True,
             "verify_aud": True,
@@ -83,8 +87,21 @@ class AccessTokenCodec:
         )
 
     def decode(self, token: str) -> AccessClaims:
+        """The claims of a valid access token, else InvalidAccessToken."""
         if not token or len(token) > MAX_ACCESS_TOKEN_LENGTH:
             raise InvalidAccessToken
+        verified = self._verified(token)
+        now = self._clock.now().timestamp()
+        # On the injected clock, on every use (python-jose checked the wall clock once).
+        if verified.exp <= now or verified.iat > now + IAT_LEEWAY_SECONDS:
+            raise InvalidAccessToken
+        return verified.claims
+
+    def _verify(self, token: str) -> _Verified:
+        """Signature, algorithm, type and claims: what never changes for one token. A
+        client sends the same access token with every request of its lifetime, so the
+        result is kept in a bounded LRU (failures are not kept); what depends on time is
+        checked in decode() on every request."""
         try:
             # The algorithm list is pinned: a token cannot choose `none` or another key type.
             claims: dict[str, Any] = jwt.decode(
@@ -101,19 +118,25 @@ class AccessTokenCodec:
             raise InvalidAccessToken from exc
         if header.get("typ") != ACCESS_TOKEN_TYPE:
             raise InvalidAccessToken
-        now = self._clock.now().timestamp()
-        exp, iat = claims.get("exp"), claims.get("iat")
-        # Checked again on the injected clock (python-jose uses the wall clock).
-        if not isinstance(exp, int) or exp <= now:
+        exp, iat, amr = claims.get("exp"), claims.get("iat"), claims.get("amr", [])
+        if not isinstance(exp, int) or not isinstance(iat, int):
             raise InvalidAccessToken
-        if not isinstance(iat, int) or iat > now + IAT_LEEWAY_SECONDS:
-            raise InvalidAccessToken
-        amr = claims.get("amr", [])
         try:
-            return AccessClaims(
-                user_id=uuid.UUID(str(claims["sub"])),
-                session_id=uuid.UUID(str(claims["sid"])),
-                amr=tuple(str(value) for value in amr) if isinstance(amr, list) else (),
+            return _Verified(
+                claims=AccessClaims(
+                    user_id=uuid.UUID(str(claims["sub"])),
+                    session_id=uuid.UUID(str(claims["sid"])),
+                    amr=tuple(str(value) for value in amr) if isinstance(amr, list) else (),
+                ),
+                exp=exp,
+                iat=iat,
             )
         except (KeyError, ValueError) as exc:
             raise InvalidAccessToken from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    claims: AccessClaims
+    exp: int
+    iat: int
