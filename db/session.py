@@ -82,23 +82,50 @@ class Statements:
     allows: every authenticated request runs one, every refresh a handful.
 
     On PostgreSQL each statement is compiled once (SQLAlchemy's own SQL) and run as a
-    prepared statement straight on the pooled asyncpg connection, with the parameters
-    bound by asyncpg: SQLAlchemy's per-execution parameter and result processing cost
-    more than the queries themselves (see bench/README.md). The values involved are
-    driver-native (aware datetimes, UUIDs, bytes; JSON through the codec SQLAlchemy
-    installs on the connection), so nothing is lost by skipping the type processors.
-    A read outside a transaction runs without BEGIN and ROLLBACK round trips.
-    SQLite runs the same statements through SQLAlchemy (its BEGIN IMMEDIATE is what
-    orders them behind writers).
+    prepared statement on a connection of an asyncpg pool of its own, with the
+    parameters bound by asyncpg: SQLAlchemy's per-execution parameter and result
+    processing, and its pool's checkout, cost more than the queries themselves (see
+    bench/README.md). The values involved are driver-native (aware datetimes, UUIDs,
+    bytes, text), so nothing is lost by skipping the type processors. A read outside a
+    transaction runs without BEGIN and ROLLBACK round trips. SQLite runs the same
+    statements through SQLAlchemy (its BEGIN IMMEDIATE is what orders them behind
+    writers).
 
     Statements must be module-level constants with bindparam() placeholders: compiled
-    forms are kept per statement object.
+    forms are kept per statement object. `start()` and `close()` bracket its use.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, pool_size: int = 10, timeout: float = 5.0) -> None:
         self.engine = engine
         self._native = engine.dialect.name == "postgresql"
         self._compiled: dict[Executable, tuple[str, list[str], dict[str, Any]]] = {}
+        self._pool_size = pool_size
+        self._timeout = timeout
+        self._pool: asyncpg.Pool | None = None
+
+    async def start(self) -> None:
+        """Opens the PostgreSQL pool (lazily connecting: the server may be down now)."""
+        if self._native and self._pool is None:
+            url = self.engine.url.set(drivername="postgresql")
+            self._pool = await asyncpg.create_pool(
+                url.render_as_string(hide_password=False),
+                min_size=0,
+                max_size=self._pool_size,
+                timeout=self._timeout,  # to connect
+                command_timeout=self._timeout,
+                reset=_rollback_if_needed,
+                server_settings={"application_name": "strawgate"},
+            )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("Statements.start() was not awaited")
+        return self._pool
 
     def bind(self, statement: Executable, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
         """The statement's SQL and its positional arguments: `params`, and the values the
@@ -119,27 +146,31 @@ class Statements:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Runner]:
         """For single reads: no transaction on PostgreSQL."""
-        async with self.engine.connect() as conn:
-            if self._native:
-                yield _NativeRunner(self, await _driver(conn))
-            else:
+        if self._native:
+            async with self._require_pool().acquire(timeout=self._timeout) as driver:
+                yield _NativeRunner(self, driver)
+        else:
+            async with self.engine.connect() as conn:
                 yield _SqlalchemyRunner(conn)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Runner]:
         """Committed when the block ends, rolled back when it raises."""
-        async with self.engine.connect() as conn:
-            if self._native:
-                driver = await _driver(conn)
+        if self._native:
+            async with self._require_pool().acquire(timeout=self._timeout) as driver:
                 async with driver.transaction():
                     yield _NativeRunner(self, driver)
-            else:
-                async with conn.begin():
-                    yield _SqlalchemyRunner(conn)
+        else:
+            async with self.engine.begin() as conn:
+                yield _SqlalchemyRunner(conn)
 
 
-async def _driver(conn: AsyncConnection) -> Any:
-    return (await conn.get_raw_connection()).driver_connection
+async def _rollback_if_needed(connection: asyncpg.Connection) -> None:
+    """What a connection needs before it goes back to the pool. asyncpg's default reset
+    costs a round trip on every release (it clears session state that this code never
+    sets); a transaction left open by a cancelled request is all there can be."""
+    if connection.is_in_transaction():
+        await connection.execute("ROLLBACK")
 
 
 class _NativeRunner:

@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     password_hash_workers: int = Field(default_factory=usable_cpus, ge=1)
 
     # Database.
-    # Sized to the load: under more concurrent requests than pooled connections, the
-    # overflow connections are opened and closed again for every request.
+    # The request path's pool (asyncpg) and SQLAlchemy's (everything else), each sized to
+    # the load: SQLAlchemy opens and closes its overflow connections for every request.
     db_pool_size: int = Field(40, ge=1)
     db_max_overflow: int = Field(10, ge=0)
     db_timeout: float = Field(5.0, gt=0)

@@ -17,7 +17,8 @@ import anyio
 import anyio.to_thread
 import orjson
 from cross_web import HTTPException
-from sqlalchemy import text
+from sqlalchemy import literal_column, select
+from sqlalchemy.sql import Executable
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -34,7 +35,7 @@ from db.security.access import AccessTokenCodec
 from db.security.passwords import PasswordHasher
 from db.security.tokens import derive_key
 from db.services.auth import AuthService
-from db.session import create_engine
+from db.session import Statements, create_engine
 from db.settings import ConfigError, Settings
 from graph.context import AppServices, Context
 from graph.errors import is_database_unavailable, present_errors
@@ -42,6 +43,7 @@ from graph.schema import build_schema
 
 log = logging.getLogger("strawgate")
 
+_PING: Executable = select(literal_column("1"))
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -187,11 +189,15 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 # Alembic's async env runs its own loop: keep it off the server's loop.
                 await anyio.to_thread.run_sync(upgrade_head, settings.database_url)
             engine = create_engine(settings)
+            statements = Statements(
+                engine, pool_size=settings.db_pool_size, timeout=settings.db_timeout
+            )
+            await statements.start()
             hasher = await anyio.to_thread.run_sync(_make_hasher, settings)
             app.state.services = AppServices(
                 settings=settings,
                 auth=AuthService(
-                    engine=engine,
+                    statements=statements,
                     hasher=hasher,
                     access_tokens=AccessTokenCodec(
                         key=settings.secret(),
@@ -213,6 +219,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 yield
             finally:
                 hasher.close()
+                await statements.close()
                 await engine.dispose()
 
     async def healthz(request: Request) -> Response:
@@ -222,8 +229,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         services: AppServices = request.app.state.services
         try:
             with anyio.fail_after(settings.db_timeout):
-                async with services.auth.engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
+                # The pool that requests use, so that ready means requests can be served.
+                async with services.auth.statements.connection() as conn:
+                    await conn.first(_PING, {})
         except Exception as exc:
             if not is_database_unavailable(exc):
                 log.exception("readiness check failed")

@@ -17,7 +17,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, true, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode, UniqueViolation
@@ -205,7 +204,7 @@ class AuthService:
     def __init__(
         self,
         *,
-        engine: AsyncEngine,
+        statements: Statements,
         hasher: PasswordHasher,
         access_tokens: AccessTokenCodec,
         refresh_key: bytes,
@@ -214,8 +213,7 @@ class AuthService:
         reuse_interval: timedelta,
         password_min_length: int,
     ) -> None:
-        self.engine = engine
-        self.statements = Statements(engine)
+        self.statements = statements
         self.hasher = hasher
         self.access_tokens = access_tokens
         self._refresh_key = refresh_key

@@ -14,7 +14,7 @@ from db.errors import AuthFailure, ErrorCode
 from db.security.access import AccessTokenCodec
 from db.security.passwords import PasswordHasher
 from db.services.auth import AuthService, ClientInfo
-from db.session import create_engine
+from db.session import Statements, create_engine
 from db.settings import Settings
 from tests.conftest import PASSWORD, TEST_SECRET, MutableClock
 
@@ -76,10 +76,11 @@ class CountingHasher(PasswordHasher):
 async def test_nothing_over_the_maximum_is_ever_hashed(database_url: str) -> None:
     settings = Settings(_env_file=None, database_url=database_url, secret_key=TEST_SECRET)
     engine = create_engine(settings)
+    statements = Statements(engine)
     hasher = CountingHasher()
     clock = SystemClock()
     auth = AuthService(
-        engine=engine,
+        statements=statements,
         hasher=hasher,
         access_tokens=AccessTokenCodec(
             key=TEST_SECRET,
@@ -95,6 +96,7 @@ async def test_nothing_over_the_maximum_is_ever_hashed(database_url: str) -> Non
         reuse_interval=timedelta(seconds=10),
         password_min_length=8,
     )
+    await statements.start()
     try:
         await auth.signup(email="long@example.com", password=PASSWORD, client=ClientInfo())
         assert hasher.calls == 1
@@ -107,6 +109,7 @@ async def test_nothing_over_the_maximum_is_ever_hashed(database_url: str) -> Non
         assert login_error.value.code is ErrorCode.INVALID_CREDENTIALS
         assert hasher.calls == 1
     finally:
+        await statements.close()
         await engine.dispose()
 
 

@@ -42,6 +42,7 @@ def settings_for(
 async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> None:
     engine = create_engine(settings_for)
     statements = Statements(engine)
+    await statements.start()
     now = datetime.now(UTC).replace(microsecond=0)
     user_id, session_id = uuid.uuid4(), uuid.uuid4()
     try:
@@ -86,6 +87,7 @@ async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> No
             row = await conn.first(_SESSION_ROW, {"sid": session_id, "now": now})
             missing = await conn.first(_SESSION_ROW, {"sid": uuid.uuid4(), "now": now})
     finally:
+        await statements.close()
         await engine.dispose()
     assert row is not None and missing is None
     assert row["id"] == user_id
@@ -96,11 +98,14 @@ async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> No
 
 async def test_a_missing_parameter_is_an_error(settings_for: Settings) -> None:
     engine = create_engine(settings_for)
+    statements = Statements(engine)
+    await statements.start()
     try:
-        async with Statements(engine).connection() as conn:
+        async with statements.connection() as conn:
             with pytest.raises((KeyError, StatementError)):
                 await conn.first(_SESSION_ROW, {"now": datetime.now(UTC)})
     finally:
+        await statements.close()
         await engine.dispose()
 
 
