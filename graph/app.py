@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import logging
 import re
 import uuid
@@ -214,6 +215,11 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                     password_min_length=settings.password_min_length,
                 ),
             )
+            # Everything made so far lives as long as the process: keep it out of the
+            # cyclic collector's full passes, which otherwise walk every module, schema
+            # and mapper on the request path (hundreds of thousands of objects).
+            gc.collect()
+            gc.freeze()
             log.info("Strawgate is up (%s, %s)", settings.environment, engine.dialect.name)
             try:
                 yield
