@@ -21,6 +21,8 @@ from sqlalchemy.sql import Executable
 from db.errors import UniqueViolation
 from db.settings import Settings
 
+SQLALCHEMY_POOL_SIZE = 5
+
 
 def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     url = make_url(settings.database_url)
@@ -36,8 +38,10 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     options: dict[str, Any] = {
         # Statement parameters hold digests and hashes: keep them out of error messages.
         "hide_parameters": True,
-        "pool_size": settings.db_pool_size,
-        "max_overflow": settings.db_max_overflow,
+        # The request path runs on Statements' own pool; SQLAlchemy's serves the rest
+        # (readiness aside, nothing on the hot path), so it stays small.
+        "pool_size": SQLALCHEMY_POOL_SIZE,
+        "max_overflow": SQLALCHEMY_POOL_SIZE,
         "pool_timeout": settings.db_timeout,
         "connect_args": {
             "timeout": settings.db_timeout,

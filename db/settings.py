@@ -58,10 +58,9 @@ class Settings(BaseSettings):
     password_hash_workers: int = Field(default_factory=usable_cpus, ge=1)
 
     # Database.
-    # The request path's pool (asyncpg) and SQLAlchemy's (everything else), each sized to
-    # the load: SQLAlchemy opens and closes its overflow connections for every request.
+    # Connections of the request path's pool (per process): at least the concurrent
+    # requests a process serves, or requests queue for a connection.
     db_pool_size: int = Field(40, ge=1)
-    db_max_overflow: int = Field(10, ge=0)
     db_timeout: float = Field(5.0, gt=0)
     auto_migrate: bool | None = None  # None: on for the embedded SQLite default only
 
