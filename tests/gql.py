@@ -22,6 +22,23 @@ LOGOUT = "mutation($i: LogoutInput!) { logout(input: $i) { revoked } }"
 ME = "{ me { id email emailVerified otpEnabled createdAt } }"
 
 
+async def post(
+    client: httpx.AsyncClient,
+    query: str,
+    variables: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """POST /graphql as a client does, with a bearer token where one is given."""
+    sent = dict(headers or {})
+    if token is not None:
+        sent["authorization"] = f"Bearer {token}"
+    return await client.post(
+        "/graphql", json={"query": query, "variables": variables or {}}, headers=sent
+    )
+
+
 async def gql(
     client: httpx.AsyncClient,
     query: str,
@@ -30,12 +47,8 @@ async def gql(
     token: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    sent = dict(headers or {})
-    if token is not None:
-        sent["authorization"] = f"Bearer {token}"
-    response = await client.post(
-        "/graphql", json={"query": query, "variables": variables or {}}, headers=sent
-    )
+    """The body of an answer that must be a 200."""
+    response = await post(client, query, variables, token=token, headers=headers)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body

@@ -171,7 +171,7 @@ def provision() -> tuple[str, PrivateCluster | None]:
     return cluster.admin_url, cluster
 
 
-async def _admin(admin_url: str, sql: str) -> None:
+async def admin_execute(admin_url: str, sql: str) -> None:
     conn = await asyncpg.connect(admin_url)
     try:
         await conn.execute(sql)
@@ -183,11 +183,11 @@ async def _admin(admin_url: str, sql: str) -> None:
 def scratch_database(admin_url: str, prefix: str) -> Iterator[str]:
     """A new, empty database on the server of `admin_url` (its SQLAlchemy URL), dropped after."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(admin_url, f'CREATE DATABASE "{name}"'))
+    asyncio.run(admin_execute(admin_url, f'CREATE DATABASE "{name}"'))
     try:
         yield sqlalchemy_url(admin_url, name)
     finally:
-        asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def sqlalchemy_url(dsn: str, database: str) -> str:

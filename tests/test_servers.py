@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from sqlalchemy import select
@@ -22,8 +21,8 @@ from db.migrate import upgrade_head
 from db.models import RefreshToken, UserSession
 from db.settings import SECRET_KEY_PLACEHOLDER
 from tests.conftest import PASSWORD, unique_email
-from tests.gql import LOGIN, ME, REFRESH, SIGNUP
-from tests.pg import PrivateCluster, find_pg_bin, free_port, sqlalchemy_url
+from tests.gql import LOGIN, ME, REFRESH, SIGNUP, post
+from tests.pg import PrivateCluster, admin_execute, find_pg_bin, free_port, sqlalchemy_url
 from tests.servers import (
     Server,
     run_to_exit,
@@ -52,22 +51,6 @@ def production_env(database_url: str, **overrides: str) -> dict[str, str]:
         SECRET_KEY=PRODUCTION_KEY,
         DATABASE_URL=database_url,
         **overrides,
-    )
-
-
-async def post(
-    http: httpx.AsyncClient,
-    query: str,
-    variables: dict[str, Any] | None = None,
-    *,
-    token: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> httpx.Response:
-    sent = dict(headers or {})
-    if token is not None:
-        sent["authorization"] = f"Bearer {token}"
-    return await http.post(
-        "/graphql", json={"query": query, "variables": variables or {}}, headers=sent
     )
 
 
@@ -365,14 +348,6 @@ async def test_proxy_headers_count_only_from_trusted_proxies(
 # -- PostgreSQL goes away and comes back ---------------------------------------------------
 
 
-async def _admin(dsn: str, sql: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
 def private_database() -> Iterator[tuple[PrivateCluster, str]]:
     """A throwaway cluster of this test's own (it is stopped and started), with a migrated
@@ -382,7 +357,7 @@ def private_database() -> Iterator[tuple[PrivateCluster, str]]:
     cluster = PrivateCluster.create()
     try:
         cluster.start()
-        asyncio.run(_admin(cluster.admin_url, 'CREATE DATABASE "strawgate_outage"'))
+        asyncio.run(admin_execute(cluster.admin_url, 'CREATE DATABASE "strawgate_outage"'))
         url = sqlalchemy_url(cluster.admin_url, "strawgate_outage")
         upgrade_head(url)
         yield cluster, url
