@@ -128,12 +128,22 @@ _CURRENT_USER = (
     )
 )
 
-# Serialises everything done to one session (rotation, logout) across processes.
-_LOCK_SESSION_BY_TOKEN = (
+_SESSION_BY_TOKEN = (
     select(UserSession.id, UserSession.user_id, UserSession.revoked_at, UserSession.expires_at)
     .join(RefreshToken, RefreshToken.session_id == UserSession.id)
     .where(RefreshToken.token_hash == bindparam("digest"))
-    .with_for_update(of=UserSession)
+)
+
+# Serialises everything done to one session (rotation, logout) across processes.
+_LOCK_SESSION_BY_TOKEN = _SESSION_BY_TOKEN.with_for_update(of=UserSession)
+
+# Every live session of a user, locked in one order (by id), so that two transactions
+# that each end all of them wait for each other instead of deadlocking.
+_LOCK_USER_SESSIONS = (
+    select(UserSession.id)
+    .where(UserSession.user_id == bindparam("user_id"), UserSession.revoked_at.is_(None))
+    .order_by(UserSession.id)
+    .with_for_update()
 )
 
 # What a rotation decides on: the presented generation, its session and the user.
@@ -354,7 +364,7 @@ class AuthService:
             if await tx.first(_LOCK_SESSION_BY_TOKEN, {"digest": digest}) is None:
                 raise _invalid_token()
             state = await tx.first(_ROTATION_STATE, {"digest": digest})
-            if state is None or state["revoked_at"] is not None or state["expires_at"] <= now:
+            if state is None or not _is_live(state, now):
                 raise _invalid_token()
             if not state["is_active"]:
                 raise AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
@@ -409,18 +419,27 @@ class AuthService:
         if not refresh_token or not looks_like_opaque_token(refresh_token):
             return 0
         now = self.clock.now()
+        digest = {"digest": token_digest(refresh_token)}
         async with self.statements.transaction() as tx:
-            locked = await tx.first(_LOCK_SESSION_BY_TOKEN, {"digest": token_digest(refresh_token)})
-            if locked is None or locked["revoked_at"] is not None or locked["expires_at"] <= now:
-                return 0
             if not everywhere:
+                found = await tx.first(_LOCK_SESSION_BY_TOKEN, digest)
+                if found is None or not _is_live(found, now):
+                    return 0
                 await tx.execute(
-                    _REVOKE_SESSION, {"session_id": locked["id"], "now": now, "reason": "logout"}
+                    _REVOKE_SESSION, {"session_id": found["id"], "now": now, "reason": "logout"}
                 )
                 return 1
+            found = await tx.first(_SESSION_BY_TOKEN, digest)
+            if found is None or not _is_live(found, now):
+                return 0
+            await tx.execute(_LOCK_USER_SESSIONS, {"user_id": found["user_id"]})
+            # Read again under the locks: a concurrent logout may have ended it meanwhile.
+            found = await tx.first(_SESSION_BY_TOKEN, digest)
+            if found is None or not _is_live(found, now):
+                return 0
             return await tx.execute(
                 _REVOKE_USER_SESSIONS,
-                {"user_id": locked["user_id"], "now": now, "reason": "logout_everywhere"},
+                {"user_id": found["user_id"], "now": now, "reason": "logout_everywhere"},
             )
 
     # -- the per-request check ------------------------------------------------------------
@@ -437,6 +456,10 @@ class AuthService:
                 {"sid": claims.session_id, "uid": claims.user_id, "now": self.clock.now()},
             )
         return None if row is None else user_view(row)
+
+
+def _is_live(session: Mapping[str, Any], now: datetime) -> bool:
+    return session["revoked_at"] is None and session["expires_at"] > now
 
 
 def _email_taken() -> AuthFailure:

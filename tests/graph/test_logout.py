@@ -71,3 +71,35 @@ async def test_logout_ignores_the_authorization_header(client: httpx.AsyncClient
         client, LOGOUT, {"i": {"refreshToken": session["refreshToken"]}}, token="expired"
     )
     assert body == {"data": {"logout": {"revoked": 1}}}
+
+
+async def test_concurrent_logouts_everywhere_do_not_fail(client: httpx.AsyncClient) -> None:
+    """Two devices pressing "sign out everywhere" at once: no deadlock, no error; the
+    sessions end once, and the counts add up to them."""
+    import asyncio
+
+    email = unique_email()
+    sessions = [await signup(client, email, PASSWORD)]
+    sessions += [await login(client, email, PASSWORD) for _ in range(5)]
+    for _ in range(3):
+        counts = await asyncio.gather(
+            *(logout(client, s["refreshToken"], everywhere=True) for s in sessions)
+        )
+        assert sum(counts) == len(sessions)
+        sessions = [await login(client, email, PASSWORD) for _ in range(6)]
+
+
+async def test_logout_and_refresh_race_without_errors(client: httpx.AsyncClient) -> None:
+    import asyncio
+
+    email = unique_email()
+    sessions = [await signup(client, email, PASSWORD)]
+    sessions += [await login(client, email, PASSWORD) for _ in range(3)]
+    results = await asyncio.gather(
+        *(refresh(client, s["refreshToken"]) for s in sessions),
+        *(logout(client, s["refreshToken"], everywhere=True) for s in sessions[:2]),
+    )
+    refreshed, ended = results[: len(sessions)], results[len(sessions) :]
+    assert sum(ended) == len(sessions)  # every session ended exactly once
+    for answer in refreshed:
+        assert answer["__typename"] == "AuthSession" or answer["code"] == "INVALID_TOKEN"
