@@ -22,6 +22,12 @@ from db.errors import UniqueViolation
 from db.settings import Settings
 
 SQLALCHEMY_POOL_SIZE = 5
+# URL options SQLAlchemy's asyncpg dialect takes for itself rather than passing on.
+_SQLALCHEMY_ONLY_OPTIONS = (
+    "prepared_statement_cache_size",
+    "prepared_statement_name_func",
+    "async_creator_fn",
+)
 
 
 def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
@@ -110,9 +116,13 @@ class Statements:
     async def start(self) -> None:
         """Opens the PostgreSQL pool (lazily connecting: the server may be down now)."""
         if self._native and self._pool is None:
-            url = self.engine.url.set(drivername="postgresql")
+            # DATABASE_URL read the way SQLAlchemy reads it (?ssl=require and the like).
+            args, options = self.engine.dialect.create_connect_args(self.engine.url)
+            for sqlalchemy_only in _SQLALCHEMY_ONLY_OPTIONS:
+                options.pop(sqlalchemy_only, None)
             self._pool = await asyncpg.create_pool(
-                url.render_as_string(hide_password=False),
+                *args,
+                **options,
                 min_size=0,
                 max_size=self._pool_size,
                 timeout=self._timeout,  # to connect

@@ -37,13 +37,26 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+# PostgreSQL's error codes that mean "cannot serve this now, try again": connection
+# exceptions (class 08), insufficient resources (class 53: too many connections, out of
+# memory or disk), shutdowns and start-ups (57P01-57P03), a read-only standby after a
+# failover (25006), and the transaction conflicts a retry resolves (40001, 40P01).
+_RETRYABLE_SQLSTATE_CLASSES = ("08", "53")
+_RETRYABLE_SQLSTATES = {"57P01", "57P02", "57P03", "25006", "40001", "40P01"}
+
+
 def is_database_unavailable(exc: BaseException | None) -> bool:
-    """True for failures that mean the database cannot be reached right now."""
+    """True for failures that mean the database cannot serve the request right now."""
     seen = 0
     while exc is not None and seen < 8:
         if isinstance(exc, _UNAVAILABLE):
             return True
         if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc, "sqlstate", None)
+        if isinstance(sqlstate, str) and (
+            sqlstate[:2] in _RETRYABLE_SQLSTATE_CLASSES or sqlstate in _RETRYABLE_SQLSTATES
+        ):
             return True
         exc = exc.__cause__ or exc.__context__
         seen += 1

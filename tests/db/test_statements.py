@@ -8,14 +8,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import bindparam, select
-from sqlalchemy.exc import StatementError
+from sqlalchemy import Integer, Select, bindparam, literal_column, select
+from sqlalchemy.exc import IntegrityError, StatementError
 
 from db.migrate import upgrade_head
 from db.models import RefreshToken, User, UserSession
 from db.session import Statements, create_engine
 from db.settings import Settings
 
+_ONE: Select[int] = select(literal_column("1", Integer).label("one"))
 _SESSION_ROW = (
     select(User.id, User.created_at, UserSession.amr, RefreshToken.token_hash)
     .join(UserSession, UserSession.user_id == User.id)
@@ -109,5 +110,44 @@ async def test_a_missing_parameter_is_an_error(settings_for: Settings) -> None:
         await engine.dispose()
 
 
-def test_statement_parameters_stay_out_of_error_messages(settings_for: Settings) -> None:
-    assert create_engine(settings_for).sync_engine.hide_parameters
+async def test_statement_parameters_stay_out_of_error_messages(settings_for: Settings) -> None:
+    engine = create_engine(settings_for)
+    secret = "$argon2id$v=19$m=19456,t=2,p=1$c2VjcmV0LWhhc2g"
+    row = {
+        "id": uuid.uuid4(),
+        "email": "b@example.com",
+        "email_normalized": "b@example.com",
+        "password_hash": secret,
+        "is_active": True,
+        "created_at": datetime.now(UTC),
+        "updated_at": datetime.now(UTC),
+    }
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(User.__table__.insert().values(**row))  # type: ignore[attr-defined]
+        with pytest.raises(IntegrityError) as failure:
+            async with engine.begin() as conn:
+                await conn.execute(User.__table__.insert().values(**row))  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+    assert secret not in str(failure.value)
+    assert "parameters hidden" in str(failure.value)
+
+
+async def test_database_url_options_reach_the_request_pool(
+    make_settings: Callable[..., Settings], database_url: str
+) -> None:
+    """What SQLAlchemy reads from DATABASE_URL (?ssl=..., its own options) the request
+    path's asyncpg pool reads the same way."""
+    url = f"{database_url}?ssl=disable&prepared_statement_cache_size=50"
+    engine = create_engine(make_settings(database_url=url))
+    statements = Statements(engine)
+    await statements.start()
+    try:
+        async with statements.connection() as conn:
+            assert await conn.first(_ONE, {}) == {"one": 1}
+        async with engine.connect() as conn:
+            assert (await conn.execute(_ONE)).scalar_one() == 1
+    finally:
+        await statements.close()
+        await engine.dispose()
