@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 from alembic import command
 
@@ -17,6 +18,14 @@ def alembic_config(database_url: str) -> Config:
     # ConfigParser interpolates "%": a password in the URL may hold one.
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
+
+
+def head_revision() -> str:
+    """The revision the code's models are at."""
+    head = ScriptDirectory.from_config(alembic_config("")).get_current_head()
+    if head is None:  # pragma: no cover - the project always has migrations
+        raise RuntimeError("no Alembic revisions found")
+    return head
 
 
 def upgrade_head(database_url: str) -> None:

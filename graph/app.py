@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 import orjson
 from cross_web import HTTPException
-from sqlalchemy import literal_column, select
+from sqlalchemy import column, select, table
 from sqlalchemy.sql import Executable
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -31,7 +31,7 @@ from strawberry.http import GraphQLHTTPResponse
 from strawberry.types import ExecutionResult
 
 from db.clock import Clock, SystemClock
-from db.migrate import upgrade_head
+from db.migrate import head_revision, upgrade_head
 from db.security.access import AccessTokenCodec
 from db.security.passwords import PasswordHasher
 from db.security.tokens import derive_key
@@ -44,7 +44,8 @@ from graph.schema import build_schema
 
 log = logging.getLogger("strawgate")
 
-_PING: Executable = select(literal_column("1"))
+# Ready means: the request path's pool answers, and the schema is the code's.
+_SCHEMA_VERSION: Executable = select(column("version_num")).select_from(table("alembic_version"))
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -182,6 +183,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     settings.prepare()
     clock = clock or SystemClock()
     view = GraphQLView(settings)
+    schema_head = head_revision()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -235,13 +237,17 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         services: AppServices = request.app.state.services
         try:
             with anyio.fail_after(settings.db_timeout):
-                # The pool that requests use, so that ready means requests can be served.
                 async with services.auth.statements.connection() as conn:
-                    await conn.first(_PING, {})
+                    version = await conn.first(_SCHEMA_VERSION, {})
         except Exception as exc:
-            if not is_database_unavailable(exc):
-                log.exception("readiness check failed")
-            return JSONResponse({"status": "unavailable"}, status_code=503)
+            if is_database_unavailable(exc):
+                return JSONResponse({"status": "unavailable"}, status_code=503)
+            version = None  # no alembic_version table: never migrated
+        if version is None or version["version_num"] != schema_head:
+            log.warning(
+                "not ready: the database schema is not at %s (strawgate migrate)", schema_head
+            )
+            return JSONResponse({"status": "migrations pending"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     app = Starlette(

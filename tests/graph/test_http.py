@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from datetime import datetime
 from typing import Any
 
@@ -230,3 +231,25 @@ async def test_document_limits_apply_in_production(
         assert "aliases" in (await gql(http, f"{{ {aliases} }}"))["errors"][0]["message"]
         assert "token" in (await gql(http, too_long))["errors"][0]["message"].lower()
         assert (await gql(http, ME)) == {"data": {"me": None}}
+
+
+@pytest.fixture
+def unmigrated_url(pg_admin_url: str) -> Iterator[str]:
+    from tests.pg import scratch_database
+
+    with scratch_database(pg_admin_url, "strawgate_unmigrated") as url:
+        yield url
+
+
+async def test_not_ready_until_migrated(
+    make_settings: Callable[..., Settings], unmigrated_url: str
+) -> None:
+    from db.migrate import upgrade_head
+
+    app = create_app(make_settings(database_url=unmigrated_url))
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        pending = await http.get("/readyz")
+        assert pending.status_code == 503
+        assert pending.json() == {"status": "migrations pending"}
+        await asyncio.to_thread(upgrade_head, unmigrated_url)
+        assert (await http.get("/readyz")).json() == {"status": "ready"}
