@@ -22,6 +22,7 @@ from db.errors import UniqueViolation
 from db.settings import Settings
 
 SQLALCHEMY_POOL_SIZE = 5
+READ_ONLY = "strawgate_read_only"  # an execution option: see _make_sqlite_transactional
 # URL options SQLAlchemy's asyncpg dialect takes for itself rather than passing on.
 _SQLALCHEMY_ONLY_OPTIONS = (
     "prepared_statement_cache_size",
@@ -37,7 +38,11 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(
-            url, connect_args={"timeout": settings.db_timeout}, hide_parameters=True, **overrides
+            url,
+            connect_args={"timeout": settings.db_timeout},
+            hide_parameters=True,
+            pool_timeout=settings.db_timeout,
+            **overrides,
         )
         _make_sqlite_transactional(engine, busy_timeout_ms=int(settings.db_timeout * 1000))
         return engine
@@ -159,12 +164,14 @@ class Statements:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Runner]:
-        """For single reads: no transaction on PostgreSQL."""
+        """For reads only: no transaction on PostgreSQL, a read transaction on SQLite
+        (rolled back at the end: a write made here would be lost)."""
         if self._native:
             async with self._require_pool().acquire(timeout=self._timeout) as driver:
                 yield _NativeRunner(self, driver)
         else:
             async with self.engine.connect() as conn:
+                await conn.execution_options(**{READ_ONLY: True})
                 yield _SqlalchemyRunner(conn)
 
     @contextlib.asynccontextmanager
@@ -246,4 +253,7 @@ def _make_sqlite_transactional(engine: AsyncEngine, *, busy_timeout_ms: int) -> 
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only connection (Statements.connection) takes no write lock: in WAL mode
+        # readers then neither wait for writers nor hold them up.
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

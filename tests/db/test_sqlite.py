@@ -69,3 +69,51 @@ async def test_timestamps_are_utc_on_sqlite(
     await engine.dispose()
     assert created.tzinfo is not None and created.utcoffset() == UTC.utcoffset(None)
     assert created == clock.now()
+
+
+async def test_sqlite_connection_settings(
+    make_settings: Callable[..., Settings], sqlite_url: str
+) -> None:
+    from sqlalchemy import text
+
+    from db.session import create_engine
+
+    engine = create_engine(make_settings(database_url=sqlite_url, db_timeout=3))
+    try:
+        async with engine.connect() as conn:
+            pragmas = {
+                name: (await conn.execute(text(f"PRAGMA {name}"))).scalar_one()
+                for name in ("journal_mode", "foreign_keys", "busy_timeout")
+            }
+    finally:
+        await engine.dispose()
+    assert pragmas == {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 3000}
+
+
+async def test_sqlite_reads_do_not_wait_for_writers(
+    make_settings: Callable[..., Settings], sqlite_url: str
+) -> None:
+    """A write transaction holds SQLite's write lock (BEGIN IMMEDIATE); the session check of
+    other requests reads on through it instead of queueing behind it."""
+    import time
+
+    from db.migrate import upgrade_head
+    from db.session import Statements, create_engine
+
+    await asyncio.to_thread(upgrade_head, sqlite_url)
+    engine = create_engine(make_settings(database_url=sqlite_url, db_timeout=2))
+    statements = Statements(engine)
+    await statements.start()
+    try:
+        async with statements.transaction() as writer:
+            await writer.execute(
+                User.__table__.delete().where(User.email == "nobody"),  # type: ignore[attr-defined]
+                {},
+            )
+            start = time.perf_counter()
+            async with statements.connection() as reader:
+                assert await reader.first(select(User.id), {}) is None
+            assert time.perf_counter() - start < 1
+    finally:
+        await statements.close()
+        await engine.dispose()
