@@ -119,9 +119,13 @@ class RequestGuard:
             await send(message)
 
         declared = _header(scope, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await _too_large(scope, receive, send_with_id)
-            return
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()):
+                await _refuse(scope, receive, send_with_id, 400, "Invalid Content-Length.")
+                return
+            if int(declared) > self.max_body_bytes:
+                await _refuse(scope, receive, send_with_id, 413, "The request body is too large.")
+                return
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send_with_id)
             return
@@ -134,7 +138,7 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await _too_large(scope, receive, send_with_id)
+                await _refuse(scope, receive, send_with_id, 413, "The request body is too large.")
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -159,9 +163,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
-    response = JSONResponse({"errors": [{"message": "The request body is too large."}]}, 413)
-    await response(scope, receive, send)
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+    await JSONResponse({"errors": [{"message": message}]}, status)(scope, receive, send)
 
 
 def configure_logging(settings: Settings) -> None:

@@ -129,3 +129,22 @@ async def test_login_answers_rate_limited_when_the_hash_queue_is_full(
     assert "AuthSession" in kinds
     limited = [r for r in results if r.get("code") == "RATE_LIMITED"]
     assert limited and all(r["retryAfter"] == 1 for r in limited)
+
+
+@pytest.mark.usefixtures("clean_db")
+async def test_signup_answers_rate_limited_when_the_hash_queue_is_full(
+    make_settings: Callable[..., Settings], clock: MutableClock, database_url: str
+) -> None:
+    from graph.app import create_app
+    from tests.conftest import client_for, unique_email
+    from tests.gql import signup
+    from tests.graph.test_signup import count_users
+
+    app = create_app(make_settings(password_hash_workers=1), clock=clock)
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        results = await asyncio.gather(*(signup(http, unique_email(), PASSWORD) for _ in range(16)))
+    created = [r for r in results if r["__typename"] == "AuthSession"]
+    limited = [r for r in results if r.get("code") == "RATE_LIMITED"]
+    assert created and limited and len(created) + len(limited) == 16
+    assert all(r["retryAfter"] == 1 for r in limited)
+    assert await count_users(database_url) == len(created)  # a refusal creates nothing

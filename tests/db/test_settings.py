@@ -70,3 +70,17 @@ def test_the_example_env_file_lists_every_setting() -> None:
     for field in Settings.model_fields:
         assert field.upper() in names, field
     assert f"SECRET_KEY={SECRET_KEY_PLACEHOLDER}" in example
+
+
+def test_workers_starting_together_share_one_development_key(tmp_path: Path) -> None:
+    """Several workers may start at once; every one must end up with the same key."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from db.settings import load_or_create_dev_secret
+
+    path = tmp_path / "secret_key"
+    with ThreadPoolExecutor(16) as pool:
+        keys = set(pool.map(lambda _: load_or_create_dev_secret(path), range(64)))
+    assert len(keys) == 1
+    assert keys == {path.read_text(encoding="utf-8").strip()}
+    assert [p.name for p in tmp_path.iterdir()] == ["secret_key"]  # no temporary files left

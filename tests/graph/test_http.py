@@ -196,8 +196,12 @@ async def test_production_turns_off_graphiql_and_introspection(
 
 
 async def test_queries_are_not_run_over_get(client: httpx.AsyncClient) -> None:
-    response = await client.get("/graphql", params={"query": "{ me { id } }"})
-    assert "data" not in response.text
+    # A mutation over GET would be a CSRF hole; no operation runs over GET at all.
+    query = 'mutation { logout(input: {refreshToken: "x"}) { revoked } }'
+    for params in ({"query": "{ me { id } }"}, {"query": query}):
+        response = await client.get("/graphql", params=params)
+        assert 400 <= response.status_code < 500
+        assert "data" not in response.text
 
 
 async def test_stored_user_agent_is_capped(
@@ -253,3 +257,36 @@ async def test_not_ready_until_migrated(
         assert pending.json() == {"status": "migrations pending"}
         await asyncio.to_thread(upgrade_head, unmigrated_url)
         assert (await http.get("/readyz")).json() == {"status": "ready"}
+
+
+@pytest.mark.parametrize(("length", "status"), [("²", 400), ("12abc", 400), ("99999999", 413)])
+async def test_bad_content_lengths_are_refused(app: Starlette, length: str, status: int) -> None:
+    """Behind a proxy that passes the header on unchecked (uvicorn's parser refuses these
+    itself), the app still answers a 4xx."""
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/graphql",
+        "raw_path": b"/graphql",
+        "root_path": "",
+        "scheme": "http",
+        "query_string": b"",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", length.encode("utf-8")),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "app": app,
+    }
+    await app(scope, receive, send)
+    assert sent[0]["status"] == status

@@ -1,0 +1,50 @@
+"""The strawgate command, run as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import inspect
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from graph.schema import schema_sdl
+
+STRAWGATE = str(Path(sys.executable).with_name("strawgate"))
+
+
+def run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
+    environment.update(env)
+    return subprocess.run(
+        [STRAWGATE, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_export_schema_writes_the_schema(tmp_path: Path) -> None:
+    done = run("export-schema", "--output", "out.graphql", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out.graphql").read_text(encoding="utf-8") == schema_sdl()
+    printed = run("export-schema", "-o", "-", cwd=tmp_path)
+    assert printed.stdout == schema_sdl()
+
+
+async def test_migrate_creates_the_tables(tmp_path: Path) -> None:
+    import asyncio
+
+    url = f"sqlite+aiosqlite:///{tmp_path}/data/strawgate.db"
+    done = await asyncio.to_thread(run, "migrate", cwd=tmp_path, DATABASE_URL=url)
+    assert done.returncode == 0, done.stderr
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        names = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+    await engine.dispose()
+    assert {"users", "sessions", "refresh_tokens", "alembic_version"} <= names
+
+
+def test_serve_refuses_workers_on_sqlite(tmp_path: Path) -> None:
+    done = run("serve", "--workers", "2", cwd=tmp_path, ENVIRONMENT="development")
+    assert done.returncode == 2
+    assert "SQLite" in done.stderr
