@@ -146,7 +146,10 @@ _LOCK_USER_SESSIONS = (
     .with_for_update()
 )
 
-# What a rotation decides on: the presented generation, its session and the user.
+# What a rotation decides on: the presented generation, its session and the user, with
+# the session and the generation locked. A refresh that waited for the lock gets their
+# rows as the winner committed them (PostgreSQL re-reads locked rows after the wait), so
+# it sees the generation as rotated.
 _ROTATION_STATE = (
     select(
         RefreshToken.id,
@@ -165,6 +168,7 @@ _ROTATION_STATE = (
     .join(UserSession, UserSession.id == RefreshToken.session_id)
     .join(User, User.id == UserSession.user_id)
     .where(RefreshToken.token_hash == bindparam("digest"))
+    .with_for_update(of=[UserSession, RefreshToken])
 )
 
 _NEWEST_GENERATION = (
@@ -358,11 +362,8 @@ class AuthService:
         now = self.clock.now()
         reused = False
         async with self.statements.transaction() as tx:
-            # The row lock serialises rotations of one session across processes (SQLite:
-            # BEGIN IMMEDIATE already holds the write lock). Everything else is read after
-            # it, so a racing refresh sees what the winner committed.
-            if await tx.first(_LOCK_SESSION_BY_TOKEN, {"digest": digest}) is None:
-                raise _invalid_token()
+            # Locks the session and the presented generation: rotations of one session are
+            # serialised across processes (SQLite: BEGIN IMMEDIATE holds the write lock).
             state = await tx.first(_ROTATION_STATE, {"digest": digest})
             if state is None or not _is_live(state, now):
                 raise _invalid_token()
