@@ -41,7 +41,3 @@ def invalid_input(message: str, field: str | None = None) -> AuthFailure:
 
 class UniqueViolation(Exception):
     """A write hit a unique constraint (a concurrent writer got there first)."""
-
-
-class DatabaseUnavailable(Exception):
-    """The database cannot be reached right now."""

@@ -8,8 +8,6 @@ from graphql import GraphQLError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from db.errors import DatabaseUnavailable
-
 log = logging.getLogger("strawgate.errors")
 
 SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
@@ -27,7 +25,6 @@ except ImportError:  # pragma: no cover
     _ASYNCPG_UNAVAILABLE = ()
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
-    DatabaseUnavailable,
     OperationalError,
     InterfaceError,
     PoolTimeoutError,
