@@ -379,6 +379,46 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+def combine(results: Sequence[LoadResult]) -> LoadResult:
+    """Several runs of one side (the rounds of an interleaved scenario) as one.
+
+    Requests, seconds, outcomes and socket errors are added up, so the rates are totals
+    over all runs. wrk reports percentiles per run, not the latencies themselves (its Lua
+    histogram accessor costs time quadratic in the latency range), and on a machine whose
+    speed drifts between rounds, one round's p99 over another's p50 means nothing. So p50
+    and p99 are those of one round: the one whose p99/p50 is the median of the rounds'.
+    The mean is weighted by requests."""
+    if not results:
+        raise ValueError("no runs to combine")
+    requests = sum(r.requests for r in results)
+    socket_errors: dict[str, int] = {}
+    outcomes: dict[str, int] = {}
+    for r in results:
+        for name, n in r.socket_errors.items():
+            socket_errors[name] = socket_errors.get(name, 0) + n
+        for name, n in r.outcomes.items():
+            outcomes[name] = outcomes.get(name, 0) + n
+    timed = sorted(
+        (r for r in results if r.p50_ms and r.p99_ms is not None),
+        key=lambda r: (r.p99_ms or 0.0) / (r.p50_ms or 1.0),
+    )
+    median_round = timed[(len(timed) - 1) // 2] if timed else None
+    maxes = [r.max_ms for r in results if r.max_ms is not None]
+    weighted = [(r.mean_ms, r.requests) for r in results if r.mean_ms is not None]
+    weight = sum(n for _, n in weighted)
+    return LoadResult(
+        requests=requests,
+        seconds=sum(r.seconds for r in results),
+        p50_ms=median_round.p50_ms if median_round else None,
+        p99_ms=median_round.p99_ms if median_round else None,
+        mean_ms=sum(m * n for m, n in weighted) / weight if weight else None,
+        max_ms=max(maxes) if maxes else None,
+        socket_errors=dict(sorted(socket_errors.items())),
+        outcomes=dict(sorted(outcomes.items())),
+        samples=[sample for r in results for sample in r.samples],
+    )
+
+
 RESULT_MARKER = "BENCH_RESULT "
 
 

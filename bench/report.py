@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,12 +51,23 @@ class Scenario:
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     extras: list[Extra] = field(default_factory=list)
+    # Interleaved scenarios: ok/s strawgate / reference of each round (None where the
+    # reference had no correct answer), and each round's order, e.g. "S R".
+    round_ratios: list[float | None] = field(default_factory=list)
+    round_orders: list[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
+        """Strawgate's throughput over the reference's: the median of the per-round ratios
+        when the sides were measured in rounds, else the ratio of the two rows."""
         ours, theirs = self.strawgate.ok_rps, self.reference.ok_rps
         if ours is None or not theirs:
             return None
+        if self.round_ratios:
+            ratios = [r for r in self.round_ratios if r is not None]
+            if len(ratios) < len(self.round_ratios):
+                return None
+            return statistics.median(ratios)
         return ours / theirs
 
 
@@ -150,7 +162,20 @@ def format_scenario(scenario: Scenario) -> str:
     lines.append(format_row(scenario.reference))
     ratio = scenario.ratio
     target = THROUGHPUT_TARGETS[scenario.name]
-    lines.append(f"  throughput ratio strawgate/reference: {_num(ratio, 2)} (target >= {target:g})")
+    if scenario.round_ratios:
+        lines.append(
+            f"  throughput ratio strawgate/reference: {_num(ratio, 2)}, median of"
+            f" {len(scenario.round_ratios)} rounds (target >= {target:g})"
+        )
+        shown = "  ".join(
+            f"{_num(r, 2)} ({order})"
+            for r, order in zip(scenario.round_ratios, scenario.round_orders, strict=True)
+        )
+        lines.append(f"  per-round ratios (S = strawgate, R = reference, in run order): {shown}")
+    else:
+        lines.append(
+            f"  throughput ratio strawgate/reference: {_num(ratio, 2)} (target >= {target:g})"
+        )
     lines.extend(f"  {note}" for note in scenario.notes)
     for extra in scenario.extras:
         lines.extend(["", *format_extra(extra)])
@@ -204,6 +229,11 @@ def scenario_json(scenario: Scenario) -> dict[str, Any]:
         "strawgate": row_json(scenario.strawgate),
         "reference": row_json(scenario.reference),
         "throughput_ratio": scenario.ratio,
+        "throughput_ratio_of": (
+            "median of the per-round ratios" if scenario.round_ratios else "ok/s of the rows"
+        ),
+        "round_ratios": scenario.round_ratios,
+        "round_orders": scenario.round_orders,
         "notes": scenario.notes,
         "details": scenario.raw,
         "reported_only": [

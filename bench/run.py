@@ -1,6 +1,6 @@
 """Strawgate under load, beside a plain baseline measured in the same run.
 
-    .venv/bin/python -m bench.run [--duration 10] [--warmup 2] [--profile]
+    .venv/bin/python -m bench.run [--duration 10] [--warmup 2] [--rounds 3] [--profile]
 
 See bench/README.md for what is measured and how to read the output.
 """
@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.util import find_spec
 from pathlib import Path
@@ -35,6 +35,7 @@ from bench.harness import (
     PeakRss,
     Server,
     check_local,
+    combine,
     create_database,
     drop_database,
     pinned,
@@ -95,6 +96,7 @@ SEED_ATTEMPTS = 50
 @dataclass(frozen=True)
 class Options:
     load: LoadSettings
+    rounds: int  # interleaved rounds of `me` and `refresh`
     sessions: int
     hash_samples: int
     profile: bool
@@ -117,11 +119,29 @@ class Bench:
     def load(self) -> LoadSettings:
         return self.options.load
 
+    @property
+    def round_seconds(self) -> int:
+        return round_seconds(self.options)
+
+
+def round_seconds(options: Options) -> int:
+    """Seconds of one side in one round: the duration shared out over the rounds, in
+    whole seconds as wrk runs them."""
+    return max(1, round(options.load.duration / options.rounds))
+
+
+def chain_sets(rounds: int) -> list[str]:
+    """The refresh-token chain sets to seed: each app's warm-up and each of its rounds."""
+    names = ["strawgate-warmup", "reference-warmup"]
+    for index in range(1, rounds + 1):
+        names.extend([f"strawgate-round{index}", f"reference-round{index}"])
+    return names
+
 
 @dataclass(frozen=True)
 class Seeds:
     access_token: str
-    token_files: dict[str, Path]  # "strawgate", "strawgate-warmup", "reference", ...
+    token_files: dict[str, Path]  # a chain set's name (see chain_sets) -> its token file
 
 
 # -- seeding ----------------------------------------------------------------------------------
@@ -129,7 +149,8 @@ class Seeds:
 
 async def seed(bench: Bench) -> Seeds:
     """One user (signup), then sessions through login: a refresh-token chain for every
-    connection, separately for each app and for its warm-up."""
+    connection, separately for each app's warm-up and for each of its rounds (a spent
+    token cannot be presented again)."""
     async with GraphQLClient(bench.strawgate.url("/graphql")) as client:
         signed_up = await client.field(
             SIGNUP, {"i": {"email": EMAIL, "password": PASSWORD}}, "signup"
@@ -138,7 +159,7 @@ async def seed(bench: Bench) -> Seeds:
             raise BenchError(f"signup did not give a session: {signed_up}")
         access_token = str(signed_up["accessToken"])
         token_files: dict[str, Path] = {}
-        for name in ("strawgate-warmup", "strawgate", "reference-warmup", "reference"):
+        for name in chain_sets(bench.options.rounds):
             tokens = await _log_in_many(client, bench.options.sessions)
             path = bench.work / f"refresh-tokens-{name}.txt"
             path.write_text("\n".join(tokens) + "\n")
@@ -168,7 +189,22 @@ async def _log_in_many(client: GraphQLClient, count: int) -> list[str]:
 # -- measuring --------------------------------------------------------------------------------
 
 
-async def measure(
+async def warm_up(
+    bench: Bench, server: Server, path: str, *, name: str, script: str, args: list[str]
+) -> None:
+    """An unmeasured run of `--warmup` seconds (none when it is 0)."""
+    if bench.load.warmup > 0:
+        await run_wrk(
+            server.url(path),
+            script,
+            args,
+            load=bench.load,
+            seconds=bench.load.warmup,
+            log_path=bench.logs / f"wrk-{name}-warmup.txt",
+        )
+
+
+async def measured_run(
     bench: Bench,
     server: Server,
     path: str,
@@ -176,31 +212,31 @@ async def measure(
     name: str,
     script: str,
     args: list[str],
-    warmup_args: list[str] | None = None,
+    seconds: float,
 ) -> tuple[LoadResult, PeakRss]:
-    """A warm-up run, then the measured run with the server's peak RSS sampled."""
-    url = server.url(path)
-    if bench.load.warmup > 0:
-        await run_wrk(
-            url,
-            script,
-            args if warmup_args is None else warmup_args,
-            load=bench.load,
-            seconds=bench.load.warmup,
-            log_path=bench.logs / f"wrk-{name}-warmup.txt",
-        )
+    """One measured run with the server's peak RSS sampled."""
     async with PeakRss(server.pid) as rss:
         result = await run_wrk(
-            url,
+            server.url(path),
             script,
             args,
             load=bench.load,
-            seconds=bench.load.duration,
+            seconds=seconds,
             log_path=bench.logs / f"wrk-{name}.txt",
         )
     if server.process.returncode is not None:
         raise BenchError(f"{server.name} exited during the run:\n{server.log_tail()}")
     return result, rss
+
+
+async def measure(
+    bench: Bench, server: Server, path: str, *, name: str, script: str, args: list[str]
+) -> tuple[LoadResult, PeakRss]:
+    """A warm-up run, then one measured run of the whole duration."""
+    await warm_up(bench, server, path, name=name, script=script, args=args)
+    return await measured_run(
+        bench, server, path, name=name, script=script, args=args, seconds=bench.load.duration
+    )
 
 
 def load_row(label: str, result: LoadResult, rss_mib: float | None) -> Row:
@@ -229,27 +265,103 @@ def describe(label: str, result: LoadResult) -> list[str]:
     return notes
 
 
-async def side(
-    bench: Bench,
-    label: str,
-    server: Server,
-    path: str,
-    scenario: Scenario,
-    **kwargs: Any,
-) -> Row:
-    """One measured side of a scenario; an error becomes the row's error, not an abort."""
-    try:
-        result, rss = await measure(bench, server, path, name=f"{scenario.name}-{label}", **kwargs)
-    except BenchError as exc:
-        scenario.notes.append(f"{label}: {exc}")
-        return Row(label, error=str(exc).splitlines()[0])
-    scenario.raw[label] = {
-        **result.as_json(),
-        "rss_at_start_mib": rss.start_mib,
-        "peak_rss_mib": rss.peak_mib,
-    }
-    scenario.notes.extend(describe(label, result))
-    return load_row(label, result, rss.peak_mib)
+@dataclass
+class Side:
+    """One side of an interleaved scenario: where it is measured, and its rounds so far."""
+
+    label: str
+    server: Server
+    path: str
+    warmup_args: list[str]
+    round_args: list[list[str]]  # one per round (refresh needs fresh chains every round)
+    results: list[LoadResult] = field(default_factory=list)
+    peaks: list[PeakRss] = field(default_factory=list)
+    error: str | None = None
+
+    def fail(self, scenario: Scenario, when: str, exc: BenchError) -> None:
+        """A failed run ends this side's measuring; the other side goes on."""
+        scenario.notes.append(f"{self.label} ({when}): {exc}")
+        self.error = f"{when}: {str(exc).splitlines()[0]}"
+
+    def row(self, scenario: Scenario) -> Row:
+        """The side's row over all its rounds; its details into scenario.raw."""
+        if self.error is not None:
+            return Row(self.label, error=self.error)
+        total = combine(self.results)
+        peaks = [rss.peak_mib for rss in self.peaks if rss.peak_mib is not None]
+        peak = max(peaks) if peaks else None
+        scenario.raw[self.label] = {
+            **total.as_json(),
+            "combined_over": (
+                f"{len(self.results)} rounds: counts and seconds added up; p50 the median of"
+                " the rounds' p50s, p99 the largest of their p99s, mean weighted by requests"
+            ),
+            "rss_at_start_mib": self.peaks[0].start_mib,
+            "peak_rss_mib": peak,
+            "rounds": [
+                {
+                    **result.as_json(),
+                    "rss_at_start_mib": rss.start_mib,
+                    "peak_rss_mib": rss.peak_mib,
+                }
+                for result, rss in zip(self.results, self.peaks, strict=True)
+            ],
+        }
+        scenario.notes.extend(describe(self.label, total))
+        return load_row(self.label, total, peak)
+
+
+async def interleaved(
+    bench: Bench, scenario: Scenario, script: str, ours: Side, theirs: Side
+) -> None:
+    """Warm both sides up, then `--rounds` rounds of a measured run of each, alternating
+    which goes first (S R, R S, S R, ...): a slow spell of a shared machine then lands on
+    both sides rather than on one. Sets the scenario's rows and per-round ratios."""
+    sides = (ours, theirs)
+    for side in sides:
+        try:
+            await warm_up(
+                bench,
+                side.server,
+                side.path,
+                name=f"{scenario.name}-{side.label}",
+                script=script,
+                args=side.warmup_args,
+            )
+        except BenchError as exc:
+            side.fail(scenario, "warm-up", exc)
+    for index in range(bench.options.rounds):
+        order = sides if index % 2 == 0 else sides[::-1]
+        scenario.round_orders.append(" ".join(side.label[0].upper() for side in order))
+        for side in order:
+            if side.error is not None:
+                continue
+            try:
+                result, rss = await measured_run(
+                    bench,
+                    side.server,
+                    side.path,
+                    name=f"{scenario.name}-{side.label}-round{index + 1}",
+                    script=script,
+                    args=side.round_args[index],
+                    seconds=bench.round_seconds,
+                )
+            except BenchError as exc:
+                side.fail(scenario, f"round {index + 1}", exc)
+                continue
+            side.results.append(result)
+            side.peaks.append(rss)
+    scenario.strawgate = ours.row(scenario)
+    scenario.reference = theirs.row(scenario)
+    if ours.error is None and theirs.error is None:
+        scenario.round_ratios = [
+            mine.ok_rps / other.ok_rps if other.ok_rps else None
+            for mine, other in zip(ours.results, theirs.results, strict=True)
+        ]
+        totals = scenario.strawgate.ok_rps, scenario.reference.ok_rps
+        scenario.raw["ratio_of_totals"] = (
+            totals[0] / totals[1] if totals[0] is not None and totals[1] else None
+        )
 
 
 def new_scenario(name: str, title: str) -> Scenario:
@@ -261,11 +373,13 @@ async def scenario_me(bench: Bench, seeds: Seeds) -> Scenario:
         "me", "POST { me { id email } } with a bearer token: JWT check + one SELECT"
     )
     args = [ME_BODY, seeds.access_token]
-    scenario.strawgate = await side(
-        bench, "strawgate", bench.strawgate, "/graphql", scenario, script="me.lua", args=args
-    )
-    scenario.reference = await side(
-        bench, "reference", bench.reference, "/me", scenario, script="me.lua", args=args
+    rounds = [args] * bench.options.rounds
+    await interleaved(
+        bench,
+        scenario,
+        "me.lua",
+        Side("strawgate", bench.strawgate, "/graphql", args, rounds),
+        Side("reference", bench.reference, "/me", args, rounds),
     )
     return scenario
 
@@ -440,25 +554,16 @@ async def scenario_refresh(bench: Bench, seeds: Seeds) -> Scenario:
     def chains(name: str) -> list[str]:
         return [REFRESH_TEMPLATE, str(seeds.token_files[name]), threads]
 
-    scenario.strawgate = await side(
+    def side(label: str, server: Server, path: str) -> Side:
+        rounds = [chains(f"{label}-round{i}") for i in range(1, bench.options.rounds + 1)]
+        return Side(label, server, path, chains(f"{label}-warmup"), rounds)
+
+    await interleaved(
         bench,
-        "strawgate",
-        bench.strawgate,
-        "/graphql",
         scenario,
-        script="refresh.lua",
-        args=chains("strawgate"),
-        warmup_args=chains("strawgate-warmup"),
-    )
-    scenario.reference = await side(
-        bench,
-        "reference",
-        bench.reference,
-        "/refresh",
-        scenario,
-        script="refresh.lua",
-        args=chains("reference"),
-        warmup_args=chains("reference-warmup"),
+        "refresh.lua",
+        side("strawgate", bench.strawgate, "/graphql"),
+        side("reference", bench.reference, "/refresh"),
     )
     raw = scenario.raw.get("strawgate")
     if isinstance(raw, dict):
@@ -581,7 +686,8 @@ async def run(options: Options) -> int:
     }
     load = options.load
     pg = urlsplit(options.pg_url)
-    budget = 600 + 12 * (load.duration + load.warmup)
+    seeded_logins = len(chain_sets(options.rounds)) * options.sessions
+    budget = 600 + 12 * (load.duration + load.warmup) + 0.5 * seeded_logins
     started = datetime.now(UTC)
     has_taskset = shutil.which("taskset") is not None
     server_core = f"core {SERVER_CORE}" if has_taskset else "unpinned"
@@ -590,8 +696,10 @@ async def run(options: Options) -> int:
         f"Strawgate benchmark, {started:%Y-%m-%d %H:%M} UTC, commit {git_commit() or 'unknown'}",
         f"servers: uvicorn, 1 worker, {server_core};"
         f" load on {load_core}: wrk, {load.threads} threads, {load.connections} connections"
-        f" (login: bench/login_client.py, {load.connections} users honouring retryAfter);"
-        f" {load.duration:g} s per run after {load.warmup:g} s warm-up",
+        f" (login: bench/login_client.py, {load.connections} users honouring retryAfter)",
+        f"me, refresh: {load.warmup:g} s warm-up of each side, then {options.rounds} rounds"
+        f" of {round_seconds(options)} s per side, alternating which goes first;"
+        f" login: {load.duration:g} s after {load.warmup:g} s warm-up",
         f"PostgreSQL {pg.hostname}:{pg.port or 5432}, scratch database {database};"
         f" reference app: bench/reference_app.py",
     ]
@@ -621,7 +729,7 @@ async def run(options: Options) -> int:
                 bench = Bench(
                     options, env, work, logs, results, servers["strawgate"], servers["reference"]
                 )
-                progress(f"seeding: signup, {4 * options.sessions} logins")
+                progress(f"seeding: signup, {seeded_logins} logins")
                 seeds = await seed(bench)
                 progress("scenario me")
                 scenarios.append(await scenario_me(bench, seeds))
@@ -646,6 +754,8 @@ async def run(options: Options) -> int:
         "settings": {
             "duration_s": load.duration,
             "warmup_s": load.warmup,
+            "rounds": options.rounds,
+            "round_s": round_seconds(options),
             "connections": load.connections,
             "wrk_threads": load.threads,
             "sessions_per_chain_set": options.sessions,
@@ -670,18 +780,34 @@ def parse_options(argv: list[str] | None) -> Options:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        help="seconds per measured run; me and refresh share them out over the rounds",
+    )
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of me and refresh (each side duration/rounds s a round)",
+    )
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument(
-        "--sessions", type=int, default=64, help="refresh-token chains per app (and per warm-up)"
+        "--sessions",
+        type=int,
+        default=64,
+        help="refresh-token chains per app's warm-up and per app's round",
     )
     parser.add_argument("--hash-samples", type=int, default=30, help="password verifies to time")
     parser.add_argument("--profile", action="store_true", help="also profile Strawgate under `me`")
     args = parser.parse_args(argv)
     if args.duration < 1 or args.warmup < 0:
         parser.error("--duration must be at least 1 s and --warmup not negative")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.threads < 1 or args.connections < args.threads:
         parser.error("need at least one wrk thread and one connection per thread")
     if args.sessions < args.connections:
@@ -694,6 +820,7 @@ def parse_options(argv: list[str] | None) -> Options:
             threads=args.threads,
             core=LOAD_CORE,
         ),
+        rounds=args.rounds,
         sessions=args.sessions,
         hash_samples=max(1, args.hash_samples),
         profile=args.profile,
