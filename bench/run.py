@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography.fernet import Fernet
+
 from bench.harness import (
     BENCH_DIR,
     REPO_ROOT,
@@ -682,6 +684,7 @@ async def run(options: Options) -> int:
         **os.environ,
         "ENVIRONMENT": "production",
         "SECRET_KEY": secrets.token_urlsafe(36),  # 48 characters
+        "ENCRYPTION_KEYS": Fernet.generate_key().decode("ascii"),
         "DATABASE_URL": with_database(options.pg_url, database, scheme="postgresql+asyncpg"),
     }
     load = options.load

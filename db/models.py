@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     ForeignKey,
     Index,
@@ -35,6 +36,9 @@ class User(Base):
     email_verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Wrong TOTP or recovery codes in the current window, across challenges and mutations.
+    otp_failures: Mapped[int] = mapped_column(Integer, server_default="0")
+    otp_failures_since: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     sessions: Mapped[list[UserSession]] = relationship(
         back_populates="user", cascade="all, delete-orphan", passive_deletes=True
@@ -83,3 +87,57 @@ class RefreshToken(Base):
     rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     session: Mapped[UserSession] = relationship(back_populates="refresh_tokens")
+
+
+class TotpCredential(Base):
+    """A user's authenticator secret: pending until confirmed, then two-factor is on."""
+
+    __tablename__ = "totp_credentials"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    # Fernet token (ENCRYPTION_KEYS): a database dump alone yields no working code.
+    secret_sealed: Mapped[str] = mapped_column(String(255))
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # The last accepted time step: no step at or before it is accepted again.
+    last_step: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RecoveryCode(Base):
+    """A single-use recovery code, stored as an argon2id hash."""
+
+    __tablename__ = "recovery_codes"
+    __table_args__ = (Index("ix_recovery_codes_user_id_lookup", "user_id", "lookup"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # 16 bits of a keyed hash of the code: picks the one hash to verify, reveals ~nothing.
+    lookup: Mapped[int] = mapped_column(Integer)
+    code_hash: Mapped[str] = mapped_column(String(255))
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Challenge(Base):
+    """A pending second step (TOTP login now; emailed codes later)."""
+
+    __tablename__ = "challenges"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    # SHA-256 of the challenge token (256 random bits).
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    purpose: Mapped[str] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Factors proven before this step (RFC 8176), and the client that started it.
+    amr: Mapped[str] = mapped_column(String(64), default="pwd")
+    user_agent: Mapped[str | None] = mapped_column(String(USER_AGENT_MAX), default=None)
+    ip: Mapped[str | None] = mapped_column(String(IP_MAX), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    consumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

@@ -152,6 +152,12 @@ class Statements:
         found = self._compiled.get(statement)
         if found is None:
             compiled = statement.compile(dialect=self.engine.dialect)  # type: ignore[attr-defined]
+            prefetch = [*compiled.insert_prefetch, *compiled.update_prefetch]
+            if prefetch:
+                # Python-side column defaults are computed by SQLAlchemy's execution, which
+                # this path skips: give such columns in the statement, or a server default.
+                columns = ", ".join(sorted(str(column) for column in prefetch))
+                raise ValueError(f"the statement relies on Python-side defaults: {columns}")
             own = {
                 name: bind.effective_value
                 for name, bind in compiled.binds.items()

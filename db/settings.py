@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import secrets
 from pathlib import Path
 from typing import Literal
 
+from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 from db.security.passwords import usable_cpus
+from db.security.tokens import derive_key
 
 log = logging.getLogger("strawgate.settings")
 
@@ -63,6 +66,13 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(40, ge=1)
     db_timeout: float = Field(5.0, gt=0)
     auto_migrate: bool | None = None  # None: on for the embedded SQLite default only
+
+    # Two-factor. ENCRYPTION_KEYS: comma-separated Fernet keys; the first encrypts, every
+    # one decrypts (rotate with `strawgate rotate-keys`). Required in production; in
+    # development derived from SECRET_KEY.
+    encryption_keys: SecretStr | None = None
+    totp_issuer: str = "Strawgate"
+    otp_challenge_minutes: int = Field(5, ge=1, le=60)
 
     log_level: str = "INFO"
 
@@ -117,6 +127,7 @@ class Settings(BaseSettings):
                 )
             if key == SECRET_KEY_PLACEHOLDER:
                 raise ConfigError("SECRET_KEY is still the .env.example placeholder")
+            self._check_encryption_keys(required=True)
             if self.is_sqlite:
                 log.warning("Production on SQLite: one server process only; use PostgreSQL")
             return self
@@ -124,12 +135,47 @@ class Settings(BaseSettings):
             self.secret_key = SecretStr(load_or_create_dev_secret(self._dev_secret_path()))
         elif len(key) < MIN_SECRET_KEY_LENGTH or key == SECRET_KEY_PLACEHOLDER:
             log.warning("SECRET_KEY is weak; production would refuse to start with it")
+        self._check_encryption_keys(required=False)
         return self
+
+    def _check_encryption_keys(self, *, required: bool) -> None:
+        if self.encryption_keys is None or not self.encryption_keys.get_secret_value().strip():
+            if required:
+                raise ConfigError(
+                    "ENCRYPTION_KEYS must be set in production (comma-separated Fernet keys; "
+                    'make one with: python -c "from cryptography.fernet import Fernet; '
+                    'print(Fernet.generate_key().decode())")'
+                )
+            return
+        try:
+            parse_fernet_keys(self.encryption_keys.get_secret_value())
+        except ValueError as exc:
+            raise ConfigError(f"ENCRYPTION_KEYS: {exc}") from None
+
+    def fernet_keys(self) -> list[str]:
+        """The configured Fernet keys; in development without any, one derived from
+        SECRET_KEY (so encrypted secrets survive restarts with the kept key)."""
+        if self.encryption_keys is not None and self.encryption_keys.get_secret_value().strip():
+            return parse_fernet_keys(self.encryption_keys.get_secret_value())
+        derived = derive_key(self.secret(), "fernet")
+        return [base64.urlsafe_b64encode(derived).decode("ascii")]
 
     def _dev_secret_path(self) -> Path:
         db_file = self.sqlite_path()
         folder = db_file.parent if db_file is not None else Path("var")
         return folder / "secret_key"
+
+
+def parse_fernet_keys(value: str) -> list[str]:
+    keys = [part.strip() for part in value.split(",") if part.strip()]
+    if not keys:
+        raise ValueError("no key given")
+    for key in keys:
+        try:
+            Fernet(key.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            raise ValueError("each key must be a Fernet key (32 url-safe base64 bytes)") from None
+    return keys
 
 
 def load_or_create_dev_secret(path: Path) -> str:

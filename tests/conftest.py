@@ -28,6 +28,7 @@ from graph.app import create_app
 from tests.pg import provision, scratch_database
 
 TEST_SECRET = "test-secret-key-0123456789abcdefghijklmnop"
+TEST_FERNET_KEY = "3Ccxk2gCG8F0cH8Ysrr8OEnqNaIxB7cvjxpxdaQbi8A="  # a Fernet key for tests
 PASSWORD = "correct horse battery staple"
 
 
@@ -70,7 +71,12 @@ async def clean_db(database_url: str) -> AsyncIterator[None]:
     """Tests run against real transactions (and real concurrency), so each starts empty."""
     engine = create_async_engine(database_url)
     async with engine.begin() as conn:
-        await conn.execute(text("TRUNCATE users, sessions, refresh_tokens CASCADE"))
+        await conn.execute(
+            text(
+                "TRUNCATE users, sessions, refresh_tokens, challenges, totp_credentials,"
+                " recovery_codes CASCADE"
+            )
+        )
     await engine.dispose()
     yield
 
@@ -87,6 +93,7 @@ def make_settings(database_url: str) -> Callable[..., Settings]:
             "environment": "development",
             "database_url": database_url,
             "secret_key": TEST_SECRET,
+            "encryption_keys": TEST_FERNET_KEY,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

@@ -14,7 +14,7 @@ from alembic import command
 from db.migrate import alembic_config, downgrade_base, upgrade_head
 from tests.pg import scratch_database
 
-TABLES = {"users", "sessions", "refresh_tokens"}
+TABLES = {"users", "sessions", "refresh_tokens", "totp_credentials", "recovery_codes", "challenges"}
 
 
 async def table_names(url: str) -> set[str]:

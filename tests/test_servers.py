@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from db.migrate import upgrade_head
 from db.models import RefreshToken, UserSession
 from db.settings import SECRET_KEY_PLACEHOLDER
-from tests.conftest import PASSWORD, unique_email
+from tests.conftest import PASSWORD, TEST_FERNET_KEY, unique_email
 from tests.gql import LOGIN, ME, REFRESH, SIGNUP, post
 from tests.pg import PrivateCluster, admin_execute, find_pg_bin, free_port, sqlalchemy_url
 from tests.servers import (
@@ -49,6 +49,7 @@ def production_env(database_url: str, **overrides: str) -> dict[str, str]:
     return server_env(
         ENVIRONMENT="production",
         SECRET_KEY=PRODUCTION_KEY,
+        ENCRYPTION_KEYS=TEST_FERNET_KEY,
         DATABASE_URL=database_url,
         **overrides,
     )

@@ -9,6 +9,7 @@ import pytest
 
 from db.settings import SECRET_KEY_PLACEHOLDER, ConfigError, Settings
 from graph.app import create_app
+from tests.conftest import TEST_FERNET_KEY
 
 
 @pytest.fixture
@@ -31,9 +32,29 @@ def test_production_refuses_a_bad_secret_key(no_env: None, key: str | None, why:
         create_app(settings)
 
 
-def test_production_needs_nothing_else(no_env: None) -> None:
-    settings = Settings(_env_file=None, secret_key="k" * 32).prepare()
+def test_production_needs_encryption_keys_and_nothing_else(no_env: None) -> None:
+    with pytest.raises(ConfigError, match="ENCRYPTION_KEYS"):
+        Settings(_env_file=None, secret_key="k" * 32).prepare()
+    with pytest.raises(ConfigError, match="ENCRYPTION_KEYS"):
+        Settings(_env_file=None, secret_key="k" * 32, encryption_keys="not-a-key").prepare()
+    settings = Settings(_env_file=None, secret_key="k" * 32, encryption_keys=TEST_FERNET_KEY)
+    settings.prepare()
     assert not settings.graphiql_enabled and not settings.introspection_enabled
+
+
+def test_development_derives_an_encryption_key(no_env: None, tmp_path: Path) -> None:
+    from cryptography.fernet import Fernet
+
+    settings = Settings(_env_file=None, environment="development", secret_key="d" * 40)
+    keys = settings.prepare().fernet_keys()
+    assert len(keys) == 1
+    Fernet(keys[0])  # a valid key, the same on every start with the same SECRET_KEY
+    assert (
+        Settings(_env_file=None, environment="development", secret_key="d" * 40)
+        .prepare()
+        .fernet_keys()
+        == keys
+    )
 
 
 def test_settings_come_from_the_environment_and_dotenv(
