@@ -33,9 +33,11 @@ from strawberry.types import ExecutionResult
 from db.clock import Clock, SystemClock
 from db.migrate import head_revision, upgrade_head
 from db.security.access import AccessTokenCodec
+from db.security.box import SecretBox
 from db.security.passwords import PasswordHasher
 from db.security.tokens import derive_key
 from db.services.auth import AuthService
+from db.services.mfa import TwoFactor
 from db.session import Statements, create_engine
 from db.settings import ConfigError, Settings
 from graph.context import AppServices, Context
@@ -218,6 +220,15 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                     refresh_lifetime=timedelta(days=settings.refresh_token_expire_days),
                     reuse_interval=timedelta(seconds=settings.refresh_token_reuse_interval),
                     password_min_length=settings.password_min_length,
+                    two_factor=TwoFactor(
+                        statements=statements,
+                        box=SecretBox(settings.fernet_keys()),
+                        hasher=hasher,
+                        clock=clock,
+                        issuer=settings.totp_issuer,
+                        recovery_key=derive_key(settings.secret(), "recovery-code-lookup"),
+                    ),
+                    challenge_lifetime=timedelta(minutes=settings.otp_challenge_minutes),
                 ),
             )
             # Everything made so far lives as long as the process: keep it out of the

@@ -40,3 +40,21 @@ class LogoutInput:
     everywhere: bool = strawberry.field(
         default=False, description="End every session of the user, not only this one."
     )
+
+
+@strawberry.input
+class ConfirmTotpInput:
+    code: str = strawberry.field(
+        description="A current code from the authenticator, proving the enrolment worked."
+    )
+
+
+@strawberry.input
+class DisableTotpInput:
+    password: str
+    code: str = strawberry.field(description="A current TOTP code or an unused recovery code.")
+
+
+@strawberry.input
+class RegenerateRecoveryCodesInput:
+    code: str = strawberry.field(description="A current TOTP code.")

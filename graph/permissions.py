@@ -24,3 +24,16 @@ class BearerTokenValid(BasePermission):
         except StrawberryGraphQLError:
             return False  # a database failure is not a refusal: it propagates
         return True
+
+
+class IsAuthenticated(BasePermission):
+    """A valid bearer token of a live session is required."""
+
+    message = "Sign in first: this operation needs a valid access token."
+    error_extensions = {"code": UNAUTHENTICATED}  # noqa: RUF012
+
+    async def has_permission(self, source: Any, info: Info[Context, Any], **kwargs: Any) -> bool:
+        try:
+            return await info.context.user() is not None
+        except StrawberryGraphQLError:
+            return False

@@ -13,7 +13,8 @@ from strawberry.schema.schema import validate_document
 from strawberry.types import ExecutionContext
 
 from db.settings import Settings
-from graph.resolvers.auth import Mutation, Query
+from graph.resolvers.auth import AuthMutation, Query
+from graph.resolvers.mfa import MfaMutation
 
 # Distinct documents kept parsed and validated. Bounded, so that a stream of unique
 # query texts cannot grow memory.
@@ -30,6 +31,11 @@ def _validate(
     schema: GraphQLSchema, document: DocumentNode, rules: tuple[type[ASTValidationRule], ...]
 ) -> list[GraphQLError]:
     return validate_document(schema, document, rules)
+
+
+@strawberry.type
+class Mutation(AuthMutation, MfaMutation):
+    pass
 
 
 class StrawgateSchema(strawberry.Schema):

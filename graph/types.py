@@ -9,7 +9,8 @@ from typing import Annotated
 import strawberry
 
 from db.errors import AuthFailure, ErrorCode
-from db.services.auth import IssuedSession, UserView
+from db.services.auth import IssuedChallenge, IssuedSession, UserView
+from db.services.mfa import TotpEnrolment
 
 AuthErrorCode = strawberry.enum(ErrorCode, name="AuthErrorCode")
 
@@ -75,6 +76,43 @@ class OtpChallenge:
     purpose: OtpPurpose
     expires_in: int = strawberry.field(description="Seconds until challengeToken expires.")
 
+    @classmethod
+    def from_issued(cls, issued: IssuedChallenge) -> OtpChallenge:
+        return cls(
+            challenge_token=issued.challenge_token,
+            method=OtpMethod(issued.method),
+            purpose=OtpPurpose(issued.purpose),
+            expires_in=issued.expires_in,
+        )
+
+
+@strawberry.type(
+    description="What an authenticator app needs to enrol: scan qrCodeSvg or type secret."
+)
+class TotpSetup:
+    secret: str = strawberry.field(description="Base32 secret, for typing in by hand.")
+    otpauth_uri: str = strawberry.field(
+        description="otpauth://totp/... URI, with the issuer and the user's email as label."
+    )
+    qr_code_svg: str = strawberry.field(
+        description="The URI as a QR code, an SVG document ready to show."
+    )
+
+    @classmethod
+    def from_enrolment(cls, enrolment: TotpEnrolment) -> TotpSetup:
+        return cls(
+            secret=enrolment.secret,
+            otpauth_uri=enrolment.otpauth_uri,
+            qr_code_svg=enrolment.qr_code_svg,
+        )
+
+
+@strawberry.type(
+    description="Single-use codes for when the authenticator is lost; shown once, stored hashed."
+)
+class RecoveryCodes:
+    codes: list[str]
+
 
 @strawberry.type(
     description="An expected failure, returned as data rather than as a GraphQL error."
@@ -104,6 +142,11 @@ class AuthError:
 
 
 AuthResult = Annotated[AuthSession | OtpChallenge | AuthError, strawberry.union("AuthResult")]
+
+
+TotpSetupResult = Annotated[TotpSetup | AuthError, strawberry.union("TotpSetupResult")]
+RecoveryCodesResult = Annotated[RecoveryCodes | AuthError, strawberry.union("RecoveryCodesResult")]
+UserResult = Annotated[User | AuthError, strawberry.union("UserResult")]
 
 
 @strawberry.type

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, true, update
+from sqlalchemy import bindparam, insert, null, select, true, update
 
 from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode, UniqueViolation
-from db.models import IP_MAX, RefreshToken, User, UserSession
+from db.models import IP_MAX, Challenge, RefreshToken, TotpCredential, User, UserSession
 from db.security.access import AccessClaims, AccessTokenCodec
 from db.security.passwords import PasswordHasher
 from db.security.tokens import (
@@ -29,6 +29,7 @@ from db.security.tokens import (
     successor_token,
     token_digest,
 )
+from db.services.mfa import TwoFactor
 from db.session import Runner, Statements
 from db.validation import (
     PASSWORD_MAX_LENGTH,
@@ -60,6 +61,23 @@ class IssuedSession:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuedChallenge:
+    """A second step is needed: the challenge token goes back with the code."""
+
+    challenge_token: str
+    method: str  # "TOTP"
+    purpose: str  # "LOGIN"
+    expires_in: int
+
+
+# What proving each factor adds to a session's `amr` (RFC 8176).
+AMR_PASSWORD = ["pwd"]
+AMR_PASSWORD_AND_TOTP = ["pwd", "otp", "mfa"]
+AMR_PASSWORD_AND_RECOVERY_CODE = ["pwd", "mfa"]
+MAX_CHALLENGE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
 class ClientInfo:
     ip: str | None = None
     user_agent: str | None = None
@@ -70,7 +88,7 @@ def user_view(row: Mapping[str, Any], id_key: str = "id") -> UserView:
         id=row[id_key],
         email=row["email"],
         email_verified=row["email_verified_at"] is not None,
-        otp_enabled=False,  # two-factor arrives with its own issue and tables
+        otp_enabled=row.get("otp_confirmed_at") is not None,
         created_at=row["created_at"],
     )
 
@@ -78,14 +96,31 @@ def user_view(row: Mapping[str, Any], id_key: str = "id") -> UserView:
 # The statements of the request path, built once (SQLAlchemy caches their compiled form,
 # and Statements keeps the driver's).
 
-_USER_BY_EMAIL = select(
-    User.id,
-    User.email,
-    User.email_verified_at,
-    User.created_at,
-    User.password_hash,
-    User.is_active,
-).where(User.email_normalized == bindparam("email"))
+# Two-factor is on when the user has a confirmed TOTP credential.
+_OTP_CONFIRMED = TotpCredential.confirmed_at.label("otp_confirmed_at")
+_WITH_TOTP = (TotpCredential, TotpCredential.user_id == User.id)
+
+_USER_BY_EMAIL = (
+    select(
+        User.id,
+        User.email,
+        User.email_verified_at,
+        User.created_at,
+        User.password_hash,
+        User.is_active,
+        _OTP_CONFIRMED,
+    )
+    .outerjoin(*_WITH_TOTP)
+    .where(User.email_normalized == bindparam("email"))
+)
+
+_USER_BY_ID = (
+    select(
+        User.id, User.email, User.email_verified_at, User.created_at, User.is_active, _OTP_CONFIRMED
+    )
+    .outerjoin(*_WITH_TOTP)
+    .where(User.id == bindparam("user_id"))
+)
 
 _ADD_USER = insert(User).values(
     id=bindparam("user_id"),
@@ -117,8 +152,9 @@ _ADD_SESSION = insert(UserSession).values(
 # The one query behind every authenticated request: the session is live and its user
 # active.
 _CURRENT_USER = (
-    select(User.id, User.email, User.email_verified_at, User.created_at)
+    select(User.id, User.email, User.email_verified_at, User.created_at, _OTP_CONFIRMED)
     .join(UserSession, UserSession.user_id == User.id)
+    .outerjoin(*_WITH_TOTP)
     .where(
         UserSession.id == bindparam("sid"),
         UserSession.user_id == bindparam("uid"),
@@ -164,9 +200,11 @@ _ROTATION_STATE = (
         User.email_verified_at,
         User.created_at,
         User.is_active,
+        _OTP_CONFIRMED,
     )
     .join(UserSession, UserSession.id == RefreshToken.session_id)
     .join(User, User.id == UserSession.user_id)
+    .outerjoin(*_WITH_TOTP)
     .where(RefreshToken.token_hash == bindparam("digest"))
     .with_for_update(of=[UserSession, RefreshToken])
 )
@@ -214,6 +252,51 @@ _REVOKE_USER_SESSIONS = (
 )
 
 
+_ADD_CHALLENGE = insert(Challenge).values(
+    id=bindparam("challenge_id"),
+    token_hash=bindparam("token_hash"),
+    user_id=bindparam("user_id"),
+    purpose=bindparam("purpose"),
+    method=bindparam("method"),
+    amr=bindparam("amr"),
+    user_agent=bindparam("user_agent"),
+    ip=bindparam("ip"),
+    created_at=bindparam("now"),
+    expires_at=bindparam("expires_at"),
+    consumed_at=null(),
+)
+
+# Every code checked against a challenge first takes one of its attempts, in one write,
+# so parallel guesses cannot pass the cap; a challenge out of attempts, used or expired
+# gives none.
+_TAKE_ATTEMPT = (
+    update(Challenge)
+    .where(
+        Challenge.token_hash == bindparam("digest"),
+        Challenge.consumed_at.is_(None),
+        Challenge.expires_at > bindparam("now"),
+        Challenge.attempts < MAX_CHALLENGE_ATTEMPTS,
+    )
+    .values(attempts=Challenge.attempts + 1)
+    .returning(
+        Challenge.id,
+        Challenge.user_id,
+        Challenge.purpose,
+        Challenge.method,
+        Challenge.amr,
+        Challenge.user_agent,
+        Challenge.ip,
+    )
+)
+
+_CONSUME_CHALLENGE = (
+    update(Challenge)
+    .where(Challenge.id == bindparam("challenge_id"), Challenge.consumed_at.is_(None))
+    .values(consumed_at=bindparam("now"))
+    .returning(Challenge.id)
+)
+
+
 class AuthService:
     def __init__(
         self,
@@ -226,6 +309,8 @@ class AuthService:
         refresh_lifetime: timedelta,
         reuse_interval: timedelta,
         password_min_length: int,
+        two_factor: TwoFactor,
+        challenge_lifetime: timedelta,
     ) -> None:
         self.statements = statements
         self.hasher = hasher
@@ -235,6 +320,8 @@ class AuthService:
         self.refresh_lifetime = refresh_lifetime
         self.reuse_interval = reuse_interval
         self.password_min_length = password_min_length
+        self.two_factor = two_factor
+        self.challenge_lifetime = challenge_lifetime
 
     # -- signup and login -------------------------------------------------------------
 
@@ -269,11 +356,15 @@ class AuthService:
                         "now": now,
                     },
                 )
-                return await self._open_session(tx, user_view(user), amr=["pwd"], client=client)
+                return await self._open_session(
+                    tx, user_view(user), amr=AMR_PASSWORD, client=client
+                )
         except UniqueViolation:
             raise _email_taken() from None
 
-    async def login(self, *, email: str, password: str, client: ClientInfo) -> IssuedSession:
+    async def login(
+        self, *, email: str, password: str, client: ClientInfo
+    ) -> IssuedSession | IssuedChallenge:
         """Check a password and sign in. One answer whether the email is unknown or the
         password wrong, in about the same time."""
         self.hasher.check_capacity()  # when overloaded, refuse before doing any work
@@ -296,19 +387,89 @@ class AuthService:
             raise _invalid_credentials()
         if not user["is_active"]:
             raise AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
+        if user["otp_confirmed_at"] is not None:
+            async with self.statements.transaction() as tx:
+                if new_hash is not None:
+                    await self._upgrade_hash(tx, user, new_hash)
+                return await self._open_challenge(tx, user["id"], client)
         async with self.statements.transaction() as tx:
             if new_hash is not None:
-                # Upgrade a legacy or weaker hash, unless the password changed meanwhile.
-                await tx.execute(
-                    _UPGRADE_HASH,
-                    {
-                        "user_id": user["id"],
-                        "old_hash": user["password_hash"],
-                        "new_hash": new_hash,
-                        "now": self.clock.now(),
-                    },
-                )
-            return await self._open_session(tx, user_view(user), amr=["pwd"], client=client)
+                await self._upgrade_hash(tx, user, new_hash)
+            return await self._open_session(tx, user_view(user), amr=AMR_PASSWORD, client=client)
+
+    async def _upgrade_hash(self, tx: Runner, user: Mapping[str, Any], new_hash: str) -> None:
+        """A legacy or weaker hash is replaced, unless the password changed meanwhile."""
+        await tx.execute(
+            _UPGRADE_HASH,
+            {
+                "user_id": user["id"],
+                "old_hash": user["password_hash"],
+                "new_hash": new_hash,
+                "now": self.clock.now(),
+            },
+        )
+
+    async def _open_challenge(
+        self, tx: Runner, user_id: uuid.UUID, client: ClientInfo
+    ) -> IssuedChallenge:
+        now = self.clock.now()
+        token = new_opaque_token()  # 256 bits; stored only as its SHA-256
+        await tx.execute(
+            _ADD_CHALLENGE,
+            {
+                "challenge_id": uuid.uuid4(),
+                "token_hash": token_digest(token),
+                "user_id": user_id,
+                "purpose": "LOGIN",
+                "method": "TOTP",
+                "amr": " ".join(AMR_PASSWORD),
+                "user_agent": clean_user_agent(client.user_agent),
+                "ip": client.ip[:IP_MAX] if client.ip else None,
+                "now": now,
+                "expires_at": now + self.challenge_lifetime,
+            },
+        )
+        return IssuedChallenge(
+            challenge_token=token,
+            method="TOTP",
+            purpose="LOGIN",
+            expires_in=int(self.challenge_lifetime.total_seconds()),
+        )
+
+    async def verify_otp(
+        self, *, challenge_token: str, code: str, client: ClientInfo
+    ) -> IssuedSession:
+        """The second step of a login: a current TOTP code, or an unused recovery code."""
+        if not challenge_token or not looks_like_opaque_token(challenge_token):
+            raise _invalid_challenge()
+        now = self.clock.now()
+        async with self.statements.transaction() as tx:
+            challenge = await tx.first(
+                _TAKE_ATTEMPT, {"digest": token_digest(challenge_token), "now": now}
+            )
+        if challenge is None or challenge["user_id"] is None:
+            raise _invalid_challenge()
+        method = await self.two_factor.check_code(
+            user_id=challenge["user_id"], code=code, recovery=True
+        )
+        amr = AMR_PASSWORD_AND_TOTP if method == "totp" else AMR_PASSWORD_AND_RECOVERY_CODE
+        async with self.statements.transaction() as tx:
+            if (
+                await tx.first(_CONSUME_CHALLENGE, {"challenge_id": challenge["id"], "now": now})
+                is None
+            ):
+                raise _invalid_challenge()  # used by a concurrent request
+            user = await tx.first(_USER_BY_ID, {"user_id": challenge["user_id"]})
+            if user is None:
+                raise _invalid_challenge()
+            if not user["is_active"]:
+                raise AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
+            return await self._open_session(
+                tx,
+                user_view(user),
+                amr=amr,
+                client=ClientInfo(ip=challenge["ip"], user_agent=challenge["user_agent"]),
+            )
 
     async def _open_session(
         self, tx: Runner, user: UserView, *, amr: list[str], client: ClientInfo
@@ -471,6 +632,14 @@ def _email_taken() -> AuthFailure:
 
 def _invalid_credentials() -> AuthFailure:
     return AuthFailure(ErrorCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS_MESSAGE)
+
+
+def _invalid_challenge() -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.INVALID_TOKEN,
+        "This challenge is invalid or has expired.",
+        field="challengeToken",
+    )
 
 
 def _invalid_token() -> AuthFailure:

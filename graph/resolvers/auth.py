@@ -9,13 +9,13 @@ import strawberry
 from strawberry.exceptions import StrawberryGraphQLError
 from strawberry.types import Info
 
-from db.errors import AuthFailure, ErrorCode, invalid_input
-from db.services.auth import IssuedSession
+from db.errors import AuthFailure, invalid_input
+from db.services.auth import IssuedChallenge, IssuedSession
 from db.validation import has_control_characters
 from graph.context import Context
 from graph.inputs import LoginInput, LogoutInput, RefreshInput, SignupInput, VerifyOtpInput
 from graph.permissions import BearerTokenValid
-from graph.types import AuthError, AuthResult, AuthSession, LogoutResult, User
+from graph.types import AuthError, AuthResult, AuthSession, LogoutResult, OtpChallenge, User
 
 
 def reject_control_characters(info: Info[Context, Any], data: object) -> None:
@@ -29,14 +29,19 @@ def reject_control_characters(info: Info[Context, Any], data: object) -> None:
 
 
 async def _answer(
-    info: Info[Context, Any], data: object, run: Callable[[], Awaitable[IssuedSession]]
+    info: Info[Context, Any],
+    data: object,
+    run: Callable[[], Awaitable[IssuedSession | IssuedChallenge]],
 ) -> AuthResult:
     """Checks the input, runs the service, and maps an expected failure to AuthError."""
     try:
         reject_control_characters(info, data)
-        return AuthSession.from_issued(await run())
+        issued = await run()
     except AuthFailure as failure:
         return AuthError.from_failure(failure)
+    if isinstance(issued, IssuedChallenge):
+        return OtpChallenge.from_issued(issued)
+    return AuthSession.from_issued(issued)
 
 
 @strawberry.type
@@ -54,19 +59,10 @@ class Query:
         return User.from_view(view) if view is not None else None
 
 
-async def _no_challenge() -> IssuedSession:
-    # This version issues no challenges yet, so every challenge token is unknown.
-    raise AuthFailure(
-        ErrorCode.INVALID_TOKEN,
-        "This challenge is invalid or has expired.",
-        field="challengeToken",
-    )
-
-
 # Operations that need no signed-in user never read the Authorization header: a client
 # holding an expired access token can still sign in, refresh and log out.
 @strawberry.type
-class Mutation:
+class AuthMutation:
     @strawberry.mutation
     async def signup(self, info: Info[Context, Any], input: SignupInput) -> AuthResult:
         ctx = info.context
@@ -91,7 +87,14 @@ class Mutation:
 
     @strawberry.mutation
     async def verify_otp(self, info: Info[Context, Any], input: VerifyOtpInput) -> AuthResult:
-        return await _answer(info, input, _no_challenge)
+        ctx = info.context
+        return await _answer(
+            info,
+            input,
+            lambda: ctx.services.auth.verify_otp(
+                challenge_token=input.challenge_token, code=input.code, client=ctx.client
+            ),
+        )
 
     @strawberry.mutation
     async def refresh(self, info: Info[Context, Any], input: RefreshInput) -> AuthResult:

@@ -12,11 +12,13 @@ import pytest
 from db.clock import SystemClock
 from db.errors import AuthFailure, ErrorCode
 from db.security.access import AccessTokenCodec
+from db.security.box import SecretBox
 from db.security.passwords import PasswordHasher
 from db.services.auth import AuthService, ClientInfo
+from db.services.mfa import TwoFactor
 from db.session import Statements, create_engine
 from db.settings import Settings
-from tests.conftest import PASSWORD, TEST_SECRET, MutableClock
+from tests.conftest import PASSWORD, TEST_FERNET_KEY, TEST_SECRET, MutableClock
 
 
 async def test_hashing_runs_off_the_event_loop() -> None:
@@ -95,6 +97,15 @@ async def test_nothing_over_the_maximum_is_ever_hashed(database_url: str) -> Non
         refresh_lifetime=timedelta(days=1),
         reuse_interval=timedelta(seconds=10),
         password_min_length=8,
+        two_factor=TwoFactor(
+            statements=statements,
+            box=SecretBox([TEST_FERNET_KEY]),
+            hasher=hasher,
+            clock=clock,
+            issuer="Strawgate",
+            recovery_key=b"r" * 32,
+        ),
+        challenge_lifetime=timedelta(minutes=5),
     )
     await statements.start()
     try:

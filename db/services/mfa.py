@@ -1,0 +1,337 @@
+"""Two-factor: TOTP enrolment, recovery codes, and the per-account limit on wrong codes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, case, delete, insert, null, or_, select, update
+
+from db.clock import Clock
+from db.errors import AuthFailure, ErrorCode, UniqueViolation
+from db.models import RecoveryCode, TotpCredential, User
+from db.security.box import SecretBox
+from db.security.passwords import PasswordHasher
+from db.security.totp import (
+    RECOVERY_CODE_COUNT,
+    matching_step,
+    new_recovery_code,
+    new_secret,
+    normalize_recovery_code,
+    provisioning_uri,
+    qr_svg,
+    recovery_lookup,
+)
+from db.session import Runner, Statements
+from db.validation import PASSWORD_MAX_LENGTH, normalize_password
+
+# Wrong codes per account, across challenges and mutations, before code checks refuse.
+ACCOUNT_CODE_FAILURES = 10
+ACCOUNT_CODE_WINDOW = timedelta(minutes=15)
+
+
+@dataclass(frozen=True, slots=True)
+class TotpEnrolment:
+    secret: str
+    otpauth_uri: str
+    qr_code_svg: str
+
+
+_CREDENTIAL = select(
+    TotpCredential.secret_sealed, TotpCredential.confirmed_at, TotpCredential.last_step
+).where(TotpCredential.user_id == bindparam("user_id"))
+
+_DROP_PENDING = delete(TotpCredential).where(
+    TotpCredential.user_id == bindparam("user_id"), TotpCredential.confirmed_at.is_(None)
+)
+_ADD_CREDENTIAL = insert(TotpCredential).values(
+    user_id=bindparam("user_id"),
+    secret_sealed=bindparam("secret_sealed"),
+    confirmed_at=null(),
+    last_step=null(),
+    created_at=bindparam("now"),
+)
+# Accepting a step is one conditional write: of two concurrent uses of one code, on one
+# process or two, exactly one finds the step still newer than the last accepted one.
+_ACCEPT_STEP = (
+    update(TotpCredential)
+    .where(
+        TotpCredential.user_id == bindparam("user_id"),
+        or_(TotpCredential.last_step.is_(None), TotpCredential.last_step < bindparam("step")),
+    )
+    .values(last_step=bindparam("step"))
+    .returning(TotpCredential.user_id)
+)
+_CONFIRM = (
+    update(TotpCredential)
+    .where(TotpCredential.user_id == bindparam("user_id"), TotpCredential.confirmed_at.is_(None))
+    .values(confirmed_at=bindparam("now"))
+    .returning(TotpCredential.user_id)
+)
+_DROP_CREDENTIAL = delete(TotpCredential).where(TotpCredential.user_id == bindparam("user_id"))
+_DROP_RECOVERY_CODES = delete(RecoveryCode).where(RecoveryCode.user_id == bindparam("user_id"))
+_ADD_RECOVERY_CODE = insert(RecoveryCode).values(
+    user_id=bindparam("user_id"),
+    lookup=bindparam("lookup"),
+    code_hash=bindparam("code_hash"),
+    used_at=null(),
+    created_at=bindparam("now"),
+)
+_RECOVERY_CANDIDATE = (
+    select(RecoveryCode.id, RecoveryCode.code_hash)
+    .where(
+        RecoveryCode.user_id == bindparam("user_id"),
+        RecoveryCode.lookup == bindparam("lookup"),
+        RecoveryCode.used_at.is_(None),
+    )
+    .order_by(RecoveryCode.id)
+    .limit(1)
+)
+_USE_RECOVERY_CODE = (
+    update(RecoveryCode)
+    .where(RecoveryCode.id == bindparam("code_id"), RecoveryCode.used_at.is_(None))
+    .values(used_at=bindparam("now"))
+    .returning(RecoveryCode.id)
+)
+
+# One atomic write reserves a code check against the account's budget: parallel guesses
+# cannot slip past the cap between a read and a write.
+_window_over = or_(
+    User.otp_failures_since.is_(None), User.otp_failures_since <= bindparam("window_start")
+)
+_RESERVE_CHECK = (
+    update(User)
+    .where(
+        User.id == bindparam("user_id"),
+        or_(_window_over, User.otp_failures < bindparam("cap")),
+    )
+    .values(
+        otp_failures=case((_window_over, 1), else_=User.otp_failures + 1),
+        otp_failures_since=case((_window_over, bindparam("now")), else_=User.otp_failures_since),
+    )
+    .returning(User.otp_failures)
+)
+_REFUND_CHECK = (
+    update(User)
+    .where(User.id == bindparam("user_id"), User.otp_failures > 0)
+    .values(otp_failures=User.otp_failures - 1)
+)
+_FAILURES_SINCE = select(User.otp_failures_since).where(User.id == bindparam("user_id"))
+_PASSWORD_HASH = select(User.password_hash).where(User.id == bindparam("user_id"))
+
+
+class TwoFactor:
+    def __init__(
+        self,
+        *,
+        statements: Statements,
+        box: SecretBox,
+        hasher: PasswordHasher,
+        clock: Clock,
+        issuer: str,
+        recovery_key: bytes,
+    ) -> None:
+        self.statements = statements
+        self.box = box
+        self.hasher = hasher
+        self.clock = clock
+        self.issuer = issuer
+        self._recovery_key = recovery_key
+
+    # -- enrolment -------------------------------------------------------------------------
+
+    async def setup(self, *, user_id: uuid.UUID, email: str) -> TotpEnrolment:
+        """A new pending secret (replacing a pending one); refused once two-factor is on."""
+        secret = new_secret()
+        try:
+            async with self.statements.transaction() as tx:
+                await tx.execute(_DROP_PENDING, {"user_id": user_id})
+                await tx.execute(
+                    _ADD_CREDENTIAL,
+                    {
+                        "user_id": user_id,
+                        "secret_sealed": self.box.seal(secret),
+                        "now": self.clock.now(),
+                    },
+                )
+        except UniqueViolation:  # a confirmed credential is there
+            raise _already_on() from None
+        uri = provisioning_uri(secret, email=email, issuer=self.issuer)
+        return TotpEnrolment(secret=secret, otpauth_uri=uri, qr_code_svg=qr_svg(uri))
+
+    async def confirm(self, *, user_id: uuid.UUID, code: str) -> list[str]:
+        """Turns two-factor on with a current code from the pending secret; the recovery
+        codes, shown once."""
+        async with self.statements.connection() as conn:
+            credential = await conn.first(_CREDENTIAL, {"user_id": user_id})
+        if credential is None:
+            raise AuthFailure(
+                ErrorCode.INVALID_INPUT, "Start with setupTotp before confirming.", field="code"
+            )
+        if credential["confirmed_at"] is not None:
+            raise _already_on()
+        await self.check_code(user_id=user_id, code=code, credential=credential, recovery=False)
+        codes, rows = await self._new_recovery_codes(user_id)
+        async with self.statements.transaction() as tx:
+            if await tx.first(_CONFIRM, {"user_id": user_id, "now": self.clock.now()}) is None:
+                raise _already_on()  # confirmed by a concurrent request
+            await self._store_recovery_codes(tx, user_id, rows)
+        return codes
+
+    async def regenerate_recovery_codes(self, *, user_id: uuid.UUID, code: str) -> list[str]:
+        """Replaces every recovery code; needs a current TOTP code."""
+        credential = await self._confirmed(user_id)
+        await self.check_code(user_id=user_id, code=code, credential=credential, recovery=False)
+        codes, rows = await self._new_recovery_codes(user_id)
+        async with self.statements.transaction() as tx:
+            await self._store_recovery_codes(tx, user_id, rows)
+        return codes
+
+    async def disable(self, *, user_id: uuid.UUID, password: str, code: str) -> None:
+        """Turns two-factor off: needs the password and a current or recovery code."""
+        credential = await self._confirmed(user_id)
+        password = normalize_password(password)
+        async with self.statements.connection() as conn:
+            row = await conn.first(_PASSWORD_HASH, {"user_id": user_id})
+        ok = False
+        if row is not None and 0 < len(password) <= PASSWORD_MAX_LENGTH:
+            ok, _new_hash = await self.hasher.verify(password, row["password_hash"])
+        if not ok:
+            raise AuthFailure(ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.")
+        await self.check_code(user_id=user_id, code=code, credential=credential, recovery=True)
+        async with self.statements.transaction() as tx:
+            await tx.execute(_DROP_RECOVERY_CODES, {"user_id": user_id})
+            await tx.execute(_DROP_CREDENTIAL, {"user_id": user_id})
+
+    # -- checking a code ---------------------------------------------------------------------
+
+    async def check_code(
+        self,
+        *,
+        user_id: uuid.UUID,
+        code: str,
+        credential: Mapping[str, Any] | None = None,
+        recovery: bool,
+    ) -> str:
+        """Accepts a current TOTP code (once) or, where `recovery`, an unused recovery
+        code (once); raises INVALID_OTP otherwise, and RATE_LIMITED when the account has
+        had too many wrong codes lately. Returns "totp" or "recovery"."""
+        now = self.clock.now()
+        await self._reserve_check(user_id, now)
+        # A wrong code leaves the reserved check counted; a right one gives it back.
+        method = await self._verify(user_id, code, credential, recovery=recovery, now=now)
+        async with self.statements.transaction() as tx:
+            await tx.execute(_REFUND_CHECK, {"user_id": user_id})
+        return method
+
+    async def _verify(
+        self,
+        user_id: uuid.UUID,
+        code: str,
+        credential: Mapping[str, Any] | None,
+        *,
+        recovery: bool,
+        now: datetime,
+    ) -> str:
+        if credential is None:
+            async with self.statements.connection() as conn:
+                credential = await conn.first(_CREDENTIAL, {"user_id": user_id})
+        if credential is not None:
+            secret = self.box.open(credential["secret_sealed"])
+            step = matching_step(secret, code.strip(), now=now, after=credential["last_step"])
+            if step is not None:
+                async with self.statements.transaction() as tx:
+                    accepted = await tx.first(_ACCEPT_STEP, {"user_id": user_id, "step": step})
+                if accepted is not None:
+                    return "totp"
+                raise _invalid_otp()  # replayed, by a concurrent request
+        normalized = normalize_recovery_code(code) if recovery else None
+        if normalized is not None:
+            lookup = recovery_lookup(self._recovery_key, normalized)
+            async with self.statements.connection() as conn:
+                candidate = await conn.first(
+                    _RECOVERY_CANDIDATE, {"user_id": user_id, "lookup": lookup}
+                )
+            if candidate is not None:
+                ok, _ = await self.hasher.verify(normalized, candidate["code_hash"])
+                if ok:
+                    async with self.statements.transaction() as tx:
+                        used = await tx.first(
+                            _USE_RECOVERY_CODE, {"code_id": candidate["id"], "now": now}
+                        )
+                    if used is not None:
+                        return "recovery"
+        raise _invalid_otp()
+
+    async def _reserve_check(self, user_id: uuid.UUID, now: datetime) -> None:
+        params = {
+            "user_id": user_id,
+            "now": now,
+            "window_start": now - ACCOUNT_CODE_WINDOW,
+            "cap": ACCOUNT_CODE_FAILURES,
+        }
+        async with self.statements.transaction() as tx:
+            reserved = await tx.first(_RESERVE_CHECK, params)
+            if reserved is not None:
+                return
+            since = await tx.first(_FAILURES_SINCE, {"user_id": user_id})
+        start = since["otp_failures_since"] if since else None
+        wait = (start + ACCOUNT_CODE_WINDOW - now).total_seconds() if start else 1
+        raise AuthFailure(
+            ErrorCode.RATE_LIMITED,
+            "Too many wrong codes for this account; try again later.",
+            retry_after=max(1, int(wait) + 1),
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def is_on(self, user_id: uuid.UUID) -> bool:
+        async with self.statements.connection() as conn:
+            credential = await conn.first(_CREDENTIAL, {"user_id": user_id})
+        return credential is not None and credential["confirmed_at"] is not None
+
+    async def _confirmed(self, user_id: uuid.UUID) -> Mapping[str, Any]:
+        async with self.statements.connection() as conn:
+            credential = await conn.first(_CREDENTIAL, {"user_id": user_id})
+        if credential is None or credential["confirmed_at"] is None:
+            raise AuthFailure(ErrorCode.INVALID_INPUT, "Two-factor sign-in is not on.")
+        return credential
+
+    async def _new_recovery_codes(
+        self, user_id: uuid.UUID
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        codes = [new_recovery_code() for _ in range(RECOVERY_CODE_COUNT)]
+        rows = []
+        for code in codes:
+            normalized = normalize_recovery_code(code)
+            assert normalized is not None  # noqa: S101 - made by new_recovery_code
+            rows.append(
+                {
+                    "user_id": user_id,
+                    "lookup": recovery_lookup(self._recovery_key, normalized),
+                    # argon2id, salted: 50 bits under a fast hash would fall to one GPU-day.
+                    "code_hash": await self.hasher.hash(normalized),
+                }
+            )
+        return codes, rows
+
+    async def _store_recovery_codes(
+        self, tx: Runner, user_id: uuid.UUID, rows: list[dict[str, Any]]
+    ) -> None:
+        now = self.clock.now()
+        await tx.execute(_DROP_RECOVERY_CODES, {"user_id": user_id})
+        for row in rows:
+            await tx.execute(_ADD_RECOVERY_CODE, {**row, "now": now})
+
+
+def _already_on() -> AuthFailure:
+    return AuthFailure(ErrorCode.INVALID_INPUT, "Two-factor sign-in is already on.")
+
+
+def _invalid_otp() -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.INVALID_OTP, "The code is incorrect or was already used.", field="code"
+    )

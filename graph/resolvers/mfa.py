@@ -1,0 +1,92 @@
+"""Two-factor: setupTotp, confirmTotp, disableTotp, regenerateRecoveryCodes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import strawberry
+from strawberry.types import Info
+
+from db.errors import AuthFailure
+from db.services.auth import UserView
+from graph.context import Context
+from graph.inputs import ConfirmTotpInput, DisableTotpInput, RegenerateRecoveryCodesInput
+from graph.permissions import IsAuthenticated
+from graph.resolvers.auth import reject_control_characters
+from graph.types import (
+    AuthError,
+    RecoveryCodes,
+    RecoveryCodesResult,
+    TotpSetup,
+    TotpSetupResult,
+    User,
+    UserResult,
+)
+
+
+async def _signed_in(info: Info[Context, Any]) -> UserView:
+    view = await info.context.user()
+    if view is None:  # pragma: no cover - IsAuthenticated let the request through
+        raise RuntimeError("no signed-in user")
+    return view
+
+
+@strawberry.type
+class MfaMutation:
+    @strawberry.mutation(
+        description="Starts enrolment; two-factor stays off until confirmTotp.",
+        permission_classes=[IsAuthenticated],
+    )
+    async def setup_totp(self, info: Info[Context, Any]) -> TotpSetupResult:
+        user = await _signed_in(info)
+        try:
+            enrolment = await info.context.services.auth.two_factor.setup(
+                user_id=user.id, email=user.email
+            )
+        except AuthFailure as failure:
+            return AuthError.from_failure(failure)
+        return TotpSetup.from_enrolment(enrolment)
+
+    @strawberry.mutation(
+        description="Turns two-factor on and returns fresh recovery codes.",
+        permission_classes=[IsAuthenticated],
+    )
+    async def confirm_totp(
+        self, info: Info[Context, Any], input: ConfirmTotpInput
+    ) -> RecoveryCodesResult:
+        user = await _signed_in(info)
+        try:
+            reject_control_characters(info, input)
+            codes = await info.context.services.auth.two_factor.confirm(
+                user_id=user.id, code=input.code
+            )
+        except AuthFailure as failure:
+            return AuthError.from_failure(failure)
+        return RecoveryCodes(codes=codes)
+
+    @strawberry.mutation(permission_classes=[IsAuthenticated])
+    async def disable_totp(self, info: Info[Context, Any], input: DisableTotpInput) -> UserResult:
+        user = await _signed_in(info)
+        try:
+            reject_control_characters(info, input)
+            await info.context.services.auth.two_factor.disable(
+                user_id=user.id, password=input.password, code=input.code
+            )
+        except AuthFailure as failure:
+            return AuthError.from_failure(failure)
+        return User.from_view(dataclasses.replace(user, otp_enabled=False))
+
+    @strawberry.mutation(permission_classes=[IsAuthenticated])
+    async def regenerate_recovery_codes(
+        self, info: Info[Context, Any], input: RegenerateRecoveryCodesInput
+    ) -> RecoveryCodesResult:
+        user = await _signed_in(info)
+        try:
+            reject_control_characters(info, input)
+            codes = await info.context.services.auth.two_factor.regenerate_recovery_codes(
+                user_id=user.id, code=input.code
+            )
+        except AuthFailure as failure:
+            return AuthError.from_failure(failure)
+        return RecoveryCodes(codes=codes)
