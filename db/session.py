@@ -91,6 +91,10 @@ class Runner(Protocol):
         raises UniqueViolation."""
         ...
 
+    async def scalars(self, statement: Executable, params: Mapping[str, Any]) -> list[Any]:
+        """The first column of every row."""
+        ...
+
 
 class Statements:
     """Fixed SQLAlchemy Core statements on the request path, run as lean as each database
@@ -212,6 +216,10 @@ class _NativeRunner:
         row = await self._driver.fetchrow(sql, *args)
         return None if row is None else dict(row.items())
 
+    async def scalars(self, statement: Executable, params: Mapping[str, Any]) -> list[Any]:
+        sql, args = self._statements.bind(statement, params)
+        return [row[0] for row in await self._driver.fetch(sql, *args)]
+
     async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
         sql, args = self._statements.bind(statement, params)
         try:
@@ -231,6 +239,9 @@ class _SqlalchemyRunner:
     ) -> Mapping[str, Any] | None:
         found = (await self._conn.execute(statement, dict(params))).mappings().first()
         return None if found is None else dict(found)
+
+    async def scalars(self, statement: Executable, params: Mapping[str, Any]) -> list[Any]:
+        return list((await self._conn.execute(statement, dict(params))).scalars().all())
 
     async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
         try:

@@ -44,6 +44,30 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rotate_keys(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from db.security.box import SecretBox
+    from db.services.mfa import reseal_all
+    from db.session import Statements, create_engine
+
+    settings = Settings().prepare()
+
+    async def rotate() -> int:
+        engine = create_engine(settings)
+        statements = Statements(engine, pool_size=2, timeout=settings.db_timeout)
+        await statements.start()
+        try:
+            return await reseal_all(statements, SecretBox(settings.fernet_keys()))
+        finally:
+            await statements.close()
+            await engine.dispose()
+
+    count = asyncio.run(rotate())
+    print(f"re-encrypted {count} secret(s) under the first of ENCRYPTION_KEYS")
+    return 0
+
+
 def _export_schema(args: argparse.Namespace) -> int:
     from graph.schema import schema_sdl
 
@@ -68,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
 
     migrate = commands.add_parser("migrate", help="apply pending migrations (upgrade head)")
     migrate.set_defaults(run=_migrate)
+
+    rotate = commands.add_parser(
+        "rotate-keys", help="re-encrypt stored secrets under the first of ENCRYPTION_KEYS"
+    )
+    rotate.set_defaults(run=_rotate_keys)
 
     export = commands.add_parser("export-schema", help="write the GraphQL schema (SDL)")
     export.add_argument("--output", "-o", default="schema.graphql", help='a path, or "-"')

@@ -44,6 +44,18 @@ _CREDENTIAL = select(
     TotpCredential.secret_sealed, TotpCredential.confirmed_at, TotpCredential.last_step
 ).where(TotpCredential.user_id == bindparam("user_id"))
 
+_ALL_CREDENTIALS = select(TotpCredential.user_id).order_by(TotpCredential.user_id)
+_CREDENTIAL_FOR_UPDATE = (
+    select(TotpCredential.secret_sealed)
+    .where(TotpCredential.user_id == bindparam("user_id"))
+    .with_for_update()
+)
+_RESEAL = (
+    update(TotpCredential)
+    .where(TotpCredential.user_id == bindparam("user_id"))
+    .values(secret_sealed=bindparam("secret_sealed"))
+)
+
 _DROP_PENDING = delete(TotpCredential).where(
     TotpCredential.user_id == bindparam("user_id"), TotpCredential.confirmed_at.is_(None)
 )
@@ -335,3 +347,20 @@ def _invalid_otp() -> AuthFailure:
     return AuthFailure(
         ErrorCode.INVALID_OTP, "The code is incorrect or was already used.", field="code"
     )
+
+
+async def reseal_all(statements: Statements, box: SecretBox) -> int:
+    """Re-encrypts every TOTP secret under the first of ENCRYPTION_KEYS (key rotation);
+    how many were re-encrypted."""
+    count = 0
+    async with statements.transaction() as tx:
+        for user_id in await tx.scalars(_ALL_CREDENTIALS, {}):
+            row = await tx.first(_CREDENTIAL_FOR_UPDATE, {"user_id": user_id})
+            if row is None:
+                continue
+            await tx.execute(
+                _RESEAL,
+                {"user_id": user_id, "secret_sealed": box.reseal(row["secret_sealed"])},
+            )
+            count += 1
+    return count
