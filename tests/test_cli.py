@@ -48,3 +48,64 @@ def test_serve_refuses_workers_on_sqlite(tmp_path: Path) -> None:
     done = run("serve", "--workers", "2", cwd=tmp_path, ENVIRONMENT="development")
     assert done.returncode == 2
     assert "SQLite" in done.stderr
+
+
+async def test_rotate_keys_reencrypts_every_secret(tmp_path: Path) -> None:
+    """Old key A encrypted the secrets; with "B,A" configured, rotate-keys re-encrypts them
+    under B, after which B alone opens them and A alone does not."""
+    import asyncio
+    import uuid
+    from datetime import UTC, datetime
+
+    from cryptography.fernet import Fernet
+    from sqlalchemy import select
+
+    from db.models import TotpCredential, User
+    from db.security.box import SecretBox
+
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    url = f"sqlite+aiosqlite:///{tmp_path}/strawgate.db"
+    assert (await asyncio.to_thread(run, "migrate", cwd=tmp_path, DATABASE_URL=url)).returncode == 0
+    engine = create_async_engine(url)
+    now = datetime.now(UTC)
+    user_id = uuid.uuid4()
+    async with engine.begin() as conn:
+        await conn.execute(
+            User.__table__.insert().values(  # type: ignore[attr-defined]
+                id=user_id,
+                email="a@example.com",
+                email_normalized="a@example.com",
+                password_hash="x",
+                is_active=True,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        await conn.execute(
+            TotpCredential.__table__.insert().values(  # type: ignore[attr-defined]
+                user_id=user_id,
+                secret_sealed=SecretBox([old]).seal("JBSWY3DPEHPK3PXP"),
+                created_at=now,
+            )
+        )
+    done = await asyncio.to_thread(
+        run,
+        "rotate-keys",
+        cwd=tmp_path,
+        DATABASE_URL=url,
+        ENVIRONMENT="development",
+        SECRET_KEY="k" * 40,
+        ENCRYPTION_KEYS=f"{new},{old}",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "re-encrypted 1 secret" in done.stdout
+    async with engine.connect() as conn:
+        sealed = (await conn.execute(select(TotpCredential.secret_sealed))).scalar_one()
+    await engine.dispose()
+    assert SecretBox([new]).open(sealed) == "JBSWY3DPEHPK3PXP"
+    try:
+        SecretBox([old]).open(sealed)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("the old key still opens the re-encrypted secret")

@@ -244,7 +244,7 @@ _REVOKE_SESSION = (
 _REVOKE_USER_SESSIONS = (
     update(UserSession)
     .where(
-        UserSession.user_id == bindparam("user_id"),
+        UserSession.user_id == bindparam("owner_id"),
         UserSession.revoked_at.is_(None),
         UserSession.expires_at > bindparam("now"),
     )
@@ -601,7 +601,7 @@ class AuthService:
                 return 0
             return await tx.execute(
                 _REVOKE_USER_SESSIONS,
-                {"user_id": found["user_id"], "now": now, "reason": "logout_everywhere"},
+                {"owner_id": found["user_id"], "now": now, "reason": "logout_everywhere"},
             )
 
     # -- the per-request check ------------------------------------------------------------

@@ -42,25 +42,25 @@ class TotpEnrolment:
 
 _CREDENTIAL = select(
     TotpCredential.secret_sealed, TotpCredential.confirmed_at, TotpCredential.last_step
-).where(TotpCredential.user_id == bindparam("user_id"))
+).where(TotpCredential.user_id == bindparam("uid"))
 
 _ALL_CREDENTIALS = select(TotpCredential.user_id).order_by(TotpCredential.user_id)
 _CREDENTIAL_FOR_UPDATE = (
     select(TotpCredential.secret_sealed)
-    .where(TotpCredential.user_id == bindparam("user_id"))
+    .where(TotpCredential.user_id == bindparam("uid"))
     .with_for_update()
 )
 _RESEAL = (
     update(TotpCredential)
-    .where(TotpCredential.user_id == bindparam("user_id"))
+    .where(TotpCredential.user_id == bindparam("uid"))
     .values(secret_sealed=bindparam("secret_sealed"))
 )
 
 _DROP_PENDING = delete(TotpCredential).where(
-    TotpCredential.user_id == bindparam("user_id"), TotpCredential.confirmed_at.is_(None)
+    TotpCredential.user_id == bindparam("uid"), TotpCredential.confirmed_at.is_(None)
 )
 _ADD_CREDENTIAL = insert(TotpCredential).values(
-    user_id=bindparam("user_id"),
+    user_id=bindparam("uid"),
     secret_sealed=bindparam("secret_sealed"),
     confirmed_at=null(),
     last_step=null(),
@@ -71,7 +71,7 @@ _ADD_CREDENTIAL = insert(TotpCredential).values(
 _ACCEPT_STEP = (
     update(TotpCredential)
     .where(
-        TotpCredential.user_id == bindparam("user_id"),
+        TotpCredential.user_id == bindparam("uid"),
         or_(TotpCredential.last_step.is_(None), TotpCredential.last_step < bindparam("step")),
     )
     .values(last_step=bindparam("step"))
@@ -79,14 +79,14 @@ _ACCEPT_STEP = (
 )
 _CONFIRM = (
     update(TotpCredential)
-    .where(TotpCredential.user_id == bindparam("user_id"), TotpCredential.confirmed_at.is_(None))
+    .where(TotpCredential.user_id == bindparam("uid"), TotpCredential.confirmed_at.is_(None))
     .values(confirmed_at=bindparam("now"))
     .returning(TotpCredential.user_id)
 )
-_DROP_CREDENTIAL = delete(TotpCredential).where(TotpCredential.user_id == bindparam("user_id"))
-_DROP_RECOVERY_CODES = delete(RecoveryCode).where(RecoveryCode.user_id == bindparam("user_id"))
+_DROP_CREDENTIAL = delete(TotpCredential).where(TotpCredential.user_id == bindparam("uid"))
+_DROP_RECOVERY_CODES = delete(RecoveryCode).where(RecoveryCode.user_id == bindparam("uid"))
 _ADD_RECOVERY_CODE = insert(RecoveryCode).values(
-    user_id=bindparam("user_id"),
+    user_id=bindparam("uid"),
     lookup=bindparam("lookup"),
     code_hash=bindparam("code_hash"),
     used_at=null(),
@@ -95,7 +95,7 @@ _ADD_RECOVERY_CODE = insert(RecoveryCode).values(
 _RECOVERY_CANDIDATE = (
     select(RecoveryCode.id, RecoveryCode.code_hash)
     .where(
-        RecoveryCode.user_id == bindparam("user_id"),
+        RecoveryCode.user_id == bindparam("uid"),
         RecoveryCode.lookup == bindparam("lookup"),
         RecoveryCode.used_at.is_(None),
     )
@@ -117,7 +117,7 @@ _window_over = or_(
 _RESERVE_CHECK = (
     update(User)
     .where(
-        User.id == bindparam("user_id"),
+        User.id == bindparam("uid"),
         or_(_window_over, User.otp_failures < bindparam("cap")),
     )
     .values(
@@ -128,11 +128,11 @@ _RESERVE_CHECK = (
 )
 _REFUND_CHECK = (
     update(User)
-    .where(User.id == bindparam("user_id"), User.otp_failures > 0)
+    .where(User.id == bindparam("uid"), User.otp_failures > 0)
     .values(otp_failures=User.otp_failures - 1)
 )
-_FAILURES_SINCE = select(User.otp_failures_since).where(User.id == bindparam("user_id"))
-_PASSWORD_HASH = select(User.password_hash).where(User.id == bindparam("user_id"))
+_FAILURES_SINCE = select(User.otp_failures_since).where(User.id == bindparam("uid"))
+_PASSWORD_HASH = select(User.password_hash).where(User.id == bindparam("uid"))
 
 
 class TwoFactor:
@@ -160,11 +160,11 @@ class TwoFactor:
         secret = new_secret()
         try:
             async with self.statements.transaction() as tx:
-                await tx.execute(_DROP_PENDING, {"user_id": user_id})
+                await tx.execute(_DROP_PENDING, {"uid": user_id})
                 await tx.execute(
                     _ADD_CREDENTIAL,
                     {
-                        "user_id": user_id,
+                        "uid": user_id,
                         "secret_sealed": self.box.seal(secret),
                         "now": self.clock.now(),
                     },
@@ -178,7 +178,7 @@ class TwoFactor:
         """Turns two-factor on with a current code from the pending secret; the recovery
         codes, shown once."""
         async with self.statements.connection() as conn:
-            credential = await conn.first(_CREDENTIAL, {"user_id": user_id})
+            credential = await conn.first(_CREDENTIAL, {"uid": user_id})
         if credential is None:
             raise AuthFailure(
                 ErrorCode.INVALID_INPUT, "Start with setupTotp before confirming.", field="code"
@@ -188,7 +188,7 @@ class TwoFactor:
         await self.check_code(user_id=user_id, code=code, credential=credential, recovery=False)
         codes, rows = await self._new_recovery_codes(user_id)
         async with self.statements.transaction() as tx:
-            if await tx.first(_CONFIRM, {"user_id": user_id, "now": self.clock.now()}) is None:
+            if await tx.first(_CONFIRM, {"uid": user_id, "now": self.clock.now()}) is None:
                 raise _already_on()  # confirmed by a concurrent request
             await self._store_recovery_codes(tx, user_id, rows)
         return codes
@@ -207,7 +207,7 @@ class TwoFactor:
         credential = await self._confirmed(user_id)
         password = normalize_password(password)
         async with self.statements.connection() as conn:
-            row = await conn.first(_PASSWORD_HASH, {"user_id": user_id})
+            row = await conn.first(_PASSWORD_HASH, {"uid": user_id})
         ok = False
         if row is not None and 0 < len(password) <= PASSWORD_MAX_LENGTH:
             ok, _new_hash = await self.hasher.verify(password, row["password_hash"])
@@ -215,8 +215,8 @@ class TwoFactor:
             raise AuthFailure(ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.")
         await self.check_code(user_id=user_id, code=code, credential=credential, recovery=True)
         async with self.statements.transaction() as tx:
-            await tx.execute(_DROP_RECOVERY_CODES, {"user_id": user_id})
-            await tx.execute(_DROP_CREDENTIAL, {"user_id": user_id})
+            await tx.execute(_DROP_RECOVERY_CODES, {"uid": user_id})
+            await tx.execute(_DROP_CREDENTIAL, {"uid": user_id})
 
     # -- checking a code ---------------------------------------------------------------------
 
@@ -236,7 +236,7 @@ class TwoFactor:
         # A wrong code leaves the reserved check counted; a right one gives it back.
         method = await self._verify(user_id, code, credential, recovery=recovery, now=now)
         async with self.statements.transaction() as tx:
-            await tx.execute(_REFUND_CHECK, {"user_id": user_id})
+            await tx.execute(_REFUND_CHECK, {"uid": user_id})
         return method
 
     async def _verify(
@@ -250,13 +250,13 @@ class TwoFactor:
     ) -> str:
         if credential is None:
             async with self.statements.connection() as conn:
-                credential = await conn.first(_CREDENTIAL, {"user_id": user_id})
+                credential = await conn.first(_CREDENTIAL, {"uid": user_id})
         if credential is not None:
             secret = self.box.open(credential["secret_sealed"])
             step = matching_step(secret, code.strip(), now=now, after=credential["last_step"])
             if step is not None:
                 async with self.statements.transaction() as tx:
-                    accepted = await tx.first(_ACCEPT_STEP, {"user_id": user_id, "step": step})
+                    accepted = await tx.first(_ACCEPT_STEP, {"uid": user_id, "step": step})
                 if accepted is not None:
                     return "totp"
                 raise _invalid_otp()  # replayed, by a concurrent request
@@ -265,7 +265,7 @@ class TwoFactor:
             lookup = recovery_lookup(self._recovery_key, normalized)
             async with self.statements.connection() as conn:
                 candidate = await conn.first(
-                    _RECOVERY_CANDIDATE, {"user_id": user_id, "lookup": lookup}
+                    _RECOVERY_CANDIDATE, {"uid": user_id, "lookup": lookup}
                 )
             if candidate is not None:
                 ok, _ = await self.hasher.verify(normalized, candidate["code_hash"])
@@ -280,7 +280,7 @@ class TwoFactor:
 
     async def _reserve_check(self, user_id: uuid.UUID, now: datetime) -> None:
         params = {
-            "user_id": user_id,
+            "uid": user_id,
             "now": now,
             "window_start": now - ACCOUNT_CODE_WINDOW,
             "cap": ACCOUNT_CODE_FAILURES,
@@ -289,7 +289,7 @@ class TwoFactor:
             reserved = await tx.first(_RESERVE_CHECK, params)
             if reserved is not None:
                 return
-            since = await tx.first(_FAILURES_SINCE, {"user_id": user_id})
+            since = await tx.first(_FAILURES_SINCE, {"uid": user_id})
         start = since["otp_failures_since"] if since else None
         wait = (start + ACCOUNT_CODE_WINDOW - now).total_seconds() if start else 1
         raise AuthFailure(
@@ -302,12 +302,12 @@ class TwoFactor:
 
     async def is_on(self, user_id: uuid.UUID) -> bool:
         async with self.statements.connection() as conn:
-            credential = await conn.first(_CREDENTIAL, {"user_id": user_id})
+            credential = await conn.first(_CREDENTIAL, {"uid": user_id})
         return credential is not None and credential["confirmed_at"] is not None
 
     async def _confirmed(self, user_id: uuid.UUID) -> Mapping[str, Any]:
         async with self.statements.connection() as conn:
-            credential = await conn.first(_CREDENTIAL, {"user_id": user_id})
+            credential = await conn.first(_CREDENTIAL, {"uid": user_id})
         if credential is None or credential["confirmed_at"] is None:
             raise AuthFailure(ErrorCode.INVALID_INPUT, "Two-factor sign-in is not on.")
         return credential
@@ -322,7 +322,7 @@ class TwoFactor:
             assert normalized is not None  # noqa: S101 - made by new_recovery_code
             rows.append(
                 {
-                    "user_id": user_id,
+                    "uid": user_id,
                     "lookup": recovery_lookup(self._recovery_key, normalized),
                     # argon2id, salted: 50 bits under a fast hash would fall to one GPU-day.
                     "code_hash": await self.hasher.hash(normalized),
@@ -334,7 +334,7 @@ class TwoFactor:
         self, tx: Runner, user_id: uuid.UUID, rows: list[dict[str, Any]]
     ) -> None:
         now = self.clock.now()
-        await tx.execute(_DROP_RECOVERY_CODES, {"user_id": user_id})
+        await tx.execute(_DROP_RECOVERY_CODES, {"uid": user_id})
         for row in rows:
             await tx.execute(_ADD_RECOVERY_CODE, {**row, "now": now})
 
@@ -355,12 +355,12 @@ async def reseal_all(statements: Statements, box: SecretBox) -> int:
     count = 0
     async with statements.transaction() as tx:
         for user_id in await tx.scalars(_ALL_CREDENTIALS, {}):
-            row = await tx.first(_CREDENTIAL_FOR_UPDATE, {"user_id": user_id})
+            row = await tx.first(_CREDENTIAL_FOR_UPDATE, {"uid": user_id})
             if row is None:
                 continue
             await tx.execute(
                 _RESEAL,
-                {"user_id": user_id, "secret_sealed": box.reseal(row["secret_sealed"])},
+                {"uid": user_id, "secret_sealed": box.reseal(row["secret_sealed"])},
             )
             count += 1
     return count

@@ -117,3 +117,48 @@ async def test_sqlite_reads_do_not_wait_for_writers(
     finally:
         await statements.close()
         await engine.dispose()
+
+
+async def test_two_factor_and_logout_everywhere_on_sqlite(
+    sqlite_client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    """Every statement of the two-factor and logout paths runs on SQLite too."""
+    from tests.gql import logout
+    from tests.graph.test_mfa import (
+        CONFIRM,
+        DISABLE,
+        REGENERATE,
+        SETUP,
+        challenge,
+        code_at,
+        verify,
+    )
+
+    email = unique_email()
+    first = await signup(sqlite_client, email, PASSWORD)
+    token = first["accessToken"]
+    secret = (await gql(sqlite_client, SETUP, token=token))["data"]["setupTotp"]["secret"]
+    confirmed = await gql(
+        sqlite_client, CONFIRM, {"i": {"code": code_at(secret, clock)}}, token=token
+    )
+    codes = confirmed["data"]["confirmTotp"]["codes"]
+    clock.advance(seconds=90)
+    assert (await verify(sqlite_client, await challenge(sqlite_client, email), "000000"))[
+        "code"
+    ] == "INVALID_OTP"
+    session = await verify(
+        sqlite_client, await challenge(sqlite_client, email), code_at(secret, clock)
+    )
+    assert session["__typename"] == "AuthSession"
+    recovered = await verify(sqlite_client, await challenge(sqlite_client, email), codes[0])
+    assert recovered["__typename"] == "AuthSession"
+    clock.advance(seconds=30)
+    regenerated = await gql(
+        sqlite_client, REGENERATE, {"i": {"code": code_at(secret, clock)}}, token=token
+    )
+    new_codes = regenerated["data"]["regenerateRecoveryCodes"]["codes"]
+    disabled = await gql(
+        sqlite_client, DISABLE, {"i": {"password": PASSWORD, "code": new_codes[0]}}, token=token
+    )
+    assert disabled["data"]["disableTotp"]["otpEnabled"] is False
+    assert await logout(sqlite_client, session["refreshToken"], everywhere=True) == 3
