@@ -448,3 +448,42 @@ async def test_postgres_outage_is_service_unavailable_and_the_process_recovers(
             assert await my_email(http, again["accessToken"]) == email
             assert server.process.returncode is None
             assert server.pid == pid
+
+
+# -- two-factor across processes -----------------------------------------------------------
+
+
+async def test_one_totp_code_signs_in_once_across_two_processes(
+    tmp_path: Path, database_url: str, clean_db: None
+) -> None:
+    """The same code sent at once to two server processes (two challenges): one session."""
+    import time
+
+    import pyotp
+
+    from tests.gql import VERIFY_OTP
+    from tests.graph.test_mfa import CONFIRM, SETUP
+
+    env = production_env(database_url)
+    async with running_many(2, env=env, cwd=tmp_path, logs=tmp_path / "logs") as servers:
+        async with servers[0].client() as one, servers[1].client() as two:
+            email = unique_email()
+            token = (await signed_up(one, email))["accessToken"]
+            secret = (await ok(one, SETUP, token=token))["setupTotp"]["secret"]
+            totp = pyotp.TOTP(secret)
+            confirmed = await ok(one, CONFIRM, {"i": {"code": totp.now()}}, token=token)
+            assert confirmed["confirmTotp"]["__typename"] == "RecoveryCodes"
+            challenges = []
+            for http in (one, two):
+                answer = await ok(http, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+                challenges.append(answer["login"]["challengeToken"])
+            # The step after the one that confirmed: unused, and inside the window.
+            code = totp.at(time.time() + 30)
+            answers = await asyncio.gather(
+                *(
+                    ok(http, VERIFY_OTP, {"i": {"challengeToken": c, "code": code}})
+                    for http, c in zip((one, two), challenges, strict=True)
+                )
+            )
+    kinds = sorted(a["verifyOtp"].get("code") or a["verifyOtp"]["__typename"] for a in answers)
+    assert kinds == ["AuthSession", "INVALID_OTP"]
