@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import strawberry
@@ -10,6 +11,7 @@ from strawberry.types import Info
 
 from db.errors import AuthFailure
 from db.services.auth import UserView
+from db.services.mfa import TwoFactor
 from graph.context import Context
 from graph.inputs import ConfirmTotpInput, DisableTotpInput, RegenerateRecoveryCodesInput
 from graph.permissions import IsAuthenticated
@@ -30,6 +32,22 @@ async def _signed_in(info: Info[Context, Any]) -> UserView:
     if view is None:  # pragma: no cover - IsAuthenticated let the request through
         raise RuntimeError("no signed-in user")
     return view
+
+
+async def _new_codes(
+    info: Info[Context, Any],
+    data: object,
+    run: Callable[[TwoFactor, UserView], Awaitable[list[str]]],
+) -> RecoveryCodesResult:
+    """Checks the input, runs the service for the signed-in user, and answers the fresh
+    recovery codes or the expected failure."""
+    user = await _signed_in(info)
+    try:
+        reject_control_characters(info, data)
+        codes = await run(info.context.services.auth.two_factor, user)
+    except AuthFailure as failure:
+        return AuthError.from_failure(failure)
+    return RecoveryCodes(codes=codes)
 
 
 @strawberry.type
@@ -55,15 +73,9 @@ class MfaMutation:
     async def confirm_totp(
         self, info: Info[Context, Any], input: ConfirmTotpInput
     ) -> RecoveryCodesResult:
-        user = await _signed_in(info)
-        try:
-            reject_control_characters(info, input)
-            codes = await info.context.services.auth.two_factor.confirm(
-                user_id=user.id, code=input.code
-            )
-        except AuthFailure as failure:
-            return AuthError.from_failure(failure)
-        return RecoveryCodes(codes=codes)
+        return await _new_codes(
+            info, input, lambda mfa, user: mfa.confirm(user_id=user.id, code=input.code)
+        )
 
     @strawberry.mutation(permission_classes=[IsAuthenticated])
     async def disable_totp(self, info: Info[Context, Any], input: DisableTotpInput) -> UserResult:
@@ -81,12 +93,8 @@ class MfaMutation:
     async def regenerate_recovery_codes(
         self, info: Info[Context, Any], input: RegenerateRecoveryCodesInput
     ) -> RecoveryCodesResult:
-        user = await _signed_in(info)
-        try:
-            reject_control_characters(info, input)
-            codes = await info.context.services.auth.two_factor.regenerate_recovery_codes(
-                user_id=user.id, code=input.code
-            )
-        except AuthFailure as failure:
-            return AuthError.from_failure(failure)
-        return RecoveryCodes(codes=codes)
+        return await _new_codes(
+            info,
+            input,
+            lambda mfa, user: mfa.regenerate_recovery_codes(user_id=user.id, code=input.code),
+        )
