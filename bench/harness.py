@@ -327,10 +327,11 @@ class LoadSettings:
 
 @dataclass(frozen=True)
 class LoadResult:
-    """What one load run measured (wrk, or bench/login_client.py); latencies in ms.
+    """What one load run measured (wrk, or bench/login_client.py or otp_client.py);
+    latencies in ms.
 
-    wrk times every answer; the login client times only the successful ones (None when
-    there were none). `socket_errors` are wrk's; the login client counts its transport
+    wrk times every answer; the Python clients time only the successful ones (None when
+    there were none). `socket_errors` are wrk's; the Python clients count their transport
     errors among the outcomes."""
 
     requests: int
@@ -477,7 +478,7 @@ def _parse_wrk(raw: dict[str, Any]) -> LoadResult:
     )
 
 
-# -- login clients that honour retryAfter -----------------------------------------------------
+# -- Python load clients (login_client.py, otp_client.py) ------------------------------
 
 MEASURING_MARKER = "MEASURING"
 
@@ -489,15 +490,59 @@ async def run_login_client(
     retryAfter, `load.warmup` s unmeasured then `load.duration` s measured in one go. The
     server's peak RSS is sampled from the client's "MEASURING" line to its result line.
     Returns the result, the RSS and the client's whole result record."""
+    return await run_load_client(
+        "login_client.py",
+        ["--body", body],
+        url=url,
+        load=load,
+        server_pid=server_pid,
+        log_path=log_path,
+    )
+
+
+async def run_otp_client(
+    url: str,
+    *,
+    warmup_pairs: Path,
+    pairs: Path,
+    load: LoadSettings,
+    server_pid: int,
+    log_path: Path,
+) -> tuple[LoadResult, PeakRss, dict[str, Any]]:
+    """bench/otp_client.py on the load core: `load.connections` users, each sending
+    verifyOtp with the next unused (challenge token, TOTP secret) pair, the warm-up's
+    pairs for `load.warmup` s (unmeasured) then the measured ones for `load.duration` s,
+    or until they run out. RSS and the result as for run_login_client."""
+    return await run_load_client(
+        "otp_client.py",
+        ["--warmup-pairs", str(warmup_pairs), "--pairs", str(pairs)],
+        url=url,
+        load=load,
+        server_pid=server_pid,
+        log_path=log_path,
+    )
+
+
+async def run_load_client(
+    script: str,
+    args: Sequence[str],
+    *,
+    url: str,
+    load: LoadSettings,
+    server_pid: int,
+    log_path: Path,
+) -> tuple[LoadResult, PeakRss, dict[str, Any]]:
+    """A Python load client from bench/ (login_client.py, otp_client.py) on the load
+    core, with the warm-up/measured protocol: "MEASURING" when the measured part starts,
+    "BENCH_RESULT {json}" when it ends; the server's peak RSS is sampled in between."""
     argv = pinned(
         load.core,
         [
             sys.executable,
-            str(BENCH_DIR / "login_client.py"),
+            str(BENCH_DIR / script),
             "--url",
             url,
-            "--body",
-            body,
+            *args,
             "--users",
             str(load.connections),
             "--warmup",
@@ -539,7 +584,7 @@ async def run_login_client(
         _write_log(log_path, lines)
     if proc.returncode != 0 or raw is None or rss is None:
         raise BenchError(
-            f"login client exited with {proc.returncode} and no result:\n{''.join(lines[-30:])}"
+            f"{script} exited with {proc.returncode} and no result:\n{''.join(lines[-30:])}"
         )
     return _parse_login_client(raw), rss, raw
 

@@ -71,6 +71,19 @@ class Scenario:
         return ours / theirs
 
 
+@dataclass
+class Reported:
+    """A scenario measured on Strawgate alone, with no reference and no target: printed
+    right after the scenario named `beside`, never checked."""
+
+    name: str
+    title: str
+    row: Row
+    beside: str
+    notes: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -202,9 +215,30 @@ def format_extra(extra: Extra) -> list[str]:
     return lines
 
 
-def format_report(header: list[str], scenarios: list[Scenario], checks: list[Check]) -> str:
+def format_reported(reported: Reported) -> str:
+    lines = [
+        f"[{reported.name}] {reported.title}",
+        "  (reported only: no reference, no target)",
+        HEADER,
+        format_row(reported.row),
+    ]
+    lines.extend(f"  {note}" for note in reported.notes)
+    return "\n".join(lines)
+
+
+def format_report(
+    header: list[str],
+    scenarios: list[Scenario],
+    checks: list[Check],
+    reported: list[Reported] | None = None,
+) -> str:
     parts = ["\n".join(header)]
-    parts.extend(format_scenario(scenario) for scenario in scenarios)
+    extra = list(reported or [])
+    for scenario in scenarios:
+        parts.append(format_scenario(scenario))
+        parts.extend(format_reported(r) for r in extra if r.beside == scenario.name)
+    placed = {scenario.name for scenario in scenarios}
+    parts.extend(format_reported(r) for r in extra if r.beside not in placed)
     verdict = "all targets met" if checks and all(c.passed for c in checks) else "targets missed"
     parts.append("\n".join(["Targets", *(format_check(c) for c in checks), f"  => {verdict}"]))
     return "\n\n".join(parts)
@@ -245,4 +279,16 @@ def scenario_json(scenario: Scenario) -> dict[str, Any]:
             }
             for extra in scenario.extras
         ],
+    }
+
+
+def reported_json(reported: Reported) -> dict[str, Any]:
+    return {
+        "title": reported.title,
+        "reported_only": True,
+        "targets": None,
+        "strawgate": row_json(reported.row),
+        "reference": None,
+        "notes": reported.notes,
+        "details": reported.raw,
     }

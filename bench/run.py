@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -43,19 +44,23 @@ from bench.harness import (
     pinned,
     run_command,
     run_login_client,
+    run_otp_client,
     run_wrk,
     start_server,
     stop_server,
     venv_tool,
     with_database,
 )
+from bench.otp_seed import OtpSeeds, seed_otp_users
 from bench.report import (
     Check,
     Extra,
+    Reported,
     Row,
     Scenario,
     checks_for,
     format_report,
+    reported_json,
     scenario_json,
 )
 
@@ -101,6 +106,7 @@ class Options:
     rounds: int  # interleaved rounds of `me` and `refresh`
     sessions: int
     hash_samples: int
+    otp_rate: float  # verifyOtp users seeded per second of warm-up and of measured run
     profile: bool
     pg_url: str
 
@@ -140,10 +146,30 @@ def chain_sets(rounds: int) -> list[str]:
     return names
 
 
+def otp_sets(options: Options) -> dict[str, int]:
+    """verifyOtp users to seed: one per request at `--otp-rate` requests a second, for the
+    warm-up and for the measured run (separate sets); at least one per connection."""
+    load = options.load
+    least = load.connections
+    return {
+        "warmup": max(least, math.ceil(load.warmup * options.otp_rate)) if load.warmup else 0,
+        "measured": max(least, math.ceil(load.duration * options.otp_rate)),
+    }
+
+
+def time_budget(options: Options) -> float:
+    """Seconds the whole run may take before it is stopped."""
+    load = options.load
+    seeded_logins = len(chain_sets(options.rounds)) * options.sessions
+    seeded_otp = sum(otp_sets(options).values())
+    return 600 + 12 * (load.duration + load.warmup) + 0.5 * seeded_logins + 0.001 * seeded_otp
+
+
 @dataclass(frozen=True)
 class Seeds:
     access_token: str
     token_files: dict[str, Path]  # a chain set's name (see chain_sets) -> its token file
+    otp: OtpSeeds  # verifyOtp: (challenge token, TOTP secret) files, warm-up and measured
 
 
 # -- seeding ----------------------------------------------------------------------------------
@@ -152,7 +178,8 @@ class Seeds:
 async def seed(bench: Bench) -> Seeds:
     """One user (signup), then sessions through login: a refresh-token chain for every
     connection, separately for each app's warm-up and for each of its rounds (a spent
-    token cannot be presented again)."""
+    token cannot be presented again). Then, straight into the database, the users with
+    two-factor on and a pending login challenge that `verifyOtp` spends, one a request."""
     async with GraphQLClient(bench.strawgate.url("/graphql")) as client:
         signed_up = await client.field(
             SIGNUP, {"i": {"email": EMAIL, "password": PASSWORD}}, "signup"
@@ -166,7 +193,15 @@ async def seed(bench: Bench) -> Seeds:
             path = bench.work / f"refresh-tokens-{name}.txt"
             path.write_text("\n".join(tokens) + "\n")
             token_files[name] = path
-    return Seeds(access_token=access_token, token_files=token_files)
+    otp = await seed_otp_users(
+        bench.env["DATABASE_URL"],
+        bench.env["ENCRYPTION_KEYS"],  # the very keys the server was started with
+        otp_sets(bench.options),
+        work=bench.work,
+        # Valid for the whole run whatever its length (the server checks expires_at).
+        challenge_lifetime=timedelta(seconds=max(3600.0, time_budget(bench.options))),
+    )
+    return Seeds(access_token=access_token, token_files=token_files, otp=otp)
 
 
 async def _log_in_many(client: GraphQLClient, count: int) -> list[str]:
@@ -545,6 +580,102 @@ async def hash_probe(bench: Bench) -> dict[str, Any]:
     return probe
 
 
+# What Strawgate does for one verifyOtp (db/services/auth.py verify_otp, db/services/mfa.py
+# TwoFactor.check_code), so that its number can be read.
+VERIFY_OTP_WORK = [
+    "server work per verifyOtp: 5 transactions (BEGIN ... COMMIT each, a WAL flush per"
+    " commit) and 1 plain read, 19 round trips to PostgreSQL, no password hash:",
+    "  1. UPDATE challenges (take an attempt, RETURNING)   2. UPDATE users (reserve a code"
+    " check on the account's counter)",
+    "  3. SELECT totp_credentials; Fernet decrypt of the secret (AES-CBC + HMAC-SHA256) and"
+    " 3 TOTP HMAC-SHA1s (steps -1, 0, +1)",
+    "  4. UPDATE totp_credentials (accept the step: replay protection)   5. UPDATE users"
+    " (give the counter back)",
+    "  6. the session: UPDATE challenges (consume) + SELECT user + INSERT sessions + INSERT"
+    " refresh_tokens; then a signed access JWT",
+]
+
+
+PAIR_COUNTS = ("pairs_used", "pairs_seeded", "warmup_pairs_used", "warmup_pairs_seeded")
+
+
+async def scenario_verify_otp(bench: Bench, seeds: Seeds, login: Scenario | None) -> Reported:
+    """verifyOtp with a fresh (challenge token, TOTP secret) pair a request, from
+    bench/otp_client.py. Reported beside `login`, with no reference and no target."""
+    load = bench.load
+    counts = seeds.otp.counts
+    title = (
+        f"verifyOtp mutation (two-factor login, step 2), {load.connections} clients, a"
+        " fresh challenge and user per request: TOTP check + new session (only AuthSession"
+        " counts)"
+    )
+    reported = Reported("verifyOtp", title, Row("strawgate"), beside="login")
+    reported.notes.append(
+        f"seeded in the database (not through the API): {sum(counts.values()):,} users with"
+        f" two-factor on and one pending login challenge each ({counts['warmup']:,} for the"
+        f" warm-up, {counts['measured']:,} for the measured run; --otp-rate"
+        f" {bench.options.otp_rate:g}/s), in {seeds.otp.seconds:.1f} s"
+    )
+    server = bench.strawgate
+    try:
+        result, rss, record = await run_otp_client(
+            server.url("/graphql"),
+            warmup_pairs=seeds.otp.files["warmup"],
+            pairs=seeds.otp.files["measured"],
+            load=load,
+            server_pid=server.pid,
+            log_path=bench.logs / "otp-client-strawgate.txt",
+        )
+        if server.process.returncode is not None:
+            raise BenchError(f"{server.name} exited during the run:\n{server.log_tail()}")
+    except BenchError as exc:
+        reported.notes.append(f"strawgate: {exc}")
+        reported.row = Row("strawgate", error=str(exc).splitlines()[0])
+        return reported
+    reported.row = load_row("strawgate", result, rss.peak_mib)
+    reported.raw["strawgate"] = {
+        **result.as_json(),
+        "load": f"bench/otp_client.py, {load.connections} users, one seeded pair a request",
+        "latency_of": "AuthSession answers, from request sent to answer",
+        "ran_out": record.get("ran_out"),
+        "pairs_seeded": record.get("pairs_seeded"),
+        "pairs_used": record.get("pairs_used"),
+        "warmup_pairs_seeded": record.get("warmup_pairs_seeded"),
+        "warmup_pairs_used": record.get("warmup_pairs_used"),
+        "warmup_ran_out": record.get("warmup_ran_out"),
+        "rss_at_start_mib": rss.start_mib,
+        "peak_rss_mib": rss.peak_mib,
+    }
+    login_ok = login.strawgate.ok_rps if login is not None else None
+    multiple = result.ok_rps / login_ok if login_ok else None
+    reported.raw["ok_per_s_over_login_ok_per_s"] = multiple
+    others = sum(n for name, n in result.outcomes.items() if name != "ok")
+    used = {key: int(record.get(key) or 0) for key in PAIR_COUNTS}
+    reported.notes.append(
+        f"answers: AuthSession {result.ok:,}, other {others:,}; p50/p99 are of the"
+        f" AuthSession answers; pairs used: {used['pairs_used']:,} of"
+        f" {used['pairs_seeded']:,} measured, {used['warmup_pairs_used']:,} of"
+        f" {used['warmup_pairs_seeded']:,} in the warm-up"
+    )
+    if multiple is not None:
+        reported.notes.append(
+            f"ok/s = {multiple:,.1f} x login's ok/s ({result.ok_rps:,.1f} vs {login_ok:,.1f}"
+            " AuthSession/s of the clients honouring retryAfter): no argon2 on this path"
+        )
+    if record.get("ran_out"):
+        reported.notes.append(
+            f"the measured pairs RAN OUT after {result.seconds:.1f} s of {load.duration:g} s:"
+            " ok/s is over that shorter window; seed more (raise --otp-rate)"
+        )
+    if record.get("warmup_ran_out"):
+        reported.notes.append(
+            "the warm-up's pairs ran out before the warm-up ended (raise --otp-rate)"
+        )
+    reported.notes.extend(describe("strawgate", result))
+    reported.notes.extend(VERIFY_OTP_WORK)
+    return reported
+
+
 async def scenario_refresh(bench: Bench, seeds: Seeds) -> Scenario:
     scenario = new_scenario(
         "refresh",
@@ -690,7 +821,8 @@ async def run(options: Options) -> int:
     load = options.load
     pg = urlsplit(options.pg_url)
     seeded_logins = len(chain_sets(options.rounds)) * options.sessions
-    budget = 600 + 12 * (load.duration + load.warmup) + 0.5 * seeded_logins
+    seeded_otp = sum(otp_sets(options).values())
+    budget = time_budget(options)
     started = datetime.now(UTC)
     has_taskset = shutil.which("taskset") is not None
     server_core = f"core {SERVER_CORE}" if has_taskset else "unpinned"
@@ -699,14 +831,16 @@ async def run(options: Options) -> int:
         f"Strawgate benchmark, {started:%Y-%m-%d %H:%M} UTC, commit {git_commit() or 'unknown'}",
         f"servers: uvicorn, 1 worker, {server_core};"
         f" load on {load_core}: wrk, {load.threads} threads, {load.connections} connections"
-        f" (login: bench/login_client.py, {load.connections} users honouring retryAfter)",
+        f" (login: bench/login_client.py, {load.connections} users honouring retryAfter;"
+        f" verifyOtp: bench/otp_client.py, {load.connections} users)",
         f"me, refresh: {load.warmup:g} s warm-up of each side, then {options.rounds} rounds"
         f" of {round_seconds(options)} s per side, alternating which goes first;"
-        f" login: {load.duration:g} s after {load.warmup:g} s warm-up",
+        f" login, verifyOtp: {load.duration:g} s after {load.warmup:g} s warm-up",
         f"PostgreSQL {pg.hostname}:{pg.port or 5432}, scratch database {database};"
         f" reference app: bench/reference_app.py",
     ]
     scenarios: list[Scenario] = []
+    reported: list[Reported] = []
     profile_note: str | None = None
     with tempfile.TemporaryDirectory(prefix="strawgate-bench-") as tmp:
         work = Path(tmp)  # the servers' cwd: no stray .env is read
@@ -732,7 +866,10 @@ async def run(options: Options) -> int:
                 bench = Bench(
                     options, env, work, logs, results, servers["strawgate"], servers["reference"]
                 )
-                progress(f"seeding: signup, {seeded_logins} logins")
+                progress(
+                    f"seeding: signup, {seeded_logins} logins;"
+                    f" {seeded_otp} two-factor users in the database"
+                )
                 seeds = await seed(bench)
                 progress("scenario me")
                 scenarios.append(await scenario_me(bench, seeds))
@@ -740,6 +877,9 @@ async def run(options: Options) -> int:
                 scenarios.append(await scenario_login(bench))
                 progress("scenario refresh")
                 scenarios.append(await scenario_refresh(bench, seeds))
+                progress("scenario verifyOtp (reported only)")
+                login = next((s for s in scenarios if s.name == "login"), None)
+                reported.append(await scenario_verify_otp(bench, seeds, login))
                 if options.profile:
                     progress("profiling me")
                     try:
@@ -750,7 +890,7 @@ async def run(options: Options) -> int:
     checks: list[Check] = [check for scenario in scenarios for check in checks_for(scenario)]
     if profile_note:
         header.append(profile_note)
-    print(format_report(header, scenarios, checks))
+    print(format_report(header, scenarios, checks, reported))
     record = {
         "started": started.isoformat(),
         "commit": git_commit(),
@@ -762,11 +902,16 @@ async def run(options: Options) -> int:
             "connections": load.connections,
             "wrk_threads": load.threads,
             "sessions_per_chain_set": options.sessions,
+            "otp_rate_per_s": options.otp_rate,
+            "otp_users_seeded": otp_sets(options),
             "server_core": SERVER_CORE,
             "load_core": LOAD_CORE,
             "pinned": has_taskset,
         },
-        "scenarios": {scenario.name: scenario_json(scenario) for scenario in scenarios},
+        "scenarios": {
+            **{scenario.name: scenario_json(scenario) for scenario in scenarios},
+            **{r.name: reported_json(r) for r in reported},
+        },
         "checks": [check.as_json() for check in checks],
         "passed": all(check.passed for check in checks),
         "profile": profile_note,
@@ -805,6 +950,12 @@ def parse_options(argv: list[str] | None) -> Options:
         help="refresh-token chains per app's warm-up and per app's round",
     )
     parser.add_argument("--hash-samples", type=int, default=30, help="password verifies to time")
+    parser.add_argument(
+        "--otp-rate",
+        type=float,
+        default=2000.0,
+        help="verifyOtp: two-factor users seeded per second of warm-up and of measured run",
+    )
     parser.add_argument("--profile", action="store_true", help="also profile Strawgate under `me`")
     args = parser.parse_args(argv)
     if args.duration < 1 or args.warmup < 0:
@@ -815,6 +966,8 @@ def parse_options(argv: list[str] | None) -> Options:
         parser.error("need at least one wrk thread and one connection per thread")
     if args.sessions < args.connections:
         parser.error("--sessions must be at least --connections (one chain per connection)")
+    if args.otp_rate <= 0:
+        parser.error("--otp-rate must be positive")
     return Options(
         load=LoadSettings(
             duration=args.duration,
@@ -826,6 +979,7 @@ def parse_options(argv: list[str] | None) -> Options:
         rounds=args.rounds,
         sessions=args.sessions,
         hash_samples=max(1, args.hash_samples),
+        otp_rate=args.otp_rate,
         profile=args.profile,
         pg_url=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL),
     )
