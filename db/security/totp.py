@@ -45,7 +45,8 @@ def step_at(moment: datetime) -> int:
 
 def matching_step(secret: str, code: str, *, now: datetime, after: int | None) -> int | None:
     """The time step whose code `code` is, within the window and after the last accepted
-    step `after`; None when there is none."""
+    step `after`; None when there is none. Spaces are ignored: apps show "123 456"."""
+    code = "".join(code.split())
     if len(code) != DIGITS or not code.isascii() or not code.isdigit():
         return None
     totp = pyotp.TOTP(secret, digits=DIGITS, interval=STEP_SECONDS)

@@ -253,7 +253,7 @@ class TwoFactor:
                 credential = await conn.first(_CREDENTIAL, {"uid": user_id})
         if credential is not None:
             secret = self.box.open(credential["secret_sealed"])
-            step = matching_step(secret, code.strip(), now=now, after=credential["last_step"])
+            step = matching_step(secret, code, now=now, after=credential["last_step"])
             if step is not None:
                 async with self.statements.transaction() as tx:
                     accepted = await tx.first(_ACCEPT_STEP, {"uid": user_id, "step": step})

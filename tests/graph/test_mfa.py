@@ -339,3 +339,30 @@ async def test_login_document_still_works_for_users_without_two_factor(
     await signup(client, email, PASSWORD)
     body = await gql(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
     assert body["data"]["login"]["__typename"] == "AuthSession"
+
+
+async def test_codes_typed_as_apps_show_them(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email, _token, secret, _codes = await enrolled(client, clock)
+    code = code_at(secret, clock)
+    spaced = f" {code[:3]} {code[3:]} "
+    assert (await verify(client, await challenge(client, email), spaced))[
+        "__typename"
+    ] == "AuthSession"
+
+
+async def test_two_factor_operations_need_two_factor_on(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    token = (await signup(client, unique_email(), PASSWORD))["accessToken"]
+    regen = await gql(client, REGENERATE, {"i": {"code": "123456"}}, token=token)
+    assert regen["data"]["regenerateRecoveryCodes"]["code"] == "INVALID_INPUT"
+    disable = await gql(
+        client, DISABLE, {"i": {"password": PASSWORD, "code": "123456"}}, token=token
+    )
+    assert disable["data"]["disableTotp"]["code"] == "INVALID_INPUT"
+    confirm = await gql(client, CONFIRM, {"i": {"code": "123456"}}, token=token)
+    assert confirm["data"]["confirmTotp"]["code"] == "INVALID_INPUT"
+    bad = await gql(client, CONFIRM, {"i": {"code": "12\x003456"}}, token=token)
+    assert bad["data"]["confirmTotp"]["code"] == "INVALID_INPUT"
