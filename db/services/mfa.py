@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ _ACCEPT_STEP = (
     update(TotpCredential)
     .where(
         TotpCredential.user_id == bindparam("uid"),
+        # The secret the code was checked against: a setupTotp in between replaces it.
+        TotpCredential.secret_sealed == bindparam("sealed"),
         or_(TotpCredential.last_step.is_(None), TotpCredential.last_step < bindparam("step")),
     )
     .values(last_step=bindparam("step"))
@@ -79,7 +82,11 @@ _ACCEPT_STEP = (
 )
 _CONFIRM = (
     update(TotpCredential)
-    .where(TotpCredential.user_id == bindparam("uid"), TotpCredential.confirmed_at.is_(None))
+    .where(
+        TotpCredential.user_id == bindparam("uid"),
+        TotpCredential.secret_sealed == bindparam("sealed"),
+        TotpCredential.confirmed_at.is_(None),
+    )
     .values(confirmed_at=bindparam("now"))
     .returning(TotpCredential.user_id)
 )
@@ -129,7 +136,11 @@ _RESERVE_CHECK = (
 _REFUND_CHECK = (
     update(User)
     .where(User.id == bindparam("uid"), User.otp_failures > 0)
-    .values(otp_failures=User.otp_failures - 1)
+    .values(
+        otp_failures=User.otp_failures - 1,
+        # Back to no failures: the window opens again with the next wrong code only.
+        otp_failures_since=case((User.otp_failures <= 1, null()), else_=User.otp_failures_since),
+    )
 )
 _FAILURES_SINCE = select(User.otp_failures_since).where(User.id == bindparam("uid"))
 _PASSWORD_HASH = select(User.password_hash).where(User.id == bindparam("uid"))
@@ -158,19 +169,25 @@ class TwoFactor:
     async def setup(self, *, user_id: uuid.UUID, email: str) -> TotpEnrolment:
         """A new pending secret (replacing a pending one); refused once two-factor is on."""
         secret = new_secret()
-        try:
-            async with self.statements.transaction() as tx:
-                await tx.execute(_DROP_PENDING, {"uid": user_id})
-                await tx.execute(
-                    _ADD_CREDENTIAL,
-                    {
-                        "uid": user_id,
-                        "secret_sealed": self.box.seal(secret),
-                        "now": self.clock.now(),
-                    },
-                )
-        except UniqueViolation:  # a confirmed credential is there
-            raise _already_on() from None
+        for _attempt in range(3):
+            try:
+                async with self.statements.transaction() as tx:
+                    await tx.execute(_DROP_PENDING, {"uid": user_id})
+                    await tx.execute(
+                        _ADD_CREDENTIAL,
+                        {
+                            "uid": user_id,
+                            "secret_sealed": self.box.seal(secret),
+                            "now": self.clock.now(),
+                        },
+                    )
+                break
+            except UniqueViolation:
+                # Either two-factor is on, or a concurrent setupTotp inserted first.
+                if await self.is_on(user_id):
+                    raise _already_on() from None
+        else:
+            raise _already_on()
         uri = provisioning_uri(secret, email=email, issuer=self.issuer)
         return TotpEnrolment(secret=secret, otpauth_uri=uri, qr_code_svg=qr_svg(uri))
 
@@ -188,8 +205,15 @@ class TwoFactor:
         await self.check_code(user_id=user_id, code=code, credential=credential, recovery=False)
         codes, rows = await self._new_recovery_codes(user_id)
         async with self.statements.transaction() as tx:
-            if await tx.first(_CONFIRM, {"uid": user_id, "now": self.clock.now()}) is None:
-                raise _already_on()  # confirmed by a concurrent request
+            confirmed = await tx.first(
+                _CONFIRM,
+                {"uid": user_id, "sealed": credential["secret_sealed"], "now": self.clock.now()},
+            )
+            if confirmed is None:  # confirmed, or replaced, by a concurrent request
+                raise AuthFailure(
+                    ErrorCode.INVALID_INPUT,
+                    "The enrolment changed meanwhile: start again with setupTotp.",
+                )
             await self._store_recovery_codes(tx, user_id, rows)
         return codes
 
@@ -232,6 +256,8 @@ class TwoFactor:
         code (once); raises INVALID_OTP otherwise, and RATE_LIMITED when the account has
         had too many wrong codes lately. Returns "totp" or "recovery"."""
         now = self.clock.now()
+        if recovery:
+            self.hasher.check_capacity()  # refuse before a slot is taken, not after
         await self._reserve_check(user_id, now)
         # A wrong code leaves the reserved check counted; a right one gives it back.
         method = await self._verify(user_id, code, credential, recovery=recovery, now=now)
@@ -251,12 +277,17 @@ class TwoFactor:
         if credential is None:
             async with self.statements.connection() as conn:
                 credential = await conn.first(_CREDENTIAL, {"uid": user_id})
+            if credential is not None and credential["confirmed_at"] is None:
+                credential = None  # a pending secret signs nobody in
         if credential is not None:
             secret = self.box.open(credential["secret_sealed"])
             step = matching_step(secret, code, now=now, after=credential["last_step"])
             if step is not None:
                 async with self.statements.transaction() as tx:
-                    accepted = await tx.first(_ACCEPT_STEP, {"uid": user_id, "step": step})
+                    accepted = await tx.first(
+                        _ACCEPT_STEP,
+                        {"uid": user_id, "step": step, "sealed": credential["secret_sealed"]},
+                    )
                 if accepted is not None:
                     return "totp"
                 raise _invalid_otp()  # replayed, by a concurrent request
@@ -295,7 +326,7 @@ class TwoFactor:
         raise AuthFailure(
             ErrorCode.RATE_LIMITED,
             "Too many wrong codes for this account; try again later.",
-            retry_after=max(1, int(wait) + 1),
+            retry_after=max(1, math.ceil(wait)),
         )
 
     # -- helpers ---------------------------------------------------------------------------
@@ -315,15 +346,23 @@ class TwoFactor:
     async def _new_recovery_codes(
         self, user_id: uuid.UUID
     ) -> tuple[list[str], list[dict[str, Any]]]:
-        codes = [new_recovery_code() for _ in range(RECOVERY_CODE_COUNT)]
-        rows = []
-        for code in codes:
+        codes: list[str] = []
+        lookups: dict[str, int] = {}
+        while len(codes) < RECOVERY_CODE_COUNT:
+            code = new_recovery_code()
             normalized = normalize_recovery_code(code)
             assert normalized is not None  # noqa: S101 - made by new_recovery_code
+            lookup = recovery_lookup(self._recovery_key, normalized)
+            if lookup in lookups.values():
+                continue  # each code must be the only one behind its lookup value
+            codes.append(code)
+            lookups[normalized] = lookup
+        rows = []
+        for normalized, lookup in lookups.items():
             rows.append(
                 {
                     "uid": user_id,
-                    "lookup": recovery_lookup(self._recovery_key, normalized),
+                    "lookup": lookup,
                     # argon2id, salted: 50 bits under a fast hash would fall to one GPU-day.
                     "code_hash": await self.hasher.hash(normalized),
                 }

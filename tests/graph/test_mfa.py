@@ -366,3 +366,32 @@ async def test_two_factor_operations_need_two_factor_on(
     assert confirm["data"]["confirmTotp"]["code"] == "INVALID_INPUT"
     bad = await gql(client, CONFIRM, {"i": {"code": "12\x003456"}}, token=token)
     assert bad["data"]["confirmTotp"]["code"] == "INVALID_INPUT"
+
+
+async def test_a_right_code_opens_no_failure_window(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    """The account's 15 minutes start with the first wrong code, not with a right one: ten
+    wrong codes either side of "15 minutes after a right code" are still one window."""
+    email, _token, secret, _codes = await enrolled(client, clock)
+    clock.advance(minutes=14)
+    for _ in range(2):
+        token = await challenge(client, email)
+        for _ in range(5):
+            assert (await verify(client, token, "000000"))["code"] == "INVALID_OTP"
+    clock.advance(minutes=1, seconds=30)
+    late = await verify(client, await challenge(client, email), code_at(secret, clock))
+    assert late["code"] == "RATE_LIMITED"
+    assert late["retryAfter"] > 10 * 60
+
+
+async def test_a_pending_secret_signs_nobody_in(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email, token, _secret, codes = await enrolled(client, clock)
+    earlier = await challenge(client, email)  # issued while two-factor was on
+    done = await gql(client, DISABLE, {"i": {"password": PASSWORD, "code": codes[0]}}, token=token)
+    assert done["data"]["disableTotp"]["otpEnabled"] is False
+    pending = (await gql(client, SETUP, token=token))["data"]["setupTotp"]["secret"]
+    answer = await verify(client, earlier, code_at(pending, clock))
+    assert answer["code"] == "INVALID_OTP"
