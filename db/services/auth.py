@@ -449,16 +449,18 @@ class AuthService:
             )
         if challenge is None or challenge["user_id"] is None:
             raise _invalid_challenge()
+
+        async def consume(tx: Runner) -> bool:
+            # In the transaction that spends the code: of two requests racing on one
+            # challenge, the loser's code stays unspent.
+            claimed = {"challenge_id": challenge["id"], "now": now}
+            return await tx.first(_CONSUME_CHALLENGE, claimed) is not None
+
         method = await self.two_factor.check_code(
-            user_id=challenge["user_id"], code=code, recovery=True
+            user_id=challenge["user_id"], code=code, recovery=True, claim=consume
         )
         amr = AMR_PASSWORD_AND_TOTP if method == "totp" else AMR_PASSWORD_AND_RECOVERY_CODE
         async with self.statements.transaction() as tx:
-            if (
-                await tx.first(_CONSUME_CHALLENGE, {"challenge_id": challenge["id"], "now": now})
-                is None
-            ):
-                raise _invalid_challenge()  # used by a concurrent request
             user = await tx.first(_USER_BY_ID, {"user_id": challenge["user_id"]})
             if user is None:
                 raise _invalid_challenge()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,6 +28,9 @@ from db.security.totp import (
 )
 from db.session import Runner, Statements
 from db.validation import PASSWORD_MAX_LENGTH, normalize_password
+
+# Takes what a code is for (a login challenge) inside the transaction that spends it.
+Claim = Callable[[Runner], Awaitable[bool]]
 
 # Wrong codes per account, across challenges and mutations, before code checks refuse.
 ACCOUNT_CODE_FAILURES = 10
@@ -251,16 +254,22 @@ class TwoFactor:
         code: str,
         credential: Mapping[str, Any] | None = None,
         recovery: bool,
+        claim: Claim | None = None,
     ) -> str:
         """Accepts a current TOTP code (once) or, where `recovery`, an unused recovery
         code (once); raises INVALID_OTP otherwise, and RATE_LIMITED when the account has
-        had too many wrong codes lately. Returns "totp" or "recovery"."""
+        had too many wrong codes lately. Returns "totp" or "recovery".
+
+        `claim` runs in the transaction that spends the code; when it returns False the
+        code is not spent (a concurrent request took what the code was for)."""
         now = self.clock.now()
         if recovery:
             self.hasher.check_capacity()  # refuse before a slot is taken, not after
         await self._reserve_check(user_id, now)
         # A wrong code leaves the reserved check counted; a right one gives it back.
-        method = await self._verify(user_id, code, credential, recovery=recovery, now=now)
+        method = await self._verify(
+            user_id, code, credential, recovery=recovery, now=now, claim=claim
+        )
         async with self.statements.transaction() as tx:
             await tx.execute(_REFUND_CHECK, {"uid": user_id})
         return method
@@ -273,6 +282,7 @@ class TwoFactor:
         *,
         recovery: bool,
         now: datetime,
+        claim: Claim | None,
     ) -> str:
         if credential is None:
             async with self.statements.connection() as conn:
@@ -288,6 +298,8 @@ class TwoFactor:
                         _ACCEPT_STEP,
                         {"uid": user_id, "step": step, "sealed": credential["secret_sealed"]},
                     )
+                    if accepted is not None and claim is not None and not await claim(tx):
+                        raise _claimed()  # rolls the accepted step back
                 if accepted is not None:
                     return "totp"
                 raise _invalid_otp()  # replayed, by a concurrent request
@@ -305,6 +317,8 @@ class TwoFactor:
                         used = await tx.first(
                             _USE_RECOVERY_CODE, {"code_id": candidate["id"], "now": now}
                         )
+                        if used is not None and claim is not None and not await claim(tx):
+                            raise _claimed()  # the recovery code stays unused
                     if used is not None:
                         return "recovery"
         raise _invalid_otp()
@@ -376,6 +390,14 @@ class TwoFactor:
         await tx.execute(_DROP_RECOVERY_CODES, {"uid": user_id})
         for row in rows:
             await tx.execute(_ADD_RECOVERY_CODE, {**row, "now": now})
+
+
+def _claimed() -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.INVALID_TOKEN,
+        "This challenge is invalid or has expired.",
+        field="challengeToken",
+    )
 
 
 def _already_on() -> AuthFailure:

@@ -395,3 +395,20 @@ async def test_a_pending_secret_signs_nobody_in(
     pending = (await gql(client, SETUP, token=token))["data"]["setupTotp"]["secret"]
     answer = await verify(client, earlier, code_at(pending, clock))
     assert answer["code"] == "INVALID_OTP"
+
+
+async def test_the_loser_of_a_race_on_one_challenge_keeps_its_code(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    """A TOTP code and a recovery code sent at once for one challenge: one session, and
+    the code that lost is not spent."""
+    email, _token, secret, codes = await enrolled(client, clock)
+    token = await challenge(client, email)
+    totp, recovery = code_at(secret, clock), codes[0]
+    results = await asyncio.gather(verify(client, token, totp), verify(client, token, recovery))
+    won = [r["__typename"] == "AuthSession" for r in results]
+    assert sorted(won) == [False, True]
+    assert results[won.index(False)]["code"] == "INVALID_TOKEN"
+    loser = recovery if won[0] else totp
+    again = await verify(client, await challenge(client, email), loser)
+    assert again["__typename"] == "AuthSession"
