@@ -53,7 +53,7 @@ def _rotate_keys(args: argparse.Namespace) -> int:
 
     settings = Settings().prepare()
 
-    async def rotate() -> int:
+    async def rotate() -> tuple[int, int]:
         engine = create_engine(settings)
         statements = Statements(engine, pool_size=2, timeout=settings.db_timeout)
         await statements.start()
@@ -63,8 +63,15 @@ def _rotate_keys(args: argparse.Namespace) -> int:
             await statements.close()
             await engine.dispose()
 
-    count = asyncio.run(rotate())
-    print(f"re-encrypted {count} secret(s) under the first of ENCRYPTION_KEYS")
+    done, failed = asyncio.run(rotate())
+    print(f"re-encrypted {done} secret(s) under the first of ENCRYPTION_KEYS")
+    if failed:
+        print(
+            f"strawgate: {failed} secret(s) could not be decrypted with any of ENCRYPTION_KEYS;"
+            " they were left as they are (was a key dropped too early?)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

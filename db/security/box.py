@@ -23,4 +23,7 @@ class SecretBox:
 
     def reseal(self, sealed: str) -> str:
         """The same secret under the first key."""
-        return self._fernet.rotate(sealed.encode("ascii")).decode("ascii")
+        try:
+            return self._fernet.rotate(sealed.encode("ascii")).decode("ascii")
+        except InvalidToken as exc:
+            raise ValueError("a secret could not be decrypted with ENCRYPTION_KEYS") from exc

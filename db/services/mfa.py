@@ -410,18 +410,23 @@ def _invalid_otp() -> AuthFailure:
     )
 
 
-async def reseal_all(statements: Statements, box: SecretBox) -> int:
-    """Re-encrypts every TOTP secret under the first of ENCRYPTION_KEYS (key rotation);
-    how many were re-encrypted."""
-    count = 0
-    async with statements.transaction() as tx:
-        for user_id in await tx.scalars(_ALL_CREDENTIALS, {}):
+async def reseal_all(statements: Statements, box: SecretBox) -> tuple[int, int]:
+    """Re-encrypts every TOTP secret under the first of ENCRYPTION_KEYS (key rotation):
+    (re-encrypted, not decryptable with any configured key). One short transaction per
+    secret, so sign-ins are not held up behind a long rotation."""
+    async with statements.connection() as conn:
+        user_ids = await conn.scalars(_ALL_CREDENTIALS, {})
+    done = failed = 0
+    for user_id in user_ids:
+        async with statements.transaction() as tx:
             row = await tx.first(_CREDENTIAL_FOR_UPDATE, {"uid": user_id})
             if row is None:
+                continue  # disabled meanwhile
+            try:
+                resealed = box.reseal(row["secret_sealed"])
+            except ValueError:
+                failed += 1
                 continue
-            await tx.execute(
-                _RESEAL,
-                {"uid": user_id, "secret_sealed": box.reseal(row["secret_sealed"])},
-            )
-            count += 1
-    return count
+            await tx.execute(_RESEAL, {"uid": user_id, "secret_sealed": resealed})
+            done += 1
+    return done, failed
