@@ -35,6 +35,14 @@ class AuthFailure(Exception):
         self.retry_after = retry_after
 
 
+def invalid_challenge() -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.INVALID_TOKEN,
+        "This challenge is invalid or has expired.",
+        field="challengeToken",
+    )
+
+
 def invalid_input(message: str, field: str | None = None) -> AuthFailure:
     return AuthFailure(ErrorCode.INVALID_INPUT, message, field=field)
 

@@ -64,6 +64,12 @@ def common_passwords() -> frozenset[str]:
     )
 
 
+def could_be_a_password(password: str) -> bool:
+    """Whether an (NFKC-normalized) password is one any account could have: nothing else
+    is ever hashed, so an over-long input costs no argon2 time."""
+    return 0 < len(password) <= PASSWORD_MAX_LENGTH
+
+
 def check_new_password(password: str, *, min_length: int) -> None:
     """NIST SP 800-63B: length bounds and a blocklist, no composition rules.
     `password` is already NFKC-normalized."""

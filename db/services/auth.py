@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, null, select, true, update
 
 from db.clock import Clock
-from db.errors import AuthFailure, ErrorCode, UniqueViolation
+from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_challenge
 from db.models import IP_MAX, Challenge, RefreshToken, TotpCredential, User, UserSession
 from db.security.access import AccessClaims, AccessTokenCodec
 from db.security.passwords import PasswordHasher
@@ -32,9 +32,9 @@ from db.security.tokens import (
 from db.services.mfa import TwoFactor
 from db.session import Runner, Statements
 from db.validation import (
-    PASSWORD_MAX_LENGTH,
     check_new_password,
     clean_user_agent,
+    could_be_a_password,
     normalize_password,
     parse_email,
 )
@@ -57,7 +57,6 @@ class IssuedSession:
     refresh_token: str
     expires_in: int
     user: UserView
-    session_id: uuid.UUID
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,8 +372,8 @@ class AuthService:
             normalized: str | None = parse_email(email).normalized
         except AuthFailure:
             normalized = None  # cannot be registered; answered like an unknown address
-        if len(password) > PASSWORD_MAX_LENGTH or not password:
-            raise _invalid_credentials()  # never hash what no account can have
+        if not could_be_a_password(password):
+            raise _invalid_credentials()
         user: Mapping[str, Any] | None = None
         if normalized is not None:
             async with self.statements.connection() as conn:
@@ -441,14 +440,14 @@ class AuthService:
     ) -> IssuedSession:
         """The second step of a login: a current TOTP code, or an unused recovery code."""
         if not challenge_token or not looks_like_opaque_token(challenge_token):
-            raise _invalid_challenge()
+            raise invalid_challenge()
         now = self.clock.now()
         async with self.statements.transaction() as tx:
             challenge = await tx.first(
                 _TAKE_ATTEMPT, {"digest": token_digest(challenge_token), "now": now}
             )
         if challenge is None or challenge["user_id"] is None:
-            raise _invalid_challenge()
+            raise invalid_challenge()
 
         async def consume(tx: Runner) -> bool:
             # In the transaction that spends the code: of two requests racing on one
@@ -463,7 +462,7 @@ class AuthService:
         async with self.statements.transaction() as tx:
             user = await tx.first(_USER_BY_ID, {"user_id": challenge["user_id"]})
             if user is None:
-                raise _invalid_challenge()
+                raise invalid_challenge()
             if not user["is_active"]:
                 raise AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
             return await self._open_session(
@@ -511,7 +510,6 @@ class AuthService:
             refresh_token=refresh,
             expires_in=int(self.access_tokens.lifetime.total_seconds()),
             user=user,
-            session_id=session_id,
         )
 
     # -- refresh ------------------------------------------------------------------------
@@ -634,14 +632,6 @@ def _email_taken() -> AuthFailure:
 
 def _invalid_credentials() -> AuthFailure:
     return AuthFailure(ErrorCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS_MESSAGE)
-
-
-def _invalid_challenge() -> AuthFailure:
-    return AuthFailure(
-        ErrorCode.INVALID_TOKEN,
-        "This challenge is invalid or has expired.",
-        field="challengeToken",
-    )
 
 
 def _invalid_token() -> AuthFailure:

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import bindparam, case, delete, insert, null, or_, select, update
 
 from db.clock import Clock
-from db.errors import AuthFailure, ErrorCode, UniqueViolation
+from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_challenge
 from db.models import RecoveryCode, TotpCredential, User
 from db.security.box import SecretBox
 from db.security.passwords import PasswordHasher
@@ -27,7 +27,7 @@ from db.security.totp import (
     recovery_lookup,
 )
 from db.session import Runner, Statements
-from db.validation import PASSWORD_MAX_LENGTH, normalize_password
+from db.validation import could_be_a_password, normalize_password
 
 # Takes what a code is for (a login challenge) inside the transaction that spends it.
 Claim = Callable[[Runner], Awaitable[bool]]
@@ -236,7 +236,7 @@ class TwoFactor:
         async with self.statements.connection() as conn:
             row = await conn.first(_PASSWORD_HASH, {"uid": user_id})
         ok = False
-        if row is not None and 0 < len(password) <= PASSWORD_MAX_LENGTH:
+        if row is not None and could_be_a_password(password):
             ok, _new_hash = await self.hasher.verify(password, row["password_hash"])
         if not ok:
             raise AuthFailure(ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.")
@@ -299,7 +299,7 @@ class TwoFactor:
                         {"uid": user_id, "step": step, "sealed": credential["secret_sealed"]},
                     )
                     if accepted is not None and claim is not None and not await claim(tx):
-                        raise _claimed()  # rolls the accepted step back
+                        raise invalid_challenge()  # rolls the accepted step back
                 if accepted is not None:
                     return "totp"
                 raise _invalid_otp()  # replayed, by a concurrent request
@@ -318,7 +318,7 @@ class TwoFactor:
                             _USE_RECOVERY_CODE, {"code_id": candidate["id"], "now": now}
                         )
                         if used is not None and claim is not None and not await claim(tx):
-                            raise _claimed()  # the recovery code stays unused
+                            raise invalid_challenge()  # the recovery code stays unused
                     if used is not None:
                         return "recovery"
         raise _invalid_otp()
@@ -390,14 +390,6 @@ class TwoFactor:
         await tx.execute(_DROP_RECOVERY_CODES, {"uid": user_id})
         for row in rows:
             await tx.execute(_ADD_RECOVERY_CODE, {**row, "now": now})
-
-
-def _claimed() -> AuthFailure:
-    return AuthFailure(
-        ErrorCode.INVALID_TOKEN,
-        "This challenge is invalid or has expired.",
-        field="challengeToken",
-    )
 
 
 def _already_on() -> AuthFailure:
