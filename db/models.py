@@ -13,6 +13,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     Uuid,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -49,7 +50,10 @@ class UserSession(Base):
     """One sign-in; its refresh tokens are one rotating family."""
 
     __tablename__ = "sessions"
-    __table_args__ = (Index("ix_sessions_user_id_revoked_at", "user_id", "revoked_at"),)
+    __table_args__ = (
+        Index("ix_sessions_user_id_revoked_at", "user_id", "revoked_at"),
+        Index("ix_sessions_user_id_network_device", "user_id", "network", "device"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
@@ -62,6 +66,10 @@ class UserSession(Base):
     ip: Mapped[str | None] = mapped_column(String(IP_MAX), default=None)
     # How the user proved who they are: RFC 8176 values, space-separated (like a scope).
     amr: Mapped[str] = mapped_column(String(64), default="pwd")
+    # What "a new device" is judged by: the user agent's family ("Firefox on Linux") and
+    # the network (IPv4 /24, IPv6 /48) the session started from.
+    device: Mapped[str | None] = mapped_column(String(64), default=None)
+    network: Mapped[str | None] = mapped_column(String(64), default=None)
 
     user: Mapped[User] = relationship(back_populates="sessions")
     refresh_tokens: Mapped[list[RefreshToken]] = relationship(
@@ -121,7 +129,9 @@ class RecoveryCode(Base):
 
 
 class Challenge(Base):
-    """A pending second step (TOTP login now; emailed codes later)."""
+    """A pending step: a TOTP code after a password, or an emailed code (verification,
+    sign-in, password reset). One for an unknown address (user_id NULL) looks the same
+    from outside and never succeeds."""
 
     __tablename__ = "challenges"
 
@@ -141,3 +151,37 @@ class Challenge(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     consumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Emailed codes: HMAC-SHA-256 of the current code under a key derived from SECRET_KEY
+    # with this challenge's id as context; how often it was re-sent, and when last.
+    code_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), default=None)
+    resends: Mapped[int] = mapped_column(Integer, server_default="0")
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # A password reset waiting for its TOTP step: the new password's hash.
+    pending_password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
+
+
+class OutboxMail(Base):
+    """A mail to send, written in the transaction that causes it. Pending while
+    next_attempt_at is set; a sender leases it (claimed_until) rather than holding a
+    transaction open across the SMTP exchange."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    recipient: Mapped[str] = mapped_column(String(254))
+    template: Mapped[str] = mapped_column(String(64))
+    # JSON: what the template shows, nothing secret.
+    context: Mapped[str] = mapped_column(Text)
+    # JSON of the secrets (a code), Fernet-encrypted (ENCRYPTION_KEYS); erased once the
+    # mail is sent or the secret has expired.
+    secrets_sealed: Mapped[str | None] = mapped_column(Text, default=None)
+    secrets_expire_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # Set while the mail waits to be sent; NULL once sent or given up.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    claim_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    last_error: Mapped[str | None] = mapped_column(String(255), default=None)

@@ -74,6 +74,41 @@ class Settings(BaseSettings):
     totp_issuer: str = "Strawgate"
     otp_challenge_minutes: int = Field(5, ge=1, le=60)
 
+    # Email ownership and emailed codes.
+    require_email_verification: bool = True
+    email_code_minutes: int = Field(10, ge=1, le=60)
+    unverified_account_days: int = Field(7, ge=1)
+
+    # Mail, with fastapi-mail's own variable names. Without MAIL_SERVER (development
+    # only) mails are printed by the console backend.
+    mail_server: str | None = None
+    mail_port: int = Field(587, ge=1, le=65535)
+    mail_username: str = ""
+    mail_password: SecretStr = SecretStr("")
+    mail_from: str | None = None
+    mail_from_name: str | None = None
+    mail_starttls: bool = True
+    mail_ssl_tls: bool = False
+    use_credentials: bool = True
+    validate_certs: bool = True
+    mail_timeout: float = Field(15.0, gt=0, le=120)
+    # The operator's own templates, tried before the built-in ones (same file names).
+    mail_template_folder: Path | None = None
+    product_name: str = "Strawgate"
+    # Where the product lives: links in mails point here.
+    product_url: str = "http://127.0.0.1:8000"
+    # The page where users review their sessions and security settings (default product_url).
+    security_url: str | None = None
+
+    # The outbox and its sender.
+    mail_poll_seconds: float = Field(5.0, gt=0, le=5)
+    mail_batch_size: int = Field(20, ge=1, le=500)
+    mail_lease_seconds: int = Field(60, ge=5)
+    mail_retry_max_seconds: int = Field(300, ge=1)  # the backoff's cap
+    mail_give_up_hours: int = Field(24, ge=1)  # an undelivered mail is dropped this old
+    outbox_retention_days: int = Field(7, ge=1)
+    housekeeping_seconds: int = Field(60, ge=1)
+
     log_level: str = "INFO"
 
     @field_validator("algorithm")
@@ -128,6 +163,11 @@ class Settings(BaseSettings):
             if key == SECRET_KEY_PLACEHOLDER:
                 raise ConfigError("SECRET_KEY is still the .env.example placeholder")
             self._check_encryption_keys(required=True)
+            if not self.mail_server:
+                raise ConfigError(
+                    "MAIL_SERVER must be set in production (codes and notices go out by mail)"
+                )
+            self._check_mail()
             if self.is_sqlite:
                 log.warning("Production on SQLite: one server process only; use PostgreSQL")
             return self
@@ -136,7 +176,14 @@ class Settings(BaseSettings):
         elif len(key) < MIN_SECRET_KEY_LENGTH or key == SECRET_KEY_PLACEHOLDER:
             log.warning("SECRET_KEY is weak; production would refuse to start with it")
         self._check_encryption_keys(required=False)
+        self._check_mail()
         return self
+
+    def _check_mail(self) -> None:
+        if self.mail_server and not self.mail_from:
+            raise ConfigError("MAIL_FROM must be set with MAIL_SERVER (the sender's address)")
+        if self.mail_template_folder is not None and not self.mail_template_folder.is_dir():
+            raise ConfigError(f"MAIL_TEMPLATE_FOLDER {self.mail_template_folder} is not a folder")
 
     def _check_encryption_keys(self, *, required: bool) -> None:
         if self.encryption_keys is None or not self.encryption_keys.get_secret_value().strip():

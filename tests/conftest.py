@@ -26,6 +26,7 @@ from db.migrate import upgrade_head
 from db.settings import Settings
 from graph.app import create_app
 from tests.pg import provision, scratch_database
+from tests.smtp import SmtpSink
 
 TEST_SECRET = "test-secret-key-0123456789abcdefghijklmnop"
 TEST_FERNET_KEY = "3Ccxk2gCG8F0cH8Ysrr8OEnqNaIxB7cvjxpxdaQbi8A="  # a Fernet key for tests
@@ -74,11 +75,22 @@ async def clean_db(database_url: str) -> AsyncIterator[None]:
         await conn.execute(
             text(
                 "TRUNCATE users, sessions, refresh_tokens, challenges, totp_credentials,"
-                " recovery_codes CASCADE"
+                " recovery_codes, outbox CASCADE"
             )
         )
     await engine.dispose()
     yield
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSink]:
+    """A real SMTP server on loopback; `smtp.settings()` points the app at it."""
+    sink = SmtpSink()
+    sink.start()
+    try:
+        yield sink
+    finally:
+        sink.stop()
 
 
 @pytest.fixture
@@ -94,6 +106,9 @@ def make_settings(database_url: str) -> Callable[..., Settings]:
             "database_url": database_url,
             "secret_key": TEST_SECRET,
             "encryption_keys": TEST_FERNET_KEY,
+            # The core flows sign up straight into a session; the email tests turn the
+            # (default) verification on where they need it.
+            "require_email_verification": False,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

@@ -1,0 +1,1 @@
+"""Mail: templates, rendering, transports, the outbox and its sender."""
