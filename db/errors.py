@@ -43,6 +43,12 @@ def invalid_challenge() -> AuthFailure:
     )
 
 
+def invalid_otp() -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.INVALID_OTP, "The code is incorrect or was already used.", field="code"
+    )
+
+
 def invalid_input(message: str, field: str | None = None) -> AuthFailure:
     return AuthFailure(ErrorCode.INVALID_INPUT, message, field=field)
 

@@ -4,7 +4,7 @@ statement runner of the request path."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 import asyncpg
@@ -95,6 +95,10 @@ class Runner(Protocol):
         """The first column of every row."""
         ...
 
+    async def all(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> list[Mapping[str, Any]]: ...
+
 
 class Statements:
     """Fixed SQLAlchemy Core statements on the request path, run as lean as each database
@@ -139,6 +143,40 @@ class Statements:
                 reset=_rollback_if_needed,
                 server_settings={"application_name": "strawgate"},
             )
+
+    @contextlib.asynccontextmanager
+    async def listen(self, channel: str, callback: Callable[[], None]) -> AsyncIterator[Listening]:
+        """PostgreSQL LISTEN on a connection of its own (outside the pool, which hands
+        connections around): `callback` runs on every notification on `channel`, and once
+        more if the connection drops. Reconnecting is the caller's job (`alive` tells).
+        Raises NotImplementedError on SQLite, which has no notifications."""
+        if not self._native:
+            raise NotImplementedError("LISTEN/NOTIFY needs PostgreSQL")
+        args, options = self.engine.dialect.create_connect_args(self.engine.url)
+        for sqlalchemy_only in _SQLALCHEMY_ONLY_OPTIONS:
+            options.pop(sqlalchemy_only, None)
+        driver = await asyncpg.connect(
+            *args,
+            **options,
+            timeout=self._timeout,
+            command_timeout=self._timeout,
+            server_settings={"application_name": "strawgate"},
+        )
+
+        def notified(*_args: object) -> None:
+            callback()
+
+        try:
+            driver.add_termination_listener(notified)
+            await driver.add_listener(channel, notified)
+            yield Listening(driver)
+        finally:
+            driver.remove_termination_listener(notified)  # a close on purpose is no drop
+            if not driver.is_closed():
+                try:
+                    await driver.close(timeout=self._timeout)
+                except (OSError, asyncpg.PostgresError, TimeoutError):
+                    driver.terminate()
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -196,6 +234,18 @@ class Statements:
                 yield _SqlalchemyRunner(conn)
 
 
+class Listening:
+    """A LISTEN in place (see Statements.listen)."""
+
+    def __init__(self, driver: asyncpg.Connection) -> None:
+        self._driver = driver
+
+    @property
+    def alive(self) -> bool:
+        """False once the connection is gone: notifications no longer arrive."""
+        return not self._driver.is_closed()
+
+
 async def _rollback_if_needed(connection: asyncpg.Connection) -> None:
     """What a connection needs before it goes back to the pool. asyncpg's default reset
     costs a round trip on every release (it clears session state that this code never
@@ -220,6 +270,12 @@ class _NativeRunner:
         sql, args = self._statements.bind(statement, params)
         return [row[0] for row in await self._driver.fetch(sql, *args)]
 
+    async def all(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> list[Mapping[str, Any]]:
+        sql, args = self._statements.bind(statement, params)
+        return [dict(row.items()) for row in await self._driver.fetch(sql, *args)]
+
     async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
         sql, args = self._statements.bind(statement, params)
         try:
@@ -242,6 +298,12 @@ class _SqlalchemyRunner:
 
     async def scalars(self, statement: Executable, params: Mapping[str, Any]) -> list[Any]:
         return list((await self._conn.execute(statement, dict(params))).scalars().all())
+
+    async def all(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> list[Mapping[str, Any]]:
+        result = await self._conn.execute(statement, dict(params))
+        return [dict(row) for row in result.mappings().all()]
 
     async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
         try:

@@ -70,26 +70,26 @@ def could_be_a_password(password: str) -> bool:
     return 0 < len(password) <= PASSWORD_MAX_LENGTH
 
 
-def check_new_password(password: str, *, min_length: int) -> None:
+def check_new_password(password: str, *, min_length: int, field: str = "password") -> None:
     """NIST SP 800-63B: length bounds and a blocklist, no composition rules.
     `password` is already NFKC-normalized."""
     if len(password) < min_length:
         raise AuthFailure(
             ErrorCode.WEAK_PASSWORD,
             f"Use at least {min_length} characters.",
-            field="password",
+            field=field,
         )
     if len(password) > PASSWORD_MAX_LENGTH:
         raise AuthFailure(
             ErrorCode.WEAK_PASSWORD,
             f"Use at most {PASSWORD_MAX_LENGTH} characters.",
-            field="password",
+            field=field,
         )
     if password.casefold() in common_passwords():
         raise AuthFailure(
             ErrorCode.WEAK_PASSWORD,
             "This password is one of the most commonly used passwords; choose another.",
-            field="password",
+            field=field,
         )
 
 

@@ -18,6 +18,7 @@ import anyio
 import anyio.to_thread
 import orjson
 from cross_web import HTTPException
+from db.mail.transport import make_transport
 from sqlalchemy import column, select, table
 from sqlalchemy.sql import Executable
 from starlette.applications import Starlette
@@ -31,13 +32,19 @@ from strawberry.http import GraphQLHTTPResponse
 from strawberry.types import ExecutionResult
 
 from db.clock import Clock, SystemClock
+from db.mail.outbox import MailSender, Outbox
+from db.mail.render import MailRenderer
 from db.migrate import head_revision, upgrade_head
 from db.security.access import AccessTokenCodec
 from db.security.box import SecretBox
 from db.security.passwords import PasswordHasher
 from db.security.tokens import derive_key
+from db.services.account import AccountService
 from db.services.auth import AuthService
+from db.services.challenges import Challenges
+from db.services.housekeeping import Housekeeper
 from db.services.mfa import TwoFactor
+from db.services.notices import Notices
 from db.session import Statements, create_engine
 from db.settings import ConfigError, Settings
 from graph.context import AppServices, Context
@@ -189,6 +196,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     clock = clock or SystemClock()
     view = GraphQLView(settings)
     schema_head = head_revision()
+    transport = make_transport(settings)  # refuses the console backend in production
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -202,35 +210,32 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             )
             await statements.start()
             hasher = await anyio.to_thread.run_sync(_make_hasher, settings)
-            app.state.services = AppServices(
-                settings=settings,
-                auth=AuthService(
-                    statements=statements,
-                    hasher=hasher,
-                    access_tokens=AccessTokenCodec(
-                        key=settings.secret(),
-                        algorithm=settings.algorithm,
-                        issuer=settings.jwt_issuer,
-                        audience=settings.jwt_audience,
-                        lifetime=timedelta(minutes=settings.access_token_expire_minutes),
-                        clock=clock,
-                    ),
-                    refresh_key=derive_key(settings.secret(), "refresh-successor"),
-                    clock=clock,
-                    refresh_lifetime=timedelta(days=settings.refresh_token_expire_days),
-                    reuse_interval=timedelta(seconds=settings.refresh_token_reuse_interval),
-                    password_min_length=settings.password_min_length,
-                    two_factor=TwoFactor(
-                        statements=statements,
-                        box=SecretBox(settings.fernet_keys()),
-                        hasher=hasher,
-                        clock=clock,
-                        issuer=settings.totp_issuer,
-                        recovery_key=derive_key(settings.secret(), "recovery-code-lookup"),
-                    ),
-                    challenge_lifetime=timedelta(minutes=settings.otp_challenge_minutes),
-                ),
+            outbox = Outbox.from_settings(settings, clock=clock)
+            sender = MailSender.from_settings(
+                settings,
+                statements=statements,
+                outbox=outbox,
+                renderer=MailRenderer.from_settings(settings),
+                transport=transport,
+                clock=clock,
             )
+            housekeeper = Housekeeper(
+                statements=statements,
+                clock=clock,
+                interval=settings.housekeeping_seconds,
+                unverified_account_age=timedelta(days=settings.unverified_account_days)
+                if settings.require_email_verification
+                else None,
+                outbox_retention=timedelta(days=settings.outbox_retention_days),
+            )
+            auth = make_auth(settings, statements, hasher, outbox, clock)
+            app.state.services = AppServices(
+                settings=settings, auth=auth, account=AccountService(auth=auth)
+            )
+            app.state.mail_sender = sender
+            app.state.housekeeper = housekeeper
+            await sender.start()
+            await housekeeper.start()
             # Everything made so far lives as long as the process: keep it out of the
             # cyclic collector's full passes, which otherwise walk every module, schema
             # and mapper on the request path (hundreds of thousands of objects).
@@ -240,6 +245,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             try:
                 yield
             finally:
+                await housekeeper.stop()
+                await sender.stop()  # finishes or releases the mails it holds
+                await transport.close()
                 hasher.close()
                 await statements.close()
                 await engine.dispose()
@@ -275,6 +283,54 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     )
     app.state.settings = settings
     return app
+
+
+def make_auth(
+    settings: Settings,
+    statements: Statements,
+    hasher: PasswordHasher,
+    outbox: Outbox,
+    clock: Clock,
+) -> AuthService:
+    secret = settings.secret()
+    notices = Notices(outbox=outbox, clock=clock)
+    return AuthService(
+        statements=statements,
+        hasher=hasher,
+        access_tokens=AccessTokenCodec(
+            key=secret,
+            algorithm=settings.algorithm,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            lifetime=timedelta(minutes=settings.access_token_expire_minutes),
+            clock=clock,
+        ),
+        refresh_key=derive_key(secret, "refresh-successor"),
+        clock=clock,
+        refresh_lifetime=timedelta(days=settings.refresh_token_expire_days),
+        reuse_interval=timedelta(seconds=settings.refresh_token_reuse_interval),
+        password_min_length=settings.password_min_length,
+        two_factor=TwoFactor(
+            statements=statements,
+            box=SecretBox(settings.fernet_keys()),
+            hasher=hasher,
+            clock=clock,
+            issuer=settings.totp_issuer,
+            recovery_key=derive_key(secret, "recovery-code-lookup"),
+            notices=notices,
+        ),
+        challenges=Challenges(
+            statements=statements,
+            outbox=outbox,
+            clock=clock,
+            secret=secret,
+            email_lifetime=timedelta(minutes=settings.email_code_minutes),
+            totp_lifetime=timedelta(minutes=settings.otp_challenge_minutes),
+        ),
+        outbox=outbox,
+        notices=notices,
+        require_email_verification=settings.require_email_verification,
+    )
 
 
 def _make_hasher(settings: Settings) -> PasswordHasher:

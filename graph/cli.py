@@ -47,28 +47,32 @@ def _migrate(args: argparse.Namespace) -> int:
 def _rotate_keys(args: argparse.Namespace) -> int:
     import asyncio
 
+    from db.mail.outbox import reseal_outbox
     from db.security.box import SecretBox
     from db.services.mfa import reseal_all
     from db.session import Statements, create_engine
 
     settings = Settings().prepare()
 
-    async def rotate() -> tuple[int, int]:
+    async def rotate() -> tuple[tuple[int, int], tuple[int, int]]:
         engine = create_engine(settings)
         statements = Statements(engine, pool_size=2, timeout=settings.db_timeout)
         await statements.start()
         try:
-            return await reseal_all(statements, SecretBox(settings.fernet_keys()))
+            box = SecretBox(settings.fernet_keys())
+            return await reseal_all(statements, box), await reseal_outbox(statements, box)
         finally:
             await statements.close()
             await engine.dispose()
 
-    done, failed = asyncio.run(rotate())
+    (done, failed), (mails_done, mails_failed) = asyncio.run(rotate())
     print(f"re-encrypted {done} secret(s) under the first of ENCRYPTION_KEYS")
-    if failed:
+    print(f"re-encrypted {mails_done} queued mail(s) under the first of ENCRYPTION_KEYS")
+    if failed or mails_failed:
         print(
-            f"strawgate: {failed} secret(s) could not be decrypted with any of ENCRYPTION_KEYS;"
-            " they were left as they are (was a key dropped too early?)",
+            f"strawgate: {failed} secret(s) and {mails_failed} queued mail(s) could not be"
+            " decrypted with any of ENCRYPTION_KEYS; they were left as they are (was a key"
+            " dropped too early?)",
             file=sys.stderr,
         )
         return 1

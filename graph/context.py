@@ -8,8 +8,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from strawberry.exceptions import StrawberryGraphQLError
 
-from db.security.access import InvalidAccessToken
-from db.services.auth import AuthService, ClientInfo, UserView
+from db.security.access import AccessClaims, InvalidAccessToken
+from db.services.account import AccountService
+from db.services.auth import AuthService
+from db.services.types import ClientInfo, UserView
 from db.settings import Settings
 
 UNAUTHENTICATED = "UNAUTHENTICATED"
@@ -29,6 +31,7 @@ class AppServices:
 
     settings: Settings
     auth: AuthService
+    account: AccountService
 
 
 @dataclass(slots=True)
@@ -38,6 +41,7 @@ class Context:
     services: AppServices
     request_id: str
     _user: object = field(default=_UNSET)
+    _claims: AccessClaims | None = None
 
     @property
     def client(self) -> ClientInfo:
@@ -67,7 +71,8 @@ class Context:
             return None
         auth = self.services.auth
         try:
-            view = await auth.current_user(auth.decode_access_token(token)) if token else None
+            self._claims = auth.decode_access_token(token) if token else None
+            view = await auth.current_user(self._claims) if self._claims else None
         except InvalidAccessToken:
             view = None
         if view is None:
@@ -75,3 +80,11 @@ class Context:
             raise self._user
         self._user = view
         return view
+
+    async def signed_in(self) -> tuple[UserView, AccessClaims]:
+        """The user and the claims of a request that a permission class let through as
+        signed in."""
+        view = await self.user()
+        if view is None or self._claims is None:
+            raise unauthenticated_error()
+        return view, self._claims

@@ -58,3 +58,31 @@ class DisableTotpInput:
 @strawberry.input
 class RegenerateRecoveryCodesInput:
     code: str = strawberry.field(description="A current TOTP code.")
+
+
+@strawberry.input
+class EmailInput:
+    email: str
+
+
+@strawberry.input
+class ResendOtpInput:
+    challenge_token: str
+
+
+@strawberry.input
+class ResetPasswordInput:
+    challenge_token: str
+    code: str
+    new_password: str
+
+
+@strawberry.input
+class ChangePasswordInput:
+    current_password: str
+    new_password: str
+
+
+@strawberry.input
+class RevokeSessionInput:
+    id: strawberry.ID

@@ -13,7 +13,8 @@ from strawberry.schema.schema import validate_document
 from strawberry.types import ExecutionContext
 
 from db.settings import Settings
-from graph.resolvers.auth import AuthMutation, Query
+from graph.resolvers.account import AccountMutation, AccountQuery
+from graph.resolvers.auth import AuthMutation, AuthQuery
 from graph.resolvers.mfa import MfaMutation
 
 # Distinct documents kept parsed and validated. Bounded, so that a stream of unique
@@ -34,7 +35,12 @@ def _validate(
 
 
 @strawberry.type
-class Mutation(AuthMutation, MfaMutation):
+class Query(AuthQuery, AccountQuery):
+    pass
+
+
+@strawberry.type
+class Mutation(AuthMutation, MfaMutation, AccountMutation):
     pass
 
 

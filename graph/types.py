@@ -9,8 +9,8 @@ from typing import Annotated
 import strawberry
 
 from db.errors import AuthFailure, ErrorCode
-from db.services.auth import IssuedChallenge, IssuedSession, UserView
 from db.services.mfa import TotpEnrolment
+from db.services.types import IssuedChallenge, IssuedSession, SessionView, UserView
 
 AuthErrorCode = strawberry.enum(ErrorCode, name="AuthErrorCode")
 
@@ -25,6 +25,7 @@ class OtpMethod(Enum):
 class OtpPurpose(Enum):
     LOGIN = "LOGIN"
     VERIFY_EMAIL = "VERIFY_EMAIL"
+    RESET_PASSWORD = "RESET_PASSWORD"  # noqa: S105 - a purpose
 
 
 @strawberry.type(description="A registered account.")
@@ -147,6 +148,28 @@ AuthResult = Annotated[AuthSession | OtpChallenge | AuthError, strawberry.union(
 TotpSetupResult = Annotated[TotpSetup | AuthError, strawberry.union("TotpSetupResult")]
 RecoveryCodesResult = Annotated[RecoveryCodes | AuthError, strawberry.union("RecoveryCodesResult")]
 UserResult = Annotated[User | AuthError, strawberry.union("UserResult")]
+ChallengeResult = Annotated[OtpChallenge | AuthError, strawberry.union("ChallengeResult")]
+
+
+@strawberry.type(description="One signed-in device or browser of the user.")
+class Session:
+    id: strawberry.ID
+    created_at: datetime
+    last_used_at: datetime
+    user_agent: str | None
+    ip_address: str | None
+    current: bool = strawberry.field(description="True for the session that made this request.")
+
+    @classmethod
+    def from_view(cls, view: SessionView) -> Session:
+        return cls(
+            id=strawberry.ID(str(view.id)),
+            created_at=view.created_at,
+            last_used_at=view.last_used_at,
+            user_agent=view.user_agent,
+            ip_address=view.ip,
+            current=view.current,
+        )
 
 
 @strawberry.type

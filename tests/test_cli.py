@@ -109,3 +109,81 @@ async def test_rotate_keys_reencrypts_every_secret(tmp_path: Path) -> None:
         pass
     else:
         raise AssertionError("the old key still opens the re-encrypted secret")
+
+
+async def test_rotate_keys_reencrypts_queued_mails(tmp_path: Path) -> None:
+    """A queued mail's secrets (its code) are covered too: re-encrypted under the new key;
+    one that no configured key opens is left alone and reported with exit status 1."""
+    import asyncio
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.fernet import Fernet
+    from sqlalchemy import select
+
+    from db.models import OutboxMail
+    from db.security.box import SecretBox
+
+    old, new, lost = (Fernet.generate_key().decode() for _ in range(3))
+    url = f"sqlite+aiosqlite:///{tmp_path}/strawgate.db"
+    assert (await asyncio.to_thread(run, "migrate", cwd=tmp_path, DATABASE_URL=url)).returncode == 0
+    engine = create_async_engine(url)
+    now = datetime.now(UTC)
+    readable, unreadable = uuid.uuid4(), uuid.uuid4()
+
+    async def queue(mail_id: uuid.UUID, sealed: str) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(
+                OutboxMail.__table__.insert().values(  # type: ignore[attr-defined]
+                    id=mail_id,
+                    recipient="a@example.com",
+                    template="code",
+                    context="{}",
+                    secrets_sealed=sealed,
+                    secrets_expire_at=now + timedelta(minutes=10),
+                    created_at=now,
+                    next_attempt_at=now,
+                    attempts=0,
+                )
+            )
+
+    async def sealed_of(mail_id: uuid.UUID) -> str:
+        async with engine.connect() as conn:
+            found = await conn.execute(
+                select(OutboxMail.secrets_sealed).where(OutboxMail.id == mail_id)
+            )
+            return str(found.scalar_one())
+
+    def rotate() -> subprocess.CompletedProcess[str]:
+        return run(
+            "rotate-keys",
+            cwd=tmp_path,
+            DATABASE_URL=url,
+            ENVIRONMENT="development",
+            SECRET_KEY="k" * 40,
+            ENCRYPTION_KEYS=f"{new},{old}",
+        )
+
+    try:
+        await queue(readable, SecretBox([old]).seal('{"code": "123456"}'))
+        done = await asyncio.to_thread(rotate)
+        assert done.returncode == 0, done.stderr
+        assert "re-encrypted 1 queued mail" in done.stdout
+        sealed = await sealed_of(readable)
+        assert SecretBox([new]).open(sealed) == '{"code": "123456"}'
+        try:
+            SecretBox([old]).open(sealed)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("the old key still opens the re-encrypted mail")
+
+        await queue(unreadable, SecretBox([lost]).seal('{"code": "654321"}'))
+        before = await sealed_of(unreadable)
+        done = await asyncio.to_thread(rotate)
+        assert done.returncode == 1
+        assert "1 queued mail(s) could not be decrypted" in done.stderr
+        assert "re-encrypted 1 queued mail" in done.stdout  # the readable one, again
+        assert await sealed_of(unreadable) == before
+    finally:
+        await engine.dispose()

@@ -14,7 +14,15 @@ from alembic import command
 from db.migrate import alembic_config, downgrade_base, upgrade_head
 from tests.pg import scratch_database
 
-TABLES = {"users", "sessions", "refresh_tokens", "totp_credentials", "recovery_codes", "challenges"}
+TABLES = {
+    "users",
+    "sessions",
+    "refresh_tokens",
+    "totp_credentials",
+    "recovery_codes",
+    "challenges",
+    "outbox",
+}
 
 
 async def table_names(url: str) -> set[str]:

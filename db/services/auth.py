@@ -12,15 +12,24 @@ from __future__ import annotations
 import hmac
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, null, select, true, update
+from sqlalchemy import bindparam, delete, exists, func, insert, select, true, update
 
 from db.clock import Clock
-from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_challenge
-from db.models import IP_MAX, Challenge, RefreshToken, TotpCredential, User, UserSession
+from db.devices import device_family, network_of
+from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_challenge, invalid_otp
+from db.mail.outbox import Outbox
+from db.models import (
+    IP_MAX,
+    Challenge,
+    RecoveryCode,
+    RefreshToken,
+    TotpCredential,
+    User,
+    UserSession,
+)
 from db.security.access import AccessClaims, AccessTokenCodec
 from db.security.passwords import PasswordHasher
 from db.security.tokens import (
@@ -29,7 +38,18 @@ from db.security.tokens import (
     successor_token,
     token_digest,
 )
+from db.services import challenges as ch
+from db.services.challenges import Challenges
 from db.services.mfa import TwoFactor
+from db.services.notices import Notices
+from db.services.types import (
+    ClientInfo,
+    IssuedChallenge,
+    IssuedSession,
+    UserView,
+    merge_amr,
+    user_view,
+)
 from db.session import Runner, Statements
 from db.validation import (
     check_new_password,
@@ -39,57 +59,21 @@ from db.validation import (
     parse_email,
 )
 
+__all__ = ["AuthService", "ClientInfo", "IssuedChallenge", "IssuedSession", "UserView"]
+
 INVALID_CREDENTIALS_MESSAGE = "The email or password is incorrect."
 
-
-@dataclass(frozen=True, slots=True)
-class UserView:
-    id: uuid.UUID
-    email: str
-    email_verified: bool
-    otp_enabled: bool
-    created_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class IssuedSession:
-    access_token: str
-    refresh_token: str
-    expires_in: int
-    user: UserView
-
-
-@dataclass(frozen=True, slots=True)
-class IssuedChallenge:
-    """A second step is needed: the challenge token goes back with the code."""
-
-    challenge_token: str
-    method: str  # "TOTP"
-    purpose: str  # "LOGIN"
-    expires_in: int
-
-
-# What proving each factor adds to a session's `amr` (RFC 8176).
+# What proving each factor adds to a session's `amr` (RFC 8176). An emailed code is
+# "otp" (as Microsoft's identity platform documents it); "mfa" needs a second factor of
+# the user's own: an authenticator code or a recovery code.
 AMR_PASSWORD = ["pwd"]
-AMR_PASSWORD_AND_TOTP = ["pwd", "otp", "mfa"]
-AMR_PASSWORD_AND_RECOVERY_CODE = ["pwd", "mfa"]
-MAX_CHALLENGE_ATTEMPTS = 5
+AMR_EMAIL_CODE = ["otp"]
+AMR_TOTP = ["otp", "mfa"]
+AMR_RECOVERY_CODE = ["mfa"]
 
-
-@dataclass(frozen=True, slots=True)
-class ClientInfo:
-    ip: str | None = None
-    user_agent: str | None = None
-
-
-def user_view(row: Mapping[str, Any], id_key: str = "id") -> UserView:
-    return UserView(
-        id=row[id_key],
-        email=row["email"],
-        email_verified=row["email_verified_at"] is not None,
-        otp_enabled=row.get("otp_confirmed_at") is not None,
-        created_at=row["created_at"],
-    )
+# A sign-in from a device family and network the user has not signed in from within
+# this long is "new" (and mailed about).
+KNOWN_DEVICE_WINDOW = timedelta(days=90)
 
 
 # The statements of the request path, built once (SQLAlchemy caches their compiled form,
@@ -146,6 +130,8 @@ _ADD_SESSION = insert(UserSession).values(
     user_agent=bindparam("user_agent"),
     ip=bindparam("ip"),
     amr=bindparam("amr"),
+    device=bindparam("device"),
+    network=bindparam("network"),
 )
 
 # The one query behind every authenticated request: the session is live and its user
@@ -251,48 +237,75 @@ _REVOKE_USER_SESSIONS = (
 )
 
 
-_ADD_CHALLENGE = insert(Challenge).values(
-    id=bindparam("challenge_id"),
-    token_hash=bindparam("token_hash"),
-    user_id=bindparam("user_id"),
-    purpose=bindparam("purpose"),
-    method=bindparam("method"),
-    amr=bindparam("amr"),
-    user_agent=bindparam("user_agent"),
-    ip=bindparam("ip"),
-    created_at=bindparam("now"),
-    expires_at=bindparam("expires_at"),
-    consumed_at=null(),
-)
-
-# Every code checked against a challenge first takes one of its attempts, in one write,
-# so parallel guesses cannot pass the cap; a challenge out of attempts, used or expired
-# gives none.
-_TAKE_ATTEMPT = (
-    update(Challenge)
+# Whether the user signed in before at all, and from this device family and network lately.
+_DEVICE_HISTORY = select(
+    exists().where(UserSession.user_id == bindparam("uid")).label("signed_in_before"),
+    exists()
     .where(
-        Challenge.token_hash == bindparam("digest"),
-        Challenge.consumed_at.is_(None),
-        Challenge.expires_at > bindparam("now"),
-        Challenge.attempts < MAX_CHALLENGE_ATTEMPTS,
+        UserSession.user_id == bindparam("uid"),
+        UserSession.network == bindparam("network"),
+        UserSession.device == bindparam("device"),
+        UserSession.last_used_at >= bindparam("since"),
     )
-    .values(attempts=Challenge.attempts + 1)
-    .returning(
-        Challenge.id,
-        Challenge.user_id,
-        Challenge.purpose,
-        Challenge.method,
-        Challenge.amr,
-        Challenge.user_agent,
-        Challenge.ip,
+    .label("known"),
+)
+
+# What signup decides on when the address is taken: verified, or a pending signup that
+# still has a live challenge or ever had a session.
+_live_challenge = exists().where(
+    Challenge.user_id == User.id,
+    Challenge.consumed_at.is_(None),
+    Challenge.expires_at > bindparam("now"),
+    Challenge.attempts < ch.MAX_CHALLENGE_ATTEMPTS,
+)
+_had_session = exists().where(UserSession.user_id == User.id)
+_SIGNUP_STATE = select(User.id, User.email_verified_at).where(
+    User.email_normalized == bindparam("email")
+)
+# An unverified account whose codes have all expired is replaced by a new signup.
+_DROP_ABANDONED_SIGNUP = delete(User).where(
+    User.id == bindparam("uid"),
+    User.email_verified_at.is_(None),
+    ~_live_challenge,
+    ~_had_session,
+)
+
+_MARK_VERIFIED = (
+    update(User)
+    .where(User.id == bindparam("uid"), User.email_verified_at.is_(None))
+    .values(email_verified_at=bindparam("now"))
+)
+
+# A new password: on a change, only over the hash that was checked (a concurrent change
+# wins, not both); on a reset, unconditionally, and the address counts as verified.
+_CHANGE_PASSWORD = (
+    update(User)
+    .where(User.id == bindparam("uid"), User.password_hash == bindparam("old_hash"))
+    .values(password_hash=bindparam("new_hash"), updated_at=bindparam("now"))
+)
+_RESET_PASSWORD = (
+    update(User)
+    .where(User.id == bindparam("uid"))
+    .values(
+        password_hash=bindparam("new_hash"),
+        updated_at=bindparam("now"),
+        email_verified_at=func.coalesce(User.email_verified_at, bindparam("now")),
     )
 )
 
-_CONSUME_CHALLENGE = (
-    update(Challenge)
-    .where(Challenge.id == bindparam("challenge_id"), Challenge.consumed_at.is_(None))
-    .values(consumed_at=bindparam("now"))
-    .returning(Challenge.id)
+_REVOKE_OTHER_SESSIONS = (
+    update(UserSession)
+    .where(
+        UserSession.user_id == bindparam("owner_id"),
+        UserSession.id != bindparam("keep_id"),
+        UserSession.revoked_at.is_(None),
+        UserSession.expires_at > bindparam("now"),
+    )
+    .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
+)
+
+_UNUSED_RECOVERY_CODES = select(func.count(RecoveryCode.id)).where(
+    RecoveryCode.user_id == bindparam("uid"), RecoveryCode.used_at.is_(None)
 )
 
 
@@ -309,7 +322,10 @@ class AuthService:
         reuse_interval: timedelta,
         password_min_length: int,
         two_factor: TwoFactor,
-        challenge_lifetime: timedelta,
+        challenges: Challenges,
+        outbox: Outbox,
+        notices: Notices,
+        require_email_verification: bool,
     ) -> None:
         self.statements = statements
         self.hasher = hasher
@@ -320,19 +336,30 @@ class AuthService:
         self.reuse_interval = reuse_interval
         self.password_min_length = password_min_length
         self.two_factor = two_factor
-        self.challenge_lifetime = challenge_lifetime
+        self.challenges = challenges
+        self.outbox = outbox
+        self.notices = notices
+        self.require_email_verification = require_email_verification
 
     # -- signup and login -------------------------------------------------------------
 
-    async def signup(self, *, email: str, password: str, client: ClientInfo) -> IssuedSession:
-        """Create an account and sign it in."""
+    async def signup(
+        self, *, email: str, password: str, client: ClientInfo
+    ) -> IssuedSession | IssuedChallenge:
+        """Create an account. With email verification required, answer the challenge of
+        the code mailed to the address (the account gets no session before it is
+        verified); otherwise sign it in at once."""
         self.hasher.check_capacity()  # when overloaded, refuse before doing any work
         address = parse_email(email)
         password = normalize_password(password)
         check_new_password(password, min_length=self.password_min_length)
         async with self.statements.connection() as conn:
-            if await conn.first(_USER_BY_EMAIL, {"email": address.normalized}) is not None:
-                raise _email_taken()
+            existing = await conn.first(_SIGNUP_STATE, {"email": address.normalized})
+        # Only a verified registration is revealed (or any, without verification).
+        if existing is not None and (
+            existing["email_verified_at"] is not None or not self.require_email_verification
+        ):
+            raise _email_taken()
         password_hash = await self.hasher.hash(password)
         now = self.clock.now()
         user = {
@@ -341,25 +368,46 @@ class AuthService:
             "email_verified_at": None,
             "created_at": now,
         }
+        add_user = {
+            "user_id": user["id"],
+            "email": address.address,
+            "email_normalized": address.normalized,
+            "password_hash": password_hash,
+            "now": now,
+        }
         try:
             async with self.statements.transaction() as tx:
+                if existing is not None:
+                    # A pending signup: replaced once its codes have expired; until then
+                    # the answer looks the same and no mail goes out.
+                    dropped = await tx.execute(
+                        _DROP_ABANDONED_SIGNUP, {"uid": existing["id"], "now": now}
+                    )
+                    if not dropped:
+                        return await self._pending_signup(tx, client)
                 # The unique index decides between concurrent signups; the check above
                 # only spares a hash in the common case.
-                await tx.execute(
-                    _ADD_USER,
-                    {
-                        "user_id": user["id"],
-                        "email": address.address,
-                        "email_normalized": address.normalized,
-                        "password_hash": password_hash,
-                        "now": now,
-                    },
-                )
-                return await self._open_session(
-                    tx, user_view(user), amr=AMR_PASSWORD, client=client
-                )
+                await tx.execute(_ADD_USER, add_user)
+                if self.require_email_verification:
+                    issued: IssuedSession | IssuedChallenge = await self.challenges.open_email(
+                        tx, purpose=ch.VERIFY_EMAIL, user=user, amr=AMR_PASSWORD, client=client
+                    )
+                else:
+                    issued = await self.open_session(
+                        tx, user_view(user), amr=AMR_PASSWORD, client=client
+                    )
         except UniqueViolation:
-            raise _email_taken() from None
+            if not self.require_email_verification:
+                raise _email_taken() from None
+            async with self.statements.transaction() as tx:
+                return await self._pending_signup(tx, client)
+        self.outbox.wake()
+        return issued
+
+    async def _pending_signup(self, tx: Runner, client: ClientInfo) -> IssuedChallenge:
+        return await self.challenges.open_email(
+            tx, purpose=ch.VERIFY_EMAIL, user=None, amr=AMR_PASSWORD, client=client
+        )
 
     async def login(
         self, *, email: str, password: str, client: ClientInfo
@@ -385,16 +433,25 @@ class AuthService:
         if not ok:
             raise _invalid_credentials()
         if not user["is_active"]:
-            raise AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
-        if user["otp_confirmed_at"] is not None:
-            async with self.statements.transaction() as tx:
-                if new_hash is not None:
-                    await self._upgrade_hash(tx, user, new_hash)
-                return await self._open_challenge(tx, user["id"], client)
+            raise _account_disabled()
         async with self.statements.transaction() as tx:
             if new_hash is not None:
                 await self._upgrade_hash(tx, user, new_hash)
-            return await self._open_session(tx, user_view(user), amr=AMR_PASSWORD, client=client)
+            if self.require_email_verification and user["email_verified_at"] is None:
+                # The address is proven first: a fresh code goes to it.
+                issued: IssuedSession | IssuedChallenge = await self.challenges.open_email(
+                    tx, purpose=ch.VERIFY_EMAIL, user=user, amr=AMR_PASSWORD, client=client
+                )
+            elif user["otp_confirmed_at"] is not None:
+                issued = await self.challenges.open_totp(
+                    tx, user_id=user["id"], purpose=ch.LOGIN, amr=AMR_PASSWORD, client=client
+                )
+            else:
+                issued = await self.open_session(
+                    tx, user_view(user), amr=AMR_PASSWORD, client=client
+                )
+        self.outbox.wake()
+        return issued
 
     async def _upgrade_hash(self, tx: Runner, user: Mapping[str, Any], new_hash: str) -> None:
         """A legacy or weaker hash is replaced, unless the password changed meanwhile."""
@@ -408,76 +465,167 @@ class AuthService:
             },
         )
 
-    async def _open_challenge(
-        self, tx: Runner, user_id: uuid.UUID, client: ClientInfo
-    ) -> IssuedChallenge:
-        now = self.clock.now()
-        token = new_opaque_token()  # 256 bits; stored only as its SHA-256
-        await tx.execute(
-            _ADD_CHALLENGE,
-            {
-                "challenge_id": uuid.uuid4(),
-                "token_hash": token_digest(token),
-                "user_id": user_id,
-                "purpose": "LOGIN",
-                "method": "TOTP",
-                "amr": " ".join(AMR_PASSWORD),
-                "user_agent": clean_user_agent(client.user_agent),
-                "ip": client.ip[:IP_MAX] if client.ip else None,
-                "now": now,
-                "expires_at": now + self.challenge_lifetime,
-            },
-        )
-        return IssuedChallenge(
-            challenge_token=token,
-            method="TOTP",
-            purpose="LOGIN",
-            expires_in=int(self.challenge_lifetime.total_seconds()),
-        )
+    # -- verifyOtp ----------------------------------------------------------------------
 
     async def verify_otp(
         self, *, challenge_token: str, code: str, client: ClientInfo
-    ) -> IssuedSession:
-        """The second step of a login: a current TOTP code, or an unused recovery code."""
-        if not challenge_token or not looks_like_opaque_token(challenge_token):
-            raise invalid_challenge()
-        now = self.clock.now()
-        async with self.statements.transaction() as tx:
-            challenge = await tx.first(
-                _TAKE_ATTEMPT, {"digest": token_digest(challenge_token), "now": now}
-            )
-        if challenge is None or challenge["user_id"] is None:
+    ) -> IssuedSession | IssuedChallenge:
+        """Completes a TOTP step (a current code or an unused recovery code), or an
+        emailed sign-in or verification code. An emailed reset code is not taken here."""
+        challenge = await self.challenges.take_attempt(ch.TAKE_FOR_VERIFY_OTP, challenge_token)
+        if challenge["method"] == ch.EMAIL:
+            return await self._complete_emailed_code(challenge, code, client)
+        user_id = challenge["user_id"]
+        if user_id is None:  # pragma: no cover - TOTP challenges always have a user
             raise invalid_challenge()
 
-        async def consume(tx: Runner) -> bool:
+        async def claim(tx: Runner, method: str) -> bool:
             # In the transaction that spends the code: of two requests racing on one
             # challenge, the loser's code stays unspent.
-            claimed = {"challenge_id": challenge["id"], "now": now}
-            return await tx.first(_CONSUME_CHALLENGE, claimed) is not None
+            if not await self.challenges.consume(tx, challenge["id"]):
+                return False
+            if method == "recovery":
+                await self._recovery_code_used(tx, user_id, client)
+            if challenge["purpose"] == ch.RESET_PASSWORD:
+                await self.reset_password_now(
+                    tx, user_id=user_id, new_hash=challenge["pending_password_hash"], client=client
+                )
+            return True
 
         method = await self.two_factor.check_code(
-            user_id=challenge["user_id"], code=code, recovery=True, claim=consume
+            user_id=user_id, code=code, recovery=True, claim=claim
         )
-        amr = AMR_PASSWORD_AND_TOTP if method == "totp" else AMR_PASSWORD_AND_RECOVERY_CODE
+        amr = merge_amr(
+            challenge["amr"].split(), AMR_TOTP if method == "totp" else AMR_RECOVERY_CODE
+        )
+        async with self.statements.transaction() as tx:
+            user = await tx.first(_USER_BY_ID, {"user_id": user_id})
+            if user is None:
+                raise invalid_challenge()
+            if not user["is_active"]:
+                raise _account_disabled()
+            issued = await self.open_session(tx, user_view(user), amr=amr, client=client)
+        self.outbox.wake()
+        return issued
+
+    async def _complete_emailed_code(
+        self, challenge: Mapping[str, Any], code: str, client: ClientInfo
+    ) -> IssuedSession | IssuedChallenge:
+        if not self.challenges.email_code_matches(challenge, code):
+            raise invalid_otp()
+        amr = merge_amr(challenge["amr"].split(), AMR_EMAIL_CODE)
         async with self.statements.transaction() as tx:
             user = await tx.first(_USER_BY_ID, {"user_id": challenge["user_id"]})
             if user is None:
                 raise invalid_challenge()
             if not user["is_active"]:
-                raise AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
-            return await self._open_session(
+                raise _account_disabled()
+            if not await self.challenges.consume(tx, challenge["id"]):
+                raise invalid_challenge()
+            # A code that reached the mailbox proves the address (sign-in codes too).
+            now = self.clock.now()
+            await tx.execute(_MARK_VERIFIED, {"uid": user["id"], "now": now})
+            user = {**user, "email_verified_at": user["email_verified_at"] or now}
+            if user["otp_confirmed_at"] is not None and "mfa" not in amr:
+                # A mailbox alone never signs in to an account with two-factor on.
+                issued: IssuedSession | IssuedChallenge = await self.challenges.open_totp(
+                    tx, user_id=user["id"], purpose=ch.LOGIN, amr=amr, client=client
+                )
+            else:
+                issued = await self.open_session(tx, user_view(user), amr=amr, client=client)
+        self.outbox.wake()
+        return issued
+
+    async def _recovery_code_used(self, tx: Runner, user_id: uuid.UUID, client: ClientInfo) -> None:
+        user = await tx.first(_USER_BY_ID, {"user_id": user_id})
+        remaining = await tx.scalars(_UNUSED_RECOVERY_CODES, {"uid": user_id})
+        if user is not None:
+            await self.notices.send(
                 tx,
-                user_view(user),
-                amr=amr,
-                client=ClientInfo(ip=challenge["ip"], user_agent=challenge["user_agent"]),
+                email=user["email"],
+                template="recovery_code_used",
+                client=client,
+                remaining=int(remaining[0]),
             )
 
-    async def _open_session(
+    # -- passwords ------------------------------------------------------------------------
+
+    async def reset_password_now(
+        self, tx: Runner, *, user_id: uuid.UUID, new_hash: str, client: ClientInfo
+    ) -> Mapping[str, Any]:
+        """Sets a password proven by a reset code (and the TOTP step, where two-factor is
+        on): the address counts as verified, every session and pending step ends, and the
+        owner is told. Returns the user."""
+        user = await tx.first(_USER_BY_ID, {"user_id": user_id})
+        if user is None:
+            raise invalid_challenge()
+        if not user["is_active"]:
+            raise _account_disabled()
+        now = self.clock.now()
+        await self._end_sessions(tx, user_id, keep=None, reason="password_reset")
+        await tx.execute(_RESET_PASSWORD, {"uid": user_id, "new_hash": new_hash, "now": now})
+        await self.challenges.void_all(tx, user_id)
+        await self.notices.send(tx, email=user["email"], template="password_reset", client=client)
+        return {**user, "email_verified_at": user["email_verified_at"] or now}
+
+    async def change_password_now(
+        self,
+        tx: Runner,
+        *,
+        user: UserView,
+        session_id: uuid.UUID,
+        old_hash: str,
+        new_hash: str,
+        client: ClientInfo,
+    ) -> bool:
+        """Sets a new password over the checked one, ends every other session and pending
+        step, and tells the owner. False when the password changed meanwhile."""
+        await self._end_sessions(tx, user.id, keep=session_id, reason="password_changed")
+        changed = await tx.execute(
+            _CHANGE_PASSWORD,
+            {"uid": user.id, "old_hash": old_hash, "new_hash": new_hash, "now": self.clock.now()},
+        )
+        if not changed:
+            return False
+        await self.challenges.void_all(tx, user.id)
+        await self.notices.send(tx, email=user.email, template="password_changed", client=client)
+        return True
+
+    async def _end_sessions(
+        self, tx: Runner, user_id: uuid.UUID, *, keep: uuid.UUID | None, reason: str
+    ) -> int:
+        # Locked in one order (as logout-everywhere does), so the two never deadlock.
+        await tx.execute(_LOCK_USER_SESSIONS, {"user_id": user_id})
+        return await tx.execute(
+            _REVOKE_OTHER_SESSIONS,
+            {
+                "owner_id": user_id,
+                # No session has the nil id: "keep none".
+                "keep_id": keep or uuid.UUID(int=0),
+                "now": self.clock.now(),
+                "reason": reason,
+            },
+        )
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def open_session(
         self, tx: Runner, user: UserView, *, amr: list[str], client: ClientInfo
     ) -> IssuedSession:
         now = self.clock.now()
         session_id = uuid.uuid4()
         refresh = new_opaque_token()
+        device = device_family(client.user_agent)
+        network = network_of(client.ip)
+        history = await tx.first(
+            _DEVICE_HISTORY,
+            {
+                "uid": user.id,
+                "device": device,
+                "network": network,
+                "since": now - KNOWN_DEVICE_WINDOW,
+            },
+        )
         await tx.execute(
             _ADD_SESSION,
             {
@@ -488,20 +636,30 @@ class AuthService:
                 "user_agent": clean_user_agent(client.user_agent),
                 "ip": client.ip[:IP_MAX] if client.ip else None,
                 "amr": " ".join(amr),
+                "device": device,
+                "network": network,
             },
         )
+        await self.add_generation(tx, session_id, 0, refresh, now)
+        if history is not None and history["signed_in_before"] and not history["known"]:
+            # Not the account's first session, and not a device and network seen lately.
+            await self.notices.send(tx, email=user.email, template="new_device", client=client)
+        return self.issue(user, session_id, amr, refresh)
+
+    async def add_generation(
+        self, tx: Runner, session_id: uuid.UUID, generation: int, refresh: str, now: datetime
+    ) -> None:
         await tx.execute(
             _ADD_GENERATION,
             {
                 "session_id": session_id,
-                "generation": 0,
+                "generation": generation,
                 "token_hash": token_digest(refresh),
                 "now": now,
             },
         )
-        return self._issue(user, session_id, amr, refresh)
 
-    def _issue(
+    def issue(
         self, user: UserView, session_id: uuid.UUID, amr: list[str], refresh: str
     ) -> IssuedSession:
         access = self.access_tokens.issue(user_id=user.id, session_id=session_id, amr=amr)
@@ -529,7 +687,7 @@ class AuthService:
             if state is None or not _is_live(state, now):
                 raise _invalid_token()
             if not state["is_active"]:
-                raise AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
+                raise _account_disabled()
             session_id = state["session_id"]
             successor = successor_token(self._refresh_key, refresh_token)
             if state["rotated_at"] is None:
@@ -557,7 +715,7 @@ class AuthService:
                 "This refresh token was already used; the session has been ended.",
             )
         user = user_view(state, id_key="user_id")
-        return self._issue(user, session_id, state["amr"].split(), successor)
+        return self.issue(user, session_id, state["amr"].split(), successor)
 
     async def _is_retry(
         self, tx: Runner, state: Mapping[str, Any], successor: str, now: datetime
@@ -632,6 +790,10 @@ def _email_taken() -> AuthFailure:
 
 def _invalid_credentials() -> AuthFailure:
     return AuthFailure(ErrorCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS_MESSAGE)
+
+
+def _account_disabled() -> AuthFailure:
+    return AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
 
 
 def _invalid_token() -> AuthFailure:

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import bindparam, case, delete, insert, null, or_, select, update
 
 from db.clock import Clock
-from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_challenge
+from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_challenge, invalid_otp
 from db.models import RecoveryCode, TotpCredential, User
 from db.security.box import SecretBox
 from db.security.passwords import PasswordHasher
@@ -26,11 +26,14 @@ from db.security.totp import (
     qr_svg,
     recovery_lookup,
 )
+from db.services.notices import Notices
+from db.services.types import ClientInfo
 from db.session import Runner, Statements
 from db.validation import could_be_a_password, normalize_password
 
-# Takes what a code is for (a login challenge) inside the transaction that spends it.
-Claim = Callable[[Runner], Awaitable[bool]]
+# Takes what a code is for (a challenge) inside the transaction that spends it; told
+# which kind of code it was ("totp" or "recovery").
+Claim = Callable[[Runner, str], Awaitable[bool]]
 
 # Wrong codes per account, across challenges and mutations, before code checks refuse.
 ACCOUNT_CODE_FAILURES = 10
@@ -159,6 +162,7 @@ class TwoFactor:
         clock: Clock,
         issuer: str,
         recovery_key: bytes,
+        notices: Notices,
     ) -> None:
         self.statements = statements
         self.box = box
@@ -166,6 +170,7 @@ class TwoFactor:
         self.clock = clock
         self.issuer = issuer
         self._recovery_key = recovery_key
+        self.notices = notices
 
     # -- enrolment -------------------------------------------------------------------------
 
@@ -194,7 +199,9 @@ class TwoFactor:
         uri = provisioning_uri(secret, email=email, issuer=self.issuer)
         return TotpEnrolment(secret=secret, otpauth_uri=uri, qr_code_svg=qr_svg(uri))
 
-    async def confirm(self, *, user_id: uuid.UUID, code: str) -> list[str]:
+    async def confirm(
+        self, *, user_id: uuid.UUID, email: str, code: str, client: ClientInfo
+    ) -> list[str]:
         """Turns two-factor on with a current code from the pending secret; the recovery
         codes, shown once."""
         async with self.statements.connection() as conn:
@@ -218,6 +225,8 @@ class TwoFactor:
                     "The enrolment changed meanwhile: start again with setupTotp.",
                 )
             await self._store_recovery_codes(tx, user_id, rows)
+            await self.notices.send(tx, email=email, template="totp_enabled", client=client)
+        self.notices.outbox.wake()
         return codes
 
     async def regenerate_recovery_codes(self, *, user_id: uuid.UUID, code: str) -> list[str]:
@@ -229,7 +238,9 @@ class TwoFactor:
             await self._store_recovery_codes(tx, user_id, rows)
         return codes
 
-    async def disable(self, *, user_id: uuid.UUID, password: str, code: str) -> None:
+    async def disable(
+        self, *, user_id: uuid.UUID, email: str, password: str, code: str, client: ClientInfo
+    ) -> None:
         """Turns two-factor off: needs the password and a current or recovery code."""
         credential = await self._confirmed(user_id)
         password = normalize_password(password)
@@ -244,6 +255,8 @@ class TwoFactor:
         async with self.statements.transaction() as tx:
             await tx.execute(_DROP_RECOVERY_CODES, {"uid": user_id})
             await tx.execute(_DROP_CREDENTIAL, {"uid": user_id})
+            await self.notices.send(tx, email=email, template="totp_disabled", client=client)
+        self.notices.outbox.wake()
 
     # -- checking a code ---------------------------------------------------------------------
 
@@ -298,11 +311,11 @@ class TwoFactor:
                         _ACCEPT_STEP,
                         {"uid": user_id, "step": step, "sealed": credential["secret_sealed"]},
                     )
-                    if accepted is not None and claim is not None and not await claim(tx):
+                    if accepted is not None and claim is not None and not await claim(tx, "totp"):
                         raise invalid_challenge()  # rolls the accepted step back
                 if accepted is not None:
                     return "totp"
-                raise _invalid_otp()  # replayed, by a concurrent request
+                raise invalid_otp()  # replayed, by a concurrent request
         normalized = normalize_recovery_code(code) if recovery else None
         if normalized is not None:
             lookup = recovery_lookup(self._recovery_key, normalized)
@@ -317,11 +330,15 @@ class TwoFactor:
                         used = await tx.first(
                             _USE_RECOVERY_CODE, {"code_id": candidate["id"], "now": now}
                         )
-                        if used is not None and claim is not None and not await claim(tx):
+                        if (
+                            used is not None
+                            and claim is not None
+                            and not await claim(tx, "recovery")
+                        ):
                             raise invalid_challenge()  # the recovery code stays unused
                     if used is not None:
                         return "recovery"
-        raise _invalid_otp()
+        raise invalid_otp()
 
     async def _reserve_check(self, user_id: uuid.UUID, now: datetime) -> None:
         params = {
@@ -394,12 +411,6 @@ class TwoFactor:
 
 def _already_on() -> AuthFailure:
     return AuthFailure(ErrorCode.INVALID_INPUT, "Two-factor sign-in is already on.")
-
-
-def _invalid_otp() -> AuthFailure:
-    return AuthFailure(
-        ErrorCode.INVALID_OTP, "The code is incorrect or was already used.", field="code"
-    )
 
 
 async def reseal_all(statements: Statements, box: SecretBox) -> tuple[int, int]:

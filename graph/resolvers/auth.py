@@ -10,7 +10,7 @@ from strawberry.exceptions import StrawberryGraphQLError
 from strawberry.types import Info
 
 from db.errors import AuthFailure, invalid_input
-from db.services.auth import IssuedChallenge, IssuedSession
+from db.services.types import IssuedChallenge, IssuedSession
 from db.validation import has_control_characters
 from graph.context import Context
 from graph.inputs import LoginInput, LogoutInput, RefreshInput, SignupInput, VerifyOtpInput
@@ -28,7 +28,18 @@ def reject_control_characters(info: Info[Context, Any], data: object) -> None:
             raise invalid_input(f"{name} must not contain control characters.", name)
 
 
-async def _answer(
+def refuse_as_graphql_error(info: Info[Context, Any], data: object) -> None:
+    """For results without an error member (LogoutResult): bad input is refused with a
+    GraphQL error instead."""
+    try:
+        reject_control_characters(info, data)
+    except AuthFailure as failure:
+        raise StrawberryGraphQLError(
+            failure.message, extensions={"code": failure.code.value, "field": failure.field}
+        ) from None
+
+
+async def answer(
     info: Info[Context, Any],
     data: object,
     run: Callable[[], Awaitable[IssuedSession | IssuedChallenge]],
@@ -45,7 +56,7 @@ async def _answer(
 
 
 @strawberry.type
-class Query:
+class AuthQuery:
     @strawberry.field(
         description=(
             "The signed-in user; null when the request carries no bearer token. A bearer token "
@@ -66,7 +77,7 @@ class AuthMutation:
     @strawberry.mutation
     async def signup(self, info: Info[Context, Any], input: SignupInput) -> AuthResult:
         ctx = info.context
-        return await _answer(
+        return await answer(
             info,
             input,
             lambda: ctx.services.auth.signup(
@@ -77,7 +88,7 @@ class AuthMutation:
     @strawberry.mutation
     async def login(self, info: Info[Context, Any], input: LoginInput) -> AuthResult:
         ctx = info.context
-        return await _answer(
+        return await answer(
             info,
             input,
             lambda: ctx.services.auth.login(
@@ -88,7 +99,7 @@ class AuthMutation:
     @strawberry.mutation
     async def verify_otp(self, info: Info[Context, Any], input: VerifyOtpInput) -> AuthResult:
         ctx = info.context
-        return await _answer(
+        return await answer(
             info,
             input,
             lambda: ctx.services.auth.verify_otp(
@@ -99,7 +110,7 @@ class AuthMutation:
     @strawberry.mutation
     async def refresh(self, info: Info[Context, Any], input: RefreshInput) -> AuthResult:
         auth = info.context.services.auth
-        return await _answer(
+        return await answer(
             info, input, lambda: auth.refresh(refresh_token=input.refresh_token or None)
         )
 
@@ -107,13 +118,7 @@ class AuthMutation:
         description="Ends sessions; an unknown or missing refresh token ends none (revoked: 0)."
     )
     async def logout(self, info: Info[Context, Any], input: LogoutInput) -> LogoutResult:
-        try:
-            reject_control_characters(info, input)
-        except AuthFailure as failure:
-            # LogoutResult has no error member: refuse with a GraphQL error instead.
-            raise StrawberryGraphQLError(
-                failure.message, extensions={"code": failure.code.value, "field": failure.field}
-            ) from None
+        refuse_as_graphql_error(info, input)
         revoked = await info.context.services.auth.logout(
             refresh_token=input.refresh_token or None, everywhere=input.everywhere
         )

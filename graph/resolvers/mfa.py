@@ -10,8 +10,8 @@ import strawberry
 from strawberry.types import Info
 
 from db.errors import AuthFailure
-from db.services.auth import UserView
 from db.services.mfa import TwoFactor
+from db.services.types import UserView
 from graph.context import Context
 from graph.inputs import ConfirmTotpInput, DisableTotpInput, RegenerateRecoveryCodesInput
 from graph.permissions import IsAuthenticated
@@ -74,7 +74,11 @@ class MfaMutation:
         self, info: Info[Context, Any], input: ConfirmTotpInput
     ) -> RecoveryCodesResult:
         return await _new_codes(
-            info, input, lambda mfa, user: mfa.confirm(user_id=user.id, code=input.code)
+            info,
+            input,
+            lambda mfa, user: mfa.confirm(
+                user_id=user.id, email=user.email, code=input.code, client=info.context.client
+            ),
         )
 
     @strawberry.mutation(permission_classes=[IsAuthenticated])
@@ -83,7 +87,11 @@ class MfaMutation:
         try:
             reject_control_characters(info, input)
             await info.context.services.auth.two_factor.disable(
-                user_id=user.id, password=input.password, code=input.code
+                user_id=user.id,
+                email=user.email,
+                password=input.password,
+                code=input.code,
+                client=info.context.client,
             )
         except AuthFailure as failure:
             return AuthError.from_failure(failure)

@@ -5,19 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from datetime import timedelta
 
 import pytest
 
 from db.clock import SystemClock
 from db.errors import AuthFailure, ErrorCode
-from db.security.access import AccessTokenCodec
+from db.mail.outbox import Outbox
 from db.security.box import SecretBox
 from db.security.passwords import PasswordHasher
-from db.services.auth import AuthService, ClientInfo
-from db.services.mfa import TwoFactor
+from db.services.auth import ClientInfo
 from db.session import Statements, create_engine
 from db.settings import Settings
+from graph.app import make_auth
 from tests.conftest import PASSWORD, TEST_FERNET_KEY, TEST_SECRET, MutableClock
 
 
@@ -76,36 +75,23 @@ class CountingHasher(PasswordHasher):
 
 @pytest.mark.usefixtures("clean_db")
 async def test_nothing_over_the_maximum_is_ever_hashed(database_url: str) -> None:
-    settings = Settings(_env_file=None, database_url=database_url, secret_key=TEST_SECRET)
+    settings = Settings(
+        _env_file=None,
+        database_url=database_url,
+        secret_key=TEST_SECRET,
+        encryption_keys=TEST_FERNET_KEY,
+        require_email_verification=False,
+    )
     engine = create_engine(settings)
     statements = Statements(engine)
     hasher = CountingHasher()
     clock = SystemClock()
-    auth = AuthService(
-        statements=statements,
-        hasher=hasher,
-        access_tokens=AccessTokenCodec(
-            key=TEST_SECRET,
-            algorithm="HS256",
-            issuer="i",
-            audience="a",
-            lifetime=timedelta(minutes=1),
-            clock=clock,
-        ),
-        refresh_key=b"k" * 32,
-        clock=clock,
-        refresh_lifetime=timedelta(days=1),
-        reuse_interval=timedelta(seconds=10),
-        password_min_length=8,
-        two_factor=TwoFactor(
-            statements=statements,
-            box=SecretBox([TEST_FERNET_KEY]),
-            hasher=hasher,
-            clock=clock,
-            issuer="Strawgate",
-            recovery_key=b"r" * 32,
-        ),
-        challenge_lifetime=timedelta(minutes=5),
+    auth = make_auth(
+        settings,
+        statements,
+        hasher,
+        Outbox(box=SecretBox([TEST_FERNET_KEY]), clock=clock, postgres=True),
+        clock,
     )
     await statements.start()
     try:

@@ -9,7 +9,7 @@ import pytest
 
 from db.settings import SECRET_KEY_PLACEHOLDER, ConfigError, Settings
 from graph.app import create_app
-from tests.conftest import TEST_FERNET_KEY
+from tests.conftest import PRODUCTION_MAIL, TEST_FERNET_KEY
 
 
 @pytest.fixture
@@ -32,12 +32,25 @@ def test_production_refuses_a_bad_secret_key(no_env: None, key: str | None, why:
         create_app(settings)
 
 
-def test_production_needs_encryption_keys_and_nothing_else(no_env: None) -> None:
+def test_production_needs_encryption_keys_and_a_mail_server(no_env: None) -> None:
     with pytest.raises(ConfigError, match="ENCRYPTION_KEYS"):
-        Settings(_env_file=None, secret_key="k" * 32).prepare()
+        Settings(_env_file=None, secret_key="k" * 32, **PRODUCTION_MAIL).prepare()
     with pytest.raises(ConfigError, match="ENCRYPTION_KEYS"):
-        Settings(_env_file=None, secret_key="k" * 32, encryption_keys="not-a-key").prepare()
-    settings = Settings(_env_file=None, secret_key="k" * 32, encryption_keys=TEST_FERNET_KEY)
+        Settings(
+            _env_file=None, secret_key="k" * 32, encryption_keys="not-a-key", **PRODUCTION_MAIL
+        ).prepare()
+    with pytest.raises(ConfigError, match="MAIL_SERVER"):
+        Settings(_env_file=None, secret_key="k" * 32, encryption_keys=TEST_FERNET_KEY).prepare()
+    with pytest.raises(ConfigError, match="MAIL_FROM"):
+        Settings(
+            _env_file=None,
+            secret_key="k" * 32,
+            encryption_keys=TEST_FERNET_KEY,
+            mail_server="smtp.example.com",
+        ).prepare()
+    settings = Settings(
+        _env_file=None, secret_key="k" * 32, encryption_keys=TEST_FERNET_KEY, **PRODUCTION_MAIL
+    )
     settings.prepare()
     assert not settings.graphiql_enabled and not settings.introspection_enabled
 

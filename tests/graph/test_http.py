@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 
 from db.settings import Settings
 from graph.app import create_app
-from tests.conftest import PASSWORD, MutableClock, client_for, unique_email
+from tests.conftest import PASSWORD, PRODUCTION_MAIL, MutableClock, client_for, unique_email
 from tests.gql import ME, SIGNUP, gql, signup
 
 
@@ -181,14 +181,18 @@ async def test_graphiql_and_introspection_in_development(client: httpx.AsyncClie
 async def test_production_turns_off_graphiql_and_introspection(
     make_settings: Callable[..., Settings],
 ) -> None:
-    app = create_app(make_settings(environment="production"))
+    app = create_app(make_settings(environment="production", **PRODUCTION_MAIL))
     async with app.router.lifespan_context(app), client_for(app) as http:
         page = await http.get("/graphql", headers={"accept": "text/html"})
         assert page.status_code >= 400
         body = await gql(http, "{ __schema { queryType { name } } }")
         assert "introspection" in body["errors"][0]["message"].lower()
         # ...and both can be turned back on.
-    app = create_app(make_settings(environment="production", graphiql=True, introspection=True))
+    app = create_app(
+        make_settings(
+            environment="production", graphiql=True, introspection=True, **PRODUCTION_MAIL
+        )
+    )
     async with app.router.lifespan_context(app), client_for(app) as http:
         assert (await http.get("/graphql", headers={"accept": "text/html"})).status_code == 200
         body = await gql(http, "{ __schema { queryType { name } } }")
@@ -225,7 +229,7 @@ async def test_stored_user_agent_is_capped(
 async def test_document_limits_apply_in_production(
     make_settings: Callable[..., Settings],
 ) -> None:
-    app = create_app(make_settings(environment="production"))
+    app = create_app(make_settings(environment="production", **PRODUCTION_MAIL))
     aliases = " ".join(f"a{i}: me {{ id }}" for i in range(16))
     async with app.router.lifespan_context(app), client_for(app) as http:
         assert "aliases" in (await gql(http, f"{{ {aliases} }}"))["errors"][0]["message"]

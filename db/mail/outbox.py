@@ -1,0 +1,657 @@
+"""The outbox: a mail is a row written in the transaction that causes it, and a sender
+delivers it later. The sender leases the rows it takes (claimed_until, claim_id) instead
+of holding a transaction open across the SMTP exchange, so several processes share one
+outbox and a sender that dies only delays its mails until the lease runs out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import orjson
+from sqlalchemy import bindparam, delete, func, insert, literal, null, or_, select, update
+
+from db.clock import Clock
+from db.mail.message import MailDeliveryError, MailTransport, RenderedMail
+from db.models import OutboxMail
+from db.security.box import SecretBox
+from db.session import Listening, Runner, Statements
+from db.settings import Settings
+
+log = logging.getLogger("strawgate.mail")
+
+CHANNEL = "strawgate_outbox"  # NOTIFY'd by every enqueue on PostgreSQL
+FIRST_RETRY = timedelta(seconds=1)
+ERROR_MAX = 255  # outbox.last_error
+
+
+class Renderer(Protocol):
+    def render(
+        self, template: str, context: Mapping[str, Any], secrets: Mapping[str, str] | None
+    ) -> RenderedMail: ...
+
+
+_ENQUEUE = insert(OutboxMail).values(
+    id=bindparam("mail_id"),
+    recipient=bindparam("recipient"),
+    template=bindparam("template"),
+    context=bindparam("context"),
+    secrets_sealed=bindparam("sealed"),
+    secrets_expire_at=bindparam("expire_at"),
+    created_at=bindparam("now"),
+    next_attempt_at=bindparam("now"),
+    attempts=literal(0),
+    claimed_until=null(),
+    claim_id=null(),
+    sent_at=null(),
+    failed_at=null(),
+    last_error=null(),
+)
+# Delivered at commit, to every process listening (this one included); not at all when
+# the transaction rolls back, like the row itself.
+_NOTIFY = select(func.pg_notify(literal(CHANNEL), literal("")))
+
+# Due and not leased by anyone. SKIP LOCKED: concurrent claimers on PostgreSQL take
+# different rows instead of queueing behind each other (SQLite ignores FOR UPDATE; its
+# BEGIN IMMEDIATE serialises the claimers instead).
+_DUE = (
+    select(OutboxMail.id)
+    .where(
+        OutboxMail.next_attempt_at <= bindparam("now"),
+        or_(OutboxMail.claimed_until.is_(None), OutboxMail.claimed_until <= bindparam("now")),
+    )
+    .order_by(OutboxMail.next_attempt_at)
+    .limit(bindparam("n"))
+    
+)
+_CLAIM = (
+    update(OutboxMail)
+    .where(OutboxMail.id.in_(_DUE.scalar_subquery()))
+    .values(
+        claimed_until=bindparam("until"),
+        claim_id=bindparam("mine"),
+        attempts=OutboxMail.attempts + 1,
+    )
+    .returning(
+        OutboxMail.id,
+        OutboxMail.recipient,
+        OutboxMail.template,
+        OutboxMail.context,
+        OutboxMail.secrets_sealed,
+        OutboxMail.secrets_expire_at,
+        OutboxMail.created_at,
+        OutboxMail.attempts,
+    )
+)
+
+# Every result is recorded only while the claim is still ours: a sender whose lease ran
+# out never overwrites what the sender that took the row over recorded.
+_MARK_SENT = (
+    update(OutboxMail)
+    .where(OutboxMail.id == bindparam("mail_id"), OutboxMail.claim_id == bindparam("mine"))
+    .values(
+        sent_at=bindparam("now"),
+        next_attempt_at=null(),
+        claimed_until=null(),
+        claim_id=null(),
+        secrets_sealed=null(),
+        last_error=null(),
+    )
+)
+_MARK_RETRY = (
+    update(OutboxMail)
+    .where(OutboxMail.id == bindparam("mail_id"), OutboxMail.claim_id == bindparam("mine"))
+    .values(
+        next_attempt_at=bindparam("retry_at"),
+        claimed_until=null(),
+        claim_id=null(),
+        last_error=bindparam("error"),
+    )
+)
+_MARK_GIVEN_UP = (
+    update(OutboxMail)
+    .where(OutboxMail.id == bindparam("mail_id"), OutboxMail.claim_id == bindparam("mine"))
+    .values(
+        failed_at=bindparam("now"),
+        next_attempt_at=null(),
+        claimed_until=null(),
+        claim_id=null(),
+        secrets_sealed=null(),
+        last_error=bindparam("error"),
+    )
+)
+_RELEASE_ONE = (
+    update(OutboxMail)
+    .where(OutboxMail.id == bindparam("mail_id"), OutboxMail.claim_id == bindparam("mine"))
+    .values(claimed_until=null(), claim_id=null())
+)
+_RELEASE_CLAIM = (
+    update(OutboxMail)
+    .where(OutboxMail.claim_id == bindparam("mine"), OutboxMail.next_attempt_at.is_not(None))
+    .values(claimed_until=null(), claim_id=null())
+)
+
+# Housekeeping.
+_GIVE_UP_EXPIRED = (
+    update(OutboxMail)
+    .where(
+        OutboxMail.next_attempt_at.is_not(None),
+        OutboxMail.secrets_expire_at <= bindparam("now"),
+        # A row under a live lease is its sender's to settle (it checks the expiry too).
+        or_(OutboxMail.claimed_until.is_(None), OutboxMail.claimed_until <= bindparam("now")),
+    )
+    .values(
+        failed_at=bindparam("now"),
+        next_attempt_at=null(),
+        claimed_until=null(),
+        claim_id=null(),
+        secrets_sealed=null(),
+        last_error=literal("the code expired before the mail could be sent"),
+    )
+)
+_ERASE_EXPIRED = (
+    update(OutboxMail)
+    .where(OutboxMail.secrets_sealed.is_not(None), OutboxMail.secrets_expire_at <= bindparam("now"))
+    .values(secrets_sealed=null())
+)
+_PRUNE = delete(OutboxMail).where(
+    OutboxMail.next_attempt_at.is_(None),
+    or_(OutboxMail.sent_at < bindparam("cutoff"), OutboxMail.failed_at < bindparam("cutoff")),
+)
+
+_SEALED_IDS = (
+    select(OutboxMail.id).where(OutboxMail.secrets_sealed.is_not(None)).order_by(OutboxMail.id)
+)
+_SEALED_FOR_UPDATE = (
+    select(OutboxMail.secrets_sealed).where(OutboxMail.id == bindparam("mail_id")).with_for_update()
+)
+_RESEAL = (
+    update(OutboxMail)
+    .where(OutboxMail.id == bindparam("mail_id"))
+    .values(secrets_sealed=bindparam("sealed"))
+)
+
+
+class Outbox:
+    """The writing side: services queue mails in their own transactions."""
+
+    def __init__(self, *, box: SecretBox, clock: Clock, postgres: bool) -> None:
+        self.box = box
+        self._clock = clock
+        self._postgres = postgres
+        self._wakers: set[Callable[[], None]] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, clock: Clock) -> Outbox:
+        return cls(
+            box=SecretBox(settings.fernet_keys()), clock=clock, postgres=not settings.is_sqlite
+        )
+
+    async def enqueue(
+        self,
+        tx: Runner,
+        *,
+        recipient: str,
+        template: str,
+        context: Mapping[str, Any],
+        secrets: Mapping[str, str] | None = None,
+        secrets_expire_at: datetime | None = None,
+    ) -> uuid.UUID:
+        """Queues a mail in `tx`: it goes out only if the transaction commits. `secrets`
+        (codes, links) are stored encrypted and erased once sent or expired."""
+        now = self._clock.now()
+        mail_id = uuid.uuid4()
+        sealed = self.box.seal(orjson.dumps(dict(secrets)).decode("utf-8")) if secrets else None
+        await tx.execute(
+            _ENQUEUE,
+            {
+                "mail_id": mail_id,
+                "recipient": recipient,
+                "template": template,
+                "context": orjson.dumps(dict(context)).decode("utf-8"),
+                "sealed": sealed,
+                "expire_at": secrets_expire_at if sealed is not None else None,
+                "now": now,
+            },
+        )
+        if self._postgres:
+            await tx.execute(_NOTIFY, {})
+        return mail_id
+
+    def wake(self) -> None:
+        """Tells this process's senders to look now; call it after the commit."""
+        for wake in list(self._wakers):
+            wake()
+
+    def add_waker(self, wake: Callable[[], None]) -> None:
+        self._wakers.add(wake)
+
+    def remove_waker(self, wake: Callable[[], None]) -> None:
+        self._wakers.discard(wake)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedMail:
+    """An outbox row this sender holds a lease on."""
+
+    id: uuid.UUID
+    claim_id: uuid.UUID
+    claimed_until: datetime
+    recipient: str
+    template: str
+    context: str
+    secrets_sealed: str | None
+    secrets_expire_at: datetime | None
+    created_at: datetime
+    attempts: int
+
+
+class MailSender:
+    """The delivery loop: woken in-process after a commit, across processes by
+    LISTEN/NOTIFY (PostgreSQL), and polling every `poll_seconds` regardless."""
+
+    def __init__(
+        self,
+        *,
+        statements: Statements,
+        outbox: Outbox,
+        renderer: Renderer,
+        transport: MailTransport,
+        clock: Clock,
+        box: SecretBox,
+        poll_seconds: float,
+        batch_size: int,
+        lease: timedelta,
+        retry_max: timedelta,
+        give_up_after: timedelta,
+        concurrency: int = 4,
+    ) -> None:
+        self._statements = statements
+        self._outbox = outbox
+        self._renderer = renderer
+        self._transport = transport
+        self._clock = clock
+        self._box = box
+        self._poll_seconds = poll_seconds
+        self._batch_size = batch_size
+        self._lease = lease
+        self._retry_max = retry_max
+        self._give_up_after = give_up_after
+        self._concurrency = concurrency
+        self._postgres = statements.engine.dialect.name == "postgresql"
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Claims whose rows may still be ours, with their lease's end: stop() releases them.
+        self._claims: dict[uuid.UUID, datetime] = {}
+        self._listen_stack: contextlib.AsyncExitStack | None = None
+        self._listening: Listening | None = None
+        self._listen_failed = False
+        self._round_failed = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        statements: Statements,
+        outbox: Outbox,
+        renderer: Renderer,
+        transport: MailTransport,
+        clock: Clock,
+    ) -> MailSender:
+        return cls(
+            statements=statements,
+            outbox=outbox,
+            renderer=renderer,
+            transport=transport,
+            clock=clock,
+            box=outbox.box,
+            poll_seconds=settings.mail_poll_seconds,
+            batch_size=settings.mail_batch_size,
+            lease=timedelta(seconds=settings.mail_lease_seconds),
+            retry_max=timedelta(seconds=settings.mail_retry_max_seconds),
+            give_up_after=timedelta(hours=settings.mail_give_up_hours),
+        )
+
+    @property
+    def listening(self) -> bool:
+        """Whether NOTIFY from other processes reaches this sender right now."""
+        return self._listening is not None and self._listening.alive
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def start(self) -> None:
+        """Starts the loop (and, on PostgreSQL, its LISTEN) in a task of its own."""
+        if self._task is not None:
+            return
+        self._stopping = False
+        self._outbox.add_waker(self.wake)
+        self._task = asyncio.create_task(self._run(), name="strawgate-mail-sender")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stops claiming; sends in flight get `grace` seconds, then are cancelled; every
+        claim still held is released so another sender (or the next start) takes it."""
+        self._stopping = True
+        self._outbox.remove_waker(self.wake)
+        task, self._task = self._task, None
+        if task is not None:
+            self._wakeup.set()
+            await asyncio.wait({task}, timeout=grace)
+            if not task.done():
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # pragma: no cover - _run catches what a round raises
+                log.exception("mail sender: the loop failed")
+        await self._stop_listening()
+        await self._release_all()
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wakeup.clear()  # a wake-up from here on means another round
+                if self._postgres:
+                    await self._keep_listening()
+                try:
+                    # A full batch suggests more are due; a short one took all there were.
+                    while not self._stopping and await self.run_once() >= self._batch_size:
+                        pass
+                except Exception as exc:  # the database is down, say: the next round retries
+                    if not self._round_failed:
+                        log.warning(
+                            "mail sender: cannot read the outbox (%s); retrying every %ss",
+                            type(exc).__name__,
+                            self._poll_seconds,
+                        )
+                    self._round_failed = True
+                else:
+                    if self._round_failed:
+                        log.info("mail sender: the outbox can be read again")
+                    self._round_failed = False
+                if self._stopping:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self._poll_seconds)
+        finally:
+            await self._stop_listening()
+
+    async def _keep_listening(self) -> None:
+        """(Re-)establishes the LISTEN when it is not in place; polling covers the gaps."""
+        if self.listening:
+            return
+        await self._stop_listening()
+        stack = contextlib.AsyncExitStack()
+        try:
+            self._listening = await stack.enter_async_context(
+                self._statements.listen(CHANNEL, self.wake)
+            )
+        except Exception as exc:
+            await stack.aclose()
+            if not self._listen_failed:
+                log.warning(
+                    "mail sender: cannot LISTEN (%s); polling every %ss until it can",
+                    type(exc).__name__,
+                    self._poll_seconds,
+                )
+            self._listen_failed = True
+            return
+        if self._listen_failed:
+            log.info("mail sender: listening for new mails again")
+        self._listen_failed = False
+        self._listen_stack = stack
+
+    async def _stop_listening(self) -> None:
+        stack, self._listen_stack, self._listening = self._listen_stack, None, None
+        if stack is not None:
+            try:
+                await stack.aclose()
+            except Exception as exc:
+                log.debug("mail sender: closing the LISTEN failed (%s)", type(exc).__name__)
+
+    async def run_once(self) -> int:
+        """Claims the due mails (up to a batch) and delivers them; how many it claimed."""
+        mails = await self.claim()
+        if mails:
+            await self.deliver(mails)
+        return len(mails)
+
+    async def claim(self) -> list[ClaimedMail]:
+        """One short transaction leases up to a batch of due mails to this sender."""
+        now = self._clock.now()
+        for old, until in list(self._claims.items()):
+            if until <= now:
+                del self._claims[old]  # the lease ran out: nothing left to release
+        claim_id = uuid.uuid4()
+        until = now + self._lease
+        # Noted before the claim commits: a cancellation right after it still releases.
+        self._claims[claim_id] = until
+        params = {"now": now, "n": self._batch_size, "until": until, "mine": claim_id}
+        # On failure the claim id stays noted: a commit that went through unseen (a
+        # cancellation during it) is released by stop() all the same.
+        async with self._statements.transaction() as tx:
+            rows = await tx.all(_CLAIM, params)
+        if not rows:
+            self._claims.pop(claim_id, None)
+        return [
+            ClaimedMail(
+                id=row["id"],
+                claim_id=claim_id,
+                claimed_until=until,
+                recipient=row["recipient"],
+                template=row["template"],
+                context=row["context"],
+                secrets_sealed=row["secrets_sealed"],
+                secrets_expire_at=row["secrets_expire_at"],
+                created_at=row["created_at"],
+                attempts=row["attempts"],
+            )
+            for row in rows
+        ]
+
+    async def deliver(self, mails: Sequence[ClaimedMail]) -> None:
+        """Sends claimed mails, `concurrency` at a time, with no transaction open, and
+        records each result."""
+        slots = asyncio.Semaphore(self._concurrency)
+        settled: list[bool] = []
+
+        async def one(mail: ClaimedMail) -> None:
+            async with slots:
+                if self._stopping:
+                    settled.append(False)  # not started: stop() releases it
+                    return
+                settled.append(await self._deliver_one(mail))
+
+        async with asyncio.TaskGroup() as group:
+            for mail in mails:
+                group.create_task(one(mail))
+        if all(settled):
+            for claim_id in {mail.claim_id for mail in mails}:
+                self._claims.pop(claim_id, None)
+
+    async def _deliver_one(self, mail: ClaimedMail) -> bool:
+        """Sends one mail and records the result; False when the result could not be
+        recorded (the row stays claimed until stop() or the lease's end)."""
+        try:
+            return await self._send_and_record(mail)
+        except Exception as exc:  # recording failed (the database is down, say)
+            log.warning(
+                "mail %s: the result could not be recorded (%s)", mail.id, type(exc).__name__
+            )
+            return False
+
+    async def _send_and_record(self, mail: ClaimedMail) -> bool:
+        now = self._clock.now()
+        if now >= mail.claimed_until:
+            # The lease ran out while the mail waited: another sender may have it by now.
+            await self._record(_RELEASE_ONE, mail, {})
+            return True
+        if mail.secrets_expire_at is not None and mail.secrets_expire_at <= now:
+            # A code nobody can use any more: sending it would only confuse.
+            await self.mark_given_up(mail, "the code expired before the mail could be sent")
+            return True
+        try:
+            secrets = self._open(mail.secrets_sealed)
+        except ValueError:
+            log.error("mail %s: its secrets cannot be decrypted with ENCRYPTION_KEYS", mail.id)
+            await self.mark_given_up(mail, "secrets cannot be decrypted with ENCRYPTION_KEYS")
+            return True
+        try:
+            rendered = self._renderer.render(mail.template, orjson.loads(mail.context), secrets)
+        except Exception as exc:
+            log.error(
+                "mail %s: template %r cannot be rendered (%s)",
+                mail.id,
+                mail.template,
+                type(exc).__name__,
+            )
+            await self.mark_given_up(mail, f"cannot be rendered: {type(exc).__name__}")
+            return True
+        try:
+            await self._transport.send(
+                recipient=mail.recipient, mail=rendered, message_id=f"<{mail.id}@strawgate>"
+            )
+        except MailDeliveryError as exc:
+            await self.mark_failed(mail, str(exc) or type(exc).__name__)
+            return True
+        except Exception as exc:  # a transport that broke its contract: retry all the same
+            log.error(
+                "mail %s: the transport failed unexpectedly (%s)", mail.id, type(exc).__name__
+            )
+            await self.mark_failed(mail, f"unexpected {type(exc).__name__}")
+            return True
+        if await self.mark_sent(mail):
+            log.info("mail %s (%s) sent", mail.id, mail.template)
+        return True
+
+    def _open(self, sealed: str | None) -> dict[str, str] | None:
+        if sealed is None:
+            return None
+        opened = orjson.loads(self._box.open(sealed))
+        if not isinstance(opened, dict):
+            raise ValueError("secrets are not a mapping")
+        return {str(key): str(value) for key, value in opened.items()}
+
+    async def mark_sent(self, mail: ClaimedMail) -> bool:
+        """Records a delivery (and erases the secrets); False if the claim was lost."""
+        return await self._record(_MARK_SENT, mail, {"now": self._clock.now()})
+
+    async def mark_failed(self, mail: ClaimedMail, error: str) -> bool:
+        """Records a failed delivery: retried after a backoff, or given up when the mail
+        is too old or its code has expired. False if the claim was lost."""
+        now = self._clock.now()
+        expired = mail.secrets_expire_at is not None and mail.secrets_expire_at <= now
+        if expired or now - mail.created_at >= self._give_up_after:
+            return await self.mark_given_up(mail, error)
+        delay = backoff(mail.attempts, self._retry_max)
+        log.info(
+            "mail %s not delivered (attempt %d: %s); next try in %.0fs",
+            mail.id,
+            mail.attempts,
+            _short(error),
+            delay.total_seconds(),
+        )
+        return await self._record(
+            _MARK_RETRY, mail, {"retry_at": now + delay, "error": _short(error)}
+        )
+
+    async def mark_given_up(self, mail: ClaimedMail, error: str) -> bool:
+        """Drops the mail (and its secrets) for good; False if the claim was lost."""
+        held = await self._record(
+            _MARK_GIVEN_UP, mail, {"now": self._clock.now(), "error": _short(error)}
+        )
+        if held:
+            log.warning(
+                "mail %s (%s) to %s given up after %d attempt(s): %s",
+                mail.id,
+                mail.template,
+                mask_address(mail.recipient),
+                mail.attempts,
+                _short(error),
+            )
+        return held
+
+    async def _record(self, statement: Any, mail: ClaimedMail, params: Mapping[str, Any]) -> bool:
+        async with self._statements.transaction() as tx:
+            held = await tx.execute(
+                statement, {**params, "mail_id": mail.id, "mine": mail.claim_id}
+            )
+        if not held:
+            log.info("mail %s: the lease ran out and another sender took it over", mail.id)
+        return held > 0
+
+    async def _release_all(self) -> None:
+        claims, self._claims = self._claims, {}
+        for claim_id in claims:
+            try:
+                async with self._statements.transaction() as tx:
+                    await tx.execute(_RELEASE_CLAIM, {"mine": claim_id})
+            except Exception as exc:  # their leases run out by themselves
+                log.warning("mail sender: a claim could not be released (%s)", type(exc).__name__)
+
+
+def backoff(attempts: int, cap: timedelta) -> timedelta:
+    """The wait after the `attempts`-th failure: 1 s doubling, capped, less a little
+    jitter so that mails failed together do not retry together."""
+    base = FIRST_RETRY * (1 << min(max(attempts - 1, 0), 40))
+    jitter = random.uniform(0.8, 1.0)  # noqa: S311 - spreading retries, not a secret
+    return min(base, cap) * jitter
+
+
+def mask_address(address: str) -> str:
+    """Enough of an address to tell mails apart in a log: a***@example.com."""
+    local, _, domain = address.rpartition("@")
+    return f"{local[:1]}***@{domain}" if local else "***"
+
+
+def _short(error: str) -> str:
+    return " ".join(error.split())[:ERROR_MAX]
+
+
+async def erase_expired_secrets(statements: Statements, now: datetime) -> int:
+    """Erases secrets past their expiry, sent or not (a mail still waiting with a dead
+    code is given up); how many rows lost their secrets."""
+    async with statements.transaction() as tx:
+        given_up = await tx.execute(_GIVE_UP_EXPIRED, {"now": now})
+        erased = await tx.execute(_ERASE_EXPIRED, {"now": now})
+    if given_up:
+        log.warning("gave up %d mail(s) whose codes expired before they could be sent", given_up)
+    return given_up + erased
+
+
+async def prune_outbox(statements: Statements, now: datetime, retention: timedelta) -> int:
+    """Deletes sent and given-up mails older than `retention`; how many."""
+    async with statements.transaction() as tx:
+        return await tx.execute(_PRUNE, {"cutoff": now - retention})
+
+
+async def reseal_outbox(statements: Statements, box: SecretBox) -> tuple[int, int]:
+    """Re-encrypts every outbox row's secrets under the first of ENCRYPTION_KEYS (key
+    rotation): (re-encrypted, not decryptable with any configured key). One short
+    transaction per row, so the sender is not held up behind a long rotation."""
+    async with statements.connection() as conn:
+        mail_ids = await conn.scalars(_SEALED_IDS, {})
+    done = failed = 0
+    for mail_id in mail_ids:
+        async with statements.transaction() as tx:
+            sealed = await tx.first(_SEALED_FOR_UPDATE, {"mail_id": mail_id})
+            if sealed is None or sealed["secrets_sealed"] is None:
+                continue  # sent, expired or pruned meanwhile
+            try:
+                resealed = box.reseal(sealed["secrets_sealed"])
+            except ValueError:
+                failed += 1
+                continue
+            await tx.execute(_RESEAL, {"mail_id": mail_id, "sealed": resealed})
+            done += 1
+    return done, failed

@@ -1,0 +1,186 @@
+"""Mails from Jinja2 templates: a subject, a plain-text part and an HTML part per mail.
+
+Each mail N has three files, N.subject.txt, N.txt and N.html, looked up first in the
+operator's MAIL_TEMPLATE_FOLDER and then in the built-in folder, so an operator can
+replace any single file (the shared layouts `_layout.*` too).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jinja2 import (
+    ChoiceLoader,
+    Environment,
+    FileSystemLoader,
+    StrictUndefined,
+    pass_context,
+    select_autoescape,
+)
+from jinja2.runtime import Context
+from markupsafe import Markup
+
+from db.mail.message import RenderedMail
+from db.settings import ConfigError
+
+if TYPE_CHECKING:
+    from db.settings import Settings
+
+BUILTIN_TEMPLATES = Path(__file__).parent / "templates"
+
+# The built-in mails; the ones that carry a code get secrets={"code": ...}.
+CODE_MAILS = ("verify_email", "login_code", "password_reset_code")
+NOTICE_MAILS = (
+    "password_changed",
+    "password_reset",
+    "totp_enabled",
+    "totp_disabled",
+    "recovery_code_used",
+    "new_device",
+)
+MAIL_TEMPLATES = CODE_MAILS + NOTICE_MAILS
+
+# A standalone run of exactly six digits: what a reader (or a mail client's "copy code"
+# button) takes for a code.
+SIX_DIGITS = re.compile(r"(?<!\d)\d{6}(?!\d)")
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class Code(str):
+    """The one value a mail may print as six digits in a row."""
+
+    __slots__ = ()
+
+
+def format_time(dt: datetime) -> str:
+    """`dt` in UTC for a mail, e.g. "27 Nov 2026, 02:15 UTC" (month names never localised)."""
+    if dt.tzinfo is None:
+        raise ValueError("format_time needs an aware datetime")
+    utc = dt.astimezone(UTC)
+    return f"{utc.day} {_MONTHS[utc.month - 1]} {utc.year}, {utc:%H:%M} UTC"
+
+
+def _break_six_digits(text: str, keep: str | None = None) -> str:
+    # "123456" becomes "123 456": still readable, no longer a code-shaped number.
+    def split(match: re.Match[str]) -> str:
+        run = match.group()
+        return run if run == keep else f"{run[:3]} {run[3:]}"
+
+    return SIX_DIGITS.sub(split, text)
+
+
+@pass_context
+def _finalize(context: Context, value: Any) -> Any:
+    """Every value a template prints passes here: a user-controlled value (an address
+    like 123456@example.com, a user agent) must never show a number a reader could take
+    for the code."""
+    if isinstance(value, Code):
+        return value
+    if isinstance(value, Markup):
+        # Output of a macro, super() or |safe: the code inside it was printed (and let
+        # through) already; break any other run.
+        code = context.get("code")
+        keep = str(code) if isinstance(code, Code) else None
+        return Markup(_break_six_digits(str(value), keep))  # noqa: S704 - was Markup already
+    if isinstance(value, datetime):
+        value = format_time(value)
+    return _break_six_digits(str(value))
+
+
+class MailRenderer:
+    def __init__(
+        self,
+        *,
+        product_name: str,
+        product_url: str,
+        security_url: str,
+        template_folder: Path | None,
+    ) -> None:
+        for setting, value in (
+            ("PRODUCT_NAME", product_name),
+            ("PRODUCT_URL", product_url),
+            ("SECURITY_URL", security_url),
+        ):
+            if SIX_DIGITS.search(value):
+                # It would be broken up in every mail (a link would stop working).
+                raise ConfigError(
+                    f"{setting} contains six digits in a row; mails show no such number "
+                    "besides the code"
+                )
+        loaders = []
+        if template_folder is not None:
+            if not template_folder.is_dir():
+                raise ConfigError(f"MAIL_TEMPLATE_FOLDER {template_folder} is not a folder")
+            loaders.append(FileSystemLoader(template_folder))
+        loaders.append(FileSystemLoader(BUILTIN_TEMPLATES))
+        self.globals: dict[str, str] = {
+            "product_name": product_name,
+            "product_url": product_url,
+            "security_url": security_url,
+        }
+        self.env = Environment(
+            loader=ChoiceLoader(loaders),
+            undefined=StrictUndefined,
+            # HTML-escape the HTML part only: plain text and subjects are shown as is.
+            autoescape=select_autoescape(
+                enabled_extensions=("html",), default_for_string=False, default=False
+            ),
+            finalize=_finalize,
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MailRenderer:
+        return cls(
+            product_name=settings.product_name,
+            product_url=settings.product_url,
+            security_url=settings.security_url or settings.product_url,
+            template_folder=settings.mail_template_folder,
+        )
+
+    def render(
+        self,
+        template: str,
+        context: Mapping[str, Any],
+        secrets: Mapping[str, str] | None = None,
+    ) -> RenderedMail:
+        """Renders mail `template`; `secrets` holds what must never be logged (the code)."""
+        hidden = {key: str(value) for key, value in (secrets or {}).items()}
+        code = Code(hidden["code"]) if "code" in hidden else None
+        if code is not None:
+            hidden["code"] = code
+        clash = (set(context) & set(hidden)) | ((set(context) | set(hidden)) & set(self.globals))
+        if clash:
+            raise ValueError(f"mail {template}: context keys clash: {sorted(clash)}")
+        variables = {**self.globals, **context, **hidden}
+
+        subject = self.env.get_template(f"{template}.subject.txt").render(variables)
+        # One line, whatever a value held: a newline in a header would start a new one.
+        subject = " ".join(subject.split())
+        text = self.env.get_template(f"{template}.txt").render(variables)
+        html = self.env.get_template(f"{template}.html").render(variables)
+
+        # The safety net behind finalize: a number written into a template itself, or
+        # two values printed side by side.
+        for part, content in (("subject", subject), ("text", text), ("html", html)):
+            if any(found != code for found in SIX_DIGITS.findall(content)):
+                raise ValueError(
+                    f"mail {template}: the {part} shows a six-digit number that is not the code"
+                )
+        if code is not None:
+            lines = [line.strip() for line in text.splitlines()]
+            if lines.count(code) != 1:
+                raise ValueError(
+                    f"mail {template}: the plain-text part must show the code once, "
+                    "on a line of its own"
+                )
+        if not subject or not text.strip() or not html.strip():
+            raise ValueError(f"mail {template}: empty subject or body")
+        return RenderedMail(subject=subject, text=text, html=html)

@@ -1,0 +1,287 @@
+"""The account's own flows by emailed codes and the signed-in user's password and
+sessions: requestEmailVerification, requestLoginCode, requestPasswordReset, resendOtp,
+resetPassword, changePassword, sessions, revokeSession."""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, delete, func, select, update
+
+from db.errors import AuthFailure, ErrorCode, invalid_challenge, invalid_input, invalid_otp
+from db.models import RefreshToken, TotpCredential, User, UserSession
+from db.security.access import AccessClaims
+from db.security.tokens import new_opaque_token
+from db.services import challenges as ch
+from db.services.auth import AMR_EMAIL_CODE, AuthService
+from db.services.types import (
+    ClientInfo,
+    IssuedChallenge,
+    IssuedSession,
+    SessionView,
+    UserView,
+    merge_amr,
+    user_view,
+)
+from db.session import Runner
+from db.validation import check_new_password, could_be_a_password, normalize_password, parse_email
+
+# A user's sessions, as listed: more than any real user has.
+MAX_LISTED_SESSIONS = 500
+
+_ACCOUNT_BY_EMAIL = (
+    select(
+        User.id,
+        User.email,
+        User.is_active,
+        User.email_verified_at,
+        User.created_at,
+        TotpCredential.confirmed_at.label("otp_confirmed_at"),
+    )
+    .outerjoin(TotpCredential, TotpCredential.user_id == User.id)
+    .where(User.email_normalized == bindparam("email"))
+)
+
+_PASSWORD_HASH = select(User.password_hash).where(User.id == bindparam("uid"))
+
+_OTP_ON = select(TotpCredential.confirmed_at).where(
+    TotpCredential.user_id == bindparam("uid"), TotpCredential.confirmed_at.is_not(None)
+)
+
+_LIVE_SESSIONS = (
+    select(
+        UserSession.id,
+        UserSession.created_at,
+        UserSession.last_used_at,
+        UserSession.user_agent,
+        UserSession.ip,
+    )
+    .where(
+        UserSession.user_id == bindparam("uid"),
+        UserSession.revoked_at.is_(None),
+        UserSession.expires_at > bindparam("now"),
+    )
+    .order_by(UserSession.created_at.desc(), UserSession.id.desc())
+    .limit(MAX_LISTED_SESSIONS)
+)
+
+_REVOKE_OWN_SESSION = (
+    update(UserSession)
+    .where(
+        UserSession.id == bindparam("session_id"),
+        UserSession.user_id == bindparam("owner_id"),
+        UserSession.revoked_at.is_(None),
+        UserSession.expires_at > bindparam("now"),
+    )
+    .values(revoked_at=bindparam("now"), revoke_reason="revoked_by_user")
+)
+
+# The current session, locked while its refresh token is replaced.
+_LOCK_LIVE_SESSION = (
+    select(UserSession.amr)
+    .where(
+        UserSession.id == bindparam("session_id"),
+        UserSession.revoked_at.is_(None),
+        UserSession.expires_at > bindparam("now"),
+    )
+    .with_for_update()
+)
+_NEWEST_GENERATION = select(func.max(RefreshToken.generation)).where(
+    RefreshToken.session_id == bindparam("session_id")
+)
+# The session's refresh tokens so far are forgotten, not marked spent: presented later
+# they answer INVALID_TOKEN and end nothing (reuse detection would end this session).
+_FORGET_GENERATIONS = delete(RefreshToken).where(RefreshToken.session_id == bindparam("session_id"))
+
+
+class AccountService:
+    def __init__(self, *, auth: AuthService) -> None:
+        self.auth = auth
+        self.statements = auth.statements
+        self.challenges = auth.challenges
+        self.clock = auth.clock
+        self.hasher = auth.hasher
+
+    # -- codes by mail ----------------------------------------------------------------------
+
+    async def request_code(
+        self, *, email: str, purpose: str, client: ClientInfo
+    ) -> IssuedChallenge:
+        """An emailed sign-in or reset code. The answer has the same shape, expiry and
+        work behind it whether or not the address is registered; only an active account
+        gets mail."""
+        address = parse_email(email)
+        async with self.statements.connection() as conn:
+            account = await conn.first(_ACCOUNT_BY_EMAIL, {"email": address.normalized})
+        recipient = account if account is not None and account["is_active"] else None
+        async with self.statements.transaction() as tx:
+            issued = await self.challenges.open_email(
+                tx, purpose=purpose, user=recipient, amr=[], client=client
+            )
+        self.auth.outbox.wake()
+        return issued
+
+    async def request_email_verification(
+        self, *, user: UserView, claims: AccessClaims, client: ClientInfo
+    ) -> IssuedChallenge:
+        if user.email_verified:
+            raise invalid_input("This email address is already verified.")
+        async with self.statements.transaction() as tx:
+            issued = await self.challenges.open_email(
+                tx,
+                purpose=ch.VERIFY_EMAIL,
+                user={"id": user.id, "email": user.email},
+                amr=list(claims.amr),
+                client=client,
+            )
+        self.auth.outbox.wake()
+        return issued
+
+    async def resend(self, *, challenge_token: str) -> IssuedChallenge:
+        return await self.challenges.resend(challenge_token)
+
+    # -- passwords --------------------------------------------------------------------------
+
+    async def reset_password(
+        self, *, challenge_token: str, code: str, new_password: str, client: ClientInfo
+    ) -> IssuedSession | IssuedChallenge:
+        """Sets a new password with an emailed reset code. With two-factor on, the new
+        password waits (as a hash) for a TOTP step: a mailbox alone never takes over an
+        account."""
+        self.hasher.check_capacity()
+        new_password = normalize_password(new_password)
+        # The policy first: a weak password costs no attempt and keeps the code usable.
+        check_new_password(
+            new_password, min_length=self.auth.password_min_length, field="newPassword"
+        )
+        challenge = await self.challenges.take_attempt(ch.TAKE_FOR_RESET, challenge_token)
+        if not self.challenges.email_code_matches(challenge, code):
+            raise invalid_otp()
+        user_id = challenge["user_id"]
+        new_hash = await self.hasher.hash(new_password)
+        amr = merge_amr(challenge["amr"].split(), AMR_EMAIL_CODE)
+        async with self.statements.connection() as conn:
+            otp_on = await conn.first(_OTP_ON, {"uid": user_id}) is not None
+        async with self.statements.transaction() as tx:
+            if not await self.challenges.consume(tx, challenge["id"]):
+                raise invalid_challenge()
+            if otp_on:
+                issued: IssuedSession | IssuedChallenge = await self.challenges.open_totp(
+                    tx,
+                    user_id=user_id,
+                    purpose=ch.RESET_PASSWORD,
+                    amr=amr,
+                    client=client,
+                    pending_password_hash=new_hash,
+                )
+            else:
+                user = await self.auth.reset_password_now(
+                    tx, user_id=user_id, new_hash=new_hash, client=client
+                )
+                issued = await self.auth.open_session(tx, user_view(user), amr=amr, client=client)
+        self.auth.outbox.wake()
+        return issued
+
+    async def change_password(
+        self,
+        *,
+        user: UserView,
+        claims: AccessClaims,
+        current_password: str,
+        new_password: str,
+        client: ClientInfo,
+    ) -> IssuedSession:
+        """Needs the current password. Keeps this session (with a new refresh token: the
+        old one is spent, not reused), ends every other one and tells the owner."""
+        self.hasher.check_capacity()
+        current_password = normalize_password(current_password)
+        new_password = normalize_password(new_password)
+        if not could_be_a_password(current_password):
+            raise _wrong_password()
+        async with self.statements.connection() as conn:
+            row = await conn.first(_PASSWORD_HASH, {"uid": user.id})
+        if row is None:
+            raise _wrong_password()
+        ok, _upgraded = await self.hasher.verify(current_password, row["password_hash"])
+        if not ok:
+            raise _wrong_password()
+        check_new_password(
+            new_password, min_length=self.auth.password_min_length, field="newPassword"
+        )
+        if hmac.compare_digest(new_password.encode(), current_password.encode()):
+            raise AuthFailure(
+                ErrorCode.WEAK_PASSWORD,
+                "Choose a password different from the current one.",
+                field="newPassword",
+            )
+        new_hash = await self.hasher.hash(new_password)
+        now = self.clock.now()
+        refresh = new_opaque_token()
+        async with self.statements.transaction() as tx:
+            session = await tx.first(
+                _LOCK_LIVE_SESSION, {"session_id": claims.session_id, "now": now}
+            )
+            if session is None:
+                raise AuthFailure(ErrorCode.INVALID_TOKEN, "This session has ended; sign in again.")
+            changed = await self.auth.change_password_now(
+                tx,
+                user=user,
+                session_id=claims.session_id,
+                old_hash=row["password_hash"],
+                new_hash=new_hash,
+                client=client,
+            )
+            if not changed:
+                raise _wrong_password()
+            await self._replace_refresh_token(tx, claims.session_id, refresh, now)
+        self.auth.outbox.wake()
+        return self.auth.issue(user, claims.session_id, session["amr"].split(), refresh)
+
+    async def _replace_refresh_token(
+        self, tx: Runner, session_id: uuid.UUID, refresh: str, now: datetime
+    ) -> None:
+        newest = await tx.scalars(_NEWEST_GENERATION, {"session_id": session_id})
+        generation = (newest[0] + 1) if newest and newest[0] is not None else 0
+        await tx.execute(_FORGET_GENERATIONS, {"session_id": session_id})
+        await self.auth.add_generation(tx, session_id, generation, refresh, now)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def sessions(self, *, user: UserView, claims: AccessClaims) -> list[SessionView]:
+        async with self.statements.connection() as conn:
+            rows = await conn.all(_LIVE_SESSIONS, {"uid": user.id, "now": self.clock.now()})
+        return [_session_view(row, claims.session_id) for row in rows]
+
+    async def revoke_session(self, *, user: UserView, session_id: str) -> int:
+        """Ends one of the user's own sessions; another user's id (or nonsense) ends
+        nothing and says nothing."""
+        try:
+            target = uuid.UUID(session_id)
+        except ValueError:
+            return 0
+        async with self.statements.transaction() as tx:
+            return await tx.execute(
+                _REVOKE_OWN_SESSION,
+                {"session_id": target, "owner_id": user.id, "now": self.clock.now()},
+            )
+
+
+def _session_view(row: Mapping[str, Any], current: uuid.UUID) -> SessionView:
+    return SessionView(
+        id=row["id"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        user_agent=row["user_agent"],
+        ip=row["ip"],
+        current=row["id"] == current,
+    )
+
+
+def _wrong_password() -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.INVALID_CREDENTIALS, "The current password is incorrect.", field="currentPassword"
+    )

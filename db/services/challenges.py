@@ -1,0 +1,367 @@
+"""Challenges: a pending step that a code completes. TOTP after a password (or after a
+reset code, when two-factor is on), and emailed codes for verification, sign-in and
+password reset. Every challenge is bound to its purpose: each completing operation takes
+attempts only on the pairings it completes."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, insert, null, or_, select, update
+from sqlalchemy.sql import Executable
+
+from db.clock import Clock
+from db.errors import AuthFailure, ErrorCode, invalid_challenge
+from db.mail.outbox import Outbox
+from db.models import IP_MAX, Challenge, User
+from db.security.codes import email_code_digest, email_code_matches, new_email_code
+from db.security.tokens import looks_like_opaque_token, new_opaque_token, token_digest
+from db.services.types import ClientInfo, IssuedChallenge
+from db.session import Runner, Statements
+from db.validation import clean_user_agent
+
+MAX_CHALLENGE_ATTEMPTS = 5
+MAX_RESENDS = 3
+RESEND_INTERVAL = timedelta(minutes=1)
+
+TOTP = "TOTP"
+EMAIL = "EMAIL"
+LOGIN = "LOGIN"
+VERIFY_EMAIL = "VERIFY_EMAIL"
+RESET_PASSWORD = "RESET_PASSWORD"  # noqa: S105 - a purpose
+
+# The mail that carries each purpose's code.
+CODE_TEMPLATES = {
+    VERIFY_EMAIL: "verify_email",
+    LOGIN: "login_code",
+    RESET_PASSWORD: "password_reset_code",
+}
+
+_ADD_CHALLENGE = insert(Challenge).values(
+    id=bindparam("challenge_id"),
+    token_hash=bindparam("token_hash"),
+    user_id=bindparam("user_id"),
+    purpose=bindparam("purpose"),
+    method=bindparam("method"),
+    amr=bindparam("amr"),
+    user_agent=bindparam("user_agent"),
+    ip=bindparam("ip"),
+    created_at=bindparam("now"),
+    expires_at=bindparam("expires_at"),
+    consumed_at=null(),
+    code_hash=bindparam("code_hash"),
+    sent_at=bindparam("sent_at"),
+    pending_password_hash=bindparam("pending_password_hash"),
+)
+
+
+def _take_attempt(pairings: Any) -> Executable:
+    """Every code checked against a challenge first takes one of its attempts, in one
+    write, so parallel guesses cannot pass the cap; a challenge out of attempts, used,
+    expired or of another purpose gives none (and is left as it was)."""
+    return (
+        update(Challenge)
+        .where(
+            Challenge.token_hash == bindparam("digest"),
+            Challenge.consumed_at.is_(None),
+            Challenge.expires_at > bindparam("now"),
+            Challenge.attempts < MAX_CHALLENGE_ATTEMPTS,
+            pairings,
+        )
+        .values(attempts=Challenge.attempts + 1)
+        .returning(
+            Challenge.id,
+            Challenge.user_id,
+            Challenge.purpose,
+            Challenge.method,
+            Challenge.amr,
+            Challenge.user_agent,
+            Challenge.ip,
+            Challenge.code_hash,
+            Challenge.pending_password_hash,
+        )
+    )
+
+
+# verifyOtp completes TOTP steps (after a password or a reset code) and emailed sign-in
+# and verification codes; resetPassword completes emailed reset codes only.
+TAKE_FOR_VERIFY_OTP = _take_attempt(
+    or_(
+        Challenge.method == TOTP,
+        # Not IN (...): its expanding parameter cannot be compiled once for Statements.
+        and_(
+            Challenge.method == EMAIL,
+            or_(Challenge.purpose == LOGIN, Challenge.purpose == VERIFY_EMAIL),
+        ),
+    )
+)
+TAKE_FOR_RESET = _take_attempt(and_(Challenge.method == EMAIL, Challenge.purpose == RESET_PASSWORD))
+
+_CONSUME = (
+    update(Challenge)
+    .where(Challenge.id == bindparam("challenge_id"), Challenge.consumed_at.is_(None))
+    .values(consumed_at=bindparam("now"))
+    .returning(Challenge.id)
+)
+
+# A password change or reset ends every pending step of the user.
+_VOID_ALL = (
+    update(Challenge)
+    .where(
+        Challenge.user_id == bindparam("owner_id"),
+        Challenge.consumed_at.is_(None),
+        Challenge.expires_at > bindparam("now"),
+    )
+    .values(consumed_at=bindparam("now"))
+)
+
+_FOR_RESEND = (
+    select(
+        Challenge.id,
+        Challenge.user_id,
+        Challenge.purpose,
+        Challenge.method,
+        Challenge.attempts,
+        Challenge.expires_at,
+        Challenge.consumed_at,
+        Challenge.resends,
+        Challenge.sent_at,
+        User.email,
+        User.is_active,
+    )
+    .outerjoin(User, User.id == Challenge.user_id)
+    .where(Challenge.token_hash == bindparam("digest"))
+    .with_for_update(of=Challenge)
+)
+
+_RESEND = (
+    update(Challenge)
+    .where(Challenge.id == bindparam("challenge_id"))
+    .values(
+        code_hash=bindparam("new_code_hash"),
+        resends=Challenge.resends + 1,
+        sent_at=bindparam("now"),
+    )
+)
+
+
+class Challenges:
+    def __init__(
+        self,
+        *,
+        statements: Statements,
+        outbox: Outbox,
+        clock: Clock,
+        secret: str,
+        email_lifetime: timedelta,
+        totp_lifetime: timedelta,
+    ) -> None:
+        self.statements = statements
+        self.outbox = outbox
+        self.clock = clock
+        self._secret = secret
+        self.email_lifetime = email_lifetime
+        self.totp_lifetime = totp_lifetime
+
+    async def open_email(
+        self,
+        tx: Runner,
+        *,
+        purpose: str,
+        user: Mapping[str, Any] | None,
+        amr: list[str],
+        client: ClientInfo,
+    ) -> IssuedChallenge:
+        """A challenge completed by a code mailed to `user` (id, email) in this transaction.
+        Without a user (an unknown address, or one that must get no mail) the challenge is
+        made just the same, and no code will ever complete it."""
+        now = self.clock.now()
+        challenge_id = uuid.uuid4()
+        code = new_email_code()
+        expires_at = now + self.email_lifetime
+        token = await self._insert(
+            tx,
+            challenge_id=challenge_id,
+            user_id=user["id"] if user is not None else None,
+            purpose=purpose,
+            method=EMAIL,
+            amr=amr,
+            client=client,
+            expires_at=expires_at,
+            code_hash=email_code_digest(self._secret, challenge_id, code),
+        )
+        if user is not None:
+            await self._mail_code(tx, user["email"], purpose, code, expires_at)
+        return IssuedChallenge(
+            challenge_token=token,
+            method=EMAIL,
+            purpose=purpose,
+            expires_in=int(self.email_lifetime.total_seconds()),
+        )
+
+    async def open_totp(
+        self,
+        tx: Runner,
+        *,
+        user_id: uuid.UUID,
+        purpose: str,
+        amr: list[str],
+        client: ClientInfo,
+        pending_password_hash: str | None = None,
+    ) -> IssuedChallenge:
+        token = await self._insert(
+            tx,
+            challenge_id=uuid.uuid4(),
+            user_id=user_id,
+            purpose=purpose,
+            method=TOTP,
+            amr=amr,
+            client=client,
+            expires_at=self.clock.now() + self.totp_lifetime,
+            pending_password_hash=pending_password_hash,
+        )
+        return IssuedChallenge(
+            challenge_token=token,
+            method=TOTP,
+            purpose=purpose,
+            expires_in=int(self.totp_lifetime.total_seconds()),
+        )
+
+    async def _insert(
+        self,
+        tx: Runner,
+        *,
+        challenge_id: uuid.UUID,
+        user_id: uuid.UUID | None,
+        purpose: str,
+        method: str,
+        amr: list[str],
+        client: ClientInfo,
+        expires_at: Any,
+        code_hash: bytes | None = None,
+        pending_password_hash: str | None = None,
+    ) -> str:
+        now = self.clock.now()
+        token = new_opaque_token()  # 256 bits; stored only as its SHA-256
+        await tx.execute(
+            _ADD_CHALLENGE,
+            {
+                "challenge_id": challenge_id,
+                "token_hash": token_digest(token),
+                "user_id": user_id,
+                "purpose": purpose,
+                "method": method,
+                "amr": " ".join(amr),
+                "user_agent": clean_user_agent(client.user_agent),
+                "ip": client.ip[:IP_MAX] if client.ip else None,
+                "now": now,
+                "expires_at": expires_at,
+                "code_hash": code_hash,
+                "sent_at": now if code_hash is not None else None,
+                "pending_password_hash": pending_password_hash,
+            },
+        )
+        return token
+
+    async def _mail_code(
+        self, tx: Runner, email: str, purpose: str, code: str, expires_at: Any
+    ) -> None:
+        await self.outbox.enqueue(
+            tx,
+            recipient=email,
+            template=CODE_TEMPLATES[purpose],
+            context={"minutes": int(self.email_lifetime.total_seconds() // 60)},
+            secrets={"code": code},
+            secrets_expire_at=expires_at,
+        )
+
+    # -- completing -------------------------------------------------------------------------
+
+    async def take_attempt(self, statement: Executable, token: str) -> Mapping[str, Any]:
+        """Takes one attempt of the challenge `token` names, if `statement`'s pairings
+        allow; INVALID_TOKEN otherwise (nothing taken)."""
+        if not token or not looks_like_opaque_token(token):
+            raise invalid_challenge()
+        async with self.statements.transaction() as tx:
+            challenge = await tx.first(
+                statement, {"digest": token_digest(token), "now": self.clock.now()}
+            )
+        if challenge is None:
+            raise invalid_challenge()
+        return challenge
+
+    def email_code_matches(self, challenge: Mapping[str, Any], code: str) -> bool:
+        """Whether `code` is the challenge's current emailed code. A challenge for an
+        unknown address has a code nobody was sent, so it never matches."""
+        digest = challenge["code_hash"]
+        if digest is None:
+            return False
+        matches = email_code_matches(self._secret, challenge["id"], code, digest)
+        return matches and challenge["user_id"] is not None
+
+    async def consume(self, tx: Runner, challenge_id: uuid.UUID) -> bool:
+        """Marks it used; False when a concurrent request used it first."""
+        used = await tx.first(_CONSUME, {"challenge_id": challenge_id, "now": self.clock.now()})
+        return used is not None
+
+    async def void_all(self, tx: Runner, user_id: uuid.UUID) -> None:
+        await tx.execute(_VOID_ALL, {"owner_id": user_id, "now": self.clock.now()})
+
+    # -- resending --------------------------------------------------------------------------
+
+    async def resend(self, token: str) -> IssuedChallenge:
+        """A new code for the same emailed challenge (the old one stops working), keeping
+        its attempts and expiry: at most MAX_RESENDS times, once a minute."""
+        if not token or not looks_like_opaque_token(token):
+            raise invalid_challenge()
+        now = self.clock.now()
+        async with self.statements.transaction() as tx:
+            row = await tx.first(_FOR_RESEND, {"digest": token_digest(token)})
+            if (
+                row is None
+                or row["method"] != EMAIL
+                or row["consumed_at"] is not None
+                or row["expires_at"] <= now
+                or row["attempts"] >= MAX_CHALLENGE_ATTEMPTS
+            ):
+                raise invalid_challenge()
+            remaining = row["expires_at"] - now
+            if row["resends"] >= MAX_RESENDS:
+                raise _too_many_resends(remaining)
+            if row["sent_at"] is not None and now - row["sent_at"] < RESEND_INTERVAL:
+                wait = RESEND_INTERVAL - (now - row["sent_at"])
+                raise AuthFailure(
+                    ErrorCode.RATE_LIMITED,
+                    "A code was sent a moment ago; wait before asking for another.",
+                    retry_after=max(1, math.ceil(wait.total_seconds())),
+                )
+            code = new_email_code()
+            await tx.execute(
+                _RESEND,
+                {
+                    "challenge_id": row["id"],
+                    "new_code_hash": email_code_digest(self._secret, row["id"], code),
+                    "now": now,
+                },
+            )
+            if row["user_id"] is not None and row["is_active"]:
+                await self._mail_code(tx, row["email"], row["purpose"], code, row["expires_at"])
+        self.outbox.wake()
+        return IssuedChallenge(
+            challenge_token=token,
+            method=EMAIL,
+            purpose=row["purpose"],
+            expires_in=max(1, math.ceil(remaining.total_seconds())),
+        )
+
+
+def _too_many_resends(remaining: timedelta) -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.RATE_LIMITED,
+        "No more codes for this request; start again when it expires.",
+        retry_after=max(1, math.ceil(remaining.total_seconds())),
+    )

@@ -1,0 +1,35 @@
+"""Security notices: mails that tell the owner something happened to their account."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from db.clock import Clock
+from db.devices import UNKNOWN, device_family
+from db.mail.outbox import Outbox
+from db.mail.render import format_time
+from db.services.types import ClientInfo
+from db.session import Runner
+
+
+class Notices:
+    def __init__(self, *, outbox: Outbox, clock: Clock) -> None:
+        self.outbox = outbox
+        self.clock = clock
+
+    async def send(
+        self, tx: Runner, *, email: str, template: str, client: ClientInfo, **extra: Any
+    ) -> None:
+        """Queues the notice in `tx`: it goes out only if the change it reports commits."""
+        device = device_family(client.user_agent)
+        await self.outbox.enqueue(
+            tx,
+            recipient=email,
+            template=template,
+            context={
+                "at": format_time(self.clock.now()),
+                "ip": client.ip,
+                "device": None if device == UNKNOWN else device,
+                **extra,
+            },
+        )

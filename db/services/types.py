@@ -1,0 +1,72 @@
+"""What the services answer, and what they are told about the client."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class UserView:
+    id: uuid.UUID
+    email: str
+    email_verified: bool
+    otp_enabled: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSession:
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    user: UserView
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedChallenge:
+    """A further step is needed: the challenge token goes back with the code."""
+
+    challenge_token: str
+    method: str  # "TOTP" or "EMAIL"
+    purpose: str  # "LOGIN", "VERIFY_EMAIL" or "RESET_PASSWORD"
+    expires_in: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    ip: str | None = None
+    user_agent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    id: uuid.UUID
+    created_at: datetime
+    last_used_at: datetime
+    user_agent: str | None
+    ip: str | None
+    current: bool
+
+
+def user_view(row: Mapping[str, Any], id_key: str = "id") -> UserView:
+    return UserView(
+        id=row[id_key],
+        email=row["email"],
+        email_verified=row["email_verified_at"] is not None,
+        otp_enabled=row.get("otp_confirmed_at") is not None,
+        created_at=row["created_at"],
+    )
+
+
+def merge_amr(*parts: list[str] | tuple[str, ...]) -> list[str]:
+    """RFC 8176 methods, in the order first proven, each once."""
+    merged: list[str] = []
+    for part in parts:
+        for method in part:
+            if method and method not in merged:
+                merged.append(method)
+    return merged
