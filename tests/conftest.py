@@ -135,6 +135,24 @@ async def app(settings: Settings, clock: MutableClock, clean_db: None) -> AsyncI
         yield application
 
 
+@pytest.fixture
+async def mail_app(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None, smtp: SmtpSink
+) -> AsyncIterator[Starlette]:
+    """The app with email verification on (the default) and mail going to `smtp`."""
+    application = create_app(
+        make_settings(require_email_verification=True, **smtp.settings()), clock=clock
+    )
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def mail_client(mail_app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(mail_app) as http:
+        yield http
+
+
 def client_for(app: Starlette, ip: str = "203.0.113.7") -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=app, client=(ip, 40000))
     return httpx.AsyncClient(

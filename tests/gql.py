@@ -21,6 +21,28 @@ VERIFY_OTP = f"mutation($i: VerifyOtpInput!) {{ verifyOtp(input: $i) {{ {SESSION
 LOGOUT = "mutation($i: LogoutInput!) { logout(input: $i) { revoked } }"
 ME = "{ me { id email emailVerified otpEnabled createdAt } }"
 
+CHALLENGE_FIELDS = """
+    __typename
+    ... on OtpChallenge { challengeToken method purpose expiresIn }
+    ... on AuthError { code message field retryAfter }
+"""
+REQUEST_LOGIN_CODE = (
+    f"mutation($i: EmailInput!) {{ requestLoginCode(input: $i) {{ {CHALLENGE_FIELDS} }} }}"
+)
+REQUEST_PASSWORD_RESET = (
+    f"mutation($i: EmailInput!) {{ requestPasswordReset(input: $i) {{ {CHALLENGE_FIELDS} }} }}"
+)
+REQUEST_EMAIL_VERIFICATION = f"mutation {{ requestEmailVerification {{ {CHALLENGE_FIELDS} }} }}"
+RESEND_OTP = f"mutation($i: ResendOtpInput!) {{ resendOtp(input: $i) {{ {CHALLENGE_FIELDS} }} }}"
+RESET_PASSWORD = (
+    f"mutation($i: ResetPasswordInput!) {{ resetPassword(input: $i) {{ {SESSION_FIELDS} }} }}"
+)
+CHANGE_PASSWORD = (
+    f"mutation($i: ChangePasswordInput!) {{ changePassword(input: $i) {{ {SESSION_FIELDS} }} }}"
+)
+SESSIONS = "{ sessions { id createdAt lastUsedAt userAgent ipAddress current } }"
+REVOKE_SESSION = "mutation($i: RevokeSessionInput!) { revokeSession(input: $i) { revoked } }"
+
 
 async def post(
     client: httpx.AsyncClient,
@@ -75,3 +97,24 @@ async def refresh(client: httpx.AsyncClient, token: str | None) -> dict[str, Any
 async def logout(client: httpx.AsyncClient, token: str | None, everywhere: bool = False) -> int:
     body = await gql(client, LOGOUT, {"i": {"refreshToken": token, "everywhere": everywhere}})
     return int(body["data"]["logout"]["revoked"])
+
+
+async def verify_otp(client: httpx.AsyncClient, challenge_token: str, code: str) -> dict[str, Any]:
+    body = await gql(client, VERIFY_OTP, {"i": {"challengeToken": challenge_token, "code": code}})
+    result: dict[str, Any] = body["data"]["verifyOtp"]
+    return result
+
+
+async def mutate(
+    client: httpx.AsyncClient,
+    query: str,
+    variables: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """The one field a mutation document answers."""
+    body = await gql(client, query, variables, token=token)
+    assert "errors" not in body, body
+    (result,) = body["data"].values()
+    assert isinstance(result, dict)
+    return result
