@@ -39,12 +39,12 @@ class Delivered:
     def text(self) -> str:
         part = self.message.get_body(preferencelist=("plain",))
         assert part is not None, "the mail has no plain-text part"
-        return str(part.get_content())  # type: ignore[attr-defined]
+        return str(part.get_content())
 
     def html(self) -> str:
         part = self.message.get_body(preferencelist=("html",))
         assert part is not None, "the mail has no HTML part"
-        return str(part.get_content())  # type: ignore[attr-defined]
+        return str(part.get_content())
 
     def code(self) -> str:
         """The code, read out of the plain-text part: the one line of six digits."""

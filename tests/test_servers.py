@@ -46,17 +46,17 @@ RECOVERY_BOUND = 10.0
 
 
 def production_env(database_url: str, **overrides: str) -> dict[str, str]:
-    return server_env(
-        ENVIRONMENT="production",
-        SECRET_KEY=PRODUCTION_KEY,
-        ENCRYPTION_KEYS=TEST_FERNET_KEY,
-        DATABASE_URL=database_url,
-        MAIL_SERVER="127.0.0.1",
-        MAIL_PORT="9",  # nothing listens: mails wait in the outbox
-        MAIL_FROM="strawgate@example.com",
-        REQUIRE_EMAIL_VERIFICATION="false",
-        **overrides,
-    )
+    settings = {
+        "ENVIRONMENT": "production",
+        "SECRET_KEY": PRODUCTION_KEY,
+        "ENCRYPTION_KEYS": TEST_FERNET_KEY,
+        "DATABASE_URL": database_url,
+        "MAIL_SERVER": "127.0.0.1",
+        "MAIL_PORT": "9",  # nothing listens: mails wait in the outbox
+        "MAIL_FROM": "strawgate@example.com",
+        "REQUIRE_EMAIL_VERIFICATION": "false",
+    }
+    return server_env(**{**settings, **overrides})
 
 
 async def ok(

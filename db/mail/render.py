@@ -81,15 +81,15 @@ def _finalize(context: Context, value: Any) -> Any:
     for the code."""
     if isinstance(value, Code):
         return value
+    # A macro's or super()'s output holds the code it printed already: keep that run
+    # (the code itself, shown to its own recipient), break any other.
+    code = context.get("code")
+    keep = str(code) if isinstance(code, Code) else None
     if isinstance(value, Markup):
-        # Output of a macro, super() or |safe: the code inside it was printed (and let
-        # through) already; break any other run.
-        code = context.get("code")
-        keep = str(code) if isinstance(code, Code) else None
         return Markup(_break_six_digits(str(value), keep))  # noqa: S704 - was Markup already
     if isinstance(value, datetime):
         value = format_time(value)
-    return _break_six_digits(str(value))
+    return _break_six_digits(str(value), keep)
 
 
 class MailRenderer:

@@ -86,21 +86,32 @@ class SmtpTransport:
         if not isinstance(message, Message):  # pragma: no cover - one schema, one message
             raise TypeError("fastapi-mail built no single message")
         _tidy(message, recipient=recipient, message_id=message_id)
-        accepted = False
+        connection = Connection(self.config)
         try:
-            async with Connection(self.config) as connection:
-                await connection.session.send_message(message)
-                accepted = True
+            # fastapi-mail's connect, STARTTLS and login; it wraps their failures.
+            await connection.__aenter__()
         except ConnectionErrors as exc:
-            # fastapi-mail wraps connect and login failures, the cause in __context__.
+            _drop(connection)
             raise MailDeliveryError(self._describe(exc.__context__, "connection failed")) from None
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            if accepted:
-                # Only QUIT failed: the server took the mail, so sending it again
-                # would deliver it twice.
+        except BaseException:
+            _drop(connection)
+            raise
+        # Not `async with connection`: its exit sends QUIT even after a failure or a
+        # cancellation, waiting up to TIMEOUT on a server that hangs, and a timeout there
+        # would replace the CancelledError.
+        session = connection.session
+        try:
+            try:
+                await session.send_message(message)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                raise MailDeliveryError(self._describe(exc, "sending failed")) from None
+            try:
+                await session.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                # The server took the mail; sending it again would deliver it twice.
                 log.info("SMTP QUIT failed after %s accepted a mail", self.server)
-                return
-            raise MailDeliveryError(self._describe(exc, "sending failed")) from None
+        finally:
+            session.close()
 
     def _describe(self, error: BaseException | None, what: str) -> str:
         # Type and SMTP reply code only: never the mail, the recipient or a server's
@@ -130,6 +141,12 @@ def _tidy(message: Message, *, recipient: str, message_id: str) -> None:
     for part in message.walk():
         if part.is_multipart():
             del part["Content-Transfer-Encoding"]
+
+
+def _drop(connection: Connection) -> None:
+    session = getattr(connection, "session", None)
+    if session is not None:
+        session.close()
 
 
 class ConsoleTransport:

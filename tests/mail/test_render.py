@@ -268,6 +268,18 @@ def test_markup_output_keeps_the_code_and_breaks_other_numbers(tmp_path: Path) -
     assert mail.html == f"<b>{CODE}</b> 654 321 <b>Build/987 654</b>\n"
 
 
+def test_a_macro_in_a_text_template_keeps_the_code(tmp_path: Path) -> None:
+    (tmp_path / "login_code.txt").write_text(
+        "{% macro line(value) %}    {{ value }}{% endmacro %}"
+        "Your code:\n\n{{ line(code) }}\n{{ line('Build/987654') }}\n",
+        encoding="utf-8",
+    )
+
+    mail = render("login_code", make_renderer(tmp_path))
+
+    assert mail.text == f"Your code:\n\n    {CODE}\n    Build/987 654\n"
+
+
 def test_a_missing_context_value_is_an_error() -> None:
     renderer = make_renderer()
     with pytest.raises(UndefinedError):

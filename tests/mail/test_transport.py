@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from email.message import Message
 
 import pytest
@@ -149,6 +151,94 @@ async def test_a_header_value_is_one_line(smtp: SmtpSink, make_settings: MakeSet
     with pytest.raises(ValueError, match="one line"):
         await transport.send(recipient=RECIPIENT, mail=mail, message_id="<r@x>\nBcc: x@x.com")
     assert smtp.mails() == []
+
+
+class ScriptedSmtp:
+    """An SMTP server on loopback that answers everything until the end of DATA, then
+    either never answers again ("hang") or accepts the mail and drops the connection at
+    QUIT without a reply ("drop")."""
+
+    def __init__(self, after_data: str) -> None:
+        self.after_data = after_data
+        self.data_received = asyncio.Event()
+        self.closed_by_client = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 scripted ESMTP\r\n")
+        in_data = False
+        while line := await reader.readline():
+            if in_data:
+                if line == b".\r\n":
+                    in_data = False
+                    self.data_received.set()
+                    if self.after_data == "drop":
+                        writer.write(b"250 queued\r\n")
+                continue
+            command = line[:4].upper()
+            if self.data_received.is_set():
+                if command == b"QUIT" and self.after_data == "drop":
+                    break  # no reply
+                continue  # "hang": no reply ever
+            elif command == b"DATA":
+                in_data = True
+                writer.write(b"354 go on\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        else:
+            self.closed_by_client.set()
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def scripted_smtp(after_data: str) -> AsyncIterator[tuple[ScriptedSmtp, int]]:
+    script = ScriptedSmtp(after_data)
+    server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
+    async with server:
+        yield script, server.sockets[0].getsockname()[1]
+
+
+def scripted_settings(make_settings: MakeSettings, port: int) -> Settings:
+    return make_settings(
+        mail_server="127.0.0.1",
+        mail_port=port,
+        mail_from="strawgate@example.com",
+        mail_starttls=False,
+        use_credentials=False,
+        mail_timeout=30.0,
+    )
+
+
+async def test_a_cancelled_send_stops_at_once_on_a_hung_server(
+    make_settings: MakeSettings,
+) -> None:
+    async with scripted_smtp("hang") as (script, port):
+        settings = scripted_settings(make_settings, port)
+        transport = SmtpTransport.from_settings(settings)
+        send = asyncio.create_task(
+            transport.send(recipient=RECIPIENT, mail=code_mail(settings), message_id="<r@x.ex>")
+        )
+        await asyncio.wait_for(script.data_received.wait(), 5)
+
+        started = time.monotonic()
+        send.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await send  # not a MailDeliveryError after a QUIT that times out
+
+        assert time.monotonic() - started < 2
+        await asyncio.wait_for(script.closed_by_client.wait(), 5)
+
+
+async def test_a_mail_the_server_accepted_is_sent_even_if_quit_fails(
+    make_settings: MakeSettings,
+) -> None:
+    async with scripted_smtp("drop") as (script, port):
+        settings = scripted_settings(make_settings, port)
+        transport = SmtpTransport.from_settings(settings)
+
+        await transport.send(recipient=RECIPIENT, mail=code_mail(settings), message_id="<r@x.ex>")
+
+        assert script.data_received.is_set()
 
 
 def test_settings_fastapi_mail_refuses_are_a_config_error(make_settings: MakeSettings) -> None:
