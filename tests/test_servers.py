@@ -21,7 +21,7 @@ from db.migrate import upgrade_head
 from db.models import RefreshToken, UserSession
 from db.settings import SECRET_KEY_PLACEHOLDER
 from tests.conftest import PASSWORD, TEST_FERNET_KEY, unique_email
-from tests.gql import LOGIN, ME, REFRESH, SIGNUP, post
+from tests.gql import LOGIN, ME, REFRESH, SIGNUP, VERIFY_OTP, post
 from tests.pg import PrivateCluster, admin_execute, find_pg_bin, free_port, sqlalchemy_url
 from tests.servers import (
     Server,
@@ -33,6 +33,7 @@ from tests.servers import (
     strawgate_command,
     uvicorn_command,
 )
+from tests.smtp import CODE_LINE
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +82,20 @@ async def signed_up(http: httpx.AsyncClient, email: str) -> dict[str, Any]:
     session: dict[str, Any] = data["signup"]
     assert session["__typename"] == "AuthSession", session
     return session
+
+
+async def code_from_log(server: Server, email: str, limit: float = 5.0) -> str:
+    """The code of the newest mail to `email` that the DEVELOPMENT console backend
+    printed in the server's log."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        log = server.log()
+        marker = log.rfind(f"To: {email}")
+        if marker >= 0 and (found := CODE_LINE.search(log, marker)):
+            assert "DEVELOPMENT" in log[:marker]
+            return found.group(1)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no code for {email} in the log:\n{server.log()}")
 
 
 async def logged_in(http: httpx.AsyncClient, email: str) -> dict[str, Any]:
@@ -147,7 +162,19 @@ async def test_sqlite_newcomer_path_keeps_its_key_across_restarts(tmp_path: Path
             assert (await http.get("/healthz")).status_code == 200
             ready = await http.get("/readyz")
             assert ready.status_code == 200, ready.text
-            session = await signed_up(http, email)
+            # The README's first steps: signup answers a challenge, the code is in the
+            # development log, verifyOtp answers the session.
+            data = await ok(http, SIGNUP, {"i": {"email": email, "password": PASSWORD}})
+            challenge = data["signup"]
+            assert (challenge["method"], challenge["purpose"]) == ("EMAIL", "VERIFY_EMAIL")
+            code = await code_from_log(first, email)
+            data = await ok(
+                http,
+                VERIFY_OTP,
+                {"i": {"challengeToken": challenge["challengeToken"], "code": code}},
+            )
+            session = data["verifyOtp"]
+            assert session["__typename"] == "AuthSession", session
             assert await my_email(http, session["accessToken"]) == email
     finally:
         await first.stop()
@@ -184,7 +211,7 @@ async def test_sqlite_serves_one_process_only(tmp_path: Path) -> None:
     folder = tmp_path / "app"
     folder.mkdir()
     logs = tmp_path / "logs"
-    env = server_env(ENVIRONMENT="development")
+    env = server_env(ENVIRONMENT="development", REQUIRE_EMAIL_VERIFICATION="false")
 
     code, output = await run_to_exit(
         strawgate_command(free_port(), "--workers", "2"), env=env, cwd=folder, logs=logs
