@@ -63,6 +63,7 @@ from bench.report import (
     reported_json,
     scenario_json,
 )
+from tests.smtp import SmtpSink, free_port
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 SERVER_CORE = 0
@@ -73,6 +74,12 @@ PASSWORD = "a long bench password 123"
 
 SIGNUP = (
     "mutation($i: SignupInput!){ signup(input:$i){ __typename"
+    " ... on OtpChallenge { challengeToken } ... on AuthError { code message } } }"
+)
+# Signup verifies the address first (REQUIRE_EMAIL_VERIFICATION, the default): the code
+# comes by mail to the bench's own SMTP server.
+VERIFY_OTP = (
+    "mutation($i: VerifyOtpInput!){ verifyOtp(input:$i){ __typename"
     " ... on AuthSession { accessToken refreshToken } ... on AuthError { code message } } }"
 )
 # retryAfter: the login client sleeps what a RATE_LIMITED answer says.
@@ -122,6 +129,7 @@ class Bench:
     results: Path
     strawgate: Server
     reference: Server
+    mailbox: SmtpSink  # where Strawgate's mail goes
 
     @property
     def load(self) -> LoadSettings:
@@ -181,11 +189,19 @@ async def seed(bench: Bench) -> Seeds:
     token cannot be presented again). Then, straight into the database, the users with
     two-factor on and a pending login challenge that `verifyOtp` spends, one a request."""
     async with GraphQLClient(bench.strawgate.url("/graphql")) as client:
-        signed_up = await client.field(
+        challenge = await client.field(
             SIGNUP, {"i": {"email": EMAIL, "password": PASSWORD}}, "signup"
         )
+        if challenge.get("__typename") != "OtpChallenge":
+            raise BenchError(f"signup did not answer a challenge: {challenge}")
+        mail = await bench.mailbox.wait_for(EMAIL, timeout=10)
+        signed_up = await client.field(
+            VERIFY_OTP,
+            {"i": {"challengeToken": challenge["challengeToken"], "code": mail.code()}},
+            "verifyOtp",
+        )
         if signed_up.get("__typename") != "AuthSession":
-            raise BenchError(f"signup did not give a session: {signed_up}")
+            raise BenchError(f"verifyOtp did not give a session: {signed_up}")
         access_token = str(signed_up["accessToken"])
         token_files: dict[str, Path] = {}
         for name in chain_sets(bench.options.rounds):
@@ -811,12 +827,14 @@ async def run(options: Options) -> int:
         stale.unlink()
     check_local(options.pg_url)
     database = f"strawgate_bench_{secrets.token_hex(4)}"
+    mailbox = SmtpSink(port=free_port())  # started with the servers
     env = {
         **os.environ,
         "ENVIRONMENT": "production",
         "SECRET_KEY": secrets.token_urlsafe(36),  # 48 characters
         "ENCRYPTION_KEYS": Fernet.generate_key().decode("ascii"),
         "DATABASE_URL": with_database(options.pg_url, database, scheme="postgresql+asyncpg"),
+        **{name.upper(): str(value) for name, value in mailbox.settings().items()},
     }
     load = options.load
     pg = urlsplit(options.pg_url)
@@ -854,6 +872,8 @@ async def run(options: Options) -> int:
                     [venv_tool("strawgate"), "migrate"], env=env, cwd=work, time_limit=120
                 )
                 progress("starting servers")
+                mailbox.start()
+                stack.callback(mailbox.stop)
                 servers: dict[str, Server] = {}
                 for name, app, extra in (
                     ("strawgate", "graph.app:app", []),
@@ -864,7 +884,14 @@ async def run(options: Options) -> int:
                     )
                     stack.push_async_callback(stop_server, servers[name])
                 bench = Bench(
-                    options, env, work, logs, results, servers["strawgate"], servers["reference"]
+                    options,
+                    env,
+                    work,
+                    logs,
+                    results,
+                    servers["strawgate"],
+                    servers["reference"],
+                    mailbox,
                 )
                 progress(
                     f"seeding: signup, {seeded_logins} logins;"
