@@ -21,7 +21,7 @@ from db.session import Statements
 log = logging.getLogger("strawgate.housekeeping")
 
 # An arbitrary 64-bit key naming the housekeeping lock (PostgreSQL advisory locks).
-_LOCK_KEY = 0x5354_5241_5747_4B01
+LOCK_KEY = 0x5354_5241_5747_4B01
 _TAKE_LOCK = select(func.pg_try_advisory_xact_lock(bindparam("key")).label("taken"))
 
 # Expired challenges are kept a day (a code typed just after expiry still finds its
@@ -70,7 +70,7 @@ class Housekeeper:
         now = self.clock.now()
         async with self.statements.transaction() as tx:
             if self._postgres:
-                lock = await tx.first(_TAKE_LOCK, {"key": _LOCK_KEY})
+                lock = await tx.first(_TAKE_LOCK, {"key": LOCK_KEY})
                 if lock is None or not lock["taken"]:
                     return None
             challenges = await tx.execute(_PRUNE_CHALLENGES, {"cutoff": now - CHALLENGE_GRACE})

@@ -1,0 +1,93 @@
+"""Housekeeping: expired challenges, old outbox rows and expired mail secrets go; one
+process at a time does it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlalchemy import bindparam, func, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
+
+from db.services.housekeeping import LOCK_KEY, Housekeeper
+from db.session import Statements, create_engine
+from db.settings import Settings
+from tests.conftest import PASSWORD, MutableClock, unique_email
+from tests.gql import REQUEST_LOGIN_CODE, mutate, signup
+from tests.smtp import SmtpSink
+
+
+async def count(database_url: str, sql: str) -> int:
+    engine = create_async_engine(database_url)
+    async with engine.connect() as conn:
+        found = (await conn.execute(text(sql))).scalar_one()
+    await engine.dispose()
+    return int(found)
+
+
+@pytest.fixture
+async def statements(make_settings: Callable[..., Settings]) -> AsyncIterator[Statements]:
+    engine = create_engine(make_settings())
+    runner = Statements(engine)
+    await runner.start()
+    yield runner
+    await runner.close()
+    await engine.dispose()
+
+
+async def test_expired_challenges_and_old_mail_go(
+    mail_app: Starlette,
+    mail_client: httpx.AsyncClient,
+    smtp: SmtpSink,
+    clock: MutableClock,
+    database_url: str,
+) -> None:
+    email = unique_email()
+    await signup(mail_client, email, PASSWORD)
+    await mutate(mail_client, REQUEST_LOGIN_CODE, {"i": {"email": "nobody@example.com"}})
+    await smtp.wait_for(email)
+    housekeeper: Housekeeper = mail_app.state.housekeeper
+    assert await count(database_url, "SELECT count(*) FROM challenges") == 2
+    clock.advance(minutes=11)  # expired, but kept a day (answered "expired", not "unknown")
+    await housekeeper.run_once()
+    assert await count(database_url, "SELECT count(*) FROM challenges") == 2
+    clock.advance(days=1)
+    pruned = await housekeeper.run_once()
+    assert pruned is not None and pruned.challenges == 2
+    assert await count(database_url, "SELECT count(*) FROM challenges") == 0
+    # The sent mail stays for the retention (7 days), then goes.
+    assert await count(database_url, "SELECT count(*) FROM outbox") == 1
+    clock.advance(days=6)
+    pruned = await housekeeper.run_once()
+    assert pruned is not None and pruned.outbox_rows == 1
+    assert await count(database_url, "SELECT count(*) FROM outbox") == 0
+
+
+_HOLD_LOCK = select(func.pg_advisory_xact_lock(bindparam("key")))
+
+
+async def test_one_housekeeper_at_a_time(
+    statements: Statements, clock: MutableClock, clean_db: None
+) -> None:
+    """While another process holds the housekeeping lock, a pass does nothing."""
+    keeper = Housekeeper(
+        statements=statements,
+        clock=clock,
+        interval=60,
+        unverified_account_age=timedelta(days=7),
+        outbox_retention=timedelta(days=7),
+    )
+    engine = create_engine(Settings(_env_file=None, database_url=str(statements.engine.url)))
+    other_process = Statements(engine)
+    await other_process.start()
+    try:
+        async with other_process.transaction() as tx:
+            await tx.first(_HOLD_LOCK, {"key": LOCK_KEY})
+            assert await keeper.run_once() is None
+        assert await keeper.run_once() is not None
+    finally:
+        await other_process.close()
+        await engine.dispose()
