@@ -16,7 +16,21 @@ from db.models import RefreshToken, User
 from db.settings import Settings
 from graph.app import create_app
 from tests.conftest import PASSWORD, MutableClock, client_for, unique_email
-from tests.gql import ME, gql, refresh, signup
+from tests.gql import (
+    CHANGE_PASSWORD,
+    ME,
+    REQUEST_LOGIN_CODE,
+    REQUEST_PASSWORD_RESET,
+    RESET_PASSWORD,
+    SESSIONS,
+    gql,
+    login,
+    mutate,
+    refresh,
+    signup,
+    verify_otp,
+)
+from tests.smtp import SmtpSink
 
 
 @pytest.fixture
@@ -162,3 +176,61 @@ async def test_two_factor_and_logout_everywhere_on_sqlite(
     )
     assert disabled["data"]["disableTotp"]["otpEnabled"] is False
     assert await logout(sqlite_client, session["refreshToken"], everywhere=True) == 3
+
+
+async def test_the_email_flows_run_on_sqlite(
+    make_settings: Callable[..., Settings],
+    sqlite_url: str,
+    clock: MutableClock,
+    smtp: SmtpSink,
+) -> None:
+    """Verification, sign-in by code, reset and change, sessions, with real mail."""
+    settings = make_settings(
+        database_url=sqlite_url, require_email_verification=True, **smtp.settings()
+    )
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        email = unique_email()
+        challenge = await signup(http, email, PASSWORD)
+        code = (await smtp.wait_for(email)).code()
+        session = await verify_otp(http, challenge["challengeToken"], code)
+        assert session["user"]["emailVerified"] is True
+
+        sign_in = await mutate(http, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+        code = (await smtp.wait_for(email, count=2)).code()
+        second = await verify_otp(http, sign_in["challengeToken"], code)
+        assert second["__typename"] == "AuthSession"
+
+        listed = await gql(http, SESSIONS, token=second["accessToken"])
+        assert [s["current"] for s in listed["data"]["sessions"]] == [True, False]
+
+        changed = await mutate(
+            http,
+            CHANGE_PASSWORD,
+            {"i": {"currentPassword": PASSWORD, "newPassword": "another long passphrase"}},
+            token=second["accessToken"],
+        )
+        assert changed["__typename"] == "AuthSession"
+        body = await gql(http, ME, token=session["accessToken"])
+        assert body["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+
+        reset = await mutate(http, REQUEST_PASSWORD_RESET, {"i": {"email": email}})
+        code = (
+            await smtp.wait_for(email, where=lambda m: m.subject.startswith("Reset your"))
+        ).code()
+        done = await mutate(
+            http,
+            RESET_PASSWORD,
+            {
+                "i": {
+                    "challengeToken": reset["challengeToken"],
+                    "code": code,
+                    "newPassword": "a third long passphrase",
+                }
+            },
+        )
+        assert done["__typename"] == "AuthSession"
+        assert (await login(http, email, "a third long passphrase"))["__typename"] == (
+            "AuthSession"
+        )
+        await app.state.housekeeper.run_once()
