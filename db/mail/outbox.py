@@ -69,7 +69,7 @@ _DUE = (
     )
     .order_by(OutboxMail.next_attempt_at)
     .limit(bindparam("n"))
-    
+    .with_for_update(skip_locked=True)
 )
 _CLAIM = (
     update(OutboxMail)
@@ -347,6 +347,11 @@ class MailSender:
             self._wakeup.set()
             await asyncio.wait({task}, timeout=grace)
             if not task.done():
+                log.warning(
+                    "mail sender: sends still running after %ss were cancelled; their mails"
+                    " stay queued",
+                    grace,
+                )
                 task.cancel()
             try:
                 await task
@@ -427,7 +432,10 @@ class MailSender:
         return len(mails)
 
     async def claim(self) -> list[ClaimedMail]:
-        """One short transaction leases up to a batch of due mails to this sender."""
+        """One short transaction leases up to a batch of due mails to this sender (none
+        once it is stopping)."""
+        if self._stopping:
+            return []
         now = self._clock.now()
         for old, until in list(self._claims.items()):
             if until <= now:
@@ -554,16 +562,18 @@ class MailSender:
         if expired or now - mail.created_at >= self._give_up_after:
             return await self.mark_given_up(mail, error)
         delay = backoff(mail.attempts, self._retry_max)
-        log.info(
-            "mail %s not delivered (attempt %d: %s); next try in %.0fs",
-            mail.id,
-            mail.attempts,
-            _short(error),
-            delay.total_seconds(),
-        )
-        return await self._record(
+        held = await self._record(
             _MARK_RETRY, mail, {"retry_at": now + delay, "error": _short(error)}
         )
+        if held:
+            log.info(
+                "mail %s not delivered (attempt %d: %s); next try in %.0fs",
+                mail.id,
+                mail.attempts,
+                _short(error),
+                delay.total_seconds(),
+            )
+        return held
 
     async def mark_given_up(self, mail: ClaimedMail, error: str) -> bool:
         """Drops the mail (and its secrets) for good; False if the claim was lost."""
