@@ -80,15 +80,11 @@ _REVOKE_OWN_SESSION = (
     .values(revoked_at=bindparam("now"), revoke_reason="revoked_by_user")
 )
 
-# The current session, locked while its refresh token is replaced.
-_LOCK_LIVE_SESSION = (
-    select(UserSession.amr)
-    .where(
-        UserSession.id == bindparam("session_id"),
-        UserSession.revoked_at.is_(None),
-        UserSession.expires_at > bindparam("now"),
-    )
-    .with_for_update()
+# The current session, read once every session of the user is locked.
+_LIVE_SESSION = select(UserSession.amr).where(
+    UserSession.id == bindparam("session_id"),
+    UserSession.revoked_at.is_(None),
+    UserSession.expires_at > bindparam("now"),
 )
 _NEWEST_GENERATION = select(func.max(RefreshToken.generation)).where(
     RefreshToken.session_id == bindparam("session_id")
@@ -222,9 +218,11 @@ class AccountService:
         now = self.clock.now()
         refresh = new_opaque_token()
         async with self.statements.transaction() as tx:
-            session = await tx.first(
-                _LOCK_LIVE_SESSION, {"session_id": claims.session_id, "now": now}
-            )
+            # Every session of the user first, in the one order logout-everywhere and
+            # resets use too: two changes from two sessions at once then queue up
+            # instead of deadlocking.
+            await self.auth.lock_sessions(tx, user.id)
+            session = await tx.first(_LIVE_SESSION, {"session_id": claims.session_id, "now": now})
             if session is None:
                 raise AuthFailure(ErrorCode.INVALID_TOKEN, "This session has ended; sign in again.")
             changed = await self.auth.change_password_now(

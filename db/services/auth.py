@@ -591,11 +591,16 @@ class AuthService:
         await self.notices.send(tx, email=user.email, template="password_changed", client=client)
         return True
 
+    async def lock_sessions(self, tx: Runner, user_id: uuid.UUID) -> None:
+        """Locks every live session of the user, in one order (by id) wherever more than
+        one is locked, so that two such transactions queue up instead of deadlocking. A
+        transaction must take no other session lock before this one."""
+        await tx.execute(_LOCK_USER_SESSIONS, {"user_id": user_id})
+
     async def _end_sessions(
         self, tx: Runner, user_id: uuid.UUID, *, keep: uuid.UUID | None, reason: str
     ) -> int:
-        # Locked in one order (as logout-everywhere does), so the two never deadlock.
-        await tx.execute(_LOCK_USER_SESSIONS, {"user_id": user_id})
+        await self.lock_sessions(tx, user_id)
         return await tx.execute(
             _REVOKE_OTHER_SESSIONS,
             {
