@@ -18,7 +18,6 @@ import anyio
 import anyio.to_thread
 import orjson
 from cross_web import HTTPException
-from db.mail.transport import make_transport
 from sqlalchemy import column, select, table
 from sqlalchemy.sql import Executable
 from starlette.applications import Starlette
@@ -34,6 +33,7 @@ from strawberry.types import ExecutionResult
 from db.clock import Clock, SystemClock
 from db.mail.outbox import MailSender, Outbox
 from db.mail.render import MailRenderer
+from db.mail.transport import make_transport
 from db.migrate import head_revision, upgrade_head
 from db.security.access import AccessTokenCodec
 from db.security.box import SecretBox

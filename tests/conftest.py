@@ -32,7 +32,11 @@ TEST_SECRET = "test-secret-key-0123456789abcdefghijklmnop"
 TEST_FERNET_KEY = "3Ccxk2gCG8F0cH8Ysrr8OEnqNaIxB7cvjxpxdaQbi8A="  # a Fernet key for tests
 PASSWORD = "correct horse battery staple"
 # What production needs besides keys: a mail server (here one nothing listens on).
-PRODUCTION_MAIL = {"mail_server": "127.0.0.1", "mail_port": 9, "mail_from": "strawgate@example.com"}
+PRODUCTION_MAIL: dict[str, Any] = {
+    "mail_server": "127.0.0.1",
+    "mail_port": 9,
+    "mail_from": "strawgate@example.com",
+}
 
 
 class MutableClock:

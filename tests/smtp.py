@@ -57,15 +57,13 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.sink.refuse:
             return "451 4.3.0 try again later"
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
         with self.sink.lock:
-            self.sink.received.append(
-                Delivered(list(envelope.rcpt_tos), message, time.monotonic())
-            )
+            self.sink.received.append(Delivered(list(envelope.rcpt_tos), message, time.monotonic()))
         return "250 OK"
 
 
@@ -103,7 +101,7 @@ class SmtpSink:
         to: str,
         *,
         count: int = 1,
-        timeout: float = 5.0,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a deadline for polling a thread's list
         where: Callable[[Delivered], bool] | None = None,
     ) -> Delivered:
         """The `count`-th mail to `to` (matching `where`), waiting up to `timeout` seconds."""
