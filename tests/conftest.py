@@ -25,12 +25,12 @@ from starlette.applications import Starlette
 from db.migrate import upgrade_head
 from db.settings import Settings
 from graph.app import create_app
+from tests.gql import PASSWORD as PASSWORD  # re-exported: tests import it from here
 from tests.pg import provision, scratch_database
 from tests.smtp import SmtpSink
 
 TEST_SECRET = "test-secret-key-0123456789abcdefghijklmnop"
 TEST_FERNET_KEY = "3Ccxk2gCG8F0cH8Ysrr8OEnqNaIxB7cvjxpxdaQbi8A="  # a Fernet key for tests
-PASSWORD = "correct horse battery staple"
 # What production needs besides keys: a mail server (here one nothing listens on).
 PRODUCTION_MAIL: dict[str, Any] = {
     "mail_server": "127.0.0.1",

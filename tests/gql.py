@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import httpx
+
+from tests.smtp import SmtpSink
+
+PASSWORD = "correct horse battery staple"
 
 SESSION_FIELDS = """
     __typename
@@ -118,3 +123,25 @@ async def mutate(
     (result,) = body["data"].values()
     assert isinstance(result, dict)
     return result
+
+
+async def signed_up(
+    client: httpx.AsyncClient, smtp: SmtpSink, email: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """A new account, its address proven with the mailed code: (email, first session)."""
+    email = email or f"user-{secrets.token_hex(4)}@example.com"
+    challenge = await signup(client, email, PASSWORD)
+    assert challenge["__typename"] == "OtpChallenge", challenge
+    mail = await smtp.wait_for(email)
+    session = await verify_otp(client, challenge["challengeToken"], mail.code())
+    assert session["__typename"] == "AuthSession", session
+    return email, session
+
+
+async def signed_in(
+    client: httpx.AsyncClient, email: str, password: str = PASSWORD
+) -> dict[str, Any]:
+    """A password sign-in that must answer the session."""
+    session = await login(client, email, password)
+    assert session["__typename"] == "AuthSession", session
+    return session

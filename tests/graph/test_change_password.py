@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from tests.conftest import PASSWORD, unique_email
+from tests.conftest import PASSWORD
 from tests.gql import (
     CHANGE_PASSWORD,
     ME,
@@ -25,29 +25,13 @@ from tests.gql import (
     login,
     mutate,
     refresh,
-    signup,
+    signed_in,
+    signed_up,
     verify_otp,
 )
 from tests.smtp import CODE_LINE, SmtpSink
 
 NEW_PASSWORD = "a different horse, battery and staple"
-
-
-async def signed_up(client: httpx.AsyncClient, smtp: SmtpSink) -> tuple[str, dict[str, Any]]:
-    """A new account, its address proven with the mailed code: (email, first session)."""
-    email = unique_email()
-    challenge = await signup(client, email, PASSWORD)
-    assert challenge["__typename"] == "OtpChallenge", challenge
-    mail = await smtp.wait_for(email)
-    session = await verify_otp(client, challenge["challengeToken"], mail.code())
-    assert session["__typename"] == "AuthSession", session
-    return email, session
-
-
-async def signed_in(client: httpx.AsyncClient, email: str, password: str) -> dict[str, Any]:
-    session = await login(client, email, password)
-    assert session["__typename"] == "AuthSession", session
-    return session
 
 
 async def change(

@@ -4,7 +4,6 @@ account gets no session before its address is proven."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 from sqlalchemy import text
@@ -22,19 +21,11 @@ from tests.gql import (
     login,
     mutate,
     refresh,
+    signed_up,
     signup,
     verify_otp,
 )
 from tests.smtp import SmtpSink
-
-
-async def signed_up(http: httpx.AsyncClient, smtp: SmtpSink, email: str) -> dict[str, Any]:
-    """Signup, then the code from the mail: the verified account's first session."""
-    challenge = await signup(http, email, PASSWORD)
-    mail = await smtp.wait_for(email)
-    session = await verify_otp(http, challenge["challengeToken"], mail.code())
-    assert session["__typename"] == "AuthSession", session
-    return session
 
 
 async def mails_nothing_more(http: httpx.AsyncClient, smtp: SmtpSink, email: str) -> None:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import secrets
 import string
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import httpx
 import pytest
 from starlette.applications import Starlette
 
-from tests.conftest import PASSWORD, MutableClock, client_for, unique_email
+from tests.conftest import PASSWORD, MutableClock, client_for
 from tests.gql import (
     CHANGE_PASSWORD,
     REQUEST_LOGIN_CODE,
@@ -23,7 +22,8 @@ from tests.gql import (
     login,
     mutate,
     refresh,
-    signup,
+    signed_in,
+    signed_up,
     verify_otp,
 )
 from tests.graph.test_mfa import CONFIRM, DISABLE, SETUP, code_at
@@ -67,27 +67,6 @@ def is_notice(mail: Delivered) -> bool:
 
 def is_sign_in_code(mail: Delivered) -> bool:
     return mail.subject.startswith("Your sign-in code")
-
-
-async def signed_up(
-    http: httpx.AsyncClient, smtp: SmtpSink, email: str | None = None
-) -> tuple[str, dict[str, Any]]:
-    """A new account, its address proven with the mailed code: (email, first session)."""
-    email = email or unique_email()
-    challenge = await signup(http, email, PASSWORD)
-    assert challenge["__typename"] == "OtpChallenge", challenge
-    mail = await smtp.wait_for(email)
-    session = await verify_otp(http, challenge["challengeToken"], mail.code())
-    assert session["__typename"] == "AuthSession", session
-    return email, session
-
-
-async def signed_in(
-    http: httpx.AsyncClient, email: str, password: str = PASSWORD
-) -> dict[str, Any]:
-    session = await login(http, email, password)
-    assert session["__typename"] == "AuthSession", session
-    return session
 
 
 async def notices_so_far(http: httpx.AsyncClient, smtp: SmtpSink, email: str) -> list[Delivered]:

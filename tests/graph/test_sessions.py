@@ -17,9 +17,9 @@ from tests.gql import (
     REVOKE_SESSION,
     SESSIONS,
     gql,
-    login,
     logout,
     refresh,
+    signed_in,
     signup,
 )
 
@@ -65,12 +65,6 @@ async def revoke(client: httpx.AsyncClient, token: str, session_id: str) -> int:
     body = await gql(client, REVOKE_SESSION, {"i": {"id": session_id}}, token=token)
     assert "errors" not in body, body
     return int(body["data"]["revokeSession"]["revoked"])
-
-
-async def signed_in(client: httpx.AsyncClient, email: str) -> dict[str, Any]:
-    session = await login(client, email, PASSWORD)
-    assert session["__typename"] == "AuthSession", session
-    return session
 
 
 async def is_unauthenticated(client: httpx.AsyncClient, token: str) -> bool:
