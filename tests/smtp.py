@@ -18,7 +18,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 
 # A code as the mails show it: six digits on a line of their own.
-CODE_LINE = re.compile(r"^\s*(\d{6})\s*$", re.MULTILINE)
+CODE_LINE = re.compile(r"^(\d{6})$", re.MULTILINE)
 SIX_DIGITS = re.compile(r"(?<!\d)\d{6}(?!\d)")
 
 

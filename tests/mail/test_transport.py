@@ -267,7 +267,7 @@ async def test_the_console_backend_logs_the_mail(
     assert "NOT sent" in first_line
     assert f"To: {RECIPIENT}" in text
     assert f"Subject: {mail.subject}" in text
-    assert f"\n    {CODE}\n" in text
+    assert f"\n{CODE}\n" in text
 
 
 def test_the_console_backend_refuses_production(make_settings: MakeSettings) -> None:
