@@ -29,6 +29,8 @@ log = logging.getLogger("strawgate.mail")
 
 CHANNEL = "strawgate_outbox"  # NOTIFY'd by every enqueue on PostgreSQL
 FIRST_RETRY = timedelta(seconds=1)
+# How long a woken sender waits before its round (see MailSender._run).
+WAKE_DELAY = 0.05
 ERROR_MAX = 255  # outbox.last_error
 
 
@@ -57,6 +59,8 @@ _ENQUEUE = insert(OutboxMail).values(
 # Delivered at commit, to every process listening (this one included); not at all when
 # the transaction rolls back, like the row itself.
 _NOTIFY = select(func.pg_notify(literal(CHANNEL), literal("")))
+# What enqueue costs the database, without writing anything: see Outbox.decoy.
+_DECOY = select(OutboxMail.id).where(OutboxMail.id == bindparam("mail_id"))
 
 # Due and not leased by anyone. SKIP LOCKED: concurrent claimers on PostgreSQL take
 # different rows instead of queueing behind each other (SQLite ignores FOR UPDATE; its
@@ -225,6 +229,15 @@ class Outbox:
             await tx.execute(_NOTIFY, {})
         return mail_id
 
+    async def decoy(self, tx: Runner, *, secrets: Mapping[str, str]) -> None:
+        """The work of an enqueue (encrypting the secrets, a round trip, the NOTIFY)
+        without a mail: for answers that must not reveal, by their timing, whether a mail
+        was queued (a code asked for an unregistered address)."""
+        self.box.seal(orjson.dumps(dict(secrets)).decode("utf-8"))
+        await tx.first(_DECOY, {"mail_id": uuid.uuid4()})
+        if self._postgres:
+            await tx.execute(_NOTIFY, {})
+
     def wake(self) -> None:
         """Tells this process's senders to look now; call it after the commit."""
         for wake in list(self._wakers):
@@ -388,6 +401,11 @@ class MailSender:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), self._poll_seconds)
+                    # Woken by a commit: let the request that caused the mail finish its
+                    # answer before the round (claim, rendering, SMTP) competes with it
+                    # for this process. Its timing then says nothing about whether it
+                    # queued a mail; the mails of a burst also share one round.
+                    await asyncio.sleep(WAKE_DELAY)
         finally:
             await self._stop_listening()
 

@@ -196,6 +196,9 @@ class Challenges:
         )
         if user is not None:
             await self._mail_code(tx, user["email"], purpose, code, expires_at)
+        else:
+            # The same work as queueing the mail: the answer's timing reveals nothing.
+            await self.outbox.decoy(tx, secrets={"code": code})
         return IssuedChallenge(
             challenge_token=token,
             method=EMAIL,
@@ -350,6 +353,8 @@ class Challenges:
             )
             if row["user_id"] is not None and row["is_active"]:
                 await self._mail_code(tx, row["email"], row["purpose"], code, row["expires_at"])
+            else:
+                await self.outbox.decoy(tx, secrets={"code": code})
         self.outbox.wake()
         return IssuedChallenge(
             challenge_token=token,

@@ -321,17 +321,25 @@ async def test_request_mutations_reveal_nothing_about_registration(
 async def test_request_mutations_take_the_same_time_either_way(
     mail_client: httpx.AsyncClient, smtp: SmtpSink
 ) -> None:
+    """The work behind the answer is the same (a decoy stands in for queueing the mail),
+    and the sender's own work waits until the answer is out. Compared by the lower
+    quartile: the sender's rounds (and the SMTP server in this very process) add noise to
+    whichever requests they overlap, registered or not."""
     registered = await verified_user(mail_client, smtp)
     for query in (REQUEST_LOGIN_CODE, REQUEST_PASSWORD_RESET):
         known: list[float] = []
         unknown: list[float] = []
-        for round_ in range(15):  # interleaved, so drift hits both alike
+        for round_ in range(60):  # interleaved, so drift hits both alike
             for email, times in ((registered, known), (f"nobody-{round_}@example.com", unknown)):
                 start = time.perf_counter()
                 await mutate(mail_client, query, {"i": {"email": email}})
                 times.append(time.perf_counter() - start)
-        ratio = statistics.median(known) / statistics.median(unknown)
-        assert 0.5 < ratio < 2.0, (query, ratio)
+        ratio = lower_quartile(known) / lower_quartile(unknown)
+        assert 0.83 < ratio < 1.2, (query, ratio)
+
+
+def lower_quartile(values: list[float]) -> float:
+    return statistics.quantiles(values, n=4)[0]
 
 
 async def test_a_malformed_address_is_invalid_input(mail_client: httpx.AsyncClient) -> None:
