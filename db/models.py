@@ -33,6 +33,9 @@ class User(Base):
     # What uniqueness and look-ups use; the database enforces it.
     email_normalized: Mapped[str] = mapped_column(String(254), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
+    # When the password was last set by a change or reset (not by a hash upgrade): a
+    # sign-in whose password check came before it opens no session.
+    password_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     email_verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     mail_ssl_tls: bool = False
     use_credentials: bool = True
     validate_certs: bool = True
+    # The whole SMTP exchange of one mail (connect to QUIT) before it counts as failed.
     mail_timeout: float = Field(15.0, gt=0, le=120)
     # The operator's own templates, tried before the built-in ones (same file names).
     mail_template_folder: Path | None = None
@@ -182,6 +183,11 @@ class Settings(BaseSettings):
     def _check_mail(self) -> None:
         if self.mail_server and not self.mail_from:
             raise ConfigError("MAIL_FROM must be set with MAIL_SERVER (the sender's address)")
+        if self.mail_lease_seconds < 2 * self.mail_timeout:
+            raise ConfigError(
+                "MAIL_LEASE_SECONDS must be at least twice MAIL_TIMEOUT: a send must end well"
+                " within the lease, or another process could send the same mail again"
+            )
         if self.mail_template_folder is not None and not self.mail_template_folder.is_dir():
             raise ConfigError(f"MAIL_TEMPLATE_FOLDER {self.mail_template_folder} is not a folder")
 

@@ -54,6 +54,11 @@ def upgrade() -> None:
             sa.Column("pending_password_hash", sa.String(length=255), nullable=True)
         )
 
+    with op.batch_alter_table("users", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("password_changed_at", sa.DateTime(timezone=True), nullable=True)
+        )
+
     with op.batch_alter_table("sessions", schema=None) as batch_op:
         batch_op.add_column(sa.Column("device", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("network", sa.String(length=64), nullable=True))
@@ -71,6 +76,9 @@ def downgrade() -> None:
         batch_op.drop_index("ix_sessions_user_id_network_device")
         batch_op.drop_column("network")
         batch_op.drop_column("device")
+
+    with op.batch_alter_table("users", schema=None) as batch_op:
+        batch_op.drop_column("password_changed_at")
 
     with op.batch_alter_table("challenges", schema=None) as batch_op:
         batch_op.drop_column("pending_password_hash")

@@ -47,7 +47,7 @@ _ENQUEUE = insert(OutboxMail).values(
     context=bindparam("context"),
     secrets_sealed=bindparam("sealed"),
     secrets_expire_at=bindparam("expire_at"),
-    created_at=bindparam("now"),
+    created_at=bindparam("stamp"),
     next_attempt_at=bindparam("now"),
     attempts=literal(0),
     claimed_until=null(),
@@ -71,7 +71,7 @@ _DUE = (
         OutboxMail.next_attempt_at <= bindparam("now"),
         or_(OutboxMail.claimed_until.is_(None), OutboxMail.claimed_until <= bindparam("now")),
     )
-    .order_by(OutboxMail.next_attempt_at)
+    .order_by(OutboxMail.next_attempt_at, OutboxMail.created_at)
     .limit(bindparam("n"))
     .with_for_update(skip_locked=True)
 )
@@ -97,9 +97,11 @@ _CLAIM = (
 
 # Every result is recorded only while the claim is still ours: a sender whose lease ran
 # out never overwrites what the sender that took the row over recorded.
+# Recorded whoever holds the row now: a mail that was delivered must not go out again,
+# even if its lease ran out during the send and another sender took it over.
 _MARK_SENT = (
     update(OutboxMail)
-    .where(OutboxMail.id == bindparam("mail_id"), OutboxMail.claim_id == bindparam("mine"))
+    .where(OutboxMail.id == bindparam("mail_id"), OutboxMail.sent_at.is_(None))
     .values(
         sent_at=bindparam("now"),
         next_attempt_at=null(),
@@ -191,6 +193,7 @@ class Outbox:
         self._clock = clock
         self._postgres = postgres
         self._wakers: set[Callable[[], None]] = set()
+        self._last_stamp: datetime | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Clock) -> Outbox:
@@ -211,6 +214,12 @@ class Outbox:
         """Queues a mail in `tx`: it goes out only if the transaction commits. `secrets`
         (codes, links) are stored encrypted and erased once sent or expired."""
         now = self._clock.now()
+        # created_at orders one recipient's mails (see MailSender.deliver): strictly
+        # increasing within this process, even when the clock reads the same twice.
+        stamp = now
+        if self._last_stamp is not None and stamp <= self._last_stamp:
+            stamp = self._last_stamp + timedelta(microseconds=1)
+        self._last_stamp = stamp
         mail_id = uuid.uuid4()
         sealed = self.box.seal(orjson.dumps(dict(secrets)).decode("utf-8")) if secrets else None
         await tx.execute(
@@ -223,6 +232,7 @@ class Outbox:
                 "sealed": sealed,
                 "expire_at": secrets_expire_at if sealed is not None else None,
                 "now": now,
+                "stamp": stamp,
             },
         )
         if self._postgres:
@@ -284,6 +294,7 @@ class MailSender:
         lease: timedelta,
         retry_max: timedelta,
         give_up_after: timedelta,
+        send_timeout: float = 15.0,
         concurrency: int = 4,
     ) -> None:
         self._statements = statements
@@ -297,6 +308,8 @@ class MailSender:
         self._lease = lease
         self._retry_max = retry_max
         self._give_up_after = give_up_after
+        # The whole of one send (connect, greeting, every command, QUIT), not each step.
+        self._send_timeout = send_timeout
         self._concurrency = concurrency
         self._postgres = statements.engine.dialect.name == "postgresql"
         self._wakeup = asyncio.Event()
@@ -332,6 +345,7 @@ class MailSender:
             lease=timedelta(seconds=settings.mail_lease_seconds),
             retry_max=timedelta(seconds=settings.mail_retry_max_seconds),
             give_up_after=timedelta(hours=settings.mail_give_up_hours),
+            send_timeout=settings.mail_timeout,
         )
 
     @property
@@ -490,17 +504,23 @@ class MailSender:
         records each result."""
         slots = asyncio.Semaphore(self._concurrency)
         settled: list[bool] = []
+        # One recipient's mails go out one after another, oldest first (two codes asked
+        # for in a row arrive in that order); different recipients' side by side.
+        by_recipient: dict[str, list[ClaimedMail]] = {}
+        for mail in sorted(mails, key=lambda mail: (mail.created_at, mail.id)):
+            by_recipient.setdefault(mail.recipient, []).append(mail)
 
-        async def one(mail: ClaimedMail) -> None:
+        async def in_turn(queue: list[ClaimedMail]) -> None:
             async with slots:
-                if self._stopping:
-                    settled.append(False)  # not started: stop() releases it
-                    return
-                settled.append(await self._deliver_one(mail))
+                for mail in queue:
+                    if self._stopping:
+                        settled.append(False)  # not started: stop() releases it
+                        continue
+                    settled.append(await self._deliver_one(mail))
 
         async with asyncio.TaskGroup() as group:
-            for mail in mails:
-                group.create_task(one(mail))
+            for queue in by_recipient.values():
+                group.create_task(in_turn(queue))
         if all(settled):
             for claim_id in {mail.claim_id for mail in mails}:
                 self._claims.pop(claim_id, None)
@@ -518,8 +538,10 @@ class MailSender:
 
     async def _send_and_record(self, mail: ClaimedMail) -> bool:
         now = self._clock.now()
-        if now >= mail.claimed_until:
-            # The lease ran out while the mail waited: another sender may have it by now.
+        if (mail.claimed_until - now).total_seconds() < self._send_timeout:
+            # Too little of the lease is left to finish a send (it ran out while the mail
+            # waited its turn): another sender could take it over mid-send and send it
+            # again. Released for the next round.
             await self._record(_RELEASE_ONE, mail, {})
             return True
         if mail.secrets_expire_at is not None and mail.secrets_expire_at <= now:
@@ -544,11 +566,15 @@ class MailSender:
             await self.mark_given_up(mail, f"cannot be rendered: {type(exc).__name__}")
             return True
         try:
-            await self._transport.send(
-                recipient=mail.recipient, mail=rendered, message_id=f"<{mail.id}@strawgate>"
-            )
+            async with asyncio.timeout(self._send_timeout):
+                await self._transport.send(
+                    recipient=mail.recipient, mail=rendered, message_id=f"<{mail.id}@strawgate>"
+                )
         except MailDeliveryError as exc:
             await self.mark_failed(mail, str(exc) or type(exc).__name__)
+            return True
+        except TimeoutError:
+            await self.mark_failed(mail, f"the send took longer than {self._send_timeout:g} s")
             return True
         except Exception as exc:  # a transport that broke its contract: retry all the same
             log.error(

@@ -66,7 +66,12 @@ class PasswordHasher:
         await self._run(self.context.verify, password, self._dummy_hash)
 
     def _verify_sync(self, password: str, stored_hash: str) -> tuple[bool, str | None]:
-        if self.context.identify(stored_hash) == "bcrypt":
+        scheme = self.context.identify(stored_hash)
+        if scheme is None:
+            # No password can match (unusable_password_hash): the same work, no match.
+            self.context.verify(password, self._dummy_hash)
+            return False, None
+        if scheme == "bcrypt":
             # bcrypt < 5 silently used the first 72 bytes; bcrypt 5 raises on longer
             # input. Verify what the legacy hash was made from, then store an argon2id
             # hash of the whole password.
@@ -102,3 +107,9 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def unusable_password_hash() -> str:
+    """A stored value no password matches (not a hash of any scheme): for an account
+    whose password must not be trusted until its owner sets one."""
+    return "!" + secrets.token_urlsafe(16)

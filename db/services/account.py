@@ -163,6 +163,8 @@ class AccountService:
         async with self.statements.connection() as conn:
             otp_on = await conn.first(_OTP_ON, {"uid": user_id}) is not None
         async with self.statements.transaction() as tx:
+            # The account's lock first (see AuthService.lock_user), then the challenge.
+            await self.auth.lock_user(tx, user_id, exclusive=True)
             if not await self.challenges.consume(tx, challenge["id"]):
                 raise invalid_challenge()
             if otp_on:
@@ -218,10 +220,10 @@ class AccountService:
         now = self.clock.now()
         refresh = new_opaque_token()
         async with self.statements.transaction() as tx:
-            # Every session of the user first, in the one order logout-everywhere and
-            # resets use too: two changes from two sessions at once then queue up
-            # instead of deadlocking.
-            await self.auth.lock_sessions(tx, user.id)
+            # The account's lock first (see AuthService.lock_user): two changes from two
+            # sessions at once, or a change and a reset, queue up instead of deadlocking,
+            # and a sign-in that checked the old password opens no session after this.
+            await self.auth.lock_user(tx, user.id, exclusive=True)
             session = await tx.first(_LIVE_SESSION, {"session_id": claims.session_id, "now": now})
             if session is None:
                 raise AuthFailure(ErrorCode.INVALID_TOKEN, "This session has ended; sign in again.")

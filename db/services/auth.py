@@ -23,7 +23,6 @@ from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_challenge
 from db.mail.outbox import Outbox
 from db.models import (
     IP_MAX,
-    Challenge,
     RecoveryCode,
     RefreshToken,
     TotpCredential,
@@ -31,7 +30,7 @@ from db.models import (
     UserSession,
 )
 from db.security.access import AccessClaims, AccessTokenCodec
-from db.security.passwords import PasswordHasher
+from db.security.passwords import PasswordHasher, unusable_password_hash
 from db.security.tokens import (
     looks_like_opaque_token,
     new_opaque_token,
@@ -90,11 +89,29 @@ _USER_BY_EMAIL = (
         User.email_verified_at,
         User.created_at,
         User.password_hash,
+        User.password_changed_at,
         User.is_active,
         _OTP_CONFIRMED,
     )
     .outerjoin(*_WITH_TOTP)
     .where(User.email_normalized == bindparam("email"))
+)
+
+# The user row's lock orders everything done to one account's credentials and sessions.
+# Whatever changes the password, ends sessions en masse or voids challenges takes it
+# exclusively, first; whatever opens a session takes it shared, first, and checks that
+# what it relied on (the password it checked, the challenge it completes) still holds.
+# A sign-in racing a password change then either finishes before the change (whose
+# "end every other session" ends it) or sees the change and opens nothing.
+_LOCK_USER = (
+    select(User.password_changed_at, User.is_active, User.email_verified_at)
+    .where(User.id == bindparam("uid"))
+    .with_for_update()
+)
+_SHARE_USER = (
+    select(User.password_changed_at, User.is_active, User.email_verified_at)
+    .where(User.id == bindparam("uid"))
+    .with_for_update(read=True)
 )
 
 _USER_BY_ID = (
@@ -250,24 +267,18 @@ _DEVICE_HISTORY = select(
     .label("known"),
 )
 
-# What signup decides on when the address is taken: verified, or a pending signup that
-# still has a live challenge or ever had a session.
-_live_challenge = exists().where(
-    Challenge.user_id == User.id,
-    Challenge.consumed_at.is_(None),
-    Challenge.expires_at > bindparam("now"),
-    Challenge.attempts < ch.MAX_CHALLENGE_ATTEMPTS,
-)
-_had_session = exists().where(UserSession.user_id == User.id)
+# What signup decides on when the address is taken.
 _SIGNUP_STATE = select(User.id, User.email_verified_at).where(
     User.email_normalized == bindparam("email")
 )
-# An unverified account whose codes have all expired is replaced by a new signup.
+# An unverified signup is replaced by a new signup once its code has expired (it was made
+# with the account: `created_at` says when, and nothing anyone does later extends it),
+# unless the account ever had a session (one made while verification was off).
 _DROP_ABANDONED_SIGNUP = delete(User).where(
     User.id == bindparam("uid"),
     User.email_verified_at.is_(None),
-    ~_live_challenge,
-    ~_had_session,
+    User.created_at <= bindparam("abandoned_before"),
+    ~exists().where(UserSession.user_id == User.id),
 )
 
 _MARK_VERIFIED = (
@@ -281,15 +292,31 @@ _MARK_VERIFIED = (
 _CHANGE_PASSWORD = (
     update(User)
     .where(User.id == bindparam("uid"), User.password_hash == bindparam("old_hash"))
-    .values(password_hash=bindparam("new_hash"), updated_at=bindparam("now"))
+    .values(
+        password_hash=bindparam("new_hash"),
+        password_changed_at=bindparam("now"),
+        updated_at=bindparam("now"),
+    )
 )
 _RESET_PASSWORD = (
     update(User)
     .where(User.id == bindparam("uid"))
     .values(
         password_hash=bindparam("new_hash"),
+        password_changed_at=bindparam("now"),
         updated_at=bindparam("now"),
         email_verified_at=func.coalesce(User.email_verified_at, bindparam("now")),
+    )
+)
+# An address proven by a sign-in code, on an account whose password nobody proved: the
+# password was set by whoever signed up with the address, who may not be its owner.
+_DISCARD_PASSWORD = (
+    update(User)
+    .where(User.id == bindparam("uid"))
+    .values(
+        password_hash=bindparam("new_hash"),
+        password_changed_at=bindparam("now"),
+        updated_at=bindparam("now"),
     )
 )
 
@@ -381,7 +408,11 @@ class AuthService:
                     # A pending signup: replaced once its codes have expired; until then
                     # the answer looks the same and no mail goes out.
                     dropped = await tx.execute(
-                        _DROP_ABANDONED_SIGNUP, {"uid": existing["id"], "now": now}
+                        _DROP_ABANDONED_SIGNUP,
+                        {
+                            "uid": existing["id"],
+                            "abandoned_before": now - self.challenges.email_lifetime,
+                        },
                     )
                     if not dropped:
                         return await self._pending_signup(tx, client)
@@ -435,8 +466,12 @@ class AuthService:
         if not user["is_active"]:
             raise _account_disabled()
         async with self.statements.transaction() as tx:
-            if new_hash is not None:
-                await self._upgrade_hash(tx, user, new_hash)
+            locked = await tx.first(_SHARE_USER, {"uid": user["id"]})
+            if locked is None or locked["password_changed_at"] != user["password_changed_at"]:
+                # The password changed since it was checked: it is no longer the password.
+                raise _invalid_credentials()
+            if not locked["is_active"]:
+                raise _account_disabled()
             if self.require_email_verification and user["email_verified_at"] is None:
                 # The address is proven first: a fresh code goes to it.
                 issued: IssuedSession | IssuedChallenge = await self.challenges.open_email(
@@ -450,6 +485,11 @@ class AuthService:
                 issued = await self.open_session(
                     tx, user_view(user), amr=AMR_PASSWORD, client=client
                 )
+        if new_hash is not None:
+            # After the commit, in a transaction of its own: it takes the row exclusively,
+            # which concurrent sign-ins holding it shared must not wait for each other on.
+            async with self.statements.transaction() as tx:
+                await self._upgrade_hash(tx, user, new_hash)
         self.outbox.wake()
         return issued
 
@@ -478,35 +518,41 @@ class AuthService:
         user_id = challenge["user_id"]
         if user_id is None:  # pragma: no cover - TOTP challenges always have a user
             raise invalid_challenge()
+        resetting = challenge["purpose"] == ch.RESET_PASSWORD
+        issued: list[IssuedSession] = []
+
+        async def lock(tx: Runner) -> None:
+            # First in the transaction that spends the code (see _LOCK_USER).
+            await self.lock_user(tx, user_id, exclusive=resetting)
 
         async def claim(tx: Runner, method: str) -> bool:
             # In the transaction that spends the code: of two requests racing on one
-            # challenge, the loser's code stays unspent.
+            # challenge, the loser's code stays unspent; and the session is made there
+            # too, so a password change cannot slip in between.
             if not await self.challenges.consume(tx, challenge["id"]):
                 return False
             if method == "recovery":
                 await self._recovery_code_used(tx, user_id, client)
-            if challenge["purpose"] == ch.RESET_PASSWORD:
+            if resetting:
                 await self.reset_password_now(
                     tx, user_id=user_id, new_hash=challenge["pending_password_hash"], client=client
                 )
-            return True
-
-        method = await self.two_factor.check_code(
-            user_id=user_id, code=code, recovery=True, claim=claim
-        )
-        amr = merge_amr(
-            challenge["amr"].split(), AMR_TOTP if method == "totp" else AMR_RECOVERY_CODE
-        )
-        async with self.statements.transaction() as tx:
             user = await tx.first(_USER_BY_ID, {"user_id": user_id})
             if user is None:
                 raise invalid_challenge()
             if not user["is_active"]:
                 raise _account_disabled()
-            issued = await self.open_session(tx, user_view(user), amr=amr, client=client)
+            amr = merge_amr(
+                challenge["amr"].split(), AMR_TOTP if method == "totp" else AMR_RECOVERY_CODE
+            )
+            issued.append(await self.open_session(tx, user_view(user), amr=amr, client=client))
+            return True
+
+        await self.two_factor.check_code(
+            user_id=user_id, code=code, recovery=True, claim=claim, lock=lock
+        )
         self.outbox.wake()
-        return issued
+        return issued[0]
 
     async def _complete_emailed_code(
         self, challenge: Mapping[str, Any], code: str, client: ClientInfo
@@ -515,6 +561,7 @@ class AuthService:
             raise invalid_otp()
         amr = merge_amr(challenge["amr"].split(), AMR_EMAIL_CODE)
         async with self.statements.transaction() as tx:
+            await self.lock_user(tx, challenge["user_id"], exclusive=True)
             user = await tx.first(_USER_BY_ID, {"user_id": challenge["user_id"]})
             if user is None:
                 raise invalid_challenge()
@@ -522,8 +569,10 @@ class AuthService:
                 raise _account_disabled()
             if not await self.challenges.consume(tx, challenge["id"]):
                 raise invalid_challenge()
-            # A code that reached the mailbox proves the address (sign-in codes too).
             now = self.clock.now()
+            if challenge["purpose"] == ch.LOGIN and user["email_verified_at"] is None:
+                await self._distrust_password(tx, user["id"])
+            # A code that reached the mailbox proves the address (sign-in codes too).
             await tx.execute(_MARK_VERIFIED, {"uid": user["id"], "now": now})
             user = {**user, "email_verified_at": user["email_verified_at"] or now}
             if user["otp_confirmed_at"] is not None and "mfa" not in amr:
@@ -535,6 +584,18 @@ class AuthService:
                 issued = await self.open_session(tx, user_view(user), amr=amr, client=client)
         self.outbox.wake()
         return issued
+
+    async def _distrust_password(self, tx: Runner, user_id: uuid.UUID) -> None:
+        """The owner of the address signs in by code to an account nobody had verified:
+        whoever signed up chose its password, and may not be the owner (pre-hijacking).
+        That password stops working (set one with requestPasswordReset), and whatever it
+        opened ends."""
+        await tx.execute(
+            _DISCARD_PASSWORD,
+            {"uid": user_id, "new_hash": unusable_password_hash(), "now": self.clock.now()},
+        )
+        await self._end_sessions(tx, user_id, keep=None, reason="unproven_password")
+        await self.challenges.void_all(tx, user_id)
 
     async def _recovery_code_used(self, tx: Runner, user_id: uuid.UUID, client: ClientInfo) -> None:
         user = await tx.first(_USER_BY_ID, {"user_id": user_id})
@@ -550,20 +611,25 @@ class AuthService:
 
     # -- passwords ------------------------------------------------------------------------
 
+    async def lock_user(self, tx: Runner, user_id: uuid.UUID, *, exclusive: bool) -> None:
+        """The first lock of a transaction that touches the account's credentials,
+        sessions or challenges (see _LOCK_USER)."""
+        await tx.first(_LOCK_USER if exclusive else _SHARE_USER, {"uid": user_id})
+
     async def reset_password_now(
         self, tx: Runner, *, user_id: uuid.UUID, new_hash: str, client: ClientInfo
     ) -> Mapping[str, Any]:
         """Sets a password proven by a reset code (and the TOTP step, where two-factor is
         on): the address counts as verified, every session and pending step ends, and the
-        owner is told. Returns the user."""
+        owner is told. Returns the user. The caller holds the user's lock (lock_user)."""
         user = await tx.first(_USER_BY_ID, {"user_id": user_id})
         if user is None:
             raise invalid_challenge()
         if not user["is_active"]:
             raise _account_disabled()
         now = self.clock.now()
-        await self._end_sessions(tx, user_id, keep=None, reason="password_reset")
         await tx.execute(_RESET_PASSWORD, {"uid": user_id, "new_hash": new_hash, "now": now})
+        await self._end_sessions(tx, user_id, keep=None, reason="password_reset")
         await self.challenges.void_all(tx, user_id)
         await self.notices.send(tx, email=user["email"], template="password_reset", client=client)
         return {**user, "email_verified_at": user["email_verified_at"] or now}
@@ -579,14 +645,15 @@ class AuthService:
         client: ClientInfo,
     ) -> bool:
         """Sets a new password over the checked one, ends every other session and pending
-        step, and tells the owner. False when the password changed meanwhile."""
-        await self._end_sessions(tx, user.id, keep=session_id, reason="password_changed")
+        step, and tells the owner. False when the password changed meanwhile. The caller
+        holds the user's lock (lock_user)."""
         changed = await tx.execute(
             _CHANGE_PASSWORD,
             {"uid": user.id, "old_hash": old_hash, "new_hash": new_hash, "now": self.clock.now()},
         )
         if not changed:
             return False
+        await self._end_sessions(tx, user.id, keep=session_id, reason="password_changed")
         await self.challenges.void_all(tx, user.id)
         await self.notices.send(tx, email=user.email, template="password_changed", client=client)
         return True

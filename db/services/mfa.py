@@ -34,6 +34,8 @@ from db.validation import could_be_a_password, normalize_password
 # Takes what a code is for (a challenge) inside the transaction that spends it; told
 # which kind of code it was ("totp" or "recovery").
 Claim = Callable[[Runner, str], Awaitable[bool]]
+# Runs first in that transaction: the locks the claim will need, in the caller's order.
+Lock = Callable[[Runner], Awaitable[None]]
 
 # Wrong codes per account, across challenges and mutations, before code checks refuse.
 ACCOUNT_CODE_FAILURES = 10
@@ -268,6 +270,7 @@ class TwoFactor:
         credential: Mapping[str, Any] | None = None,
         recovery: bool,
         claim: Claim | None = None,
+        lock: Lock | None = None,
     ) -> str:
         """Accepts a current TOTP code (once) or, where `recovery`, an unused recovery
         code (once); raises INVALID_OTP otherwise, and RATE_LIMITED when the account has
@@ -281,7 +284,7 @@ class TwoFactor:
         await self._reserve_check(user_id, now)
         # A wrong code leaves the reserved check counted; a right one gives it back.
         method = await self._verify(
-            user_id, code, credential, recovery=recovery, now=now, claim=claim
+            user_id, code, credential, recovery=recovery, now=now, claim=claim, lock=lock
         )
         async with self.statements.transaction() as tx:
             await tx.execute(_REFUND_CHECK, {"uid": user_id})
@@ -296,6 +299,7 @@ class TwoFactor:
         recovery: bool,
         now: datetime,
         claim: Claim | None,
+        lock: Lock | None,
     ) -> str:
         if credential is None:
             async with self.statements.connection() as conn:
@@ -307,6 +311,8 @@ class TwoFactor:
             step = matching_step(secret, code, now=now, after=credential["last_step"])
             if step is not None:
                 async with self.statements.transaction() as tx:
+                    if lock is not None:
+                        await lock(tx)
                     accepted = await tx.first(
                         _ACCEPT_STEP,
                         {"uid": user_id, "step": step, "sealed": credential["secret_sealed"]},
@@ -327,6 +333,8 @@ class TwoFactor:
                 ok, _ = await self.hasher.verify(normalized, candidate["code_hash"])
                 if ok:
                     async with self.statements.transaction() as tx:
+                        if lock is not None:
+                            await lock(tx)
                         used = await tx.first(
                             _USE_RECOVERY_CODE, {"code_id": candidate["id"], "now": now}
                         )

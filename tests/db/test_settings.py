@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,17 @@ def test_workers_starting_together_share_one_development_key(tmp_path: Path) -> 
     assert len(keys) == 1
     assert keys == {path.read_text(encoding="utf-8").strip()}
     assert [p.name for p in tmp_path.iterdir()] == ["secret_key"]  # no temporary files left
+
+
+def test_the_mail_lease_must_outlast_a_send(no_env: None) -> None:
+    """A sender's lease shorter than two sends would let another process take a mail
+    over while it is still being sent, and send it again."""
+    values: dict[str, Any] = {
+        "environment": "development",
+        "secret_key": "d" * 40,
+        "mail_server": "smtp.example.com",
+        "mail_from": "no-reply@example.com",
+    }
+    with pytest.raises(ConfigError, match="MAIL_LEASE_SECONDS"):
+        Settings(_env_file=None, mail_timeout=40, mail_lease_seconds=60, **values).prepare()
+    Settings(_env_file=None, mail_timeout=30, mail_lease_seconds=60, **values).prepare()

@@ -17,6 +17,8 @@ from tests.gql import (
     ME,
     REQUEST_EMAIL_VERIFICATION,
     REQUEST_LOGIN_CODE,
+    REQUEST_PASSWORD_RESET,
+    RESET_PASSWORD,
     gql,
     login,
     mutate,
@@ -129,18 +131,58 @@ async def test_a_signup_whose_code_expired_is_replaced(
     assert ok["__typename"] == "AuthSession"
 
 
-async def test_a_sign_in_code_also_verifies_the_address(
+async def test_a_sign_in_code_verifies_the_address_but_not_the_signup_password(
     mail_client: httpx.AsyncClient, smtp: SmtpSink
 ) -> None:
+    """Pre-hijacking: a stranger signs up with the victim's address and a password of
+    their own. The victim, who never saw that signup, signs in by code: the address is
+    verified, and the stranger's password is worth nothing."""
     email = unique_email()
-    await signup(mail_client, email, PASSWORD)
-    await smtp.wait_for(email)
+    await signup(mail_client, email, "the stranger's passphrase")
+    await smtp.wait_for(email)  # lands in the victim's mailbox, unread
     challenge = await mutate(mail_client, REQUEST_LOGIN_CODE, {"i": {"email": email}})
     mail = await smtp.wait_for(email, count=2)
     session = await verify_otp(mail_client, challenge["challengeToken"], mail.code())
     assert session["__typename"] == "AuthSession"
     assert session["user"]["emailVerified"] is True
+    stranger = await login(mail_client, email, "the stranger's passphrase")
+    assert stranger["code"] == "INVALID_CREDENTIALS"
+    # The owner sets a password of their own with a reset.
+    reset = await mutate(mail_client, REQUEST_PASSWORD_RESET, {"i": {"email": email}})
+    code = (await smtp.wait_for(email, count=3)).code()
+    done = await mutate(
+        mail_client,
+        RESET_PASSWORD,
+        {"i": {"challengeToken": reset["challengeToken"], "code": code, "newPassword": PASSWORD}},
+    )
+    assert done["__typename"] == "AuthSession"
     assert (await login(mail_client, email, PASSWORD))["__typename"] == "AuthSession"
+
+
+async def test_a_sign_in_code_ends_what_an_unproven_password_opened(
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    clean_db: None,
+    smtp: SmtpSink,
+) -> None:
+    """Without required verification a stranger's signup gets sessions at once; the
+    owner's first sign-in by code ends them."""
+    app = create_app(
+        make_settings(require_email_verification=False, **smtp.settings()), clock=clock
+    )
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        email = unique_email()
+        stranger = await signup(http, email, "the stranger's passphrase")
+        assert stranger["__typename"] == "AuthSession"
+        challenge = await mutate(http, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+        mail = await smtp.wait_for(email)
+        owner = await verify_otp(http, challenge["challengeToken"], mail.code())
+        assert owner["__typename"] == "AuthSession"
+        body = await gql(http, ME, token=stranger["accessToken"])
+        assert body["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+        assert (await refresh(http, stranger["refreshToken"]))["code"] == "INVALID_TOKEN"
+        assert (await gql(http, ME, token=owner["accessToken"]))["data"]["me"]["email"] == email
+        # A verified account's password is trusted: the next code sign-in keeps it.
 
 
 async def test_without_verification_signup_signs_in_and_verification_comes_later(

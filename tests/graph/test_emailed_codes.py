@@ -65,6 +65,8 @@ async def test_sign_in_by_code(mail_client: httpx.AsyncClient, smtp: SmtpSink) -
     # Single use: the same code again is refused, the challenge is spent.
     again = await verify_otp(mail_client, challenge["challengeToken"], mail.code())
     assert again["code"] == "INVALID_TOKEN"
+    # A verified account's password is its owner's: it keeps working.
+    assert (await login(mail_client, email, PASSWORD))["__typename"] == "AuthSession"
 
 
 async def test_codes_typed_with_a_space_are_accepted(

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
-from db.mail.message import RenderedMail
+from db.mail.message import MailTransport, RenderedMail
 from db.mail.outbox import (
     MailSender,
     Outbox,
@@ -112,7 +112,7 @@ async def make_sender(
     """Senders, stopped at the end (before their pools close)."""
     made: list[MailSender] = []
 
-    def make(statements: Statements, transport: SmtpTransport, **overrides: Any) -> MailSender:
+    def make(statements: Statements, transport: MailTransport, **overrides: Any) -> MailSender:
         values: dict[str, Any] = {
             "outbox": outbox,
             "renderer": StubRenderer(),
@@ -726,3 +726,141 @@ async def test_the_sender_works_on_sqlite(
         await statements.close()
         await statements.engine.dispose()
     assert sorted(message_ids(smtp)) == sorted(f"<{mail_id}@strawgate>" for mail_id in queued)
+
+
+class SlowSmtp:
+    """A mail server that answers every command correctly, each after `delay` seconds:
+    slow enough that a whole send takes several times one step's delay."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.delivered = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def say(line: str) -> None:
+            await asyncio.sleep(self.delay)
+            writer.write((line + "\r\n").encode())
+            await writer.drain()
+
+        await say("220 slow ESMTP")
+        in_data = False
+        while line := await reader.readline():
+            if in_data:
+                if line == b".\r\n":
+                    in_data = False
+                    self.delivered += 1
+                    await say("250 queued")
+                continue
+            command = line.decode().strip().upper()
+            if command.startswith("DATA"):
+                in_data = True
+                await say("354 go ahead")
+            elif command.startswith("QUIT"):
+                await say("221 bye")
+                break
+            else:
+                await say("250 ok")
+        writer.close()
+
+
+async def test_the_timeout_bounds_a_whole_send(
+    make_settings: Callable[..., Settings],
+    statements: Statements,
+    make_sender: MakeSender,
+    outbox: Outbox,
+) -> None:
+    """Each step answered within the per-step timeout, the whole exchange much slower:
+    the send is cut at MAIL_TIMEOUT and retried later, so it cannot outlast its lease
+    (and be sent again by whoever takes the lease over)."""
+    slow = SlowSmtp(delay=0.3)
+    server = await asyncio.start_server(slow.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        sender = make_sender(statements, smtp_transport(make_settings, port), send_timeout=1.0)
+        mail_id = await enqueue(statements, outbox, code=new_code())
+        started = time.monotonic()
+        assert await sender.run_once() == 1
+        assert time.monotonic() - started < 1.8
+    finally:
+        server.close()
+    failed = await row(statements, mail_id)
+    assert failed["sent_at"] is None and failed["next_attempt_at"] is not None
+    assert "longer than 1 s" in failed["last_error"]
+    assert failed["claimed_until"] is None
+
+
+async def test_a_send_starts_only_with_time_left_on_the_lease(
+    statements: Statements,
+    make_sender: MakeSender,
+    transport: SmtpTransport,
+    smtp: SmtpSink,
+    outbox: Outbox,
+    clock: MutableClock,
+) -> None:
+    sender = make_sender(statements, transport, send_timeout=15.0)
+    mail_id = await enqueue(statements, outbox, code=new_code(), clock=clock)
+    (held,) = await sender.claim()
+    clock.advance(seconds=LEASE.total_seconds() - 10)  # 10 s left: less than one send
+    await sender.deliver([held])
+    assert smtp.mails() == []
+    released = await row(statements, mail_id)
+    assert released["claimed_until"] is None and released["sent_at"] is None
+    assert await sender.run_once() == 1  # taken again, with a fresh lease, and sent
+    assert message_ids(smtp) == [f"<{mail_id}@strawgate>"]
+
+
+async def test_a_delivered_mail_is_recorded_even_after_its_lease_ran_out(
+    open_statements: OpenStatements,
+    make_sender: MakeSender,
+    transport: SmtpTransport,
+    outbox: Outbox,
+    clock: MutableClock,
+) -> None:
+    """A's send succeeded but its lease ran out meanwhile and B took the row over: the row
+    is still recorded as sent (a mail out is out), and B's claim can no longer change it."""
+    statements = await open_statements()
+    a = make_sender(statements, transport)
+    b = make_sender(await open_statements(), transport)
+    mail_id = await enqueue(statements, outbox, code=new_code(), clock=clock)
+    (held_by_a,) = await a.claim()
+    clock.advance(seconds=LEASE.total_seconds())
+    (held_by_b,) = await b.claim()
+    assert await a.mark_sent(held_by_a) is True
+    sent = await row(statements, mail_id)
+    assert sent["sent_at"] is not None and sent["next_attempt_at"] is None
+    assert await b.mark_failed(held_by_b, "too late") is False
+    assert await row(statements, mail_id) == sent
+
+
+async def test_one_recipients_mails_arrive_in_the_order_they_were_queued(
+    statements: Statements,
+    make_sender: MakeSender,
+    transport: SmtpTransport,
+    smtp: SmtpSink,
+    outbox: Outbox,
+    clock: MutableClock,
+) -> None:
+    """Codes asked for in a row arrive in that order, even when they go out in one round
+    and the clock read the same for all of them; other recipients' mails go alongside."""
+    email = unique_email()
+    codes = [new_code() for _ in range(10)]
+    for code in codes:
+        await enqueue(statements, outbox, to=email, code=code, clock=clock)
+        await enqueue(statements, outbox, code=new_code(), clock=clock)  # someone else
+    sender = make_sender(statements, Jittery(transport), concurrency=4)
+    assert await sender.run_once() == 20
+    assert [mail.code() for mail in smtp.mails(email)] == codes
+
+
+class Jittery:
+    """The real transport behind a network whose latency varies (0 to 60 ms a send)."""
+
+    def __init__(self, transport: SmtpTransport) -> None:
+        self.transport = transport
+
+    async def send(self, *, recipient: str, mail: RenderedMail, message_id: str) -> None:
+        await asyncio.sleep(secrets.randbelow(60) / 1000)
+        await self.transport.send(recipient=recipient, mail=mail, message_id=message_id)
+
+    async def close(self) -> None:
+        await self.transport.close()
