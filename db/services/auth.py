@@ -289,36 +289,28 @@ _MARK_VERIFIED = (
 
 # A new password: on a change, only over the hash that was checked (a concurrent change
 # wins, not both); on a reset, unconditionally, and the address counts as verified.
+# A new password; password_changed_at is what sign-ins in flight re-check.
+_NEW_PASSWORD: dict[str, Any] = {
+    "password_hash": bindparam("new_hash"),
+    "password_changed_at": bindparam("now"),
+    "updated_at": bindparam("now"),
+}
 _CHANGE_PASSWORD = (
     update(User)
     .where(User.id == bindparam("uid"), User.password_hash == bindparam("old_hash"))
-    .values(
-        password_hash=bindparam("new_hash"),
-        password_changed_at=bindparam("now"),
-        updated_at=bindparam("now"),
-    )
+    .values(**_NEW_PASSWORD)
 )
 _RESET_PASSWORD = (
     update(User)
     .where(User.id == bindparam("uid"))
     .values(
-        password_hash=bindparam("new_hash"),
-        password_changed_at=bindparam("now"),
-        updated_at=bindparam("now"),
+        **_NEW_PASSWORD,
         email_verified_at=func.coalesce(User.email_verified_at, bindparam("now")),
     )
 )
 # An address proven by a sign-in code, on an account whose password nobody proved: the
 # password was set by whoever signed up with the address, who may not be its owner.
-_DISCARD_PASSWORD = (
-    update(User)
-    .where(User.id == bindparam("uid"))
-    .values(
-        password_hash=bindparam("new_hash"),
-        password_changed_at=bindparam("now"),
-        updated_at=bindparam("now"),
-    )
-)
+_DISCARD_PASSWORD = update(User).where(User.id == bindparam("uid")).values(**_NEW_PASSWORD)
 
 _REVOKE_OTHER_SESSIONS = (
     update(UserSession)
