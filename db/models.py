@@ -40,6 +40,9 @@ class User(Base):
     email_verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Device tokens carry it: logout everywhere and a password reset raise it, which ends
+    # every device token issued before.
+    device_epoch: Mapped[int] = mapped_column(Integer, server_default="0")
     # Wrong TOTP or recovery codes in the current window, across challenges and mutations.
     otp_failures: Mapped[int] = mapped_column(Integer, server_default="0")
     otp_failures_since: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
@@ -188,3 +191,37 @@ class OutboxMail(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     last_error: Mapped[str | None] = mapped_column(String(255), default=None)
+
+
+class SecurityEvent(Base):
+    """One security-relevant event (append-only): never a secret."""
+
+    __tablename__ = "security_events"
+    __table_args__ = (Index("ix_security_events_user_id_id", "user_id", "id"),)
+
+    # Increasing: the cursor of the user's newest-first pages.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    # No foreign keys: the trail outlives what it mentions.
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
+    session_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
+    ip: Mapped[str | None] = mapped_column(String(IP_MAX), default=None)
+    user_agent: Mapped[str | None] = mapped_column(String(USER_AGENT_MAX), default=None)
+    # For a failed login: the normalized email, only when it is a valid address.
+    email: Mapped[str | None] = mapped_column(String(254), default=None)
+    # JSON: what else is worth knowing (a reason, a count), never a secret.
+    details: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class LoginThrottle(Base):
+    """Failed sign-ins per normalized email, registered or not: the lockout's steps."""
+
+    __tablename__ = "login_throttles"
+
+    email: Mapped[str] = mapped_column(String(254), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    last_failure_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

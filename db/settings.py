@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography.fernet import Fernet
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -30,9 +30,53 @@ class ConfigError(RuntimeError):
     """The configuration cannot run safely; the message says which setting and why."""
 
 
+class RateLimits(BaseModel):
+    """Per-operation budgets in the `limits` library's notation ("30/minute", "5 per 15
+    minutes"), each set by RATE_LIMITS__<NAME> (e.g. RATE_LIMITS__LOGIN_IP=60/minute).
+    _ip: per client address (IPv4 whole, IPv6 by /64); _account: per target account
+    (normalized email); _session: per session (refresh family); _challenge: per
+    challenge and client; _mail: mails sent per account (over it the answer looks the
+    same and no mail goes out)."""
+
+    signup_ip: str = "20/hour"
+    login_ip: str = "30/minute"
+    login_account: str = "20/minute"
+    verify_otp_ip: str = "30/minute"
+    verify_otp_challenge: str = "5/minute"
+    refresh_ip: str = "300/minute"
+    refresh_session: str = "60/minute"
+    request_login_code_ip: str = "10/hour"
+    request_password_reset_ip: str = "10/hour"  # noqa: S105 - a rate
+    request_email_verification_ip: str = "10/hour"
+    code_mail_account: str = "5/hour"
+    resend_otp_ip: str = "20/hour"
+    reset_password_ip: str = "20/hour"  # noqa: S105 - a rate
+    change_password_ip: str = "20/hour"  # noqa: S105 - a rate
+    change_password_account: str = "10/hour"  # noqa: S105 - a rate
+    confirm_totp_ip: str = "30/hour"
+    disable_totp_ip: str = "30/hour"
+    regenerate_recovery_codes_ip: str = "30/hour"
+    totp_account: str = "20/hour"
+
+    @field_validator("*")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(f"not a rate limit: {value!r} (e.g. 30/minute)") from None
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        env_nested_delimiter="__",
     )
 
     environment: Literal["development", "production"] = "production"
@@ -110,6 +154,31 @@ class Settings(BaseSettings):
     outbox_retention_days: int = Field(7, ge=1)
     housekeeping_seconds: int = Field(60, ge=1)
 
+    # Abuse resistance. REDIS_URL: counters shared by every process (memory otherwise,
+    # which serves one process only).
+    redis_url: SecretStr | None = None
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    # Lockout per normalized email (registered or not): after LOCKOUT_THRESHOLD failures
+    # each further one locks for a step that doubles from LOCKOUT_BASE_SECONDS up to
+    # LOCKOUT_MAX_SECONDS; a success, or LOCKOUT_RESET_SECONDS without a failure, resets.
+    lockout_threshold: int = Field(5, ge=1)
+    lockout_base_seconds: int = Field(30, ge=1)
+    lockout_max_seconds: int = Field(900, ge=1)
+    lockout_reset_seconds: int = Field(3600, ge=60)
+    # Device tokens: proof a client signed in to an account before (its own budget).
+    device_token_days: int = Field(90, ge=1, le=365)
+    device_token_transport: Literal["body", "cookie"] = "body"  # noqa: S105 - a mode
+    device_cookie_samesite: Literal["strict", "lax", "none"] = "strict"
+    # HTTP: cross-origin access only for these origins (comma-separated; none by default).
+    cors_allow_origins: str = ""
+    # GraphQL: the query text's size, and batches of operations (off unless set).
+    max_query_bytes: int = Field(16 * 1024, ge=256)
+    batching: bool = False
+    max_batch_size: int = Field(10, ge=1, le=100)
+    # Retentions (days) of the audit trail and of ended sessions.
+    security_event_retention_days: int = Field(365, ge=1)
+    session_retention_days: int = Field(30, ge=1)
+
     log_level: str = "INFO"
 
     @field_validator("algorithm")
@@ -118,6 +187,10 @@ class Settings(BaseSettings):
         if value not in SUPPORTED_ALGORITHMS:
             raise ValueError(f"ALGORITHM must be one of {', '.join(SUPPORTED_ALGORITHMS)}")
         return value
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_allow_origins.split(",") if origin.strip()]
 
     @property
     def is_production(self) -> bool:

@@ -81,7 +81,7 @@ async def clean_db(database_url: str) -> AsyncIterator[None]:
         await conn.execute(
             text(
                 "TRUNCATE users, sessions, refresh_tokens, challenges, totp_credentials,"
-                " recovery_codes, outbox CASCADE"
+                " recovery_codes, outbox, security_events, login_throttles CASCADE"
             )
         )
     await engine.dispose()

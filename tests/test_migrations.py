@@ -22,6 +22,8 @@ TABLES = {
     "recovery_codes",
     "challenges",
     "outbox",
+    "security_events",
+    "login_throttles",
 }
 
 
