@@ -47,8 +47,6 @@ USER_COLUMNS = [
     "email_verified_at",
     "created_at",
     "updated_at",
-    "otp_failures",
-    "otp_failures_since",
 ]
 CREDENTIAL_COLUMNS = ["user_id", "secret_sealed", "confirmed_at", "last_step", "created_at"]
 CHALLENGE_COLUMNS = [
@@ -101,7 +99,7 @@ async def seed_otp_users(
             email = f"otp{index}@example.com"
             secret = new_secret()
             token = secrets.token_urlsafe(32)
-            users.append((user_id, email, email, PLACEHOLDER_HASH, True, None, now, now, 0, None))
+            users.append((user_id, email, email, PLACEHOLDER_HASH, True, now, now, now))
             credentials.append((user_id, box.seal(secret), now, None, now))
             challenges.append(
                 (

@@ -43,9 +43,6 @@ class User(Base):
     # Device tokens carry it: logout everywhere and a password reset raise it, which ends
     # every device token issued before.
     device_epoch: Mapped[int] = mapped_column(Integer, server_default="0")
-    # Wrong TOTP or recovery codes in the current window, across challenges and mutations.
-    otp_failures: Mapped[int] = mapped_column(Integer, server_default="0")
-    otp_failures_since: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     sessions: Mapped[list[UserSession]] = relationship(
         back_populates="user", cascade="all, delete-orphan", passive_deletes=True
@@ -217,7 +214,9 @@ class SecurityEvent(Base):
 
 
 class LoginThrottle(Base):
-    """Failed sign-ins per normalized email, registered or not: the lockout's steps."""
+    """Failure counts under a key: failed sign-ins per normalized email, registered or
+    not (the lockout's steps: db/services/lockout.py), and wrong codes per account and
+    client ("otp:<user id>:<client>": the window's start in last_failure_at)."""
 
     __tablename__ = "login_throttles"
 

@@ -17,7 +17,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import orjson
-from cross_web import HTTPException
+from cross_web import AsyncHTTPRequestAdapter, HTTPException
+from graphql import GraphQLError
 from sqlalchemy import column, select, table
 from sqlalchemy.sql import Executable
 from starlette.applications import Starlette
@@ -27,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.asgi import GraphQL
-from strawberry.http import GraphQLHTTPResponse
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
 from strawberry.types import ExecutionResult
 
 from db.clock import Clock, SystemClock
@@ -37,18 +38,23 @@ from db.mail.transport import make_transport
 from db.migrate import head_revision, upgrade_head
 from db.security.access import AccessTokenCodec
 from db.security.box import SecretBox
+from db.security.device import DeviceTokens
+from db.security.limiter import RateLimiter
 from db.security.passwords import PasswordHasher
 from db.security.tokens import derive_key
 from db.services.account import AccountService
 from db.services.auth import AuthService
 from db.services.challenges import Challenges
+from db.services.events import SecurityEvents
 from db.services.housekeeping import Housekeeper
+from db.services.lockout import Lockout
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
 from db.session import Statements, create_engine
 from db.settings import ConfigError, Settings
 from graph.context import AppServices, Context
 from graph.errors import is_database_unavailable, present_errors
+from graph.http import edge_middleware
 from graph.schema import build_schema
 
 log = logging.getLogger("strawgate")
@@ -59,7 +65,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class GraphQLView(GraphQL[Context, None]):
-    """POST /graphql (JSON) and, in development, GraphiQL on GET. No WebSocket."""
+    """POST /graphql (JSON; a JSON array of operations where BATCHING is on) and, in
+    development, GraphiQL on GET. No operation runs over GET (a mutation there would be
+    a CSRF hole). No WebSocket."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(
@@ -69,6 +77,7 @@ class GraphQLView(GraphQL[Context, None]):
             subscription_protocols=(),
             multipart_uploads_enabled=False,
         )
+        self.max_batch_size = settings.max_batch_size if settings.batching else 0
 
     async def get_context(self, request: Any, response: Any) -> Context:
         return Context(
@@ -83,11 +92,60 @@ class GraphQLView(GraphQL[Context, None]):
             decoded = orjson.loads(data)
         except orjson.JSONDecodeError as exc:  # a ValueError, as Strawberry expects
             raise HTTPException(400, "Unable to parse request body as JSON") from exc
-        # Strawberry answers a JSON scalar body with a 500; batching is off, so only an
-        # object is a request.
+        # Strawberry answers a JSON scalar body with a 500, and takes a batch's items
+        # unchecked: every operation must be an object of the right shape.
+        if isinstance(decoded, list):
+            if not self.max_batch_size:
+                raise HTTPException(
+                    400, "Batching is not enabled: send one operation as a JSON object."
+                )
+            if not decoded:
+                raise HTTPException(400, "The batch is empty.")
+            if len(decoded) > self.max_batch_size:
+                # Refused whole, before any operation runs.
+                raise HTTPException(400, f"A batch holds at most {self.max_batch_size} operations.")
+            for item in decoded:
+                _check_batched_operation(item)
+            return decoded
         if not isinstance(decoded, dict):
             raise HTTPException(400, "The request body must be a JSON object.")
         return decoded
+
+    async def execute_operation(
+        self,
+        request: Request,
+        request_adapter: AsyncHTTPRequestAdapter,
+        request_data: GraphQLRequestData | list[GraphQLRequestData],
+        context: Context,
+        root_value: None,
+        sub_response: Response,
+    ) -> Any:
+        if not isinstance(request_data, list):
+            return await super().execute_operation(
+                request, request_adapter, request_data, context, root_value, sub_response
+            )
+        # Strawberry runs a batch's operations concurrently, on one context. Here they
+        # run one after another, in order (a batch's mutations mean their order), each
+        # on a context of its own; an operation refused on its own (its operation name,
+        # its type) answers with an error in its place, as the others have run.
+        results: list[ExecutionResult] = []
+        for index, data in enumerate(request_data):
+            try:
+                results.append(
+                    await self.execute_single(
+                        request=request,
+                        request_adapter=request_adapter,
+                        sub_response=sub_response,
+                        context=context
+                        if index == 0
+                        else await self.get_context(request, sub_response),
+                        root_value=root_value,
+                        request_data=data,
+                    )
+                )
+            except HTTPException as exc:
+                results.append(ExecutionResult(data=None, errors=[GraphQLError(exc.reason)]))
+        return results
 
     def encode_json(self, data: object) -> bytes:
         return orjson.dumps(data)
@@ -165,6 +223,21 @@ class RequestGuard:
         await self.app(scope, replay, send_with_id)
 
 
+def _check_batched_operation(item: object) -> None:
+    """What Strawberry checks of a single operation (and more), for each one of a batch:
+    a malformed item refuses the whole batch before anything runs."""
+    if not isinstance(item, dict):
+        raise HTTPException(400, "Each operation of a batch must be a JSON object.")
+    query = item.get("query")
+    if not isinstance(query, str) or not query:
+        raise HTTPException(400, "Each operation of a batch needs a `query` string.")
+    for key in ("variables", "extensions"):
+        if not isinstance(item.get(key), dict | None):
+            raise HTTPException(400, f"An operation's `{key}` must be an object or null.")
+    if not isinstance(item.get("operationName"), str | None):
+        raise HTTPException(400, "An operation's `operationName` must be a string or null.")
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -228,9 +301,14 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 else None,
                 outbox_retention=timedelta(days=settings.outbox_retention_days),
             )
-            auth = make_auth(settings, statements, hasher, outbox, clock)
+            limiter = make_limiter(settings)
+            await limiter.start()
+            auth = make_auth(settings, statements, hasher, outbox, clock, limiter)
             app.state.services = AppServices(
-                settings=settings, auth=auth, account=AccountService(auth=auth)
+                settings=settings,
+                auth=auth,
+                account=AccountService(auth=auth),
+                events=SecurityEvents(clock=clock),
             )
             app.state.mail_sender = sender
             app.state.housekeeper = housekeeper
@@ -248,6 +326,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 await housekeeper.stop()
                 await sender.stop()  # finishes or releases the mails it holds
                 await transport.close()
+                await limiter.close()
                 hasher.close()
                 await statements.close()
                 await engine.dispose()
@@ -273,7 +352,14 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         return JSONResponse({"status": "ready"})
 
     app = Starlette(
-        middleware=[Middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)],
+        middleware=[
+            # Outermost, so that the guard's own refusals carry the security headers
+            # (and, for listed origins, CORS headers a browser can read them by).
+            *edge_middleware(
+                settings, graphiql_html=view.graphql_ide_html if view.graphql_ide else None
+            ),
+            Middleware(RequestGuard, max_body_bytes=settings.max_body_bytes),
+        ],
         routes=[
             Route("/graphql", view),
             Route("/healthz", healthz),
@@ -285,15 +371,28 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     return app
 
 
+def make_limiter(settings: Settings) -> RateLimiter:
+    return RateLimiter(
+        limits=settings.rate_limits,
+        redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None,
+    )
+
+
 def make_auth(
     settings: Settings,
     statements: Statements,
     hasher: PasswordHasher,
     outbox: Outbox,
     clock: Clock,
+    limiter: RateLimiter,
 ) -> AuthService:
     secret = settings.secret()
     notices = Notices(outbox=outbox, clock=clock)
+    devices = DeviceTokens(
+        key=derive_key(secret, "device-token"),
+        lifetime=timedelta(days=settings.device_token_days),
+        clock=clock,
+    )
     return AuthService(
         statements=statements,
         hasher=hasher,
@@ -318,6 +417,8 @@ def make_auth(
             issuer=settings.totp_issuer,
             recovery_key=derive_key(secret, "recovery-code-lookup"),
             notices=notices,
+            limiter=limiter,
+            devices=devices,
         ),
         challenges=Challenges(
             statements=statements,
@@ -330,6 +431,16 @@ def make_auth(
         outbox=outbox,
         notices=notices,
         require_email_verification=settings.require_email_verification,
+        devices=devices,
+        lockout=Lockout(
+            statements=statements,
+            clock=clock,
+            threshold=settings.lockout_threshold,
+            base=timedelta(seconds=settings.lockout_base_seconds),
+            cap=timedelta(seconds=settings.lockout_max_seconds),
+            reset_after=timedelta(seconds=settings.lockout_reset_seconds),
+        ),
+        limiter=limiter,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -11,10 +12,12 @@ from strawberry.exceptions import StrawberryGraphQLError
 from db.security.access import AccessClaims, InvalidAccessToken
 from db.services.account import AccountService
 from db.services.auth import AuthService
+from db.services.events import SecurityEvents
 from db.services.types import ClientInfo, UserView
 from db.settings import Settings
 
 UNAUTHENTICATED = "UNAUTHENTICATED"
+DEVICE_COOKIE = "strawgate_device"
 _UNSET = object()
 
 
@@ -32,6 +35,7 @@ class AppServices:
     settings: Settings
     auth: AuthService
     account: AccountService
+    events: SecurityEvents
 
 
 @dataclass(slots=True)
@@ -47,7 +51,36 @@ class Context:
     def client(self) -> ClientInfo:
         # request.client is what uvicorn resolved, proxy headers included where trusted.
         host = self.request.client.host if self.request.client else None
-        return ClientInfo(ip=host, user_agent=self.request.headers.get("user-agent"))
+        return ClientInfo(
+            ip=host,
+            user_agent=self.request.headers.get("user-agent"),
+            device_token=self.request.cookies.get(DEVICE_COOKIE),
+        )
+
+    def client_with(self, device_token: str | None) -> ClientInfo:
+        """The client, with the device token an input carries (it wins over a cookie)."""
+        client = self.client
+        if device_token:
+            return dataclasses.replace(client, device_token=device_token)
+        return client
+
+    def hand_out_device_token(self, token: str | None) -> bool:
+        """Sets the device-token cookie where tokens travel as cookies; whether the token
+        goes in the answer's body instead."""
+        settings = self.services.settings
+        if settings.device_token_transport != "cookie":  # noqa: S105 - a mode
+            return True
+        if token:
+            self.response.set_cookie(
+                DEVICE_COOKIE,
+                token,
+                max_age=settings.device_token_days * 86400,
+                path="/graphql",
+                httponly=True,
+                secure=settings.is_production,
+                samesite=settings.device_cookie_samesite,
+            )
+        return False
 
     def bearer_token(self) -> str | None:
         """The token of an `Authorization: Bearer` header; "" when the header is present

@@ -15,12 +15,14 @@ class SignupInput:
 class LoginInput:
     email: str
     password: str
+    device_token: str | None = strawberry.UNSET
 
 
 @strawberry.input
 class VerifyOtpInput:
     challenge_token: str
     code: str
+    device_token: str | None = strawberry.UNSET
 
 
 @strawberry.input

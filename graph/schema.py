@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
 import strawberry
-from graphql import ASTValidationRule, DocumentNode, GraphQLError, GraphQLSchema, parse
+from graphql import ASTValidationRule, DocumentNode, GraphQLError, GraphQLSchema, parse, validate
 from graphql.validation import NoSchemaIntrospectionCustomRule
 from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter
-from strawberry.schema.schema import validate_document
-from strawberry.types import ExecutionContext
+from strawberry.schema.config import StrawberryConfig
+from strawberry.schema.validation_rules.maybe_null import MaybeNullValidationRule
+from strawberry.schema.validation_rules.one_of import OneOfInputValidationRule
+from strawberry.types import ExecutionContext, ExecutionResult
+from strawberry.types.graphql import OperationType
 
 from db.settings import Settings
 from graph.resolvers.account import AccountMutation, AccountQuery
@@ -27,11 +31,21 @@ def _parse(query: str, max_tokens: int) -> DocumentNode:
     return parse(query, max_tokens=max_tokens)
 
 
+# The rules Strawberry's own validate_document adds; called directly here because it does
+# not pass graphql-core's hide_suggestions on.
+_STRAWBERRY_RULES = (MaybeNullValidationRule, OneOfInputValidationRule)
+
+
 @lru_cache(maxsize=CACHE_SIZE)
 def _validate(
-    schema: GraphQLSchema, document: DocumentNode, rules: tuple[type[ASTValidationRule], ...]
+    schema: GraphQLSchema,
+    document: DocumentNode,
+    rules: tuple[type[ASTValidationRule], ...],
+    hide_suggestions: bool,
 ) -> list[GraphQLError]:
-    return validate_document(schema, document, rules)
+    return validate(
+        schema, document, (*rules, *_STRAWBERRY_RULES), hide_suggestions=hide_suggestions
+    )
 
 
 @strawberry.type
@@ -46,7 +60,8 @@ class Mutation(AuthMutation, MfaMutation, AccountMutation):
 
 class StrawgateSchema(strawberry.Schema):
     """The served schema: documents are parsed and validated through shared LRU caches,
-    under the token, depth and alias limits (and, where configured, without introspection).
+    under the size, token, depth and alias limits (and, where configured, without
+    introspection or "Did you mean ...?" suggestions, which name fields and types).
 
     This is what Strawberry's ParserCache, ValidationCache, MaxTokensLimiter,
     QueryDepthLimiter, MaxAliasesLimiter and DisableIntrospection extensions do, with
@@ -62,11 +77,44 @@ class StrawgateSchema(strawberry.Schema):
         query: type,
         mutation: type,
         max_tokens: int,
+        max_query_bytes: int,
         rules: tuple[type[ASTValidationRule], ...],
+        hide_suggestions: bool = False,
+        config: StrawberryConfig | None = None,
     ) -> None:
-        super().__init__(query=query, mutation=mutation)
+        super().__init__(query=query, mutation=mutation, config=config)
         self._max_tokens = max_tokens
+        self._max_query_bytes = max_query_bytes
         self._rules = rules
+        self._hide_suggestions = hide_suggestions
+
+    async def execute(
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        allowed_operation_types: Iterable[OperationType] | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+    ) -> ExecutionResult:
+        # Refused before it is parsed (or looked up in the caches): the token limit stops
+        # the parser early, but a long string or comment is a single token.
+        if query is not None and _utf8_size_over(query, self._max_query_bytes):
+            error = GraphQLError(
+                f"The query document is larger than {self._max_query_bytes} bytes.",
+                extensions={"code": "QUERY_TOO_LARGE"},
+            )
+            return ExecutionResult(data=None, errors=[error])
+        return await super().execute(
+            query,
+            variable_values,
+            context_value,
+            root_value,
+            operation_name,
+            allowed_operation_types,
+            operation_extensions,
+        )
 
     def _create_execution_context(  # type: ignore[override]
         self, query: str | None, allowed_operation_types: Any, **kwargs: Any
@@ -82,9 +130,20 @@ class StrawgateSchema(strawberry.Schema):
             return context  # Strawberry parses it again and reports the error its usual way
         context.graphql_document = document
         context.pre_execution_errors = _validate(
-            self._schema, document, (*context.validation_rules, *self._rules)
+            self._schema,
+            document,
+            (*context.validation_rules, *self._rules),
+            self._hide_suggestions,
         )
         return context
+
+    def _get_custom_context_kwargs(
+        self, operation_extensions: dict[str, Any] | None = None, *, sync: bool = False
+    ) -> dict[str, Any]:
+        kwargs = super()._get_custom_context_kwargs(operation_extensions, sync=sync)
+        # Variable values are checked as execution starts; their errors suggest too.
+        kwargs["hide_suggestions"] = self._hide_suggestions
+        return kwargs
 
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
@@ -100,9 +159,32 @@ def build_schema(settings: Settings) -> StrawgateSchema:
     ]
     if not settings.introspection_enabled:
         rules.append(NoSchemaIntrospectionCustomRule)
-    return StrawgateSchema(
-        query=Query, mutation=Mutation, max_tokens=settings.max_query_tokens, rules=tuple(rules)
+    # "Did you mean ...?" names fields, arguments, types and enum values: introspection
+    # by another route. Off in production, and wherever introspection is off.
+    hide_suggestions = settings.is_production or not settings.introspection_enabled
+    config = StrawberryConfig(
+        disable_field_suggestions=hide_suggestions,
+        # The view refuses a larger batch, and any batch with batching off, as a 400.
+        batching_config={"max_operations": settings.max_batch_size} if settings.batching else None,
     )
+    return StrawgateSchema(
+        query=Query,
+        mutation=Mutation,
+        max_tokens=settings.max_query_tokens,
+        max_query_bytes=settings.max_query_bytes,
+        rules=tuple(rules),
+        hide_suggestions=hide_suggestions,
+        config=config,
+    )
+
+
+def _utf8_size_over(text: str, limit: int) -> bool:
+    # A character is one to four bytes in UTF-8: most texts are decided without encoding.
+    if len(text) > limit:
+        return True
+    if len(text) * 4 <= limit:
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
 
 
 def _export_schema() -> strawberry.Schema:

@@ -58,15 +58,24 @@ class AuthSession:
     token_type: str = strawberry.field(description='Always "Bearer".')
     expires_in: int = strawberry.field(description="Seconds until accessToken expires.")
     user: User
+    device_token: str | None = strawberry.field(
+        description=(
+            "Proof that this client has signed in to this account; send it with later "
+            "logins and code checks. Null where it travels as an HttpOnly cookie instead."
+        )
+    )
 
     @classmethod
-    def from_issued(cls, issued: IssuedSession) -> AuthSession:
+    def from_issued(
+        cls, issued: IssuedSession, *, device_token_in_body: bool = True
+    ) -> AuthSession:
         return cls(
             access_token=issued.access_token,
             refresh_token=issued.refresh_token,
             token_type="Bearer",  # noqa: S106 - the scheme, not a secret
             expires_in=issued.expires_in,
             user=User.from_view(issued.user),
+            device_token=issued.device_token if device_token_in_body else None,
         )
 
 

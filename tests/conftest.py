@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 
 from db.migrate import upgrade_head
-from db.settings import Settings
+from db.settings import RateLimits, Settings
 from graph.app import create_app
 from tests.gql import PASSWORD as PASSWORD  # re-exported: tests import it from here
 from tests.pg import provision, scratch_database
@@ -37,6 +37,9 @@ PRODUCTION_MAIL: dict[str, Any] = {
     "mail_port": 9,
     "mail_from": "strawgate@example.com",
 }
+
+
+UNLIMITED = RateLimits(**dict.fromkeys(RateLimits.model_fields, "100000/minute"))
 
 
 class MutableClock:
@@ -115,6 +118,8 @@ def make_settings(database_url: str) -> Callable[..., Settings]:
             # The core flows sign up straight into a session; the email tests turn the
             # (default) verification on where they need it.
             "require_email_verification": False,
+            # Tests make many requests from one address: the limits are the limit tests'.
+            "rate_limits": UNLIMITED,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

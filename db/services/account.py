@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, delete, func, select, update
 from db.errors import AuthFailure, ErrorCode, invalid_challenge, invalid_input, invalid_otp
 from db.models import RefreshToken, TotpCredential, User, UserSession
 from db.security.access import AccessClaims
+from db.security.limiter import client_key
 from db.security.tokens import new_opaque_token
 from db.services import challenges as ch
 from db.services.auth import AMR_EMAIL_CODE, AuthService
@@ -101,6 +102,7 @@ class AccountService:
         self.challenges = auth.challenges
         self.clock = auth.clock
         self.hasher = auth.hasher
+        self.limiter = auth.limiter
 
     # -- codes by mail ----------------------------------------------------------------------
 
@@ -110,10 +112,16 @@ class AccountService:
         """An emailed sign-in or reset code. The answer has the same shape, expiry and
         work behind it whether or not the address is registered; only an active account
         gets mail."""
+        limit = "request_login_code_ip" if purpose == ch.LOGIN else "request_password_reset_ip"
+        await self.limiter.hit(limit, client_key(client.ip))
         address = parse_email(email)
         async with self.statements.connection() as conn:
             account = await conn.first(_ACCOUNT_BY_EMAIL, {"email": address.normalized})
         recipient = account if account is not None and account["is_active"] else None
+        # Counted for unknown addresses too: the same work either way.
+        mail_key = str(account["id"]) if account is not None else address.normalized
+        if not await self._may_mail(mail_key):
+            recipient = None  # over the account's mail cap: the same answer, no mail
         async with self.statements.transaction() as tx:
             issued = await self.challenges.open_email(
                 tx, purpose=purpose, user=recipient, amr=[], client=client
@@ -124,21 +132,30 @@ class AccountService:
     async def request_email_verification(
         self, *, user: UserView, claims: AccessClaims, client: ClientInfo
     ) -> IssuedChallenge:
+        await self.limiter.hit("request_email_verification_ip", client_key(client.ip))
         if user.email_verified:
             raise invalid_input("This email address is already verified.")
+        may_mail = await self._may_mail(str(user.id))
         async with self.statements.transaction() as tx:
             issued = await self.challenges.open_email(
                 tx,
                 purpose=ch.VERIFY_EMAIL,
-                user={"id": user.id, "email": user.email},
+                user={"id": user.id, "email": user.email} if may_mail else None,
                 amr=list(claims.amr),
                 client=client,
             )
         self.auth.outbox.wake()
         return issued
 
-    async def resend(self, *, challenge_token: str) -> IssuedChallenge:
-        return await self.challenges.resend(challenge_token)
+    async def resend(self, *, challenge_token: str, client: ClientInfo) -> IssuedChallenge:
+        await self.limiter.hit("resend_otp_ip", client_key(client.ip))
+        return await self.challenges.resend(challenge_token, may_mail=self._may_mail)
+
+    async def _may_mail(self, account: str) -> bool:
+        """Counts a code mail against the account's cap; False when over it. Capping the
+        mails, not the answers: a stranger asking for codes gets the same answers and
+        the owner's own request still goes out once the cap's window moves on."""
+        return await self.limiter.hit_quietly("code_mail_account", account)
 
     # -- passwords --------------------------------------------------------------------------
 
@@ -149,6 +166,8 @@ class AccountService:
         password waits (as a hash) for a TOTP step: a mailbox alone never takes over an
         account."""
         self.hasher.check_capacity()
+        await self.limiter.hit("reset_password_ip", client_key(client.ip))
+        await self.auth.limit_code_checks(challenge_token, client)
         new_password = normalize_password(new_password)
         # The policy first: a weak password costs no attempt and keeps the code usable.
         check_new_password(
@@ -196,6 +215,8 @@ class AccountService:
         """Needs the current password. Keeps this session (with a new refresh token: the
         old one is spent, not reused), ends every other one and tells the owner."""
         self.hasher.check_capacity()
+        await self.limiter.hit("change_password_ip", client_key(client.ip))
+        await self.limiter.hit("change_password_account", str(user.id))
         current_password = normalize_password(current_password)
         new_password = normalize_password(new_password)
         if not could_be_a_password(current_password):
@@ -206,6 +227,7 @@ class AccountService:
             raise _wrong_password()
         ok, _upgraded = await self.hasher.verify(current_password, row["password_hash"])
         if not ok:
+            await self._count_failure(user, client)
             raise _wrong_password()
         check_new_password(
             new_password, min_length=self.auth.password_min_length, field="newPassword"
@@ -239,7 +261,17 @@ class AccountService:
                 raise _wrong_password()
             await self._replace_refresh_token(tx, claims.session_id, refresh, now)
         self.auth.outbox.wake()
-        return self.auth.issue(user, claims.session_id, session["amr"].split(), refresh)
+        return self.auth.issue(user, claims.session_id, session["amr"].split(), refresh, client)
+
+    async def _count_failure(self, user: UserView, client: ClientInfo) -> None:
+        """A wrong current password counts like a failed login: towards the address's
+        lockout, unless this client holds the account's device token (its own budget,
+        change_password_account, applies)."""
+        held = self.auth.devices.check(
+            client.device_token, user_id=user.id, epoch=user.device_epoch
+        )
+        if held is None:
+            await self.auth.lockout.failed(parse_email(user.email).normalized)
 
     async def _replace_refresh_token(
         self, tx: Runner, session_id: uuid.UUID, refresh: str, now: datetime

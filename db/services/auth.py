@@ -30,6 +30,8 @@ from db.models import (
     UserSession,
 )
 from db.security.access import AccessClaims, AccessTokenCodec
+from db.security.device import DeviceTokens
+from db.security.limiter import RateLimiter, client_key
 from db.security.passwords import PasswordHasher, unusable_password_hash
 from db.security.tokens import (
     looks_like_opaque_token,
@@ -39,6 +41,7 @@ from db.security.tokens import (
 )
 from db.services import challenges as ch
 from db.services.challenges import Challenges
+from db.services.lockout import Lockout
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
 from db.services.types import (
@@ -91,6 +94,7 @@ _USER_BY_EMAIL = (
         User.password_hash,
         User.password_changed_at,
         User.is_active,
+        User.device_epoch,
         _OTP_CONFIRMED,
     )
     .outerjoin(*_WITH_TOTP)
@@ -116,7 +120,13 @@ _SHARE_USER = (
 
 _USER_BY_ID = (
     select(
-        User.id, User.email, User.email_verified_at, User.created_at, User.is_active, _OTP_CONFIRMED
+        User.id,
+        User.email,
+        User.email_verified_at,
+        User.created_at,
+        User.is_active,
+        User.device_epoch,
+        _OTP_CONFIRMED,
     )
     .outerjoin(*_WITH_TOTP)
     .where(User.id == bindparam("user_id"))
@@ -154,7 +164,14 @@ _ADD_SESSION = insert(UserSession).values(
 # The one query behind every authenticated request: the session is live and its user
 # active.
 _CURRENT_USER = (
-    select(User.id, User.email, User.email_verified_at, User.created_at, _OTP_CONFIRMED)
+    select(
+        User.id,
+        User.email,
+        User.email_verified_at,
+        User.created_at,
+        User.device_epoch,
+        _OTP_CONFIRMED,
+    )
     .join(UserSession, UserSession.user_id == User.id)
     .outerjoin(*_WITH_TOTP)
     .where(
@@ -202,6 +219,7 @@ _ROTATION_STATE = (
         User.email_verified_at,
         User.created_at,
         User.is_active,
+        User.device_epoch,
         _OTP_CONFIRMED,
     )
     .join(UserSession, UserSession.id == RefreshToken.session_id)
@@ -241,6 +259,11 @@ _REVOKE_SESSION = (
     update(UserSession)
     .where(UserSession.id == bindparam("session_id"))
     .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
+)
+
+# Logout everywhere ends every device token of the account as well.
+_BUMP_DEVICE_EPOCH = (
+    update(User).where(User.id == bindparam("owner_id")).values(device_epoch=User.device_epoch + 1)
 )
 
 _REVOKE_USER_SESSIONS = (
@@ -306,6 +329,8 @@ _RESET_PASSWORD = (
     .values(
         **_NEW_PASSWORD,
         email_verified_at=func.coalesce(User.email_verified_at, bindparam("now")),
+        # A reset ends every device token too: whoever reset may be the only owner left.
+        device_epoch=User.device_epoch + 1,
     )
 )
 # An address proven by a sign-in code, on an account whose password nobody proved: the
@@ -345,7 +370,13 @@ class AuthService:
         outbox: Outbox,
         notices: Notices,
         require_email_verification: bool,
+        devices: DeviceTokens,
+        lockout: Lockout,
+        limiter: RateLimiter,
     ) -> None:
+        self.devices = devices
+        self.lockout = lockout
+        self.limiter = limiter
         self.statements = statements
         self.hasher = hasher
         self.access_tokens = access_tokens
@@ -369,6 +400,7 @@ class AuthService:
         the code mailed to the address (the account gets no session before it is
         verified); otherwise sign it in at once."""
         self.hasher.check_capacity()  # when overloaded, refuse before doing any work
+        await self.limiter.hit("signup_ip", client_key(client.ip))
         address = parse_email(email)
         password = normalize_password(password)
         check_new_password(password, min_length=self.password_min_length)
@@ -436,25 +468,47 @@ class AuthService:
         self, *, email: str, password: str, client: ClientInfo
     ) -> IssuedSession | IssuedChallenge:
         """Check a password and sign in. One answer whether the email is unknown or the
-        password wrong, in about the same time."""
+        password wrong, in about the same time.
+
+        Before any password is hashed: the client's address budget, then either the
+        budget of the device token the client holds for this account, or the account's
+        (its lockout, then its budget). A device token's holder is not held up by a
+        lockout strangers caused, and its failures do not add to it."""
         self.hasher.check_capacity()  # when overloaded, refuse before doing any work
+        await self.limiter.hit("login_ip", client_key(client.ip))
         password = normalize_password(password)
         try:
             normalized: str | None = parse_email(email).normalized
         except AuthFailure:
             normalized = None  # cannot be registered; answered like an unknown address
-        if not could_be_a_password(password):
-            raise _invalid_credentials()
         user: Mapping[str, Any] | None = None
         if normalized is not None:
             async with self.statements.connection() as conn:
                 user = await conn.first(_USER_BY_EMAIL, {"email": normalized})
-        if user is None:
-            await self.hasher.verify_dummy(password)
-            raise _invalid_credentials()
-        ok, new_hash = await self.hasher.verify(password, user["password_hash"])
-        if not ok:
-            raise _invalid_credentials()
+        device = None
+        if user is not None:
+            device = self.devices.check(
+                client.device_token, user_id=user["id"], epoch=user["device_epoch"]
+            )
+        throttled = device is not None  # whether a success has a failure count to clear
+        if device is not None:
+            await self.limiter.hit("login_account", f"device:{device.device_id}")
+        elif normalized is not None:
+            throttled = await self.lockout.check(normalized)
+            await self.limiter.hit("login_account", normalized)
+        try:
+            if not could_be_a_password(password):
+                raise _invalid_credentials()
+            if user is None:
+                await self.hasher.verify_dummy(password)
+                raise _invalid_credentials()
+            ok, new_hash = await self.hasher.verify(password, user["password_hash"])
+            if not ok:
+                raise _invalid_credentials()
+        except AuthFailure:
+            if normalized is not None and device is None:
+                await self.lockout.failed(normalized)
+            raise
         if not user["is_active"]:
             raise _account_disabled()
         async with self.statements.transaction() as tx:
@@ -482,6 +536,8 @@ class AuthService:
             # which concurrent sign-ins holding it shared must not wait for each other on.
             async with self.statements.transaction() as tx:
                 await self._upgrade_hash(tx, user, new_hash)
+        if normalized is not None and throttled:
+            await self.lockout.succeeded(normalized)  # the right password clears the count
         self.outbox.wake()
         return issued
 
@@ -504,6 +560,8 @@ class AuthService:
     ) -> IssuedSession | IssuedChallenge:
         """Completes a TOTP step (a current code or an unused recovery code), or an
         emailed sign-in or verification code. An emailed reset code is not taken here."""
+        await self.limiter.hit("verify_otp_ip", client_key(client.ip))
+        await self.limit_code_checks(challenge_token, client)
         challenge = await self.challenges.take_attempt(ch.TAKE_FOR_VERIFY_OTP, challenge_token)
         if challenge["method"] == ch.EMAIL:
             return await self._complete_emailed_code(challenge, code, client)
@@ -541,10 +599,24 @@ class AuthService:
             return True
 
         await self.two_factor.check_code(
-            user_id=user_id, code=code, recovery=True, claim=claim, lock=lock
+            user_id=user_id,
+            code=code,
+            recovery=True,
+            claim=claim,
+            lock=lock,
+            client=self.client_budget_key(client),
         )
         self.outbox.wake()
         return issued[0]
+
+    def client_budget_key(self, client: ClientInfo) -> str:
+        return self.devices.budget_key(client.ip, client.device_token)
+
+    async def limit_code_checks(self, challenge_token: str, client: ClientInfo) -> None:
+        """Wrong-code budgets count per challenge and per client: another client's
+        guesses never use up this one's."""
+        digest = token_digest(challenge_token).hex()[:32] if challenge_token else "-"
+        await self.limiter.hit("verify_otp_challenge", f"{digest}:{self.client_budget_key(client)}")
 
     async def _complete_emailed_code(
         self, challenge: Mapping[str, Any], code: str, client: ClientInfo
@@ -624,7 +696,11 @@ class AuthService:
         await self._end_sessions(tx, user_id, keep=None, reason="password_reset")
         await self.challenges.void_all(tx, user_id)
         await self.notices.send(tx, email=user["email"], template="password_reset", client=client)
-        return {**user, "email_verified_at": user["email_verified_at"] or now}
+        return {
+            **user,
+            "email_verified_at": user["email_verified_at"] or now,
+            "device_epoch": user["device_epoch"] + 1,
+        }
 
     async def change_password_now(
         self,
@@ -708,7 +784,7 @@ class AuthService:
         if history is not None and history["signed_in_before"] and not history["known"]:
             # Not the account's first session, and not a device and network seen lately.
             await self.notices.send(tx, email=user.email, template="new_device", client=client)
-        return self.issue(user, session_id, amr, refresh)
+        return self.issue(user, session_id, amr, refresh, client)
 
     async def add_generation(
         self, tx: Runner, session_id: uuid.UUID, generation: int, refresh: str, now: datetime
@@ -724,21 +800,36 @@ class AuthService:
         )
 
     def issue(
-        self, user: UserView, session_id: uuid.UUID, amr: list[str], refresh: str
+        self,
+        user: UserView,
+        session_id: uuid.UUID,
+        amr: list[str],
+        refresh: str,
+        client: ClientInfo | None = None,
     ) -> IssuedSession:
         access = self.access_tokens.issue(user_id=user.id, session_id=session_id, amr=amr)
+        # The device keeps the identity its token had; a new one is named after the
+        # session (so refreshing a session cannot mint device identities).
+        held = self.devices.check(
+            client.device_token if client else None, user_id=user.id, epoch=user.device_epoch
+        )
+        device_id = held.device_id if held is not None else session_id.hex
         return IssuedSession(
             access_token=access,
             refresh_token=refresh,
             expires_in=int(self.access_tokens.lifetime.total_seconds()),
             user=user,
+            device_token=self.devices.issue(user.id, user.device_epoch, device_id),
         )
 
     # -- refresh ------------------------------------------------------------------------
 
-    async def refresh(self, *, refresh_token: str | None) -> IssuedSession:
+    async def refresh(
+        self, *, refresh_token: str | None, client: ClientInfo | None = None
+    ) -> IssuedSession:
         """Rotate a refresh token. A spent token presented again within the reuse interval
         gets the same successor; later it is reuse, and the whole session ends."""
+        await self.limiter.hit("refresh_ip", client_key(client.ip if client else None))
         if not refresh_token or not looks_like_opaque_token(refresh_token):
             raise _invalid_token()
         digest = token_digest(refresh_token)
@@ -755,6 +846,10 @@ class AuthService:
             session_id = state["session_id"]
             successor = successor_token(self._refresh_key, refresh_token)
             if state["rotated_at"] is None:
+                # Only a rotation spends the session's budget (answers to a retry inside
+                # the reuse interval do not); rotations of one session are serialised by
+                # the lock held here, so the check and the count cannot interleave.
+                await self.limiter.hit("refresh_session", str(session_id))
                 await tx.execute(_MARK_ROTATED, {"token_id": state["id"], "now": now})
                 await tx.execute(
                     _ADD_GENERATION,
@@ -821,6 +916,7 @@ class AuthService:
             found = await tx.first(_SESSION_BY_TOKEN, digest)
             if found is None or not _is_live(found, now):
                 return 0
+            await tx.execute(_BUMP_DEVICE_EPOCH, {"owner_id": found["user_id"]})
             return await tx.execute(
                 _REVOKE_USER_SESSIONS,
                 {"owner_id": found["user_id"], "now": now, "reason": "logout_everywhere"},

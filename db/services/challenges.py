@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -316,7 +316,9 @@ class Challenges:
 
     # -- resending --------------------------------------------------------------------------
 
-    async def resend(self, token: str) -> IssuedChallenge:
+    async def resend(
+        self, token: str, *, may_mail: Callable[[str], Awaitable[bool]] | None = None
+    ) -> IssuedChallenge:
         """A new code for the same emailed challenge (the old one stops working), keeping
         its attempts and expiry: at most MAX_RESENDS times, once a minute."""
         if not token or not looks_like_opaque_token(token):
@@ -351,7 +353,10 @@ class Challenges:
                     "now": now,
                 },
             )
-            if row["user_id"] is not None and row["is_active"]:
+            mail = row["user_id"] is not None and row["is_active"]
+            if mail and may_mail is not None:
+                mail = await may_mail(str(row["user_id"]))  # the account's mail cap
+            if mail:
                 await self._mail_code(tx, row["email"], row["purpose"], code, row["expires_at"])
             else:
                 await self.outbox.decoy(tx, secrets={"code": code})

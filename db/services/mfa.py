@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, insert, null, or_, select, update
+from sqlalchemy import bindparam, delete, insert, literal, null, or_, select, update
 
 from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_challenge, invalid_otp
-from db.models import RecoveryCode, TotpCredential, User
+from db.models import LoginThrottle, RecoveryCode, TotpCredential, User
 from db.security.box import SecretBox
+from db.security.device import DeviceTokens
+from db.security.limiter import RateLimiter, client_key
 from db.security.passwords import PasswordHasher
 from db.security.totp import (
     RECOVERY_CODE_COUNT,
@@ -124,33 +126,29 @@ _USE_RECOVERY_CODE = (
     .returning(RecoveryCode.id)
 )
 
-# One atomic write reserves a code check against the account's budget: parallel guesses
-# cannot slip past the cap between a read and a write.
-_window_over = or_(
-    User.otp_failures_since.is_(None), User.otp_failures_since <= bindparam("window_start")
+# Wrong codes per account and client (see _reserve_check), in the throttles table under
+# a key of their own: the window's start, and the checks counted in it.
+_CHECKS = (
+    select(LoginThrottle.failures, LoginThrottle.last_failure_at)
+    .where(LoginThrottle.email == bindparam("key"))
+    .with_for_update()
 )
-_RESERVE_CHECK = (
-    update(User)
-    .where(
-        User.id == bindparam("uid"),
-        or_(_window_over, User.otp_failures < bindparam("cap")),
-    )
-    .values(
-        otp_failures=case((_window_over, 1), else_=User.otp_failures + 1),
-        otp_failures_since=case((_window_over, bindparam("now")), else_=User.otp_failures_since),
-    )
-    .returning(User.otp_failures)
+_FIRST_CHECK = insert(LoginThrottle).values(
+    email=bindparam("key"),
+    failures=literal(1),
+    last_failure_at=bindparam("now"),
+    locked_until=null(),
+)
+_SET_CHECKS = (
+    update(LoginThrottle)
+    .where(LoginThrottle.email == bindparam("key"))
+    .values(failures=bindparam("failures"), last_failure_at=bindparam("since"))
 )
 _REFUND_CHECK = (
-    update(User)
-    .where(User.id == bindparam("uid"), User.otp_failures > 0)
-    .values(
-        otp_failures=User.otp_failures - 1,
-        # Back to no failures: the window opens again with the next wrong code only.
-        otp_failures_since=case((User.otp_failures <= 1, null()), else_=User.otp_failures_since),
-    )
+    update(LoginThrottle)
+    .where(LoginThrottle.email == bindparam("key"), LoginThrottle.failures > 0)
+    .values(failures=LoginThrottle.failures - 1)
 )
-_FAILURES_SINCE = select(User.otp_failures_since).where(User.id == bindparam("uid"))
 _PASSWORD_HASH = select(User.password_hash).where(User.id == bindparam("uid"))
 
 
@@ -165,7 +163,11 @@ class TwoFactor:
         issuer: str,
         recovery_key: bytes,
         notices: Notices,
+        limiter: RateLimiter,
+        devices: DeviceTokens,
     ) -> None:
+        self.limiter = limiter
+        self.devices = devices
         self.statements = statements
         self.box = box
         self.hasher = hasher
@@ -206,6 +208,7 @@ class TwoFactor:
     ) -> list[str]:
         """Turns two-factor on with a current code from the pending secret; the recovery
         codes, shown once."""
+        await self._limit("confirm_totp_ip", user_id, client)
         async with self.statements.connection() as conn:
             credential = await conn.first(_CREDENTIAL, {"uid": user_id})
         if credential is None:
@@ -214,7 +217,13 @@ class TwoFactor:
             )
         if credential["confirmed_at"] is not None:
             raise _already_on()
-        await self.check_code(user_id=user_id, code=code, credential=credential, recovery=False)
+        await self.check_code(
+            user_id=user_id,
+            code=code,
+            credential=credential,
+            recovery=False,
+            client=self._budget(client),
+        )
         codes, rows = await self._new_recovery_codes(user_id)
         async with self.statements.transaction() as tx:
             confirmed = await tx.first(
@@ -231,10 +240,19 @@ class TwoFactor:
         self.notices.outbox.wake()
         return codes
 
-    async def regenerate_recovery_codes(self, *, user_id: uuid.UUID, code: str) -> list[str]:
+    async def regenerate_recovery_codes(
+        self, *, user_id: uuid.UUID, code: str, client: ClientInfo
+    ) -> list[str]:
         """Replaces every recovery code; needs a current TOTP code."""
+        await self._limit("regenerate_recovery_codes_ip", user_id, client)
         credential = await self._confirmed(user_id)
-        await self.check_code(user_id=user_id, code=code, credential=credential, recovery=False)
+        await self.check_code(
+            user_id=user_id,
+            code=code,
+            credential=credential,
+            recovery=False,
+            client=self._budget(client),
+        )
         codes, rows = await self._new_recovery_codes(user_id)
         async with self.statements.transaction() as tx:
             await self._store_recovery_codes(tx, user_id, rows)
@@ -244,6 +262,7 @@ class TwoFactor:
         self, *, user_id: uuid.UUID, email: str, password: str, code: str, client: ClientInfo
     ) -> None:
         """Turns two-factor off: needs the password and a current or recovery code."""
+        await self._limit("disable_totp_ip", user_id, client)
         credential = await self._confirmed(user_id)
         password = normalize_password(password)
         async with self.statements.connection() as conn:
@@ -253,7 +272,13 @@ class TwoFactor:
             ok, _new_hash = await self.hasher.verify(password, row["password_hash"])
         if not ok:
             raise AuthFailure(ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.")
-        await self.check_code(user_id=user_id, code=code, credential=credential, recovery=True)
+        await self.check_code(
+            user_id=user_id,
+            code=code,
+            credential=credential,
+            recovery=True,
+            client=self._budget(client),
+        )
         async with self.statements.transaction() as tx:
             await tx.execute(_DROP_RECOVERY_CODES, {"uid": user_id})
             await tx.execute(_DROP_CREDENTIAL, {"uid": user_id})
@@ -271,23 +296,26 @@ class TwoFactor:
         recovery: bool,
         claim: Claim | None = None,
         lock: Lock | None = None,
+        client: str = "-",
     ) -> str:
         """Accepts a current TOTP code (once) or, where `recovery`, an unused recovery
-        code (once); raises INVALID_OTP otherwise, and RATE_LIMITED when the account has
-        had too many wrong codes lately. Returns "totp" or "recovery".
+        code (once); raises INVALID_OTP otherwise, and RATE_LIMITED when this client has
+        had too many wrong codes for the account lately (`client`: its device or address;
+        other clients' guesses never use up its budget). Returns "totp" or "recovery".
 
         `claim` runs in the transaction that spends the code; when it returns False the
         code is not spent (a concurrent request took what the code was for)."""
         now = self.clock.now()
         if recovery:
             self.hasher.check_capacity()  # refuse before a slot is taken, not after
-        await self._reserve_check(user_id, now)
+        key = f"otp:{user_id}:{client}"
+        await self._reserve_check(key, now)
         # A wrong code leaves the reserved check counted; a right one gives it back.
         method = await self._verify(
             user_id, code, credential, recovery=recovery, now=now, claim=claim, lock=lock
         )
         async with self.statements.transaction() as tx:
-            await tx.execute(_REFUND_CHECK, {"uid": user_id})
+            await tx.execute(_REFUND_CHECK, {"key": key})
         return method
 
     async def _verify(
@@ -348,25 +376,40 @@ class TwoFactor:
                         return "recovery"
         raise invalid_otp()
 
-    async def _reserve_check(self, user_id: uuid.UUID, now: datetime) -> None:
-        params = {
-            "uid": user_id,
-            "now": now,
-            "window_start": now - ACCOUNT_CODE_WINDOW,
-            "cap": ACCOUNT_CODE_FAILURES,
-        }
-        async with self.statements.transaction() as tx:
-            reserved = await tx.first(_RESERVE_CHECK, params)
-            if reserved is not None:
-                return
-            since = await tx.first(_FAILURES_SINCE, {"uid": user_id})
-        start = since["otp_failures_since"] if since else None
-        wait = (start + ACCOUNT_CODE_WINDOW - now).total_seconds() if start else 1
-        raise AuthFailure(
-            ErrorCode.RATE_LIMITED,
-            "Too many wrong codes for this account; try again later.",
-            retry_after=max(1, math.ceil(wait)),
-        )
+    async def _reserve_check(self, key: str, now: datetime) -> None:
+        """Takes one check of the window's budget, or refuses: the row lock serialises
+        parallel guesses, so none passes the cap."""
+        for _attempt in range(3):
+            try:
+                async with self.statements.transaction() as tx:
+                    row = await tx.first(_CHECKS, {"key": key})
+                    if row is None:
+                        await tx.execute(_FIRST_CHECK, {"key": key, "now": now})
+                        return
+                    since, failures = row["last_failure_at"], row["failures"]
+                    if now - since >= ACCOUNT_CODE_WINDOW or failures == 0:
+                        since, failures = now, 0  # a new window
+                    if failures >= ACCOUNT_CODE_FAILURES:
+                        wait = (since + ACCOUNT_CODE_WINDOW - now).total_seconds()
+                        raise AuthFailure(
+                            ErrorCode.RATE_LIMITED,
+                            "Too many wrong codes for this account; try again later.",
+                            retry_after=max(1, math.ceil(wait)),
+                        )
+                    await tx.execute(
+                        _SET_CHECKS, {"key": key, "failures": failures + 1, "since": since}
+                    )
+                    return
+            except UniqueViolation:
+                continue  # a concurrent first check made the row: count on top of it
+
+    async def _limit(self, limit: str, user_id: uuid.UUID, client: ClientInfo) -> None:
+        """The client address's budget for the operation, and the account's."""
+        await self.limiter.hit(limit, client_key(client.ip))
+        await self.limiter.hit("totp_account", str(user_id))
+
+    def _budget(self, client: ClientInfo) -> str:
+        return self.devices.budget_key(client.ip, client.device_token)
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ class UserView:
     email_verified: bool
     otp_enabled: bool
     created_at: datetime
+    # What device tokens of the account carry (see db/security/device.py).
+    device_epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,8 @@ class IssuedSession:
     refresh_token: str
     expires_in: int
     user: UserView
+    # Proof this client signed in to the account (its own brute-force budget later).
+    device_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,8 @@ class IssuedChallenge:
 class ClientInfo:
     ip: str | None = None
     user_agent: str | None = None
+    # A device token the client presented (body or cookie), unchecked.
+    device_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +65,7 @@ def user_view(row: Mapping[str, Any], id_key: str = "id") -> UserView:
         email_verified=row["email_verified_at"] is not None,
         otp_enabled=row.get("otp_confirmed_at") is not None,
         created_at=row["created_at"],
+        device_epoch=row.get("device_epoch") or 0,
     )
 
 

@@ -111,7 +111,11 @@ class AccountMutation:
     async def resend_otp(self, info: Info[Context, Any], input: ResendOtpInput) -> ChallengeResult:
         account = info.context.services.account
         return await _challenge(
-            info, input, lambda: account.resend(challenge_token=input.challenge_token)
+            info,
+            input,
+            lambda: account.resend(
+                challenge_token=input.challenge_token, client=info.context.client
+            ),
         )
 
     @strawberry.mutation(

@@ -52,7 +52,8 @@ async def answer(
         return AuthError.from_failure(failure)
     if isinstance(issued, IssuedChallenge):
         return OtpChallenge.from_issued(issued)
-    return AuthSession.from_issued(issued)
+    in_body = info.context.hand_out_device_token(issued.device_token)
+    return AuthSession.from_issued(issued, device_token_in_body=in_body)
 
 
 @strawberry.type
@@ -92,7 +93,9 @@ class AuthMutation:
             info,
             input,
             lambda: ctx.services.auth.login(
-                email=input.email, password=input.password, client=ctx.client
+                email=input.email,
+                password=input.password,
+                client=ctx.client_with(input.device_token or None),
             ),
         )
 
@@ -103,7 +106,9 @@ class AuthMutation:
             info,
             input,
             lambda: ctx.services.auth.verify_otp(
-                challenge_token=input.challenge_token, code=input.code, client=ctx.client
+                challenge_token=input.challenge_token,
+                code=input.code,
+                client=ctx.client_with(input.device_token or None),
             ),
         )
 
@@ -111,7 +116,11 @@ class AuthMutation:
     async def refresh(self, info: Info[Context, Any], input: RefreshInput) -> AuthResult:
         auth = info.context.services.auth
         return await answer(
-            info, input, lambda: auth.refresh(refresh_token=input.refresh_token or None)
+            info,
+            input,
+            lambda: auth.refresh(
+                refresh_token=input.refresh_token or None, client=info.context.client
+            ),
         )
 
     @strawberry.mutation(

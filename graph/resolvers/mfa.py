@@ -104,5 +104,7 @@ class MfaMutation:
         return await _new_codes(
             info,
             input,
-            lambda mfa, user: mfa.regenerate_recovery_codes(user_id=user.id, code=input.code),
+            lambda mfa, user: mfa.regenerate_recovery_codes(
+                user_id=user.id, code=input.code, client=info.context.client
+            ),
         )

@@ -1,0 +1,207 @@
+"""The HTTP edge around the GraphQL app: security headers on every answer, and CORS for
+the configured origins only (none by default)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from db.settings import ConfigError, Settings
+
+# Every answer but the GraphiQL page: JSON and plain text need no resources at all, and
+# no page may frame them.
+STRICT_CSP = "default-src 'none'; frame-ancestors 'none'"
+# Two years, the preload list's minimum; sent in production only (browsers ignore it
+# over plain HTTP, and a development server on localhost must not pin HTTPS).
+HSTS = "max-age=63072000; includeSubDomains"
+
+_SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script\s*>", re.IGNORECASE | re.DOTALL)
+_LINK = re.compile(r"<link\b([^>]*)>", re.IGNORECASE | re.DOTALL)
+_ATTR_URL = re.compile(r"""\b(?:src|href)\s*=\s*["'](https://[^"'/]+)""", re.IGNORECASE)
+_STYLESHEET = re.compile(r"""\brel\s*=\s*["']?stylesheet""", re.IGNORECASE)
+
+CORS_ALLOW_HEADERS = ("content-type", "authorization", "x-request-id", "x-requested-with")
+CORS_EXPOSE_HEADERS = ("x-request-id",)
+
+
+def graphiql_csp(html: str) -> str:
+    """The policy of the GraphiQL page, read from the page itself: its scripts and styles
+    from the CDN origins it names, its inline scripts by their SHA-256 (no
+    'unsafe-inline' for scripts), its queries to this origin only."""
+    script_origins: set[str] = set()
+    inline_hashes: list[str] = []
+    for attributes, body in _SCRIPT.findall(html):
+        origin = _ATTR_URL.search(attributes)
+        if origin:
+            script_origins.add(origin.group(1))
+        elif re.search(r"\bsrc\s*=", attributes, re.IGNORECASE):
+            script_origins.add("'self'")
+        else:
+            digest = hashlib.sha256(body.encode("utf-8")).digest()
+            inline_hashes.append(f"'sha256-{base64.b64encode(digest).decode('ascii')}'")
+    style_origins = {
+        match.group(1)
+        for attributes in _LINK.findall(html)
+        if _STYLESHEET.search(attributes) and (match := _ATTR_URL.search(attributes))
+    }
+    directives = {
+        "default-src": ["'none'"],
+        "script-src": [*sorted(script_origins), *inline_hashes],
+        # GraphiQL's editors set style attributes and the page has an inline <style>.
+        "style-src": [*sorted(style_origins), "'unsafe-inline'"],
+        "font-src": [*sorted(style_origins), "data:"],
+        "img-src": ["'self'", "data:"],
+        "connect-src": ["'self'"],
+        "base-uri": ["'none'"],
+        "form-action": ["'none'"],
+        "frame-ancestors": ["'none'"],
+    }
+    return "; ".join(f"{name} {' '.join(values)}" for name, values in directives.items())
+
+
+class SecurityHeaders:
+    """Adds the security headers to every response, the app's own refusals included.
+
+    `Cache-Control: no-store` on everything: /graphql answers carry tokens, and nothing
+    else this server says is worth caching."""
+
+    _OURS = frozenset(
+        {
+            b"cache-control",
+            b"content-security-policy",
+            b"referrer-policy",
+            b"strict-transport-security",
+            b"x-content-type-options",
+            b"x-frame-options",
+        }
+    )
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        hsts: bool,
+        graphiql_csp: str | None = None,
+        graphiql_path: str = "/graphql",
+    ) -> None:
+        self.app = app
+        common = [
+            (b"cache-control", b"no-store"),
+            (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", b"DENY"),
+            (b"referrer-policy", b"no-referrer"),
+        ]
+        if hsts:
+            common.append((b"strict-transport-security", HSTS.encode("latin-1")))
+        self._strict = [*common, (b"content-security-policy", STRICT_CSP.encode("latin-1"))]
+        self._graphiql = (
+            [*common, (b"content-security-policy", graphiql_csp.encode("latin-1"))]
+            if graphiql_csp
+            else None
+        )
+        self._graphiql_path = graphiql_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                kept = [
+                    (key, value)
+                    for key, value in message.get("headers", ())
+                    if key.lower() not in self._OURS
+                ]
+                message["headers"] = kept + self._headers_for(scope, kept)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _headers_for(
+        self, scope: Scope, headers: Iterable[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        if self._graphiql is not None and scope["path"] == self._graphiql_path:
+            for key, value in headers:
+                if key.lower() == b"content-type" and value.lower().startswith(b"text/html"):
+                    return self._graphiql
+        return self._strict
+
+
+class AllowlistCORS(CORSMiddleware):
+    """Starlette's CORS for listed origins, saying nothing at all to any other origin
+    (Starlette would still send its Allow-Credentials, Allow-Methods and Expose headers)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        if not self.is_allowed_origin(request_headers["origin"]):
+            return PlainTextResponse("Disallowed CORS origin", status_code=400)
+        return super().preflight_response(request_headers)
+
+    async def send(self, message: Message, send: Send, request_headers: Headers) -> None:
+        origin = request_headers.get("origin")
+        if origin is None or self.is_allowed_origin(origin):
+            await super().send(message, send, request_headers)
+            return
+        if message["type"] == "http.response.start":
+            message.setdefault("headers", [])
+            headers = MutableHeaders(scope=message)
+            headers["Vary"] = ", ".join([*headers.getlist("Vary"), "Origin"])
+        await send(message)
+
+
+def cors_origins(settings: Settings) -> list[str]:
+    """CORS_ALLOW_ORIGINS, checked: exact origins only, as browsers send them."""
+    origins = settings.cors_origins
+    for origin in origins:
+        parts = urlsplit(origin)
+        # "*" with credentials would let any site act with a user's cookies; a path or a
+        # trailing slash never matches the Origin header a browser sends.
+        if (
+            origin == "*"
+            or parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.path
+            or parts.query
+            or parts.fragment
+            or "*" in origin
+        ):
+            raise ConfigError(
+                f"CORS_ALLOW_ORIGINS: {origin!r} is not an origin (scheme://host[:port], "
+                "no path, no wildcard)"
+            )
+    return origins
+
+
+def edge_middleware(settings: Settings, *, graphiql_html: str | None) -> list[Middleware]:
+    """The outermost middleware: security headers on every answer, then CORS where
+    origins are configured (with none, no CORS header is ever sent)."""
+    middleware = [
+        Middleware(
+            SecurityHeaders,
+            hsts=settings.is_production,
+            graphiql_csp=graphiql_csp(graphiql_html) if graphiql_html else None,
+        )
+    ]
+    origins = cors_origins(settings)
+    if origins:
+        middleware.append(
+            Middleware(
+                AllowlistCORS,
+                allow_origins=origins,
+                # Operations go by POST only; GraphiQL is same-origin.
+                allow_methods=["POST"],
+                allow_headers=list(CORS_ALLOW_HEADERS),
+                allow_credentials=True,
+                expose_headers=list(CORS_EXPOSE_HEADERS),
+            )
+        )
+    return middleware
