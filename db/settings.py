@@ -157,6 +157,8 @@ class Settings(BaseSettings):
     # Abuse resistance. REDIS_URL: counters shared by every process (memory otherwise,
     # which serves one process only).
     redis_url: SecretStr | None = None
+    # Prefix of every key in Redis (several deployments may share one Redis).
+    redis_key_prefix: str = Field("strawgate", min_length=1, max_length=64)
     rate_limits: RateLimits = Field(default_factory=RateLimits)
     # Lockout per normalized email (registered or not): after LOCKOUT_THRESHOLD failures
     # each further one locks for a step that doubles from LOCKOUT_BASE_SECONDS up to

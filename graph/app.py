@@ -349,7 +349,13 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 "not ready: the database schema is not at %s (strawgate migrate)", schema_head
             )
             return JSONResponse({"status": "migrations pending"}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        # Still ready when Redis is away (the limits run on this process's memory), but
+        # said so: an operator sees the degraded state here, and an ERROR in the log.
+        limiter = services.auth.limiter
+        body = {"status": "ready", "rate_limits": limiter.status}
+        if limiter.degraded:
+            body["status"] = "ready (degraded)"
+        return JSONResponse(body)
 
     app = Starlette(
         middleware=[
@@ -375,6 +381,7 @@ def make_limiter(settings: Settings) -> RateLimiter:
     return RateLimiter(
         limits=settings.rate_limits,
         redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None,
+        namespace=settings.redis_key_prefix,
     )
 
 

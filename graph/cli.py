@@ -19,6 +19,14 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.workers > 1 and settings.redis_url is None:
+        print(
+            "strawgate: more than one worker needs REDIS_URL: without it each process keeps"
+            " its own rate-limit counters, which multiplies every budget by the number of"
+            " workers.",
+            file=sys.stderr,
+        )
+        return 2
     # Only arguments are parsed here; the app reads its settings itself (graph.app:app),
     # exactly as under `uvicorn graph.app:app`.
     uvicorn.run(

@@ -50,6 +50,20 @@ def test_serve_refuses_workers_on_sqlite(tmp_path: Path) -> None:
     assert "SQLite" in done.stderr
 
 
+def test_serve_refuses_workers_without_redis(tmp_path: Path, database_url: str) -> None:
+    """Each process would keep its own counters: every budget times the workers."""
+    done = run(
+        "serve",
+        "--workers",
+        "2",
+        cwd=tmp_path,
+        ENVIRONMENT="development",
+        DATABASE_URL=database_url,
+    )
+    assert done.returncode == 2
+    assert "REDIS_URL" in done.stderr
+
+
 async def test_rotate_keys_reencrypts_every_secret(tmp_path: Path) -> None:
     """Old key A encrypted the secrets; with "B,A" configured, rotate-keys re-encrypts them
     under B, after which B alone opens them and A alone does not."""

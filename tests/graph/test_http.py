@@ -108,7 +108,7 @@ async def test_every_answer_carries_a_request_id(client: httpx.AsyncClient) -> N
 
 async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
-    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    assert (await client.get("/readyz")).json() == {"status": "ready", "rate_limits": "memory"}
 
 
 class BrokenClock:
@@ -260,7 +260,7 @@ async def test_not_ready_until_migrated(
         assert pending.status_code == 503
         assert pending.json() == {"status": "migrations pending"}
         await asyncio.to_thread(upgrade_head, unmigrated_url)
-        assert (await http.get("/readyz")).json() == {"status": "ready"}
+        assert (await http.get("/readyz")).json()["status"] == "ready"
 
 
 @pytest.mark.parametrize(("length", "status"), [("²", 400), ("12abc", 400), ("99999999", 413)])

@@ -1,0 +1,343 @@
+"""Abuse resistance as clients and attackers meet it: limits decided before any hash and
+counted per operation, the lockout's steps and every way out of it, device tokens, mail
+caps, refresh budgets, and a flood that stops neither the owner nor the server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+
+from db.settings import RateLimits, Settings
+from graph.app import create_app
+from tests.conftest import PASSWORD, UNLIMITED, MutableClock, client_for, unique_email
+from tests.gql import (
+    LOGOUT,
+    REQUEST_LOGIN_CODE,
+    SESSION_FIELDS,
+    gql,
+    login,
+    mutate,
+    refresh,
+    signup,
+    verify_otp,
+)
+from tests.smtp import SmtpSink
+
+WRONG = "not the password at all"
+LOGIN_WITH_DEVICE = (
+    f"mutation($i: LoginInput!) {{ login(input: $i) {{ {SESSION_FIELDS}"
+    " ... on AuthSession { deviceToken } } }"
+)
+
+
+def limits(**overrides: str) -> RateLimits:
+    return UNLIMITED.model_copy(update=overrides)
+
+
+@asynccontextmanager
+async def running(settings: Settings, clock: MutableClock) -> AsyncIterator[Starlette]:
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+class CountingHashes:
+    """Counts the password checks the app's hasher runs (verify, dummy verify, hash)."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.count = 0
+        hasher = app.state.services.auth.hasher
+        for name in ("verify", "verify_dummy", "hash"):
+            original = getattr(hasher, name)
+
+            def counted(*args: Any, _original: Any = original) -> Any:
+                self.count += 1
+                return _original(*args)
+
+            setattr(hasher, name, counted)
+
+
+async def device_login(
+    http: httpx.AsyncClient, email: str, password: str, device_token: str | None = None
+) -> dict[str, Any]:
+    variables: dict[str, Any] = {"email": email, "password": password}
+    if device_token is not None:
+        variables["deviceToken"] = device_token
+    body = await gql(http, LOGIN_WITH_DEVICE, {"i": variables})
+    result: dict[str, Any] = body["data"]["login"]
+    return result
+
+
+# -- limits, counted per operation and before any hash -----------------------------------
+
+
+async def test_over_the_limit_is_rate_limited_before_any_hash(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+) -> None:
+    settings = make_settings(rate_limits=limits(login_ip="3/minute"))
+    async with running(settings, clock) as app, client_for(app) as http:
+        email = unique_email()
+        await signup(http, email, PASSWORD)
+        hashes = CountingHashes(app)
+        for _ in range(3):
+            assert (await login(http, email, WRONG))["code"] == "INVALID_CREDENTIALS"
+        refused = await login(http, email, PASSWORD)
+        assert refused["code"] == "RATE_LIMITED"
+        assert 1 <= refused["retryAfter"] <= 60
+        assert hashes.count == 3
+        # Another address has a budget of its own.
+        async with client_for(app, ip="198.51.100.9") as other:
+            assert (await login(other, email, PASSWORD))["__typename"] == "AuthSession"
+
+
+async def test_aliased_fields_each_count(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+) -> None:
+    """60 aliased logins in one document: as many password checks as the budget allows,
+    the rest RATE_LIMITED; the same through fragments."""
+    settings = make_settings(
+        rate_limits=limits(login_ip="10/minute"), max_aliases=100, lockout_threshold=100
+    )
+    async with running(settings, clock) as app, client_for(app) as http:
+        email = unique_email()
+        await signup(http, email, PASSWORD)
+        hashes = CountingHashes(app)
+        fields = " ".join(
+            f'l{n}: login(input: {{email: "{email}", password: "guess {n}"}})'
+            " { ... on AuthError { code } }"
+            for n in range(60)
+        )
+        body = await gql(http, f"mutation {{ {fields} }}")
+        codes = [answer["code"] for answer in body["data"].values()]
+        assert codes.count("INVALID_CREDENTIALS") == 10
+        assert codes.count("RATE_LIMITED") == 50
+        assert hashes.count == 10
+
+        spread = (
+            "mutation { ...A ...B } "
+            f'fragment A on Mutation {{ a: login(input: {{email: "{email}", password: "x1"}})'
+            " { ... on AuthError { code } } }"
+            f' fragment B on Mutation {{ b: login(input: {{email: "{email}", password: "x2"}})'
+            " { ... on AuthError { code } } }"
+        )
+        body = await gql(http, spread)
+        assert [a["code"] for a in body["data"].values()] == ["RATE_LIMITED", "RATE_LIMITED"]
+        assert hashes.count == 10
+
+
+async def test_too_many_aliases_refuse_the_document_whole(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+) -> None:
+    async with running(make_settings(), clock) as app, client_for(app) as http:
+        hashes = CountingHashes(app)
+        fields = " ".join(
+            f'l{n}: login(input: {{email: "a@example.com", password: "p{n}"}}) {{ __typename }}'
+            for n in range(60)
+        )
+        response = await http.post("/graphql", json={"query": f"mutation {{ {fields} }}"})
+        assert response.status_code in (200, 400)
+        assert response.json()["errors"]
+        assert hashes.count == 0
+
+
+# -- the lockout -------------------------------------------------------------------------------
+
+
+async def test_the_lockout_steps_up_and_a_success_clears_it(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email = unique_email()
+    await signup(client, email, PASSWORD)
+    for _ in range(5):
+        assert (await login(client, email, WRONG))["code"] == "INVALID_CREDENTIALS"
+    # The fifth failure locked the address for 30 s: even the right password waits.
+    locked = await login(client, email, PASSWORD)
+    assert (locked["code"], locked["retryAfter"]) == ("RATE_LIMITED", 30)
+    clock.advance(seconds=30)
+    assert (await login(client, email, WRONG))["code"] == "INVALID_CREDENTIALS"
+    assert (await login(client, email, PASSWORD))["retryAfter"] == 60  # doubled
+    clock.advance(seconds=60)
+    assert (await login(client, email, WRONG))["code"] == "INVALID_CREDENTIALS"
+    assert (await login(client, email, PASSWORD))["retryAfter"] == 120
+    clock.advance(seconds=120)
+    assert (await login(client, email, PASSWORD))["__typename"] == "AuthSession"
+    # The success cleared the count: one wrong password locks nothing now.
+    assert (await login(client, email, WRONG))["code"] == "INVALID_CREDENTIALS"
+    assert (await login(client, email, PASSWORD))["__typename"] == "AuthSession"
+
+
+async def test_the_lockout_is_capped_and_forgotten_after_a_quiet_period(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email = unique_email()
+    await signup(client, email, PASSWORD)
+    for _ in range(5):
+        await login(client, email, WRONG)
+    steps = []
+    for _ in range(7):
+        locked = await login(client, email, PASSWORD)
+        assert locked["code"] == "RATE_LIMITED"
+        steps.append(locked["retryAfter"])
+        clock.advance(seconds=locked["retryAfter"])
+        assert (await login(client, email, WRONG))["code"] == "INVALID_CREDENTIALS"
+    assert steps == [30, 60, 120, 240, 480, 900, 900]  # doubling, capped at 15 minutes
+    clock.advance(seconds=3600)  # an hour without a failure
+    assert (await login(client, email, PASSWORD))["__typename"] == "AuthSession"
+
+
+async def test_the_lockout_says_nothing_about_registration(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    registered, unknown = unique_email(), unique_email()
+    await signup(client, registered, PASSWORD)
+    answers: dict[str, list[Any]] = {registered: [], unknown: []}
+    for email, seen in answers.items():
+        for _ in range(6):
+            answer = await login(client, email, WRONG)
+            seen.append((answer["code"], answer["retryAfter"]))
+    assert answers[registered] == answers[unknown]
+    assert answers[unknown][-1] == ("RATE_LIMITED", 30)
+
+
+async def test_a_device_token_keeps_its_own_budget_through_a_lockout(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email = unique_email()
+    await signup(client, email, PASSWORD)
+    first = await device_login(client, email, PASSWORD)
+    device = first["deviceToken"]
+    assert device
+    other = unique_email()
+    await signup(client, other, PASSWORD)
+    foreign = (await device_login(client, other, PASSWORD))["deviceToken"]
+    async with client_for(client._transport.app, ip="192.0.2.66") as stranger:  # type: ignore[attr-defined]
+        for _ in range(8):
+            await login(stranger, email, WRONG)
+        assert (await login(stranger, email, PASSWORD))["code"] == "RATE_LIMITED"
+    # A token of another account, or a forged one, is worth nothing here.
+    assert (await device_login(client, email, PASSWORD, foreign))["code"] == "RATE_LIMITED"
+    forged = device[:-4] + ("AAAA" if not device.endswith("AAAA") else "BBBB")
+    assert (await device_login(client, email, PASSWORD, forged))["code"] == "RATE_LIMITED"
+    # The owner's client, with its device token, is not held up (and its success clears
+    # the count, as any success does).
+    again = await device_login(client, email, PASSWORD, device)
+    assert again["__typename"] == "AuthSession"
+    assert again["deviceToken"]
+
+
+async def test_logout_everywhere_and_a_reset_end_device_tokens(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email = unique_email()
+    await signup(client, email, PASSWORD)
+    session = await device_login(client, email, PASSWORD)
+    device = session["deviceToken"]
+    body = await gql(
+        client, LOGOUT, {"i": {"refreshToken": session["refreshToken"], "everywhere": True}}
+    )
+    assert body["data"]["logout"]["revoked"] >= 1
+    for _ in range(5):
+        await login(client, email, WRONG)
+    assert (await device_login(client, email, PASSWORD, device))["code"] == "RATE_LIMITED"
+
+
+async def test_device_tokens_expire_after_ninety_days(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email = unique_email()
+    await signup(client, email, PASSWORD)
+    device = (await device_login(client, email, PASSWORD))["deviceToken"]
+    clock.advance(days=91)
+    for _ in range(5):
+        await login(client, email, WRONG)
+    assert (await device_login(client, email, PASSWORD, device))["code"] == "RATE_LIMITED"
+
+
+async def test_an_emailed_code_reaches_the_owner_during_a_lockout(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink
+) -> None:
+    email = unique_email()
+    challenge = await signup(mail_client, email, PASSWORD)
+    code = (await smtp.wait_for(email)).code()
+    await verify_otp(mail_client, challenge["challengeToken"], code)
+    for _ in range(6):
+        await login(mail_client, email, WRONG)
+    assert (await login(mail_client, email, PASSWORD))["code"] == "RATE_LIMITED"
+    sign_in = await mutate(mail_client, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+    code = (await smtp.wait_for(email, count=2)).code()
+    session = await verify_otp(mail_client, sign_in["challengeToken"], code)
+    assert session["__typename"] == "AuthSession"
+
+
+# -- mail caps, refresh budgets ---------------------------------------------------------------
+
+
+async def test_code_mails_are_capped_but_the_answers_are_not(
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    clean_db: None,
+    smtp: SmtpSink,
+) -> None:
+    settings = make_settings(rate_limits=limits(code_mail_account="2/hour"), **smtp.settings())
+    async with running(settings, clock) as _app, client_for(_app) as http:
+        email = unique_email()
+        await signup(http, email, PASSWORD)
+        answers = [
+            await mutate(http, REQUEST_LOGIN_CODE, {"i": {"email": email}}) for _ in range(4)
+        ]
+        assert {a["__typename"] for a in answers} == {"OtpChallenge"}
+        assert {a["expiresIn"] for a in answers} == {600}
+        await smtp.wait_for(email, count=2)
+        await asyncio.sleep(0.3)  # the other two would be out by now (delivery is < 0.2 s)
+        assert len(smtp.mails(email)) == 2
+
+
+async def test_refresh_leaves_room_for_real_clients(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+) -> None:
+    settings = make_settings(rate_limits=limits(refresh_session="30/minute"))
+    async with running(settings, clock) as app, client_for(app) as http:
+        session = await signup(http, unique_email(), PASSWORD)
+        token = session["refreshToken"]
+        for _ in range(30):
+            rotated = await refresh(http, token)
+            assert rotated["__typename"] == "AuthSession"
+            # A retry of the spent token inside the reuse interval is answered again and
+            # does not count.
+            assert (await refresh(http, token))["refreshToken"] == rotated["refreshToken"]
+            token = rotated["refreshToken"]
+        over = await refresh(http, token)
+        assert over["code"] == "RATE_LIMITED" and over["retryAfter"] >= 1
+
+
+# -- a flood ------------------------------------------------------------------------------------
+
+
+async def test_a_flood_of_failed_logins_stops_neither_the_owner_nor_the_server(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    app = client._transport.app  # type: ignore[attr-defined]
+    email = unique_email()
+    await signup(client, email, PASSWORD)
+    device = (await device_login(client, email, PASSWORD))["deviceToken"]
+    hashes = CountingHashes(app)
+    attackers = [client_for(app, ip=f"10.{n // 250}.{n % 250}.1") for n in range(100)]
+    try:
+        answers = await asyncio.gather(
+            *(login(attackers[n % 100], email, f"guess {n}") for n in range(1000))
+        )
+    finally:
+        for attacker in attackers:
+            await attacker.aclose()
+    codes = [answer["code"] for answer in answers]
+    assert set(codes) <= {"INVALID_CREDENTIALS", "RATE_LIMITED"}
+    assert codes.count("RATE_LIMITED") >= 900
+    assert hashes.count <= 100  # the lockout refuses the rest before any hash
+    assert (await client.get("/healthz")).status_code == 200
+    owner = await device_login(client, email, PASSWORD, device)
+    assert owner["__typename"] == "AuthSession"
