@@ -518,3 +518,65 @@ async def test_one_totp_code_signs_in_once_across_two_processes(
             )
     kinds = sorted(a["verifyOtp"].get("code") or a["verifyOtp"]["__typename"] for a in answers)
     assert kinds == ["AuthSession", "INVALID_OTP"]
+
+
+# -- two processes, one Redis ------------------------------------------------------------
+
+
+def redis_reachable() -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+async def test_two_processes_share_limits_lockout_and_reuse_detection(
+    tmp_path: Path, database_url: str, clean_db: None
+) -> None:
+    """Behind a load balancer: the rate limits (Redis), the lockout (PostgreSQL) and the
+    refresh-reuse detection hold across two server processes."""
+    if not redis_reachable():
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    env = production_env(
+        database_url,
+        REDIS_URL="redis://127.0.0.1:6379/0",
+        REDIS_KEY_PREFIX=f"strawgate-test-{uuid.uuid4().hex[:8]}",
+        RATE_LIMITS__SIGNUP_IP="4/minute",
+        RATE_LIMITS__LOGIN_IP="1000/minute",
+        RATE_LIMITS__LOGIN_ACCOUNT="1000/minute",
+    )
+    async with running_many(2, env=env, cwd=tmp_path, logs=tmp_path / "logs") as servers:
+        async with servers[0].client() as one, servers[1].client() as two:
+            # The budget is shared: four signups from this address in all, not per process.
+            answers = []
+            for http in (one, two, one, two, one):
+                data = await ok(
+                    http, SIGNUP, {"i": {"email": unique_email(), "password": PASSWORD}}
+                )
+                answers.append(data["signup"])
+            kinds = [a.get("code") or a["__typename"] for a in answers]
+            assert kinds == ["AuthSession"] * 4 + ["RATE_LIMITED"], kinds
+            email = answers[0]["user"]["email"]
+            # Failures at either process add up to one lockout.
+            for http in (one, two, one, two, one):
+                data = await ok(http, LOGIN, {"i": {"email": email, "password": "wrong!"}})
+                assert data["login"]["code"] == "INVALID_CREDENTIALS"
+            for http in (one, two):
+                data = await ok(http, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+                assert data["login"]["code"] == "RATE_LIMITED"
+            # A refresh token spent at one process is reuse at the other.
+            token = answers[1]["refreshToken"]
+            rotated = await refreshed(one, token)
+            assert rotated["__typename"] == "AuthSession"
+            # Within the reuse interval the other process answers the same successor ...
+            again = await refreshed(two, token)
+            assert again["refreshToken"] == rotated["refreshToken"]
+            onward = await refreshed(two, rotated["refreshToken"])
+            assert onward["__typename"] == "AuthSession"
+            # ... but once that successor has itself been rotated, it is reuse.
+            reused = await refreshed(one, token)
+            assert reused["code"] == "TOKEN_REUSED"
