@@ -5,11 +5,14 @@ caps, refresh budgets, and a flood that stops neither the owner nor the server."
 from __future__ import annotations
 
 import asyncio
+import socket
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 
 from db.settings import RateLimits, Settings
@@ -37,6 +40,27 @@ LOGIN_WITH_DEVICE = (
 
 def limits(**overrides: str) -> RateLimits:
     return UNLIMITED.model_copy(update=overrides)
+
+
+def redis_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings for the limiter's store: this process's memory, or a real Redis."""
+    if request.param == "memory":
+        return {}
+    if not redis_reachable():
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    return {
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "redis_key_prefix": f"strawgate-test-{uuid.uuid4().hex[:8]}",
+    }
 
 
 @asynccontextmanager
@@ -77,9 +101,12 @@ async def device_login(
 
 
 async def test_over_the_limit_is_rate_limited_before_any_hash(
-    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    clean_db: None,
+    store: dict[str, Any],
 ) -> None:
-    settings = make_settings(rate_limits=limits(login_ip="3/minute"))
+    settings = make_settings(rate_limits=limits(login_ip="3/minute"), **store)
     async with running(settings, clock) as app, client_for(app) as http:
         email = unique_email()
         await signup(http, email, PASSWORD)
@@ -96,12 +123,18 @@ async def test_over_the_limit_is_rate_limited_before_any_hash(
 
 
 async def test_aliased_fields_each_count(
-    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    clean_db: None,
+    store: dict[str, Any],
 ) -> None:
     """60 aliased logins in one document: as many password checks as the budget allows,
     the rest RATE_LIMITED; the same through fragments."""
     settings = make_settings(
-        rate_limits=limits(login_ip="10/minute"), max_aliases=100, lockout_threshold=100
+        rate_limits=limits(login_ip="10/minute"),
+        max_aliases=100,
+        lockout_threshold=100,
+        **store,
     )
     async with running(settings, clock) as app, client_for(app) as http:
         email = unique_email()
@@ -298,9 +331,12 @@ async def test_code_mails_are_capped_but_the_answers_are_not(
 
 
 async def test_refresh_leaves_room_for_real_clients(
-    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    clean_db: None,
+    store: dict[str, Any],
 ) -> None:
-    settings = make_settings(rate_limits=limits(refresh_session="30/minute"))
+    settings = make_settings(rate_limits=limits(refresh_session="30/minute"), **store)
     async with running(settings, clock) as app, client_for(app) as http:
         session = await signup(http, unique_email(), PASSWORD)
         token = session["refreshToken"]
@@ -341,3 +377,30 @@ async def test_a_flood_of_failed_logins_stops_neither_the_owner_nor_the_server(
     assert (await client.get("/healthz")).status_code == 200
     owner = await device_login(client, email, PASSWORD, device)
     assert owner["__typename"] == "AuthSession"
+
+
+async def test_without_redis_the_limits_degrade_to_memory_not_to_failure(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+) -> None:
+    """A configured Redis that is away: sign-ins still work (and are still limited, per
+    process), /readyz says so."""
+    import socket as sockets
+
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    settings = make_settings(
+        rate_limits=limits(login_ip="2/minute"), redis_url=f"redis://127.0.0.1:{dead_port}/0"
+    )
+    async with running(settings, clock) as app, client_for(app) as http:
+        email = unique_email()
+        await signup(http, email, PASSWORD)
+        assert (await login(http, email, PASSWORD))["__typename"] == "AuthSession"
+        assert (await login(http, email, PASSWORD))["__typename"] == "AuthSession"
+        assert (await login(http, email, PASSWORD))["code"] == "RATE_LIMITED"
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {
+            "status": "ready (degraded)",
+            "rate_limits": "memory (redis unreachable)",
+        }
