@@ -160,6 +160,9 @@ class Settings(BaseSettings):
     # Prefix of every key in Redis (several deployments may share one Redis).
     redis_key_prefix: str = Field("strawgate", min_length=1, max_length=64)
     rate_limits: RateLimits = Field(default_factory=RateLimits)
+    # Off only where a gateway in front limits instead (or to measure what limits cost);
+    # the lockout stays on either way.
+    rate_limiting: bool = True
     # Lockout per normalized email (registered or not): after LOCKOUT_THRESHOLD failures
     # each further one locks for a step that doubles from LOCKOUT_BASE_SECONDS up to
     # LOCKOUT_MAX_SECONDS; a success, or LOCKOUT_RESET_SECONDS without a failure, resets.

@@ -382,6 +382,7 @@ def make_limiter(settings: Settings) -> RateLimiter:
         limits=settings.rate_limits,
         redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None,
         namespace=settings.redis_key_prefix,
+        enabled=settings.rate_limiting,
     )
 
 

@@ -55,7 +55,7 @@ REDIS_TIMEOUT = 0.5  # seconds, for connecting to Redis and for each reply
 RETRY_SECONDS = 5.0  # between probes of an unreachable Redis
 DIGEST_CHARS = 32  # 128 bits of SHA-256: keys stay short and never collide in practice
 
-Status = Literal["redis", "memory", "memory (redis unreachable)"]
+Status = Literal["redis", "memory", "memory (redis unreachable)", "off"]
 T = TypeVar("T")
 
 # REDIS_URL in redis-py's notation, to the `limits` library's async storage schemes.
@@ -117,7 +117,11 @@ class RateLimiter:
         namespace: str = "strawgate",
         redis_timeout: float = REDIS_TIMEOUT,
         retry_seconds: float = RETRY_SECONDS,
+        enabled: bool = True,
     ) -> None:
+        # Off (RATE_LIMITING=false): nothing is counted or refused; for deployments whose
+        # gateway limits, and to measure what the limits cost.
+        self.enabled = enabled
         self._items: dict[str, RateLimitItem] = {}
         for name, text in limits.model_dump().items():
             parsed = parse(text)
@@ -148,6 +152,8 @@ class RateLimiter:
     def status(self) -> Status:
         """Which store counts: "redis", "memory" (no REDIS_URL), or
         "memory (redis unreachable)" (degraded: per-process counters)."""
+        if not self.enabled:
+            return "off"
         if self._redis is None:
             return "memory"
         return "redis" if self._on_redis else "memory (redis unreachable)"
@@ -186,6 +192,8 @@ class RateLimiter:
     async def hit(self, name: str, key: str, *, cost: int = 1) -> None:
         """Count a hit of `cost` against limit `name` for `key`; over the limit, raise
         AuthFailure(RATE_LIMITED) with `retry_after` (the refused hit is not counted)."""
+        if not self.enabled:
+            return
         item, ident = self._item(name), _digest(key)
         if not await self._run(lambda limiter: limiter.hit(item, ident, cost=cost)):
             raise _refusal(await self._retry_after(item, ident))
@@ -193,6 +201,8 @@ class RateLimiter:
     async def test(self, name: str, key: str) -> int | None:
         """None if a hit would be allowed now; else the seconds until one would be
         (nothing is counted)."""
+        if not self.enabled:
+            return None
         item, ident = self._item(name), _digest(key)
         if await self._run(lambda limiter: limiter.test(item, ident)):
             return None
