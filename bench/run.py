@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -63,6 +64,7 @@ from bench.report import (
     reported_json,
     scenario_json,
 )
+from db.settings import RateLimits
 from tests.smtp import SmtpSink, free_port
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -116,6 +118,7 @@ class Options:
     otp_rate: float  # verifyOtp users seeded per second of warm-up and of measured run
     profile: bool
     pg_url: str
+    limiter: bool = True  # also measure the rate limiter's cost (three more servers)
 
 
 @dataclass
@@ -692,6 +695,80 @@ async def scenario_verify_otp(bench: Bench, seeds: Seeds, login: Scenario | None
     return reported
 
 
+# What the rate limiter costs: the same server with counting off, on memory, on Redis.
+LIMITER_STORES: tuple[tuple[str, dict[str, str]], ...] = (
+    ("off", {"RATE_LIMITING": "false"}),
+    ("memory", {}),
+    ("redis", {"REDIS_URL": "redis://127.0.0.1:6379/0"}),
+)
+
+
+def redis_reachable() -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+async def scenario_limiter(bench: Bench, seeds: Seeds) -> Reported:
+    """me and login on a fresh server process per store, one after another in one run:
+    ok/s with the limiter off, counting in memory, and counting in Redis."""
+    reported = Reported(
+        "limiter",
+        "rate limiter cost: me and login with counting off, in memory and in Redis"
+        " (a fresh server process each, one after another; login: 32 clients honouring"
+        " retryAfter)",
+        Row("strawgate"),
+        beside="login",
+    )
+    figures: dict[str, dict[str, float]] = {}
+    for store, extra in LIMITER_STORES:
+        if store == "redis" and not redis_reachable():
+            reported.notes.append("redis: not measured (no Redis at 127.0.0.1:6379)")
+            continue
+        env = {**bench.env, **extra, "REDIS_KEY_PREFIX": f"strawgate-bench-{secrets.token_hex(4)}"}
+        progress(f"limiter cost: {store}")
+        server = await start_server(
+            f"strawgate-limiter-{store}",
+            "graph.app:app",
+            env=env,
+            cwd=bench.work,
+            log_dir=bench.logs,
+            core=SERVER_CORE,
+        )
+        try:
+            variant = dataclasses.replace(bench, strawgate=server)
+            me, _rss = await measure(
+                variant,
+                server,
+                "/graphql",
+                name=f"me-limiter-{store}",
+                script="me.lua",
+                args=[ME_BODY, seeds.access_token],
+            )
+            scratch = new_scenario(f"login-limiter-{store}", "")
+            login = await login_clients(variant, scratch)
+        finally:
+            await stop_server(server)
+        figures[store] = {"me": me.ok_rps, "login": login.ok_rps or 0.0}
+    reported.raw["ok_per_s"] = figures
+    base = figures.get("off")
+    for store, seen in figures.items():
+        line = f"{store:>6}: me {seen['me']:,.0f} ok/s, login {seen['login']:,.1f} ok/s"
+        if base and store != "off":
+            line += (
+                f" (x{seen['me'] / base['me']:.2f} and x{seen['login'] / base['login']:.2f}"
+                " of counting off)"
+            )
+        reported.notes.append(line)
+    if "memory" in figures:
+        reported.row = Row("strawgate", ok_rps=figures["memory"]["login"])
+    return reported
+
+
 async def scenario_refresh(bench: Bench, seeds: Seeds) -> Scenario:
     scenario = new_scenario(
         "refresh",
@@ -835,6 +912,10 @@ async def run(options: Options) -> int:
         "ENCRYPTION_KEYS": Fernet.generate_key().decode("ascii"),
         "DATABASE_URL": with_database(options.pg_url, database, scheme="postgresql+asyncpg"),
         **{name.upper(): str(value) for name, value in mailbox.settings().items()},
+        # The scenarios measure throughput, not the budgets: every limit is counted (its
+        # cost is in the figures) but none binds. The limiter section compares with
+        # counting off.
+        **{f"RATE_LIMITS__{name.upper()}": "100000000/minute" for name in RateLimits.model_fields},
     }
     load = options.load
     pg = urlsplit(options.pg_url)
@@ -907,6 +988,9 @@ async def run(options: Options) -> int:
                 progress("scenario verifyOtp (reported only)")
                 login = next((s for s in scenarios if s.name == "login"), None)
                 reported.append(await scenario_verify_otp(bench, seeds, login))
+                if bench.options.limiter:
+                    progress("limiter cost (reported only)")
+                    reported.append(await scenario_limiter(bench, seeds))
                 if options.profile:
                     progress("profiling me")
                     try:
@@ -984,6 +1068,11 @@ def parse_options(argv: list[str] | None) -> Options:
         help="verifyOtp: two-factor users seeded per second of warm-up and of measured run",
     )
     parser.add_argument("--profile", action="store_true", help="also profile Strawgate under `me`")
+    parser.add_argument(
+        "--no-limiter",
+        action="store_true",
+        help="skip the rate limiter's cost (me and login with counting off, memory, Redis)",
+    )
     args = parser.parse_args(argv)
     if args.duration < 1 or args.warmup < 0:
         parser.error("--duration must be at least 1 s and --warmup not negative")
@@ -1009,6 +1098,7 @@ def parse_options(argv: list[str] | None) -> Options:
         otp_rate=args.otp_rate,
         profile=args.profile,
         pg_url=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL),
+        limiter=not args.no_limiter,
     )
 
 
