@@ -300,15 +300,18 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 if settings.require_email_verification
                 else None,
                 outbox_retention=timedelta(days=settings.outbox_retention_days),
+                event_retention=timedelta(days=settings.security_event_retention_days),
+                session_retention=timedelta(days=settings.session_retention_days),
             )
             limiter = make_limiter(settings)
             await limiter.start()
             auth = make_auth(settings, statements, hasher, outbox, clock, limiter)
+            housekeeper.lockout = auth.lockout
             app.state.services = AppServices(
                 settings=settings,
                 auth=auth,
                 account=AccountService(auth=auth),
-                events=SecurityEvents(clock=clock),
+                events=auth.events,
             )
             app.state.mail_sender = sender
             app.state.housekeeper = housekeeper
@@ -396,6 +399,7 @@ def make_auth(
 ) -> AuthService:
     secret = settings.secret()
     notices = Notices(outbox=outbox, clock=clock)
+    events = SecurityEvents(clock=clock)
     devices = DeviceTokens(
         key=derive_key(secret, "device-token"),
         lifetime=timedelta(days=settings.device_token_days),
@@ -427,6 +431,7 @@ def make_auth(
             notices=notices,
             limiter=limiter,
             devices=devices,
+            events=events,
         ),
         challenges=Challenges(
             statements=statements,
@@ -449,6 +454,7 @@ def make_auth(
             reset_after=timedelta(seconds=settings.lockout_reset_seconds),
         ),
         limiter=limiter,
+        events=events,
     )
 
 

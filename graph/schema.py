@@ -19,6 +19,7 @@ from strawberry.types.graphql import OperationType
 from db.settings import Settings
 from graph.resolvers.account import AccountMutation, AccountQuery
 from graph.resolvers.auth import AuthMutation, AuthQuery
+from graph.resolvers.events import EventsQuery
 from graph.resolvers.mfa import MfaMutation
 
 # Distinct documents kept parsed and validated. Bounded, so that a stream of unique
@@ -49,7 +50,7 @@ def _validate(
 
 
 @strawberry.type
-class Query(AuthQuery, AccountQuery):
+class Query(AuthQuery, AccountQuery, EventsQuery):
     pass
 
 

@@ -19,6 +19,7 @@ from db.security.limiter import client_key
 from db.security.tokens import new_opaque_token
 from db.services import challenges as ch
 from db.services.auth import AMR_EMAIL_CODE, AuthService
+from db.services.events import EventKind
 from db.services.types import (
     ClientInfo,
     IssuedChallenge,
@@ -103,6 +104,7 @@ class AccountService:
         self.clock = auth.clock
         self.hasher = auth.hasher
         self.limiter = auth.limiter
+        self.events = auth.events
 
     # -- codes by mail ----------------------------------------------------------------------
 
@@ -122,7 +124,7 @@ class AccountService:
         mail_key = str(account["id"]) if account is not None else address.normalized
         if not await self._may_mail(mail_key):
             recipient = None  # over the account's mail cap: the same answer, no mail
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             issued = await self.challenges.open_email(
                 tx, purpose=purpose, user=recipient, amr=[], client=client
             )
@@ -136,7 +138,7 @@ class AccountService:
         if user.email_verified:
             raise invalid_input("This email address is already verified.")
         may_mail = await self._may_mail(str(user.id))
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             issued = await self.challenges.open_email(
                 tx,
                 purpose=ch.VERIFY_EMAIL,
@@ -181,7 +183,7 @@ class AccountService:
         amr = merge_amr(challenge["amr"].split(), AMR_EMAIL_CODE)
         async with self.statements.connection() as conn:
             otp_on = await conn.first(_OTP_ON, {"uid": user_id}) is not None
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             # The account's lock first (see AuthService.lock_user), then the challenge.
             await self.auth.lock_user(tx, user_id, exclusive=True)
             if not await self.challenges.consume(tx, challenge["id"]):
@@ -241,7 +243,7 @@ class AccountService:
         new_hash = await self.hasher.hash(new_password)
         now = self.clock.now()
         refresh = new_opaque_token()
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             # The account's lock first (see AuthService.lock_user): two changes from two
             # sessions at once, or a change and a reset, queue up instead of deadlocking,
             # and a sign-in that checked the old password opens no session after this.
@@ -288,18 +290,25 @@ class AccountService:
             rows = await conn.all(_LIVE_SESSIONS, {"uid": user.id, "now": self.clock.now()})
         return [_session_view(row, claims.session_id) for row in rows]
 
-    async def revoke_session(self, *, user: UserView, session_id: str) -> int:
+    async def revoke_session(
+        self, *, user: UserView, session_id: str, client: ClientInfo | None = None
+    ) -> int:
         """Ends one of the user's own sessions; another user's id (or nonsense) ends
         nothing and says nothing."""
         try:
             target = uuid.UUID(session_id)
         except ValueError:
             return 0
-        async with self.statements.transaction() as tx:
-            return await tx.execute(
+        async with self.events.transaction(self.statements) as tx:
+            revoked = await tx.execute(
                 _REVOKE_OWN_SESSION,
                 {"session_id": target, "owner_id": user.id, "now": self.clock.now()},
             )
+            if revoked:
+                await self.events.record(
+                    tx, EventKind.SESSION_REVOKED, user_id=user.id, session_id=target, client=client
+                )
+            return revoked
 
 
 def _session_view(row: Mapping[str, Any], current: uuid.UUID) -> SessionView:

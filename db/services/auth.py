@@ -41,6 +41,7 @@ from db.security.tokens import (
 )
 from db.services import challenges as ch
 from db.services.challenges import Challenges
+from db.services.events import EventKind, SecurityEvents
 from db.services.lockout import Lockout
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
@@ -373,7 +374,9 @@ class AuthService:
         devices: DeviceTokens,
         lockout: Lockout,
         limiter: RateLimiter,
+        events: SecurityEvents,
     ) -> None:
+        self.events = events
         self.devices = devices
         self.lockout = lockout
         self.limiter = limiter
@@ -419,7 +422,7 @@ class AuthService:
             "email_verified_at": None,
             "created_at": now,
         }
-        add_user = {
+        add_user: dict[str, Any] = {
             "user_id": user["id"],
             "email": address.address,
             "email_normalized": address.normalized,
@@ -427,7 +430,7 @@ class AuthService:
             "now": now,
         }
         try:
-            async with self.statements.transaction() as tx:
+            async with self.events.transaction(self.statements) as tx:
                 if existing is not None:
                     # A pending signup: replaced once its codes have expired; until then
                     # the answer looks the same and no mail goes out.
@@ -443,6 +446,9 @@ class AuthService:
                 # The unique index decides between concurrent signups; the check above
                 # only spares a hash in the common case.
                 await tx.execute(_ADD_USER, add_user)
+                await self.events.record(
+                    tx, EventKind.SIGNUP, user_id=add_user["user_id"], client=client
+                )
                 if self.require_email_verification:
                     issued: IssuedSession | IssuedChallenge = await self.challenges.open_email(
                         tx, purpose=ch.VERIFY_EMAIL, user=user, amr=AMR_PASSWORD, client=client
@@ -454,7 +460,7 @@ class AuthService:
         except UniqueViolation:
             if not self.require_email_verification:
                 raise _email_taken() from None
-            async with self.statements.transaction() as tx:
+            async with self.events.transaction(self.statements) as tx:
                 return await self._pending_signup(tx, client)
         self.outbox.wake()
         return issued
@@ -506,12 +512,14 @@ class AuthService:
             if not ok:
                 raise _invalid_credentials()
         except AuthFailure:
+            locked_until = None
             if normalized is not None and device is None:
-                await self.lockout.failed(normalized)
+                locked_until = await self.lockout.failed(normalized)
+            await self._login_failed(user, normalized, client, locked_until)
             raise
         if not user["is_active"]:
             raise _account_disabled()
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             locked = await tx.first(_SHARE_USER, {"uid": user["id"]})
             if locked is None or locked["password_changed_at"] != user["password_changed_at"]:
                 # The password changed since it was checked: it is no longer the password.
@@ -534,12 +542,36 @@ class AuthService:
         if new_hash is not None:
             # After the commit, in a transaction of its own: it takes the row exclusively,
             # which concurrent sign-ins holding it shared must not wait for each other on.
-            async with self.statements.transaction() as tx:
+            async with self.events.transaction(self.statements) as tx:
                 await self._upgrade_hash(tx, user, new_hash)
         if normalized is not None and throttled:
             await self.lockout.succeeded(normalized)  # the right password clears the count
         self.outbox.wake()
         return issued
+
+    async def _login_failed(
+        self,
+        user: Mapping[str, Any] | None,
+        normalized: str | None,
+        client: ClientInfo,
+        locked_until: datetime | None,
+    ) -> None:
+        """LOGIN_FAILED (and LOCKED_OUT when this failure started a lock), in their own
+        transaction: the sign-in's own has nothing to commit."""
+        user_id = user["id"] if user is not None else None
+        async with self.events.transaction(self.statements) as tx:
+            await self.events.record(
+                tx, EventKind.LOGIN_FAILED, user_id=user_id, client=client, email=normalized
+            )
+            if locked_until is not None:
+                await self.events.record(
+                    tx,
+                    EventKind.LOCKED_OUT,
+                    user_id=user_id,
+                    client=client,
+                    email=normalized,
+                    details={"until": locked_until.isoformat()},
+                )
 
     async def _upgrade_hash(self, tx: Runner, user: Mapping[str, Any], new_hash: str) -> None:
         """A legacy or weaker hash is replaced, unless the password changed meanwhile."""
@@ -563,6 +595,22 @@ class AuthService:
         await self.limiter.hit("verify_otp_ip", client_key(client.ip))
         await self.limit_code_checks(challenge_token, client)
         challenge = await self.challenges.take_attempt(ch.TAKE_FOR_VERIFY_OTP, challenge_token)
+        try:
+            return await self._complete(challenge, code, client)
+        except AuthFailure as failure:
+            if failure.code is ErrorCode.INVALID_OTP and challenge["user_id"] is not None:
+                await self.events.record_now(
+                    self.statements,
+                    EventKind.LOGIN_FAILED,
+                    user_id=challenge["user_id"],
+                    client=client,
+                    details={"step": challenge["method"].lower()},
+                )
+            raise
+
+    async def _complete(
+        self, challenge: Mapping[str, Any], code: str, client: ClientInfo
+    ) -> IssuedSession | IssuedChallenge:
         if challenge["method"] == ch.EMAIL:
             return await self._complete_emailed_code(challenge, code, client)
         user_id = challenge["user_id"]
@@ -624,7 +672,7 @@ class AuthService:
         if not self.challenges.email_code_matches(challenge, code):
             raise invalid_otp()
         amr = merge_amr(challenge["amr"].split(), AMR_EMAIL_CODE)
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             await self.lock_user(tx, challenge["user_id"], exclusive=True)
             user = await tx.first(_USER_BY_ID, {"user_id": challenge["user_id"]})
             if user is None:
@@ -638,6 +686,10 @@ class AuthService:
                 await self._distrust_password(tx, user["id"])
             # A code that reached the mailbox proves the address (sign-in codes too).
             await tx.execute(_MARK_VERIFIED, {"uid": user["id"], "now": now})
+            if user["email_verified_at"] is None:
+                await self.events.record(
+                    tx, EventKind.EMAIL_VERIFIED, user_id=user["id"], client=client
+                )
             user = {**user, "email_verified_at": user["email_verified_at"] or now}
             if user["otp_confirmed_at"] is not None and "mfa" not in amr:
                 # A mailbox alone never signs in to an account with two-factor on.
@@ -672,6 +724,13 @@ class AuthService:
                 client=client,
                 remaining=int(remaining[0]),
             )
+        await self.events.record(
+            tx,
+            EventKind.RECOVERY_CODE_USED,
+            user_id=user_id,
+            client=client,
+            details={"remaining": int(remaining[0])},
+        )
 
     # -- passwords ------------------------------------------------------------------------
 
@@ -696,6 +755,9 @@ class AuthService:
         await self._end_sessions(tx, user_id, keep=None, reason="password_reset")
         await self.challenges.void_all(tx, user_id)
         await self.notices.send(tx, email=user["email"], template="password_reset", client=client)
+        await self.events.record(tx, EventKind.PASSWORD_RESET, user_id=user_id, client=client)
+        if user["email_verified_at"] is None:
+            await self.events.record(tx, EventKind.EMAIL_VERIFIED, user_id=user_id, client=client)
         return {
             **user,
             "email_verified_at": user["email_verified_at"] or now,
@@ -724,6 +786,9 @@ class AuthService:
         await self._end_sessions(tx, user.id, keep=session_id, reason="password_changed")
         await self.challenges.void_all(tx, user.id)
         await self.notices.send(tx, email=user.email, template="password_changed", client=client)
+        await self.events.record(
+            tx, EventKind.PASSWORD_CHANGED, user_id=user.id, session_id=session_id, client=client
+        )
         return True
 
     async def lock_sessions(self, tx: Runner, user_id: uuid.UUID) -> None:
@@ -781,6 +846,14 @@ class AuthService:
             },
         )
         await self.add_generation(tx, session_id, 0, refresh, now)
+        await self.events.record(
+            tx,
+            EventKind.LOGIN_SUCCEEDED,
+            user_id=user.id,
+            session_id=session_id,
+            client=client,
+            details={"amr": " ".join(amr)},
+        )
         if history is not None and history["signed_in_before"] and not history["known"]:
             # Not the account's first session, and not a device and network seen lately.
             await self.notices.send(tx, email=user.email, template="new_device", client=client)
@@ -835,7 +908,7 @@ class AuthService:
         digest = token_digest(refresh_token)
         now = self.clock.now()
         reused = False
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             # Locks the session and the presented generation: rotations of one session are
             # serialised across processes (SQLite: BEGIN IMMEDIATE holds the write lock).
             state = await tx.first(_ROTATION_STATE, {"digest": digest})
@@ -869,6 +942,13 @@ class AuthService:
             if not reused:
                 await tx.execute(_TOUCH_SESSION, {"session_id": session_id, "now": now})
         if reused:  # raised after the commit, so the revocation holds
+            await self.events.record_now(
+                self.statements,
+                EventKind.REFRESH_REUSED,
+                user_id=state["user_id"],
+                session_id=session_id,
+                client=client,
+            )
             raise AuthFailure(
                 ErrorCode.TOKEN_REUSED,
                 "This refresh token was already used; the session has been ended.",
@@ -892,20 +972,29 @@ class AuthService:
 
     # -- logout -------------------------------------------------------------------------
 
-    async def logout(self, *, refresh_token: str | None, everywhere: bool) -> int:
+    async def logout(
+        self, *, refresh_token: str | None, everywhere: bool, client: ClientInfo | None = None
+    ) -> int:
         """End the session of a refresh token (spent ones of a live session too), or every
         session of its user. Returns how many sessions ended."""
         if not refresh_token or not looks_like_opaque_token(refresh_token):
             return 0
         now = self.clock.now()
         digest = {"digest": token_digest(refresh_token)}
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             if not everywhere:
                 found = await tx.first(_LOCK_SESSION_BY_TOKEN, digest)
                 if found is None or not _is_live(found, now):
                     return 0
                 await tx.execute(
                     _REVOKE_SESSION, {"session_id": found["id"], "now": now, "reason": "logout"}
+                )
+                await self.events.record(
+                    tx,
+                    EventKind.LOGOUT,
+                    user_id=found["user_id"],
+                    session_id=found["id"],
+                    client=client,
                 )
                 return 1
             found = await tx.first(_SESSION_BY_TOKEN, digest)
@@ -917,10 +1006,19 @@ class AuthService:
             if found is None or not _is_live(found, now):
                 return 0
             await tx.execute(_BUMP_DEVICE_EPOCH, {"owner_id": found["user_id"]})
-            return await tx.execute(
+            ended = await tx.execute(
                 _REVOKE_USER_SESSIONS,
                 {"owner_id": found["user_id"], "now": now, "reason": "logout_everywhere"},
             )
+            await self.events.record(
+                tx,
+                EventKind.LOGOUT,
+                user_id=found["user_id"],
+                session_id=found["id"],
+                client=client,
+                details={"everywhere": True, "sessions": ended},
+            )
+            return ended
 
     # -- the per-request check ------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from sqlalchemy import bindparam, delete, exists, func, select
 from db.clock import Clock
 from db.mail.outbox import erase_expired_secrets, prune_outbox
 from db.models import Challenge, User, UserSession
+from db.services.events import prune_ended_sessions, prune_events, prune_spent_generations
+from db.services.lockout import Lockout
 from db.session import Statements
 
 log = logging.getLogger("strawgate.housekeeping")
@@ -44,6 +46,10 @@ class Pruned:
     unverified_users: int = 0
     mail_secrets: int = 0
     outbox_rows: int = 0
+    security_events: int = 0
+    ended_sessions: int = 0
+    spent_generations: int = 0
+    throttles: int = 0
 
 
 class Housekeeper:
@@ -55,7 +61,13 @@ class Housekeeper:
         interval: float,
         unverified_account_age: timedelta | None,
         outbox_retention: timedelta,
+        event_retention: timedelta = timedelta(days=365),
+        session_retention: timedelta = timedelta(days=30),
+        lockout: Lockout | None = None,
     ) -> None:
+        self.event_retention = event_retention
+        self.session_retention = session_retention
+        self.lockout = lockout
         self.statements = statements
         self.clock = clock
         self.interval = interval
@@ -84,6 +96,12 @@ class Housekeeper:
             unverified_users=unverified,
             mail_secrets=await erase_expired_secrets(self.statements, now),
             outbox_rows=await prune_outbox(self.statements, now, self.outbox_retention),
+            security_events=await prune_events(self.statements, now, self.event_retention),
+            ended_sessions=await prune_ended_sessions(self.statements, now, self.session_retention),
+            spent_generations=await prune_spent_generations(
+                self.statements, now, self.session_retention
+            ),
+            throttles=await self.lockout.prune() if self.lockout is not None else 0,
         )
         if any((pruned.challenges, pruned.unverified_users, pruned.outbox_rows)):
             log.info(

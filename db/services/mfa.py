@@ -28,6 +28,7 @@ from db.security.totp import (
     qr_svg,
     recovery_lookup,
 )
+from db.services.events import EventKind, SecurityEvents
 from db.services.notices import Notices
 from db.services.types import ClientInfo
 from db.session import Runner, Statements
@@ -165,7 +166,9 @@ class TwoFactor:
         notices: Notices,
         limiter: RateLimiter,
         devices: DeviceTokens,
+        events: SecurityEvents,
     ) -> None:
+        self.events = events
         self.limiter = limiter
         self.devices = devices
         self.statements = statements
@@ -183,7 +186,7 @@ class TwoFactor:
         secret = new_secret()
         for _attempt in range(3):
             try:
-                async with self.statements.transaction() as tx:
+                async with self.events.transaction(self.statements) as tx:
                     await tx.execute(_DROP_PENDING, {"uid": user_id})
                     await tx.execute(
                         _ADD_CREDENTIAL,
@@ -225,7 +228,7 @@ class TwoFactor:
             client=self._budget(client),
         )
         codes, rows = await self._new_recovery_codes(user_id)
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             confirmed = await tx.first(
                 _CONFIRM,
                 {"uid": user_id, "sealed": credential["secret_sealed"], "now": self.clock.now()},
@@ -237,6 +240,7 @@ class TwoFactor:
                 )
             await self._store_recovery_codes(tx, user_id, rows)
             await self.notices.send(tx, email=email, template="totp_enabled", client=client)
+            await self.events.record(tx, EventKind.TOTP_ENABLED, user_id=user_id, client=client)
         self.notices.outbox.wake()
         return codes
 
@@ -254,7 +258,7 @@ class TwoFactor:
             client=self._budget(client),
         )
         codes, rows = await self._new_recovery_codes(user_id)
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             await self._store_recovery_codes(tx, user_id, rows)
         return codes
 
@@ -279,10 +283,11 @@ class TwoFactor:
             recovery=True,
             client=self._budget(client),
         )
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             await tx.execute(_DROP_RECOVERY_CODES, {"uid": user_id})
             await tx.execute(_DROP_CREDENTIAL, {"uid": user_id})
             await self.notices.send(tx, email=email, template="totp_disabled", client=client)
+            await self.events.record(tx, EventKind.TOTP_DISABLED, user_id=user_id, client=client)
         self.notices.outbox.wake()
 
     # -- checking a code ---------------------------------------------------------------------
@@ -314,7 +319,7 @@ class TwoFactor:
         method = await self._verify(
             user_id, code, credential, recovery=recovery, now=now, claim=claim, lock=lock
         )
-        async with self.statements.transaction() as tx:
+        async with self.events.transaction(self.statements) as tx:
             await tx.execute(_REFUND_CHECK, {"key": key})
         return method
 
@@ -338,7 +343,7 @@ class TwoFactor:
             secret = self.box.open(credential["secret_sealed"])
             step = matching_step(secret, code, now=now, after=credential["last_step"])
             if step is not None:
-                async with self.statements.transaction() as tx:
+                async with self.events.transaction(self.statements) as tx:
                     if lock is not None:
                         await lock(tx)
                     accepted = await tx.first(
@@ -360,7 +365,7 @@ class TwoFactor:
             if candidate is not None:
                 ok, _ = await self.hasher.verify(normalized, candidate["code_hash"])
                 if ok:
-                    async with self.statements.transaction() as tx:
+                    async with self.events.transaction(self.statements) as tx:
                         if lock is not None:
                             await lock(tx)
                         used = await tx.first(
@@ -381,7 +386,7 @@ class TwoFactor:
         parallel guesses, so none passes the cap."""
         for _attempt in range(3):
             try:
-                async with self.statements.transaction() as tx:
+                async with self.events.transaction(self.statements) as tx:
                     row = await tx.first(_CHECKS, {"key": key})
                     if row is None:
                         await tx.execute(_FIRST_CHECK, {"key": key, "now": now})

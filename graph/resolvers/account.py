@@ -164,6 +164,6 @@ class AccountMutation:
         user, _claims = await info.context.signed_in()
         refuse_as_graphql_error(info, input)
         revoked = await info.context.services.account.revoke_session(
-            user=user, session_id=str(input.id)
+            user=user, session_id=str(input.id), client=info.context.client
         )
         return LogoutResult(revoked=revoked)

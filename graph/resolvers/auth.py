@@ -129,6 +129,8 @@ class AuthMutation:
     async def logout(self, info: Info[Context, Any], input: LogoutInput) -> LogoutResult:
         refuse_as_graphql_error(info, input)
         revoked = await info.context.services.auth.logout(
-            refresh_token=input.refresh_token or None, everywhere=input.everywhere
+            refresh_token=input.refresh_token or None,
+            everywhere=input.everywhere,
+            client=info.context.client,
         )
         return LogoutResult(revoked=revoked)
