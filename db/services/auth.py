@@ -511,7 +511,9 @@ class AuthService:
             ok, new_hash = await self.hasher.verify(password, user["password_hash"])
             if not ok:
                 raise _invalid_credentials()
-        except AuthFailure:
+        except AuthFailure as failure:
+            if failure.code is not ErrorCode.INVALID_CREDENTIALS:
+                raise  # a busy hasher (RATE_LIMITED) is no failed sign-in
             locked_until = None
             if normalized is not None and device is None:
                 locked_until = await self.lockout.failed(normalized)
