@@ -406,3 +406,98 @@ async def test_without_redis_the_limits_degrade_to_memory_not_to_failure(
             "status": "ready (degraded)",
             "rate_limits": "memory (redis unreachable)",
         }
+
+
+# -- wrong codes per client, batches, device cookies, pruning ------------------------------
+
+
+async def test_another_clients_wrong_codes_never_refuse_the_owners_right_one(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    """Someone with the password (a phished one, say) guesses TOTP codes from elsewhere
+    until refused; the owner's right code on the owner's challenge still signs in."""
+    from tests.graph.test_mfa import challenge, code_at, enrolled
+
+    email, _token, secret, _codes = await enrolled(client, clock)
+    app = client._transport.app  # type: ignore[attr-defined]
+    async with client_for(app, ip="192.0.2.200") as intruder:
+        answers = []
+        for n in range(12):
+            token = await challenge(intruder, email)
+            answers.append((await verify_otp(intruder, token, f"{n:06d}"))["code"])
+        assert answers.count("RATE_LIMITED") >= 1, answers  # that client is refused
+    mine = await challenge(client, email)
+    session = await verify_otp(client, mine, code_at(secret, clock))
+    assert session["__typename"] == "AuthSession"
+
+
+async def test_each_operation_of_a_batch_counts(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+) -> None:
+    settings = make_settings(rate_limits=limits(login_ip="2/minute"), batching=True)
+    async with running(settings, clock) as app, client_for(app) as http:
+        email = unique_email()
+        await signup(http, email, PASSWORD)
+        one = {
+            "query": "mutation($i: LoginInput!) { login(input: $i) {"
+            " __typename ... on AuthError { code } } }",
+            "variables": {"i": {"email": email, "password": PASSWORD}},
+        }
+        response = await http.post("/graphql", json=[one, one, one])
+        assert response.status_code == 200, response.text
+        kinds = [a["data"]["login"].get("code") or "AuthSession" for a in response.json()]
+        assert kinds == ["AuthSession", "AuthSession", "RATE_LIMITED"]
+
+
+async def test_browsers_keep_the_device_token_in_an_httponly_cookie(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+) -> None:
+    settings = make_settings(device_token_transport="cookie")
+    async with running(settings, clock) as app, client_for(app) as browser:
+        email = unique_email()
+        await signup(browser, email, PASSWORD)
+        response = await browser.post(
+            "/graphql",
+            json={
+                "query": LOGIN_WITH_DEVICE,
+                "variables": {"i": {"email": email, "password": PASSWORD}},
+            },
+        )
+        answer = response.json()["data"]["login"]
+        assert answer["__typename"] == "AuthSession"
+        assert answer["deviceToken"] is None  # never reaches JavaScript
+        cookie = response.headers["set-cookie"]
+        assert cookie.startswith("strawgate_device=")
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/graphql" in cookie
+        async with client_for(app, ip="192.0.2.77") as stranger:
+            for _ in range(6):
+                await login(stranger, email, WRONG)
+        # The browser sends its cookie back by itself: not held up by the lockout.
+        assert (await login(browser, email, PASSWORD))["__typename"] == "AuthSession"
+
+
+async def test_housekeeping_prunes_old_events_and_ended_sessions(
+    app: Starlette, client: httpx.AsyncClient, clock: MutableClock, database_url: str
+) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    email = unique_email()
+    session = await signup(client, email, PASSWORD)
+    await gql(client, LOGOUT, {"i": {"refreshToken": session["refreshToken"]}})
+
+    async def count(table: str) -> int:
+        engine = create_async_engine(database_url)
+        async with engine.connect() as conn:
+            found = (await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one()  # noqa: S608
+        await engine.dispose()
+        return int(found)
+
+    assert await count("security_events") >= 3 and await count("sessions") == 1
+    clock.advance(days=31)
+    pruned = await app.state.housekeeper.run_once()
+    assert pruned.ended_sessions == 1 and await count("sessions") == 0
+    assert await count("security_events") >= 3  # kept a year
+    clock.advance(days=366)
+    pruned = await app.state.housekeeper.run_once()
+    assert pruned.security_events >= 3 and await count("security_events") == 0
