@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     device_token_days: int = Field(90, ge=1, le=365)
     device_token_transport: Literal["body", "cookie"] = "body"  # noqa: S105 - a mode
     device_cookie_samesite: Literal["strict", "lax", "none"] = "strict"
+    # GET /metrics: only from these networks (comma-separated CIDRs), or with this bearer.
+    metrics_allow_networks: str = "127.0.0.1/32,::1/128"
+    metrics_token: SecretStr | None = None
     # HTTP: cross-origin access only for these origins (comma-separated; none by default).
     cors_allow_origins: str = ""
     # GraphQL: the query text's size, and batches of operations (off unless set).

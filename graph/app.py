@@ -55,6 +55,7 @@ from db.settings import ConfigError, Settings
 from graph.context import AppServices, Context
 from graph.errors import is_database_unavailable, present_errors
 from graph.http import edge_middleware
+from graph.metrics import Metrics, metrics_endpoint
 from graph.schema import build_schema
 
 log = logging.getLogger("strawgate")
@@ -270,6 +271,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     view = GraphQLView(settings)
     schema_head = head_revision()
     transport = make_transport(settings)  # refuses the console backend in production
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -304,6 +306,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 session_retention=timedelta(days=settings.session_retention_days),
             )
             limiter = make_limiter(settings)
+            limiter.on_refusal = lambda name: metrics.rate_limited.labels(limit=name).inc()
             await limiter.start()
             auth = make_auth(settings, statements, hasher, outbox, clock, limiter)
             housekeeper.lockout = auth.lockout
@@ -373,6 +376,13 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             Route("/graphql", view),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route(
+                "/metrics",
+                metrics_endpoint(
+                    settings,
+                    lambda request: (metrics, request.app.state.services.auth.limiter),
+                ),
+            ),
         ],
         lifespan=lifespan,
     )

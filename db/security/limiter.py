@@ -122,6 +122,8 @@ class RateLimiter:
         # Off (RATE_LIMITING=false): nothing is counted or refused; for deployments whose
         # gateway limits, and to measure what the limits cost.
         self.enabled = enabled
+        # Told the limit's name at every refusal (metrics count them).
+        self.on_refusal: Callable[[str], None] | None = None
         self._items: dict[str, RateLimitItem] = {}
         for name, text in limits.model_dump().items():
             parsed = parse(text)
@@ -196,6 +198,8 @@ class RateLimiter:
             return
         item, ident = self._item(name), _digest(key)
         if not await self._run(lambda limiter: limiter.hit(item, ident, cost=cost)):
+            if self.on_refusal is not None:
+                self.on_refusal(name)
             raise _refusal(await self._retry_after(item, ident))
 
     async def test(self, name: str, key: str) -> int | None:

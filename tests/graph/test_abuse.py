@@ -501,3 +501,36 @@ async def test_housekeeping_prunes_old_events_and_ended_sessions(
     clock.advance(days=366)
     pruned = await app.state.housekeeper.run_once()
     assert pruned.security_events >= 3 and await count("security_events") == 0
+
+
+async def test_metrics_show_where_the_limits_count_to_operators_only(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+) -> None:
+    import socket as sockets
+
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    settings = make_settings(
+        rate_limits=limits(login_ip="1/minute"),
+        redis_url=f"redis://127.0.0.1:{dead_port}/0",
+        metrics_token="operator-token-0123456789",
+    )
+    async with running(settings, clock) as app:
+        async with client_for(app, ip="127.0.0.1") as local:
+            email = unique_email()
+            await signup(local, email, PASSWORD)
+            await login(local, email, PASSWORD)
+            assert (await login(local, email, PASSWORD))["code"] == "RATE_LIMITED"
+            text = (await local.get("/metrics")).text
+            assert 'strawgate_rate_limit_store{store="memory (redis unreachable)"} 1.0' in text
+            assert "strawgate_rate_limit_degraded 1.0" in text
+            assert 'strawgate_rate_limited_total{limit="login_ip"} 1.0' in text
+        async with client_for(app, ip="203.0.113.50") as outsider:
+            assert (await outsider.get("/metrics")).status_code == 404
+            with_token = await outsider.get(
+                "/metrics", headers={"authorization": "Bearer operator-token-0123456789"}
+            )
+            assert with_token.status_code == 200
+            wrong = await outsider.get("/metrics", headers={"authorization": "Bearer nope"})
+            assert wrong.status_code == 404

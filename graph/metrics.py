@@ -1,0 +1,92 @@
+"""GET /metrics in Prometheus's text format, for operators only: reachable from the
+networks in METRICS_ALLOW_NETWORKS (loopback by default) or with METRICS_TOKEN as a
+bearer token; anyone else gets a 404, as if there were nothing there.
+
+What it shows so far: where the rate limits count (and whether Redis is away), and the
+rate-limit refusals by limit. The registry is the app's own (several apps in one process,
+as in the tests, do not share one)."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+from db.security.limiter import RateLimiter
+from db.settings import ConfigError, Settings
+
+STORES = ("redis", "memory", "memory (redis unreachable)", "off")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.rate_limit_store = Gauge(
+            "strawgate_rate_limit_store",
+            "Where the rate limits count: 1 for the current store.",
+            ["store"],
+            registry=self.registry,
+        )
+        self.rate_limit_degraded = Gauge(
+            "strawgate_rate_limit_degraded",
+            "1 while a configured Redis is unreachable and limits count per process.",
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "strawgate_rate_limited",
+            "Requests refused by a rate limit, by limit.",
+            ["limit"],
+            registry=self.registry,
+        )
+
+    def observe(self, limiter: RateLimiter) -> None:
+        status = limiter.status
+        for store in STORES:
+            self.rate_limit_store.labels(store=store).set(1 if store == status else 0)
+        self.rate_limit_degraded.set(1 if limiter.degraded else 0)
+
+
+def allowed_networks(settings: Settings) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    networks = []
+    for part in settings.metrics_allow_networks.split(","):
+        if part.strip():
+            try:
+                networks.append(ipaddress.ip_network(part.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"METRICS_ALLOW_NETWORKS: {part.strip()!r} is no network"
+                ) from None
+    return networks
+
+
+def metrics_endpoint(
+    settings: Settings, metrics: Callable[[Request], tuple[Metrics, RateLimiter]]
+) -> Callable[[Request], Awaitable[Response]]:
+    networks = allowed_networks(settings)
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+
+    def permitted(request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if token and scheme.lower() == "bearer":
+            return hmac.compare_digest(presented.strip().encode(), token.encode())
+        host = request.client.host if request.client else None
+        try:
+            address = ipaddress.ip_address(host) if host else None
+        except ValueError:
+            address = None
+        return address is not None and any(address in network for network in networks)
+
+    async def endpoint(request: Request) -> Response:
+        if not permitted(request):
+            return PlainTextResponse("Not Found", status_code=404)
+        registry, limiter = metrics(request)
+        registry.observe(limiter)
+        return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return endpoint
