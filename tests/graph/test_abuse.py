@@ -534,3 +534,63 @@ async def test_metrics_show_where_the_limits_count_to_operators_only(
             assert with_token.status_code == 200
             wrong = await outsider.get("/metrics", headers={"authorization": "Bearer nope"})
             assert wrong.status_code == 404
+
+
+# Each limited mutation refuses its second call in a minute when its address limit is 1.
+PER_ADDRESS = {
+    "signup_ip": ("signup", 'signup(input: {email: "EMAIL", password: "PW"})'),
+    "login_ip": ("login", 'login(input: {email: "EMAIL", password: "PW"})'),
+    "verify_otp_ip": ("verifyOtp", 'verifyOtp(input: {challengeToken: "x", code: "123456"})'),
+    "refresh_ip": ("refresh", 'refresh(input: {refreshToken: "x"})'),
+    "request_login_code_ip": ("requestLoginCode", 'requestLoginCode(input: {email: "EMAIL"})'),
+    "request_password_reset_ip": (
+        "requestPasswordReset",
+        'requestPasswordReset(input: {email: "EMAIL"})',
+    ),
+    "resend_otp_ip": ("resendOtp", 'resendOtp(input: {challengeToken: "x"})'),
+    "reset_password_ip": (
+        "resetPassword",
+        'resetPassword(input: {challengeToken: "x", code: "123456", newPassword: "NEWPW"})',
+    ),
+    "request_email_verification_ip": ("requestEmailVerification", "requestEmailVerification"),
+    "change_password_ip": (
+        "changePassword",
+        'changePassword(input: {currentPassword: "PW", newPassword: "NEWPW"})',
+    ),
+    "confirm_totp_ip": ("confirmTotp", 'confirmTotp(input: {code: "123456"})'),
+    "disable_totp_ip": ("disableTotp", 'disableTotp(input: {password: "PW", code: "123456"})'),
+    "regenerate_recovery_codes_ip": (
+        "regenerateRecoveryCodes",
+        'regenerateRecoveryCodes(input: {code: "123456"})',
+    ),
+}
+
+
+@pytest.mark.parametrize("limit", sorted(PER_ADDRESS))
+async def test_every_limited_mutation_counts_per_address(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None, limit: str
+) -> None:
+    field, call = PER_ADDRESS[limit]
+    settings = make_settings(rate_limits=limits(**{limit: "1/minute"}))
+    async with running(settings, clock) as app, client_for(app) as http:
+        email = unique_email()
+        token = (await signup(http, email, PASSWORD))["accessToken"]
+        document = (
+            "mutation { "
+            + call.replace("EMAIL", email)
+            .replace("NEWPW", "another long passphrase")
+            .replace("PW", PASSWORD)
+            + " { __typename ... on AuthError { code retryAfter } } }"
+        )
+        if field == "signup":  # the signup above spent the budget already
+            document = document.replace(email, unique_email())
+        else:
+            first = await gql(http, document, token=token)
+            assert first["data"][field].get("code") != "RATE_LIMITED", first
+        second = await gql(http, document, token=token)
+        answer = second["data"][field]
+        assert answer["code"] == "RATE_LIMITED", (limit, second)
+        assert 1 <= answer["retryAfter"] <= 60
+        async with client_for(app, ip="198.51.100.23") as elsewhere:
+            other = await gql(elsewhere, document.replace(email, unique_email()), token=token)
+            assert other["data"][field].get("code") != "RATE_LIMITED", other
