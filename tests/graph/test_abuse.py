@@ -594,3 +594,35 @@ async def test_every_limited_mutation_counts_per_address(
         async with client_for(app, ip="198.51.100.23") as elsewhere:
             other = await gql(elsewhere, document.replace(email, unique_email()), token=token)
             assert other["data"][field].get("code") != "RATE_LIMITED", other
+
+
+async def test_a_password_reset_ends_device_tokens(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, clock: MutableClock
+) -> None:
+    from tests.gql import REQUEST_PASSWORD_RESET, RESET_PASSWORD
+
+    email = unique_email()
+    challenge = await signup(mail_client, email, PASSWORD)
+    code = (await smtp.wait_for(email)).code()
+    await verify_otp(mail_client, challenge["challengeToken"], code)
+    device = (await device_login(mail_client, email, PASSWORD))["deviceToken"]
+    reset = await mutate(mail_client, REQUEST_PASSWORD_RESET, {"i": {"email": email}})
+    code = (await smtp.wait_for(email, where=lambda m: m.subject.startswith("Reset"))).code()
+    new_password = "the owner's new passphrase"
+    done = await mutate(
+        mail_client,
+        RESET_PASSWORD,
+        {
+            "i": {
+                "challengeToken": reset["challengeToken"],
+                "code": code,
+                "newPassword": new_password,
+            }
+        },
+    )
+    assert done["__typename"] == "AuthSession"
+    for _ in range(5):
+        await login(mail_client, email, WRONG)
+    # The token from before the reset is worth nothing now.
+    stale = await device_login(mail_client, email, new_password, device)
+    assert stale["code"] == "RATE_LIMITED"
