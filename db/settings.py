@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from db.security.jwks import ASYMMETRIC_ALGORITHMS, KeySetError, SigningKey, load_keys
 from db.security.passwords import usable_cpus
 from db.security.tokens import derive_key
 
@@ -23,7 +24,7 @@ log = logging.getLogger("strawgate.settings")
 SECRET_KEY_PLACEHOLDER = "change-me-to-a-random-string-of-at-least-32-characters"  # noqa: S105
 MIN_SECRET_KEY_LENGTH = 32
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/strawgate.db"
-SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512")
+SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512", "ES256", "RS256")
 
 
 class ConfigError(RuntimeError):
@@ -83,6 +84,9 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     secret_key: SecretStr | None = None
     algorithm: str = "HS256"
+    # ES256/RS256: a JSON Web Key Set (inline, or a path to a file) of private keys; the
+    # first signs, every one verifies (see db/security/jwks.py for rotation).
+    jwt_keys: SecretStr | None = None
     access_token_expire_minutes: int = Field(15, ge=1, le=24 * 60)
     refresh_token_expire_days: int = Field(30, ge=1, le=3650)
     refresh_token_reuse_interval: int = Field(10, ge=0, le=300)
@@ -232,8 +236,23 @@ class Settings(BaseSettings):
             raise ConfigError("SECRET_KEY is not set")
         return self.secret_key.get_secret_value()
 
+    def signing_keys(self) -> list[SigningKey] | None:
+        """The asymmetric keys (None for HS*); ConfigError when they cannot sign."""
+        if self.algorithm not in ASYMMETRIC_ALGORITHMS:
+            return None
+        if self.jwt_keys is None or not self.jwt_keys.get_secret_value().strip():
+            raise ConfigError(
+                f"ALGORITHM={self.algorithm} needs JWT_KEYS (a JSON Web Key Set, or a path to "
+                f"one); make a key with: strawgate keys generate --alg {self.algorithm}"
+            )
+        try:
+            return load_keys(self.jwt_keys.get_secret_value(), self.algorithm)
+        except KeySetError as exc:
+            raise ConfigError(str(exc)) from None
+
     def prepare(self) -> Settings:
         """Check what production needs and fill in development defaults; returns self."""
+        self.signing_keys()  # an asymmetric ALGORITHM without a usable key never starts
         key = self.secret_key.get_secret_value() if self.secret_key else None
         if self.is_production:
             if not key:

@@ -337,6 +337,13 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 await statements.close()
                 await engine.dispose()
 
+    async def jwks(request: Request) -> Response:
+        """The public keys of the access tokens (ES256/RS256); nothing under HS*."""
+        published = request.app.state.services.auth.access_tokens.public_jwks()
+        if published is None:
+            return JSONResponse({"errors": [{"message": "Not Found"}]}, status_code=404)
+        return JSONResponse(published)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -376,6 +383,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             Route("/graphql", view),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/.well-known/jwks.json", jwks),
             Route(
                 "/metrics",
                 metrics_endpoint(
@@ -425,6 +433,7 @@ def make_auth(
             audience=settings.jwt_audience,
             lifetime=timedelta(minutes=settings.access_token_expire_minutes),
             clock=clock,
+            keys=settings.signing_keys(),
         ),
         refresh_key=derive_key(secret, "refresh-successor"),
         clock=clock,

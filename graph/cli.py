@@ -87,6 +87,16 @@ def _rotate_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from db.security.jwks import generate
+
+    # A private key: it goes into JWT_KEYS (a secret store), never into a log.
+    sys.stdout.write(json.dumps(generate(args.alg)) + "\n")
+    return 0
+
+
 def _export_schema(args: argparse.Namespace) -> int:
     from graph.schema import schema_sdl
 
@@ -116,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         "rotate-keys", help="re-encrypt stored secrets under the first of ENCRYPTION_KEYS"
     )
     rotate.set_defaults(run=_rotate_keys)
+
+    keys = commands.add_parser("keys", help="access-token signing keys (ES256, RS256)")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_commands.add_parser(
+        "generate", help="print a new private JWK to add to JWT_KEYS"
+    )
+    generate.add_argument("--alg", choices=["ES256", "RS256"], default="ES256")
+    generate.set_defaults(run=_keys_generate)
 
     export = commands.add_parser("export-schema", help="write the GraphQL schema (SDL)")
     export.add_argument("--output", "-o", default="schema.graphql", help='a path, or "-"')

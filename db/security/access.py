@@ -13,6 +13,7 @@ from jose import jwt
 from jose.exceptions import JOSEError
 
 from db.clock import Clock
+from db.security.jwks import SigningKey
 
 ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type
 # Clock skew tolerated between servers when checking `iat` (python-jose ignores a future iat).
@@ -42,8 +43,13 @@ class AccessTokenCodec:
         lifetime: timedelta,
         clock: Clock,
         cache_size: int = 4096,
+        keys: list[SigningKey] | None = None,
     ) -> None:
+        # HS*: `key` (SECRET_KEY). ES256/RS256: `keys` (JWT_KEYS), the first signs, each
+        # verifies the tokens that name it by `kid`.
         self._key = key
+        self._keys = {signing.kid: signing for signing in keys or []}
+        self._signer = keys[0] if keys else None
         self._algorithm = algorithm
         self._issuer = issuer
         self._audience = audience
@@ -68,6 +74,12 @@ class AccessTokenCodec:
             "leeway": 0,
         }
 
+    def public_jwks(self) -> dict[str, Any] | None:
+        """What /.well-known/jwks.json publishes; None for a shared-secret algorithm."""
+        if self._signer is None:
+            return None
+        return {"keys": [signing.public_jwk for signing in self._keys.values()]}
+
     def issue(self, *, user_id: uuid.UUID, session_id: uuid.UUID, amr: list[str]) -> str:
         now = self._clock.now()
         claims = {
@@ -80,6 +92,15 @@ class AccessTokenCodec:
             "aud": self._audience,
             "amr": list(amr),
         }
+        if self._signer is not None:
+            return str(
+                jwt.encode(
+                    claims,
+                    self._signer.private_jwk,
+                    algorithm=self._algorithm,
+                    headers={"typ": ACCESS_TOKEN_TYPE, "kid": self._signer.kid},
+                )
+            )
         return str(
             jwt.encode(
                 claims, self._key, algorithm=self._algorithm, headers={"typ": ACCESS_TOKEN_TYPE}
@@ -103,10 +124,17 @@ class AccessTokenCodec:
         result is kept in a bounded LRU (failures are not kept); what depends on time is
         checked in decode() on every request."""
         try:
+            verifying_key: Any = self._key
+            if self._signer is not None:
+                # The token names its key; only keys of our set, of our algorithm, count.
+                named = self._keys.get(str(jwt.get_unverified_header(token).get("kid")))
+                if named is None:
+                    raise InvalidAccessToken
+                verifying_key = named.public_jwk
             # The algorithm list is pinned: a token cannot choose `none` or another key type.
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._key,
+                verifying_key,
                 algorithms=[self._algorithm],
                 audience=self._audience,
                 issuer=self._issuer,
