@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     access_token_expire_minutes: int = Field(15, ge=1, le=24 * 60)
     refresh_token_expire_days: int = Field(30, ge=1, le=3650)
     refresh_token_reuse_interval: int = Field(10, ge=0, le=300)
+    # Where refresh tokens travel: the answer's body (mobile apps), or an HttpOnly cookie
+    # scoped to /graphql that JavaScript never sees (browsers; every POST then needs the
+    # X-Requested-With header and an allowed Origin: the CSRF defence).
+    refresh_token_transport: Literal["body", "cookie"] = "body"  # noqa: S105 - a mode
     jwt_issuer: str = "strawgate"
     jwt_audience: str = "strawgate"
 

@@ -18,6 +18,8 @@ from db.settings import Settings
 
 UNAUTHENTICATED = "UNAUTHENTICATED"
 DEVICE_COOKIE = "strawgate_device"
+REFRESH_COOKIE = "strawgate_refresh"
+GRAPHQL_PATH = "/graphql"
 _UNSET = object()
 
 
@@ -63,6 +65,38 @@ class Context:
         if device_token:
             return dataclasses.replace(client, device_token=device_token)
         return client
+
+    @property
+    def refresh_in_cookie(self) -> bool:
+        return self.services.settings.refresh_token_transport == "cookie"  # noqa: S105
+
+    def refresh_token(self, given: str | None) -> str | None:
+        """The refresh token an input gives, else (cookie transport) the cookie's."""
+        if given:
+            return given
+        return self.request.cookies.get(REFRESH_COOKIE) if self.refresh_in_cookie else None
+
+    def hand_out_refresh_token(self, token: str) -> bool:
+        """Sets the refresh-token cookie under cookie transport; whether the token goes in
+        the answer's body instead (it never does then: JavaScript must not see it)."""
+        if not self.refresh_in_cookie:
+            return True
+        self.response.set_cookie(
+            REFRESH_COOKIE,
+            token,
+            max_age=self.services.settings.refresh_token_expire_days * 86400,
+            path=GRAPHQL_PATH,
+            httponly=True,
+            secure=True,
+            samesite="strict",
+        )
+        return False
+
+    def clear_refresh_cookie(self) -> None:
+        if self.refresh_in_cookie:
+            self.response.delete_cookie(
+                REFRESH_COOKIE, path=GRAPHQL_PATH, httponly=True, secure=True, samesite="strict"
+            )
 
     def hand_out_device_token(self, token: str | None) -> bool:
         """Sets the device-token cookie where tokens travel as cookies; whether the token

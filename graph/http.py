@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db.settings import ConfigError, Settings
@@ -204,4 +204,37 @@ def edge_middleware(settings: Settings, *, graphiql_html: str | None) -> list[Mi
                 expose_headers=list(CORS_EXPOSE_HEADERS),
             )
         )
+    if settings.refresh_token_transport == "cookie":  # noqa: S105 - a mode
+        middleware.append(Middleware(CsrfGuard, allowed_origins=origins))
     return middleware
+
+
+class CsrfGuard:
+    """Under cookie transport the browser attaches the refresh cookie by itself, so every
+    POST must prove it comes from the app's own pages: a custom header a cross-site form
+    cannot send (X-Requested-With), and an Origin (when the browser sends one) that is the
+    server's own or in CORS_ALLOW_ORIGINS. Login too (login CSRF). Refused with 403."""
+
+    def __init__(self, app: ASGIApp, *, allowed_origins: list[str]) -> None:
+        self.app = app
+        self.allowed = set(allowed_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}"
+        if not headers.get("x-requested-with"):
+            reason = "Send the X-Requested-With header (cookie sessions need it)."
+        elif origin is not None and origin != own and origin not in self.allowed:
+            reason = "This origin may not use cookie sessions here."
+        else:
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(
+            {"errors": [{"message": reason, "extensions": {"code": "CSRF_REFUSED"}}]},
+            status_code=403,
+        )
+        await response(scope, receive, send)

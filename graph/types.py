@@ -67,11 +67,15 @@ class AuthSession:
 
     @classmethod
     def from_issued(
-        cls, issued: IssuedSession, *, device_token_in_body: bool = True
+        cls,
+        issued: IssuedSession,
+        *,
+        device_token_in_body: bool = True,
+        refresh_token_in_body: bool = True,
     ) -> AuthSession:
         return cls(
             access_token=issued.access_token,
-            refresh_token=issued.refresh_token,
+            refresh_token=issued.refresh_token if refresh_token_in_body else None,
             token_type="Bearer",  # noqa: S106 - the scheme, not a secret
             expires_in=issued.expires_in,
             user=User.from_view(issued.user),

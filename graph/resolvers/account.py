@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -161,9 +162,18 @@ class AccountMutation:
     async def revoke_session(
         self, info: Info[Context, Any], input: RevokeSessionInput
     ) -> LogoutResult:
-        user, _claims = await info.context.signed_in()
+        user, claims = await info.context.signed_in()
         refuse_as_graphql_error(info, input)
         revoked = await info.context.services.account.revoke_session(
             user=user, session_id=str(input.id), client=info.context.client
         )
+        if revoked and _same_session(str(input.id), claims.session_id):
+            info.context.clear_refresh_cookie()  # this very session ended
         return LogoutResult(revoked=revoked)
+
+
+def _same_session(given: str, current: uuid.UUID) -> bool:
+    try:
+        return uuid.UUID(given) == current
+    except ValueError:
+        return False

@@ -9,7 +9,7 @@ import strawberry
 from strawberry.exceptions import StrawberryGraphQLError
 from strawberry.types import Info
 
-from db.errors import AuthFailure, invalid_input
+from db.errors import AuthFailure, ErrorCode, invalid_input
 from db.services.types import IssuedChallenge, IssuedSession
 from db.validation import has_control_characters
 from graph.context import Context
@@ -45,15 +45,21 @@ async def answer(
     run: Callable[[], Awaitable[IssuedSession | IssuedChallenge]],
 ) -> AuthResult:
     """Checks the input, runs the service, and maps an expected failure to AuthError."""
+    ctx = info.context
     try:
         reject_control_characters(info, data)
         issued = await run()
     except AuthFailure as failure:
+        if failure.code is ErrorCode.TOKEN_REUSED:
+            ctx.clear_refresh_cookie()  # its session has ended
         return AuthError.from_failure(failure)
     if isinstance(issued, IssuedChallenge):
         return OtpChallenge.from_issued(issued)
-    in_body = info.context.hand_out_device_token(issued.device_token)
-    return AuthSession.from_issued(issued, device_token_in_body=in_body)
+    return AuthSession.from_issued(
+        issued,
+        device_token_in_body=ctx.hand_out_device_token(issued.device_token),
+        refresh_token_in_body=ctx.hand_out_refresh_token(issued.refresh_token),
+    )
 
 
 @strawberry.type
@@ -119,7 +125,8 @@ class AuthMutation:
             info,
             input,
             lambda: auth.refresh(
-                refresh_token=input.refresh_token or None, client=info.context.client
+                refresh_token=info.context.refresh_token(input.refresh_token or None),
+                client=info.context.client,
             ),
         )
 
@@ -129,8 +136,9 @@ class AuthMutation:
     async def logout(self, info: Info[Context, Any], input: LogoutInput) -> LogoutResult:
         refuse_as_graphql_error(info, input)
         revoked = await info.context.services.auth.logout(
-            refresh_token=input.refresh_token or None,
+            refresh_token=info.context.refresh_token(input.refresh_token or None),
             everywhere=input.everywhere,
             client=info.context.client,
         )
+        info.context.clear_refresh_cookie()
         return LogoutResult(revoked=revoked)
