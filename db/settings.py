@@ -196,6 +196,8 @@ class Settings(BaseSettings):
     session_retention_days: int = Field(30, ge=1)
 
     log_level: str = "INFO"
+    # json: one JSON object a line; text: readable lines. Default: json in production.
+    log_format: Literal["json", "text"] | None = None
 
     @field_validator("algorithm")
     @classmethod
@@ -203,6 +205,12 @@ class Settings(BaseSettings):
         if value not in SUPPORTED_ALGORITHMS:
             raise ValueError(f"ALGORITHM must be one of {', '.join(SUPPORTED_ALGORITHMS)}")
         return value
+
+    @property
+    def json_logs(self) -> bool:
+        if self.log_format is None:
+            return self.is_production
+        return self.log_format == "json"
 
     @property
     def cors_origins(self) -> list[str]:

@@ -55,6 +55,8 @@ from db.settings import ConfigError, Settings
 from graph.context import AppServices, Context
 from graph.errors import is_database_unavailable, present_errors
 from graph.http import edge_middleware
+from graph.logs import REQUEST_ID
+from graph.logs import handler as log_handler
 from graph.metrics import Metrics, metrics_endpoint
 from graph.schema import build_schema
 
@@ -179,6 +181,7 @@ class RequestGuard:
         incoming = _header(scope, b"x-request-id")
         request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        REQUEST_ID.set(request_id)  # every log line of this request carries it
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -256,9 +259,7 @@ def configure_logging(settings: Settings) -> None:
     ours = logging.getLogger("strawgate")
     ours.setLevel(settings.log_level.upper())
     if not logging.getLogger().handlers and not ours.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        ours.addHandler(handler)
+        ours.addHandler(log_handler(json_lines=settings.json_logs))
         ours.propagate = False
 
 

@@ -580,3 +580,26 @@ async def test_two_processes_share_limits_lockout_and_reuse_detection(
             # ... but once that successor has itself been rotated, it is reuse.
             reused = await refreshed(one, token)
             assert reused["code"] == "TOKEN_REUSED"
+
+
+async def test_production_logs_are_json_lines_with_the_request_id(
+    tmp_path: Path, database_url: str, clean_db: None
+) -> None:
+    import json
+
+    env = production_env(database_url)
+    async with running(env=env, cwd=tmp_path, logs=tmp_path / "logs") as server:
+        async with server.client() as http:
+            response = await post(
+                http,
+                LOGIN,
+                {"i": {"email": unique_email(), "password": "a wrong password"}},
+                headers={"x-request-id": "trace-0123"},
+            )
+            assert response.headers["x-request-id"] == "trace-0123"
+    ours = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert ours, server.log()
+    assert all({"at", "level", "logger", "message", "request_id"} <= set(line) for line in ours)
+    failed = [line for line in ours if '"LOGIN_FAILED"' in line["message"]]
+    assert failed and failed[0]["request_id"] == "trace-0123"
+    assert "a wrong password" not in server.log()
