@@ -183,6 +183,12 @@ class Statements:
             pool, self._pool = self._pool, None
             await pool.close()
 
+    def pool_use(self) -> tuple[int, int]:
+        """(open, idle) connections of the request path's pool (0, 0 on SQLite)."""
+        if self._pool is None:
+            return 0, 0
+        return self._pool.get_size(), self._pool.get_idle_size()
+
     def _require_pool(self) -> asyncpg.Pool:
         if self._pool is None:
             raise RuntimeError("Statements.start() was not awaited")

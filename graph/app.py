@@ -9,6 +9,7 @@ import fcntl
 import gc
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -64,6 +65,8 @@ log = logging.getLogger("strawgate")
 
 # Ready means: the request path's pool answers, and the schema is the code's.
 _SCHEMA_VERSION: Executable = select(column("version_num")).select_from(table("alembic_version"))
+# Routes counted by name in metrics; any other path is "other" (no unbounded labels).
+_ROUTES = frozenset({"/graphql", "/healthz", "/readyz", "/metrics", "/.well-known/jwks.json"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -170,9 +173,10 @@ class RequestGuard:
     """Gives each request an id (echoed as X-Request-ID) and caps the body: nothing in
     Starlette, uvicorn or h11 does, so a client could otherwise stream without end."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -183,8 +187,13 @@ class RequestGuard:
         scope.setdefault("state", {})["request_id"] = request_id
         REQUEST_ID.set(request_id)  # every log line of this request carries it
 
+        started = time.perf_counter()
+        route = scope["path"] if scope["path"] in _ROUTES else "other"
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                self.metrics.http_requests.labels(route=route, status=message["status"]).inc()
+                self.metrics.http_seconds.labels(route=route).observe(time.perf_counter() - started)
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
@@ -316,6 +325,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 auth=auth,
                 account=AccountService(auth=auth),
                 events=auth.events,
+                metrics=metrics,
             )
             app.state.mail_sender = sender
             app.state.housekeeper = housekeeper
@@ -378,7 +388,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             *edge_middleware(
                 settings, graphiql_html=view.graphql_ide_html if view.graphql_ide else None
             ),
-            Middleware(RequestGuard, max_body_bytes=settings.max_body_bytes),
+            Middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, metrics=metrics),
         ],
         routes=[
             Route("/graphql", view),

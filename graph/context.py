@@ -15,6 +15,7 @@ from db.services.auth import AuthService
 from db.services.events import SecurityEvents
 from db.services.types import ClientInfo, UserView
 from db.settings import Settings
+from graph.metrics import Metrics
 
 UNAUTHENTICATED = "UNAUTHENTICATED"
 DEVICE_COOKIE = "strawgate_device"
@@ -38,6 +39,7 @@ class AppServices:
     auth: AuthService
     account: AccountService
     events: SecurityEvents
+    metrics: Metrics
 
 
 @dataclass(slots=True)

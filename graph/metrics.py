@@ -12,13 +12,19 @@ import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sqlalchemy import func, select
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from db.models import OutboxMail
 from db.security.limiter import RateLimiter
 from db.settings import ConfigError, Settings
+
+_OUTBOX_PENDING = select(func.count(OutboxMail.id).label("pending")).where(
+    OutboxMail.next_attempt_at.is_not(None)
+)
 
 STORES = ("redis", "memory", "memory (redis unreachable)", "off")
 
@@ -43,6 +49,48 @@ class Metrics:
             ["limit"],
             registry=self.registry,
         )
+        self.http_requests = Counter(
+            "strawgate_http_requests",
+            "HTTP requests by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.http_seconds = Histogram(
+            "strawgate_http_request_seconds",
+            "Time to answer an HTTP request, by route.",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
+        self.operations = Counter(
+            "strawgate_operations",
+            "GraphQL mutations answering AuthResult, by field and outcome (the answer's"
+            " type, or its AuthError code).",
+            ["operation", "outcome"],
+            registry=self.registry,
+        )
+        self.logins = Counter(
+            "strawgate_logins",
+            "login answers by result: AuthSession, OtpChallenge or the AuthError code.",
+            ["result"],
+            registry=self.registry,
+        )
+        self.outbox_pending = Gauge(
+            "strawgate_outbox_pending",
+            "Mails waiting in the outbox (all processes).",
+            registry=self.registry,
+        )
+        self.db_pool_connections = Gauge(
+            "strawgate_db_pool_connections",
+            "The request path's PostgreSQL connections in this process, by state.",
+            ["state"],
+            registry=self.registry,
+        )
+
+    def operation(self, name: str, outcome: str) -> None:
+        self.operations.labels(operation=name, outcome=outcome).inc()
+        if name == "login":
+            self.logins.labels(result=outcome).inc()
 
     def observe(self, limiter: RateLimiter) -> None:
         status = limiter.status
@@ -87,6 +135,16 @@ def metrics_endpoint(
             return PlainTextResponse("Not Found", status_code=404)
         registry, limiter = metrics(request)
         registry.observe(limiter)
+        statements = request.app.state.services.auth.statements
+        try:
+            async with statements.connection() as conn:
+                pending = await conn.first(_OUTBOX_PENDING, {})
+            registry.outbox_pending.set(pending["pending"] if pending else 0)
+        except Exception:  # the database is away: the other figures still answer
+            registry.outbox_pending.set(float("nan"))
+        size, idle = statements.pool_use()
+        registry.db_pool_connections.labels(state="open").set(size)
+        registry.db_pool_connections.labels(state="idle").set(idle)
         return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
 
     return endpoint

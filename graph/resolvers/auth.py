@@ -52,9 +52,12 @@ async def answer(
     except AuthFailure as failure:
         if failure.code is ErrorCode.TOKEN_REUSED:
             ctx.clear_refresh_cookie()  # its session has ended
+        ctx.services.metrics.operation(info.field_name, failure.code.value)
         return AuthError.from_failure(failure)
     if isinstance(issued, IssuedChallenge):
+        ctx.services.metrics.operation(info.field_name, "OtpChallenge")
         return OtpChallenge.from_issued(issued)
+    ctx.services.metrics.operation(info.field_name, "AuthSession")
     return AuthSession.from_issued(
         issued,
         device_token_in_body=ctx.hand_out_device_token(issued.device_token),
