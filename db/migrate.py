@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from alembic.config import Config
@@ -12,9 +13,20 @@ from alembic import command
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def scripts_folder() -> Path:
+    """The migration scripts: the repository's alembic/ in a checkout, or the package
+    data they are installed as (`db.migrations`) from a wheel, where a top-level
+    `alembic` package would shadow the Alembic library."""
+    checkout = PROJECT_ROOT / "alembic"
+    if (checkout / "env.py").is_file():
+        return checkout
+    return Path(str(resources.files("db") / "migrations"))
+
+
 def alembic_config(database_url: str) -> Config:
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "alembic"))
+    ini = PROJECT_ROOT / "alembic.ini"
+    config = Config(str(ini)) if ini.is_file() else Config()
+    config.set_main_option("script_location", str(scripts_folder()))
     # ConfigParser interpolates "%": a password in the URL may hold one.
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
