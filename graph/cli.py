@@ -27,6 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.workers > 1:
+        _prepare_multiprocess_metrics()
     # Only arguments are parsed here; the app reads its settings itself (graph.app:app),
     # exactly as under `uvicorn graph.app:app`.
     uvicorn.run(
@@ -40,6 +42,23 @@ def _serve(args: argparse.Namespace) -> int:
         server_header=False,
     )
     return 0
+
+
+def _prepare_multiprocess_metrics() -> None:
+    """Workers write their metrics to files in one folder that /metrics reads whole
+    (prometheus-client's multiprocess mode): an empty folder of this server's own, unless
+    PROMETHEUS_MULTIPROC_DIR names one (then it is emptied: old values would add up)."""
+    import os
+    import tempfile
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="strawgate-metrics-")
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
 from starlette.requests import Request
@@ -37,11 +45,13 @@ class Metrics:
             "Where the rate limits count: 1 for the current store.",
             ["store"],
             registry=self.registry,
+            multiprocess_mode="max",
         )
         self.rate_limit_degraded = Gauge(
             "strawgate_rate_limit_degraded",
             "1 while a configured Redis is unreachable and limits count per process.",
             registry=self.registry,
+            multiprocess_mode="max",
         )
         self.rate_limited = Counter(
             "strawgate_rate_limited",
@@ -79,12 +89,15 @@ class Metrics:
             "strawgate_outbox_pending",
             "Mails waiting in the outbox (all processes).",
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.db_pool_connections = Gauge(
             "strawgate_db_pool_connections",
-            "The request path's PostgreSQL connections in this process, by state.",
+            "The request path's PostgreSQL connections, by state (per process under"
+            " several workers: the pid label).",
             ["state"],
             registry=self.registry,
+            multiprocess_mode="liveall",
         )
 
     def operation(self, name: str, outcome: str) -> None:
@@ -145,6 +158,16 @@ def metrics_endpoint(
         size, idle = statements.pool_use()
         registry.db_pool_connections.labels(state="open").set(size)
         registry.db_pool_connections.labels(state="idle").set(idle)
-        return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(exposed(registry)), media_type=CONTENT_TYPE_LATEST)
 
     return endpoint
+
+
+def exposed(metrics: Metrics) -> CollectorRegistry:
+    """This process's registry; under several workers (PROMETHEUS_MULTIPROC_DIR, set by
+    `strawgate serve --workers N`) every worker's values, summed where they add up."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return metrics.registry
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry

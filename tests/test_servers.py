@@ -603,3 +603,37 @@ async def test_production_logs_are_json_lines_with_the_request_id(
     failed = [line for line in ours if '"LOGIN_FAILED"' in line["message"]]
     assert failed and failed[0]["request_id"] == "trace-0123"
     assert "a wrong password" not in server.log()
+
+
+@pytest.mark.slow
+async def test_metrics_add_up_across_workers(
+    tmp_path: Path, database_url: str, clean_db: None
+) -> None:
+    """`strawgate serve --workers 2`: whichever worker answers /metrics counts every
+    worker's requests (prometheus-client's multiprocess mode)."""
+    if not redis_reachable():
+        pytest.skip("no Redis at 127.0.0.1:6379 (several workers need REDIS_URL)")
+    env = production_env(
+        database_url,
+        REDIS_URL="redis://127.0.0.1:6379/0",
+        REDIS_KEY_PREFIX=f"strawgate-test-{uuid.uuid4().hex[:8]}",
+    )
+    port = free_port()
+    command = strawgate_command(port, "--workers", "2")
+    async with running(command, env=env, cwd=tmp_path, logs=tmp_path / "logs", port=port):
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(40):  # a new connection each: the kernel spreads them over workers
+            async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+                response = await http.post("/graphql", json={"query": ME})
+                assert response.status_code == 200
+        seen = set()
+        for _ in range(6):
+            async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+                text = (await http.get("/metrics")).text
+            line = next(
+                line
+                for line in text.splitlines()
+                if line.startswith('strawgate_http_requests_total{route="/graphql",status="200"}')
+            )
+            seen.add(float(line.rsplit(" ", 1)[1]))
+    assert seen == {40.0}, seen
