@@ -65,6 +65,7 @@ from bench.report import (
     scenario_json,
 )
 from db.settings import RateLimits
+from tests.servers import redis_reachable
 from tests.smtp import SmtpSink, free_port
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -701,16 +702,6 @@ LIMITER_STORES: tuple[tuple[str, dict[str, str]], ...] = (
     ("memory", {}),
     ("redis", {"REDIS_URL": "redis://127.0.0.1:6379/0"}),
 )
-
-
-def redis_reachable() -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 async def scenario_limiter(bench: Bench, seeds: Seeds) -> Reported:

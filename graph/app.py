@@ -304,6 +304,10 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 transport=transport,
                 clock=clock,
             )
+            limiter = make_limiter(settings)
+            limiter.on_refusal = lambda name: metrics.rate_limited.labels(limit=name).inc()
+            await limiter.start()
+            auth = make_auth(settings, statements, hasher, outbox, clock, limiter)
             housekeeper = Housekeeper(
                 statements=statements,
                 clock=clock,
@@ -314,12 +318,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 outbox_retention=timedelta(days=settings.outbox_retention_days),
                 event_retention=timedelta(days=settings.security_event_retention_days),
                 session_retention=timedelta(days=settings.session_retention_days),
+                lockout=auth.lockout,
             )
-            limiter = make_limiter(settings)
-            limiter.on_refusal = lambda name: metrics.rate_limited.labels(limit=name).inc()
-            await limiter.start()
-            auth = make_auth(settings, statements, hasher, outbox, clock, limiter)
-            housekeeper.lockout = auth.lockout
             app.state.services = AppServices(
                 settings=settings,
                 auth=auth,

@@ -12,6 +12,7 @@ import hmac
 import ipaddress
 import os
 from collections.abc import Awaitable, Callable
+from typing import get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,14 +28,14 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from db.models import OutboxMail
-from db.security.limiter import RateLimiter
+from db.security.limiter import RateLimiter, Status
 from db.settings import ConfigError, Settings
 
 _OUTBOX_PENDING = select(func.count(OutboxMail.id).label("pending")).where(
     OutboxMail.next_attempt_at.is_not(None)
 )
 
-STORES = ("redis", "memory", "memory (redis unreachable)", "off")
+STORES = get_args(Status)
 
 
 class Metrics:

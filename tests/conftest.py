@@ -12,7 +12,7 @@ os.environ.setdefault("SECRET_KEY", "test-secret-key-0123456789abcdefghijklmnop"
 os.environ.setdefault("DATABASE_URL", "sqlite+aiosqlite:///:memory:")
 
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 
 from db.migrate import upgrade_head
+from db.session import Statements, create_engine
 from db.settings import RateLimits, Settings
 from graph.app import create_app
 from tests.gql import PASSWORD as PASSWORD  # re-exported: tests import it from here
@@ -100,6 +101,35 @@ def smtp() -> Iterator[SmtpSink]:
         yield sink
     finally:
         sink.stop()
+
+
+OpenStatements = Callable[..., Awaitable[Statements]]
+
+
+@pytest.fixture
+async def open_statements(
+    make_settings: Callable[..., Settings], clean_db: None
+) -> AsyncIterator[OpenStatements]:
+    """Statements of their own (an own pool: a process of its own, as far as the database
+    can tell); closed at the end."""
+    opened: list[Statements] = []
+
+    async def open_(**overrides: Any) -> Statements:
+        statements = Statements(create_engine(make_settings(**overrides)), pool_size=4)
+        await statements.start()
+        opened.append(statements)
+        return statements
+
+    yield open_
+    for statements in reversed(opened):
+        await statements.close()
+        await statements.engine.dispose()
+
+
+@pytest.fixture
+async def statements(open_statements: OpenStatements) -> Statements:
+    """Statements of the test's own, beside any app's."""
+    return await open_statements()
 
 
 @pytest.fixture

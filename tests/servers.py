@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -211,3 +212,12 @@ async def run_to_exit(
         if server.process.returncode is None:
             await server.stop()
     return int(server.process.returncode or 0), server.log()
+
+
+def redis_reachable() -> bool:
+    """Whether a Redis answers at 127.0.0.1:6379 (tests that need one skip otherwise)."""
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False

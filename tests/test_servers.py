@@ -25,6 +25,7 @@ from tests.gql import LOGIN, ME, REFRESH, SIGNUP, VERIFY_OTP, post
 from tests.pg import PrivateCluster, admin_execute, find_pg_bin, free_port, sqlalchemy_url
 from tests.servers import (
     Server,
+    redis_reachable,
     run_to_exit,
     running,
     running_many,
@@ -521,16 +522,6 @@ async def test_one_totp_code_signs_in_once_across_two_processes(
 
 
 # -- two processes, one Redis ------------------------------------------------------------
-
-
-def redis_reachable() -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.mark.slow

@@ -124,10 +124,12 @@ class AccessTokenCodec:
         result is kept in a bounded LRU (failures are not kept); what depends on time is
         checked in decode() on every request."""
         try:
+            # Trusted only once the signature holds: `typ` below; here, which key to try.
+            header = jwt.get_unverified_header(token)
             verifying_key: Any = self._key
             if self._signer is not None:
                 # The token names its key; only keys of our set, of our algorithm, count.
-                named = self._keys.get(str(jwt.get_unverified_header(token).get("kid")))
+                named = self._keys.get(str(header.get("kid")))
                 if named is None:
                     raise InvalidAccessToken
                 verifying_key = named.public_jwk
@@ -140,10 +142,9 @@ class AccessTokenCodec:
                 issuer=self._issuer,
                 options=self._options,
             )
-            # python-jose does not look at `typ`; checked only after the signature holds.
-            header = jwt.get_unverified_header(token)
         except (JOSEError, ValueError, TypeError) as exc:
             raise InvalidAccessToken from exc
+        # python-jose does not look at `typ`; checked only after the signature holds.
         if header.get("typ") != ACCESS_TOKEN_TYPE:
             raise InvalidAccessToken
         exp, iat, amr = claims.get("exp"), claims.get("iat"), claims.get("amr", [])

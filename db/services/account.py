@@ -20,6 +20,7 @@ from db.security.tokens import new_opaque_token
 from db.services import challenges as ch
 from db.services.auth import AMR_EMAIL_CODE, AuthService
 from db.services.events import EventKind
+from db.services.mfa import PASSWORD_HASH
 from db.services.types import (
     ClientInfo,
     IssuedChallenge,
@@ -46,12 +47,6 @@ _ACCOUNT_BY_EMAIL = (
     )
     .outerjoin(TotpCredential, TotpCredential.user_id == User.id)
     .where(User.email_normalized == bindparam("email"))
-)
-
-_PASSWORD_HASH = select(User.password_hash).where(User.id == bindparam("uid"))
-
-_OTP_ON = select(TotpCredential.confirmed_at).where(
-    TotpCredential.user_id == bindparam("uid"), TotpCredential.confirmed_at.is_not(None)
 )
 
 _LIVE_SESSIONS = (
@@ -181,8 +176,7 @@ class AccountService:
         user_id = challenge["user_id"]
         new_hash = await self.hasher.hash(new_password)
         amr = merge_amr(challenge["amr"].split(), AMR_EMAIL_CODE)
-        async with self.statements.connection() as conn:
-            otp_on = await conn.first(_OTP_ON, {"uid": user_id}) is not None
+        otp_on = await self.auth.two_factor.is_on(user_id)
         async with self.events.transaction(self.statements) as tx:
             # The account's lock first (see AuthService.lock_user), then the challenge.
             await self.auth.lock_user(tx, user_id, exclusive=True)
@@ -224,7 +218,7 @@ class AccountService:
         if not could_be_a_password(current_password):
             raise _wrong_password()
         async with self.statements.connection() as conn:
-            row = await conn.first(_PASSWORD_HASH, {"uid": user.id})
+            row = await conn.first(PASSWORD_HASH, {"uid": user.id})
         if row is None:
             raise _wrong_password()
         ok, _upgraded = await self.hasher.verify(current_password, row["password_hash"])

@@ -760,11 +760,10 @@ class AuthService:
         await self.events.record(tx, EventKind.PASSWORD_RESET, user_id=user_id, client=client)
         if user["email_verified_at"] is None:
             await self.events.record(tx, EventKind.EMAIL_VERIFIED, user_id=user_id, client=client)
-        return {
-            **user,
-            "email_verified_at": user["email_verified_at"] or now,
-            "device_epoch": user["device_epoch"] + 1,
-        }
+        # As the reset left it (verified, a new device epoch): read, not recomputed.
+        changed = await tx.first(_USER_BY_ID, {"user_id": user_id})
+        assert changed is not None  # noqa: S101 - the row is locked by this transaction
+        return changed
 
     async def change_password_now(
         self,

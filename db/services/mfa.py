@@ -150,7 +150,7 @@ _REFUND_CHECK = (
     .where(LoginThrottle.email == bindparam("key"), LoginThrottle.failures > 0)
     .values(failures=LoginThrottle.failures - 1)
 )
-_PASSWORD_HASH = select(User.password_hash).where(User.id == bindparam("uid"))
+PASSWORD_HASH = select(User.password_hash).where(User.id == bindparam("uid"))
 
 
 class TwoFactor:
@@ -270,7 +270,7 @@ class TwoFactor:
         credential = await self._confirmed(user_id)
         password = normalize_password(password)
         async with self.statements.connection() as conn:
-            row = await conn.first(_PASSWORD_HASH, {"uid": user_id})
+            row = await conn.first(PASSWORD_HASH, {"uid": user_id})
         ok = False
         if row is not None and could_be_a_password(password):
             ok, _new_hash = await self.hasher.verify(password, row["password_hash"])

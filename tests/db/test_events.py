@@ -45,18 +45,6 @@ class Boom(Exception):
 
 
 @pytest.fixture
-async def statements(
-    make_settings: Callable[..., Settings], clean_db: None
-) -> AsyncIterator[Statements]:
-    engine = create_engine(make_settings())
-    runner = Statements(engine, pool_size=4)
-    await runner.start()
-    yield runner
-    await runner.close()
-    await engine.dispose()
-
-
-@pytest.fixture
 def events(clock: MutableClock) -> SecurityEvents:
     return SecurityEvents(clock=clock)
 

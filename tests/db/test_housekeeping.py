@@ -3,11 +3,9 @@ process at a time does it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 import httpx
-import pytest
 from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
@@ -26,16 +24,6 @@ async def count(database_url: str, sql: str) -> int:
         found = (await conn.execute(text(sql))).scalar_one()
     await engine.dispose()
     return int(found)
-
-
-@pytest.fixture
-async def statements(make_settings: Callable[..., Settings]) -> AsyncIterator[Statements]:
-    engine = create_engine(make_settings())
-    runner = Statements(engine)
-    await runner.start()
-    yield runner
-    await runner.close()
-    await engine.dispose()
 
 
 async def test_expired_challenges_and_old_mail_go(

@@ -5,7 +5,6 @@ caps, refresh budgets, and a flood that stops neither the owner nor the server."
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +28,7 @@ from tests.gql import (
     signup,
     verify_otp,
 )
+from tests.servers import redis_reachable
 from tests.smtp import SmtpSink
 
 WRONG = "not the password at all"
@@ -40,14 +40,6 @@ LOGIN_WITH_DEVICE = (
 
 def limits(**overrides: str) -> RateLimits:
     return UNLIMITED.model_copy(update=overrides)
-
-
-def redis_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -6,17 +6,14 @@ Events are recorded here with SecurityEvents directly; the app records its own a
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
 
 from db.services.events import EventKind, SecurityEvents
 from db.services.types import ClientInfo
-from db.session import Statements, create_engine
-from db.settings import Settings
+from db.session import Statements
 from tests.conftest import PASSWORD, MutableClock, unique_email
 from tests.gql import gql, post, signup
 
@@ -28,19 +25,6 @@ query($first: Int, $after: String) {
   }
 }
 """
-
-
-@pytest.fixture
-async def statements(
-    make_settings: Callable[..., Settings], app: Starlette
-) -> AsyncIterator[Statements]:
-    """Statements of the test's own, beside the app's."""
-    engine = create_engine(make_settings())
-    runner = Statements(engine, pool_size=2)
-    await runner.start()
-    yield runner
-    await runner.close()
-    await engine.dispose()
 
 
 @pytest.fixture

@@ -34,14 +34,13 @@ from db.models import OutboxMail
 from db.security.box import SecretBox
 from db.session import Statements, create_engine
 from db.settings import Settings
-from tests.conftest import TEST_FERNET_KEY, MutableClock, unique_email
+from tests.conftest import TEST_FERNET_KEY, MutableClock, OpenStatements, unique_email
 from tests.smtp import SmtpSink, free_port
 
 BOX = SecretBox([TEST_FERNET_KEY])
 LEASE = timedelta(seconds=60)
 CODE_TTL = timedelta(minutes=10)
 
-OpenStatements = Callable[..., Awaitable[Statements]]
 MakeSender = Callable[..., MailSender]
 
 
@@ -63,31 +62,6 @@ class StubRenderer:
 
 def new_code() -> str:
     return f"{secrets.randbelow(900000) + 100000}"
-
-
-@pytest.fixture
-async def open_statements(
-    make_settings: Callable[..., Settings], clean_db: None
-) -> AsyncIterator[OpenStatements]:
-    """Statements of their own (an own pool: a process of its own, as far as the database
-    can tell); closed at the end."""
-    opened: list[Statements] = []
-
-    async def open_(**overrides: Any) -> Statements:
-        statements = Statements(create_engine(make_settings(**overrides)), pool_size=4)
-        await statements.start()
-        opened.append(statements)
-        return statements
-
-    yield open_
-    for statements in reversed(opened):
-        await statements.close()
-        await statements.engine.dispose()
-
-
-@pytest.fixture
-async def statements(open_statements: OpenStatements) -> Statements:
-    return await open_statements()
 
 
 def smtp_transport(make_settings: Callable[..., Settings], port: int) -> SmtpTransport:
