@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
+import importlib.resources
 import logging
 import re
 import time
@@ -25,7 +26,7 @@ from sqlalchemy.sql import Executable
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.asgi import GraphQL
@@ -66,7 +67,11 @@ log = logging.getLogger("strawgate")
 # Ready means: the request path's pool answers, and the schema is the code's.
 _SCHEMA_VERSION: Executable = select(column("version_num")).select_from(table("alembic_version"))
 # Routes counted by name in metrics; any other path is "other" (no unbounded labels).
-_ROUTES = frozenset({"/graphql", "/healthz", "/readyz", "/metrics", "/.well-known/jwks.json"})
+_ROUTES = frozenset(
+    {"/graphql", "/healthz", "/readyz", "/metrics", "/.well-known/jwks.json", "/demo"}
+)
+# The development-only demo page (docs: README, "The demo page").
+DEMO_PAGE = importlib.resources.files("graph") / "static" / "demo.html"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -381,28 +386,38 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             body["status"] = "ready (degraded)"
         return JSONResponse(body)
 
+    pages: dict[str, str] = {}
+    if view.graphql_ide:
+        pages["/graphql"] = view.graphql_ide_html
+    routes = [
+        Route("/graphql", view),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/.well-known/jwks.json", jwks),
+        Route(
+            "/metrics",
+            metrics_endpoint(
+                settings,
+                lambda request: (metrics, request.app.state.services.auth.limiter),
+            ),
+        ),
+    ]
+    if not settings.is_production:
+        pages["/demo"] = demo = DEMO_PAGE.read_text(encoding="utf-8")
+
+        async def demo_page(request: Request) -> Response:
+            return HTMLResponse(demo)
+
+        routes.append(Route("/demo", demo_page))
+
     app = Starlette(
         middleware=[
             # Outermost, so that the guard's own refusals carry the security headers
             # (and, for listed origins, CORS headers a browser can read them by).
-            *edge_middleware(
-                settings, graphiql_html=view.graphql_ide_html if view.graphql_ide else None
-            ),
+            *edge_middleware(settings, pages=pages),
             Middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, metrics=metrics),
         ],
-        routes=[
-            Route("/graphql", view),
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/.well-known/jwks.json", jwks),
-            Route(
-                "/metrics",
-                metrics_endpoint(
-                    settings,
-                    lambda request: (metrics, request.app.state.services.auth.limiter),
-                ),
-            ),
-        ],
+        routes=routes,
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -33,10 +33,11 @@ CORS_ALLOW_HEADERS = ("content-type", "authorization", "x-request-id", "x-reques
 CORS_EXPOSE_HEADERS = ("x-request-id",)
 
 
-def graphiql_csp(html: str) -> str:
-    """The policy of the GraphiQL page, read from the page itself: its scripts and styles
-    from the CDN origins it names, its inline scripts by their SHA-256 (no
-    'unsafe-inline' for scripts), its queries to this origin only."""
+def page_csp(html: str) -> str:
+    """The policy of one of the server's HTML pages (GraphiQL, the demo), read from the
+    page itself: its scripts and styles from the CDN origins it names, its inline
+    scripts by their SHA-256 (no 'unsafe-inline' for scripts), its queries to this
+    origin only."""
     script_origins: set[str] = set()
     inline_hashes: list[str] = []
     for attributes, body in _SCRIPT.findall(html):
@@ -56,7 +57,7 @@ def graphiql_csp(html: str) -> str:
     directives = {
         "default-src": ["'none'"],
         "script-src": [*sorted(script_origins), *inline_hashes],
-        # GraphiQL's editors set style attributes and the page has an inline <style>.
+        # GraphiQL's editors set style attributes, and both pages have an inline <style>.
         "style-src": [*sorted(style_origins), "'unsafe-inline'"],
         "font-src": [*sorted(style_origins), "data:"],
         "img-src": ["'self'", "data:"],
@@ -72,7 +73,8 @@ class SecurityHeaders:
     """Adds the security headers to every response, the app's own refusals included.
 
     `Cache-Control: no-store` on everything: /graphql answers carry tokens, and nothing
-    else this server says is worth caching."""
+    else this server says is worth caching. An HTML answer on a path of `pages` gets that
+    page's own policy; every other answer the strict one."""
 
     _OURS = frozenset(
         {
@@ -90,8 +92,7 @@ class SecurityHeaders:
         app: ASGIApp,
         *,
         hsts: bool,
-        graphiql_csp: str | None = None,
-        graphiql_path: str = "/graphql",
+        pages: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
         common = [
@@ -103,12 +104,10 @@ class SecurityHeaders:
         if hsts:
             common.append((b"strict-transport-security", HSTS.encode("latin-1")))
         self._strict = [*common, (b"content-security-policy", STRICT_CSP.encode("latin-1"))]
-        self._graphiql = (
-            [*common, (b"content-security-policy", graphiql_csp.encode("latin-1"))]
-            if graphiql_csp
-            else None
-        )
-        self._graphiql_path = graphiql_path
+        self._pages = {
+            path: [*common, (b"content-security-policy", policy.encode("latin-1"))]
+            for path, policy in (pages or {}).items()
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,10 +129,11 @@ class SecurityHeaders:
     def _headers_for(
         self, scope: Scope, headers: Iterable[tuple[bytes, bytes]]
     ) -> list[tuple[bytes, bytes]]:
-        if self._graphiql is not None and scope["path"] == self._graphiql_path:
+        page = self._pages.get(scope["path"])
+        if page is not None:
             for key, value in headers:
                 if key.lower() == b"content-type" and value.lower().startswith(b"text/html"):
-                    return self._graphiql
+                    return page
         return self._strict
 
 
@@ -181,14 +181,15 @@ def cors_origins(settings: Settings) -> list[str]:
     return origins
 
 
-def edge_middleware(settings: Settings, *, graphiql_html: str | None) -> list[Middleware]:
-    """The outermost middleware: security headers on every answer, then CORS where
-    origins are configured (with none, no CORS header is ever sent)."""
+def edge_middleware(settings: Settings, *, pages: Mapping[str, str]) -> list[Middleware]:
+    """The outermost middleware: security headers on every answer (`pages` maps the
+    paths of HTML pages to their HTML), then CORS where origins are configured (with
+    none, no CORS header is ever sent)."""
     middleware = [
         Middleware(
             SecurityHeaders,
             hsts=settings.is_production,
-            graphiql_csp=graphiql_csp(graphiql_html) if graphiql_html else None,
+            pages={path: page_csp(html) for path, html in pages.items()},
         )
     ]
     origins = cors_origins(settings)

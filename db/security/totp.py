@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import secrets
 from datetime import datetime
 
@@ -35,8 +36,21 @@ def provisioning_uri(secret: str, *, email: str, issuer: str) -> str:
 
 
 def qr_svg(uri: str) -> str:
-    """The URI as a QR code: a standalone SVG document."""
-    return str(segno.make(uri, error="m").svg_inline(scale=4, border=4, title="Two-factor QR code"))
+    """The URI as a QR code: a standalone SVG document (with its namespace, so that it
+    shows as an <img> or a file as well as inlined; no XML declaration, so that it can
+    be inlined into HTML as it is). No background: a page shows it on white."""
+    out = io.BytesIO()
+    segno.make(uri, error="m").save(
+        out,
+        kind="svg",
+        scale=4,
+        border=4,
+        title="Two-factor QR code",
+        xmldecl=False,
+        svgns=True,
+        nl=False,
+    )
+    return out.getvalue().decode("utf-8")
 
 
 def step_at(moment: datetime) -> int:

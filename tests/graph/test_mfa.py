@@ -116,6 +116,9 @@ async def test_setup_answers_secret_uri_and_a_scannable_qr_code(
     assert query["secret"] == [secret] and query["issuer"] == ["Strawgate"]
     decoded = [r.text for r in zxingcpp.read_barcodes(rasterize(setup["qrCodeSvg"]))]
     assert decoded == [setup["otpauthUri"]]
+    # A standalone document: without its namespace an <img> or a saved file shows nothing.
+    root = ET.fromstring(setup["qrCodeSvg"])  # noqa: S314 - our own output
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
     assert (await gql(client, ME, token=token))["data"]["me"]["otpEnabled"] is False
 
 
