@@ -62,7 +62,11 @@ class UserSession(Base):
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # When the session ends unless refreshed: at most SESSION_IDLE_TIMEOUT ahead of the
+    # last use, never past absolute_expires_at. Every liveness check reads this column.
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The absolute end (REFRESH_TOKEN_EXPIRE_DAYS after sign-in): no refresh extends it.
+    absolute_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     revoke_reason: Mapped[str | None] = mapped_column(String(32), default=None)
     user_agent: Mapped[str | None] = mapped_column(String(USER_AGENT_MAX), default=None)
@@ -159,6 +163,8 @@ class Challenge(Base):
     code_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), default=None)
     resends: Mapped[int] = mapped_column(Integer, server_default="0")
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # A change of address: the new address, where the code went (CHANGE_EMAIL).
+    new_email: Mapped[str | None] = mapped_column(String(254), default=None)
     # A password reset waiting for its TOTP step: the new password's hash.
     pending_password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
 

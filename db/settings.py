@@ -6,11 +6,12 @@ import base64
 import logging
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from cryptography.fernet import Fernet
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -29,6 +30,33 @@ SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512", "ES256", "RS256")
 
 class ConfigError(RuntimeError):
     """The configuration cannot run safely; the message says which setting and why."""
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> timedelta:
+    """A duration as operators write one: "14d", "12h", "30m", "90s", or plain seconds;
+    0 turns the rule off where the setting says so."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (text := value.strip().lower()):
+        unit = _DURATION_UNITS.get(text[-1])
+        number = text[:-1] if unit else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            raise ValueError(f"not a duration: {value!r} (e.g. 14d, 12h, 30m, 90s)") from None
+    else:
+        raise ValueError(f"not a duration: {value!r} (e.g. 14d, 12h, 30m, 90s)")
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative: {value!r}")
+    return timedelta(seconds=seconds)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
 class RateLimits(BaseModel):
@@ -58,6 +86,11 @@ class RateLimits(BaseModel):
     disable_totp_ip: str = "30/hour"
     regenerate_recovery_codes_ip: str = "30/hour"
     totp_account: str = "20/hour"
+    change_email_ip: str = "20/hour"
+    change_email_account: str = "10/hour"
+    delete_account_ip: str = "20/hour"
+    delete_account_account: str = "10/hour"
+    export_account_account: str = "10/hour"
 
     @field_validator("*")
     @classmethod
@@ -191,9 +224,18 @@ class Settings(BaseSettings):
     max_query_bytes: int = Field(16 * 1024, ge=256)
     batching: bool = False
     max_batch_size: int = Field(10, ge=1, le=100)
-    # Retentions (days) of the audit trail and of ended sessions.
+    # Session lifetime: besides the absolute REFRESH_TOKEN_EXPIRE_DAYS, a session whose
+    # refresh token goes unused this long ends (0: no idle timeout); and at most this
+    # many live sessions per user (a new one ends the oldest).
+    session_idle_timeout: Duration = timedelta(days=14)
+    max_sessions_per_user: int = Field(50, ge=1, le=10_000)
+    # Retentions (days) of the audit trail, of ended sessions, and of expired challenges.
     security_event_retention_days: int = Field(365, ge=1)
     session_retention_days: int = Field(30, ge=1)
+    challenge_retention_days: int = Field(1, ge=1)
+    # Where users get help (an address or a URL), named in the mail telling the old
+    # address of a change of address. Default: a reply to MAIL_FROM.
+    support_contact: str | None = None
 
     log_level: str = "INFO"
     # json: one JSON object a line; text: readable lines. Default: json in production.

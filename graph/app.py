@@ -49,6 +49,7 @@ from db.services.auth import AuthService
 from db.services.challenges import Challenges
 from db.services.events import SecurityEvents
 from db.services.housekeeping import Housekeeper
+from db.services.lifecycle import LifecycleService
 from db.services.lockout import Lockout
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
@@ -323,12 +324,15 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 outbox_retention=timedelta(days=settings.outbox_retention_days),
                 event_retention=timedelta(days=settings.security_event_retention_days),
                 session_retention=timedelta(days=settings.session_retention_days),
+                challenge_retention=timedelta(days=settings.challenge_retention_days),
                 lockout=auth.lockout,
             )
+            account = AccountService(auth=auth)
             app.state.services = AppServices(
                 settings=settings,
                 auth=auth,
-                account=AccountService(auth=auth),
+                account=account,
+                lifecycle=LifecycleService(account=account),
                 events=auth.events,
                 metrics=metrics,
             )
@@ -352,6 +356,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 hasher.close()
                 await statements.close()
                 await engine.dispose()
+                log.info("Strawgate stopped: background work ended, connections closed")
 
     async def jwks(request: Request) -> Response:
         """The public keys of the access tokens (ES256/RS256); nothing under HS*."""
@@ -500,6 +505,8 @@ def make_auth(
         ),
         limiter=limiter,
         events=events,
+        idle_timeout=settings.session_idle_timeout,
+        max_sessions=settings.max_sessions_per_user,
     )
 
 

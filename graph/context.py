@@ -13,6 +13,7 @@ from db.security.access import AccessClaims, InvalidAccessToken
 from db.services.account import AccountService
 from db.services.auth import AuthService
 from db.services.events import SecurityEvents
+from db.services.lifecycle import LifecycleService
 from db.services.types import ClientInfo, UserView
 from db.settings import Settings
 from graph.metrics import Metrics
@@ -38,6 +39,7 @@ class AppServices:
     settings: Settings
     auth: AuthService
     account: AccountService
+    lifecycle: LifecycleService
     events: SecurityEvents
     metrics: Metrics
 

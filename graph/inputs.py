@@ -58,6 +58,21 @@ class DisableTotpInput:
 
 
 @strawberry.input
+class ChangeEmailInput:
+    new_email: str
+    password: str
+
+
+@strawberry.input
+class DeleteAccountInput:
+    password: str
+    code: str | None = strawberry.field(
+        default=None,
+        description="A current TOTP code or an unused recovery code, where two-factor is on.",
+    )
+
+
+@strawberry.input
 class RegenerateRecoveryCodesInput:
     code: str = strawberry.field(description="A current TOTP code.")
 

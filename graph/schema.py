@@ -20,6 +20,7 @@ from db.settings import Settings
 from graph.resolvers.account import AccountMutation, AccountQuery
 from graph.resolvers.auth import AuthMutation, AuthQuery
 from graph.resolvers.events import EventsQuery
+from graph.resolvers.lifecycle import LifecycleMutation, LifecycleQuery
 from graph.resolvers.mfa import MfaMutation
 
 # Distinct documents kept parsed and validated. Bounded, so that a stream of unique
@@ -50,12 +51,12 @@ def _validate(
 
 
 @strawberry.type
-class Query(AuthQuery, AccountQuery, EventsQuery):
+class Query(AuthQuery, AccountQuery, EventsQuery, LifecycleQuery):
     pass
 
 
 @strawberry.type
-class Mutation(AuthMutation, MfaMutation, AccountMutation):
+class Mutation(AuthMutation, MfaMutation, AccountMutation, LifecycleMutation):
     pass
 
 

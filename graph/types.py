@@ -26,6 +26,7 @@ class OtpPurpose(Enum):
     LOGIN = "LOGIN"
     VERIFY_EMAIL = "VERIFY_EMAIL"
     RESET_PASSWORD = "RESET_PASSWORD"  # noqa: S105 - a purpose
+    CHANGE_EMAIL = "CHANGE_EMAIL"
 
 
 @strawberry.type(description="A registered account.")
@@ -162,6 +163,26 @@ TotpSetupResult = Annotated[TotpSetup | AuthError, strawberry.union("TotpSetupRe
 RecoveryCodesResult = Annotated[RecoveryCodes | AuthError, strawberry.union("RecoveryCodesResult")]
 UserResult = Annotated[User | AuthError, strawberry.union("UserResult")]
 ChallengeResult = Annotated[OtpChallenge | AuthError, strawberry.union("ChallengeResult")]
+
+
+@strawberry.type(
+    description="Everything the service holds about the signed-in user, as one JSON document."
+)
+class AccountExport:
+    generated_at: datetime
+    json: str = strawberry.field(
+        description="JSON: profile, sessions, security events; never a secret or a hash."
+    )
+
+
+@strawberry.type
+class DeleteAccountResult:
+    deleted: bool
+
+
+DeleteAccountOutcome = Annotated[
+    DeleteAccountResult | AuthError, strawberry.union("DeleteAccountOutcome")
+]
 
 
 @strawberry.type(description="One signed-in device or browser of the user.")

@@ -5,6 +5,7 @@ outage the server survives."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import stat
 import time
 import uuid
@@ -628,3 +629,54 @@ async def test_metrics_add_up_across_workers(
             )
             seen.add(float(line.rsplit(" ", 1)[1]))
     assert seen == {40.0}, seen
+
+
+# -- graceful shutdown --------------------------------------------------------------------
+
+
+async def test_shutdown_finishes_requests_in_flight_then_stops_background_work(
+    tmp_path: Path, database_url: str
+) -> None:
+    """SIGTERM while a request is half-sent: the server takes no new connection, the
+    request still gets its whole answer, and then the lifespan ends the background work
+    (mail sender, housekeeper, pools) before the process exits."""
+    env = production_env(database_url, LOG_FORMAT="text")
+    port = free_port()
+    server = await start(
+        strawgate_command(port), env=env, cwd=tmp_path, logs=tmp_path / "logs", port=port
+    )
+    try:
+        body = b'{"query": "{ __typename }"}'
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /graphql HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body[:10]
+        )
+        await writer.drain()
+        # Another request answered means the server's loop has read the first one's
+        # headers (they were sent before this connection opened).
+        async with server.client() as http:
+            assert (await http.get("/healthz")).status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while "Shutting down" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            await asyncio.sleep(0.02)
+        # No new connections now.
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        writer.write(body[10:])
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer
+        assert b'"__typename":"Query"' in payload.replace(b" ", b""), answer
+        # uvicorn re-raises the signal once shut down: "ended by SIGTERM", as a process
+        # manager expects of a clean stop.
+        assert await asyncio.wait_for(server.process.wait(), 10) in (0, -signal.SIGTERM)
+        log = server.log()
+        assert log.index("Shutting down") < log.index("Strawgate stopped: background work ended")
+        assert "Traceback" not in log and "ERROR" not in log
+    finally:
+        await server.stop()

@@ -100,11 +100,13 @@ class MailRenderer:
         product_url: str,
         security_url: str,
         template_folder: Path | None,
+        support: str = "",
     ) -> None:
         for setting, value in (
             ("PRODUCT_NAME", product_name),
             ("PRODUCT_URL", product_url),
             ("SECURITY_URL", security_url),
+            ("SUPPORT_CONTACT", support),
         ):
             if SIX_DIGITS.search(value):
                 # It would be broken up in every mail (a link would stop working).
@@ -122,6 +124,8 @@ class MailRenderer:
             "product_name": product_name,
             "product_url": product_url,
             "security_url": security_url,
+            # Where users get help: SUPPORT_CONTACT, else MAIL_FROM (empty: a reply).
+            "support": support,
         }
         self.env = Environment(
             loader=ChoiceLoader(loaders),
@@ -143,6 +147,7 @@ class MailRenderer:
             product_url=settings.product_url,
             security_url=settings.security_url or settings.product_url,
             template_folder=settings.mail_template_folder,
+            support=settings.support_contact or settings.mail_from or "",
         )
 
     def render(

@@ -36,7 +36,9 @@ from db.validation import check_new_password, could_be_a_password, normalize_pas
 # A user's sessions, as listed: more than any real user has.
 MAX_LISTED_SESSIONS = 500
 
-_ACCOUNT_BY_EMAIL = (
+# An account by its normalized address, with its two-factor state (confirmed, or
+# pending since).
+ACCOUNT_BY_EMAIL = (
     select(
         User.id,
         User.email,
@@ -44,6 +46,7 @@ _ACCOUNT_BY_EMAIL = (
         User.email_verified_at,
         User.created_at,
         TotpCredential.confirmed_at.label("otp_confirmed_at"),
+        TotpCredential.created_at.label("otp_created_at"),
     )
     .outerjoin(TotpCredential, TotpCredential.user_id == User.id)
     .where(User.email_normalized == bindparam("email"))
@@ -113,11 +116,11 @@ class AccountService:
         await self.limiter.hit(limit, client_key(client.ip))
         address = parse_email(email)
         async with self.statements.connection() as conn:
-            account = await conn.first(_ACCOUNT_BY_EMAIL, {"email": address.normalized})
+            account = await conn.first(ACCOUNT_BY_EMAIL, {"email": address.normalized})
         recipient = account if account is not None and account["is_active"] else None
         # Counted for unknown addresses too: the same work either way.
         mail_key = str(account["id"]) if account is not None else address.normalized
-        if not await self._may_mail(mail_key):
+        if not await self.may_mail(mail_key):
             recipient = None  # over the account's mail cap: the same answer, no mail
         async with self.events.transaction(self.statements) as tx:
             issued = await self.challenges.open_email(
@@ -132,7 +135,7 @@ class AccountService:
         await self.limiter.hit("request_email_verification_ip", client_key(client.ip))
         if user.email_verified:
             raise invalid_input("This email address is already verified.")
-        may_mail = await self._may_mail(str(user.id))
+        may_mail = await self.may_mail(str(user.id))
         async with self.events.transaction(self.statements) as tx:
             issued = await self.challenges.open_email(
                 tx,
@@ -146,9 +149,9 @@ class AccountService:
 
     async def resend(self, *, challenge_token: str, client: ClientInfo) -> IssuedChallenge:
         await self.limiter.hit("resend_otp_ip", client_key(client.ip))
-        return await self.challenges.resend(challenge_token, may_mail=self._may_mail)
+        return await self.challenges.resend(challenge_token, may_mail=self.may_mail)
 
-    async def _may_mail(self, account: str) -> bool:
+    async def may_mail(self, account: str) -> bool:
         """Counts a code mail against the account's cap; False when over it. Capping the
         mails, not the answers: a stranger asking for codes gets the same answers and
         the owner's own request still goes out once the cap's window moves on."""
@@ -223,7 +226,7 @@ class AccountService:
             raise _wrong_password()
         ok, _upgraded = await self.hasher.verify(current_password, row["password_hash"])
         if not ok:
-            await self._count_failure(user, client)
+            await self.count_failure(user, client)
             raise _wrong_password()
         check_new_password(
             new_password, min_length=self.auth.password_min_length, field="newPassword"
@@ -259,7 +262,7 @@ class AccountService:
         self.auth.outbox.wake()
         return self.auth.issue(user, claims.session_id, session["amr"].split(), refresh, client)
 
-    async def _count_failure(self, user: UserView, client: ClientInfo) -> None:
+    async def count_failure(self, user: UserView, client: ClientInfo) -> None:
         """A wrong current password counts like a failed login: towards the address's
         lockout, unless this client holds the account's device token (its own budget,
         change_password_account, applies)."""

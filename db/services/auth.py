@@ -155,6 +155,7 @@ _ADD_SESSION = insert(UserSession).values(
     created_at=bindparam("now"),
     last_used_at=bindparam("now"),
     expires_at=bindparam("expires_at"),
+    absolute_expires_at=bindparam("absolute_expires_at"),
     user_agent=bindparam("user_agent"),
     ip=bindparam("ip"),
     amr=bindparam("amr"),
@@ -214,6 +215,7 @@ _ROTATION_STATE = (
         RefreshToken.rotated_at,
         UserSession.revoked_at,
         UserSession.expires_at,
+        UserSession.absolute_expires_at,
         UserSession.amr,
         User.id.label("user_id"),
         User.email,
@@ -250,10 +252,24 @@ _ADD_GENERATION = insert(RefreshToken).values(
     created_at=bindparam("now"),
 )
 
+# A use of the refresh token: the idle timeout starts again (within the absolute end).
 _TOUCH_SESSION = (
     update(UserSession)
     .where(UserSession.id == bindparam("session_id"))
-    .values(last_used_at=bindparam("now"))
+    .values(last_used_at=bindparam("now"), expires_at=bindparam("expires_at"))
+)
+
+# The user's live sessions past the newest `keep`, oldest last: what a new session ends
+# when the user is over MAX_SESSIONS_PER_USER.
+_SESSIONS_OVER_CAP = (
+    select(UserSession.id)
+    .where(
+        UserSession.user_id == bindparam("uid"),
+        UserSession.revoked_at.is_(None),
+        UserSession.expires_at > bindparam("now"),
+    )
+    .order_by(UserSession.created_at.desc(), UserSession.id.desc())
+    .offset(bindparam("keep"))
 )
 
 _REVOKE_SESSION = (
@@ -291,8 +307,8 @@ _DEVICE_HISTORY = select(
     .label("known"),
 )
 
-# What signup decides on when the address is taken.
-_SIGNUP_STATE = select(User.id, User.email_verified_at).where(
+# Who holds an address: what signup (and a change of address) decides on.
+ADDRESS_HOLDER = select(User.id, User.email_verified_at).where(
     User.email_normalized == bindparam("email")
 )
 # An unverified signup is replaced by a new signup once its code has expired (it was made
@@ -302,6 +318,25 @@ _DROP_ABANDONED_SIGNUP = delete(User).where(
     User.id == bindparam("uid"),
     User.email_verified_at.is_(None),
     User.created_at <= bindparam("abandoned_before"),
+    ~exists().where(UserSession.user_id == User.id),
+)
+
+# A change of address, proven by the code mailed there.
+_CHANGE_EMAIL = (
+    update(User)
+    .where(User.id == bindparam("uid"))
+    .values(
+        email=bindparam("email"),
+        email_normalized=bindparam("email_normalized"),
+        email_verified_at=bindparam("now"),
+        updated_at=bindparam("now"),
+    )
+)
+# The account holding an address someone else just proved, when it never proved it and
+# never signed in (an abandoned or squatting signup).
+_DROP_UNPROVEN_HOLDER = delete(User).where(
+    User.id == bindparam("uid"),
+    User.email_verified_at.is_(None),
     ~exists().where(UserSession.user_id == User.id),
 )
 
@@ -375,7 +410,12 @@ class AuthService:
         lockout: Lockout,
         limiter: RateLimiter,
         events: SecurityEvents,
+        idle_timeout: timedelta = timedelta(0),
+        max_sessions: int = 50,
     ) -> None:
+        # 0: no idle timeout (only the absolute refresh lifetime).
+        self.idle_timeout = idle_timeout
+        self.max_sessions = max_sessions
         self.events = events
         self.devices = devices
         self.lockout = lockout
@@ -408,7 +448,7 @@ class AuthService:
         password = normalize_password(password)
         check_new_password(password, min_length=self.password_min_length)
         async with self.statements.connection() as conn:
-            existing = await conn.first(_SIGNUP_STATE, {"email": address.normalized})
+            existing = await conn.first(ADDRESS_HOLDER, {"email": address.normalized})
         # Only a verified registration is revealed (or any, without verification).
         if existing is not None and (
             existing["email_verified_at"] is not None or not self.require_email_verification
@@ -674,6 +714,15 @@ class AuthService:
         if not self.challenges.email_code_matches(challenge, code):
             raise invalid_otp()
         amr = merge_amr(challenge["amr"].split(), AMR_EMAIL_CODE)
+        try:
+            return await self._complete_emailed_code_now(challenge, amr, client)
+        except UniqueViolation:
+            # Another account took the new address between the check and the change.
+            raise _email_taken() from None
+
+    async def _complete_emailed_code_now(
+        self, challenge: Mapping[str, Any], amr: list[str], client: ClientInfo
+    ) -> IssuedSession | IssuedChallenge:
         async with self.events.transaction(self.statements) as tx:
             await self.lock_user(tx, challenge["user_id"], exclusive=True)
             user = await tx.first(_USER_BY_ID, {"user_id": challenge["user_id"]})
@@ -684,6 +733,8 @@ class AuthService:
             if not await self.challenges.consume(tx, challenge["id"]):
                 raise invalid_challenge()
             now = self.clock.now()
+            if challenge["purpose"] == ch.CHANGE_EMAIL:
+                user = await self._change_email_now(tx, user, challenge["new_email"], client)
             if challenge["purpose"] == ch.LOGIN and user["email_verified_at"] is None:
                 await self._distrust_password(tx, user["id"])
             # A code that reached the mailbox proves the address (sign-in codes too).
@@ -702,6 +753,43 @@ class AuthService:
                 issued = await self.open_session(tx, user_view(user), amr=amr, client=client)
         self.outbox.wake()
         return issued
+
+    async def _change_email_now(
+        self, tx: Runner, user: Mapping[str, Any], new_email: str, client: ClientInfo
+    ) -> Mapping[str, Any]:
+        """Moves the account to the address a code just proved: verified, every other
+        pending step voided (a reset code sent to the old address stops working), the
+        old address told, sessions kept. Returns the user as it is now."""
+        address = parse_email(new_email)
+        holder = await tx.first(ADDRESS_HOLDER, {"email": address.normalized})
+        if holder is not None and holder["id"] != user["id"]:
+            # Only a signup that never proved the address and never signed in yields it:
+            # whoever completes this code owns the mailbox.
+            dropped = await tx.execute(_DROP_UNPROVEN_HOLDER, {"uid": holder["id"]})
+            if not dropped:
+                raise _email_taken()
+        now = self.clock.now()
+        await tx.execute(
+            _CHANGE_EMAIL,
+            {
+                "uid": user["id"],
+                "email": address.address,
+                "email_normalized": address.normalized,
+                "now": now,
+            },
+        )
+        await self.challenges.void_all(tx, user["id"])
+        await self.notices.send(
+            tx,
+            email=user["email"],
+            template="email_changed",
+            client=client,
+            new_email=address.address,
+        )
+        await self.events.record(tx, EventKind.EMAIL_CHANGED, user_id=user["id"], client=client)
+        changed = await tx.first(_USER_BY_ID, {"user_id": user["id"]})
+        assert changed is not None  # noqa: S101 - the row is locked by this transaction
+        return changed
 
     async def _distrust_password(self, tx: Runner, user_id: uuid.UUID) -> None:
         """The owner of the address signs in by code to an account nobody had verified:
@@ -832,13 +920,15 @@ class AuthService:
                 "since": now - KNOWN_DEVICE_WINDOW,
             },
         )
+        absolute_end = now + self.refresh_lifetime
         await tx.execute(
             _ADD_SESSION,
             {
                 "session_id": session_id,
                 "user_id": user.id,
                 "now": now,
-                "expires_at": now + self.refresh_lifetime,
+                "expires_at": self.session_end(now, absolute_end),
+                "absolute_expires_at": absolute_end,
                 "user_agent": clean_user_agent(client.user_agent),
                 "ip": client.ip[:IP_MAX] if client.ip else None,
                 "amr": " ".join(amr),
@@ -847,6 +937,7 @@ class AuthService:
             },
         )
         await self.add_generation(tx, session_id, 0, refresh, now)
+        await self._end_sessions_over_cap(tx, user.id, client)
         await self.events.record(
             tx,
             EventKind.LOGIN_SUCCEEDED,
@@ -859,6 +950,37 @@ class AuthService:
             # Not the account's first session, and not a device and network seen lately.
             await self.notices.send(tx, email=user.email, template="new_device", client=client)
         return self.issue(user, session_id, amr, refresh, client)
+
+    def session_end(self, now: datetime, absolute_end: datetime) -> datetime:
+        """When a session used now ends unless used again: the idle timeout ahead,
+        never past its absolute end."""
+        if not self.idle_timeout:
+            return absolute_end
+        return min(absolute_end, now + self.idle_timeout)
+
+    async def _end_sessions_over_cap(
+        self, tx: Runner, user_id: uuid.UUID, client: ClientInfo
+    ) -> None:
+        """Past MAX_SESSIONS_PER_USER live sessions, the oldest end (the new one counts).
+        Sign-ins of one user in parallel each see the others' sessions only once
+        committed, so the cap can be passed by as many as race; the next one trims."""
+        now = self.clock.now()
+        over = await tx.scalars(
+            _SESSIONS_OVER_CAP, {"uid": user_id, "now": now, "keep": self.max_sessions}
+        )
+        for session_id in over:
+            await tx.execute(
+                _REVOKE_SESSION,
+                {"session_id": session_id, "now": now, "reason": "session_limit"},
+            )
+            await self.events.record(
+                tx,
+                EventKind.SESSION_REVOKED,
+                user_id=user_id,
+                session_id=session_id,
+                client=client,
+                details={"reason": "session_limit"},
+            )
 
     async def add_generation(
         self, tx: Runner, session_id: uuid.UUID, generation: int, refresh: str, now: datetime
@@ -941,7 +1063,14 @@ class AuthService:
                 )
                 reused = True
             if not reused:
-                await tx.execute(_TOUCH_SESSION, {"session_id": session_id, "now": now})
+                await tx.execute(
+                    _TOUCH_SESSION,
+                    {
+                        "session_id": session_id,
+                        "now": now,
+                        "expires_at": self.session_end(now, state["absolute_expires_at"]),
+                    },
+                )
         if reused:  # raised after the commit, so the revocation holds
             await self.events.record_now(
                 self.statements,

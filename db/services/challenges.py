@@ -33,12 +33,14 @@ EMAIL = "EMAIL"
 LOGIN = "LOGIN"
 VERIFY_EMAIL = "VERIFY_EMAIL"
 RESET_PASSWORD = "RESET_PASSWORD"  # noqa: S105 - a purpose
+CHANGE_EMAIL = "CHANGE_EMAIL"
 
 # The mail that carries each purpose's code.
 CODE_TEMPLATES = {
     VERIFY_EMAIL: "verify_email",
     LOGIN: "login_code",
     RESET_PASSWORD: "password_reset_code",
+    CHANGE_EMAIL: "change_email_code",
 }
 
 _ADD_CHALLENGE = insert(Challenge).values(
@@ -56,6 +58,7 @@ _ADD_CHALLENGE = insert(Challenge).values(
     code_hash=bindparam("code_hash"),
     sent_at=bindparam("sent_at"),
     pending_password_hash=bindparam("pending_password_hash"),
+    new_email=bindparam("new_email"),
 )
 
 
@@ -83,19 +86,25 @@ def _take_attempt(pairings: Any) -> Executable:
             Challenge.ip,
             Challenge.code_hash,
             Challenge.pending_password_hash,
+            Challenge.new_email,
         )
     )
 
 
-# verifyOtp completes TOTP steps (after a password or a reset code) and emailed sign-in
-# and verification codes; resetPassword completes emailed reset codes only.
+# verifyOtp completes TOTP steps (after a password or a reset code) and emailed sign-in,
+# verification and change-of-address codes; resetPassword completes emailed reset codes
+# only.
 TAKE_FOR_VERIFY_OTP = _take_attempt(
     or_(
         Challenge.method == TOTP,
         # Not IN (...): its expanding parameter cannot be compiled once for Statements.
         and_(
             Challenge.method == EMAIL,
-            or_(Challenge.purpose == LOGIN, Challenge.purpose == VERIFY_EMAIL),
+            or_(
+                Challenge.purpose == LOGIN,
+                Challenge.purpose == VERIFY_EMAIL,
+                Challenge.purpose == CHANGE_EMAIL,
+            ),
         ),
     )
 )
@@ -130,6 +139,7 @@ _FOR_RESEND = (
         Challenge.consumed_at,
         Challenge.resends,
         Challenge.sent_at,
+        Challenge.new_email,
         User.email,
         User.is_active,
     )
@@ -175,10 +185,12 @@ class Challenges:
         user: Mapping[str, Any] | None,
         amr: list[str],
         client: ClientInfo,
+        new_email: str | None = None,
     ) -> IssuedChallenge:
-        """A challenge completed by a code mailed to `user` (id, email) in this transaction.
-        Without a user (an unknown address, or one that must get no mail) the challenge is
-        made just the same, and no code will ever complete it."""
+        """A challenge completed by a code mailed to `user` (id, email) in this transaction
+        (for a change of address, to `new_email` instead). Without a user (an unknown
+        address, or one that must get no mail) the challenge is made just the same, and
+        no code will ever complete it."""
         now = self.clock.now()
         challenge_id = uuid.uuid4()
         code = new_email_code()
@@ -193,9 +205,10 @@ class Challenges:
             client=client,
             expires_at=expires_at,
             code_hash=email_code_digest(self._secret, challenge_id, code),
+            new_email=new_email,
         )
         if user is not None:
-            await self._mail_code(tx, user["email"], purpose, code, expires_at)
+            await self._mail_code(tx, new_email or user["email"], purpose, code, expires_at)
         else:
             # The same work as queueing the mail: the answer's timing reveals nothing.
             await self.outbox.decoy(tx, secrets={"code": code})
@@ -247,6 +260,7 @@ class Challenges:
         expires_at: Any,
         code_hash: bytes | None = None,
         pending_password_hash: str | None = None,
+        new_email: str | None = None,
     ) -> str:
         now = self.clock.now()
         token = new_opaque_token()  # 256 bits; stored only as its SHA-256
@@ -266,6 +280,7 @@ class Challenges:
                 "code_hash": code_hash,
                 "sent_at": now if code_hash is not None else None,
                 "pending_password_hash": pending_password_hash,
+                "new_email": new_email,
             },
         )
         return token
@@ -357,7 +372,8 @@ class Challenges:
             if mail and may_mail is not None:
                 mail = await may_mail(str(row["user_id"]))  # the account's mail cap
             if mail:
-                await self._mail_code(tx, row["email"], row["purpose"], code, row["expires_at"])
+                recipient = row["new_email"] or row["email"]  # a change of address: the new one
+                await self._mail_code(tx, recipient, row["purpose"], code, row["expires_at"])
             else:
                 await self.outbox.decoy(tx, secrets={"code": code})
         self.outbox.wake()

@@ -26,9 +26,6 @@ log = logging.getLogger("strawgate.housekeeping")
 LOCK_KEY = 0x5354_5241_5747_4B01
 _TAKE_LOCK = select(func.pg_try_advisory_xact_lock(bindparam("key")).label("taken"))
 
-# Expired challenges are kept a day (a code typed just after expiry still finds its
-# challenge and answers "expired", not "unknown"), then deleted.
-CHALLENGE_GRACE = timedelta(days=1)
 _PRUNE_CHALLENGES = delete(Challenge).where(Challenge.expires_at < bindparam("cutoff"))
 
 # Signups never verified, past their limit, that never had a session (with
@@ -63,8 +60,12 @@ class Housekeeper:
         outbox_retention: timedelta,
         event_retention: timedelta = timedelta(days=365),
         session_retention: timedelta = timedelta(days=30),
+        # Expired challenges are kept a while (a code typed just after expiry still
+        # finds its challenge and answers "expired", not "unknown"), then deleted.
+        challenge_retention: timedelta = timedelta(days=1),
         lockout: Lockout | None = None,
     ) -> None:
+        self.challenge_retention = challenge_retention
         self.event_retention = event_retention
         self.session_retention = session_retention
         self.lockout = lockout
@@ -85,7 +86,9 @@ class Housekeeper:
                 lock = await tx.first(_TAKE_LOCK, {"key": LOCK_KEY})
                 if lock is None or not lock["taken"]:
                     return None
-            challenges = await tx.execute(_PRUNE_CHALLENGES, {"cutoff": now - CHALLENGE_GRACE})
+            challenges = await tx.execute(
+                _PRUNE_CHALLENGES, {"cutoff": now - self.challenge_retention}
+            )
             unverified = 0
             if self.unverified_account_age is not None:
                 unverified = await tx.execute(

@@ -254,6 +254,7 @@ async def test_an_event_without_a_client_or_user(
 
 
 def test_the_kinds_are_the_contracts() -> None:
+    # The contract's kinds (abuse.graphql), then the ones added since (adding is free).
     assert [kind.value for kind in EventKind] == [
         "SIGNUP",
         "EMAIL_VERIFIED",
@@ -268,6 +269,12 @@ def test_the_kinds_are_the_contracts() -> None:
         "TOTP_DISABLED",
         "RECOVERY_CODE_USED",
         "SESSION_REVOKED",
+        "EMAIL_CHANGED",
+        "ACCOUNT_DELETED",
+        "OPERATOR_DISABLE",
+        "OPERATOR_ENABLE",
+        "OPERATOR_UNLOCK",
+        "OPERATOR_LOGOUT",
     ]
 
 
@@ -470,7 +477,7 @@ async def test_ended_sessions_are_pruned_after_the_retention(
     expiring_id = await session_of(database_url, expiring["refreshToken"])
     assert await logout(client, revoked["refreshToken"]) == 1  # day 0
     clock.advance(days=10)
-    live = await sign_up(client)  # day 10, ends on day 40
+    live = await sign_up(client)  # day 10, ends on day 24 unless used
     live_id = await session_of(database_url, live["refreshToken"])
 
     # Revoked exactly `retention` ago: kept.
@@ -480,10 +487,11 @@ async def test_ended_sessions_are_pruned_after_the_retention(
     assert await session_ids(database_url) == {expiring_id, live_id}
     assert await generations(database_url, revoked_id) == []  # its tokens went with it
 
-    # Never revoked, it expired on day 30: it goes once it has been over that long.
-    clock.advance(days=29)  # day 39
+    # Never revoked, it went idle on day 14 (SESSION_IDLE_TIMEOUT): it goes once it
+    # has been over that long.
+    clock.advance(days=14, seconds=-1)  # day 24
     assert await prune_ended_sessions(statements, clock.now(), retention) == 0
-    clock.advance(days=2)  # day 41
+    clock.advance(seconds=1)
     assert await prune_ended_sessions(statements, clock.now(), retention) == 1
     assert await session_ids(database_url) == {live_id}
     assert await generations(database_url, expiring_id) == []
@@ -523,7 +531,9 @@ async def test_spent_generations_of_live_sessions_are_pruned_but_the_last_two_ke
     clock.advance(days=1, seconds=1)  # day 9: generations 0 and 1 past it
     assert await prune_spent_generations(statements, clock.now(), retention) == 2
     assert await generations(database_url, session_id) == [2, 3, 4]
-    clock.advance(days=10)  # day 19: everything spent is old; the newest two stay
+    # Day 17 (the session, last used on day 4, is inside its idle timeout): everything
+    # spent is old; the newest two stay.
+    clock.advance(days=8)
     assert await prune_spent_generations(statements, clock.now(), retention) == 1
     assert await generations(database_url, session_id) == [3, 4]
     assert await generations(database_url, ended_id) == [0, 1, 2, 3]
@@ -578,7 +588,7 @@ async def test_the_trail_and_its_retention_on_sqlite(
         tokens.append(await rotate(client, tokens[-1]))
     ended = await sign_up(client)
     assert await logout(client, ended["refreshToken"]) == 1
-    clock.advance(days=20)
+    clock.advance(days=12)  # day 15: the live session is inside its idle timeout
     retention = timedelta(days=10)
     assert await prune_spent_generations(statements, clock.now(), retention) == 2
     assert await prune_ended_sessions(statements, clock.now(), retention) == 1

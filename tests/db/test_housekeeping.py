@@ -1,8 +1,10 @@
-"""Housekeeping: expired challenges, old outbox rows and expired mail secrets go; one
-process at a time does it."""
+"""Housekeeping: expired challenges, abandoned signups, sent mail, old security events
+and ended sessions go, each after its configured retention; one process at a time does
+it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import httpx
@@ -13,8 +15,9 @@ from starlette.applications import Starlette
 from db.services.housekeeping import LOCK_KEY, Housekeeper
 from db.session import Statements, create_engine
 from db.settings import Settings
-from tests.conftest import PASSWORD, MutableClock, unique_email
-from tests.gql import REQUEST_LOGIN_CODE, mutate, signup
+from graph.app import create_app
+from tests.conftest import PASSWORD, MutableClock, client_for, running, unique_email
+from tests.gql import REQUEST_LOGIN_CODE, logout, mutate, signed_up, signup
 from tests.smtp import SmtpSink
 
 
@@ -79,3 +82,52 @@ async def test_one_housekeeper_at_a_time(
     finally:
         await other_process.close()
         await engine.dispose()
+
+
+async def test_each_kind_goes_after_its_own_configured_retention(
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    clean_db: None,
+    smtp: SmtpSink,
+    database_url: str,
+) -> None:
+    app = create_app(
+        make_settings(
+            require_email_verification=True,
+            unverified_account_days=1,
+            outbox_retention_days=2,
+            challenge_retention_days=3,
+            security_event_retention_days=4,
+            session_retention_days=5,
+            **smtp.settings(),
+        ),
+        clock=clock,
+    )
+    async for _ in running(app):
+        async with client_for(app) as http:
+            _email, session = await signed_up(http, smtp)  # verified; its mail sent
+            assert await logout(http, session["refreshToken"]) == 1  # ended on day 0
+            abandoned = unique_email()
+            await signup(http, abandoned, PASSWORD)  # never verified
+            await smtp.wait_for(abandoned)
+        housekeeper: Housekeeper = app.state.housekeeper
+        ten_minutes = timedelta(minutes=10, seconds=1)  # the codes' lifetime, and a second
+        expected = [
+            # (days after day 0, what that pass removes first)
+            (1, "unverified_users"),
+            (2, "outbox_rows"),
+            (3, "challenges"),
+            (4, "security_events"),
+            (5, "ended_sessions"),
+        ]
+        start = clock.now()
+        for days, kind in expected:
+            clock.current = start + timedelta(days=days) - timedelta(seconds=2)
+            before = await housekeeper.run_once()
+            assert before is not None and getattr(before, kind) == 0, (days, kind, before)
+            clock.current = start + timedelta(days=days) + ten_minutes
+            pruned = await housekeeper.run_once()
+            assert pruned is not None and getattr(pruned, kind) > 0, (days, kind, pruned)
+    for table in ("challenges", "outbox", "security_events", "sessions"):
+        assert await count(database_url, f"SELECT count(*) FROM {table}") == 0, table  # noqa: S608
+    assert await count(database_url, "SELECT count(*) FROM users") == 1

@@ -235,3 +235,41 @@ async def test_the_email_flows_run_on_sqlite(
             "AuthSession"
         )
         await app.state.housekeeper.run_once()
+
+
+async def test_the_lifecycle_runs_on_sqlite(
+    make_settings: Callable[..., Settings],
+    sqlite_url: str,
+    clock: MutableClock,
+    smtp: SmtpSink,
+) -> None:
+    """Change of address, export, deletion (its cascade needs SQLite's foreign keys on),
+    and the idle timeout."""
+    from tests.graph.test_lifecycle import EXPORT, change_email, delete_account
+
+    settings = make_settings(
+        database_url=sqlite_url, require_email_verification=True, **smtp.settings()
+    )
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        email = unique_email()
+        challenge = await signup(http, email, PASSWORD)
+        code = (await smtp.wait_for(email)).code()
+        session = await verify_otp(http, challenge["challengeToken"], code)
+        new = f"new-{email}"
+        moving = await change_email(http, session["accessToken"], new)
+        moved = await verify_otp(http, moving["challengeToken"], (await smtp.wait_for(new)).code())
+        assert moved["user"]["email"] == new
+        exported = (await gql(http, EXPORT, token=moved["accessToken"]))["data"]
+        assert new in exported["exportAccount"]["json"]
+        idle = moved["refreshToken"]
+        clock.advance(days=14, seconds=1)
+        assert (await refresh(http, idle))["code"] == "INVALID_TOKEN"
+        fresh = await login(http, new, PASSWORD)
+        assert (await delete_account(http, fresh["accessToken"]))["deleted"] is True
+    engine = create_async_engine(sqlite_url)
+    async with engine.connect() as conn:
+        users = (await conn.execute(select(User.id))).all()
+        tokens = (await conn.execute(select(RefreshToken.id))).all()
+    await engine.dispose()
+    assert users == [] and tokens == []

@@ -53,7 +53,9 @@ async def test_signup_records_the_session(client: httpx.AsyncClient, database_ur
     assert row.user_agent == "pytest"
     assert row.amr == "pwd"
     assert row.created_at.tzinfo is not None
-    assert row.expires_at - row.created_at == __import__("datetime").timedelta(days=30)
+    assert row.absolute_expires_at - row.created_at == __import__("datetime").timedelta(days=30)
+    # Unless refreshed sooner: the idle timeout (SESSION_IDLE_TIMEOUT).
+    assert row.expires_at - row.created_at == __import__("datetime").timedelta(days=14)
 
 
 async def test_email_is_trimmed_and_unique_case_insensitively(client: httpx.AsyncClient) -> None:

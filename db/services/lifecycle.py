@@ -1,0 +1,417 @@
+"""The account's own lifecycle: a change of address (completed by verifyOtp, see
+AuthService._change_email_now), an export of everything held about the user, and the
+deletion of the account."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import bindparam, delete, func, or_, select, update
+
+from db.errors import AuthFailure, ErrorCode
+from db.models import (
+    Challenge,
+    LoginThrottle,
+    OutboxMail,
+    RecoveryCode,
+    SecurityEvent,
+    TotpCredential,
+    User,
+    UserSession,
+)
+from db.security.access import AccessClaims
+from db.security.limiter import client_key
+from db.services import challenges as ch
+from db.services.account import AccountService
+from db.services.auth import ADDRESS_HOLDER, AMR_PASSWORD
+from db.services.events import EventKind
+from db.services.mfa import PASSWORD_HASH
+from db.services.types import ClientInfo, IssuedChallenge, UserView, merge_amr
+from db.session import Runner
+from db.validation import could_be_a_password, normalize_password, parse_email
+
+EXPORT_FORMAT = "strawgate-account-export/1"
+
+# -- the export: every column that is not a secret, a hash or a token ------------------------
+
+_EXPORT_USER = select(
+    User.id,
+    User.email,
+    User.email_verified_at,
+    User.is_active,
+    User.created_at,
+    User.updated_at,
+    User.password_changed_at,
+).where(User.id == bindparam("uid"))
+_EXPORT_TOTP = select(TotpCredential.created_at, TotpCredential.confirmed_at).where(
+    TotpCredential.user_id == bindparam("uid")
+)
+_EXPORT_RECOVERY_CODES = select(
+    func.count(RecoveryCode.id).label("total"),
+    func.count(RecoveryCode.used_at).label("used"),
+).where(RecoveryCode.user_id == bindparam("uid"))
+_EXPORT_SESSIONS = (
+    select(
+        UserSession.id,
+        UserSession.created_at,
+        UserSession.last_used_at,
+        UserSession.expires_at,
+        UserSession.absolute_expires_at,
+        UserSession.revoked_at,
+        UserSession.revoke_reason,
+        UserSession.user_agent,
+        UserSession.ip,
+        UserSession.amr,
+        UserSession.device,
+        UserSession.network,
+    )
+    .where(UserSession.user_id == bindparam("uid"))
+    .order_by(UserSession.created_at.desc(), UserSession.id.desc())
+)
+_EXPORT_EVENTS = (
+    select(
+        SecurityEvent.id,
+        SecurityEvent.at,
+        SecurityEvent.kind,
+        SecurityEvent.session_id,
+        SecurityEvent.ip,
+        SecurityEvent.user_agent,
+        SecurityEvent.details,
+    )
+    .where(SecurityEvent.user_id == bindparam("uid"))
+    .order_by(SecurityEvent.id.desc())
+)
+_EXPORT_CHALLENGES = (
+    select(
+        Challenge.id,
+        Challenge.purpose,
+        Challenge.method,
+        Challenge.created_at,
+        Challenge.expires_at,
+        Challenge.consumed_at,
+        Challenge.attempts,
+        Challenge.new_email,
+        Challenge.ip,
+        Challenge.user_agent,
+    )
+    .where(Challenge.user_id == bindparam("uid"))
+    .order_by(Challenge.created_at.desc())
+)
+_EXPORT_MAIL = (
+    select(
+        OutboxMail.id,
+        OutboxMail.template,
+        OutboxMail.created_at,
+        OutboxMail.sent_at,
+        OutboxMail.failed_at,
+    )
+    .where(OutboxMail.recipient == bindparam("recipient"))
+    .order_by(OutboxMail.created_at.desc())
+)
+_EXPORT_THROTTLE = select(
+    LoginThrottle.failures, LoginThrottle.last_failure_at, LoginThrottle.locked_until
+).where(LoginThrottle.email == bindparam("email"))
+
+# -- deletion ------------------------------------------------------------------------------
+
+# The audit trail stays (it outlives what it mentions), with nothing left that names or
+# locates the person: the random user id no longer points anywhere.
+_ANONYMISE_EVENTS = (
+    update(SecurityEvent)
+    .where(
+        or_(SecurityEvent.user_id == bindparam("uid"), SecurityEvent.email == bindparam("address"))
+    )
+    .values(ip=None, user_agent=None, email=None)
+)
+_DROP_MAIL = delete(OutboxMail).where(OutboxMail.recipient == bindparam("recipient"))
+_DROP_THROTTLES = delete(LoginThrottle).where(
+    or_(LoginThrottle.email == bindparam("email"), LoginThrottle.email.startswith(bindparam("otp")))
+)
+_LIVE_SESSIONS = select(func.count(UserSession.id)).where(
+    UserSession.user_id == bindparam("uid"),
+    UserSession.revoked_at.is_(None),
+    UserSession.expires_at > bindparam("now"),
+)
+# Sessions, refresh tokens, the TOTP secret, recovery codes and challenges go with the
+# row (ON DELETE CASCADE).
+_DROP_USER = delete(User).where(User.id == bindparam("uid"))
+
+
+class LifecycleService:
+    def __init__(self, *, account: AccountService) -> None:
+        self.account = account
+        self.auth = account.auth
+        self.statements = account.statements
+        self.clock = account.clock
+        self.hasher = account.hasher
+        self.limiter = account.limiter
+        self.events = account.events
+
+    # -- change of address --------------------------------------------------------------------
+
+    async def change_email(
+        self,
+        *,
+        user: UserView,
+        claims: AccessClaims,
+        new_email: str,
+        password: str,
+        client: ClientInfo,
+    ) -> IssuedChallenge:
+        """Mails a code to the new address; verifyOtp with it moves the account there.
+        Needs the password (a wrong one counts like a failed login) and an address that
+        signup would take."""
+        self.hasher.check_capacity()
+        await self.limiter.hit("change_email_ip", client_key(client.ip))
+        await self.limiter.hit("change_email_account", str(user.id))
+        try:
+            address = parse_email(new_email)
+        except AuthFailure as failure:
+            raise AuthFailure(failure.code, failure.message, field="newEmail") from None
+        await self._check_password(user, password, client)
+        if address.normalized == parse_email(user.email).normalized:
+            raise AuthFailure(
+                ErrorCode.INVALID_INPUT, "This is already your email address.", field="newEmail"
+            )
+        async with self.statements.connection() as conn:
+            holder = await conn.first(ADDRESS_HOLDER, {"email": address.normalized})
+        # Signup's rule: a verified registration (any, without verification) is taken;
+        # an unproven one yields to whoever proves the mailbox (see _change_email_now).
+        if holder is not None and (
+            holder["email_verified_at"] is not None or not self.auth.require_email_verification
+        ):
+            raise AuthFailure(
+                ErrorCode.EMAIL_TAKEN,
+                "An account with this email address already exists.",
+                field="newEmail",
+            )
+        may_mail = await self.account.may_mail(str(user.id))
+        async with self.events.transaction(self.statements) as tx:
+            issued = await self.auth.challenges.open_email(
+                tx,
+                purpose=ch.CHANGE_EMAIL,
+                user={"id": user.id, "email": user.email} if may_mail else None,
+                amr=merge_amr(list(claims.amr), AMR_PASSWORD),
+                client=client,
+                new_email=address.address,
+            )
+        self.auth.outbox.wake()
+        return issued
+
+    async def _check_password(self, user: UserView, password: str, client: ClientInfo) -> None:
+        """The account's password, as a sign-in checks it: refused while the address is
+        locked out, and a wrong one counted towards the lockout."""
+        password = normalize_password(password)
+        held = self.auth.devices.check(
+            client.device_token, user_id=user.id, epoch=user.device_epoch
+        )
+        if held is None:
+            await self.auth.lockout.check(parse_email(user.email).normalized)
+        ok = False
+        if could_be_a_password(password):
+            async with self.statements.connection() as conn:
+                row = await conn.first(PASSWORD_HASH, {"uid": user.id})
+            if row is not None:
+                ok, _upgraded = await self.hasher.verify(password, row["password_hash"])
+        if not ok:
+            await self.account.count_failure(user, client)
+            await self.events.record_now(
+                self.statements, EventKind.LOGIN_FAILED, user_id=user.id, client=client
+            )
+            raise AuthFailure(
+                ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.", field="password"
+            )
+
+    # -- export -------------------------------------------------------------------------------
+
+    async def export(self, *, user: UserView, claims: AccessClaims) -> tuple[datetime, str]:
+        """Everything held about the user, as one JSON document: never a secret, a hash
+        or a token (those columns are not even read)."""
+        await self.limiter.hit("export_account_account", str(user.id))
+        now = self.clock.now()
+        uid = {"uid": user.id}
+        async with self.statements.connection() as conn:
+            profile = await conn.first(_EXPORT_USER, uid)
+            if profile is None:
+                raise AuthFailure(ErrorCode.INVALID_TOKEN, "This account no longer exists.")
+            totp = await conn.first(_EXPORT_TOTP, uid)
+            codes = await conn.first(_EXPORT_RECOVERY_CODES, uid)
+            sessions = await conn.all(_EXPORT_SESSIONS, uid)
+            events = await conn.all(_EXPORT_EVENTS, uid)
+            challenges = await conn.all(_EXPORT_CHALLENGES, uid)
+            mail = await conn.all(_EXPORT_MAIL, {"recipient": profile["email"]})
+            throttle = await conn.first(
+                _EXPORT_THROTTLE, {"email": parse_email(profile["email"]).normalized}
+            )
+        document = {
+            "format": EXPORT_FORMAT,
+            "generatedAt": now,
+            "profile": {
+                "id": profile["id"],
+                "email": profile["email"],
+                "emailVerifiedAt": profile["email_verified_at"],
+                "active": profile["is_active"],
+                "createdAt": profile["created_at"],
+                "updatedAt": profile["updated_at"],
+                "passwordChangedAt": profile["password_changed_at"],
+            },
+            "twoFactor": {
+                "enabled": totp is not None and totp["confirmed_at"] is not None,
+                "enrolledAt": totp["confirmed_at"] if totp is not None else None,
+                "recoveryCodes": {
+                    "total": codes["total"] if codes else 0,
+                    "used": codes["used"] if codes else 0,
+                },
+            },
+            "sessions": [
+                {
+                    "id": row["id"],
+                    "current": row["id"] == claims.session_id,
+                    "live": row["revoked_at"] is None and row["expires_at"] > now,
+                    "createdAt": row["created_at"],
+                    "lastUsedAt": row["last_used_at"],
+                    "expiresAt": row["expires_at"],
+                    "absoluteExpiresAt": row["absolute_expires_at"],
+                    "endedAt": row["revoked_at"],
+                    "endReason": row["revoke_reason"],
+                    "userAgent": row["user_agent"],
+                    "ipAddress": row["ip"],
+                    "device": row["device"],
+                    "network": row["network"],
+                    "authenticationMethods": row["amr"].split(),
+                }
+                for row in sessions
+            ],
+            "securityEvents": [
+                {
+                    "id": row["id"],
+                    "at": row["at"],
+                    "kind": row["kind"],
+                    "sessionId": row["session_id"],
+                    "ipAddress": row["ip"],
+                    "userAgent": row["user_agent"],
+                    "details": orjson.loads(row["details"]) if row["details"] else {},
+                }
+                for row in events
+            ],
+            "challenges": [
+                {
+                    "id": row["id"],
+                    "purpose": row["purpose"],
+                    "method": row["method"],
+                    "createdAt": row["created_at"],
+                    "expiresAt": row["expires_at"],
+                    "usedAt": row["consumed_at"],
+                    "attempts": row["attempts"],
+                    "newEmail": row["new_email"],
+                    "ipAddress": row["ip"],
+                    "userAgent": row["user_agent"],
+                }
+                for row in challenges
+            ],
+            "mail": [
+                {
+                    "id": row["id"],
+                    "kind": row["template"],
+                    "queuedAt": row["created_at"],
+                    "sentAt": row["sent_at"],
+                    "failedAt": row["failed_at"],
+                }
+                for row in mail
+            ],
+            "signInThrottle": _throttle(throttle),
+        }
+        # default=str: asyncpg's UUIDs are not the standard library's.
+        text = orjson.dumps(
+            document, default=str, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z
+        ).decode()
+        return now, text
+
+    # -- deletion -----------------------------------------------------------------------------
+
+    async def delete(
+        self,
+        *,
+        user: UserView,
+        password: str,
+        code: str | None,
+        client: ClientInfo,
+    ) -> None:
+        """Deletes the account: needs the password and, with two-factor on, a current or
+        recovery code. Every session ends with it; the audit trail stays, anonymised; a
+        last notice goes to the address. A wrong password or code changes nothing."""
+        self.hasher.check_capacity()
+        await self.limiter.hit("delete_account_ip", client_key(client.ip))
+        await self.limiter.hit("delete_account_account", str(user.id))
+        await self._check_password(user, password, client)
+        deleted: list[bool] = []
+
+        async def delete_now(tx: Runner, method: str = "") -> bool:
+            deleted.append(await self._delete_now(tx, user, client))
+            return deleted[-1]
+
+        if await self.auth.two_factor.is_on(user.id):
+            if not code or not code.strip():
+                raise AuthFailure(
+                    ErrorCode.INVALID_OTP,
+                    "Two-factor sign-in is on: enter a code from your authenticator app or"
+                    " a recovery code.",
+                    field="code",
+                )
+
+            async def lock(tx: Runner) -> None:
+                await self.auth.lock_user(tx, user.id, exclusive=True)
+
+            # The code is spent in the transaction that deletes.
+            await self.auth.two_factor.check_code(
+                user_id=user.id,
+                code=code,
+                recovery=True,
+                claim=delete_now,
+                lock=lock,
+                client=self.auth.client_budget_key(client),
+            )
+        else:
+            async with self.events.transaction(self.statements) as tx:
+                await self.auth.lock_user(tx, user.id, exclusive=True)
+                await delete_now(tx)
+        if not deleted or not deleted[-1]:
+            raise AuthFailure(ErrorCode.INVALID_TOKEN, "This account no longer exists.")
+        self.auth.outbox.wake()
+
+    async def _delete_now(self, tx: Runner, user: UserView, client: ClientInfo) -> bool:
+        """In the transaction holding the user's lock. False when the account is gone."""
+        profile = await tx.first(_EXPORT_USER, {"uid": user.id})
+        if profile is None:
+            return False
+        email = profile["email"]
+        normalized = parse_email(email).normalized
+        now = self.clock.now()
+        await self.auth.lock_sessions(tx, user.id)
+        ended = await tx.scalars(_LIVE_SESSIONS, {"uid": user.id, "now": now})
+        await tx.execute(_ANONYMISE_EVENTS, {"uid": user.id, "address": normalized})
+        await tx.execute(_DROP_MAIL, {"recipient": email})
+        await tx.execute(_DROP_THROTTLES, {"email": normalized, "otp": f"otp:{user.id}:"})
+        await tx.execute(_DROP_USER, {"uid": user.id})
+        # The trail's last word on the account: when, and how many sessions it ended.
+        await self.events.record(
+            tx,
+            EventKind.ACCOUNT_DELETED,
+            user_id=user.id,
+            details={"sessions": int(ended[0]) if ended else 0},
+        )
+        await self.auth.notices.send(tx, email=email, template="account_deleted", client=client)
+        return True
+
+
+def _throttle(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        "failures": row["failures"],
+        "lastFailureAt": row["last_failure_at"],
+        "lockedUntil": row["locked_until"],
+    }

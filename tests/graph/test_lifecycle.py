@@ -1,0 +1,401 @@
+"""The account's lifecycle (the contract's lifecycle.graphql): changeEmail completed by
+verifyOtp, exportAccount, deleteAccount; with real mail through aiosmtpd."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from typing import Any
+
+import httpx
+import pyotp
+from sqlalchemy import func, select
+
+from db.models import Challenge, SecurityEvent, User, UserSession
+from db.session import Statements
+from tests.conftest import MutableClock
+from tests.gql import (
+    CHALLENGE_FIELDS,
+    ME,
+    PASSWORD,
+    REQUEST_PASSWORD_RESET,
+    RESEND_OTP,
+    RESET_PASSWORD,
+    gql,
+    login,
+    mutate,
+    refresh,
+    signed_in,
+    signed_up,
+    signup,
+    verify_otp,
+)
+from tests.smtp import SmtpSink
+
+CHANGE_EMAIL = (
+    f"mutation($i: ChangeEmailInput!) {{ changeEmail(input: $i) {{ {CHALLENGE_FIELDS} }} }}"
+)
+DELETE_ACCOUNT = """
+mutation($i: DeleteAccountInput!) {
+  deleteAccount(input: $i) {
+    __typename
+    ... on DeleteAccountResult { deleted }
+    ... on AuthError { code message field retryAfter }
+  }
+}
+"""
+EXPORT = "{ exportAccount { generatedAt json } }"
+EVENT_KINDS = "{ securityEvents(first: 100) { edges { node { kind } } } }"
+SETUP = "mutation { setupTotp { ... on TotpSetup { secret } } }"
+CONFIRM = (
+    "mutation($i: ConfirmTotpInput!) { confirmTotp(input: $i) {"
+    " ... on RecoveryCodes { codes } ... on AuthError { code } } }"
+)
+
+
+def new_address() -> str:
+    return f"moved-{secrets.token_hex(4)}@example.org"
+
+
+async def change_email(
+    client: httpx.AsyncClient, token: str, new_email: str, password: str = PASSWORD
+) -> dict[str, Any]:
+    return await mutate(
+        client, CHANGE_EMAIL, {"i": {"newEmail": new_email, "password": password}}, token=token
+    )
+
+
+async def kinds(client: httpx.AsyncClient, token: str) -> list[str]:
+    body = await gql(client, EVENT_KINDS, token=token)
+    return [edge["node"]["kind"] for edge in body["data"]["securityEvents"]["edges"]]
+
+
+async def user_count(statements: Statements, **where: Any) -> int:
+    query = select(func.count()).select_from(User)
+    for column, value in where.items():
+        query = query.where(getattr(User, column) == value)
+    async with statements.connection() as conn:
+        (count,) = await conn.scalars(query, {})
+    return int(count)
+
+
+async def two_factor_on(
+    client: httpx.AsyncClient, token: str, clock: MutableClock
+) -> tuple[str, list[str]]:
+    secret = (await gql(client, SETUP, token=token))["data"]["setupTotp"]["secret"]
+    code = pyotp.TOTP(secret).at(clock.now())
+    codes = (await gql(client, CONFIRM, {"i": {"code": code}}, token=token))["data"]
+    clock.advance(seconds=90)  # the confirming step is spent; the next ones are fresh
+    return secret, codes["confirmTotp"]["codes"]
+
+
+# -- change of address --------------------------------------------------------------------
+
+
+async def test_a_change_of_address_proven_by_the_code_mailed_there(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink
+) -> None:
+    old, first = await signed_up(mail_client, smtp)
+    second = await signed_in(mail_client, old)
+    new = new_address()
+    challenge = await change_email(mail_client, first["accessToken"], new)
+    assert challenge["__typename"] == "OtpChallenge", challenge
+    assert (challenge["method"], challenge["purpose"]) == ("EMAIL", "CHANGE_EMAIL")
+    mail = await smtp.wait_for(new)
+    assert mail.subject == "Confirm your new email address for Strawgate"
+    # Until the code is used nothing has moved.
+    me = (await gql(mail_client, ME, token=first["accessToken"]))["data"]["me"]
+    assert me["email"] == old
+
+    moved = await verify_otp(mail_client, challenge["challengeToken"], mail.code())
+    assert moved["__typename"] == "AuthSession", moved
+    assert moved["user"]["email"] == new and moved["user"]["emailVerified"] is True
+
+    # The sessions stay, and see the new address.
+    for session in (first, second):
+        me = (await gql(mail_client, ME, token=session["accessToken"]))["data"]["me"]
+        assert (me["email"], me["emailVerified"]) == (new, True)
+        assert (await refresh(mail_client, session["refreshToken"]))["__typename"] == "AuthSession"
+    # The old address is told, with where the account went and how to get help.
+    notice = await smtp.wait_for(old, where=lambda m: "changed" in m.subject)
+    assert notice.subject == "Your Strawgate email address was changed"
+    assert new in notice.text()
+    assert "strawgate@example.com" in notice.text()  # MAIL_FROM, without SUPPORT_CONTACT
+    assert "strawgate@example.com" in notice.html()
+    # The account signs in at the new address only.
+    assert (await login(mail_client, old, PASSWORD))["code"] == "INVALID_CREDENTIALS"
+    await signed_in(mail_client, new)
+    assert "EMAIL_CHANGED" in await kinds(mail_client, moved["accessToken"])
+
+
+async def test_a_wrong_password_changes_nothing_and_counts_like_a_failed_login(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, statements: Statements
+) -> None:
+    email, session = await signed_up(mail_client, smtp)
+    new = new_address()
+    for _ in range(5):  # the lockout's threshold
+        wrong = await change_email(mail_client, session["accessToken"], new, "not the password")
+        assert (wrong["__typename"], wrong["code"], wrong["field"]) == (
+            "AuthError",
+            "INVALID_CREDENTIALS",
+            "password",
+        )
+    # The address is locked out now, as after five failed logins: for password
+    # sign-ins, and for this (the right password included).
+    assert (await login(mail_client, email, PASSWORD))["code"] == "RATE_LIMITED"
+    locked = await change_email(mail_client, session["accessToken"], new, PASSWORD)
+    assert locked["code"] == "RATE_LIMITED" and locked["retryAfter"] > 0
+    assert smtp.mails(new) == []
+    assert "LOGIN_FAILED" in await kinds(mail_client, session["accessToken"])
+    async with statements.connection() as conn:
+        pending = await conn.scalars(
+            select(func.count()).select_from(Challenge).where(Challenge.new_email == new), {}
+        )
+    assert pending == [0]
+
+
+async def test_the_new_address_must_be_valid_free_and_new(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink
+) -> None:
+    email, session = await signed_up(mail_client, smtp)
+    taken, _other = await signed_up(mail_client, smtp)
+    token = session["accessToken"]
+    for new_email, code in (
+        (taken.upper(), "EMAIL_TAKEN"),
+        ("not an address", "INVALID_INPUT"),
+        (email, "INVALID_INPUT"),
+    ):
+        refused = await change_email(mail_client, token, new_email)
+        assert (refused["code"], refused["field"]) == (code, "newEmail"), new_email
+    assert [m.subject for m in smtp.mails(taken)] == ["Confirm your email address for Strawgate"]
+
+
+async def test_an_unproven_signup_on_the_new_address_yields_to_its_owner(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, statements: Statements
+) -> None:
+    _email, session = await signed_up(mail_client, smtp)
+    new = new_address()
+    squatter = await signup(mail_client, new, "a squatter's password")
+    assert squatter["__typename"] == "OtpChallenge"
+    challenge = await change_email(mail_client, session["accessToken"], new)
+    assert challenge["__typename"] == "OtpChallenge", challenge
+    code = (await smtp.wait_for(new, where=lambda m: "new email" in m.subject)).code()
+    moved = await verify_otp(mail_client, challenge["challengeToken"], code)
+    assert moved["__typename"] == "AuthSession", moved
+    assert await user_count(statements, email_normalized=new) == 1
+    assert (await login(mail_client, new, "a squatter's password"))["code"] == (
+        "INVALID_CREDENTIALS"
+    )
+
+
+async def test_the_code_goes_to_the_new_address_only_and_completes_nothing_else(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, clock: MutableClock
+) -> None:
+    old, session = await signed_up(mail_client, smtp)
+    new = new_address()
+    challenge = await change_email(mail_client, session["accessToken"], new)
+    token = challenge["challengeToken"]
+    first = await smtp.wait_for(new)
+    # resetPassword does not take a change-of-address challenge (nor spends its code).
+    reset = await mutate(
+        mail_client,
+        RESET_PASSWORD,
+        {"i": {"challengeToken": token, "code": first.code(), "newPassword": "x" * 20}},
+    )
+    assert reset["code"] == "INVALID_TOKEN"
+    # A new code goes to the new address too, and the old one stops working.
+    clock.advance(minutes=1)
+    resent = await mutate(mail_client, RESEND_OTP, {"i": {"challengeToken": token}})
+    assert resent["purpose"] == "CHANGE_EMAIL"
+    second = await smtp.wait_for(new, count=2)
+    assert [m.subject for m in smtp.mails(old)].count(first.subject) == 0
+    assert (await verify_otp(mail_client, token, first.code()))["code"] == "INVALID_OTP"
+    assert (await verify_otp(mail_client, token, second.code()))["__typename"] == "AuthSession"
+
+
+async def test_a_reset_code_sent_to_the_old_address_dies_with_the_change(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink
+) -> None:
+    old, session = await signed_up(mail_client, smtp)
+    reset = await mutate(mail_client, REQUEST_PASSWORD_RESET, {"i": {"email": old}})
+    reset_code = (await smtp.wait_for(old, where=lambda m: "reset" in m.subject.lower())).code()
+    new = new_address()
+    challenge = await change_email(mail_client, session["accessToken"], new)
+    await verify_otp(mail_client, challenge["challengeToken"], (await smtp.wait_for(new)).code())
+    late = await mutate(
+        mail_client,
+        RESET_PASSWORD,
+        {
+            "i": {
+                "challengeToken": reset["challengeToken"],
+                "code": reset_code,
+                "newPassword": "an entirely new passphrase",
+            }
+        },
+    )
+    assert late["code"] == "INVALID_TOKEN"
+
+
+async def test_with_two_factor_on_the_new_session_needs_a_second_factor_it_already_has(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, clock: MutableClock
+) -> None:
+    """A session that proved the second factor asks for the change: the code completes
+    it into a session at once (the password and the TOTP step were proven already)."""
+    email, first = await signed_up(mail_client, smtp)
+    secret, _codes = await two_factor_on(mail_client, first["accessToken"], clock)
+    step = await login(mail_client, email, PASSWORD)
+    mfa_session = await verify_otp(
+        mail_client, step["challengeToken"], pyotp.TOTP(secret).at(clock.now())
+    )
+    new = new_address()
+    challenge = await change_email(mail_client, mfa_session["accessToken"], new)
+    code = (await smtp.wait_for(new)).code()
+    moved = await verify_otp(mail_client, challenge["challengeToken"], code)
+    assert moved["__typename"] == "AuthSession", moved
+    assert moved["user"]["email"] == new
+
+
+async def test_the_lifecycle_needs_a_signed_in_user(client: httpx.AsyncClient) -> None:
+    for query, variables in (
+        (CHANGE_EMAIL, {"i": {"newEmail": "a@example.com", "password": PASSWORD}}),
+        (DELETE_ACCOUNT, {"i": {"password": PASSWORD}}),
+        (EXPORT, None),
+    ):
+        body = await gql(client, query, variables)
+        assert body["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED", body
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+async def test_the_export_holds_everything_about_the_user_and_no_secret(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, clock: MutableClock
+) -> None:
+    email, first = await signed_up(mail_client, smtp)
+    secret, recovery_codes = await two_factor_on(mail_client, first["accessToken"], clock)
+    step = await login(mail_client, email, PASSWORD)
+    second = await verify_otp(
+        mail_client, step["challengeToken"], pyotp.TOTP(secret).at(clock.now())
+    )
+    pending = await change_email(mail_client, second["accessToken"], new_address())
+    emailed_code = (await smtp.wait_for(email, where=lambda m: "Confirm" in m.subject)).code()
+
+    body = await gql(mail_client, EXPORT, token=second["accessToken"])
+    assert "errors" not in body, body
+    answer = body["data"]
+    exported = answer["exportAccount"]
+    document = json.loads(exported["json"])
+    assert document["format"] == "strawgate-account-export/1"
+    assert document["generatedAt"] == exported["generatedAt"].replace("+00:00", "Z")
+    assert document["profile"]["email"] == email
+    assert document["profile"]["emailVerifiedAt"] is not None
+    assert document["twoFactor"]["enabled"] is True
+    assert document["twoFactor"]["recoveryCodes"] == {"total": 10, "used": 0}
+    sessions = document["sessions"]
+    assert len(sessions) == 2
+    assert [s["current"] for s in sessions] == [True, False]
+    assert sessions[0]["authenticationMethods"] == ["pwd", "otp", "mfa"]
+    events = [event["kind"] for event in document["securityEvents"]]
+    assert {"SIGNUP", "EMAIL_VERIFIED", "TOTP_ENABLED", "LOGIN_SUCCEEDED"} <= set(events)
+    purposes = {c["purpose"] for c in document["challenges"]}
+    assert purposes == {"VERIFY_EMAIL", "LOGIN", "CHANGE_EMAIL"}
+    assert {m["kind"] for m in document["mail"]} >= {"verify_email", "totp_enabled"}
+
+    text = exported["json"]
+    for secret_value in (
+        secret,
+        *recovery_codes,
+        first["accessToken"],
+        first["refreshToken"],
+        second["accessToken"],
+        second["refreshToken"],
+        pending["challengeToken"],
+        emailed_code,
+        PASSWORD,
+    ):
+        assert secret_value not in text
+    assert "$argon2" not in text and "password_hash" not in text.lower()
+    assert "passwordHash" not in text and "tokenHash" not in text and "codeHash" not in text
+
+
+# -- deletion -------------------------------------------------------------------------------
+
+
+async def delete_account(
+    client: httpx.AsyncClient, token: str, password: str = PASSWORD, code: str | None = None
+) -> dict[str, Any]:
+    return await mutate(
+        client, DELETE_ACCOUNT, {"i": {"password": password, "code": code}}, token=token
+    )
+
+
+async def test_deleting_an_account(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, statements: Statements
+) -> None:
+    email, first = await signed_up(mail_client, smtp)
+    second = await signed_in(mail_client, email)
+    user_id = uuid.UUID(first["user"]["id"])
+
+    wrong = await delete_account(mail_client, first["accessToken"], "not the password")
+    assert (wrong["code"], wrong["field"]) == ("INVALID_CREDENTIALS", "password")
+    assert (await gql(mail_client, ME, token=first["accessToken"]))["data"]["me"]["email"] == email
+
+    assert await delete_account(mail_client, first["accessToken"]) == {
+        "__typename": "DeleteAccountResult",
+        "deleted": True,
+    }
+    # Every session ended with it; the account is gone.
+    for session in (first, second):
+        body = await gql(mail_client, ME, token=session["accessToken"])
+        assert body["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+        assert (await refresh(mail_client, session["refreshToken"]))["code"] == "INVALID_TOKEN"
+    assert (await login(mail_client, email, PASSWORD))["code"] == "INVALID_CREDENTIALS"
+    assert await user_count(statements, id=user_id) == 0
+    async with statements.connection() as conn:
+        sessions = await conn.scalars(
+            select(func.count()).select_from(UserSession).where(UserSession.user_id == user_id),
+            {},
+        )
+        trail = await conn.all(
+            select(
+                SecurityEvent.kind, SecurityEvent.ip, SecurityEvent.user_agent, SecurityEvent.email
+            ).where(SecurityEvent.user_id == user_id),
+            {},
+        )
+    assert sessions == [0]
+    # The audit trail stays, anonymised: nothing in it names or locates the person.
+    assert "SIGNUP" in {row["kind"] for row in trail}
+    assert "ACCOUNT_DELETED" in {row["kind"] for row in trail}
+    assert all(row["ip"] is None and row["user_agent"] is None for row in trail)
+    assert all(row["email"] is None for row in trail)
+    # A last notice went out, and the address is free for a new signup.
+    goodbye = await smtp.wait_for(email, where=lambda m: "deleted" in m.subject)
+    assert goodbye.subject == "Your Strawgate account was deleted"
+    assert (await signup(mail_client, email, PASSWORD))["__typename"] == "OtpChallenge"
+
+
+async def test_deleting_with_two_factor_on_needs_a_code(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, clock: MutableClock, statements: Statements
+) -> None:
+    _email, session = await signed_up(mail_client, smtp)
+    token = session["accessToken"]
+    secret, _codes = await two_factor_on(mail_client, token, clock)
+    for code in (None, "", "000000"):
+        refused = await delete_account(mail_client, token, code=code)
+        assert refused["code"] == "INVALID_OTP", code
+    assert (await gql(mail_client, ME, token=token))["data"]["me"]["otpEnabled"] is True
+    deleted = await delete_account(mail_client, token, code=pyotp.TOTP(secret).at(clock.now()))
+    assert deleted["__typename"] == "DeleteAccountResult", deleted
+    assert await user_count(statements, id=uuid.UUID(session["user"]["id"])) == 0
+
+
+async def test_a_recovery_code_also_deletes(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, clock: MutableClock, statements: Statements
+) -> None:
+    _email, session = await signed_up(mail_client, smtp)
+    token = session["accessToken"]
+    _secret, codes = await two_factor_on(mail_client, token, clock)
+    deleted = await delete_account(mail_client, token, code=codes[0])
+    assert deleted["__typename"] == "DeleteAccountResult", deleted
+    assert await user_count(statements, id=uuid.UUID(session["user"]["id"])) == 0
