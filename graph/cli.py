@@ -1,12 +1,18 @@
-"""The `strawgate` command: serve, migrate, export-schema."""
+"""The `strawgate` command: serve, migrate, export-schema, and operator commands."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from db.settings import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from db.security.limiter import RateLimiter
+    from db.services.operator import AccountReport, Outcome
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -106,6 +112,199 @@ def _rotate_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _users(args: argparse.Namespace) -> int:
+    """`strawgate users show|disable|enable|unlock|logout EMAIL`: see db/services/operator.py."""
+    import asyncio
+    import json
+
+    import asyncpg
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.clock import SystemClock
+    from db.services.events import SecurityEvents
+    from db.services.operator import (
+        AccountReport,
+        InvalidEmail,
+        Operator,
+        UnknownAccount,
+        normalized_email,
+    )
+    from db.session import Statements, create_engine
+
+    try:
+        normalized_email(args.email)
+    except InvalidEmail as exc:
+        print(f"strawgate: {args.email!r} is not an email address: {exc}", file=sys.stderr)
+        return 2
+    # No prepare(): these commands read no key and send no mail, so they neither need
+    # the secrets production checks for nor write a development key; only the database
+    # (and, for unlock, REDIS_URL) is used.
+    settings = Settings()
+    if (path := settings.sqlite_path()) is not None and not path.exists():
+        print(
+            f"strawgate: no database at {path} (check DATABASE_URL, or run `strawgate migrate`)",
+            file=sys.stderr,
+        )
+        return 1
+
+    async def act() -> AccountReport | Outcome:
+        engine = create_engine(settings)
+        statements = Statements(engine, pool_size=2, timeout=settings.db_timeout)
+        # unlock also clears the shared sign-in counter (Redis); memory counters are
+        # the server processes' own, out of reach here.
+        limiter = None
+        if args.action == "unlock" and settings.redis_url is not None:
+            limiter = _shared_limiter(settings)
+        try:
+            if limiter is not None:
+                await limiter.start()
+            await statements.start()
+            clock = SystemClock()
+            operator = Operator(
+                statements=statements,
+                clock=clock,
+                events=SecurityEvents(clock=clock),
+                limiter=limiter,
+            )
+            if args.action == "show":
+                return await operator.show(args.email)
+            if args.action == "disable":
+                return await operator.disable(args.email)
+            if args.action == "enable":
+                return await operator.enable(args.email)
+            if args.action == "unlock":
+                return await operator.unlock(args.email)
+            return await operator.logout(args.email)
+        finally:
+            await statements.close()
+            await engine.dispose()
+            if limiter is not None:
+                await limiter.close()
+
+    try:
+        result = asyncio.run(act())
+    except UnknownAccount as exc:
+        print(f"strawgate: no account with the email {exc.email}", file=sys.stderr)
+        return 1
+    except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        print(f"strawgate: the database failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+    elif isinstance(result, AccountReport):
+        sys.stdout.write(_account_text(result))
+    else:
+        for line in _outcome_lines(result):
+            print(line)
+    return 0
+
+
+def _shared_limiter(settings: Settings) -> RateLimiter:
+    """The rate limiter on the servers' Redis (as graph.app.make_limiter builds it)."""
+    from db.security.limiter import RateLimiter
+
+    return RateLimiter(
+        limits=settings.rate_limits,
+        redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None,
+        namespace=settings.redis_key_prefix,
+        enabled=settings.rate_limiting,
+    )
+
+
+def _printable(value: object) -> str:
+    """Text from the database (a user agent, say) without control characters: nothing
+    a client sent can move the terminal's cursor or colour."""
+    return "".join(ch if ch.isprintable() else "?" for ch in str(value))
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _account_text(report: AccountReport) -> str:
+    lockout = report.lockout
+    if lockout.locked:
+        locked = f"LOCKED until {_when(lockout.locked_until)}"
+    else:
+        locked = "not locked"
+    if lockout.failures:
+        locked += f" ({lockout.failures} failed sign-in(s), last {_when(lockout.last_failure_at)})"
+    if lockout.code_failures:
+        locked += f"; {lockout.code_failures} wrong code(s) counted"
+    if report.two_factor == "on":
+        two_factor = f"on (since {_when(report.two_factor_since)})"
+    elif report.two_factor == "pending":
+        two_factor = "off (set up, not confirmed)"
+    else:
+        two_factor = "off"
+    verified = f"yes ({_when(report.email_verified_at)})" if report.email_verified_at else "no"
+    lines = [
+        f"account         {_printable(report.email)}",
+        f"id              {report.id}",
+        f"status          {'active' if report.active else 'DISABLED'}",
+        f"created         {_when(report.created_at)}",
+        f"email verified  {verified}",
+        f"two-factor      {two_factor}",
+        f"lockout         {locked}",
+        f"live sessions   {len(report.sessions)}",
+    ]
+    for session in report.sessions:
+        lines.append(f"  {session.id}")
+        lines.append(
+            f"    created {_when(session.created_at)}, last used {_when(session.last_used_at)},"
+            f" ip {_printable(session.ip or '-')}"
+        )
+        lines.append(f"    {_printable(session.user_agent or '(no user agent)')}")
+    lines.append(f"recent events   {'newest first' if report.events else 'none'}")
+    for event in report.events:
+        details = ", ".join(f"{key}={value}" for key, value in sorted(event.details.items()))
+        line = f"  {_when(event.at)}  {event.kind:<20} ip {event.ip or '-'}"
+        lines.append(_printable(f"{line}  {details}" if details else line))
+    return "\n".join(lines) + "\n"
+
+
+def _outcome_lines(outcome: Outcome) -> list[str]:
+    email = _printable(outcome.email)
+    lines: list[str] = []
+    if outcome.action == "disable":
+        if outcome.changed:
+            lines.append(
+                f"disabled {email}: ended {outcome.sessions_ended} session(s) and its device"
+                f" tokens, voided {outcome.challenges_voided} pending challenge(s)"
+            )
+        else:
+            lines.append(f"{email} was already disabled; nothing changed")
+    elif outcome.action == "enable":
+        lines.append(
+            f"enabled {email}"
+            if outcome.changed
+            else f"{email} was already active; nothing changed"
+        )
+    elif outcome.action == "unlock":
+        if outcome.changed:
+            lines.append(
+                f"unlocked {email}: cleared {outcome.failures_cleared} failed sign-in(s) and"
+                f" {outcome.code_failures_cleared} wrong code(s)"
+            )
+        else:
+            lines.append(f"{email} had no failed sign-ins or wrong codes counted; nothing changed")
+        if outcome.rate_limit_cleared is True:
+            lines.append("cleared its sign-in rate limit in Redis")
+        elif outcome.rate_limit_cleared is False:
+            lines.append(
+                "could not clear its sign-in rate limit: Redis did not answer (it lapses"
+                " within the limit's window)"
+            )
+    else:
+        lines.append(
+            f"logged {email} out everywhere: ended {outcome.sessions_ended} session(s) and"
+            " its device tokens"
+        )
+    if not outcome.active and outcome.action != "disable":
+        lines.append(f"note: {email} is disabled")
+    return lines
+
+
 def _keys_generate(args: argparse.Namespace) -> int:
     import json
 
@@ -126,6 +325,13 @@ def _export_schema(args: argparse.Namespace) -> int:
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"wrote {args.output}")
     return 0
+
+
+_USERS_HELP = (
+    "Operator commands on one account, on the configured database (DATABASE_URL). Exit"
+    " status 1 when no account has the email, 2 when it is no email address. Every change"
+    " is written to the account's security events."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +359,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     generate.add_argument("--alg", choices=["ES256", "RS256"], default="ES256")
     generate.set_defaults(run=_keys_generate)
+
+    users = commands.add_parser(
+        "users", help="operator commands on one account (by email)", description=_USERS_HELP
+    )
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    for action, text in (
+        ("show", "status, lockout, live sessions and recent security events"),
+        ("disable", "disable the account and end its sessions, device tokens and challenges"),
+        ("enable", "let a disabled account sign in again"),
+        ("unlock", "clear the account's lockout (failed sign-ins and wrong codes)"),
+        ("logout", "end every session and device token of the account"),
+    ):
+        command = users_commands.add_parser(action, help=text, description=text)
+        command.add_argument("email", help="the account's email address (any case)")
+        command.add_argument("--json", action="store_true", help="print JSON")
+        command.set_defaults(run=_users, action=action)
 
     export = commands.add_parser("export-schema", help="write the GraphQL schema (SDL)")
     export.add_argument("--output", "-o", default="schema.graphql", help='a path, or "-"')
