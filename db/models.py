@@ -165,6 +165,8 @@ class Challenge(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     # A change of address: the new address, where the code went (CHANGE_EMAIL).
     new_email: Mapped[str | None] = mapped_column(String(254), default=None)
+    # ... and the session that asked for it, which must still be live to complete it.
+    session_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
     # A password reset waiting for its TOTP step: the new password's hash.
     pending_password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
 

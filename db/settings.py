@@ -33,6 +33,7 @@ class ConfigError(RuntimeError):
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION = timedelta(days=3650)
 
 
 def parse_duration(value: object) -> timedelta:
@@ -51,8 +52,8 @@ def parse_duration(value: object) -> timedelta:
             raise ValueError(f"not a duration: {value!r} (e.g. 14d, 12h, 30m, 90s)") from None
     else:
         raise ValueError(f"not a duration: {value!r} (e.g. 14d, 12h, 30m, 90s)")
-    if seconds < 0:
-        raise ValueError(f"a duration cannot be negative: {value!r}")
+    if not 0 <= seconds <= MAX_DURATION.total_seconds():  # NaN and infinities too
+        raise ValueError(f"a duration from 0 to {MAX_DURATION.days} days: {value!r}")
     return timedelta(seconds=seconds)
 
 

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from db.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -134,7 +136,8 @@ def _users(args: argparse.Namespace) -> int:
     try:
         normalized_email(args.email)
     except InvalidEmail as exc:
-        print(f"strawgate: {args.email!r} is not an email address: {exc}", file=sys.stderr)
+        shown = args.email if len(args.email) <= 80 else args.email[:80] + "…"
+        print(f"strawgate: {shown!r} is not an email address: {exc}", file=sys.stderr)
         return 2
     # No prepare(): these commands read no key and send no mail, so they neither need
     # the secrets production checks for nor write a development key; only the database
@@ -196,6 +199,8 @@ def _users(args: argparse.Namespace) -> int:
     else:
         for line in _outcome_lines(result):
             print(line)
+    if not isinstance(result, AccountReport) and result.rate_limit_cleared is False:
+        return 3  # unlocked in the database; Redis did not answer for the rate limit
     return 0
 
 
@@ -385,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args))
     except ConfigError as exc:
         print(f"strawgate: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        # A setting that does not parse: which one and why, never its value.
+        for error in exc.errors():
+            name = "__".join(str(part) for part in error["loc"]).upper()
+            print(f"strawgate: {name}: {error['msg']}", file=sys.stderr)
         return 2
 
 

@@ -61,6 +61,13 @@ class DisableTotpInput:
 class ChangeEmailInput:
     new_email: str
     password: str
+    code: str | None = strawberry.field(
+        default=None,
+        description=(
+            "A current TOTP code or an unused recovery code: needed where two-factor is on"
+            " and this session signed in without it."
+        ),
+    )
 
 
 @strawberry.input

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pwd
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -146,7 +148,8 @@ async def test_disable_ends_everything_and_enable_lets_the_account_back_in(
     epoch = await device_epoch(database_url, user_id)
 
     # Any case and spacing: accounts are found by their normalized address.
-    out = await ok(tmp_path, database_url, "disable", f" {email.upper()} ")
+    # LOGNAME is anyone's to set: the event names the process's own user instead.
+    out = await ok(tmp_path, database_url, "disable", f" {email.upper()} ", LOGNAME="mallory")
     assert f"disabled {email}" in out and "ended 2 session(s)" in out
     assert "voided 1 pending challenge(s)" in out
     # No prepare(): no development key was written beside the command.
@@ -165,7 +168,8 @@ async def test_disable_ends_everything_and_enable_lets_the_account_back_in(
     )
     assert voided.consumed_at is not None
     (event,) = await events(database_url, user_id, "OPERATOR_DISABLE")
-    assert event["sessions"] == 2 and event["challenges"] == 1 and event["operator"]
+    assert event["sessions"] == 2 and event["challenges"] == 1
+    assert event["operator"] == pwd.getpwuid(os.getuid()).pw_name
 
     # Again: nothing to do, said so, no second event, device tokens left as they are.
     out = await ok(tmp_path, database_url, "disable", email)
@@ -394,3 +398,11 @@ async def test_production_defaults_and_sqlite(tmp_path: Path) -> None:
     assert shown["status"] == "disabled" and shown["sessions"] == []
     assert [event["kind"] for event in shown["events"]] == ["OPERATOR_DISABLE"]
     assert "$argon2id$" not in json.dumps(shown)
+
+
+async def test_a_bad_setting_is_named_not_a_traceback(tmp_path: Path, database_url: str) -> None:
+    code, out, err = await strawgate(
+        tmp_path, database_url, "show", "someone@example.com", DB_TIMEOUT="soon"
+    )
+    assert code == 2, (code, out, err)
+    assert "DB_TIMEOUT" in err and "Traceback" not in err

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import command
+from db.base import UTCDateTime
 from db.migrate import alembic_config, downgrade_base, upgrade_head
 from tests.pg import scratch_database
 
@@ -57,3 +62,91 @@ def test_migrations_on_postgresql(empty_pg_database: str) -> None:
 
 def test_migrations_on_sqlite(tmp_path: Path) -> None:
     round_trip(f"sqlite+aiosqlite:///{tmp_path}/strawgate.db")
+
+
+_users = sa.table(
+    "users",
+    sa.column("id", sa.Uuid()),
+    sa.column("email", sa.String()),
+    sa.column("email_normalized", sa.String()),
+    sa.column("password_hash", sa.String()),
+    sa.column("is_active", sa.Boolean()),
+    sa.column("created_at", UTCDateTime()),
+    sa.column("updated_at", UTCDateTime()),
+)
+_sessions = sa.table(
+    "sessions",
+    sa.column("id", sa.Uuid()),
+    sa.column("user_id", sa.Uuid()),
+    sa.column("created_at", UTCDateTime()),
+    sa.column("last_used_at", UTCDateTime()),
+    sa.column("expires_at", UTCDateTime()),
+    sa.column("amr", sa.String()),
+)
+
+
+async def _run(url: str, statement: Any) -> list[Any]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            result = await conn.execute(statement)
+            return list(result.all()) if result.returns_rows else []
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_the_idle_timeout_reaches_the_sessions_there_are(
+    database: str, empty_pg_database: str, tmp_path: Path
+) -> None:
+    """Upgrading to the idle timeout: a session unused for 20 days ends now, a fresh one
+    keeps its end as its absolute one; downgrading brings no ended session back."""
+    url = empty_pg_database if database == "postgresql" else f"sqlite+aiosqlite:///{tmp_path}/s.db"
+    config = alembic_config(url)
+    command.upgrade(config, "8f255ede1df0")  # the revision before the idle timeout
+    now = datetime.now(UTC).replace(microsecond=0)
+    user_id, idle_id, fresh_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    asyncio.run(
+        _run(
+            url,
+            sa.insert(_users).values(
+                id=user_id,
+                email="a@example.com",
+                email_normalized="a@example.com",
+                password_hash="x",
+                is_active=True,
+                created_at=now,
+                updated_at=now,
+            ),
+        )
+    )
+    for session_id, last_used in ((idle_id, now - timedelta(days=20)), (fresh_id, now)):
+        asyncio.run(
+            _run(
+                url,
+                sa.insert(_sessions).values(
+                    id=session_id,
+                    user_id=user_id,
+                    created_at=now - timedelta(days=25),
+                    last_used_at=last_used,
+                    expires_at=now + timedelta(days=5),
+                    amr="pwd",
+                ),
+            )
+        )
+    command.upgrade(config, "head")
+    ends = sa.table(
+        "sessions",
+        sa.column("id", sa.Uuid()),
+        sa.column("expires_at", UTCDateTime()),
+        sa.column("absolute_expires_at", UTCDateTime()),
+    )
+    rows = {
+        row.id: (row.expires_at, row.absolute_expires_at)
+        for row in asyncio.run(_run(url, sa.select(ends)))
+    }
+    assert rows[idle_id] == (now - timedelta(days=6), now + timedelta(days=5))
+    assert rows[fresh_id] == (now + timedelta(days=5), now + timedelta(days=5))
+    command.downgrade(config, "8f255ede1df0")
+    after = {row.id: row.expires_at for row in asyncio.run(_run(url, sa.select(_sessions)))}
+    assert after[idle_id] == now - timedelta(days=6)  # still ended

@@ -7,18 +7,17 @@ from __future__ import annotations
 import hmac
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import bindparam, select, update
 
 from db.errors import AuthFailure, ErrorCode, invalid_challenge, invalid_input, invalid_otp
-from db.models import RefreshToken, TotpCredential, User, UserSession
+from db.models import TotpCredential, User, UserSession
 from db.security.access import AccessClaims
 from db.security.limiter import client_key
 from db.security.tokens import new_opaque_token
 from db.services import challenges as ch
-from db.services.auth import AMR_EMAIL_CODE, AuthService
+from db.services.auth import AMR_EMAIL_CODE, LIVE_SESSION, AuthService
 from db.services.events import EventKind
 from db.services.mfa import PASSWORD_HASH
 from db.services.types import (
@@ -30,7 +29,6 @@ from db.services.types import (
     merge_amr,
     user_view,
 )
-from db.session import Runner
 from db.validation import check_new_password, could_be_a_password, normalize_password, parse_email
 
 # A user's sessions, as listed: more than any real user has.
@@ -79,19 +77,6 @@ _REVOKE_OWN_SESSION = (
     )
     .values(revoked_at=bindparam("now"), revoke_reason="revoked_by_user")
 )
-
-# The current session, read once every session of the user is locked.
-_LIVE_SESSION = select(UserSession.amr).where(
-    UserSession.id == bindparam("session_id"),
-    UserSession.revoked_at.is_(None),
-    UserSession.expires_at > bindparam("now"),
-)
-_NEWEST_GENERATION = select(func.max(RefreshToken.generation)).where(
-    RefreshToken.session_id == bindparam("session_id")
-)
-# The session's refresh tokens so far are forgotten, not marked spent: presented later
-# they answer INVALID_TOKEN and end nothing (reuse detection would end this session).
-_FORGET_GENERATIONS = delete(RefreshToken).where(RefreshToken.session_id == bindparam("session_id"))
 
 
 class AccountService:
@@ -245,7 +230,7 @@ class AccountService:
             # sessions at once, or a change and a reset, queue up instead of deadlocking,
             # and a sign-in that checked the old password opens no session after this.
             await self.auth.lock_user(tx, user.id, exclusive=True)
-            session = await tx.first(_LIVE_SESSION, {"session_id": claims.session_id, "now": now})
+            session = await tx.first(LIVE_SESSION, {"session_id": claims.session_id, "now": now})
             if session is None:
                 raise AuthFailure(ErrorCode.INVALID_TOKEN, "This session has ended; sign in again.")
             changed = await self.auth.change_password_now(
@@ -258,7 +243,7 @@ class AccountService:
             )
             if not changed:
                 raise _wrong_password()
-            await self._replace_refresh_token(tx, claims.session_id, refresh, now)
+            await self.auth.replace_refresh_token(tx, claims.session_id, refresh, now)
         self.auth.outbox.wake()
         return self.auth.issue(user, claims.session_id, session["amr"].split(), refresh, client)
 
@@ -271,14 +256,6 @@ class AccountService:
         )
         if held is None:
             await self.auth.lockout.failed(parse_email(user.email).normalized)
-
-    async def _replace_refresh_token(
-        self, tx: Runner, session_id: uuid.UUID, refresh: str, now: datetime
-    ) -> None:
-        newest = await tx.scalars(_NEWEST_GENERATION, {"session_id": session_id})
-        generation = (newest[0] + 1) if newest and newest[0] is not None else 0
-        await tx.execute(_FORGET_GENERATIONS, {"session_id": session_id})
-        await self.auth.add_generation(tx, session_id, generation, refresh, now)
 
     # -- sessions ---------------------------------------------------------------------------
 

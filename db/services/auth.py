@@ -259,12 +259,13 @@ _TOUCH_SESSION = (
     .values(last_used_at=bindparam("now"), expires_at=bindparam("expires_at"))
 )
 
-# The user's live sessions past the newest `keep`, oldest last: what a new session ends
-# when the user is over MAX_SESSIONS_PER_USER.
+# The user's other live sessions past the newest `keep`: what a new session ends when
+# the user is over MAX_SESSIONS_PER_USER (never the new one, whatever the clock says).
 _SESSIONS_OVER_CAP = (
     select(UserSession.id)
     .where(
         UserSession.user_id == bindparam("uid"),
+        UserSession.id != bindparam("new_id"),
         UserSession.revoked_at.is_(None),
         UserSession.expires_at > bindparam("now"),
     )
@@ -383,6 +384,19 @@ _REVOKE_OTHER_SESSIONS = (
     )
     .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
 )
+
+# A live session and how it signed in (read under the user's lock).
+LIVE_SESSION = select(UserSession.amr).where(
+    UserSession.id == bindparam("session_id"),
+    UserSession.revoked_at.is_(None),
+    UserSession.expires_at > bindparam("now"),
+)
+_NEWEST_GENERATION_NUMBER = select(func.max(RefreshToken.generation)).where(
+    RefreshToken.session_id == bindparam("session_id")
+)
+# The session's refresh tokens so far are forgotten, not marked spent: presented later
+# they answer INVALID_TOKEN and end nothing (reuse detection would end this session).
+_FORGET_GENERATIONS = delete(RefreshToken).where(RefreshToken.session_id == bindparam("session_id"))
 
 _UNUSED_RECOVERY_CODES = select(func.count(RecoveryCode.id)).where(
     RecoveryCode.user_id == bindparam("uid"), RecoveryCode.used_at.is_(None)
@@ -730,29 +744,61 @@ class AuthService:
                 raise invalid_challenge()
             if not user["is_active"]:
                 raise _account_disabled()
+            now = self.clock.now()
+            asking = None
+            if challenge["purpose"] == ch.CHANGE_EMAIL:
+                # Only while the session that asked (with the password) is still live: a
+                # logout, a revocation or a password change since then ends the request.
+                asking = await tx.first(
+                    LIVE_SESSION, {"session_id": challenge["session_id"], "now": now}
+                )
+                if asking is None:
+                    raise AuthFailure(
+                        ErrorCode.INVALID_TOKEN,
+                        "The session that asked for this change has ended; sign in and ask again.",
+                    )
             if not await self.challenges.consume(tx, challenge["id"]):
                 raise invalid_challenge()
-            now = self.clock.now()
-            if challenge["purpose"] == ch.CHANGE_EMAIL:
+            if asking is not None:
+                # The asking session goes on, at the new address, with a new refresh
+                # token (as after changePassword); every other session stays as it is.
                 user = await self._change_email_now(tx, user, challenge["new_email"], client)
-            if challenge["purpose"] == ch.LOGIN and user["email_verified_at"] is None:
-                await self._distrust_password(tx, user["id"])
-            # A code that reached the mailbox proves the address (sign-in codes too).
-            await tx.execute(_MARK_VERIFIED, {"uid": user["id"], "now": now})
-            if user["email_verified_at"] is None:
-                await self.events.record(
-                    tx, EventKind.EMAIL_VERIFIED, user_id=user["id"], client=client
-                )
-            user = {**user, "email_verified_at": user["email_verified_at"] or now}
-            if user["otp_confirmed_at"] is not None and "mfa" not in amr:
-                # A mailbox alone never signs in to an account with two-factor on.
-                issued: IssuedSession | IssuedChallenge = await self.challenges.open_totp(
-                    tx, user_id=user["id"], purpose=ch.LOGIN, amr=amr, client=client
+                refresh = new_opaque_token()
+                await self.replace_refresh_token(tx, challenge["session_id"], refresh, now)
+                issued: IssuedSession | IssuedChallenge = self.issue(
+                    user_view(user), challenge["session_id"], asking["amr"].split(), refresh, client
                 )
             else:
-                issued = await self.open_session(tx, user_view(user), amr=amr, client=client)
+                issued = await self._sign_in_by_emailed_code(tx, challenge, user, amr, client)
         self.outbox.wake()
         return issued
+
+    async def _sign_in_by_emailed_code(
+        self,
+        tx: Runner,
+        challenge: Mapping[str, Any],
+        user: Mapping[str, Any],
+        amr: list[str],
+        client: ClientInfo,
+    ) -> IssuedSession | IssuedChallenge:
+        """A verification or sign-in code: the address is proven, and the account signs
+        in (after a TOTP step where two-factor is on)."""
+        now = self.clock.now()
+        if challenge["purpose"] == ch.LOGIN and user["email_verified_at"] is None:
+            await self._distrust_password(tx, user["id"])
+        # A code that reached the mailbox proves the address (sign-in codes too).
+        await tx.execute(_MARK_VERIFIED, {"uid": user["id"], "now": now})
+        if user["email_verified_at"] is None:
+            await self.events.record(
+                tx, EventKind.EMAIL_VERIFIED, user_id=user["id"], client=client
+            )
+        user = {**user, "email_verified_at": user["email_verified_at"] or now}
+        if user["otp_confirmed_at"] is not None and "mfa" not in amr:
+            # A mailbox alone never signs in to an account with two-factor on.
+            return await self.challenges.open_totp(
+                tx, user_id=user["id"], purpose=ch.LOGIN, amr=amr, client=client
+            )
+        return await self.open_session(tx, user_view(user), amr=amr, client=client)
 
     async def _change_email_now(
         self, tx: Runner, user: Mapping[str, Any], new_email: str, client: ClientInfo
@@ -786,7 +832,15 @@ class AuthService:
             client=client,
             new_email=address.address,
         )
-        await self.events.record(tx, EventKind.EMAIL_CHANGED, user_id=user["id"], client=client)
+        # The old address, for support (the notice tells its owner to ask there) and for
+        # a deletion to find what is still held under it; erased with the account.
+        await self.events.record(
+            tx,
+            EventKind.EMAIL_CHANGED,
+            user_id=user["id"],
+            client=client,
+            details={"previous": user["email"]},
+        )
         changed = await tx.first(_USER_BY_ID, {"user_id": user["id"]})
         assert changed is not None  # noqa: S101 - the row is locked by this transaction
         return changed
@@ -937,7 +991,7 @@ class AuthService:
             },
         )
         await self.add_generation(tx, session_id, 0, refresh, now)
-        await self._end_sessions_over_cap(tx, user.id, client)
+        await self._end_sessions_over_cap(tx, user.id, session_id, client)
         await self.events.record(
             tx,
             EventKind.LOGIN_SUCCEEDED,
@@ -951,6 +1005,16 @@ class AuthService:
             await self.notices.send(tx, email=user.email, template="new_device", client=client)
         return self.issue(user, session_id, amr, refresh, client)
 
+    async def replace_refresh_token(
+        self, tx: Runner, session_id: uuid.UUID, refresh: str, now: datetime
+    ) -> None:
+        """Gives a live session a new refresh token (a password or address change): the
+        old ones stop working without counting as reuse."""
+        newest = await tx.scalars(_NEWEST_GENERATION_NUMBER, {"session_id": session_id})
+        generation = (newest[0] + 1) if newest and newest[0] is not None else 0
+        await tx.execute(_FORGET_GENERATIONS, {"session_id": session_id})
+        await self.add_generation(tx, session_id, generation, refresh, now)
+
     def session_end(self, now: datetime, absolute_end: datetime) -> datetime:
         """When a session used now ends unless used again: the idle timeout ahead,
         never past its absolute end."""
@@ -959,14 +1023,15 @@ class AuthService:
         return min(absolute_end, now + self.idle_timeout)
 
     async def _end_sessions_over_cap(
-        self, tx: Runner, user_id: uuid.UUID, client: ClientInfo
+        self, tx: Runner, user_id: uuid.UUID, new_id: uuid.UUID, client: ClientInfo
     ) -> None:
         """Past MAX_SESSIONS_PER_USER live sessions, the oldest end (the new one counts).
         Sign-ins of one user in parallel each see the others' sessions only once
         committed, so the cap can be passed by as many as race; the next one trims."""
         now = self.clock.now()
         over = await tx.scalars(
-            _SESSIONS_OVER_CAP, {"uid": user_id, "now": now, "keep": self.max_sessions}
+            _SESSIONS_OVER_CAP,
+            {"uid": user_id, "new_id": new_id, "now": now, "keep": self.max_sessions - 1},
         )
         for session_id in over:
             await tx.execute(
@@ -1130,7 +1195,11 @@ class AuthService:
             found = await tx.first(_SESSION_BY_TOKEN, digest)
             if found is None or not _is_live(found, now):
                 return 0
-            await tx.execute(_LOCK_USER_SESSIONS, {"user_id": found["user_id"]})
+            # The user's row first, then the sessions: the order of every transaction that
+            # ends sessions en masse (a password change, `strawgate users disable`), so
+            # that they queue up instead of deadlocking.
+            await self.lock_user(tx, found["user_id"], exclusive=True)
+            await self.lock_sessions(tx, found["user_id"])
             # Read again under the locks: a concurrent logout may have ended it meanwhile.
             found = await tx.first(_SESSION_BY_TOKEN, digest)
             if found is None or not _is_live(found, now):

@@ -59,6 +59,7 @@ _ADD_CHALLENGE = insert(Challenge).values(
     sent_at=bindparam("sent_at"),
     pending_password_hash=bindparam("pending_password_hash"),
     new_email=bindparam("new_email"),
+    session_id=bindparam("session_id"),
 )
 
 
@@ -87,6 +88,7 @@ def _take_attempt(pairings: Any) -> Executable:
             Challenge.code_hash,
             Challenge.pending_password_hash,
             Challenge.new_email,
+            Challenge.session_id,
         )
     )
 
@@ -186,11 +188,12 @@ class Challenges:
         amr: list[str],
         client: ClientInfo,
         new_email: str | None = None,
+        session_id: uuid.UUID | None = None,
     ) -> IssuedChallenge:
         """A challenge completed by a code mailed to `user` (id, email) in this transaction
-        (for a change of address, to `new_email` instead). Without a user (an unknown
-        address, or one that must get no mail) the challenge is made just the same, and
-        no code will ever complete it."""
+        (for a change of address, to `new_email` instead, bound to the asking session).
+        Without a user (an unknown address, or one that must get no mail) the challenge
+        is made just the same, and no code will ever complete it."""
         now = self.clock.now()
         challenge_id = uuid.uuid4()
         code = new_email_code()
@@ -206,6 +209,7 @@ class Challenges:
             expires_at=expires_at,
             code_hash=email_code_digest(self._secret, challenge_id, code),
             new_email=new_email,
+            session_id=session_id,
         )
         if user is not None:
             await self._mail_code(tx, new_email or user["email"], purpose, code, expires_at)
@@ -261,6 +265,7 @@ class Challenges:
         code_hash: bytes | None = None,
         pending_password_hash: str | None = None,
         new_email: str | None = None,
+        session_id: uuid.UUID | None = None,
     ) -> str:
         now = self.clock.now()
         token = new_opaque_token()  # 256 bits; stored only as its SHA-256
@@ -281,6 +286,7 @@ class Challenges:
                 "sent_at": now if code_hash is not None else None,
                 "pending_password_hash": pending_password_hash,
                 "new_email": new_email,
+                "session_id": session_id,
             },
         )
         return token

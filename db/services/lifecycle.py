@@ -4,12 +4,13 @@ deletion of the account."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, delete, func, or_, select, update
+from sqlalchemy import bindparam, case, delete, func, null, or_, select, update
 
 from db.errors import AuthFailure, ErrorCode
 from db.models import (
@@ -26,9 +27,9 @@ from db.security.access import AccessClaims
 from db.security.limiter import client_key
 from db.services import challenges as ch
 from db.services.account import AccountService
-from db.services.auth import ADDRESS_HOLDER, AMR_PASSWORD
+from db.services.auth import ADDRESS_HOLDER, AMR_PASSWORD, LIVE_SESSION
 from db.services.events import EventKind
-from db.services.mfa import PASSWORD_HASH
+from db.services.mfa import PASSWORD_HASH, Claim
 from db.services.types import ClientInfo, IssuedChallenge, UserView, merge_amr
 from db.session import Runner
 from db.validation import could_be_a_password, normalize_password, parse_email
@@ -124,7 +125,23 @@ _ANONYMISE_EVENTS = (
     .where(
         or_(SecurityEvent.user_id == bindparam("uid"), SecurityEvent.email == bindparam("address"))
     )
-    .values(ip=None, user_agent=None, email=None)
+    .values(
+        ip=None,
+        user_agent=None,
+        email=None,
+        # An address change's details name the old address.
+        details=case(
+            (SecurityEvent.kind == EventKind.EMAIL_CHANGED.value, null()),
+            else_=SecurityEvent.details,
+        ),
+    )
+)
+_EMAIL_CHANGES = select(SecurityEvent.details).where(
+    SecurityEvent.user_id == bindparam("uid"),
+    SecurityEvent.kind == EventKind.EMAIL_CHANGED.value,
+)
+_TWO_FACTOR_ON = select(TotpCredential.user_id).where(
+    TotpCredential.user_id == bindparam("uid"), TotpCredential.confirmed_at.is_not(None)
 )
 _DROP_MAIL = delete(OutboxMail).where(OutboxMail.recipient == bindparam("recipient"))
 _DROP_THROTTLES = delete(LoginThrottle).where(
@@ -159,11 +176,13 @@ class LifecycleService:
         claims: AccessClaims,
         new_email: str,
         password: str,
+        code: str | None = None,
         client: ClientInfo,
     ) -> IssuedChallenge:
         """Mails a code to the new address; verifyOtp with it moves the account there.
-        Needs the password (a wrong one counts like a failed login) and an address that
-        signup would take."""
+        Needs the password (a wrong one counts like a failed login), an address signup
+        would take, and, where two-factor is on and this session signed in without it,
+        a current TOTP or recovery code. The challenge is bound to this session."""
         self.hasher.check_capacity()
         await self.limiter.hit("change_email_ip", client_key(client.ip))
         await self.limiter.hit("change_email_account", str(user.id))
@@ -171,7 +190,7 @@ class LifecycleService:
             address = parse_email(new_email)
         except AuthFailure as failure:
             raise AuthFailure(failure.code, failure.message, field="newEmail") from None
-        await self._check_password(user, password, client)
+        checked_hash = await self._check_password(user, password, client)
         if address.normalized == parse_email(user.email).normalized:
             raise AuthFailure(
                 ErrorCode.INVALID_INPUT, "This is already your email address.", field="newEmail"
@@ -188,8 +207,13 @@ class LifecycleService:
                 "An account with this email address already exists.",
                 field="newEmail",
             )
+        second_factor = "mfa" in claims.amr
+        if not second_factor and await self.auth.two_factor.is_on(user.id):
+            await self._check_second_factor(user, code, client)
+            second_factor = True
         may_mail = await self.account.may_mail(str(user.id))
         async with self.events.transaction(self.statements) as tx:
+            await self._still_as_checked(tx, user, claims, checked_hash, second_factor)
             issued = await self.auth.challenges.open_email(
                 tx,
                 purpose=ch.CHANGE_EMAIL,
@@ -197,32 +221,92 @@ class LifecycleService:
                 amr=merge_amr(list(claims.amr), AMR_PASSWORD),
                 client=client,
                 new_email=address.address,
+                session_id=claims.session_id,
             )
         self.auth.outbox.wake()
         return issued
 
-    async def _check_password(self, user: UserView, password: str, client: ClientInfo) -> None:
+    async def _check_password(self, user: UserView, password: str, client: ClientInfo) -> str:
         """The account's password, as a sign-in checks it: refused while the address is
-        locked out, and a wrong one counted towards the lockout."""
+        locked out, and a wrong one counted towards the lockout. Returns the hash it was
+        checked against (see _still_as_checked)."""
         password = normalize_password(password)
         held = self.auth.devices.check(
             client.device_token, user_id=user.id, epoch=user.device_epoch
         )
         if held is None:
             await self.auth.lockout.check(parse_email(user.email).normalized)
-        ok = False
         if could_be_a_password(password):
             async with self.statements.connection() as conn:
                 row = await conn.first(PASSWORD_HASH, {"uid": user.id})
             if row is not None:
                 ok, _upgraded = await self.hasher.verify(password, row["password_hash"])
-        if not ok:
-            await self.account.count_failure(user, client)
-            await self.events.record_now(
-                self.statements, EventKind.LOGIN_FAILED, user_id=user.id, client=client
+                if ok:
+                    return str(row["password_hash"])
+        await self.account.count_failure(user, client)
+        await self.events.record_now(
+            self.statements, EventKind.LOGIN_FAILED, user_id=user.id, client=client
+        )
+        raise AuthFailure(
+            ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.", field="password"
+        )
+
+    async def _check_second_factor(
+        self, user: UserView, code: str | None, client: ClientInfo, claim: Claim | None = None
+    ) -> None:
+        """A current TOTP code or an unused recovery code, spent (in `claim`'s
+        transaction where one is given)."""
+        if not code or not code.strip():
+            raise AuthFailure(
+                ErrorCode.INVALID_OTP,
+                "Two-factor sign-in is on: enter a code from your authenticator app or a"
+                " recovery code.",
+                field="code",
             )
+
+        async def lock(tx: Runner) -> None:
+            await self.auth.lock_user(tx, user.id, exclusive=True)
+
+        await self.auth.two_factor.check_code(
+            user_id=user.id,
+            code=code,
+            recovery=True,
+            claim=claim,
+            lock=lock if claim is not None else None,
+            client=self.auth.client_budget_key(client),
+        )
+
+    async def _still_as_checked(
+        self,
+        tx: Runner,
+        user: UserView,
+        claims: AccessClaims,
+        checked_hash: str,
+        second_factor: bool,
+    ) -> None:
+        """Under the user's lock, first in the transaction that acts: what was checked
+        before it still holds. The asking session is live, the password is the one
+        checked (a change in between ends the request), and two-factor was not turned on
+        in between without its code."""
+        await self.auth.lock_user(tx, user.id, exclusive=True)
+        session = await tx.first(
+            LIVE_SESSION, {"session_id": claims.session_id, "now": self.clock.now()}
+        )
+        if session is None:
+            raise AuthFailure(ErrorCode.INVALID_TOKEN, "This session has ended; sign in again.")
+        current = await tx.first(PASSWORD_HASH, {"uid": user.id})
+        if current is None or not hmac.compare_digest(
+            str(current["password_hash"]).encode(), checked_hash.encode()
+        ):
             raise AuthFailure(
                 ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.", field="password"
+            )
+        if not second_factor and await tx.first(_TWO_FACTOR_ON, {"uid": user.id}) is not None:
+            raise AuthFailure(
+                ErrorCode.INVALID_OTP,
+                "Two-factor sign-in is on: enter a code from your authenticator app or a"
+                " recovery code.",
+                field="code",
             )
 
     # -- export -------------------------------------------------------------------------------
@@ -242,7 +326,13 @@ class LifecycleService:
             sessions = await conn.all(_EXPORT_SESSIONS, uid)
             events = await conn.all(_EXPORT_EVENTS, uid)
             challenges = await conn.all(_EXPORT_CHALLENGES, uid)
-            mail = await conn.all(_EXPORT_MAIL, {"recipient": profile["email"]})
+            previous = await _previous_addresses(conn, user.id)
+            mail = [
+                {**row, "recipient": address}
+                for address in dict.fromkeys([profile["email"], *previous])
+                for row in await conn.all(_EXPORT_MAIL, {"recipient": address})
+            ]
+            mail.sort(key=lambda row: row["created_at"], reverse=True)
             throttle = await conn.first(
                 _EXPORT_THROTTLE, {"email": parse_email(profile["email"]).normalized}
             )
@@ -257,6 +347,7 @@ class LifecycleService:
                 "createdAt": profile["created_at"],
                 "updatedAt": profile["updated_at"],
                 "passwordChangedAt": profile["password_changed_at"],
+                "previousEmails": list(dict.fromkeys(previous)),
             },
             "twoFactor": {
                 "enabled": totp is not None and totp["confirmed_at"] is not None,
@@ -316,6 +407,7 @@ class LifecycleService:
                 {
                     "id": row["id"],
                     "kind": row["template"],
+                    "to": row["recipient"],
                     "queuedAt": row["created_at"],
                     "sentAt": row["sent_at"],
                     "failedAt": row["failed_at"],
@@ -336,6 +428,7 @@ class LifecycleService:
         self,
         *,
         user: UserView,
+        claims: AccessClaims,
         password: str,
         code: str | None,
         client: ClientInfo,
@@ -346,54 +439,36 @@ class LifecycleService:
         self.hasher.check_capacity()
         await self.limiter.hit("delete_account_ip", client_key(client.ip))
         await self.limiter.hit("delete_account_account", str(user.id))
-        await self._check_password(user, password, client)
-        deleted: list[bool] = []
+        checked_hash = await self._check_password(user, password, client)
+        second_factor = await self.auth.two_factor.is_on(user.id)
 
         async def delete_now(tx: Runner, method: str = "") -> bool:
-            deleted.append(await self._delete_now(tx, user, client))
-            return deleted[-1]
+            await self._still_as_checked(tx, user, claims, checked_hash, second_factor)
+            await self._delete_now(tx, user, client)
+            return True
 
-        if await self.auth.two_factor.is_on(user.id):
-            if not code or not code.strip():
-                raise AuthFailure(
-                    ErrorCode.INVALID_OTP,
-                    "Two-factor sign-in is on: enter a code from your authenticator app or"
-                    " a recovery code.",
-                    field="code",
-                )
-
-            async def lock(tx: Runner) -> None:
-                await self.auth.lock_user(tx, user.id, exclusive=True)
-
+        if second_factor:
             # The code is spent in the transaction that deletes.
-            await self.auth.two_factor.check_code(
-                user_id=user.id,
-                code=code,
-                recovery=True,
-                claim=delete_now,
-                lock=lock,
-                client=self.auth.client_budget_key(client),
-            )
+            await self._check_second_factor(user, code, client, claim=delete_now)
         else:
             async with self.events.transaction(self.statements) as tx:
-                await self.auth.lock_user(tx, user.id, exclusive=True)
                 await delete_now(tx)
-        if not deleted or not deleted[-1]:
-            raise AuthFailure(ErrorCode.INVALID_TOKEN, "This account no longer exists.")
         self.auth.outbox.wake()
 
-    async def _delete_now(self, tx: Runner, user: UserView, client: ClientInfo) -> bool:
-        """In the transaction holding the user's lock. False when the account is gone."""
+    async def _delete_now(self, tx: Runner, user: UserView, client: ClientInfo) -> None:
+        """In the transaction holding the user's lock (see _still_as_checked)."""
         profile = await tx.first(_EXPORT_USER, {"uid": user.id})
-        if profile is None:
-            return False
+        if profile is None:  # pragma: no cover - the lock holder saw the session live
+            raise AuthFailure(ErrorCode.INVALID_TOKEN, "This account no longer exists.")
         email = profile["email"]
         normalized = parse_email(email).normalized
         now = self.clock.now()
         await self.auth.lock_sessions(tx, user.id)
         ended = await tx.scalars(_LIVE_SESSIONS, {"uid": user.id, "now": now})
+        # Mail is kept by recipient: what went to the addresses it had before goes too.
+        for address in {email, *await _previous_addresses(tx, user.id)}:
+            await tx.execute(_DROP_MAIL, {"recipient": address})
         await tx.execute(_ANONYMISE_EVENTS, {"uid": user.id, "address": normalized})
-        await tx.execute(_DROP_MAIL, {"recipient": email})
         await tx.execute(_DROP_THROTTLES, {"email": normalized, "otp": f"otp:{user.id}:"})
         await tx.execute(_DROP_USER, {"uid": user.id})
         # The trail's last word on the account: when, and how many sessions it ended.
@@ -404,7 +479,17 @@ class LifecycleService:
             details={"sessions": int(ended[0]) if ended else 0},
         )
         await self.auth.notices.send(tx, email=email, template="account_deleted", client=client)
-        return True
+
+
+async def _previous_addresses(tx: Runner, user_id: Any) -> list[str]:
+    """The addresses the account moved away from (its EMAIL_CHANGED events say)."""
+    rows = await tx.all(_EMAIL_CHANGES, {"uid": user_id})
+    found = []
+    for row in rows:
+        details = orjson.loads(row["details"]) if row["details"] else {}
+        if isinstance(details.get("previous"), str):
+            found.append(details["previous"])
+    return found
 
 
 def _throttle(row: Mapping[str, Any] | None) -> dict[str, Any] | None:

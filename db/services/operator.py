@@ -9,8 +9,9 @@ or recorded here is a secret: no password hash, token, digest or sealed secret i
 
 from __future__ import annotations
 
-import getpass
 import json
+import os
+import pwd
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -131,11 +132,14 @@ def normalized_email(email: str) -> str:
 
 
 def operator_name() -> str:
-    """Who runs the command, as the operating system knows them."""
+    """Who runs the command, by the process's user id (not LOGNAME or USER, which anyone
+    can set), with the user sudo was run by where it was."""
     try:
-        return getpass.getuser() or "unknown"
-    except Exception:  # no login name (a container without a passwd entry, say)
-        return "unknown"
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # no passwd entry (a container's arbitrary uid, say)
+        name = f"uid {os.getuid()}"
+    sudo_user = os.environ.get("SUDO_USER")
+    return f"{name} (sudo by {sudo_user})" if sudo_user and os.getuid() == 0 else name
 
 
 @dataclass(frozen=True, slots=True)

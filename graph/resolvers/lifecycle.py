@@ -65,6 +65,7 @@ class LifecycleMutation:
                 claims=claims,
                 new_email=input.new_email,
                 password=input.password,
+                code=input.code,
                 client=ctx.client,
             ),
         )
@@ -80,11 +81,15 @@ class LifecycleMutation:
         self, info: Info[Context, Any], input: DeleteAccountInput
     ) -> DeleteAccountOutcome:
         ctx = info.context
-        user, _claims = await ctx.signed_in()
+        user, claims = await ctx.signed_in()
         try:
             reject_control_characters(info, input)
             await ctx.services.lifecycle.delete(
-                user=user, password=input.password, code=input.code, client=ctx.client
+                user=user,
+                claims=claims,
+                password=input.password,
+                code=input.code,
+                client=ctx.client,
             )
         except AuthFailure as failure:
             return AuthError.from_failure(failure)

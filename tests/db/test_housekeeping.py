@@ -99,6 +99,7 @@ async def test_each_kind_goes_after_its_own_configured_retention(
             challenge_retention_days=3,
             security_event_retention_days=4,
             session_retention_days=5,
+            housekeeping_seconds=3600,  # only the passes this test runs
             **smtp.settings(),
         ),
         clock=clock,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from db.settings import SECRET_KEY_PLACEHOLDER, ConfigError, Settings
 from graph.app import create_app
@@ -138,3 +139,20 @@ def test_the_mail_lease_must_outlast_a_send(no_env: None) -> None:
     with pytest.raises(ConfigError, match="MAIL_LEASE_SECONDS"):
         Settings(_env_file=None, mail_timeout=40, mail_lease_seconds=60, **values).prepare()
     Settings(_env_file=None, mail_timeout=30, mail_lease_seconds=60, **values).prepare()
+
+
+def test_durations_read_as_operators_write_them() -> None:
+    def idle(value: str) -> float:
+        return Settings(
+            _env_file=None, session_idle_timeout=value
+        ).session_idle_timeout.total_seconds()
+
+    assert idle("14d") == 14 * 86400
+    assert idle("12h") == 12 * 3600
+    assert idle("30m") == 1800
+    assert idle("90s") == 90
+    assert idle("3600") == 3600
+    assert idle("0") == 0
+    for bad in ("-1", "fortnight", "", "inf", "nan", "1e30d", "3651d"):
+        with pytest.raises(ValidationError, match="duration"):
+            Settings(_env_file=None, session_idle_timeout=bad)

@@ -13,7 +13,8 @@ from starlette.applications import Starlette
 from db.settings import Settings
 from graph.app import create_app
 from tests.conftest import PASSWORD, MutableClock, unique_email
-from tests.gql import LOGIN, LOGOUT, ME, REFRESH, REVOKE_SESSION, SESSIONS, SIGNUP
+from tests.gql import LOGIN, LOGOUT, ME, REFRESH, REVOKE_SESSION, SESSIONS, SIGNUP, VERIFY_OTP
+from tests.smtp import SmtpSink
 
 BROWSER = {"x-requested-with": "XMLHttpRequest", "origin": "https://testserver"}
 
@@ -145,3 +146,48 @@ async def test_body_transport_stays_the_default(client: httpx.AsyncClient) -> No
     )
     assert response.json()["data"]["signup"]["refreshToken"]
     assert "strawgate_refresh" not in response.headers.get("set-cookie", "")
+
+
+async def test_the_lifecycle_in_cookie_mode(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None, smtp: SmtpSink
+) -> None:
+    """A change of address completed by verifyOtp keeps the browser's own session (a new
+    refresh cookie for it, no second session); deleting the account clears the cookie."""
+    from tests.graph.test_lifecycle import CHANGE_EMAIL, DELETE_ACCOUNT
+
+    settings = make_settings(refresh_token_transport="cookie", **smtp.settings())
+    async with browser(settings, clock) as http:
+        email = unique_email()
+        signup = await call(http, SIGNUP, {"i": {"email": email, "password": PASSWORD}})
+        token = signup.json()["data"]["signup"]["accessToken"]
+        auth = {"authorization": f"Bearer {token}"}
+        new = f"moved-{email}"
+        asked = await http.post(
+            "/graphql",
+            json={
+                "query": CHANGE_EMAIL,
+                "variables": {"i": {"newEmail": new, "password": PASSWORD}},
+            },
+            headers=auth,
+        )
+        challenge = asked.json()["data"]["changeEmail"]["challengeToken"]
+        before = http.cookies.get("strawgate_refresh")
+        code = (await smtp.wait_for(new)).code()
+        moved = await call(http, VERIFY_OTP, {"i": {"challengeToken": challenge, "code": code}})
+        session = moved.json()["data"]["verifyOtp"]
+        assert session["refreshToken"] is None and session["user"]["email"] == new
+        assert refresh_cookie(moved) and http.cookies.get("strawgate_refresh") != before
+        auth = {"authorization": f"Bearer {session['accessToken']}"}
+        listed = await http.post("/graphql", json={"query": SESSIONS}, headers=auth)
+        assert [s["current"] for s in listed.json()["data"]["sessions"]] == [True]
+        rotated = await call(http, REFRESH, {"i": {}})
+        assert rotated.json()["data"]["refresh"]["__typename"] == "AuthSession"
+        auth = {"authorization": f"Bearer {rotated.json()['data']['refresh']['accessToken']}"}
+
+        deleted = await http.post(
+            "/graphql",
+            json={"query": DELETE_ACCOUNT, "variables": {"i": {"password": PASSWORD}}},
+            headers=auth,
+        )
+        assert deleted.json()["data"]["deleteAccount"]["deleted"] is True
+        assert "Max-Age=0" in refresh_cookie(deleted)

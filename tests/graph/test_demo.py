@@ -99,7 +99,8 @@ async def test_the_demo_in_a_real_browser(
     async with served(app) as base_url, chromium() as browser:
         context = await browser.new_context()
         page = await context.new_page()
-        page.set_default_timeout(10_000)
+        page.set_default_timeout(15_000)
+        expect.set_options(timeout=15_000)  # its own default is 5 s: short on a busy CI
         graphql_answers: list[Response] = []
         page.on(
             "response",

@@ -6,24 +6,30 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pyotp
+import pytest
 from sqlalchemy import func, select
+from starlette.applications import Starlette
 
-from db.models import Challenge, SecurityEvent, User, UserSession
+from db.models import Challenge, OutboxMail, SecurityEvent, User, UserSession
 from db.session import Statements
 from tests.conftest import MutableClock
 from tests.gql import (
     CHALLENGE_FIELDS,
+    CHANGE_PASSWORD,
     ME,
     PASSWORD,
     REQUEST_PASSWORD_RESET,
     RESEND_OTP,
     RESET_PASSWORD,
+    SESSIONS,
     gql,
     login,
+    logout,
     mutate,
     refresh,
     signed_in,
@@ -90,6 +96,26 @@ async def two_factor_on(
     return secret, codes["confirmTotp"]["codes"]
 
 
+def owner_changes_the_password_before(
+    client: httpx.AsyncClient, owner: dict[str, Any], step: Callable[[Any], Awaitable[bool]]
+) -> Callable[[Any], Awaitable[bool]]:
+    """`step` (a service's own step, run between its password check and its locked
+    transaction), preceded by the owner's password change from another session: the
+    race a thief with a stolen session loses."""
+
+    async def meanwhile(argument: Any) -> bool:
+        changed = await mutate(
+            client,
+            CHANGE_PASSWORD,
+            {"i": {"currentPassword": PASSWORD, "newPassword": "the owner's new passphrase"}},
+            token=owner["accessToken"],
+        )
+        assert changed["__typename"] == "AuthSession", changed
+        return bool(await step(argument))
+
+    return meanwhile
+
+
 # -- change of address --------------------------------------------------------------------
 
 
@@ -112,11 +138,16 @@ async def test_a_change_of_address_proven_by_the_code_mailed_there(
     assert moved["__typename"] == "AuthSession", moved
     assert moved["user"]["email"] == new and moved["user"]["emailVerified"] is True
 
-    # The sessions stay, and see the new address.
-    for session in (first, second):
+    # The sessions stay, and see the new address. The asking one goes on with the tokens
+    # verifyOtp answered (no new session): its old refresh token is forgotten, not reused.
+    for session in (first, second, moved):
         me = (await gql(mail_client, ME, token=session["accessToken"]))["data"]["me"]
         assert (me["email"], me["emailVerified"]) == (new, True)
-        assert (await refresh(mail_client, session["refreshToken"]))["__typename"] == "AuthSession"
+    assert (await refresh(mail_client, first["refreshToken"]))["code"] == "INVALID_TOKEN"
+    assert (await refresh(mail_client, moved["refreshToken"]))["__typename"] == "AuthSession"
+    assert (await refresh(mail_client, second["refreshToken"]))["__typename"] == "AuthSession"
+    listed = (await gql(mail_client, SESSIONS, token=moved["accessToken"]))["data"]["sessions"]
+    assert len(listed) == 2
     # The old address is told, with where the account went and how to get help.
     notice = await smtp.wait_for(old, where=lambda m: "changed" in m.subject)
     assert notice.subject == "Your Strawgate email address was changed"
@@ -237,11 +268,9 @@ async def test_a_reset_code_sent_to_the_old_address_dies_with_the_change(
     assert late["code"] == "INVALID_TOKEN"
 
 
-async def test_with_two_factor_on_the_new_session_needs_a_second_factor_it_already_has(
+async def test_with_two_factor_on_a_session_that_proved_it_needs_no_code(
     mail_client: httpx.AsyncClient, smtp: SmtpSink, clock: MutableClock
 ) -> None:
-    """A session that proved the second factor asks for the change: the code completes
-    it into a session at once (the password and the TOTP step were proven already)."""
     email, first = await signed_up(mail_client, smtp)
     secret, _codes = await two_factor_on(mail_client, first["accessToken"], clock)
     step = await login(mail_client, email, PASSWORD)
@@ -254,6 +283,72 @@ async def test_with_two_factor_on_the_new_session_needs_a_second_factor_it_alrea
     moved = await verify_otp(mail_client, challenge["challengeToken"], code)
     assert moved["__typename"] == "AuthSession", moved
     assert moved["user"]["email"] == new
+
+
+async def test_with_two_factor_on_a_session_from_before_it_needs_a_code(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, clock: MutableClock
+) -> None:
+    """A session that signed in with the password alone (before two-factor was on) and
+    the password: not enough to move the address where a TOTP step guards sign-in."""
+    _email, old_session = await signed_up(mail_client, smtp)
+    secret, codes = await two_factor_on(mail_client, old_session["accessToken"], clock)
+    token = old_session["accessToken"]
+    new = new_address()
+    for code in (None, "", "000000"):
+        refused = await mutate(
+            mail_client,
+            CHANGE_EMAIL,
+            {"i": {"newEmail": new, "password": PASSWORD, "code": code}},
+            token=token,
+        )
+        assert (refused["code"], refused["field"]) == ("INVALID_OTP", "code"), code
+    assert smtp.mails(new) == []
+    for code in (pyotp.TOTP(secret).at(clock.now()), codes[0]):
+        clock.advance(seconds=30)
+        asked = await mutate(
+            mail_client,
+            CHANGE_EMAIL,
+            {"i": {"newEmail": new, "password": PASSWORD, "code": code}},
+            token=token,
+        )
+        assert asked["__typename"] == "OtpChallenge", asked
+
+
+async def test_a_session_ended_since_the_request_cannot_complete_it(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink
+) -> None:
+    """A stolen session and the password ask for a change; the owner signs out
+    everywhere: the code mailed to the thief's address completes nothing."""
+    email, owner = await signed_up(mail_client, smtp)
+    stolen = await signed_in(mail_client, email)
+    thief = new_address()
+    challenge = await change_email(mail_client, stolen["accessToken"], thief)
+    code = (await smtp.wait_for(thief)).code()
+    assert await logout(mail_client, owner["refreshToken"], everywhere=True) == 2
+    late = await verify_otp(mail_client, challenge["challengeToken"], code)
+    assert late["code"] == "INVALID_TOKEN", late
+    fresh = await signed_in(mail_client, email)
+    assert (await gql(mail_client, ME, token=fresh["accessToken"]))["data"]["me"]["email"] == email
+
+
+async def test_a_password_change_racing_the_request_wins(
+    mail_client: httpx.AsyncClient,
+    mail_app: Starlette,
+    smtp: SmtpSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The owner changes the password while the thief's request is between its password
+    check and its challenge: the request is refused, no code goes out."""
+    email, owner = await signed_up(mail_client, smtp)
+    stolen = await signed_in(mail_client, email)
+    account = mail_app.state.services.account
+    meanwhile = owner_changes_the_password_before(mail_client, owner, account.may_mail)
+    monkeypatch.setattr(account, "may_mail", meanwhile)
+    thief = new_address()
+    refused = await change_email(mail_client, stolen["accessToken"], thief)
+    assert refused["__typename"] == "AuthError"
+    assert refused["code"] in ("INVALID_TOKEN", "INVALID_CREDENTIALS"), refused
+    assert smtp.mails(thief) == []
 
 
 async def test_the_lifecycle_needs_a_signed_in_user(client: httpx.AsyncClient) -> None:
@@ -278,8 +373,9 @@ async def test_the_export_holds_everything_about_the_user_and_no_secret(
     second = await verify_otp(
         mail_client, step["challengeToken"], pyotp.TOTP(secret).at(clock.now())
     )
-    pending = await change_email(mail_client, second["accessToken"], new_address())
-    emailed_code = (await smtp.wait_for(email, where=lambda m: "Confirm" in m.subject)).code()
+    new = new_address()
+    pending = await change_email(mail_client, second["accessToken"], new)
+    emailed_code = (await smtp.wait_for(new)).code()
 
     body = await gql(mail_client, EXPORT, token=second["accessToken"])
     assert "errors" not in body, body
@@ -399,3 +495,47 @@ async def test_a_recovery_code_also_deletes(
     deleted = await delete_account(mail_client, token, code=codes[0])
     assert deleted["__typename"] == "DeleteAccountResult", deleted
     assert await user_count(statements, id=uuid.UUID(session["user"]["id"])) == 0
+
+
+async def test_deleting_after_a_change_of_address_leaves_nothing_under_the_old_one(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, statements: Statements
+) -> None:
+    old, session = await signed_up(mail_client, smtp)
+    new = new_address()
+    challenge = await change_email(mail_client, session["accessToken"], new)
+    moved = await verify_otp(
+        mail_client, challenge["challengeToken"], (await smtp.wait_for(new)).code()
+    )
+    await smtp.wait_for(old, where=lambda m: "changed" in m.subject)
+    exported = (await gql(mail_client, EXPORT, token=moved["accessToken"]))["data"]
+    document = json.loads(exported["exportAccount"]["json"])
+    assert document["profile"]["previousEmails"] == [old]
+    assert {(m["to"], m["kind"]) for m in document["mail"]} >= {
+        (old, "verify_email"),
+        (old, "email_changed"),
+        (new, "change_email_code"),
+    }
+    assert (await delete_account(mail_client, moved["accessToken"]))["deleted"] is True
+    async with statements.connection() as conn:
+        held = await conn.all(select(OutboxMail.recipient, OutboxMail.template), {})
+        details = await conn.all(select(SecurityEvent.kind, SecurityEvent.details), {})
+    # Only the goodbye to the current address is left, until the outbox prunes it.
+    assert [(row["recipient"], row["template"]) for row in held] == [(new, "account_deleted")]
+    assert not any(old in (row["details"] or "") for row in details)
+
+
+async def test_a_password_change_racing_a_deletion_wins(
+    mail_client: httpx.AsyncClient,
+    mail_app: Starlette,
+    smtp: SmtpSink,
+    statements: Statements,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    email, owner = await signed_up(mail_client, smtp)
+    stolen = await signed_in(mail_client, email)
+    two_factor = mail_app.state.services.auth.two_factor
+    meanwhile = owner_changes_the_password_before(mail_client, owner, two_factor.is_on)
+    monkeypatch.setattr(two_factor, "is_on", meanwhile)
+    refused = await delete_account(mail_client, stolen["accessToken"])
+    assert refused["code"] in ("INVALID_TOKEN", "INVALID_CREDENTIALS"), refused
+    assert await user_count(statements, id=uuid.UUID(owner["user"]["id"])) == 1

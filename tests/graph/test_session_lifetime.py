@@ -120,3 +120,18 @@ def test_the_defaults(make_settings: Callable[..., Settings]) -> None:
     settings = Settings(_env_file=None)
     assert settings.max_sessions_per_user == 50
     assert settings.session_idle_timeout.days == 14
+
+
+async def test_the_new_session_is_never_the_one_the_cap_ends(
+    client_with: Callable[..., AsyncIterator[httpx.AsyncClient]],
+) -> None:
+    """Sign-ins at the very same instant (the test clock stands still): whatever order
+    the ids give, each new session lives and the one before it ends."""
+    async for client in client_with(max_sessions_per_user=1):
+        email = unique_email()
+        previous = await signup(client, email, PASSWORD)
+        for _ in range(8):
+            current = await login(client, email, PASSWORD)
+            assert (await refresh(client, current["refreshToken"]))["__typename"] == ("AuthSession")
+            assert (await refresh(client, previous["refreshToken"]))["code"] == "INVALID_TOKEN"
+            previous = current
