@@ -391,6 +391,7 @@ LIVE_SESSION = select(UserSession.amr).where(
     UserSession.revoked_at.is_(None),
     UserSession.expires_at > bindparam("now"),
 )
+_LOCK_LIVE_SESSION = LIVE_SESSION.with_for_update()
 _NEWEST_GENERATION_NUMBER = select(func.max(RefreshToken.generation)).where(
     RefreshToken.session_id == bindparam("session_id")
 )
@@ -730,7 +731,9 @@ class AuthService:
         amr = merge_amr(challenge["amr"].split(), AMR_EMAIL_CODE)
         try:
             return await self._complete_emailed_code_now(challenge, amr, client)
-        except UniqueViolation:
+        except UniqueViolation as violation:
+            if "email" not in str(violation):
+                raise
             # Another account took the new address between the check and the change.
             raise _email_taken() from None
 
@@ -749,13 +752,22 @@ class AuthService:
             if challenge["purpose"] == ch.CHANGE_EMAIL:
                 # Only while the session that asked (with the password) is still live: a
                 # logout, a revocation or a password change since then ends the request.
+                # Locked (after the user row, as everywhere): a refresh of it waits, and
+                # its refresh tokens are replaced below.
                 asking = await tx.first(
-                    LIVE_SESSION, {"session_id": challenge["session_id"], "now": now}
+                    _LOCK_LIVE_SESSION, {"session_id": challenge["session_id"], "now": now}
                 )
                 if asking is None:
                     raise AuthFailure(
                         ErrorCode.INVALID_TOKEN,
                         "The session that asked for this change has ended; sign in and ask again.",
+                    )
+                if user["otp_confirmed_at"] is not None and "mfa" not in challenge["amr"].split():
+                    # Asked without a second factor, and two-factor came on since.
+                    raise AuthFailure(
+                        ErrorCode.INVALID_TOKEN,
+                        "Two-factor sign-in was turned on since this change was asked for; ask"
+                        " again.",
                     )
             if not await self.challenges.consume(tx, challenge["id"]):
                 raise invalid_challenge()

@@ -140,6 +140,12 @@ _EMAIL_CHANGES = select(SecurityEvent.details).where(
     SecurityEvent.user_id == bindparam("uid"),
     SecurityEvent.kind == EventKind.EMAIL_CHANGED.value,
 )
+# Addresses the account was asked to move to (changeEmail), completed or not.
+_ASKED_ADDRESSES = (
+    select(Challenge.new_email)
+    .where(Challenge.user_id == bindparam("uid"), Challenge.new_email.is_not(None))
+    .distinct()
+)
 _TWO_FACTOR_ON = select(TotpCredential.user_id).where(
     TotpCredential.user_id == bindparam("uid"), TotpCredential.confirmed_at.is_not(None)
 )
@@ -218,7 +224,11 @@ class LifecycleService:
                 tx,
                 purpose=ch.CHANGE_EMAIL,
                 user={"id": user.id, "email": user.email} if may_mail else None,
-                amr=merge_amr(list(claims.amr), AMR_PASSWORD),
+                # "mfa" where a code was checked here: verifyOtp refuses a change asked
+                # without a second factor once two-factor is on.
+                amr=merge_amr(
+                    list(claims.amr), [*AMR_PASSWORD, *(["mfa"] if second_factor else [])]
+                ),
                 client=client,
                 new_email=address.address,
                 session_id=claims.session_id,
@@ -327,9 +337,10 @@ class LifecycleService:
             events = await conn.all(_EXPORT_EVENTS, uid)
             challenges = await conn.all(_EXPORT_CHALLENGES, uid)
             previous = await _previous_addresses(conn, user.id)
+            asked = await conn.scalars(_ASKED_ADDRESSES, uid)
             mail = [
                 {**row, "recipient": address}
-                for address in dict.fromkeys([profile["email"], *previous])
+                for address in dict.fromkeys([profile["email"], *previous, *asked])
                 for row in await conn.all(_EXPORT_MAIL, {"recipient": address})
             ]
             mail.sort(key=lambda row: row["created_at"], reverse=True)
@@ -466,9 +477,12 @@ class LifecycleService:
         await self.auth.lock_sessions(tx, user.id)
         ended = await tx.scalars(_LIVE_SESSIONS, {"uid": user.id, "now": now})
         # Mail is kept by recipient: what went to the addresses it had before goes too.
-        for address in {email, *await _previous_addresses(tx, user.id)}:
+        addresses = {email, *await _previous_addresses(tx, user.id)}
+        for address in addresses:
+            await tx.execute(_ANONYMISE_EVENTS, {"uid": user.id, "address": _normalized(address)})
+        # ... and what went to an address it was asked to move to, and never did.
+        for address in addresses | set(await tx.scalars(_ASKED_ADDRESSES, {"uid": user.id})):
             await tx.execute(_DROP_MAIL, {"recipient": address})
-        await tx.execute(_ANONYMISE_EVENTS, {"uid": user.id, "address": normalized})
         await tx.execute(_DROP_THROTTLES, {"email": normalized, "otp": f"otp:{user.id}:"})
         await tx.execute(_DROP_USER, {"uid": user.id})
         # The trail's last word on the account: when, and how many sessions it ended.
@@ -479,6 +493,13 @@ class LifecycleService:
             details={"sessions": int(ended[0]) if ended else 0},
         )
         await self.auth.notices.send(tx, email=email, template="account_deleted", client=client)
+
+
+def _normalized(address: str) -> str:
+    try:
+        return parse_email(address).normalized
+    except AuthFailure:  # pragma: no cover - every stored address was parsed once
+        return address
 
 
 async def _previous_addresses(tx: Runner, user_id: Any) -> list[str]:

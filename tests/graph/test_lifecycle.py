@@ -3,6 +3,7 @@ verifyOtp, exportAccount, deleteAccount; with real mail through aiosmtpd."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import uuid
@@ -12,7 +13,7 @@ from typing import Any
 import httpx
 import pyotp
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from starlette.applications import Starlette
 
 from db.models import Challenge, OutboxMail, SecurityEvent, User, UserSession
@@ -539,3 +540,93 @@ async def test_a_password_change_racing_a_deletion_wins(
     refused = await delete_account(mail_client, stolen["accessToken"])
     assert refused["code"] in ("INVALID_TOKEN", "INVALID_CREDENTIALS"), refused
     assert await user_count(statements, id=uuid.UUID(owner["user"]["id"])) == 1
+
+
+async def test_a_refresh_racing_the_completion_waits_for_it(
+    mail_client: httpx.AsyncClient,
+    mail_app: Starlette,
+    smtp: SmtpSink,
+    statements: Statements,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The asking session refreshes while verifyOtp re-issues it: the completion waits
+    for the rotation's lock, then replaces the tokens it made (no EMAIL_TAKEN)."""
+    _email, session = await signed_up(mail_client, smtp)
+    new = new_address()
+    challenge = await change_email(mail_client, session["accessToken"], new)
+    code = (await smtp.wait_for(new)).code()
+    limiter = mail_app.state.services.auth.limiter
+    hit = limiter.hit
+    rotating, release = asyncio.Event(), asyncio.Event()
+
+    async def held_rotation(name: str, key: str, **options: Any) -> None:
+        if name == "refresh_session":  # inside refresh's transaction, its locks held
+            rotating.set()
+            await release.wait()
+        await hit(name, key, **options)
+
+    monkeypatch.setattr(limiter, "hit", held_rotation)
+    rotation = asyncio.create_task(refresh(mail_client, session["refreshToken"]))
+    await asyncio.wait_for(rotating.wait(), 5)
+    completion = asyncio.create_task(verify_otp(mail_client, challenge["challengeToken"], code))
+    async with asyncio.timeout(10):  # until PostgreSQL shows the completion waiting
+        while True:
+            async with statements.connection() as conn:
+                waiting = await conn.scalars(
+                    text("SELECT count(*) FROM pg_locks WHERE NOT granted"), {}
+                )
+            if waiting[0]:
+                break
+            await asyncio.sleep(0.01)
+    release.set()
+    rotated, moved = await asyncio.gather(rotation, completion)
+    assert rotated["__typename"] == "AuthSession", rotated
+    assert moved["__typename"] == "AuthSession", moved
+    assert moved["user"]["email"] == new
+    assert (await refresh(mail_client, moved["refreshToken"]))["__typename"] == "AuthSession"
+
+
+async def test_a_change_asked_before_two_factor_came_on_completes_nothing(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, clock: MutableClock
+) -> None:
+    email, owner = await signed_up(mail_client, smtp)
+    stolen = await signed_in(mail_client, email)
+    thief = new_address()
+    asked = await change_email(mail_client, stolen["accessToken"], thief)
+    await two_factor_on(mail_client, owner["accessToken"], clock)
+    late = await verify_otp(
+        mail_client, asked["challengeToken"], (await smtp.wait_for(thief)).code()
+    )
+    assert late["code"] == "INVALID_TOKEN", late
+    me = (await gql(mail_client, ME, token=owner["accessToken"]))["data"]["me"]
+    assert me["email"] == email
+
+
+async def test_deletion_also_erases_what_an_old_or_abandoned_address_left(
+    mail_client: httpx.AsyncClient, smtp: SmtpSink, statements: Statements
+) -> None:
+    old, session = await signed_up(mail_client, smtp)
+    new = new_address()
+    challenge = await change_email(mail_client, session["accessToken"], new)
+    moved = await verify_otp(
+        mail_client, challenge["challengeToken"], (await smtp.wait_for(new)).code()
+    )
+    # Someone tries the old address after the move; and a second move is never completed.
+    assert (await login(mail_client, old, "guessing at the old address"))["code"] == (
+        "INVALID_CREDENTIALS"
+    )
+    abandoned = new_address()
+    await change_email(mail_client, moved["accessToken"], abandoned)
+    await smtp.wait_for(abandoned)
+    exported = (await gql(mail_client, EXPORT, token=moved["accessToken"]))["data"]
+    sent_to = {m["to"] for m in json.loads(exported["exportAccount"]["json"])["mail"]}
+    assert sent_to == {old, new, abandoned}
+    assert (await delete_account(mail_client, moved["accessToken"]))["deleted"] is True
+    async with statements.connection() as conn:
+        held = await conn.scalars(select(OutboxMail.recipient), {})
+        trail = await conn.all(
+            select(SecurityEvent.email, SecurityEvent.ip, SecurityEvent.details), {}
+        )
+    assert held == [new]  # the goodbye, until the outbox prunes it
+    assert all(row["email"] is None and row["ip"] is None for row in trail)
+    assert not any(old in (row["details"] or "") for row in trail)
