@@ -117,6 +117,18 @@ def owner_changes_the_password_before(
     return meanwhile
 
 
+async def moved_account(
+    client: httpx.AsyncClient, smtp: SmtpSink
+) -> tuple[str, str, dict[str, Any]]:
+    """A new account moved to another address: (old, new, the session verifyOtp answered)."""
+    old, session = await signed_up(client, smtp)
+    new = new_address()
+    challenge = await change_email(client, session["accessToken"], new)
+    moved = await verify_otp(client, challenge["challengeToken"], (await smtp.wait_for(new)).code())
+    assert moved["__typename"] == "AuthSession", moved
+    return old, new, moved
+
+
 # -- change of address --------------------------------------------------------------------
 
 
@@ -501,12 +513,7 @@ async def test_a_recovery_code_also_deletes(
 async def test_deleting_after_a_change_of_address_leaves_nothing_under_the_old_one(
     mail_client: httpx.AsyncClient, smtp: SmtpSink, statements: Statements
 ) -> None:
-    old, session = await signed_up(mail_client, smtp)
-    new = new_address()
-    challenge = await change_email(mail_client, session["accessToken"], new)
-    moved = await verify_otp(
-        mail_client, challenge["challengeToken"], (await smtp.wait_for(new)).code()
-    )
+    old, new, moved = await moved_account(mail_client, smtp)
     await smtp.wait_for(old, where=lambda m: "changed" in m.subject)
     exported = (await gql(mail_client, EXPORT, token=moved["accessToken"]))["data"]
     document = json.loads(exported["exportAccount"]["json"])
@@ -605,12 +612,7 @@ async def test_a_change_asked_before_two_factor_came_on_completes_nothing(
 async def test_deletion_also_erases_what_an_old_or_abandoned_address_left(
     mail_client: httpx.AsyncClient, smtp: SmtpSink, statements: Statements
 ) -> None:
-    old, session = await signed_up(mail_client, smtp)
-    new = new_address()
-    challenge = await change_email(mail_client, session["accessToken"], new)
-    moved = await verify_otp(
-        mail_client, challenge["challengeToken"], (await smtp.wait_for(new)).code()
-    )
+    old, new, moved = await moved_account(mail_client, smtp)
     # Someone tries the old address after the move; and a second move is never completed.
     assert (await login(mail_client, old, "guessing at the old address"))["code"] == (
         "INVALID_CREDENTIALS"
