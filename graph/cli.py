@@ -48,6 +48,10 @@ def _serve(args: argparse.Namespace) -> int:
         lifespan="on",
         ws="none",
         server_header=False,
+        # On SIGTERM, requests in flight get this long; then the lifespan still stops the
+        # background work cleanly before the process manager's SIGKILL (Kubernetes
+        # sends it 30 s after SIGTERM by default).
+        timeout_graceful_shutdown=args.graceful_timeout,
     )
     return 0
 
@@ -347,6 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long requests in flight may take to finish (default 20)",
+    )
     serve.set_defaults(run=_serve)
 
     migrate = commands.add_parser("migrate", help="apply pending migrations (upgrade head)")

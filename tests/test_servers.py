@@ -688,3 +688,36 @@ async def test_shutdown_finishes_requests_in_flight_then_stops_background_work(
     finally:
         writer.close()
         await server.stop()
+
+
+async def test_a_stalled_client_cannot_hold_shutdown_past_the_graceful_timeout(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A request whose client never sends the rest of its body: after --graceful-timeout
+    the server gives up on it, and the lifespan still stops the background work."""
+    env = production_env(database_url, LOG_FORMAT="text")
+    port = free_port()
+    server = await start(
+        strawgate_command(port, "--graceful-timeout", "1"),
+        env=env,
+        cwd=tmp_path,
+        logs=tmp_path / "logs",
+        port=port,
+    )
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /graphql HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        await writer.drain()
+        async with server.client() as http:  # the stalled request's headers are read
+            assert (await http.get("/healthz")).status_code == 200
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(server.process.wait(), 10) in (0, -signal.SIGTERM)
+        assert time.monotonic() - started < 8  # the timeout (1 s), not the client, ended it
+        assert "Strawgate stopped: background work ended" in server.log()
+    finally:
+        writer.close()
+        await server.stop()
