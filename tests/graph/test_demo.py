@@ -202,3 +202,37 @@ async def test_the_demo_in_a_real_browser(
         await page.reload()
         await expect(page.locator("#signed-out")).to_be_visible()
         await context.close()
+
+
+async def test_the_demo_under_body_transport_keeps_the_refresh_token_in_memory(
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    clean_db: None,
+    smtp: SmtpSink,
+) -> None:
+    """With the default body transport the page still works, says where the refresh
+    token is, and keeps it out of storage (so a reload signs out)."""
+    app: Starlette = create_app(
+        make_settings(require_email_verification=True, **smtp.settings()), clock=clock
+    )
+    email = unique_email()
+    async with served(app) as base_url, chromium() as browser:
+        context = await browser.new_context()
+        page = await context.new_page()
+        page.set_default_timeout(15_000)
+        await page.goto(f"{base_url}/demo")
+        await page.fill("#signup-email", email)
+        await page.fill("#signup-password", PASSWORD)
+        await page.click("#signup-submit")
+        await expect(page.locator("#challenge-title")).to_have_text("Verify your email")
+        await page.fill("#challenge-code", (await smtp.wait_for(email)).code())
+        await page.click("#challenge-submit")
+        await expect(page.locator("#signed-in")).to_be_visible()
+        await expect(page.locator("#transport")).to_contain_text("in this page's memory")
+        await page.click("#refresh-button")
+        await expect(page.locator("#status")).to_contain_text("New tokens issued")
+        assert await context.cookies() == []
+        assert await page.evaluate("[localStorage.length, sessionStorage.length]") == [0, 0]
+        await page.click("#logout-button")
+        await expect(page.locator("#status")).to_contain_text("1 session ended")
+        await context.close()
