@@ -310,7 +310,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 transport=transport,
                 clock=clock,
             )
-            limiter = make_limiter(settings)
+            limiter = RateLimiter.from_settings(settings)
             limiter.on_refusal = lambda name: metrics.rate_limited.labels(limit=name).inc()
             await limiter.start()
             auth = make_auth(settings, statements, hasher, outbox, clock, limiter)
@@ -427,15 +427,6 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     )
     app.state.settings = settings
     return app
-
-
-def make_limiter(settings: Settings) -> RateLimiter:
-    return RateLimiter(
-        limits=settings.rate_limits,
-        redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None,
-        namespace=settings.redis_key_prefix,
-        enabled=settings.rate_limiting,
-    )
 
 
 def make_auth(

@@ -13,7 +13,6 @@ from pydantic import ValidationError
 from db.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
-    from db.security.limiter import RateLimiter
     from db.services.operator import AccountReport, Outcome
 
 
@@ -161,7 +160,9 @@ def _users(args: argparse.Namespace) -> int:
         # the server processes' own, out of reach here.
         limiter = None
         if args.action == "unlock" and settings.redis_url is not None:
-            limiter = _shared_limiter(settings)
+            from db.security.limiter import RateLimiter
+
+            limiter = RateLimiter.from_settings(settings)
         try:
             if limiter is not None:
                 await limiter.start()
@@ -206,18 +207,6 @@ def _users(args: argparse.Namespace) -> int:
     if not isinstance(result, AccountReport) and result.rate_limit_cleared is False:
         return 3  # unlocked in the database; Redis did not answer for the rate limit
     return 0
-
-
-def _shared_limiter(settings: Settings) -> RateLimiter:
-    """The rate limiter on the servers' Redis (as graph.app.make_limiter builds it)."""
-    from db.security.limiter import RateLimiter
-
-    return RateLimiter(
-        limits=settings.rate_limits,
-        redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None,
-        namespace=settings.redis_key_prefix,
-        enabled=settings.rate_limiting,
-    )
 
 
 def _printable(value: object) -> str:

@@ -46,7 +46,7 @@ from db.errors import AuthFailure, ErrorCode
 if TYPE_CHECKING:
     from redis.asyncio import Redis as RedisClient
 
-    from db.settings import RateLimits
+    from db.settings import RateLimits, Settings
 
 log = logging.getLogger("strawgate.limits")
 
@@ -108,6 +108,17 @@ def _refusal(retry_after: int) -> AuthFailure:
 
 class RateLimiter:
     """Named budgets (the fields of `RateLimits`) counted per key, in Redis or in memory."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RateLimiter:
+        """As the servers count: in REDIS_URL's Redis (under REDIS_KEY_PREFIX), else in
+        this process's memory."""
+        return cls(
+            limits=settings.rate_limits,
+            redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None,
+            namespace=settings.redis_key_prefix,
+            enabled=settings.rate_limiting,
+        )
 
     def __init__(
         self,

@@ -333,14 +333,6 @@ _CHANGE_EMAIL = (
         updated_at=bindparam("now"),
     )
 )
-# The account holding an address someone else just proved, when it never proved it and
-# never signed in (an abandoned or squatting signup).
-_DROP_UNPROVEN_HOLDER = delete(User).where(
-    User.id == bindparam("uid"),
-    User.email_verified_at.is_(None),
-    ~exists().where(UserSession.user_id == User.id),
-)
-
 _MARK_VERIFIED = (
     update(User)
     .where(User.id == bindparam("uid"), User.email_verified_at.is_(None))
@@ -821,9 +813,12 @@ class AuthService:
         address = parse_email(new_email)
         holder = await tx.first(ADDRESS_HOLDER, {"email": address.normalized})
         if holder is not None and holder["id"] != user["id"]:
-            # Only a signup that never proved the address and never signed in yields it:
-            # whoever completes this code owns the mailbox.
-            dropped = await tx.execute(_DROP_UNPROVEN_HOLDER, {"uid": holder["id"]})
+            # Only a signup that never proved the address and never signed in yields it
+            # (however recent): whoever completes this code owns the mailbox.
+            dropped = await tx.execute(
+                _DROP_ABANDONED_SIGNUP,
+                {"uid": holder["id"], "abandoned_before": self.clock.now()},
+            )
             if not dropped:
                 raise _email_taken()
         now = self.clock.now()
@@ -890,10 +885,13 @@ class AuthService:
 
     # -- passwords ------------------------------------------------------------------------
 
-    async def lock_user(self, tx: Runner, user_id: uuid.UUID, *, exclusive: bool) -> None:
+    async def lock_user(
+        self, tx: Runner, user_id: uuid.UUID, *, exclusive: bool
+    ) -> Mapping[str, Any] | None:
         """The first lock of a transaction that touches the account's credentials,
-        sessions or challenges (see _LOCK_USER)."""
-        await tx.first(_LOCK_USER if exclusive else _SHARE_USER, {"uid": user_id})
+        sessions or challenges (see _LOCK_USER). The row as locked (password_changed_at,
+        is_active, email_verified_at); None when there is no such account."""
+        return await lock_account(tx, user_id, exclusive=exclusive)
 
     async def reset_password_now(
         self, tx: Runner, *, user_id: uuid.UUID, new_hash: str, client: ClientInfo
@@ -950,7 +948,7 @@ class AuthService:
         """Locks every live session of the user, in one order (by id) wherever more than
         one is locked, so that two such transactions queue up instead of deadlocking. A
         transaction must take no other session lock before this one."""
-        await tx.execute(_LOCK_USER_SESSIONS, {"user_id": user_id})
+        await lock_account_sessions(tx, user_id)
 
     async def _end_sessions(
         self, tx: Runner, user_id: uuid.UUID, *, keep: uuid.UUID | None, reason: str
@@ -1216,10 +1214,9 @@ class AuthService:
             found = await tx.first(_SESSION_BY_TOKEN, digest)
             if found is None or not _is_live(found, now):
                 return 0
-            await tx.execute(_BUMP_DEVICE_EPOCH, {"owner_id": found["user_id"]})
-            ended = await tx.execute(
-                _REVOKE_USER_SESSIONS,
-                {"owner_id": found["user_id"], "now": now, "reason": "logout_everywhere"},
+            await end_device_tokens(tx, found["user_id"])
+            ended = await end_live_sessions(
+                tx, found["user_id"], now=now, reason="logout_everywhere"
             )
             await self.events.record(
                 tx,
@@ -1245,6 +1242,33 @@ class AuthService:
                 {"sid": claims.session_id, "uid": claims.user_id, "now": self.clock.now()},
             )
         return None if row is None else user_view(row)
+
+
+# -- one account's locks and mass endings: the sign-in paths and `strawgate users` ---------
+
+
+async def lock_account(
+    tx: Runner, user_id: uuid.UUID, *, exclusive: bool
+) -> Mapping[str, Any] | None:
+    """The account's row, locked (see _LOCK_USER): first in every such transaction."""
+    return await tx.first(_LOCK_USER if exclusive else _SHARE_USER, {"uid": user_id})
+
+
+async def lock_account_sessions(tx: Runner, user_id: uuid.UUID) -> None:
+    """Every live session of the account, locked in one order (by id); after its row."""
+    await tx.execute(_LOCK_USER_SESSIONS, {"user_id": user_id})
+
+
+async def end_live_sessions(tx: Runner, user_id: uuid.UUID, *, now: datetime, reason: str) -> int:
+    """Ends every live session of the account; how many. Under both locks above."""
+    return await tx.execute(
+        _REVOKE_USER_SESSIONS, {"owner_id": user_id, "now": now, "reason": reason}
+    )
+
+
+async def end_device_tokens(tx: Runner, user_id: uuid.UUID) -> None:
+    """Every device token of the account stops working (they carry the epoch)."""
+    await tx.execute(_BUMP_DEVICE_EPOCH, {"owner_id": user_id})
 
 
 def _is_live(session: Mapping[str, Any], now: datetime) -> bool:

@@ -333,7 +333,7 @@ class Challenges:
         return used is not None
 
     async def void_all(self, tx: Runner, user_id: uuid.UUID) -> None:
-        await tx.execute(_VOID_ALL, {"owner_id": user_id, "now": self.clock.now()})
+        await void_pending(tx, user_id, self.clock.now())
 
     # -- resending --------------------------------------------------------------------------
 
@@ -397,3 +397,8 @@ def _too_many_resends(remaining: timedelta) -> AuthFailure:
         "No more codes for this request; start again when it expires.",
         retry_after=max(1, math.ceil(remaining.total_seconds())),
     )
+
+
+async def void_pending(tx: Runner, user_id: uuid.UUID, now: Any) -> int:
+    """Every pending challenge of the user stops working; how many."""
+    return await tx.execute(_VOID_ALL, {"owner_id": user_id, "now": now})

@@ -4,7 +4,6 @@ deletion of the account."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -196,7 +195,7 @@ class LifecycleService:
             address = parse_email(new_email)
         except AuthFailure as failure:
             raise AuthFailure(failure.code, failure.message, field="newEmail") from None
-        checked_hash = await self._check_password(user, password, client)
+        password_set_at = await self._check_password(user, password, client)
         if address.normalized == parse_email(user.email).normalized:
             raise AuthFailure(
                 ErrorCode.INVALID_INPUT, "This is already your email address.", field="newEmail"
@@ -219,7 +218,7 @@ class LifecycleService:
             second_factor = True
         may_mail = await self.account.may_mail(str(user.id))
         async with self.events.transaction(self.statements) as tx:
-            await self._still_as_checked(tx, user, claims, checked_hash, second_factor)
+            await self._still_as_checked(tx, user, claims, password_set_at, second_factor)
             issued = await self.auth.challenges.open_email(
                 tx,
                 purpose=ch.CHANGE_EMAIL,
@@ -236,10 +235,12 @@ class LifecycleService:
         self.auth.outbox.wake()
         return issued
 
-    async def _check_password(self, user: UserView, password: str, client: ClientInfo) -> str:
+    async def _check_password(
+        self, user: UserView, password: str, client: ClientInfo
+    ) -> datetime | None:
         """The account's password, as a sign-in checks it: refused while the address is
-        locked out, and a wrong one counted towards the lockout. Returns the hash it was
-        checked against (see _still_as_checked)."""
+        locked out, and a wrong one counted towards the lockout. Returns when the password
+        checked was set (see _still_as_checked)."""
         password = normalize_password(password)
         held = self.auth.devices.check(
             client.device_token, user_id=user.id, epoch=user.device_epoch
@@ -252,14 +253,13 @@ class LifecycleService:
             if row is not None:
                 ok, _upgraded = await self.hasher.verify(password, row["password_hash"])
                 if ok:
-                    return str(row["password_hash"])
+                    password_set_at: datetime | None = row["password_changed_at"]
+                    return password_set_at
         await self.account.count_failure(user, client)
         await self.events.record_now(
             self.statements, EventKind.LOGIN_FAILED, user_id=user.id, client=client
         )
-        raise AuthFailure(
-            ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.", field="password"
-        )
+        raise _wrong_password()
 
     async def _check_second_factor(
         self, user: UserView, code: str | None, client: ClientInfo, claim: Claim | None = None
@@ -267,12 +267,7 @@ class LifecycleService:
         """A current TOTP code or an unused recovery code, spent (in `claim`'s
         transaction where one is given)."""
         if not code or not code.strip():
-            raise AuthFailure(
-                ErrorCode.INVALID_OTP,
-                "Two-factor sign-in is on: enter a code from your authenticator app or a"
-                " recovery code.",
-                field="code",
-            )
+            raise _second_factor_needed()
 
         async def lock(tx: Runner) -> None:
             await self.auth.lock_user(tx, user.id, exclusive=True)
@@ -291,33 +286,25 @@ class LifecycleService:
         tx: Runner,
         user: UserView,
         claims: AccessClaims,
-        checked_hash: str,
+        password_set_at: datetime | None,
         second_factor: bool,
     ) -> None:
         """Under the user's lock, first in the transaction that acts: what was checked
         before it still holds. The asking session is live, the password is the one
         checked (a change in between ends the request), and two-factor was not turned on
         in between without its code."""
-        await self.auth.lock_user(tx, user.id, exclusive=True)
+        locked = await self.auth.lock_user(tx, user.id, exclusive=True)
         session = await tx.first(
             LIVE_SESSION, {"session_id": claims.session_id, "now": self.clock.now()}
         )
         if session is None:
             raise AuthFailure(ErrorCode.INVALID_TOKEN, "This session has ended; sign in again.")
-        current = await tx.first(PASSWORD_HASH, {"uid": user.id})
-        if current is None or not hmac.compare_digest(
-            str(current["password_hash"]).encode(), checked_hash.encode()
-        ):
-            raise AuthFailure(
-                ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.", field="password"
-            )
+        # As a sign-in re-checks it: a change or reset sets password_changed_at (a hash
+        # upgrade does not).
+        if locked is None or locked["password_changed_at"] != password_set_at:
+            raise _wrong_password()
         if not second_factor and await tx.first(_TWO_FACTOR_ON, {"uid": user.id}) is not None:
-            raise AuthFailure(
-                ErrorCode.INVALID_OTP,
-                "Two-factor sign-in is on: enter a code from your authenticator app or a"
-                " recovery code.",
-                field="code",
-            )
+            raise _second_factor_needed()
 
     # -- export -------------------------------------------------------------------------------
 
@@ -450,11 +437,11 @@ class LifecycleService:
         self.hasher.check_capacity()
         await self.limiter.hit("delete_account_ip", client_key(client.ip))
         await self.limiter.hit("delete_account_account", str(user.id))
-        checked_hash = await self._check_password(user, password, client)
+        password_set_at = await self._check_password(user, password, client)
         second_factor = await self.auth.two_factor.is_on(user.id)
 
         async def delete_now(tx: Runner, method: str = "") -> bool:
-            await self._still_as_checked(tx, user, claims, checked_hash, second_factor)
+            await self._still_as_checked(tx, user, claims, password_set_at, second_factor)
             await self._delete_now(tx, user, client)
             return True
 
@@ -511,6 +498,20 @@ async def _previous_addresses(tx: Runner, user_id: Any) -> list[str]:
         if isinstance(details.get("previous"), str):
             found.append(details["previous"])
     return found
+
+
+def _wrong_password() -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.", field="password"
+    )
+
+
+def _second_factor_needed() -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.INVALID_OTP,
+        "Two-factor sign-in is on: enter a code from your authenticator app or a recovery code.",
+        field="code",
+    )
 
 
 def _throttle(row: Mapping[str, Any] | None) -> dict[str, Any] | None:

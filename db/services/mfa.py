@@ -150,7 +150,10 @@ _REFUND_CHECK = (
     .where(LoginThrottle.email == bindparam("key"), LoginThrottle.failures > 0)
     .values(failures=LoginThrottle.failures - 1)
 )
-PASSWORD_HASH = select(User.password_hash).where(User.id == bindparam("uid"))
+# The password's hash, and when it was last set (what a check re-reads under the lock).
+PASSWORD_HASH = select(User.password_hash, User.password_changed_at).where(
+    User.id == bindparam("uid")
+)
 
 
 class TwoFactor:

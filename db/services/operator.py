@@ -22,8 +22,15 @@ from sqlalchemy import bindparam, delete, func, select, update
 
 from db.clock import Clock
 from db.errors import AuthFailure
-from db.models import Challenge, LoginThrottle, SecurityEvent, User, UserSession
+from db.models import LoginThrottle, SecurityEvent, User, UserSession
 from db.services.account import ACCOUNT_BY_EMAIL
+from db.services.auth import (
+    end_device_tokens,
+    end_live_sessions,
+    lock_account,
+    lock_account_sessions,
+)
+from db.services.challenges import void_pending
 from db.services.events import DetailValue, EventKind, SecurityEvents
 from db.session import Runner, Statements
 from db.validation import parse_email
@@ -35,47 +42,13 @@ RECENT_EVENTS = 10
 # The per-account rate limit of sign-ins (db/services/auth.py), keyed by normalized email.
 LOGIN_ACCOUNT_LIMIT = "login_account"
 
-# The user's row, exclusively, first in every transaction that changes the account (as
-# AuthService.lock_user(exclusive=True) takes it); read again under the lock.
-_LOCK_USER = select(User.id, User.is_active).where(User.id == bindparam("uid")).with_for_update()
-
-# Then the user's sessions, in one order (by id), as db/services/auth.py locks them.
-_LOCK_USER_SESSIONS = (
-    select(UserSession.id)
-    .where(UserSession.user_id == bindparam("uid"), UserSession.revoked_at.is_(None))
-    .order_by(UserSession.id)
-    .with_for_update()
-)
-
 _SET_ACTIVE = (
     update(User)
     .where(User.id == bindparam("uid"))
     .values(is_active=bindparam("active"), updated_at=bindparam("now"))
 )
 
-# Ends every device token of the account (they carry the epoch they were issued under).
-_BUMP_DEVICE_EPOCH = (
-    update(User).where(User.id == bindparam("uid")).values(device_epoch=User.device_epoch + 1)
-)
-
 _LIVE = (UserSession.revoked_at.is_(None), UserSession.expires_at > bindparam("now"))
-
-_REVOKE_LIVE_SESSIONS = (
-    update(UserSession)
-    .where(UserSession.user_id == bindparam("uid"), *_LIVE)
-    .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
-)
-
-# As db/services/challenges.py voids them: every pending challenge of the user.
-_VOID_CHALLENGES = (
-    update(Challenge)
-    .where(
-        Challenge.user_id == bindparam("uid"),
-        Challenge.consumed_at.is_(None),
-        Challenge.expires_at > bindparam("now"),
-    )
-    .values(consumed_at=bindparam("now"))
-)
 
 # The lockout's row (db/services/lockout.py), keyed by the normalized email; and the
 # wrong-code counters of the account, one per client ("otp:<user id>:<client>", see
@@ -341,7 +314,7 @@ class Operator:
             if was_active:
                 await tx.execute(_SET_ACTIVE, {"uid": uid, "active": False, "now": now})
             ended = await self._end_sessions(tx, uid, now, reason="operator_disable")
-            voided = await tx.execute(_VOID_CHALLENGES, {"uid": uid, "now": now})
+            voided = await void_pending(tx, uid, now)
             changed = was_active or ended > 0 or voided > 0
             details: dict[str, DetailValue] = {
                 "operator": self.operator,
@@ -349,7 +322,7 @@ class Operator:
                 "challenges": voided,
             }
             if changed:
-                await tx.execute(_BUMP_DEVICE_EPOCH, {"uid": uid})
+                await end_device_tokens(tx, uid)
                 await self.events.record(
                     tx, EventKind.OPERATOR_DISABLE, user_id=uid, details=details
                 )
@@ -431,7 +404,7 @@ class Operator:
         async with self.events.transaction(self.statements) as tx:
             uid, active = await self._lock(tx, normalized)
             ended = await self._end_sessions(tx, uid, now, reason="operator_logout")
-            await tx.execute(_BUMP_DEVICE_EPOCH, {"uid": uid})
+            await end_device_tokens(tx, uid)
             details: dict[str, DetailValue] = {"operator": self.operator, "sessions": ended}
             await self.events.record(tx, EventKind.OPERATOR_LOGOUT, user_id=uid, details=details)
         return Outcome(
@@ -451,14 +424,15 @@ class Operator:
         found = await tx.first(ACCOUNT_BY_EMAIL, {"email": normalized})
         if found is None:
             raise UnknownAccount(normalized)
-        locked = await tx.first(_LOCK_USER, {"uid": found["id"]})
+        # The lock order of every transaction that changes an account (AuthService).
+        locked = await lock_account(tx, found["id"], exclusive=True)
         if locked is None:  # deleted meanwhile
             raise UnknownAccount(normalized)
-        return locked["id"], bool(locked["is_active"])
+        return found["id"], bool(locked["is_active"])
 
     async def _end_sessions(self, tx: Runner, uid: uuid.UUID, now: datetime, *, reason: str) -> int:
-        await tx.all(_LOCK_USER_SESSIONS, {"uid": uid})
-        return await tx.execute(_REVOKE_LIVE_SESSIONS, {"uid": uid, "now": now, "reason": reason})
+        await lock_account_sessions(tx, uid)
+        return await end_live_sessions(tx, uid, now=now, reason=reason)
 
     async def _clear_rate_limit(self, normalized: str) -> bool | None:
         if self.limiter is None:

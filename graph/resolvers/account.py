@@ -32,7 +32,7 @@ from graph.types import (
 )
 
 
-async def _challenge(
+async def challenge_result(
     info: Info[Context, Any], data: object | None, run: Callable[[], Awaitable[IssuedChallenge]]
 ) -> ChallengeResult:
     try:
@@ -65,7 +65,7 @@ class AccountMutation:
     async def request_email_verification(self, info: Info[Context, Any]) -> ChallengeResult:
         ctx = info.context
         user, claims = await ctx.signed_in()
-        return await _challenge(
+        return await challenge_result(
             info,
             None,
             lambda: ctx.services.account.request_email_verification(
@@ -83,7 +83,7 @@ class AccountMutation:
         self, info: Info[Context, Any], input: EmailInput
     ) -> ChallengeResult:
         ctx = info.context
-        return await _challenge(
+        return await challenge_result(
             info,
             input,
             lambda: ctx.services.account.request_code(
@@ -100,7 +100,7 @@ class AccountMutation:
         self, info: Info[Context, Any], input: EmailInput
     ) -> ChallengeResult:
         ctx = info.context
-        return await _challenge(
+        return await challenge_result(
             info,
             input,
             lambda: ctx.services.account.request_code(
@@ -111,7 +111,7 @@ class AccountMutation:
     @strawberry.mutation(description="Mails a new code for an emailed challenge.")
     async def resend_otp(self, info: Info[Context, Any], input: ResendOtpInput) -> ChallengeResult:
         account = info.context.services.account
-        return await _challenge(
+        return await challenge_result(
             info,
             input,
             lambda: account.resend(

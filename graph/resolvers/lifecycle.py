@@ -13,7 +13,7 @@ from db.errors import AuthFailure
 from graph.context import Context
 from graph.inputs import ChangeEmailInput, DeleteAccountInput
 from graph.permissions import IsAuthenticated
-from graph.resolvers.account import _challenge
+from graph.resolvers.account import challenge_result
 from graph.resolvers.auth import reject_control_characters
 from graph.types import (
     AccountExport,
@@ -57,7 +57,7 @@ class LifecycleMutation:
     ) -> ChallengeResult:
         ctx = info.context
         user, claims = await ctx.signed_in()
-        return await _challenge(
+        return await challenge_result(
             info,
             input,
             lambda: ctx.services.lifecycle.change_email(

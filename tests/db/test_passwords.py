@@ -12,11 +12,12 @@ from db.clock import SystemClock
 from db.errors import AuthFailure, ErrorCode
 from db.mail.outbox import Outbox
 from db.security.box import SecretBox
+from db.security.limiter import RateLimiter
 from db.security.passwords import PasswordHasher
 from db.services.auth import ClientInfo
 from db.session import Statements, create_engine
 from db.settings import Settings
-from graph.app import make_auth, make_limiter
+from graph.app import make_auth
 from tests.conftest import PASSWORD, TEST_FERNET_KEY, TEST_SECRET, MutableClock
 
 
@@ -92,7 +93,7 @@ async def test_nothing_over_the_maximum_is_ever_hashed(database_url: str) -> Non
         hasher,
         Outbox(box=SecretBox([TEST_FERNET_KEY]), clock=clock, postgres=True),
         clock,
-        make_limiter(settings),
+        RateLimiter.from_settings(settings),
     )
     await statements.start()
     try:
