@@ -32,7 +32,9 @@ class User(Base):
     email: Mapped[str] = mapped_column(String(254))
     # What uniqueness and look-ups use; the database enforces it.
     email_normalized: Mapped[str] = mapped_column(String(254), unique=True)
-    password_hash: Mapped[str] = mapped_column(String(255))
+    # NULL for an account without a password (it signs in by emailed code): see
+    # User.hasPassword. "!..." is a password nobody knows (one that must not be trusted).
+    password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
     # When the password was last set by a change or reset (not by a hash upgrade): a
     # sign-in whose password check came before it opens no session.
     password_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
@@ -67,6 +69,10 @@ class UserSession(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # The absolute end (REFRESH_TOKEN_EXPIRE_DAYS after sign-in): no refresh extends it.
     absolute_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # When the user last proved a credential on this session (password, emailed code,
+    # TOTP or recovery code; sign-in or reauthenticate, never a refresh): the access
+    # token's auth_time, and what step-up (REAUTH_WINDOW) is judged by.
+    auth_time: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     revoke_reason: Mapped[str | None] = mapped_column(String(32), default=None)
     user_agent: Mapped[str | None] = mapped_column(String(USER_AGENT_MAX), default=None)
@@ -167,6 +173,9 @@ class Challenge(Base):
     new_email: Mapped[str | None] = mapped_column(String(254), default=None)
     # ... and the session that asked for it, which must still be live to complete it.
     session_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
+    # The normalized address the challenge was opened for (an emailed code's): wrong
+    # codes count per account and client, and an unknown address counts like a known one.
+    email: Mapped[str | None] = mapped_column(String(254), default=None)
     # A password reset waiting for its TOTP step: the new password's hash.
     pending_password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
 
@@ -179,6 +188,9 @@ class OutboxMail(Base):
     __tablename__ = "outbox"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    # The account that caused the mail (no foreign key: a last notice outlives it). Mail
+    # belongs to an account, not to an address: an address changes hands.
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None, index=True)
     recipient: Mapped[str] = mapped_column(String(254))
     template: Mapped[str] = mapped_column(String(64))
     # JSON: what the template shows, nothing secret.

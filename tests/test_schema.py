@@ -21,6 +21,7 @@ CONTRACT_ORDER = [
     "account.graphql",
     "abuse.graphql",
     "lifecycle.graphql",
+    "stepup.graphql",
 ]
 
 

@@ -154,6 +154,7 @@ _ADD_SESSION = insert(UserSession).values(
     user_id=bindparam("user_id"),
     created_at=bindparam("now"),
     last_used_at=bindparam("now"),
+    auth_time=bindparam("now"),
     expires_at=bindparam("expires_at"),
     absolute_expires_at=bindparam("absolute_expires_at"),
     user_agent=bindparam("user_agent"),
