@@ -312,6 +312,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             )
             limiter = RateLimiter.from_settings(settings)
             limiter.on_refusal = lambda name: metrics.rate_limited.labels(limit=name).inc()
+            sender.on_failure = lambda reason: metrics.mail_failures.labels(reason=reason).inc()
             await limiter.start()
             auth = make_auth(settings, statements, hasher, outbox, clock, limiter)
             housekeeper = Housekeeper(

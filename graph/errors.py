@@ -8,6 +8,8 @@ from graphql import GraphQLError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from db.security.box import UndecryptableSecret
+
 log = logging.getLogger("strawgate.errors")
 
 SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
@@ -60,17 +62,39 @@ def is_database_unavailable(exc: BaseException | None) -> bool:
     return False
 
 
+def is_undecryptable(exc: BaseException | None) -> bool:
+    """True when a secret at rest could not be decrypted with any of ENCRYPTION_KEYS."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, UndecryptableSecret):
+            return True
+        exc = exc.__cause__
+        seen += 1
+    return False
+
+
 def present_errors(errors: list[GraphQLError], *, request_id: str) -> list[object]:
     """The errors as the client gets them. Validation, permission and other deliberate
-    GraphQL errors pass as they are; database outages become SERVICE_UNAVAILABLE; every
-    other exception is logged with its traceback and shown only as a request id."""
+    GraphQL errors pass as they are; database outages and secrets that ENCRYPTION_KEYS
+    cannot decrypt become SERVICE_UNAVAILABLE; every other exception is logged with its
+    traceback and shown only as a request id."""
     out: list[object] = []
     for error in errors:
         original = error.original_error
         if original is None or isinstance(original, GraphQLError):
             out.append(error.formatted)
             continue
-        if is_database_unavailable(original):
+        if is_undecryptable(original):
+            # A process without the key list that encrypted the secret (a rotation that
+            # reached some processes only): nothing of the secret is logged.
+            log.error(
+                "a secret cannot be decrypted with ENCRYPTION_KEYS (request %s): deploy the"
+                " key list that encrypted it to every process, then run strawgate rotate-keys",
+                request_id,
+            )
+            message = "The service is temporarily unavailable; try again shortly."
+            code = SERVICE_UNAVAILABLE
+        elif is_database_unavailable(original):
             log.warning(
                 "database unavailable (request %s): %s", request_id, type(original).__name__
             )

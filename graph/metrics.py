@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from db.mail.outbox import MailFailure
 from db.models import OutboxMail
 from db.security.limiter import RateLimiter, Status
 from db.settings import ConfigError, Settings
@@ -36,6 +37,7 @@ _OUTBOX_PENDING = select(func.count(OutboxMail.id).label("pending")).where(
 )
 
 STORES = get_args(Status)
+MAIL_FAILURES = get_args(MailFailure)
 
 
 class Metrics:
@@ -86,6 +88,16 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.mail_failures = Counter(
+            "strawgate_mail_failures",
+            "Failed attempts to send a mail, by reason: undecryptable (its code is sealed"
+            " under a key missing from this process's ENCRYPTION_KEYS), unrenderable,"
+            " undeliverable (the mail server refused or timed out).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in MAIL_FAILURES:
+            self.mail_failures.labels(reason=reason)
         self.outbox_pending = Gauge(
             "strawgate_outbox_pending",
             "Mails waiting in the outbox (all processes).",

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 from sqlalchemy import bindparam, delete, func, insert, literal, null, or_, select, update
@@ -21,7 +21,7 @@ from sqlalchemy import bindparam, delete, func, insert, literal, null, or_, sele
 from db.clock import Clock
 from db.mail.message import MailDeliveryError, MailTransport, RenderedMail
 from db.models import OutboxMail
-from db.security.box import SecretBox
+from db.security.box import SecretBox, UndecryptableSecret
 from db.session import Listening, Runner, Statements
 from db.settings import Settings
 
@@ -32,6 +32,9 @@ FIRST_RETRY = timedelta(seconds=1)
 # How long a woken sender waits before its round (see MailSender._run).
 WAKE_DELAY = 0.05
 ERROR_MAX = 255  # outbox.last_error
+
+# Why an attempt failed, as MailSender.on_failure reports it (a metric's label).
+MailFailure = Literal["undecryptable", "unrenderable", "undeliverable"]
 
 
 class Renderer(Protocol):
@@ -321,6 +324,7 @@ class MailSender:
         self._listening: Listening | None = None
         self._listen_failed = False
         self._round_failed = False
+        self.on_failure: Callable[[MailFailure], None] | None = None
 
     @classmethod
     def from_settings(
@@ -550,9 +554,22 @@ class MailSender:
             return True
         try:
             secrets = self._open(mail.secrets_sealed)
-        except ValueError:
-            log.error("mail %s: its secrets cannot be decrypted with ENCRYPTION_KEYS", mail.id)
-            await self.mark_given_up(mail, "secrets cannot be decrypted with ENCRYPTION_KEYS")
+        except UndecryptableSecret:
+            # Sealed under a key this process lacks (a rolling key rotation): another
+            # process may hold it, so the mail is retried, not given up.
+            log.error(
+                "mail %s: its secrets cannot be decrypted with ENCRYPTION_KEYS: deploy the new"
+                " key list to every process. The mail is left for a process that holds the"
+                " key (given up once MAIL_GIVE_UP_HOURS old, or when its code expires)",
+                mail.id,
+            )
+            self._count("undecryptable")
+            await self.mark_failed(mail, "secrets cannot be decrypted with ENCRYPTION_KEYS")
+            return True
+        except ValueError as exc:
+            log.error("mail %s: its secrets are malformed (%s)", mail.id, type(exc).__name__)
+            self._count("unrenderable")
+            await self.mark_given_up(mail, f"malformed secrets: {type(exc).__name__}")
             return True
         try:
             rendered = self._renderer.render(mail.template, orjson.loads(mail.context), secrets)
@@ -563,6 +580,7 @@ class MailSender:
                 mail.template,
                 type(exc).__name__,
             )
+            self._count("unrenderable")
             await self.mark_given_up(mail, f"cannot be rendered: {type(exc).__name__}")
             return True
         try:
@@ -571,20 +589,27 @@ class MailSender:
                     recipient=mail.recipient, mail=rendered, message_id=f"<{mail.id}@strawgate>"
                 )
         except MailDeliveryError as exc:
+            self._count("undeliverable")
             await self.mark_failed(mail, str(exc) or type(exc).__name__)
             return True
         except TimeoutError:
+            self._count("undeliverable")
             await self.mark_failed(mail, f"the send took longer than {self._send_timeout:g} s")
             return True
         except Exception as exc:  # a transport that broke its contract: retry all the same
             log.error(
                 "mail %s: the transport failed unexpectedly (%s)", mail.id, type(exc).__name__
             )
+            self._count("undeliverable")
             await self.mark_failed(mail, f"unexpected {type(exc).__name__}")
             return True
         if await self.mark_sent(mail):
             log.info("mail %s (%s) sent", mail.id, mail.template)
         return True
+
+    def _count(self, reason: MailFailure) -> None:
+        if self.on_failure is not None:
+            self.on_failure(reason)
 
     def _open(self, sealed: str | None) -> dict[str, str] | None:
         if sealed is None:

@@ -6,6 +6,7 @@ test shows how soon a mail goes out."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import socket
 import time
@@ -553,7 +554,7 @@ async def test_an_undeliverable_mail_is_given_up_after_give_up_after(
     assert await sender.run_once() == 0
 
 
-async def test_mails_that_cannot_be_rendered_or_decrypted_are_given_up_at_once(
+async def test_a_mail_that_cannot_be_rendered_is_given_up_at_once(
     statements: Statements,
     make_sender: MakeSender,
     transport: SmtpTransport,
@@ -561,20 +562,127 @@ async def test_mails_that_cannot_be_rendered_or_decrypted_are_given_up_at_once(
     outbox: Outbox,
     clock: MutableClock,
 ) -> None:
+    broken = await enqueue(statements, outbox, template="broken", code=new_code(), clock=clock)
+    sender = make_sender(statements, transport)
+    failures: list[str] = []
+    sender.on_failure = failures.append
+
+    assert await sender.run_once() == 1
+    assert smtp.mails() == []
+    dropped = await row(statements, broken)
+    assert dropped["failed_at"] == clock.now() and dropped["next_attempt_at"] is None
+    assert dropped["attempts"] == 1 and "rendered" in dropped["last_error"]
+    assert dropped["secrets_sealed"] is None
+    assert failures == ["unrenderable"]
+
+
+async def test_a_mail_this_process_cannot_decrypt_waits_for_one_that_can(
+    statements: Statements,
+    open_statements: OpenStatements,
+    make_sender: MakeSender,
+    transport: SmtpTransport,
+    smtp: SmtpSink,
+    clock: MutableClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A rolling key rotation: the mail is sealed under the new key by a process that has
+    it; a process still on the old key list leaves the mail for one that has it."""
     from cryptography.fernet import Fernet
 
-    broken = await enqueue(statements, outbox, template="broken")
-    lost_key = Outbox(box=SecretBox([Fernet.generate_key().decode()]), clock=clock, postgres=True)
-    unreadable = await enqueue(statements, lost_key, code=new_code(), clock=clock)
-    sender = make_sender(statements, transport)
+    old, new = (Fernet.generate_key().decode() for _ in range(2))
+    rotated = Outbox(box=SecretBox([new, old]), clock=clock, postgres=True)
+    to, code = unique_email(), new_code()
+    mail_id = await enqueue(statements, rotated, to=to, code=code, clock=clock)
+    sealed = (await row(statements, mail_id))["secrets_sealed"]
+    lagging = make_sender(statements, transport, box=SecretBox([old]))
+    failures: list[str] = []
+    lagging.on_failure = failures.append
 
-    assert await sender.run_once() == 2
+    with caplog.at_level(logging.INFO, logger="strawgate.mail"):
+        assert await lagging.run_once() == 1
     assert smtp.mails() == []
-    for mail_id, error in ((broken, "rendered"), (unreadable, "decrypted")):
-        dropped = await row(statements, mail_id)
-        assert dropped["failed_at"] == clock.now() and dropped["next_attempt_at"] is None
-        assert dropped["attempts"] == 1 and error in dropped["last_error"]
-        assert dropped["secrets_sealed"] is None
+    waiting = await row(statements, mail_id)
+    assert waiting["failed_at"] is None and waiting["sent_at"] is None
+    assert waiting["next_attempt_at"] > clock.now()  # backoff
+    assert waiting["claimed_until"] is None and waiting["claim_id"] is None
+    assert waiting["secrets_sealed"] == sealed
+    assert waiting["attempts"] == 1 and "ENCRYPTION_KEYS" in waiting["last_error"]
+    assert failures == ["undecryptable"]
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    message = error.getMessage()
+    assert str(mail_id) in message and "ENCRYPTION_KEYS" in message
+    assert "deploy the new key list to every process" in message
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert code not in logged and sealed not in logged and new not in logged
+    assert old not in logged and "given up after" not in logged
+
+    holder = make_sender(await open_statements(), transport, box=SecretBox([new, old]))
+    assert await holder.run_once() == 0  # not before the backoff has passed
+    clock.advance(seconds=2)
+    assert await holder.run_once() == 1
+    assert message_ids(smtp) == [f"<{mail_id}@strawgate>"]
+    assert smtp.mails(to)[0].code() == code
+    sent = await row(statements, mail_id)
+    assert sent["sent_at"] == clock.now() and sent["attempts"] == 2
+    assert sent["secrets_sealed"] is None and sent["last_error"] is None
+
+
+async def test_an_undecryptable_mail_is_given_up_after_mail_give_up_hours(
+    statements: Statements,
+    make_sender: MakeSender,
+    make_settings: Callable[..., Settings],
+    transport: SmtpTransport,
+    smtp: SmtpSink,
+    clock: MutableClock,
+) -> None:
+    from cryptography.fernet import Fernet
+
+    lost_key = Outbox(box=SecretBox([Fernet.generate_key().decode()]), clock=clock, postgres=True)
+    # A link valid longer than the mail is kept: MAIL_GIVE_UP_HOURS decides, not the expiry.
+    mail_id = await enqueue(
+        statements, lost_key, code=new_code(), clock=clock, expire_in=timedelta(hours=48)
+    )
+    give_up = timedelta(hours=make_settings().mail_give_up_hours)
+    sender = make_sender(statements, transport, give_up_after=give_up)
+    failures: list[str] = []
+    sender.on_failure = failures.append
+
+    assert await sender.run_once() == 1
+    clock.advance(seconds=give_up.total_seconds() - 60)
+    assert await sender.run_once() == 1
+    retried = await row(statements, mail_id)
+    assert retried["failed_at"] is None and retried["next_attempt_at"] > clock.now()
+    assert retried["secrets_sealed"] is not None
+
+    clock.advance(minutes=2)
+    assert await sender.run_once() == 1
+    dropped = await row(statements, mail_id)
+    assert dropped["failed_at"] == clock.now() and dropped["next_attempt_at"] is None
+    assert dropped["attempts"] == 3 and "decrypted" in dropped["last_error"]
+    assert dropped["secrets_sealed"] is None
+    assert failures == ["undecryptable"] * 3
+    assert await sender.run_once() == 0
+    assert smtp.mails() == []
+
+
+async def test_an_undecryptable_code_is_given_up_when_it_expires(
+    statements: Statements,
+    make_sender: MakeSender,
+    transport: SmtpTransport,
+    clock: MutableClock,
+) -> None:
+    from cryptography.fernet import Fernet
+
+    lost_key = Outbox(box=SecretBox([Fernet.generate_key().decode()]), clock=clock, postgres=True)
+    mail_id = await enqueue(statements, lost_key, code=new_code(), clock=clock)
+    sender = make_sender(statements, transport)
+    assert await sender.run_once() == 1
+    assert (await row(statements, mail_id))["failed_at"] is None
+    clock.advance(seconds=CODE_TTL.total_seconds())
+    assert await sender.run_once() == 1
+    dropped = await row(statements, mail_id)
+    assert dropped["failed_at"] == clock.now() and "expired" in dropped["last_error"]
+    assert dropped["secrets_sealed"] is None
 
 
 async def test_erase_expired_secrets_and_prune(
