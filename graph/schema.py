@@ -22,6 +22,8 @@ from graph.resolvers.auth import AuthMutation, AuthQuery
 from graph.resolvers.events import EventsQuery
 from graph.resolvers.lifecycle import LifecycleMutation, LifecycleQuery
 from graph.resolvers.mfa import MfaMutation
+from graph.resolvers.stepup import StepUpMutation
+from graph.validation import SafeExecutor, replace_rules
 
 # Distinct documents kept parsed and validated. Bounded, so that a stream of unique
 # query texts cannot grow memory.
@@ -56,7 +58,7 @@ class Query(AuthQuery, AccountQuery, EventsQuery, LifecycleQuery):
 
 
 @strawberry.type
-class Mutation(AuthMutation, MfaMutation, AccountMutation, LifecycleMutation):
+class Mutation(AuthMutation, MfaMutation, AccountMutation, LifecycleMutation, StepUpMutation):
     pass
 
 
@@ -84,7 +86,9 @@ class StrawgateSchema(strawberry.Schema):
         hide_suggestions: bool = False,
         config: StrawberryConfig | None = None,
     ) -> None:
-        super().__init__(query=query, mutation=mutation, config=config)
+        super().__init__(
+            query=query, mutation=mutation, config=config, execution_context_class=SafeExecutor
+        )
         self._max_tokens = max_tokens
         self._max_query_bytes = max_query_bytes
         self._rules = rules
@@ -134,7 +138,7 @@ class StrawgateSchema(strawberry.Schema):
         context.pre_execution_errors = _validate(
             self._schema,
             document,
-            (*context.validation_rules, *self._rules),
+            (*replace_rules(context.validation_rules), *self._rules),
             self._hide_suggestions,
         )
         return context
