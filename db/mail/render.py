@@ -8,7 +8,7 @@ replace any single file (the shared layouts `_layout.*` too).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ from jinja2 import (
     select_autoescape,
 )
 from jinja2.runtime import Context
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from db.mail.message import RenderedMail
 from db.settings import ConfigError
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 BUILTIN_TEMPLATES = Path(__file__).parent / "templates"
 
 # The built-in mails; the ones that carry a code get secrets={"code": ...}.
-CODE_MAILS = ("verify_email", "login_code", "password_reset_code")
+CODE_MAILS = ("verify_email", "login_code", "password_reset_code", "change_email_code")
 NOTICE_MAILS = (
     "password_changed",
     "password_reset",
@@ -41,12 +41,22 @@ NOTICE_MAILS = (
     "totp_disabled",
     "recovery_code_used",
     "new_device",
+    "email_changed",
+    "account_deleted",
 )
 MAIL_TEMPLATES = CODE_MAILS + NOTICE_MAILS
 
 # A standalone run of exactly six digits: what a reader (or a mail client's "copy code"
 # button) takes for a code.
 SIX_DIGITS = re.compile(r"(?<!\d)\d{6}(?!\d)")
+# Six digits with nothing attached on either side: a code to a reader, even in a value
+# shown as is (an address or a URL never has one).
+LONE_SIX_DIGITS = re.compile(r"(?<!\S)\d{6}(?!\S)")
+
+# The values shown exactly as they are, by name (the context comes back from the outbox
+# as JSON, so the name is what survives): addresses and URLs. Altering one would show the
+# user a wrong address or break a link; a six-digit run inside one is part of it.
+VERBATIM_KEYS = frozenset({"email", "new_email", "product_url", "security_url", "support"})
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -57,6 +67,18 @@ class Code(str):
     __slots__ = ()
 
 
+class Verbatim(str):
+    """An address or a URL: printed exactly as it is, six-digit runs and all."""
+
+    __slots__ = ()
+
+
+def _verbatim(name: str, value: str) -> Verbatim:
+    if LONE_SIX_DIGITS.search(value):
+        raise ValueError(f"{name} shows six digits standing alone, like a code")
+    return Verbatim(value)
+
+
 def format_time(dt: datetime) -> str:
     """`dt` in UTC for a mail, e.g. "27 Nov 2026, 02:15 UTC" (month names never localised)."""
     if dt.tzinfo is None:
@@ -65,26 +87,46 @@ def format_time(dt: datetime) -> str:
     return f"{utc.day} {_MONTHS[utc.month - 1]} {utc.year}, {utc:%H:%M} UTC"
 
 
-def _break_six_digits(text: str, keep: str | None = None) -> str:
-    # "123456" becomes "123 456": still readable, no longer a code-shaped number.
-    def split(match: re.Match[str]) -> str:
-        run = match.group()
-        return run if run == keep else f"{run[:3]} {run[3:]}"
+def _stray_six_digits(text: str, keep: Iterable[str]) -> list[re.Match[str]]:
+    """The six-digit runs of `text` that lie inside no occurrence of a `keep` string."""
+    spans: list[tuple[int, int]] = []
+    for value in {value for value in keep if value}:
+        start = text.find(value)
+        while start != -1:
+            spans.append((start, start + len(value)))
+            start = text.find(value, start + 1)
+    return [
+        match
+        for match in SIX_DIGITS.finditer(text)
+        if not any(start <= match.start() and match.end() <= end for start, end in spans)
+    ]
 
-    return SIX_DIGITS.sub(split, text)
+
+def _break_six_digits(text: str, keep: Iterable[str] = ()) -> str:
+    # "123456" becomes "123 456": still readable, no longer a code-shaped number.
+    pieces: list[str] = []
+    done = 0
+    for match in _stray_six_digits(text, keep):
+        run = match.group()
+        pieces += [text[done : match.start()], run[:3], " ", run[3:]]
+        done = match.end()
+    return "".join([*pieces, text[done:]])
+
+
+def _kept(variables: Mapping[str, Any]) -> list[str]:
+    """What may show six digits in a row: the code and the verbatim values, text and HTML."""
+    kept = [value for value in variables.values() if isinstance(value, Code | Verbatim)]
+    return [*kept, *(str(escape(value)) for value in kept)]
 
 
 @pass_context
 def _finalize(context: Context, value: Any) -> Any:
-    """Every value a template prints passes here: a user-controlled value (an address
-    like 123456@example.com, a user agent) must never show a number a reader could take
-    for the code."""
-    if isinstance(value, Code):
+    """Every printed value passes here: no other value may show a code-shaped number."""
+    if isinstance(value, Code | Verbatim):
         return value
-    # A macro's or super()'s output holds the code it printed already: keep that run
-    # (the code itself, shown to its own recipient), break any other.
-    code = context.get("code")
-    keep = str(code) if isinstance(code, Code) else None
+    # A macro's or super()'s output holds the code and the addresses it printed already:
+    # keep those, break any other run.
+    keep = _kept({key: context.get(key) for key in ("code", *VERBATIM_KEYS)})
     if isinstance(value, Markup):
         return Markup(_break_six_digits(str(value), keep))  # noqa: S704 - was Markup already
     if isinstance(value, datetime):
@@ -102,18 +144,24 @@ class MailRenderer:
         template_folder: Path | None,
         support: str = "",
     ) -> None:
-        for setting, value in (
-            ("PRODUCT_NAME", product_name),
-            ("PRODUCT_URL", product_url),
-            ("SECURITY_URL", security_url),
-            ("SUPPORT_CONTACT", support),
+        if SIX_DIGITS.search(product_name):
+            # It would be broken up in every mail, subjects included.
+            raise ConfigError(
+                "PRODUCT_NAME contains six digits in a row; mails show no such number "
+                "besides the code"
+            )
+        verbatim: dict[str, Verbatim] = {}
+        for setting, key, value in (
+            ("PRODUCT_URL", "product_url", product_url),
+            ("SECURITY_URL", "security_url", security_url),
+            ("SUPPORT_CONTACT", "support", support),
         ):
-            if SIX_DIGITS.search(value):
-                # It would be broken up in every mail (a link would stop working).
-                raise ConfigError(
-                    f"{setting} contains six digits in a row; mails show no such number "
-                    "besides the code"
-                )
+            # Shown as is: a run inside the address or URL is part of it, but six digits
+            # standing alone would read as a code in every mail.
+            try:
+                verbatim[key] = _verbatim(setting, value)
+            except ValueError as exc:
+                raise ConfigError(f"{exc}; mails show no such number besides the code") from None
         loaders = []
         if template_folder is not None:
             if not template_folder.is_dir():
@@ -122,10 +170,10 @@ class MailRenderer:
         loaders.append(FileSystemLoader(BUILTIN_TEMPLATES))
         self.globals: dict[str, str] = {
             "product_name": product_name,
-            "product_url": product_url,
-            "security_url": security_url,
+            "product_url": verbatim["product_url"],
+            "security_url": verbatim["security_url"],
             # Where users get help: SUPPORT_CONTACT, else MAIL_FROM (empty: a reply).
-            "support": support,
+            "support": verbatim["support"],
         }
         self.env = Environment(
             loader=ChoiceLoader(loaders),
@@ -164,7 +212,14 @@ class MailRenderer:
         clash = (set(context) & set(hidden)) | ((set(context) | set(hidden)) & set(self.globals))
         if clash:
             raise ValueError(f"mail {template}: context keys clash: {sorted(clash)}")
-        variables = {**self.globals, **context, **hidden}
+        shown = {
+            key: _verbatim(f"mail {template}: {key}", value)
+            if key in VERBATIM_KEYS and isinstance(value, str)
+            else value
+            for key, value in context.items()
+        }
+        variables = {**self.globals, **shown, **hidden}
+        keep = _kept(variables)
 
         subject = self.env.get_template(f"{template}.subject.txt").render(variables)
         # One line, whatever a value held: a newline in a header would start a new one.
@@ -173,9 +228,9 @@ class MailRenderer:
         html = self.env.get_template(f"{template}.html").render(variables)
 
         # The safety net behind finalize: a number written into a template itself, or
-        # two values printed side by side.
+        # two values printed side by side (a run only partly inside an address counts).
         for part, content in (("subject", subject), ("text", text), ("html", html)):
-            if any(found != code for found in SIX_DIGITS.findall(content)):
+            if _stray_six_digits(content, keep):
                 raise ValueError(
                     f"mail {template}: the {part} shows a six-digit number that is not the code"
                 )

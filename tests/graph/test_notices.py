@@ -12,6 +12,8 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from db.settings import Settings
+from graph.app import create_app
 from tests.conftest import PASSWORD, MutableClock, client_for
 from tests.gql import (
     CHANGE_PASSWORD,
@@ -26,6 +28,7 @@ from tests.gql import (
     signed_up,
     verify_otp,
 )
+from tests.graph.test_lifecycle import change_email
 from tests.graph.test_mfa import CONFIRM, DISABLE, SETUP, code_at
 from tests.smtp import CODE_LINE, SIX_DIGITS, Delivered, SmtpSink
 
@@ -349,3 +352,71 @@ async def test_no_notice_shows_six_digits_or_the_raw_user_agent(
             assert "MyApp" not in part
         assert not CODE_LINE.search(notice.text())
         assert "Android" in notice.text(), notice.subject
+
+
+# -- addresses and URLs are shown as they are ----------------------------------------------
+
+OWNER = "123456@example.com"
+MOVED = "moved-8c176159@example.org"
+# Every address and URL a mail shows carries six digits in a row.
+DIGITS_SETTINGS = {
+    "product_url": "https://example.com/r/123456",
+    "security_url": "https://example.com/r/654321/security",
+    "support_contact": "help-000000-999999@example.org",
+}
+
+
+@pytest.fixture
+async def digits_app(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None, smtp: SmtpSink
+) -> AsyncIterator[Starlette]:
+    settings = make_settings(require_email_verification=True, **smtp.settings(), **DIGITS_SETTINGS)
+    application = create_app(settings, clock=clock)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+def assert_shown_as_is(mail: Delivered, *values: str, code: str | None = None) -> None:
+    """`values` appear unaltered in both parts; no other six digits in a row but `code`."""
+    text, html = mail.text(), mail.html()
+    for value in values:
+        assert value in text, (mail.subject, value)
+        assert value in html, (mail.subject, value)
+    expected = [code] if code else []
+    for part, shows in ((mail.subject, []), (text, expected), (html, expected)):
+        for value in values:
+            part = part.replace(value, " ")
+        assert SIX_DIGITS.findall(part) == shows, mail.subject
+    assert CODE_LINE.findall(text) == expected
+
+
+async def test_addresses_and_urls_with_six_digits_reach_the_reader_as_they_are(
+    digits_app: Starlette, smtp: SmtpSink
+) -> None:
+    """Issue 12: the new address in a change-of-address notice was shown with a space in
+    it; the user's own address, the product and security URLs and the support address
+    hold six digits in a row here, and every mail shows them exactly."""
+    product, security, support = DIGITS_SETTINGS.values()
+    async with client_for(digits_app) as http, client_for(digits_app, ip="198.51.100.9") as away:
+        http.headers["user-agent"] = FIREFOX_128
+        away.headers["user-agent"] = DIGITS_APP
+        _email, session = await signed_up(http, smtp, OWNER)
+        verify = await smtp.wait_for(OWNER)
+        assert_shown_as_is(verify, product, code=verify.code())
+
+        await signed_in(away, OWNER)
+        notice = await new_device_notice(smtp, OWNER)
+        assert_shown_as_is(notice, product, security)
+        assert f'href="{security}"' in notice.html()
+
+        challenge = await change_email(http, session["accessToken"], MOVED)
+        assert challenge["__typename"] == "OtpChallenge", challenge
+        code_mail = await smtp.wait_for(MOVED)
+        assert_shown_as_is(code_mail, product, code=code_mail.code())
+        moved = await verify_otp(http, challenge["challengeToken"], code_mail.code())
+        assert moved["__typename"] == "AuthSession", moved
+
+        changed = await smtp.wait_for(OWNER, where=lambda m: "address was changed" in m.subject)
+        assert_shown_as_is(changed, product, MOVED, support)
+        assert f"changed to {MOVED}." in changed.text()
+        assert f"<strong>{MOVED}</strong>" in changed.html()
