@@ -138,6 +138,18 @@ class Settings(BaseSettings):
     max_aliases: int = Field(15, ge=0)
     max_query_tokens: int = Field(2000, ge=10)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    # Slow clients: a request's line and headers must arrive whole within the first
+    # (counted from the connection's opening, or from the end of the previous response
+    # on a kept-alive one), its body whole within the second (counted from the end of
+    # its headers); else the connection is closed, with a 408 if part of a request came.
+    # Bounds on the whole, not on the pauses between reads. The header bound holds only
+    # under `strawgate serve` (graph/protocols.py).
+    http_header_timeout: Duration = Field(
+        timedelta(seconds=30), gt=timedelta(0), le=timedelta(hours=1)
+    )
+    http_body_timeout: Duration = Field(
+        timedelta(seconds=30), gt=timedelta(0), le=timedelta(hours=1)
+    )
 
     # Passwords.
     password_min_length: int = Field(8, ge=8, le=256)

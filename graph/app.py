@@ -176,12 +176,18 @@ class GraphQLView(GraphQL[Context, None]):
 
 
 class RequestGuard:
-    """Gives each request an id (echoed as X-Request-ID) and caps the body: nothing in
-    Starlette, uvicorn or h11 does, so a client could otherwise stream without end."""
+    """Gives each request an id (echoed as X-Request-ID), caps the body, and bounds the
+    time the whole body takes to arrive (`body_timeout` seconds from the end of the
+    headers; then 408 and the connection is closed): nothing in Starlette, uvicorn or h11
+    does, so a client could otherwise stream without end, or stop half-way and hold its
+    connection for ever."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, body_timeout: float, metrics: Metrics
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -217,18 +223,31 @@ class RequestGuard:
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await _refuse(scope, receive, send_with_id, 413, "The request body is too large.")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        whole = too_large = gone = False
+        with anyio.move_on_after(self.body_timeout):
+            while not (whole or too_large or gone):
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone = True
+                    continue
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                too_large = size > self.max_body_bytes
+                chunks.append(chunk)
+                whole = not message.get("more_body", False)
+        if gone:
+            return
+        if too_large:
+            await _refuse(scope, receive, send_with_id, 413, "The request body is too large.")
+            return
+        if not whole:
+            late = JSONResponse(
+                {"errors": [{"message": "The request body did not arrive in time."}]},
+                408,
+                headers={"connection": "close"},
+            )
+            await late(scope, receive, send_with_id)
+            return
         body = b"".join(chunks)
         replayed = False
 
@@ -421,7 +440,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             # Outermost, so that the guard's own refusals carry the security headers
             # (and, for listed origins, CORS headers a browser can read them by).
             *edge_middleware(settings, pages=pages),
-            Middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, metrics=metrics),
+            Middleware(
+                RequestGuard,
+                max_body_bytes=settings.max_body_bytes,
+                body_timeout=settings.http_body_timeout.total_seconds(),
+                metrics=metrics,
+            ),
         ],
         routes=routes,
         lifespan=lifespan,

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from graph.protocols import HeaderTimeoutProtocol
+
     settings = Settings()
     if args.workers > 1 and settings.is_sqlite:
         print(
@@ -47,6 +49,9 @@ def _serve(args: argparse.Namespace) -> int:
         lifespan="on",
         ws="none",
         server_header=False,
+        # A request's line and headers must arrive within HTTP_HEADER_TIMEOUT: without
+        # it, connections that never finish a request stay open for ever.
+        http=HeaderTimeoutProtocol,
         # On SIGTERM, requests in flight get this long; then the lifespan still stops the
         # background work cleanly before the process manager's SIGKILL (Kubernetes
         # sends it 30 s after SIGTERM by default).
