@@ -15,6 +15,8 @@ class ErrorCode(StrEnum):
     INVALID_TOKEN = "INVALID_TOKEN"  # noqa: S105 - an error code
     TOKEN_REUSED = "TOKEN_REUSED"  # noqa: S105 - an error code
     RATE_LIMITED = "RATE_LIMITED"
+    # Step-up: prove a credential on this session again (reauthenticate), then repeat.
+    REAUTHENTICATION_REQUIRED = "REAUTHENTICATION_REQUIRED"
 
 
 class AuthFailure(Exception):
@@ -46,6 +48,13 @@ def invalid_challenge() -> AuthFailure:
 def invalid_otp() -> AuthFailure:
     return AuthFailure(
         ErrorCode.INVALID_OTP, "The code is incorrect or was already used.", field="code"
+    )
+
+
+def reauthentication_required() -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.REAUTHENTICATION_REQUIRED,
+        "Confirm it is you: sign in again on this session (reauthenticate), then repeat this.",
     )
 
 

@@ -244,3 +244,9 @@ class LoginThrottle(Base):
     failures: Mapped[int] = mapped_column(Integer)
     last_failure_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Sign-ins whose password is being checked right now (reserved before the hash), and
+    # when the last was reserved: with the failures they are held under the threshold,
+    # so parallel guesses cannot outrun the lockout. Stale after a minute (a process that
+    # died mid-check).
+    in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
+    in_flight_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

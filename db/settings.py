@@ -78,7 +78,12 @@ class RateLimits(BaseModel):
     request_login_code_ip: str = "10/hour"
     request_password_reset_ip: str = "10/hour"  # noqa: S105 - a rate
     request_email_verification_ip: str = "10/hour"
-    code_mail_account: str = "5/hour"
+    # Mails that carry a code, to one address: per requesting network (IPv4 /24, IPv6
+    # /64), and a ceiling over every network (the bound on a mail flood to one address).
+    # The ceiling is above ten networks' worth: strangers on fewer networks cannot keep
+    # the owner's code from being mailed.
+    code_mail_client: str = "5/hour"
+    code_mail_account: str = "60/hour"
     resend_otp_ip: str = "20/hour"
     reset_password_ip: str = "20/hour"  # noqa: S105 - a rate
     change_password_ip: str = "20/hour"  # noqa: S105 - a rate
@@ -241,6 +246,10 @@ class Settings(BaseSettings):
     # refresh token goes unused this long ends (0: no idle timeout); and at most this
     # many live sessions per user (a new one ends the oldest).
     session_idle_timeout: Duration = timedelta(days=14)
+    # Step-up: operations that change how the account signs in (two-factor, password,
+    # address, deletion) need a credential proven on this session within this window
+    # (else REAUTHENTICATION_REQUIRED: reauthenticate, then repeat).
+    reauth_window: Duration = timedelta(minutes=10)
     max_sessions_per_user: int = Field(50, ge=1, le=10_000)
     # Retentions (days) of the audit trail, of ended sessions, and of expired challenges.
     security_event_retention_days: int = Field(365, ge=1)
@@ -253,6 +262,13 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # json: one JSON object a line; text: readable lines. Default: json in production.
     log_format: Literal["json", "text"] | None = None
+
+    @field_validator("reauth_window")
+    @classmethod
+    def _reauth_window_bounds(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(days=1):
+            raise ValueError("REAUTH_WINDOW must be from 1 second to 1 day")
+        return value
 
     @field_validator("algorithm")
     @classmethod

@@ -46,11 +46,12 @@ from db.security.passwords import PasswordHasher
 from db.security.tokens import derive_key
 from db.services.account import AccountService
 from db.services.auth import AuthService
-from db.services.challenges import Challenges
+from db.services.challenges import Challenges, MailBudget
+from db.services.device_trust import DeviceTrust
 from db.services.events import SecurityEvents
 from db.services.housekeeping import Housekeeper
 from db.services.lifecycle import LifecycleService
-from db.services.lockout import Lockout
+from db.services.lockout import CodeChecks, Lockout
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
 from db.session import Statements, create_engine
@@ -470,6 +471,7 @@ def make_auth(
         lifetime=timedelta(days=settings.device_token_days),
         clock=clock,
     )
+    code_checks = CodeChecks(statements=statements, clock=clock)
     return AuthService(
         statements=statements,
         hasher=hasher,
@@ -496,7 +498,7 @@ def make_auth(
             recovery_key=derive_key(secret, "recovery-code-lookup"),
             notices=notices,
             limiter=limiter,
-            devices=devices,
+            code_checks=code_checks,
             events=events,
         ),
         challenges=Challenges(
@@ -506,11 +508,14 @@ def make_auth(
             secret=secret,
             email_lifetime=timedelta(minutes=settings.email_code_minutes),
             totp_lifetime=timedelta(minutes=settings.otp_challenge_minutes),
+            mail_budget=MailBudget(limiter),
         ),
         outbox=outbox,
         notices=notices,
         require_email_verification=settings.require_email_verification,
         devices=devices,
+        trust=DeviceTrust(statements=statements, tokens=devices),
+        code_checks=code_checks,
         lockout=Lockout(
             statements=statements,
             clock=clock,
@@ -523,6 +528,7 @@ def make_auth(
         events=events,
         idle_timeout=settings.session_idle_timeout,
         max_sessions=settings.max_sessions_per_user,
+        reauth_window=settings.reauth_window,
     )
 
 

@@ -142,15 +142,16 @@ class Context:
             return None
         auth = self.services.auth
         try:
-            self._claims = auth.decode_access_token(token) if token else None
-            view = await auth.current_user(self._claims) if self._claims else None
+            claims = auth.decode_access_token(token) if token else None
+            current = await auth.current_user(claims) if claims else None
         except InvalidAccessToken:
-            view = None
-        if view is None:
+            current = None
+        if current is None:
             self._user = unauthenticated_error()
             raise self._user
-        self._user = view
-        return view
+        # The claims as the session row has them (auth_time is the session's own).
+        self._user, self._claims = current
+        return current[0]
 
     async def signed_in(self) -> tuple[UserView, AccessClaims]:
         """The user and the claims of a request that a permission class let through as

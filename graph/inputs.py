@@ -8,7 +8,13 @@ import strawberry
 @strawberry.input
 class SignupInput:
     email: str
-    password: str
+    password: str | None = strawberry.field(
+        default=None,
+        description=(
+            "Omit for an account without a password: it proves its address by the emailed"
+            " code and signs in by emailed code (and passkeys). See stepup.graphql."
+        ),
+    )
 
 
 @strawberry.input
@@ -53,14 +59,26 @@ class ConfirmTotpInput:
 
 @strawberry.input
 class DisableTotpInput:
-    password: str
+    password: str | None = strawberry.field(
+        default=None,
+        description=(
+            "The current password. May be omitted where this session signed in recently"
+            " (stepup.graphql)."
+        ),
+    )
     code: str = strawberry.field(description="A current TOTP code or an unused recovery code.")
 
 
 @strawberry.input
 class ChangeEmailInput:
     new_email: str
-    password: str
+    password: str | None = strawberry.field(
+        default=None,
+        description=(
+            "The current password. May be omitted where this session signed in recently"
+            " (stepup.graphql)."
+        ),
+    )
     code: str | None = strawberry.field(
         default=None,
         description=(
@@ -72,7 +90,13 @@ class ChangeEmailInput:
 
 @strawberry.input
 class DeleteAccountInput:
-    password: str
+    password: str | None = strawberry.field(
+        default=None,
+        description=(
+            "The current password. May be omitted where this session signed in recently"
+            " (stepup.graphql)."
+        ),
+    )
     code: str | None = strawberry.field(
         default=None,
         description="A current TOTP code or an unused recovery code, where two-factor is on.",
@@ -103,8 +127,29 @@ class ResetPasswordInput:
 
 @strawberry.input
 class ChangePasswordInput:
-    current_password: str
+    current_password: str | None = strawberry.field(
+        default=None,
+        description=(
+            "The current password. May be omitted where this session signed in recently"
+            " (stepup.graphql): that is how an account without a password sets one."
+        ),
+    )
     new_password: str
+
+
+@strawberry.input
+class ReauthenticateInput:
+    password: str | None = strawberry.field(
+        default=None,
+        description=(
+            "The current password. Omitted: the answer is an OtpChallenge (REAUTHENTICATE)"
+            " whose code is mailed to the account's address; with emailCode false nothing"
+            " is mailed."
+        ),
+    )
+    email_code: bool = strawberry.field(
+        default=True, description="Where the password is omitted: mail a code (default true)."
+    )
 
 
 @strawberry.input

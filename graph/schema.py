@@ -22,6 +22,7 @@ from graph.resolvers.auth import AuthMutation, AuthQuery
 from graph.resolvers.events import EventsQuery
 from graph.resolvers.lifecycle import LifecycleMutation, LifecycleQuery
 from graph.resolvers.mfa import MfaMutation
+from graph.resolvers.stepup import StepUpMutation
 from graph.validation import SafeExecutor, replace_rules
 
 # Distinct documents kept parsed and validated. Bounded, so that a stream of unique
@@ -57,7 +58,7 @@ class Query(AuthQuery, AccountQuery, EventsQuery, LifecycleQuery):
 
 
 @strawberry.type
-class Mutation(AuthMutation, MfaMutation, AccountMutation, LifecycleMutation):
+class Mutation(AuthMutation, MfaMutation, AccountMutation, LifecycleMutation, StepUpMutation):
     pass
 
 

@@ -27,6 +27,7 @@ class OtpPurpose(Enum):
     VERIFY_EMAIL = "VERIFY_EMAIL"
     RESET_PASSWORD = "RESET_PASSWORD"  # noqa: S105 - a purpose
     CHANGE_EMAIL = "CHANGE_EMAIL"
+    REAUTHENTICATE = "REAUTHENTICATE"
 
 
 @strawberry.type(description="A registered account.")
@@ -36,6 +37,12 @@ class User:
     email_verified: bool
     otp_enabled: bool
     created_at: datetime
+    has_password: bool = strawberry.field(
+        description=(
+            "False for an account that signs in only by emailed code (or passkeys, or another"
+            " provider)."
+        )
+    )
 
     @classmethod
     def from_view(cls, view: UserView) -> User:
@@ -45,6 +52,7 @@ class User:
             email_verified=view.email_verified,
             otp_enabled=view.otp_enabled,
             created_at=view.created_at,
+            has_password=view.has_password,
         )
 
 

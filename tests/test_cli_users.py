@@ -386,6 +386,7 @@ async def test_production_defaults_and_sqlite(tmp_path: Path) -> None:
             user_id=user_id,
             created_at=now,
             last_used_at=now,
+            auth_time=now,
             expires_at=now + timedelta(days=1),
             absolute_expires_at=now + timedelta(days=30),
             amr="pwd",

@@ -494,7 +494,7 @@ async def test_one_totp_code_signs_in_once_across_two_processes(
 
     import pyotp
 
-    from tests.gql import VERIFY_OTP
+    from tests.gql import VERIFY_OTP, prove_address_in
     from tests.graph.test_mfa import CONFIRM, SETUP
 
     env = production_env(database_url)
@@ -502,6 +502,7 @@ async def test_one_totp_code_signs_in_once_across_two_processes(
         async with servers[0].client() as one, servers[1].client() as two:
             email = unique_email()
             token = (await signed_up(one, email))["accessToken"]
+            await prove_address_in(database_url, email)
             secret = (await ok(one, SETUP, token=token))["setupTotp"]["secret"]
             totp = pyotp.TOTP(secret)
             confirmed = await ok(one, CONFIRM, {"i": {"code": totp.now()}}, token=token)

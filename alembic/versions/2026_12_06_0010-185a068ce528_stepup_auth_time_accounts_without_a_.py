@@ -1,4 +1,5 @@
-"""stepup: auth_time, accounts without a password, challenge address, mail owner
+"""stepup: auth_time, accounts without a password, challenge address, mail owner,
+sign-ins in flight
 
 Revision ID: 185a068ce528
 Revises: 43923d43b843
@@ -54,9 +55,23 @@ def upgrade() -> None:
         batch_op.alter_column("password_hash", existing_type=sa.String(length=255), nullable=True)
     op.execute("UPDATE users SET password_hash = NULL WHERE password_hash LIKE '!%'")
 
+    # Sign-ins being checked per address: reserved before the hash (the lockout holds
+    # against parallel guesses).
+    with op.batch_alter_table("login_throttles", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("in_flight", sa.Integer(), server_default="0", nullable=False)
+        )
+        batch_op.add_column(
+            sa.Column("in_flight_at", sa.DateTime(timezone=True), nullable=True)
+        )
+
 
 def downgrade() -> None:
     """Downgrade schema."""
+    with op.batch_alter_table("login_throttles", schema=None) as batch_op:
+        batch_op.drop_column("in_flight_at")
+        batch_op.drop_column("in_flight")
+
     # An account without a password gets one nobody knows (what the old code wrote).
     if op.get_bind().dialect.name == "postgresql":
         op.execute(

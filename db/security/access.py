@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -30,6 +30,10 @@ class AccessClaims:
     user_id: uuid.UUID
     session_id: uuid.UUID
     amr: tuple[str, ...]
+    # When the user last proved a credential on the session (RFC 9068 / OIDC auth_time).
+    # The token's own claim on decoding; the session row's (authoritative: a
+    # reauthenticate renews it) once the per-request check has read it.
+    auth_time: datetime | None = None
 
 
 class AccessTokenCodec:
@@ -80,9 +84,12 @@ class AccessTokenCodec:
             return None
         return {"keys": [signing.public_jwk for signing in self._keys.values()]}
 
-    def issue(self, *, user_id: uuid.UUID, session_id: uuid.UUID, amr: list[str]) -> str:
+    def issue(
+        self, *, user_id: uuid.UUID, session_id: uuid.UUID, amr: list[str], auth_time: datetime
+    ) -> str:
         now = self._clock.now()
         claims = {
+            "auth_time": int(auth_time.timestamp()),
             "sub": str(user_id),
             "sid": str(session_id),
             "jti": uuid.uuid4().hex,
@@ -150,17 +157,21 @@ class AccessTokenCodec:
         exp, iat, amr = claims.get("exp"), claims.get("iat"), claims.get("amr", [])
         if not isinstance(exp, int) or not isinstance(iat, int):
             raise InvalidAccessToken
+        auth_time = claims.get("auth_time")
         try:
             return _Verified(
                 claims=AccessClaims(
                     user_id=uuid.UUID(str(claims["sub"])),
                     session_id=uuid.UUID(str(claims["sid"])),
                     amr=tuple(str(value) for value in amr) if isinstance(amr, list) else (),
+                    auth_time=datetime.fromtimestamp(auth_time, UTC)
+                    if isinstance(auth_time, int) and not isinstance(auth_time, bool)
+                    else None,
                 ),
                 exp=exp,
                 iat=iat,
             )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, OverflowError, OSError) as exc:
             raise InvalidAccessToken from exc
 
 

@@ -84,6 +84,16 @@ def client_key(ip: str | None) -> str:
     return str(address)
 
 
+def network_key(ip: str | None) -> str:
+    """The requesting network: an IPv4 address by its /24, an IPv6 address by its /64 (an
+    IPv4-mapped one as IPv4); "unknown" without a parseable address. For budgets a
+    stranger must not be able to spend from one network for everyone (code mails)."""
+    key = client_key(ip)
+    if key == UNKNOWN or "/" in key:
+        return key
+    return str(ipaddress.IPv4Network((key, 24), strict=False))
+
+
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:DIGEST_CHARS]
 

@@ -11,15 +11,14 @@ from typing import Any
 
 from sqlalchemy import bindparam, select, update
 
-from db.errors import AuthFailure, ErrorCode, invalid_challenge, invalid_input, invalid_otp
+from db.errors import AuthFailure, ErrorCode, invalid_challenge, invalid_input
 from db.models import TotpCredential, User, UserSession
 from db.security.access import AccessClaims
 from db.security.limiter import client_key
 from db.security.tokens import new_opaque_token
 from db.services import challenges as ch
-from db.services.auth import AMR_EMAIL_CODE, LIVE_SESSION, AuthService
+from db.services.auth import AMR_EMAIL_CODE, LIVE_SESSION, AuthService, Intent
 from db.services.events import EventKind
-from db.services.mfa import PASSWORD_HASH
 from db.services.types import (
     ClientInfo,
     IssuedChallenge,
@@ -27,9 +26,8 @@ from db.services.types import (
     SessionView,
     UserView,
     merge_amr,
-    user_view,
 )
-from db.validation import check_new_password, could_be_a_password, normalize_password, parse_email
+from db.validation import check_new_password, normalize_password, parse_email
 
 # A user's sessions, as listed: more than any real user has.
 MAX_LISTED_SESSIONS = 500
@@ -103,13 +101,14 @@ class AccountService:
         async with self.statements.connection() as conn:
             account = await conn.first(ACCOUNT_BY_EMAIL, {"email": address.normalized})
         recipient = account if account is not None and account["is_active"] else None
-        # Counted for unknown addresses too: the same work either way.
-        mail_key = str(account["id"]) if account is not None else address.normalized
-        if not await self.may_mail(mail_key):
-            recipient = None  # over the account's mail cap: the same answer, no mail
         async with self.events.transaction(self.statements) as tx:
             issued = await self.challenges.open_email(
-                tx, purpose=purpose, user=recipient, amr=[], client=client
+                tx,
+                purpose=purpose,
+                user=recipient,
+                address=address.normalized,
+                amr=[],
+                client=client,
             )
         self.auth.outbox.wake()
         return issued
@@ -120,12 +119,12 @@ class AccountService:
         await self.limiter.hit("request_email_verification_ip", client_key(client.ip))
         if user.email_verified:
             raise invalid_input("This email address is already verified.")
-        may_mail = await self.may_mail(str(user.id))
         async with self.events.transaction(self.statements) as tx:
             issued = await self.challenges.open_email(
                 tx,
                 purpose=ch.VERIFY_EMAIL,
-                user={"id": user.id, "email": user.email} if may_mail else None,
+                user={"id": user.id, "email": user.email},
+                address=parse_email(user.email).normalized,
                 amr=list(claims.amr),
                 client=client,
             )
@@ -134,13 +133,7 @@ class AccountService:
 
     async def resend(self, *, challenge_token: str, client: ClientInfo) -> IssuedChallenge:
         await self.limiter.hit("resend_otp_ip", client_key(client.ip))
-        return await self.challenges.resend(challenge_token, may_mail=self.may_mail)
-
-    async def may_mail(self, account: str) -> bool:
-        """Counts a code mail against the account's cap; False when over it. Capping the
-        mails, not the answers: a stranger asking for codes gets the same answers and
-        the owner's own request still goes out once the cap's window moves on."""
-        return await self.limiter.hit_quietly("code_mail_account", account)
+        return await self.challenges.resend(challenge_token, client=client)
 
     # -- passwords --------------------------------------------------------------------------
 
@@ -159,31 +152,36 @@ class AccountService:
             new_password, min_length=self.auth.password_min_length, field="newPassword"
         )
         challenge = await self.challenges.take_attempt(ch.TAKE_FOR_RESET, challenge_token)
-        if not self.challenges.email_code_matches(challenge, code):
-            raise invalid_otp()
+        try:
+            check = await self.auth.emailed_code_check(challenge, code, client)
+        except AuthFailure as failure:
+            if failure.code is ErrorCode.INVALID_OTP:
+                await self.events.record_now(
+                    self.statements,
+                    EventKind.LOGIN_FAILED,
+                    user_id=challenge["user_id"],
+                    client=client,
+                    email=challenge["email"],
+                    details={"step": "reset"},
+                )
+            raise
         user_id = challenge["user_id"]
         new_hash = await self.hasher.hash(new_password)
         amr = merge_amr(challenge["amr"].split(), AMR_EMAIL_CODE)
-        otp_on = await self.auth.two_factor.is_on(user_id)
         async with self.events.transaction(self.statements) as tx:
             # The account's lock first (see AuthService.lock_user), then the challenge.
             await self.auth.lock_user(tx, user_id, exclusive=True)
             if not await self.challenges.consume(tx, challenge["id"]):
                 raise invalid_challenge()
-            if otp_on:
-                issued: IssuedSession | IssuedChallenge = await self.challenges.open_totp(
-                    tx,
-                    user_id=user_id,
-                    purpose=ch.RESET_PASSWORD,
-                    amr=amr,
-                    client=client,
-                    pending_password_hash=new_hash,
-                )
-            else:
-                user = await self.auth.reset_password_now(
-                    tx, user_id=user_id, new_hash=new_hash, client=client
-                )
-                issued = await self.auth.open_session(tx, user_view(user), amr=amr, client=client)
+            await self.auth.code_checks.give_back(tx, check)
+            # With two-factor on, the new password waits (as a hash) for the TOTP step.
+            issued = await self.auth.conclude(
+                tx,
+                user_id,
+                amr=amr,
+                client=client,
+                intent=Intent(purpose=ch.RESET_PASSWORD, new_password_hash=new_hash),
+            )
         self.auth.outbox.wake()
         return issued
 
@@ -192,31 +190,31 @@ class AccountService:
         *,
         user: UserView,
         claims: AccessClaims,
-        current_password: str,
+        current_password: str | None,
         new_password: str,
         client: ClientInfo,
     ) -> IssuedSession:
-        """Needs the current password. Keeps this session (with a new refresh token: the
-        old one is spent, not reused), ends every other one and tells the owner."""
+        """Needs the current password, or a recent sign-in on this session (that is how
+        an account without a password sets its first). Keeps this session (with a new
+        refresh token: the old one is spent, not reused), ends every other one and every
+        device token but this client's, and tells the owner."""
         self.hasher.check_capacity()
         await self.limiter.hit("change_password_ip", client_key(client.ip))
         await self.limiter.hit("change_password_account", str(user.id))
-        current_password = normalize_password(current_password)
         new_password = normalize_password(new_password)
-        if not could_be_a_password(current_password):
-            raise _wrong_password()
-        async with self.statements.connection() as conn:
-            row = await conn.first(PASSWORD_HASH, {"uid": user.id})
-        if row is None:
-            raise _wrong_password()
-        ok, _upgraded = await self.hasher.verify(current_password, row["password_hash"])
-        if not ok:
-            await self.count_failure(user, client)
-            raise _wrong_password()
+        checked_at = await self.auth.check_current_password(
+            user=user,
+            claims=claims,
+            password=current_password,
+            client=client,
+            failure=_wrong_password,
+        )
         check_new_password(
             new_password, min_length=self.auth.password_min_length, field="newPassword"
         )
-        if hmac.compare_digest(new_password.encode(), current_password.encode()):
+        if current_password and hmac.compare_digest(
+            new_password.encode(), normalize_password(current_password).encode()
+        ):
             raise AuthFailure(
                 ErrorCode.WEAK_PASSWORD,
                 "Choose a password different from the current one.",
@@ -237,25 +235,48 @@ class AccountService:
                 tx,
                 user=user,
                 session_id=claims.session_id,
-                old_hash=row["password_hash"],
+                checked_at=checked_at,
                 new_hash=new_hash,
                 client=client,
             )
-            if not changed:
+            if changed is None:
                 raise _wrong_password()
             await self.auth.replace_refresh_token(tx, claims.session_id, refresh, now)
         self.auth.outbox.wake()
-        return self.auth.issue(user, claims.session_id, session["amr"].split(), refresh, client)
-
-    async def count_failure(self, user: UserView, client: ClientInfo) -> None:
-        """A wrong current password counts like a failed login: towards the address's
-        lockout, unless this client holds the account's device token (its own budget,
-        change_password_account, applies)."""
-        held = self.auth.devices.check(
-            client.device_token, user_id=user.id, epoch=user.device_epoch
+        return self.auth.issue(
+            changed,
+            claims.session_id,
+            session["amr"].split(),
+            refresh,
+            client,
+            auth_time=session["auth_time"],
         )
-        if held is None:
-            await self.auth.lockout.failed(parse_email(user.email).normalized)
+
+    async def disable_totp(
+        self,
+        *,
+        user: UserView,
+        claims: AccessClaims,
+        password: str | None,
+        code: str,
+        client: ClientInfo,
+    ) -> None:
+        """Turns two-factor off: needs the current password (or a recent sign-in on this
+        session) and a current TOTP or recovery code."""
+        two_factor = self.auth.two_factor
+        await two_factor.limit("disable_totp_ip", user.id, client)
+        credential = await two_factor.confirmed(user.id)
+        await self.auth.check_current_password(
+            user=user, claims=claims, password=password, client=client, failure=_wrong_password
+        )
+        await two_factor.disable(
+            user_id=user.id,
+            email=user.email,
+            code=code,
+            credential=credential,
+            budget=await self.auth.trust.budget_of(client, user.id),
+            client=client,
+        )
 
     # -- sessions ---------------------------------------------------------------------------
 

@@ -9,9 +9,12 @@ every client, and ORM units of work cost more here than the queries.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hmac
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,7 +22,15 @@ from sqlalchemy import bindparam, delete, exists, func, insert, select, true, up
 
 from db.clock import Clock
 from db.devices import device_family, network_of
-from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_challenge, invalid_otp
+from db.errors import (
+    AuthFailure,
+    ErrorCode,
+    UniqueViolation,
+    invalid_challenge,
+    invalid_input,
+    invalid_otp,
+    reauthentication_required,
+)
 from db.mail.outbox import Outbox
 from db.models import (
     IP_MAX,
@@ -30,9 +41,9 @@ from db.models import (
     UserSession,
 )
 from db.security.access import AccessClaims, AccessTokenCodec
-from db.security.device import DeviceTokens
+from db.security.device import DeviceTokens, device_budget
 from db.security.limiter import RateLimiter, client_key
-from db.security.passwords import PasswordHasher, unusable_password_hash
+from db.security.passwords import PasswordHasher
 from db.security.tokens import (
     looks_like_opaque_token,
     new_opaque_token,
@@ -41,8 +52,9 @@ from db.security.tokens import (
 )
 from db.services import challenges as ch
 from db.services.challenges import Challenges
+from db.services.device_trust import DeviceTrust
 from db.services.events import EventKind, SecurityEvents
-from db.services.lockout import Lockout
+from db.services.lockout import CodeChecks, Lockout, code_check_key
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
 from db.services.types import (
@@ -84,6 +96,8 @@ KNOWN_DEVICE_WINDOW = timedelta(days=90)
 
 # Two-factor is on when the user has a confirmed TOTP credential.
 _OTP_CONFIRMED = TotpCredential.confirmed_at.label("otp_confirmed_at")
+# An account without a password signs in by emailed code only.
+_HAS_PASSWORD = User.password_hash.is_not(None).label("has_password")
 _WITH_TOTP = (TotpCredential, TotpCredential.user_id == User.id)
 
 _USER_BY_EMAIL = (
@@ -97,6 +111,7 @@ _USER_BY_EMAIL = (
         User.is_active,
         User.device_epoch,
         _OTP_CONFIRMED,
+        _HAS_PASSWORD,
     )
     .outerjoin(*_WITH_TOTP)
     .where(User.email_normalized == bindparam("email"))
@@ -128,6 +143,7 @@ _USER_BY_ID = (
         User.is_active,
         User.device_epoch,
         _OTP_CONFIRMED,
+        _HAS_PASSWORD,
     )
     .outerjoin(*_WITH_TOTP)
     .where(User.id == bindparam("user_id"))
@@ -174,6 +190,8 @@ _CURRENT_USER = (
         User.created_at,
         User.device_epoch,
         _OTP_CONFIRMED,
+        _HAS_PASSWORD,
+        UserSession.auth_time,
     )
     .join(UserSession, UserSession.user_id == User.id)
     .outerjoin(*_WITH_TOTP)
@@ -218,6 +236,7 @@ _ROTATION_STATE = (
         UserSession.expires_at,
         UserSession.absolute_expires_at,
         UserSession.amr,
+        UserSession.auth_time,
         User.id.label("user_id"),
         User.email,
         User.email_verified_at,
@@ -225,6 +244,7 @@ _ROTATION_STATE = (
         User.is_active,
         User.device_epoch,
         _OTP_CONFIRMED,
+        _HAS_PASSWORD,
     )
     .join(UserSession, UserSession.id == RefreshToken.session_id)
     .join(User, User.id == UserSession.user_id)
@@ -340,9 +360,10 @@ _MARK_VERIFIED = (
     .values(email_verified_at=bindparam("now"))
 )
 
-# A new password: on a change, only over the hash that was checked (a concurrent change
-# wins, not both); on a reset, unconditionally, and the address counts as verified.
-# A new password; password_changed_at is what sign-ins in flight re-check.
+# A new password; password_changed_at is what sign-ins in flight re-check. On a change,
+# only over the password as it was when checked (a concurrent change wins, not both), and
+# every device token ends (the asking session's client gets a new one); on a reset,
+# unconditionally, and the address counts as verified.
 _NEW_PASSWORD: dict[str, Any] = {
     "password_hash": bindparam("new_hash"),
     "password_changed_at": bindparam("now"),
@@ -350,8 +371,11 @@ _NEW_PASSWORD: dict[str, Any] = {
 }
 _CHANGE_PASSWORD = (
     update(User)
-    .where(User.id == bindparam("uid"), User.password_hash == bindparam("old_hash"))
-    .values(**_NEW_PASSWORD)
+    .where(
+        User.id == bindparam("uid"),
+        User.password_changed_at.is_not_distinct_from(bindparam("checked_at")),
+    )
+    .values(**_NEW_PASSWORD, device_epoch=User.device_epoch + 1)
 )
 _RESET_PASSWORD = (
     update(User)
@@ -364,8 +388,13 @@ _RESET_PASSWORD = (
     )
 )
 # An address proven by a sign-in code, on an account whose password nobody proved: the
-# password was set by whoever signed up with the address, who may not be its owner.
-_DISCARD_PASSWORD = update(User).where(User.id == bindparam("uid")).values(**_NEW_PASSWORD)
+# password was set by whoever signed up with the address, who may not be its owner. The
+# account goes on without one.
+_DISCARD_PASSWORD = (
+    update(User)
+    .where(User.id == bindparam("uid"))
+    .values(password_hash=None, password_changed_at=bindparam("now"), updated_at=bindparam("now"))
+)
 
 _REVOKE_OTHER_SESSIONS = (
     update(UserSession)
@@ -378,13 +407,21 @@ _REVOKE_OTHER_SESSIONS = (
     .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
 )
 
-# A live session and how it signed in (read under the user's lock).
-LIVE_SESSION = select(UserSession.amr).where(
+# A live session, how it signed in and when it last proved a credential (read under the
+# user's lock).
+LIVE_SESSION = select(UserSession.amr, UserSession.auth_time).where(
     UserSession.id == bindparam("session_id"),
     UserSession.revoked_at.is_(None),
     UserSession.expires_at > bindparam("now"),
 )
 _LOCK_LIVE_SESSION = LIVE_SESSION.with_for_update()
+_LOCK_OWN_LIVE_SESSION = _LOCK_LIVE_SESSION.where(UserSession.user_id == bindparam("uid"))
+# A credential proven again on the session (reauthenticate).
+_REAUTHENTICATED = (
+    update(UserSession)
+    .where(UserSession.id == bindparam("session_id"))
+    .values(auth_time=bindparam("now"), last_used_at=bindparam("now"), amr=bindparam("amr"))
+)
 _NEWEST_GENERATION_NUMBER = select(func.max(RefreshToken.generation)).where(
     RefreshToken.session_id == bindparam("session_id")
 )
@@ -395,6 +432,35 @@ _FORGET_GENERATIONS = delete(RefreshToken).where(RefreshToken.session_id == bind
 _UNUSED_RECOVERY_CODES = select(func.count(RecoveryCode.id)).where(
     RecoveryCode.user_id == bindparam("uid"), RecoveryCode.used_at.is_(None)
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """What a proven credential is for: a sign-in (a new session), a password reset (set
+    the new password, then a new session), or a step-up of a live session."""
+
+    purpose: str = ch.LOGIN
+    # REAUTHENTICATE: the session whose auth_time is renewed.
+    session_id: uuid.UUID | None = None
+    # RESET_PASSWORD: the new password's hash, set once every factor is proven.
+    new_password_hash: str | None = None
+
+
+SIGN_IN = Intent()
+
+
+def step_up(session_id: uuid.UUID) -> Intent:
+    return Intent(purpose=ch.REAUTHENTICATE, session_id=session_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ProvenPassword:
+    """A password checked against an account: its replacement hash, if it wants one, and
+    the address whose lockout holds the check's reservation (None for a device token's
+    holder), cleared by the transaction that acts on it (see AuthService.acting)."""
+
+    new_hash: str | None
+    reserved: str | None
 
 
 class AuthService:
@@ -415,18 +481,24 @@ class AuthService:
         notices: Notices,
         require_email_verification: bool,
         devices: DeviceTokens,
+        trust: DeviceTrust,
         lockout: Lockout,
+        code_checks: CodeChecks,
         limiter: RateLimiter,
         events: SecurityEvents,
         idle_timeout: timedelta = timedelta(0),
         max_sessions: int = 50,
+        reauth_window: timedelta = timedelta(minutes=10),
     ) -> None:
         # 0: no idle timeout (only the absolute refresh lifetime).
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
+        self.reauth_window = reauth_window
         self.events = events
         self.devices = devices
+        self.trust = trust
         self.lockout = lockout
+        self.code_checks = code_checks
         self.limiter = limiter
         self.statements = statements
         self.hasher = hasher
@@ -442,19 +514,291 @@ class AuthService:
         self.notices = notices
         self.require_email_verification = require_email_verification
 
+    # -- after a proven credential: the one place ---------------------------------------
+
+    async def conclude(
+        self,
+        tx: Runner,
+        user_id: uuid.UUID,
+        *,
+        amr: list[str],
+        client: ClientInfo,
+        intent: Intent = SIGN_IN,
+        verify_address: bool = False,
+    ) -> IssuedSession | IssuedChallenge:
+        """What follows a proven credential, whichever way in proved it (password, emailed
+        code, TOTP or recovery code): refuse a disabled account; ask for the address to be
+        proven (`verify_address`: a password sign-in, where verification is required);
+        ask for the TOTP step where two-factor is on and `amr` has no second factor; else
+        act on the intent: reset the password, renew a session (step-up) or open one.
+        The caller holds the account's lock (lock_user) in `tx`."""
+        user = await tx.first(_USER_BY_ID, {"user_id": user_id})
+        if user is None:
+            raise invalid_challenge()
+        if not user["is_active"]:
+            raise _account_disabled()
+        if verify_address and self.require_email_verification and user["email_verified_at"] is None:
+            # The address is proven first: a fresh code goes to it (its mail budget allowing).
+            return await self.challenges.open_email(
+                tx,
+                purpose=ch.VERIFY_EMAIL,
+                user=user,
+                address=parse_email(user["email"]).normalized,
+                amr=amr,
+                client=client,
+            )
+        if user["otp_confirmed_at"] is not None and "mfa" not in amr:
+            # One factor never signs in to, resets or steps up an account with two-factor on.
+            return await self.challenges.open_totp(
+                tx,
+                user_id=user_id,
+                purpose=intent.purpose,
+                amr=amr,
+                client=client,
+                pending_password_hash=intent.new_password_hash,
+                session_id=intent.session_id,
+            )
+        if intent.new_password_hash is not None:
+            user = await self.reset_password_now(
+                tx, user_id=user_id, new_hash=intent.new_password_hash, client=client
+            )
+        if intent.session_id is not None:
+            return await self._renew(tx, user, intent.session_id, amr, client)
+        return await self.open_session(tx, user_view(user), amr=amr, client=client)
+
+    async def _renew(
+        self,
+        tx: Runner,
+        user: Mapping[str, Any],
+        session_id: uuid.UUID,
+        amr: list[str],
+        client: ClientInfo,
+    ) -> IssuedSession:
+        """Step-up: the session, still live, gets a fresh auth_time and new tokens (the
+        old refresh token stops working without counting as reuse)."""
+        now = self.clock.now()
+        session = await tx.first(
+            _LOCK_OWN_LIVE_SESSION, {"session_id": session_id, "uid": user["id"], "now": now}
+        )
+        if session is None:
+            raise AuthFailure(ErrorCode.INVALID_TOKEN, "This session has ended; sign in again.")
+        merged = merge_amr(session["amr"].split(), amr)
+        await tx.execute(
+            _REAUTHENTICATED, {"session_id": session_id, "now": now, "amr": " ".join(merged)}
+        )
+        refresh = new_opaque_token()
+        await self.replace_refresh_token(tx, session_id, refresh, now)
+        await self.events.record(
+            tx,
+            EventKind.REAUTHENTICATED,
+            user_id=user["id"],
+            session_id=session_id,
+            client=client,
+            details={"amr": " ".join(amr)},
+        )
+        return self.issue(user_view(user), session_id, merged, refresh, client, auth_time=now)
+
+    # -- step-up ---------------------------------------------------------------------------
+
+    def is_recent(self, claims: AccessClaims) -> bool:
+        """Whether the session proved a credential within REAUTH_WINDOW (claims as the
+        per-request check read them: auth_time is the session row's)."""
+        if claims.auth_time is None:
+            return False
+        return self.clock.now() - claims.auth_time <= self.reauth_window
+
+    def require_recent(self, claims: AccessClaims) -> None:
+        """REAUTHENTICATION_REQUIRED unless the session signed in recently."""
+        if not self.is_recent(claims):
+            raise reauthentication_required()
+
+    async def reauthenticate(
+        self,
+        *,
+        user: UserView,
+        claims: AccessClaims,
+        password: str | None,
+        email_code: bool,
+        client: ClientInfo,
+    ) -> IssuedSession | IssuedChallenge:
+        """Step-up on this session: the password (its wrong attempts count as a login's),
+        or with none, a code mailed to the address; then the TOTP step where two-factor
+        is on. Answers this session re-issued with a fresh auth_time, or the challenge."""
+        address = parse_email(user.email).normalized
+        if password is None:
+            if not email_code:
+                raise invalid_input(
+                    "Give your password, or ask for a code by mail (emailCode: true).",
+                    field="password",
+                )
+            await self.limiter.hit("request_login_code_ip", client_key(client.ip))
+            async with self.events.transaction(self.statements) as tx:
+                issued: IssuedSession | IssuedChallenge = await self.challenges.open_email(
+                    tx,
+                    purpose=ch.REAUTHENTICATE,
+                    user={"id": user.id, "email": user.email},
+                    address=address,
+                    amr=[],
+                    client=client,
+                    session_id=claims.session_id,
+                )
+            self.outbox.wake()
+            return issued
+        self.hasher.check_capacity()  # when overloaded, refuse before doing any work
+        await self.limiter.hit("login_ip", client_key(client.ip))
+        async with self.statements.connection() as conn:
+            account = await conn.first(_USER_BY_EMAIL, {"email": address})
+        if account is None or account["id"] != user.id:
+            raise AuthFailure(ErrorCode.INVALID_TOKEN, "This session has ended; sign in again.")
+        proven = await self.prove_password(
+            account=account,
+            normalized=address,
+            password=normalize_password(password),
+            client=client,
+            failure=_wrong_password,
+        )
+        async with self.acting(proven) as tx:
+            await self._still_the_password(tx, account, _wrong_password)
+            issued = await self.conclude(
+                tx, user.id, amr=AMR_PASSWORD, client=client, intent=step_up(claims.session_id)
+            )
+        await self._after_password(account, proven)
+        return issued
+
+    async def check_current_password(
+        self,
+        *,
+        user: UserView,
+        claims: AccessClaims,
+        password: str | None,
+        client: ClientInfo,
+        failure: Callable[[], AuthFailure],
+    ) -> datetime | None:
+        """The operations that take the current password: given, it is checked as a
+        sign-in checks it (lockout, budgets; a wrong one counts); omitted, the session
+        must have signed in recently. Returns the password's password_changed_at as it
+        stood (an action re-checks it under the account's lock)."""
+        address = parse_email(user.email).normalized
+        async with self.statements.connection() as conn:
+            account = await conn.first(_USER_BY_EMAIL, {"email": address})
+        if account is None or account["id"] != user.id:
+            raise AuthFailure(ErrorCode.INVALID_TOKEN, "This session has ended; sign in again.")
+        if password is None:
+            self.require_recent(claims)
+        else:
+            proven = await self.prove_password(
+                account=account,
+                normalized=address,
+                password=normalize_password(password),
+                client=client,
+                failure=failure,
+            )
+            async with self.acting(proven):
+                pass
+            await self._after_password(account, proven)
+        checked_at: datetime | None = account["password_changed_at"]
+        return checked_at
+
+    # -- proving a password ------------------------------------------------------------
+
+    async def prove_password(
+        self,
+        *,
+        account: Mapping[str, Any] | None,
+        normalized: str | None,
+        password: str,
+        client: ClientInfo,
+        failure: Callable[[], AuthFailure],
+    ) -> ProvenPassword:
+        """Checks a password against an account (None: an unknown address; a miss costs
+        what a hit costs), as every way in by password does. Before any hash: a client
+        holding a device token good for the account spends its device's budget; any
+        other spends the account's budget and reserves its attempt with the lockout
+        (refused while locked), so parallel guesses cannot pass the threshold. A wrong
+        password is counted and recorded (LOGIN_FAILED, LOCKED_OUT); `failure` is what the
+        caller answers then. A right one leaves the reservation for the caller to clear
+        (lockout.succeeded) in the transaction that acts on it."""
+        device = await self.trust.device_of(client, account["id"]) if account is not None else None
+        reserved = None  # the address whose lockout holds this check's reservation
+        if device is not None:
+            await self.limiter.hit("login_account", device_budget(device))
+        elif normalized is not None:
+            await self.limiter.hit("login_account", normalized)
+            await self.lockout.reserve(normalized)
+            reserved = normalized
+        try:
+            if not could_be_a_password(password):
+                raise failure()
+            stored = account["password_hash"] if account is not None else None
+            if stored is None:
+                # An unknown address, or an account without a password: the same work.
+                await self.hasher.verify_dummy(password)
+                raise failure()
+            ok, new_hash = await self.hasher.verify(password, stored)
+            if not ok:
+                raise failure()
+        except AuthFailure as refused:
+            if refused.code is ErrorCode.RATE_LIMITED:
+                # A busy hasher checked nothing: the attempt is not a failure.
+                if reserved is not None:
+                    await self.lockout.give_back(reserved)
+                raise
+            locked_until = await self.lockout.failed(reserved) if reserved is not None else None
+            await self._login_failed(account, normalized, client, locked_until)
+            raise
+        except BaseException:
+            if reserved is not None:  # cancelled or crashed mid-check: no failure either
+                await self.lockout.give_back(reserved)
+            raise
+        return ProvenPassword(new_hash=new_hash, reserved=reserved)
+
+    @contextlib.asynccontextmanager
+    async def acting(self, proven: ProvenPassword) -> AsyncIterator[Runner]:
+        """The transaction that acts on a right password: it clears the address's failure
+        count and the check's reservation; where it fails, the reservation is given back."""
+        try:
+            async with self.events.transaction(self.statements) as tx:
+                if proven.reserved is not None:
+                    await self.lockout.succeeded(tx, proven.reserved)
+                yield tx
+        except BaseException:
+            if proven.reserved is not None:
+                await self.lockout.give_back(proven.reserved)
+            raise
+
+    async def _still_the_password(
+        self, tx: Runner, account: Mapping[str, Any], failure: Callable[[], AuthFailure]
+    ) -> None:
+        """First in the transaction that acts on a checked password, under the account's
+        shared lock: it is still the password (a change or reset since ends the attempt)."""
+        locked = await self.lock_user(tx, account["id"], exclusive=False)
+        if locked is None or locked["password_changed_at"] != account["password_changed_at"]:
+            raise failure()
+
+    async def _after_password(self, account: Mapping[str, Any], proven: ProvenPassword) -> None:
+        """After the commit: a legacy or weaker hash is replaced, in a transaction of its
+        own (it takes the row exclusively, which concurrent sign-ins holding it shared
+        must not wait for each other on)."""
+        if proven.new_hash is not None:
+            async with self.events.transaction(self.statements) as tx:
+                await self._upgrade_hash(tx, account, proven.new_hash)
+        self.outbox.wake()
+
     # -- signup and login -------------------------------------------------------------
 
     async def signup(
-        self, *, email: str, password: str, client: ClientInfo
+        self, *, email: str, password: str | None, client: ClientInfo
     ) -> IssuedSession | IssuedChallenge:
-        """Create an account. With email verification required, answer the challenge of
-        the code mailed to the address (the account gets no session before it is
-        verified); otherwise sign it in at once."""
+        """Create an account. With email verification required, or without a password,
+        answer the challenge of the code mailed to the address (the account gets no
+        session before it is verified); otherwise sign it in at once. An account without
+        a password signs in by emailed code."""
         self.hasher.check_capacity()  # when overloaded, refuse before doing any work
         await self.limiter.hit("signup_ip", client_key(client.ip))
         address = parse_email(email)
-        password = normalize_password(password)
-        check_new_password(password, min_length=self.password_min_length)
+        if password is not None:
+            password = normalize_password(password)
+            check_new_password(password, min_length=self.password_min_length)
         async with self.statements.connection() as conn:
             existing = await conn.first(ADDRESS_HOLDER, {"email": address.normalized})
         # Only a verified registration is revealed (or any, without verification).
@@ -462,13 +806,17 @@ class AuthService:
             existing["email_verified_at"] is not None or not self.require_email_verification
         ):
             raise _email_taken()
-        password_hash = await self.hasher.hash(password)
+        password_hash = await self.hasher.hash(password) if password is not None else None
+        # Without a password, the address is the credential: it is proven first, always.
+        verify_first = self.require_email_verification or password_hash is None
+        amr = AMR_PASSWORD if password_hash is not None else []
         now = self.clock.now()
         user = {
             "id": uuid.uuid4(),
             "email": address.address,
             "email_verified_at": None,
             "created_at": now,
+            "has_password": password_hash is not None,
         }
         add_user: dict[str, Any] = {
             "user_id": user["id"],
@@ -490,44 +838,44 @@ class AuthService:
                         },
                     )
                     if not dropped:
-                        return await self._pending_signup(tx, client)
+                        return await self._pending_signup(tx, address.normalized, amr, client)
                 # The unique index decides between concurrent signups; the check above
                 # only spares a hash in the common case.
                 await tx.execute(_ADD_USER, add_user)
                 await self.events.record(
                     tx, EventKind.SIGNUP, user_id=add_user["user_id"], client=client
                 )
-                if self.require_email_verification:
+                if verify_first:
                     issued: IssuedSession | IssuedChallenge = await self.challenges.open_email(
-                        tx, purpose=ch.VERIFY_EMAIL, user=user, amr=AMR_PASSWORD, client=client
+                        tx,
+                        purpose=ch.VERIFY_EMAIL,
+                        user=user,
+                        address=address.normalized,
+                        amr=amr,
+                        client=client,
                     )
                 else:
-                    issued = await self.open_session(
-                        tx, user_view(user), amr=AMR_PASSWORD, client=client
-                    )
+                    issued = await self.open_session(tx, user_view(user), amr=amr, client=client)
         except UniqueViolation:
             if not self.require_email_verification:
                 raise _email_taken() from None
             async with self.events.transaction(self.statements) as tx:
-                return await self._pending_signup(tx, client)
+                return await self._pending_signup(tx, address.normalized, amr, client)
         self.outbox.wake()
         return issued
 
-    async def _pending_signup(self, tx: Runner, client: ClientInfo) -> IssuedChallenge:
+    async def _pending_signup(
+        self, tx: Runner, address: str, amr: list[str], client: ClientInfo
+    ) -> IssuedChallenge:
         return await self.challenges.open_email(
-            tx, purpose=ch.VERIFY_EMAIL, user=None, amr=AMR_PASSWORD, client=client
+            tx, purpose=ch.VERIFY_EMAIL, user=None, address=address, amr=amr, client=client
         )
 
     async def login(
         self, *, email: str, password: str, client: ClientInfo
     ) -> IssuedSession | IssuedChallenge:
-        """Check a password and sign in. One answer whether the email is unknown or the
-        password wrong, in about the same time.
-
-        Before any password is hashed: the client's address budget, then either the
-        budget of the device token the client holds for this account, or the account's
-        (its lockout, then its budget). A device token's holder is not held up by a
-        lockout strangers caused, and its failures do not add to it."""
+        """Check a password and sign in. One answer whether the email is unknown, the
+        account has no password or the password is wrong, in about the same time."""
         self.hasher.check_capacity()  # when overloaded, refuse before doing any work
         await self.limiter.hit("login_ip", client_key(client.ip))
         password = normalize_password(password)
@@ -539,64 +887,20 @@ class AuthService:
         if normalized is not None:
             async with self.statements.connection() as conn:
                 user = await conn.first(_USER_BY_EMAIL, {"email": normalized})
-        device = None
-        if user is not None:
-            device = self.devices.check(
-                client.device_token, user_id=user["id"], epoch=user["device_epoch"]
+        proven = await self.prove_password(
+            account=user,
+            normalized=normalized,
+            password=password,
+            client=client,
+            failure=_invalid_credentials,
+        )
+        assert user is not None  # noqa: S101 - the password matched
+        async with self.acting(proven) as tx:
+            await self._still_the_password(tx, user, _invalid_credentials)
+            issued = await self.conclude(
+                tx, user["id"], amr=AMR_PASSWORD, client=client, verify_address=True
             )
-        throttled = device is not None  # whether a success has a failure count to clear
-        if device is not None:
-            await self.limiter.hit("login_account", f"device:{device.device_id}")
-        elif normalized is not None:
-            throttled = await self.lockout.check(normalized)
-            await self.limiter.hit("login_account", normalized)
-        try:
-            if not could_be_a_password(password):
-                raise _invalid_credentials()
-            if user is None:
-                await self.hasher.verify_dummy(password)
-                raise _invalid_credentials()
-            ok, new_hash = await self.hasher.verify(password, user["password_hash"])
-            if not ok:
-                raise _invalid_credentials()
-        except AuthFailure as failure:
-            if failure.code is not ErrorCode.INVALID_CREDENTIALS:
-                raise  # a busy hasher (RATE_LIMITED) is no failed sign-in
-            locked_until = None
-            if normalized is not None and device is None:
-                locked_until = await self.lockout.failed(normalized)
-            await self._login_failed(user, normalized, client, locked_until)
-            raise
-        if not user["is_active"]:
-            raise _account_disabled()
-        async with self.events.transaction(self.statements) as tx:
-            locked = await tx.first(_SHARE_USER, {"uid": user["id"]})
-            if locked is None or locked["password_changed_at"] != user["password_changed_at"]:
-                # The password changed since it was checked: it is no longer the password.
-                raise _invalid_credentials()
-            if not locked["is_active"]:
-                raise _account_disabled()
-            if self.require_email_verification and user["email_verified_at"] is None:
-                # The address is proven first: a fresh code goes to it.
-                issued: IssuedSession | IssuedChallenge = await self.challenges.open_email(
-                    tx, purpose=ch.VERIFY_EMAIL, user=user, amr=AMR_PASSWORD, client=client
-                )
-            elif user["otp_confirmed_at"] is not None:
-                issued = await self.challenges.open_totp(
-                    tx, user_id=user["id"], purpose=ch.LOGIN, amr=AMR_PASSWORD, client=client
-                )
-            else:
-                issued = await self.open_session(
-                    tx, user_view(user), amr=AMR_PASSWORD, client=client
-                )
-        if new_hash is not None:
-            # After the commit, in a transaction of its own: it takes the row exclusively,
-            # which concurrent sign-ins holding it shared must not wait for each other on.
-            async with self.events.transaction(self.statements) as tx:
-                await self._upgrade_hash(tx, user, new_hash)
-        if normalized is not None and throttled:
-            await self.lockout.succeeded(normalized)  # the right password clears the count
-        self.outbox.wake()
+        await self._after_password(user, proven)
         return issued
 
     async def _login_failed(
@@ -641,19 +945,24 @@ class AuthService:
         self, *, challenge_token: str, code: str, client: ClientInfo
     ) -> IssuedSession | IssuedChallenge:
         """Completes a TOTP step (a current code or an unused recovery code), or an
-        emailed sign-in or verification code. An emailed reset code is not taken here."""
+        emailed sign-in, verification, change-of-address or step-up code. An emailed
+        reset code is not taken here. A wrong code costs the same whether or not the
+        address has an account."""
         await self.limiter.hit("verify_otp_ip", client_key(client.ip))
         await self.limit_code_checks(challenge_token, client)
         challenge = await self.challenges.take_attempt(ch.TAKE_FOR_VERIFY_OTP, challenge_token)
         try:
             return await self._complete(challenge, code, client)
         except AuthFailure as failure:
-            if failure.code is ErrorCode.INVALID_OTP and challenge["user_id"] is not None:
+            if failure.code is ErrorCode.INVALID_OTP:
+                # Recorded for an unknown address too (as a wrong password is): the same
+                # write either way, so the time of a wrong code tells nothing.
                 await self.events.record_now(
                     self.statements,
                     EventKind.LOGIN_FAILED,
                     user_id=challenge["user_id"],
                     client=client,
+                    email=challenge["email"],
                     details={"step": challenge["method"].lower()},
                 )
             raise
@@ -666,12 +975,16 @@ class AuthService:
         user_id = challenge["user_id"]
         if user_id is None:  # pragma: no cover - TOTP challenges always have a user
             raise invalid_challenge()
-        resetting = challenge["purpose"] == ch.RESET_PASSWORD
-        issued: list[IssuedSession] = []
+        intent = Intent(
+            purpose=challenge["purpose"],
+            session_id=challenge["session_id"],
+            new_password_hash=challenge["pending_password_hash"],
+        )
+        issued: list[IssuedSession | IssuedChallenge] = []
 
         async def lock(tx: Runner) -> None:
             # First in the transaction that spends the code (see _LOCK_USER).
-            await self.lock_user(tx, user_id, exclusive=resetting)
+            await self.lock_user(tx, user_id, exclusive=intent.new_password_hash is not None)
 
         async def claim(tx: Runner, method: str) -> bool:
             # In the transaction that spends the code: of two requests racing on one
@@ -681,19 +994,10 @@ class AuthService:
                 return False
             if method == "recovery":
                 await self._recovery_code_used(tx, user_id, client)
-            if resetting:
-                await self.reset_password_now(
-                    tx, user_id=user_id, new_hash=challenge["pending_password_hash"], client=client
-                )
-            user = await tx.first(_USER_BY_ID, {"user_id": user_id})
-            if user is None:
-                raise invalid_challenge()
-            if not user["is_active"]:
-                raise _account_disabled()
             amr = merge_amr(
                 challenge["amr"].split(), AMR_TOTP if method == "totp" else AMR_RECOVERY_CODE
             )
-            issued.append(await self.open_session(tx, user_view(user), amr=amr, client=client))
+            issued.append(await self.conclude(tx, user_id, amr=amr, client=client, intent=intent))
             return True
 
         await self.two_factor.check_code(
@@ -702,28 +1006,44 @@ class AuthService:
             recovery=True,
             claim=claim,
             lock=lock,
-            client=self.client_budget_key(client),
+            client=await self.trust.budget_of(client, user_id),
         )
         self.outbox.wake()
         return issued[0]
-
-    def client_budget_key(self, client: ClientInfo) -> str:
-        return self.devices.budget_key(client.ip, client.device_token)
 
     async def limit_code_checks(self, challenge_token: str, client: ClientInfo) -> None:
         """Wrong-code budgets count per challenge and per client: another client's
         guesses never use up this one's."""
         digest = token_digest(challenge_token).hex()[:32] if challenge_token else "-"
-        await self.limiter.hit("verify_otp_challenge", f"{digest}:{self.client_budget_key(client)}")
+        budget = self.devices.budget_key(client.ip, client.device_token)
+        await self.limiter.hit("verify_otp_challenge", f"{digest}:{budget}")
+
+    async def emailed_code_check(
+        self, challenge: Mapping[str, Any], code: str, client: ClientInfo
+    ) -> str:
+        """Takes one of the account's wrong-code checks for this client (per account and
+        client, across challenges: an unknown address counts alike), then compares the
+        code: INVALID_OTP when it is not the challenge's. Returns the check's key: the
+        transaction that spends the code gives it back (CodeChecks.give_back)."""
+        if challenge["user_id"] is not None:
+            account = str(challenge["user_id"])
+        elif challenge["email"] is not None:
+            account = f"addr:{challenge['email']}"
+        else:  # pragma: no cover - a challenge from before the address was kept
+            account = f"challenge:{challenge['id']}"
+        key = code_check_key(account, await self.trust.budget_of(client, challenge["user_id"]))
+        await self.code_checks.reserve(key)
+        if not self.challenges.email_code_matches(challenge, code):
+            raise invalid_otp()
+        return key
 
     async def _complete_emailed_code(
         self, challenge: Mapping[str, Any], code: str, client: ClientInfo
     ) -> IssuedSession | IssuedChallenge:
-        if not self.challenges.email_code_matches(challenge, code):
-            raise invalid_otp()
+        check = await self.emailed_code_check(challenge, code, client)
         amr = merge_amr(challenge["amr"].split(), AMR_EMAIL_CODE)
         try:
-            return await self._complete_emailed_code_now(challenge, amr, client)
+            return await self._complete_emailed_code_now(challenge, amr, client, check)
         except UniqueViolation as violation:
             if "email" not in str(violation):
                 raise
@@ -731,7 +1051,7 @@ class AuthService:
             raise _email_taken() from None
 
     async def _complete_emailed_code_now(
-        self, challenge: Mapping[str, Any], amr: list[str], client: ClientInfo
+        self, challenge: Mapping[str, Any], amr: list[str], client: ClientInfo, check: str
     ) -> IssuedSession | IssuedChallenge:
         async with self.events.transaction(self.statements) as tx:
             await self.lock_user(tx, challenge["user_id"], exclusive=True)
@@ -764,6 +1084,7 @@ class AuthService:
                     )
             if not await self.challenges.consume(tx, challenge["id"]):
                 raise invalid_challenge()
+            await self.code_checks.give_back(tx, check)
             if asking is not None:
                 # The asking session goes on, at the new address, with a new refresh
                 # token (as after changePassword); every other session stays as it is.
@@ -771,7 +1092,12 @@ class AuthService:
                 refresh = new_opaque_token()
                 await self.replace_refresh_token(tx, challenge["session_id"], refresh, now)
                 issued: IssuedSession | IssuedChallenge = self.issue(
-                    user_view(user), challenge["session_id"], asking["amr"].split(), refresh, client
+                    user_view(user),
+                    challenge["session_id"],
+                    asking["amr"].split(),
+                    refresh,
+                    client,
+                    auth_time=asking["auth_time"],
                 )
             else:
                 issued = await self._sign_in_by_emailed_code(tx, challenge, user, amr, client)
@@ -786,8 +1112,9 @@ class AuthService:
         amr: list[str],
         client: ClientInfo,
     ) -> IssuedSession | IssuedChallenge:
-        """A verification or sign-in code: the address is proven, and the account signs
-        in (after a TOTP step where two-factor is on)."""
+        """A verification, sign-in or step-up code: the address is proven, and the
+        account signs in, or the asking session steps up (after a TOTP step where
+        two-factor is on)."""
         now = self.clock.now()
         if challenge["purpose"] == ch.LOGIN and user["email_verified_at"] is None:
             await self._distrust_password(tx, user["id"])
@@ -797,13 +1124,10 @@ class AuthService:
             await self.events.record(
                 tx, EventKind.EMAIL_VERIFIED, user_id=user["id"], client=client
             )
-        user = {**user, "email_verified_at": user["email_verified_at"] or now}
-        if user["otp_confirmed_at"] is not None and "mfa" not in amr:
-            # A mailbox alone never signs in to an account with two-factor on.
-            return await self.challenges.open_totp(
-                tx, user_id=user["id"], purpose=ch.LOGIN, amr=amr, client=client
-            )
-        return await self.open_session(tx, user_view(user), amr=amr, client=client)
+        intent = SIGN_IN
+        if challenge["purpose"] == ch.REAUTHENTICATE:
+            intent = step_up(challenge["session_id"])
+        return await self.conclude(tx, user["id"], amr=amr, client=client, intent=intent)
 
     async def _change_email_now(
         self, tx: Runner, user: Mapping[str, Any], new_email: str, client: ClientInfo
@@ -856,12 +1180,9 @@ class AuthService:
     async def _distrust_password(self, tx: Runner, user_id: uuid.UUID) -> None:
         """The owner of the address signs in by code to an account nobody had verified:
         whoever signed up chose its password, and may not be the owner (pre-hijacking).
-        That password stops working (set one with requestPasswordReset), and whatever it
-        opened ends."""
-        await tx.execute(
-            _DISCARD_PASSWORD,
-            {"uid": user_id, "new_hash": unusable_password_hash(), "now": self.clock.now()},
-        )
+        That password stops working (the account goes on without one: the owner may set
+        one with changePassword or requestPasswordReset), and whatever it opened ends."""
+        await tx.execute(_DISCARD_PASSWORD, {"uid": user_id, "now": self.clock.now()})
         await self._end_sessions(tx, user_id, keep=None, reason="unproven_password")
         await self.challenges.void_all(tx, user_id)
 
@@ -924,26 +1245,40 @@ class AuthService:
         *,
         user: UserView,
         session_id: uuid.UUID,
-        old_hash: str,
+        checked_at: datetime | None,
         new_hash: str,
         client: ClientInfo,
-    ) -> bool:
-        """Sets a new password over the checked one, ends every other session and pending
-        step, and tells the owner. False when the password changed meanwhile. The caller
-        holds the user's lock (lock_user)."""
+    ) -> UserView | None:
+        """Sets a new password (an account without one gets its first) over the password
+        as it stood when checked (`checked_at`: its password_changed_at), ends every other
+        session, every device token and pending step, and tells the owner. Returns the
+        user as it is now; None when the password changed meanwhile. The caller holds the
+        user's lock (lock_user)."""
         changed = await tx.execute(
             _CHANGE_PASSWORD,
-            {"uid": user.id, "old_hash": old_hash, "new_hash": new_hash, "now": self.clock.now()},
+            {
+                "uid": user.id,
+                "checked_at": checked_at,
+                "new_hash": new_hash,
+                "now": self.clock.now(),
+            },
         )
         if not changed:
-            return False
+            return None
         await self._end_sessions(tx, user.id, keep=session_id, reason="password_changed")
         await self.challenges.void_all(tx, user.id)
         await self.notices.send(tx, email=user.email, template="password_changed", client=client)
         await self.events.record(
-            tx, EventKind.PASSWORD_CHANGED, user_id=user.id, session_id=session_id, client=client
+            tx,
+            EventKind.PASSWORD_CHANGED,
+            user_id=user.id,
+            session_id=session_id,
+            client=client,
+            details={"first": not user.has_password},
         )
-        return True
+        row = await tx.first(_USER_BY_ID, {"user_id": user.id})
+        assert row is not None  # noqa: S101 - the row is locked by this transaction
+        return user_view(row)
 
     async def lock_sessions(self, tx: Runner, user_id: uuid.UUID) -> None:
         """Locks every live session of the user, in one order (by id) wherever more than
@@ -1014,7 +1349,7 @@ class AuthService:
         if history is not None and history["signed_in_before"] and not history["known"]:
             # Not the account's first session, and not a device and network seen lately.
             await self.notices.send(tx, email=user.email, template="new_device", client=client)
-        return self.issue(user, session_id, amr, refresh, client)
+        return self.issue(user, session_id, amr, refresh, client, auth_time=now)
 
     async def replace_refresh_token(
         self, tx: Runner, session_id: uuid.UUID, refresh: str, now: datetime
@@ -1078,20 +1413,25 @@ class AuthService:
         amr: list[str],
         refresh: str,
         client: ClientInfo | None = None,
+        *,
+        auth_time: datetime,
     ) -> IssuedSession:
-        access = self.access_tokens.issue(user_id=user.id, session_id=session_id, amr=amr)
+        """Tokens for a live session: an access token (with the session's auth_time) and
+        a device token issued with this session, at the account's current epoch."""
+        access = self.access_tokens.issue(
+            user_id=user.id, session_id=session_id, amr=amr, auth_time=auth_time
+        )
         # The device keeps the identity its token had; a new one is named after the
         # session (so refreshing a session cannot mint device identities).
-        held = self.devices.check(
-            client.device_token if client else None, user_id=user.id, epoch=user.device_epoch
-        )
-        device_id = held.device_id if held is not None else session_id.hex
+        held = self.devices.check(client.device_token if client else None, user_id=user.id)
+        keep = held is not None and held.epoch == user.device_epoch
+        device_id = held.device_id if held is not None and keep else session_id.hex
         return IssuedSession(
             access_token=access,
             refresh_token=refresh,
             expires_in=int(self.access_tokens.lifetime.total_seconds()),
             user=user,
-            device_token=self.devices.issue(user.id, user.device_epoch, device_id),
+            device_token=self.devices.issue(user.id, user.device_epoch, session_id, device_id),
         )
 
     # -- refresh ------------------------------------------------------------------------
@@ -1160,7 +1500,9 @@ class AuthService:
                 "This refresh token was already used; the session has been ended.",
             )
         user = user_view(state, id_key="user_id")
-        return self.issue(user, session_id, state["amr"].split(), successor)
+        return self.issue(
+            user, session_id, state["amr"].split(), successor, auth_time=state["auth_time"]
+        )
 
     async def _is_retry(
         self, tx: Runner, state: Mapping[str, Any], successor: str, now: datetime
@@ -1234,15 +1576,18 @@ class AuthService:
     def decode_access_token(self, token: str) -> AccessClaims:
         return self.access_tokens.decode(token)
 
-    async def current_user(self, claims: AccessClaims) -> UserView | None:
-        """The user of a live session, or None when the session has ended or the account
-        is disabled: a revoked session's access tokens stop working at once."""
+    async def current_user(self, claims: AccessClaims) -> tuple[UserView, AccessClaims] | None:
+        """The user of a live session, and the claims with the session's own auth_time;
+        None when the session has ended or the account is disabled: a revoked session's
+        access tokens stop working at once."""
         async with self.statements.connection() as conn:
             row = await conn.first(
                 _CURRENT_USER,
                 {"sid": claims.session_id, "uid": claims.user_id, "now": self.clock.now()},
             )
-        return None if row is None else user_view(row)
+        if row is None:
+            return None
+        return user_view(row), dataclasses.replace(claims, auth_time=row["auth_time"])
 
 
 # -- one account's locks and mass endings: the sign-in paths and `strawgate users` ---------
@@ -1284,6 +1629,12 @@ def _email_taken() -> AuthFailure:
 
 def _invalid_credentials() -> AuthFailure:
     return AuthFailure(ErrorCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS_MESSAGE)
+
+
+def _wrong_password() -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.", field="password"
+    )
 
 
 def _account_disabled() -> AuthFailure:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -19,10 +19,11 @@ from db.errors import AuthFailure, ErrorCode, invalid_challenge
 from db.mail.outbox import Outbox
 from db.models import IP_MAX, Challenge, User
 from db.security.codes import email_code_digest, email_code_matches, new_email_code
+from db.security.limiter import RateLimiter, network_key
 from db.security.tokens import looks_like_opaque_token, new_opaque_token, token_digest
 from db.services.types import ClientInfo, IssuedChallenge
 from db.session import Runner, Statements
-from db.validation import clean_user_agent
+from db.validation import clean_user_agent, parse_email
 
 MAX_CHALLENGE_ATTEMPTS = 5
 MAX_RESENDS = 3
@@ -34,6 +35,7 @@ LOGIN = "LOGIN"
 VERIFY_EMAIL = "VERIFY_EMAIL"
 RESET_PASSWORD = "RESET_PASSWORD"  # noqa: S105 - a purpose
 CHANGE_EMAIL = "CHANGE_EMAIL"
+REAUTHENTICATE = "REAUTHENTICATE"
 
 # The mail that carries each purpose's code.
 CODE_TEMPLATES = {
@@ -41,6 +43,7 @@ CODE_TEMPLATES = {
     LOGIN: "login_code",
     RESET_PASSWORD: "password_reset_code",
     CHANGE_EMAIL: "change_email_code",
+    REAUTHENTICATE: "login_code",
 }
 
 _ADD_CHALLENGE = insert(Challenge).values(
@@ -60,6 +63,7 @@ _ADD_CHALLENGE = insert(Challenge).values(
     pending_password_hash=bindparam("pending_password_hash"),
     new_email=bindparam("new_email"),
     session_id=bindparam("session_id"),
+    email=bindparam("email"),
 )
 
 
@@ -89,13 +93,14 @@ def _take_attempt(pairings: Any) -> Executable:
             Challenge.pending_password_hash,
             Challenge.new_email,
             Challenge.session_id,
+            Challenge.email,
         )
     )
 
 
 # verifyOtp completes TOTP steps (after a password or a reset code) and emailed sign-in,
-# verification and change-of-address codes; resetPassword completes emailed reset codes
-# only.
+# verification, change-of-address and step-up codes; resetPassword completes emailed
+# reset codes only.
 TAKE_FOR_VERIFY_OTP = _take_attempt(
     or_(
         Challenge.method == TOTP,
@@ -106,6 +111,7 @@ TAKE_FOR_VERIFY_OTP = _take_attempt(
                 Challenge.purpose == LOGIN,
                 Challenge.purpose == VERIFY_EMAIL,
                 Challenge.purpose == CHANGE_EMAIL,
+                Challenge.purpose == REAUTHENTICATE,
             ),
         ),
     )
@@ -142,6 +148,7 @@ _FOR_RESEND = (
         Challenge.resends,
         Challenge.sent_at,
         Challenge.new_email,
+        Challenge.email.label("address"),
         User.email,
         User.is_active,
     )
@@ -161,6 +168,26 @@ _RESEND = (
 )
 
 
+class MailBudget:
+    """Every mail that carries a code counts against two budgets of its recipient
+    address: one per requesting network (IPv4 /24, IPv6 /64), so a stranger's requests
+    spend their own network's share and not the owner's, and a ceiling over all networks,
+    which bounds a mail flood to the address. Over either, the answer looks the same and
+    no mail goes out."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    async def allows(self, address: str, client: ClientInfo) -> bool:
+        """Counts a code mail to `address` (normalized) asked for by `client`; False when
+        over a budget (nothing is mailed then)."""
+        if not await self.limiter.hit_quietly(
+            "code_mail_client", f"{address}|{network_key(client.ip)}"
+        ):
+            return False
+        return await self.limiter.hit_quietly("code_mail_account", address)
+
+
 class Challenges:
     def __init__(
         self,
@@ -171,7 +198,9 @@ class Challenges:
         secret: str,
         email_lifetime: timedelta,
         totp_lifetime: timedelta,
+        mail_budget: MailBudget,
     ) -> None:
+        self.mail_budget = mail_budget
         self.statements = statements
         self.outbox = outbox
         self.clock = clock
@@ -185,19 +214,26 @@ class Challenges:
         *,
         purpose: str,
         user: Mapping[str, Any] | None,
+        address: str,
         amr: list[str],
         client: ClientInfo,
         new_email: str | None = None,
         session_id: uuid.UUID | None = None,
     ) -> IssuedChallenge:
         """A challenge completed by a code mailed to `user` (id, email) in this transaction
-        (for a change of address, to `new_email` instead, bound to the asking session).
-        Without a user (an unknown address, or one that must get no mail) the challenge
-        is made just the same, and no code will ever complete it."""
+        (for a change of address, to `new_email` instead), bound to `session_id` where one
+        asked. `address`: the normalized address it is for. Without a user (an unknown
+        address) the challenge is made just the same, and no code will ever complete it;
+        over the address's mail budget it is mailed nowhere, and its code never arrives."""
         now = self.clock.now()
         challenge_id = uuid.uuid4()
         code = new_email_code()
         expires_at = now + self.email_lifetime
+        recipient = (new_email or user["email"]) if user is not None else None
+        # Counted for unknown addresses too: the same work either way.
+        budget_key = parse_email(new_email).normalized if new_email else address
+        if not await self.mail_budget.allows(budget_key, client):
+            recipient = None
         token = await self._insert(
             tx,
             challenge_id=challenge_id,
@@ -210,9 +246,10 @@ class Challenges:
             code_hash=email_code_digest(self._secret, challenge_id, code),
             new_email=new_email,
             session_id=session_id,
+            email=address,
         )
-        if user is not None:
-            await self._mail_code(tx, new_email or user["email"], purpose, code, expires_at)
+        if recipient is not None:
+            await self._mail_code(tx, recipient, purpose, code, expires_at)
         else:
             # The same work as queueing the mail: the answer's timing reveals nothing.
             await self.outbox.decoy(tx, secrets={"code": code})
@@ -232,7 +269,10 @@ class Challenges:
         amr: list[str],
         client: ClientInfo,
         pending_password_hash: str | None = None,
+        session_id: uuid.UUID | None = None,
     ) -> IssuedChallenge:
+        """A TOTP step (after a first factor), for `purpose`, bound to `session_id` where
+        it renews a session (REAUTHENTICATE)."""
         token = await self._insert(
             tx,
             challenge_id=uuid.uuid4(),
@@ -243,6 +283,7 @@ class Challenges:
             client=client,
             expires_at=self.clock.now() + self.totp_lifetime,
             pending_password_hash=pending_password_hash,
+            session_id=session_id,
         )
         return IssuedChallenge(
             challenge_token=token,
@@ -266,6 +307,7 @@ class Challenges:
         pending_password_hash: str | None = None,
         new_email: str | None = None,
         session_id: uuid.UUID | None = None,
+        email: str | None = None,
     ) -> str:
         now = self.clock.now()
         token = new_opaque_token()  # 256 bits; stored only as its SHA-256
@@ -287,6 +329,7 @@ class Challenges:
                 "pending_password_hash": pending_password_hash,
                 "new_email": new_email,
                 "session_id": session_id,
+                "email": email,
             },
         )
         return token
@@ -337,9 +380,7 @@ class Challenges:
 
     # -- resending --------------------------------------------------------------------------
 
-    async def resend(
-        self, token: str, *, may_mail: Callable[[str], Awaitable[bool]] | None = None
-    ) -> IssuedChallenge:
+    async def resend(self, token: str, *, client: ClientInfo) -> IssuedChallenge:
         """A new code for the same emailed challenge (the old one stops working), keeping
         its attempts and expiry: at most MAX_RESENDS times, once a minute."""
         if not token or not looks_like_opaque_token(token):
@@ -374,11 +415,15 @@ class Challenges:
                     "now": now,
                 },
             )
-            mail = row["user_id"] is not None and row["is_active"]
-            if mail and may_mail is not None:
-                mail = await may_mail(str(row["user_id"]))  # the account's mail cap
-            if mail:
-                recipient = row["new_email"] or row["email"]  # a change of address: the new one
+            # A change of address: the new one.
+            recipient = (row["new_email"] or row["email"]) if row["user_id"] is not None else None
+            budget_key = recipient or row["address"] or str(row["id"])
+            if recipient is not None:
+                budget_key = parse_email(recipient).normalized
+            # Counted for unknown addresses too: the same work either way.
+            if not await self.mail_budget.allows(budget_key, client) or not row["is_active"]:
+                recipient = None
+            if recipient is not None:
                 await self._mail_code(tx, recipient, row["purpose"], code, row["expires_at"])
             else:
                 await self.outbox.decoy(tx, secrets={"code": code})

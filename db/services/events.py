@@ -73,6 +73,8 @@ class EventKind(StrEnum):
     OPERATOR_ENABLE = "OPERATOR_ENABLE"
     OPERATOR_UNLOCK = "OPERATOR_UNLOCK"
     OPERATOR_LOGOUT = "OPERATOR_LOGOUT"
+    # A credential proven again on a live session (reauthenticate): its auth_time renewed.
+    REAUTHENTICATED = "REAUTHENTICATED"
 
 
 _KINDS = {kind.value: kind for kind in EventKind}

@@ -28,10 +28,10 @@ from db.services import challenges as ch
 from db.services.account import AccountService
 from db.services.auth import ADDRESS_HOLDER, AMR_PASSWORD, LIVE_SESSION
 from db.services.events import EventKind
-from db.services.mfa import PASSWORD_HASH, Claim
+from db.services.mfa import Claim
 from db.services.types import ClientInfo, IssuedChallenge, UserView, merge_amr
 from db.session import Runner
-from db.validation import could_be_a_password, normalize_password, parse_email
+from db.validation import parse_email
 
 EXPORT_FORMAT = "strawgate-account-export/1"
 
@@ -180,14 +180,15 @@ class LifecycleService:
         user: UserView,
         claims: AccessClaims,
         new_email: str,
-        password: str,
+        password: str | None,
         code: str | None = None,
         client: ClientInfo,
     ) -> IssuedChallenge:
         """Mails a code to the new address; verifyOtp with it moves the account there.
-        Needs the password (a wrong one counts like a failed login), an address signup
-        would take, and, where two-factor is on and this session signed in without it,
-        a current TOTP or recovery code. The challenge is bound to this session."""
+        Needs the password (a wrong one counts like a failed login) or a recent sign-in
+        on this session, an address signup would take, and, where two-factor is on and
+        this session signed in without it, a current TOTP or recovery code. The challenge
+        is bound to this session."""
         self.hasher.check_capacity()
         await self.limiter.hit("change_email_ip", client_key(client.ip))
         await self.limiter.hit("change_email_account", str(user.id))
@@ -195,7 +196,7 @@ class LifecycleService:
             address = parse_email(new_email)
         except AuthFailure as failure:
             raise AuthFailure(failure.code, failure.message, field="newEmail") from None
-        password_set_at = await self._check_password(user, password, client)
+        password_set_at = await self._check_password(user, claims, password, client)
         if address.normalized == parse_email(user.email).normalized:
             raise AuthFailure(
                 ErrorCode.INVALID_INPUT, "This is already your email address.", field="newEmail"
@@ -216,13 +217,13 @@ class LifecycleService:
         if not second_factor and await self.auth.two_factor.is_on(user.id):
             await self._check_second_factor(user, code, client)
             second_factor = True
-        may_mail = await self.account.may_mail(str(user.id))
         async with self.events.transaction(self.statements) as tx:
             await self._still_as_checked(tx, user, claims, password_set_at, second_factor)
             issued = await self.auth.challenges.open_email(
                 tx,
                 purpose=ch.CHANGE_EMAIL,
-                user={"id": user.id, "email": user.email} if may_mail else None,
+                user={"id": user.id, "email": user.email},
+                address=parse_email(user.email).normalized,
                 # "mfa" where a code was checked here: verifyOtp refuses a change asked
                 # without a second factor once two-factor is on.
                 amr=merge_amr(
@@ -236,30 +237,14 @@ class LifecycleService:
         return issued
 
     async def _check_password(
-        self, user: UserView, password: str, client: ClientInfo
+        self, user: UserView, claims: AccessClaims, password: str | None, client: ClientInfo
     ) -> datetime | None:
-        """The account's password, as a sign-in checks it: refused while the address is
-        locked out, and a wrong one counted towards the lockout. Returns when the password
-        checked was set (see _still_as_checked)."""
-        password = normalize_password(password)
-        held = self.auth.devices.check(
-            client.device_token, user_id=user.id, epoch=user.device_epoch
+        """The account's password, as a sign-in checks it (lockout, budgets; a wrong one
+        counts), or, omitted, a recent sign-in on this session. Returns when the password
+        was set (see _still_as_checked)."""
+        return await self.auth.check_current_password(
+            user=user, claims=claims, password=password, client=client, failure=_wrong_password
         )
-        if held is None:
-            await self.auth.lockout.check(parse_email(user.email).normalized)
-        if could_be_a_password(password):
-            async with self.statements.connection() as conn:
-                row = await conn.first(PASSWORD_HASH, {"uid": user.id})
-            if row is not None:
-                ok, _upgraded = await self.hasher.verify(password, row["password_hash"])
-                if ok:
-                    password_set_at: datetime | None = row["password_changed_at"]
-                    return password_set_at
-        await self.account.count_failure(user, client)
-        await self.events.record_now(
-            self.statements, EventKind.LOGIN_FAILED, user_id=user.id, client=client
-        )
-        raise _wrong_password()
 
     async def _check_second_factor(
         self, user: UserView, code: str | None, client: ClientInfo, claim: Claim | None = None
@@ -278,7 +263,7 @@ class LifecycleService:
             recovery=True,
             claim=claim,
             lock=lock if claim is not None else None,
-            client=self.auth.client_budget_key(client),
+            client=await self.auth.trust.budget_of(client, user.id),
         )
 
     async def _still_as_checked(
@@ -427,17 +412,18 @@ class LifecycleService:
         *,
         user: UserView,
         claims: AccessClaims,
-        password: str,
+        password: str | None,
         code: str | None,
         client: ClientInfo,
     ) -> None:
-        """Deletes the account: needs the password and, with two-factor on, a current or
-        recovery code. Every session ends with it; the audit trail stays, anonymised; a
-        last notice goes to the address. A wrong password or code changes nothing."""
+        """Deletes the account: needs the password (or a recent sign-in on this session)
+        and, with two-factor on, a current or recovery code. Every session ends with it;
+        the audit trail stays, anonymised; a last notice goes to the address. A wrong
+        password or code changes nothing."""
         self.hasher.check_capacity()
         await self.limiter.hit("delete_account_ip", client_key(client.ip))
         await self.limiter.hit("delete_account_account", str(user.id))
-        password_set_at = await self._check_password(user, password, client)
+        password_set_at = await self._check_password(user, claims, password, client)
         second_factor = await self.auth.two_factor.is_on(user.id)
 
         async def delete_now(tx: Runner, method: str = "") -> bool:

@@ -5,21 +5,38 @@ nothing about which addresses have accounts). From the THRESHOLD-th failure on, 
 failure locks the address for a step that doubles from BASE up to MAX; a success, or
 RESET without any failure, clears the count. A locked address answers RATE_LIMITED with
 retryAfter before any password is hashed. Clients holding a device token for the
-account are not held up by it (the caller skips the lockout for them)."""
+account are not held up by it (the caller skips the lockout for them).
+
+Parallel guesses: every password check is reserved before its hash, under the row's
+lock (on every process alike): the checks in flight and the failures counted so far stay
+under the threshold together, so 20 guesses sent at once get at most THRESHOLD checks
+before the lock, and one per lock period after it; the rest answer RATE_LIMITED (retry
+in a second) without a hash. Concurrent right passwords of the owner are only spread
+out, never locked: a success clears the count."""
 
 from __future__ import annotations
 
 import math
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, or_, select, update
+from sqlalchemy import bindparam, delete, insert, literal, null, or_, select, update
 
 from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode, UniqueViolation
 from db.models import LoginThrottle
-from db.session import Statements
+from db.session import Runner, Statements
 
-_STATE = select(LoginThrottle.failures, LoginThrottle.last_failure_at, LoginThrottle.locked_until)
+# A reservation older than this was left by a process that died mid-check: not counted.
+STALE_IN_FLIGHT = timedelta(minutes=1)
+
+_STATE = select(
+    LoginThrottle.failures,
+    LoginThrottle.last_failure_at,
+    LoginThrottle.locked_until,
+    LoginThrottle.in_flight,
+    LoginThrottle.in_flight_at,
+)
 _STATE_BY_EMAIL = _STATE.where(LoginThrottle.email == bindparam("email"))
 _LOCK_ROW = _STATE_BY_EMAIL.with_for_update()
 _FIRST_FAILURE = insert(LoginThrottle).values(
@@ -27,6 +44,8 @@ _FIRST_FAILURE = insert(LoginThrottle).values(
     failures=bindparam("failures"),
     last_failure_at=bindparam("now"),
     locked_until=bindparam("until"),
+    in_flight=bindparam("in_flight"),
+    in_flight_at=bindparam("in_flight_at"),
 )
 _NEXT_FAILURE = (
     update(LoginThrottle)
@@ -35,12 +54,24 @@ _NEXT_FAILURE = (
         failures=bindparam("failures"),
         last_failure_at=bindparam("now"),
         locked_until=bindparam("until"),
+        in_flight=bindparam("in_flight"),
     )
+)
+_RESERVE = (
+    update(LoginThrottle)
+    .where(LoginThrottle.email == bindparam("email"))
+    .values(in_flight=bindparam("in_flight"), in_flight_at=bindparam("now"))
+)
+_GIVE_BACK = (
+    update(LoginThrottle)
+    .where(LoginThrottle.email == bindparam("email"), LoginThrottle.in_flight > 0)
+    .values(in_flight=LoginThrottle.in_flight - 1)
 )
 _CLEAR = delete(LoginThrottle).where(LoginThrottle.email == bindparam("email"))
 _PRUNE = delete(LoginThrottle).where(
     LoginThrottle.last_failure_at < bindparam("quiet_since"),
     or_(LoginThrottle.locked_until.is_(None), LoginThrottle.locked_until < bindparam("now")),
+    or_(LoginThrottle.in_flight_at.is_(None), LoginThrottle.in_flight_at < bindparam("stale")),
 )
 
 
@@ -62,28 +93,69 @@ class Lockout:
         self.cap = cap
         self.reset_after = reset_after
 
-    async def check(self, email: str) -> bool:
-        """RATE_LIMITED while the address is locked; whether it has failures counted."""
-        async with self.statements.connection() as conn:
-            state = await conn.first(_STATE_BY_EMAIL, {"email": email})
-        if state is None:
-            return False
-        self._refuse_if_locked(state["locked_until"], self.clock.now())
-        return True
-
-    async def failed(self, email: str) -> datetime | None:
-        """Counts a failure; the end of the lock it starts, if it starts one."""
+    async def reserve(self, email: str) -> None:
+        """Reserves one password check for the address before its hash, under the row's
+        lock; RATE_LIMITED (nothing reserved) while the address is locked, or while the
+        checks already in flight would take it past the threshold. Settle it with
+        failed(), succeeded() or give_back()."""
         now = self.clock.now()
         for _attempt in range(3):
             try:
                 async with self.statements.transaction() as tx:
                     state = await tx.first(_LOCK_ROW, {"email": email})
-                    failures = 1
-                    if state is not None and now - state["last_failure_at"] < self.reset_after:
-                        failures = state["failures"] + 1
-                    until = self._lock_end(failures, now)
-                    params = {"email": email, "failures": failures, "now": now, "until": until}
                     if state is None:
+                        await tx.execute(
+                            _FIRST_FAILURE,
+                            {
+                                "email": email,
+                                "failures": 0,
+                                "now": now,
+                                "until": None,
+                                "in_flight": 1,
+                                "in_flight_at": now,
+                            },
+                        )
+                        return
+                    self._refuse_if_locked(state["locked_until"], now)
+                    failures = self._current(state, now)
+                    in_flight = state["in_flight"]
+                    if state["in_flight_at"] is None or now - state["in_flight_at"] >= (
+                        STALE_IN_FLIGHT
+                    ):
+                        in_flight = 0
+                    # Past the threshold, one check at a time (one per lock period).
+                    if in_flight >= max(1, self.threshold - failures):
+                        raise AuthFailure(
+                            ErrorCode.RATE_LIMITED,
+                            "Too many sign-ins for this address at once; try again in a moment.",
+                            retry_after=1,
+                        )
+                    await tx.execute(
+                        _RESERVE, {"email": email, "in_flight": in_flight + 1, "now": now}
+                    )
+                return
+            except UniqueViolation:
+                continue  # a concurrent first attempt made the row: reserve on top of it
+
+    async def failed(self, email: str) -> datetime | None:
+        """Settles a reserved check as a failure; the end of the lock it starts, if it
+        starts one."""
+        now = self.clock.now()
+        for _attempt in range(3):
+            try:
+                async with self.statements.transaction() as tx:
+                    state = await tx.first(_LOCK_ROW, {"email": email})
+                    failures = 1 + (self._current(state, now) if state is not None else 0)
+                    until = self._lock_end(failures, now)
+                    params = {
+                        "email": email,
+                        "failures": failures,
+                        "now": now,
+                        "until": until,
+                        "in_flight": max(0, state["in_flight"] - 1) if state is not None else 0,
+                        "in_flight_at": None,
+                    }
+                    if state is None:  # a success cleared the row meanwhile
                         await tx.execute(_FIRST_FAILURE, params)
                     else:
                         await tx.execute(_NEXT_FAILURE, params)
@@ -92,15 +164,24 @@ class Lockout:
                 continue  # a concurrent first failure made the row: count on top of it
         return None  # pragma: no cover - the row exists after the first conflict
 
-    async def succeeded(self, email: str) -> None:
+    async def give_back(self, email: str) -> None:
+        """Settles a reserved check that never ran (a busy hasher): not a failure."""
         async with self.statements.transaction() as tx:
-            await tx.execute(_CLEAR, {"email": email})
+            await tx.execute(_GIVE_BACK, {"email": email})
+
+    async def succeeded(self, tx: Runner, email: str) -> None:
+        """The right password: the count and the reservations are cleared, in the
+        transaction that signs in."""
+        await tx.execute(_CLEAR, {"email": email})
 
     async def prune(self) -> int:
         """Forgets addresses quiet for longer than the reset period."""
         now = self.clock.now()
         async with self.statements.transaction() as tx:
-            return await tx.execute(_PRUNE, {"quiet_since": now - self.reset_after, "now": now})
+            return await tx.execute(
+                _PRUNE,
+                {"quiet_since": now - self.reset_after, "now": now, "stale": now - STALE_IN_FLIGHT},
+            )
 
     def steps(self, failures: int) -> timedelta | None:
         """How long the `failures`-th failure in a row locks the address."""
@@ -109,6 +190,12 @@ class Lockout:
         doublings = min(failures - self.threshold, 32)
         step: timedelta = self.base * (1 << doublings)
         return step if step < self.cap else self.cap
+
+    def _current(self, state: Any, now: datetime) -> int:
+        """The failures still counted (none once RESET has passed without one)."""
+        if now - state["last_failure_at"] < self.reset_after:
+            return int(state["failures"])
+        return 0
 
     def _lock_end(self, failures: int, now: datetime) -> datetime | None:
         step = self.steps(failures)
@@ -123,3 +210,82 @@ class Lockout:
                 "Too many failed sign-ins for this address; try again later.",
                 retry_after=max(1, wait),
             )
+
+
+# -- wrong codes per account and client ------------------------------------------------------
+
+# Wrong codes (TOTP, recovery, emailed) per account and client, across challenges and
+# mutations, before code checks refuse.
+ACCOUNT_CODE_FAILURES = 10
+ACCOUNT_CODE_WINDOW = timedelta(minutes=15)
+
+# In the throttles table under a key of their own ("otp:<account>:<client>"): the
+# window's start, and the checks counted in it.
+_CHECKS = (
+    select(LoginThrottle.failures, LoginThrottle.last_failure_at)
+    .where(LoginThrottle.email == bindparam("key"))
+    .with_for_update()
+)
+_FIRST_CHECK = insert(LoginThrottle).values(
+    email=bindparam("key"),
+    failures=literal(1),
+    last_failure_at=bindparam("now"),
+    locked_until=null(),
+)
+_SET_CHECKS = (
+    update(LoginThrottle)
+    .where(LoginThrottle.email == bindparam("key"))
+    .values(failures=bindparam("failures"), last_failure_at=bindparam("since"))
+)
+_REFUND_CHECK = (
+    update(LoginThrottle)
+    .where(LoginThrottle.email == bindparam("key"), LoginThrottle.failures > 0)
+    .values(failures=LoginThrottle.failures - 1)
+)
+
+
+def code_check_key(account: str, client: str) -> str:
+    """The counter of one account's wrong codes from one client (its device, else its
+    address): other clients' guesses never use up this one's budget."""
+    return f"otp:{account}:{client}"
+
+
+class CodeChecks:
+    """Every code checked against an account first takes one of the window's checks; a
+    right code gives it back, so only wrong ones count. The row lock serialises parallel
+    guesses, so none passes the cap."""
+
+    def __init__(self, *, statements: Statements, clock: Clock) -> None:
+        self.statements = statements
+        self.clock = clock
+
+    async def reserve(self, key: str) -> None:
+        """Takes one check, or RATE_LIMITED when the window's are used up."""
+        now = self.clock.now()
+        for _attempt in range(3):
+            try:
+                async with self.statements.transaction() as tx:
+                    row = await tx.first(_CHECKS, {"key": key})
+                    if row is None:
+                        await tx.execute(_FIRST_CHECK, {"key": key, "now": now})
+                        return
+                    since, failures = row["last_failure_at"], row["failures"]
+                    if now - since >= ACCOUNT_CODE_WINDOW or failures == 0:
+                        since, failures = now, 0  # a new window
+                    if failures >= ACCOUNT_CODE_FAILURES:
+                        wait = (since + ACCOUNT_CODE_WINDOW - now).total_seconds()
+                        raise AuthFailure(
+                            ErrorCode.RATE_LIMITED,
+                            "Too many wrong codes for this account; try again later.",
+                            retry_after=max(1, math.ceil(wait)),
+                        )
+                    await tx.execute(
+                        _SET_CHECKS, {"key": key, "failures": failures + 1, "since": since}
+                    )
+                    return
+            except UniqueViolation:
+                continue  # a concurrent first check made the row: count on top of it
+
+    async def give_back(self, tx: Runner, key: str) -> None:
+        """A right code: its check does not count (in the transaction that spends it)."""
+        await tx.execute(_REFUND_CHECK, {"key": key})

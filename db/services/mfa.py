@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, literal, null, or_, select, update
+from sqlalchemy import bindparam, delete, insert, null, or_, select, update
 
 from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_challenge, invalid_otp
-from db.models import LoginThrottle, RecoveryCode, TotpCredential, User
-from db.security.box import SecretBox
-from db.security.device import DeviceTokens
+from db.models import RecoveryCode, TotpCredential, User
+from db.security.box import SecretBox, UndecryptableSecret
 from db.security.limiter import RateLimiter, client_key
 from db.security.passwords import PasswordHasher
 from db.security.totp import (
@@ -29,20 +27,16 @@ from db.security.totp import (
     recovery_lookup,
 )
 from db.services.events import EventKind, SecurityEvents
+from db.services.lockout import CodeChecks, code_check_key
 from db.services.notices import Notices
-from db.services.types import ClientInfo
+from db.services.types import ClientInfo, UserView
 from db.session import Runner, Statements
-from db.validation import could_be_a_password, normalize_password
 
 # Takes what a code is for (a challenge) inside the transaction that spends it; told
 # which kind of code it was ("totp" or "recovery").
 Claim = Callable[[Runner, str], Awaitable[bool]]
 # Runs first in that transaction: the locks the claim will need, in the caller's order.
 Lock = Callable[[Runner], Awaitable[None]]
-
-# Wrong codes per account, across challenges and mutations, before code checks refuse.
-ACCOUNT_CODE_FAILURES = 10
-ACCOUNT_CODE_WINDOW = timedelta(minutes=15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,29 +121,6 @@ _USE_RECOVERY_CODE = (
     .returning(RecoveryCode.id)
 )
 
-# Wrong codes per account and client (see _reserve_check), in the throttles table under
-# a key of their own: the window's start, and the checks counted in it.
-_CHECKS = (
-    select(LoginThrottle.failures, LoginThrottle.last_failure_at)
-    .where(LoginThrottle.email == bindparam("key"))
-    .with_for_update()
-)
-_FIRST_CHECK = insert(LoginThrottle).values(
-    email=bindparam("key"),
-    failures=literal(1),
-    last_failure_at=bindparam("now"),
-    locked_until=null(),
-)
-_SET_CHECKS = (
-    update(LoginThrottle)
-    .where(LoginThrottle.email == bindparam("key"))
-    .values(failures=bindparam("failures"), last_failure_at=bindparam("since"))
-)
-_REFUND_CHECK = (
-    update(LoginThrottle)
-    .where(LoginThrottle.email == bindparam("key"), LoginThrottle.failures > 0)
-    .values(failures=LoginThrottle.failures - 1)
-)
 # The password's hash, and when it was last set (what a check re-reads under the lock).
 PASSWORD_HASH = select(User.password_hash, User.password_changed_at).where(
     User.id == bindparam("uid")
@@ -168,12 +139,12 @@ class TwoFactor:
         recovery_key: bytes,
         notices: Notices,
         limiter: RateLimiter,
-        devices: DeviceTokens,
+        code_checks: CodeChecks,
         events: SecurityEvents,
     ) -> None:
         self.events = events
         self.limiter = limiter
-        self.devices = devices
+        self.code_checks = code_checks
         self.statements = statements
         self.box = box
         self.hasher = hasher
@@ -184,8 +155,12 @@ class TwoFactor:
 
     # -- enrolment -------------------------------------------------------------------------
 
-    async def setup(self, *, user_id: uuid.UUID, email: str) -> TotpEnrolment:
-        """A new pending secret (replacing a pending one); refused once two-factor is on."""
+    async def setup(self, *, user: UserView) -> TotpEnrolment:
+        """A new pending secret (replacing a pending one); refused once two-factor is on,
+        and for an address nobody has proven (its owner would be kept out of every way in
+        by code)."""
+        _require_verified(user)
+        user_id, email = user.id, user.email
         secret = new_secret()
         for _attempt in range(3):
             try:
@@ -210,11 +185,14 @@ class TwoFactor:
         return TotpEnrolment(secret=secret, otpauth_uri=uri, qr_code_svg=qr_svg(uri))
 
     async def confirm(
-        self, *, user_id: uuid.UUID, email: str, code: str, client: ClientInfo
+        self, *, user: UserView, code: str, client: ClientInfo, budget: str
     ) -> list[str]:
-        """Turns two-factor on with a current code from the pending secret; the recovery
-        codes, shown once."""
-        await self._limit("confirm_totp_ip", user_id, client)
+        """Turns two-factor on with a current code from the pending secret (on a proven
+        address only); the recovery codes, shown once. `budget`: whose wrong-code budget
+        the check spends (the client's device, else its address)."""
+        user_id, email = user.id, user.email
+        await self.limit("confirm_totp_ip", user_id, client)
+        _require_verified(user)
         async with self.statements.connection() as conn:
             credential = await conn.first(_CREDENTIAL, {"uid": user_id})
         if credential is None:
@@ -228,7 +206,7 @@ class TwoFactor:
             code=code,
             credential=credential,
             recovery=False,
-            client=self._budget(client),
+            client=budget,
         )
         codes, rows = await self._new_recovery_codes(user_id)
         async with self.events.transaction(self.statements) as tx:
@@ -248,17 +226,17 @@ class TwoFactor:
         return codes
 
     async def regenerate_recovery_codes(
-        self, *, user_id: uuid.UUID, code: str, client: ClientInfo
+        self, *, user_id: uuid.UUID, code: str, client: ClientInfo, budget: str
     ) -> list[str]:
         """Replaces every recovery code; needs a current TOTP code."""
-        await self._limit("regenerate_recovery_codes_ip", user_id, client)
-        credential = await self._confirmed(user_id)
+        await self.limit("regenerate_recovery_codes_ip", user_id, client)
+        credential = await self.confirmed(user_id)
         await self.check_code(
             user_id=user_id,
             code=code,
             credential=credential,
             recovery=False,
-            client=self._budget(client),
+            client=budget,
         )
         codes, rows = await self._new_recovery_codes(user_id)
         async with self.events.transaction(self.statements) as tx:
@@ -266,25 +244,23 @@ class TwoFactor:
         return codes
 
     async def disable(
-        self, *, user_id: uuid.UUID, email: str, password: str, code: str, client: ClientInfo
+        self,
+        *,
+        user_id: uuid.UUID,
+        email: str,
+        code: str,
+        credential: Mapping[str, Any],
+        budget: str,
+        client: ClientInfo,
     ) -> None:
-        """Turns two-factor off: needs the password and a current or recovery code."""
-        await self._limit("disable_totp_ip", user_id, client)
-        credential = await self._confirmed(user_id)
-        password = normalize_password(password)
-        async with self.statements.connection() as conn:
-            row = await conn.first(PASSWORD_HASH, {"uid": user_id})
-        ok = False
-        if row is not None and could_be_a_password(password):
-            ok, _new_hash = await self.hasher.verify(password, row["password_hash"])
-        if not ok:
-            raise AuthFailure(ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.")
+        """Turns two-factor off with a current or recovery code (the caller has checked
+        the password, or that the session signed in recently)."""
         await self.check_code(
             user_id=user_id,
             code=code,
             credential=credential,
             recovery=True,
-            client=self._budget(client),
+            client=budget,
         )
         async with self.events.transaction(self.statements) as tx:
             await tx.execute(_DROP_RECOVERY_CODES, {"uid": user_id})
@@ -316,14 +292,14 @@ class TwoFactor:
         now = self.clock.now()
         if recovery:
             self.hasher.check_capacity()  # refuse before a slot is taken, not after
-        key = f"otp:{user_id}:{client}"
-        await self._reserve_check(key, now)
+        key = code_check_key(str(user_id), client)
+        await self.code_checks.reserve(key)
         # A wrong code leaves the reserved check counted; a right one gives it back.
         method = await self._verify(
             user_id, code, credential, recovery=recovery, now=now, claim=claim, lock=lock
         )
-        async with self.events.transaction(self.statements) as tx:
-            await tx.execute(_REFUND_CHECK, {"key": key})
+        async with self.statements.transaction() as tx:
+            await self.code_checks.give_back(tx, key)
         return method
 
     async def _verify(
@@ -342,8 +318,17 @@ class TwoFactor:
                 credential = await conn.first(_CREDENTIAL, {"uid": user_id})
             if credential is not None and credential["confirmed_at"] is None:
                 credential = None  # a pending secret signs nobody in
+        normalized = normalize_recovery_code(code) if recovery else None
+        secret = None
         if credential is not None:
-            secret = self.box.open(credential["secret_sealed"])
+            try:
+                secret = self.box.open(credential["secret_sealed"])
+            except UndecryptableSecret:
+                # This process lacks the key (a rotation under way): a TOTP code cannot be
+                # checked here (SERVICE_UNAVAILABLE); a recovery code can.
+                if normalized is None:
+                    raise
+        if credential is not None and secret is not None:
             step = matching_step(secret, code, now=now, after=credential["last_step"])
             if step is not None:
                 async with self.events.transaction(self.statements) as tx:
@@ -358,7 +343,6 @@ class TwoFactor:
                 if accepted is not None:
                     return "totp"
                 raise invalid_otp()  # replayed, by a concurrent request
-        normalized = normalize_recovery_code(code) if recovery else None
         if normalized is not None:
             lookup = recovery_lookup(self._recovery_key, normalized)
             async with self.statements.connection() as conn:
@@ -384,40 +368,10 @@ class TwoFactor:
                         return "recovery"
         raise invalid_otp()
 
-    async def _reserve_check(self, key: str, now: datetime) -> None:
-        """Takes one check of the window's budget, or refuses: the row lock serialises
-        parallel guesses, so none passes the cap."""
-        for _attempt in range(3):
-            try:
-                async with self.events.transaction(self.statements) as tx:
-                    row = await tx.first(_CHECKS, {"key": key})
-                    if row is None:
-                        await tx.execute(_FIRST_CHECK, {"key": key, "now": now})
-                        return
-                    since, failures = row["last_failure_at"], row["failures"]
-                    if now - since >= ACCOUNT_CODE_WINDOW or failures == 0:
-                        since, failures = now, 0  # a new window
-                    if failures >= ACCOUNT_CODE_FAILURES:
-                        wait = (since + ACCOUNT_CODE_WINDOW - now).total_seconds()
-                        raise AuthFailure(
-                            ErrorCode.RATE_LIMITED,
-                            "Too many wrong codes for this account; try again later.",
-                            retry_after=max(1, math.ceil(wait)),
-                        )
-                    await tx.execute(
-                        _SET_CHECKS, {"key": key, "failures": failures + 1, "since": since}
-                    )
-                    return
-            except UniqueViolation:
-                continue  # a concurrent first check made the row: count on top of it
-
-    async def _limit(self, limit: str, user_id: uuid.UUID, client: ClientInfo) -> None:
+    async def limit(self, limit: str, user_id: uuid.UUID, client: ClientInfo) -> None:
         """The client address's budget for the operation, and the account's."""
         await self.limiter.hit(limit, client_key(client.ip))
         await self.limiter.hit("totp_account", str(user_id))
-
-    def _budget(self, client: ClientInfo) -> str:
-        return self.devices.budget_key(client.ip, client.device_token)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -426,7 +380,8 @@ class TwoFactor:
             credential = await conn.first(_CREDENTIAL, {"uid": user_id})
         return credential is not None and credential["confirmed_at"] is not None
 
-    async def _confirmed(self, user_id: uuid.UUID) -> Mapping[str, Any]:
+    async def confirmed(self, user_id: uuid.UUID) -> Mapping[str, Any]:
+        """The confirmed credential; INVALID_INPUT where two-factor is off."""
         async with self.statements.connection() as conn:
             credential = await conn.first(_CREDENTIAL, {"uid": user_id})
         if credential is None or credential["confirmed_at"] is None:
@@ -466,6 +421,14 @@ class TwoFactor:
         await tx.execute(_DROP_RECOVERY_CODES, {"uid": user_id})
         for row in rows:
             await tx.execute(_ADD_RECOVERY_CODE, {**row, "now": now})
+
+
+def _require_verified(user: UserView) -> None:
+    if not user.email_verified:
+        raise AuthFailure(
+            ErrorCode.INVALID_INPUT,
+            "Verify your email address before turning on two-factor sign-in.",
+        )
 
 
 def _already_on() -> AuthFailure:

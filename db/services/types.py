@@ -16,6 +16,8 @@ class UserView:
     email_verified: bool
     otp_enabled: bool
     created_at: datetime
+    # False for an account that signs in only by emailed code (no password set).
+    has_password: bool = True
     # What device tokens of the account carry (see db/security/device.py).
     device_epoch: int = 0
 
@@ -36,7 +38,7 @@ class IssuedChallenge:
 
     challenge_token: str
     method: str  # "TOTP" or "EMAIL"
-    purpose: str  # "LOGIN", "VERIFY_EMAIL" or "RESET_PASSWORD"
+    purpose: str  # "LOGIN", "VERIFY_EMAIL", "RESET_PASSWORD", "CHANGE_EMAIL", "REAUTHENTICATE"
     expires_in: int
 
 
@@ -65,6 +67,7 @@ def user_view(row: Mapping[str, Any], id_key: str = "id") -> UserView:
         email_verified=row["email_verified_at"] is not None,
         otp_enabled=row.get("otp_confirmed_at") is not None,
         created_at=row["created_at"],
+        has_password=bool(row["has_password"]),
         device_epoch=row.get("device_epoch") or 0,
     )
 

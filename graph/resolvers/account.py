@@ -138,7 +138,10 @@ class AccountMutation:
         )
 
     @strawberry.mutation(
-        description="Needs the current password; ends every other session.",
+        description=(
+            "Needs the current password, or a recent sign-in (how an account without one"
+            " sets its first); ends every other session."
+        ),
         permission_classes=[IsAuthenticated],
     )
     async def change_password(

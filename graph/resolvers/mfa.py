@@ -27,24 +27,22 @@ from graph.types import (
 )
 
 
-async def _signed_in(info: Info[Context, Any]) -> UserView:
-    view = await info.context.user()
-    if view is None:  # pragma: no cover - IsAuthenticated let the request through
-        raise RuntimeError("no signed-in user")
-    return view
-
-
 async def _new_codes(
     info: Info[Context, Any],
     data: object,
-    run: Callable[[TwoFactor, UserView], Awaitable[list[str]]],
+    run: Callable[[TwoFactor, UserView, str], Awaitable[list[str]]],
 ) -> RecoveryCodesResult:
-    """Checks the input, runs the service for the signed-in user, and answers the fresh
-    recovery codes or the expected failure."""
-    user = await _signed_in(info)
+    """Checks the input and that the session signed in recently, runs the service for
+    the signed-in user (with its wrong-code budget), and answers the fresh recovery codes
+    or the expected failure."""
+    ctx = info.context
+    user, claims = await ctx.signed_in()
+    auth = ctx.services.auth
     try:
         reject_control_characters(info, data)
-        codes = await run(info.context.services.auth.two_factor, user)
+        auth.require_recent(claims)
+        budget = await auth.trust.budget_of(ctx.client, user.id)
+        codes = await run(auth.two_factor, user, budget)
     except AuthFailure as failure:
         return AuthError.from_failure(failure)
     return RecoveryCodes(codes=codes)
@@ -53,21 +51,27 @@ async def _new_codes(
 @strawberry.type
 class MfaMutation:
     @strawberry.mutation(
-        description="Starts enrolment; two-factor stays off until confirmTotp.",
+        description=(
+            "Starts enrolment; two-factor stays off until confirmTotp. Needs a verified"
+            " address and a recent sign-in (else REAUTHENTICATION_REQUIRED)."
+        ),
         permission_classes=[IsAuthenticated],
     )
     async def setup_totp(self, info: Info[Context, Any]) -> TotpSetupResult:
-        user = await _signed_in(info)
+        user, claims = await info.context.signed_in()
+        auth = info.context.services.auth
         try:
-            enrolment = await info.context.services.auth.two_factor.setup(
-                user_id=user.id, email=user.email
-            )
+            auth.require_recent(claims)
+            enrolment = await auth.two_factor.setup(user=user)
         except AuthFailure as failure:
             return AuthError.from_failure(failure)
         return TotpSetup.from_enrolment(enrolment)
 
     @strawberry.mutation(
-        description="Turns two-factor on and returns fresh recovery codes.",
+        description=(
+            "Turns two-factor on and returns fresh recovery codes. Needs a recent sign-in"
+            " (else REAUTHENTICATION_REQUIRED)."
+        ),
         permission_classes=[IsAuthenticated],
     )
     async def confirm_totp(
@@ -76,35 +80,48 @@ class MfaMutation:
         return await _new_codes(
             info,
             input,
-            lambda mfa, user: mfa.confirm(
-                user_id=user.id, email=user.email, code=input.code, client=info.context.client
+            lambda mfa, user, budget: mfa.confirm(
+                user=user, code=input.code, client=info.context.client, budget=budget
             ),
         )
 
-    @strawberry.mutation(permission_classes=[IsAuthenticated])
+    @strawberry.mutation(
+        description=(
+            "Turns two-factor off: a current or recovery code, and the password (or a recent"
+            " sign-in)."
+        ),
+        permission_classes=[IsAuthenticated],
+    )
     async def disable_totp(self, info: Info[Context, Any], input: DisableTotpInput) -> UserResult:
-        user = await _signed_in(info)
+        ctx = info.context
+        user, claims = await ctx.signed_in()
         try:
             reject_control_characters(info, input)
-            await info.context.services.auth.two_factor.disable(
-                user_id=user.id,
-                email=user.email,
+            await ctx.services.account.disable_totp(
+                user=user,
+                claims=claims,
                 password=input.password,
                 code=input.code,
-                client=info.context.client,
+                client=ctx.client,
             )
         except AuthFailure as failure:
             return AuthError.from_failure(failure)
         return User.from_view(dataclasses.replace(user, otp_enabled=False))
 
-    @strawberry.mutation(permission_classes=[IsAuthenticated])
+    @strawberry.mutation(
+        description=(
+            "Replaces every recovery code; needs a current TOTP code and a recent sign-in"
+            " (else REAUTHENTICATION_REQUIRED)."
+        ),
+        permission_classes=[IsAuthenticated],
+    )
     async def regenerate_recovery_codes(
         self, info: Info[Context, Any], input: RegenerateRecoveryCodesInput
     ) -> RecoveryCodesResult:
         return await _new_codes(
             info,
             input,
-            lambda mfa, user: mfa.regenerate_recovery_codes(
-                user_id=user.id, code=input.code, client=info.context.client
+            lambda mfa, user, budget: mfa.regenerate_recovery_codes(
+                user_id=user.id, code=input.code, client=info.context.client, budget=budget
             ),
         )

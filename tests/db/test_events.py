@@ -275,6 +275,7 @@ def test_the_kinds_are_the_contracts() -> None:
         "OPERATOR_ENABLE",
         "OPERATOR_UNLOCK",
         "OPERATOR_LOGOUT",
+        "REAUTHENTICATED",
     ]
 
 

@@ -137,7 +137,7 @@ async def test_two_factor_and_logout_everywhere_on_sqlite(
     sqlite_client: httpx.AsyncClient, clock: MutableClock
 ) -> None:
     """Every statement of the two-factor and logout paths runs on SQLite too."""
-    from tests.gql import logout
+    from tests.gql import logout, signed_up_and_proven
     from tests.graph.test_mfa import (
         CONFIRM,
         DISABLE,
@@ -149,7 +149,7 @@ async def test_two_factor_and_logout_everywhere_on_sqlite(
     )
 
     email = unique_email()
-    first = await signup(sqlite_client, email, PASSWORD)
+    first = await signed_up_and_proven(sqlite_client, email)
     token = first["accessToken"]
     secret = (await gql(sqlite_client, SETUP, token=token))["data"]["setupTotp"]["secret"]
     confirmed = await gql(

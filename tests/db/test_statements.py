@@ -67,6 +67,7 @@ async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> No
                     "user_id": user_id,
                     "created_at": now,
                     "last_used_at": now,
+                    "auth_time": now,
                     "expires_at": now + timedelta(days=1),
                     "absolute_expires_at": now + timedelta(days=1),
                     "amr": "pwd",

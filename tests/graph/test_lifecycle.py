@@ -355,9 +355,9 @@ async def test_a_password_change_racing_the_request_wins(
     check and its challenge: the request is refused, no code goes out."""
     email, owner = await signed_up(mail_client, smtp)
     stolen = await signed_in(mail_client, email)
-    account = mail_app.state.services.account
-    meanwhile = owner_changes_the_password_before(mail_client, owner, account.may_mail)
-    monkeypatch.setattr(account, "may_mail", meanwhile)
+    two_factor = mail_app.state.services.auth.two_factor
+    meanwhile = owner_changes_the_password_before(mail_client, owner, two_factor.is_on)
+    monkeypatch.setattr(two_factor, "is_on", meanwhile)
     thief = new_address()
     refused = await change_email(mail_client, stolen["accessToken"], thief)
     assert refused["__typename"] == "AuthError"

@@ -42,12 +42,14 @@ async def test_access_token_claims_and_header(client: httpx.AsyncClient) -> None
     header = jwt.get_unverified_header(token)
     assert header == {"alg": "HS256", "typ": "at+jwt"}
     claims = claims_of(token)
-    assert set(claims) == {"sub", "sid", "jti", "iat", "exp", "iss", "aud", "amr"}
+    assert set(claims) == {"sub", "sid", "jti", "iat", "exp", "iss", "aud", "amr", "auth_time"}
     assert claims["sub"] == session["user"]["id"]
     uuid.UUID(claims["sid"])
     assert claims["iss"] == "strawgate" and claims["aud"] == "strawgate"
     assert claims["amr"] == ["pwd"]
     assert claims["exp"] - claims["iat"] == 15 * 60
+    # When the user proved a credential on this session (RFC 9068): at sign-in.
+    assert claims["auth_time"] == claims["iat"]
 
 
 async def test_another_service_holding_the_secret_can_verify(client: httpx.AsyncClient) -> None:

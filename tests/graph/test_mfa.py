@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.models import RecoveryCode, TotpCredential
 from tests.conftest import PASSWORD, MutableClock, unique_email
-from tests.gql import LOGIN, ME, VERIFY_OTP, gql, login, signup
+from tests.gql import LOGIN, ME, VERIFY_OTP, gql, login, signed_up_and_proven, signup
 
 SETUP = """mutation { setupTotp { __typename
     ... on TotpSetup { secret otpauthUri qrCodeSvg }
@@ -43,7 +43,7 @@ async def enrolled(
 ) -> tuple[str, str, str, list[str]]:
     """A signed-up user with two-factor on: (email, access token, secret, recovery codes)."""
     email = unique_email()
-    session = await signup(client, email, PASSWORD)
+    session = await signed_up_and_proven(client, email)
     token = session["accessToken"]
     setup = (await gql(client, SETUP, token=token))["data"]["setupTotp"]
     secret = setup["secret"]
@@ -105,7 +105,7 @@ async def test_setup_answers_secret_uri_and_a_scannable_qr_code(
     client: httpx.AsyncClient, clock: MutableClock
 ) -> None:
     email = unique_email()
-    token = (await signup(client, email, PASSWORD))["accessToken"]
+    token = (await signed_up_and_proven(client, email))["accessToken"]
     setup = (await gql(client, SETUP, token=token))["data"]["setupTotp"]
     secret = setup["secret"]
     assert re.fullmatch(r"[A-Z2-7]{32}", secret)  # 160 bits of base32
@@ -125,7 +125,7 @@ async def test_setup_answers_secret_uri_and_a_scannable_qr_code(
 async def test_setup_again_replaces_a_pending_secret(
     client: httpx.AsyncClient, clock: MutableClock
 ) -> None:
-    token = (await signup(client, unique_email(), PASSWORD))["accessToken"]
+    token = (await signed_up_and_proven(client, unique_email()))["accessToken"]
     first = (await gql(client, SETUP, token=token))["data"]["setupTotp"]["secret"]
     second = (await gql(client, SETUP, token=token))["data"]["setupTotp"]["secret"]
     assert first != second
@@ -155,7 +155,7 @@ async def test_confirm_turns_two_factor_on_with_recovery_codes(
 
 
 async def test_confirm_refuses_a_wrong_code(client: httpx.AsyncClient, clock: MutableClock) -> None:
-    token = (await signup(client, unique_email(), PASSWORD))["accessToken"]
+    token = (await signed_up_and_proven(client, unique_email()))["accessToken"]
     secret = (await gql(client, SETUP, token=token))["data"]["setupTotp"]["secret"]
     wrong = f"{(int(code_at(secret, clock)) + 1) % 1_000_000:06d}"
     answer = await gql(client, CONFIRM, {"i": {"code": wrong}}, token=token)
@@ -358,7 +358,7 @@ async def test_codes_typed_as_apps_show_them(
 async def test_two_factor_operations_need_two_factor_on(
     client: httpx.AsyncClient, clock: MutableClock
 ) -> None:
-    token = (await signup(client, unique_email(), PASSWORD))["accessToken"]
+    token = (await signed_up_and_proven(client, unique_email()))["accessToken"]
     regen = await gql(client, REGENERATE, {"i": {"code": "123456"}}, token=token)
     assert regen["data"]["regenerateRecoveryCodes"]["code"] == "INVALID_INPUT"
     disable = await gql(

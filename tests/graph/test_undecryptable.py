@@ -20,7 +20,7 @@ from db.security.box import SecretBox
 from db.session import Statements
 from graph.metrics import MAIL_FAILURES
 from tests.conftest import PASSWORD, MutableClock, client_for, unique_email
-from tests.gql import VERIFY_OTP, gql, login, post, signup
+from tests.gql import VERIFY_OTP, gql, login, post, signed_up_and_proven
 from tests.graph.test_metrics import sample
 
 SETUP = "mutation { setupTotp { __typename ... on TotpSetup { secret } } }"
@@ -49,7 +49,7 @@ async def enrolled_elsewhere(
     """A user with two-factor on whose secret was then sealed under `key`, one this app
     does not hold: (email, access token, secret)."""
     email = unique_email()
-    token = (await signup(client, email, PASSWORD))["accessToken"]
+    token = (await signed_up_and_proven(client, email))["accessToken"]
     secret = (await gql(client, SETUP, token=token))["data"]["setupTotp"]["secret"]
     confirmed = await gql(client, CONFIRM, {"i": {"code": code_at(secret, clock)}}, token=token)
     assert confirmed["data"]["confirmTotp"]["__typename"] == "RecoveryCodes"

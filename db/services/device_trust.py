@@ -1,0 +1,62 @@
+"""Whether a client's device token is good for an account: its MAC and expiry (the
+token's own), the account it names and that account's epoch, and the session it was
+issued with (the database's). Whatever ends a session by revocation (a password change
+or reset, logout everywhere, revokeSession, refresh-token reuse, an operator) ends the
+device token issued with it; a session's own logout, the session cap or going idle do
+not: the device is still its owner's."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import and_, bindparam, select
+
+from db.models import User, UserSession
+from db.security.device import DeviceClaims, DeviceTokens, device_budget
+from db.security.limiter import client_key
+from db.services.types import ClientInfo
+from db.session import Statements
+
+# Endings that leave the device's token good: the owner ended the session themselves
+# (logout) or made a new one past the cap. Every other revoke_reason ends it.
+KEEPS_DEVICE = frozenset({"logout", "session_limit"})
+
+_DEVICE_STATE = (
+    select(User.device_epoch, UserSession.id, UserSession.revoked_at, UserSession.revoke_reason)
+    .select_from(User)
+    .outerjoin(
+        UserSession,
+        and_(UserSession.id == bindparam("sid"), UserSession.user_id == User.id),
+    )
+    .where(User.id == bindparam("uid"))
+)
+
+
+class DeviceTrust:
+    def __init__(self, *, statements: Statements, tokens: DeviceTokens) -> None:
+        self.statements = statements
+        self.tokens = tokens
+
+    async def device_of(self, client: ClientInfo, user_id: uuid.UUID) -> DeviceClaims | None:
+        """The client's device token when it is good for this account, else None. A token
+        of another account, of an earlier epoch, or whose session was revoked, counts as
+        no token at all."""
+        claims = self.tokens.check(client.device_token, user_id=user_id)
+        if claims is None:
+            return None  # no query for a client without a genuine token for this account
+        async with self.statements.connection() as conn:
+            state = await conn.first(_DEVICE_STATE, {"uid": user_id, "sid": claims.session_id})
+        if state is None or state["device_epoch"] != claims.epoch or state["id"] is None:
+            return None  # the account is gone, its tokens were ended, or the session pruned
+        if state["revoked_at"] is not None and state["revoke_reason"] not in KEEPS_DEVICE:
+            return None
+        return claims
+
+    async def budget_of(self, client: ClientInfo, user_id: uuid.UUID | None) -> str:
+        """Whose budget the client's attempts on this account spend: its device, where its
+        device token is good for the account, else its address (IPv6 by /64)."""
+        if user_id is not None:
+            held = await self.device_of(client, user_id)
+            if held is not None:
+                return device_budget(held)
+        return client_key(client.ip)
