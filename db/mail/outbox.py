@@ -45,6 +45,7 @@ class Renderer(Protocol):
 
 _ENQUEUE = insert(OutboxMail).values(
     id=bindparam("mail_id"),
+    user_id=bindparam("owner_id"),
     recipient=bindparam("recipient"),
     template=bindparam("template"),
     context=bindparam("context"),
@@ -208,14 +209,17 @@ class Outbox:
         self,
         tx: Runner,
         *,
+        user_id: uuid.UUID | None,
         recipient: str,
         template: str,
         context: Mapping[str, Any],
         secrets: Mapping[str, str] | None = None,
         secrets_expire_at: datetime | None = None,
     ) -> uuid.UUID:
-        """Queues a mail in `tx`: it goes out only if the transaction commits. `secrets`
-        (codes, links) are stored encrypted and erased once sent or expired."""
+        """Queues a mail in `tx`: it goes out only if the transaction commits. It belongs
+        to `user_id`, the account that caused it (an export lists it, a deletion takes
+        it), whoever holds its address later. `secrets` (codes, links) are stored
+        encrypted and erased once sent or expired."""
         now = self._clock.now()
         # created_at orders one recipient's mails (see MailSender.deliver): strictly
         # increasing within this process, even when the clock reads the same twice.
@@ -229,6 +233,7 @@ class Outbox:
             _ENQUEUE,
             {
                 "mail_id": mail_id,
+                "owner_id": user_id,
                 "recipient": recipient,
                 "template": template,
                 "context": orjson.dumps(dict(context)).decode("utf-8"),

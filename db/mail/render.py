@@ -33,7 +33,13 @@ if TYPE_CHECKING:
 BUILTIN_TEMPLATES = Path(__file__).parent / "templates"
 
 # The built-in mails; the ones that carry a code get secrets={"code": ...}.
-CODE_MAILS = ("verify_email", "login_code", "password_reset_code", "change_email_code")
+CODE_MAILS = (
+    "verify_email",
+    "login_code",
+    "password_reset_code",
+    "change_email_code",
+    "reauthenticate_code",
+)
 NOTICE_MAILS = (
     "password_changed",
     "password_reset",

@@ -1159,6 +1159,7 @@ class AuthService:
         await self.challenges.void_all(tx, user["id"])
         await self.notices.send(
             tx,
+            user_id=user["id"],
             email=user["email"],
             template="email_changed",
             client=client,
@@ -1192,6 +1193,7 @@ class AuthService:
         if user is not None:
             await self.notices.send(
                 tx,
+                user_id=user_id,
                 email=user["email"],
                 template="recovery_code_used",
                 client=client,
@@ -1230,7 +1232,9 @@ class AuthService:
         await tx.execute(_RESET_PASSWORD, {"uid": user_id, "new_hash": new_hash, "now": now})
         await self._end_sessions(tx, user_id, keep=None, reason="password_reset")
         await self.challenges.void_all(tx, user_id)
-        await self.notices.send(tx, email=user["email"], template="password_reset", client=client)
+        await self.notices.send(
+            tx, user_id=user_id, email=user["email"], template="password_reset", client=client
+        )
         await self.events.record(tx, EventKind.PASSWORD_RESET, user_id=user_id, client=client)
         if user["email_verified_at"] is None:
             await self.events.record(tx, EventKind.EMAIL_VERIFIED, user_id=user_id, client=client)
@@ -1267,7 +1271,9 @@ class AuthService:
             return None
         await self._end_sessions(tx, user.id, keep=session_id, reason="password_changed")
         await self.challenges.void_all(tx, user.id)
-        await self.notices.send(tx, email=user.email, template="password_changed", client=client)
+        await self.notices.send(
+            tx, user_id=user.id, email=user.email, template="password_changed", client=client
+        )
         await self.events.record(
             tx,
             EventKind.PASSWORD_CHANGED,
@@ -1348,7 +1354,9 @@ class AuthService:
         )
         if history is not None and history["signed_in_before"] and not history["known"]:
             # Not the account's first session, and not a device and network seen lately.
-            await self.notices.send(tx, email=user.email, template="new_device", client=client)
+            await self.notices.send(
+                tx, user_id=user.id, email=user.email, template="new_device", client=client
+            )
         return self.issue(user, session_id, amr, refresh, client, auth_time=now)
 
     async def replace_refresh_token(

@@ -43,7 +43,7 @@ CODE_TEMPLATES = {
     LOGIN: "login_code",
     RESET_PASSWORD: "password_reset_code",
     CHANGE_EMAIL: "change_email_code",
-    REAUTHENTICATE: "login_code",
+    REAUTHENTICATE: "reauthenticate_code",
 }
 
 _ADD_CHALLENGE = insert(Challenge).values(
@@ -248,8 +248,8 @@ class Challenges:
             session_id=session_id,
             email=address,
         )
-        if recipient is not None:
-            await self._mail_code(tx, recipient, purpose, code, expires_at)
+        if user is not None and recipient is not None:
+            await self._mail_code(tx, user["id"], recipient, purpose, code, expires_at)
         else:
             # The same work as queueing the mail: the answer's timing reveals nothing.
             await self.outbox.decoy(tx, secrets={"code": code})
@@ -335,10 +335,17 @@ class Challenges:
         return token
 
     async def _mail_code(
-        self, tx: Runner, email: str, purpose: str, code: str, expires_at: Any
+        self,
+        tx: Runner,
+        user_id: uuid.UUID,
+        email: str,
+        purpose: str,
+        code: str,
+        expires_at: Any,
     ) -> None:
         await self.outbox.enqueue(
             tx,
+            user_id=user_id,
             recipient=email,
             template=CODE_TEMPLATES[purpose],
             context={"minutes": int(self.email_lifetime.total_seconds() // 60)},
@@ -424,7 +431,9 @@ class Challenges:
             if not await self.mail_budget.allows(budget_key, client) or not row["is_active"]:
                 recipient = None
             if recipient is not None:
-                await self._mail_code(tx, recipient, row["purpose"], code, row["expires_at"])
+                await self._mail_code(
+                    tx, row["user_id"], recipient, row["purpose"], code, row["expires_at"]
+                )
             else:
                 await self.outbox.decoy(tx, secrets={"code": code})
         self.outbox.wake()

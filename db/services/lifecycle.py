@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, case, delete, func, null, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, null, or_, select, update
 
 from db.errors import AuthFailure, ErrorCode
 from db.models import (
@@ -100,15 +100,18 @@ _EXPORT_CHALLENGES = (
     .where(Challenge.user_id == bindparam("uid"))
     .order_by(Challenge.created_at.desc())
 )
+# The account's own mail: what it caused, to whichever address (never what another
+# account caused at an address this one once held or asked for).
 _EXPORT_MAIL = (
     select(
         OutboxMail.id,
+        OutboxMail.recipient,
         OutboxMail.template,
         OutboxMail.created_at,
         OutboxMail.sent_at,
         OutboxMail.failed_at,
     )
-    .where(OutboxMail.recipient == bindparam("recipient"))
+    .where(OutboxMail.user_id == bindparam("uid"))
     .order_by(OutboxMail.created_at.desc())
 )
 _EXPORT_THROTTLE = select(
@@ -118,11 +121,16 @@ _EXPORT_THROTTLE = select(
 # -- deletion ------------------------------------------------------------------------------
 
 # The audit trail stays (it outlives what it mentions), with nothing left that names or
-# locates the person: the random user id no longer points anywhere.
+# locates the person: the random user id no longer points anywhere. The account's own
+# events, and failed sign-ins at its addresses while no account held them (except at an
+# address another account holds now: those are the trail of that account's address).
 _ANONYMISE_EVENTS = (
     update(SecurityEvent)
     .where(
-        or_(SecurityEvent.user_id == bindparam("uid"), SecurityEvent.email == bindparam("address"))
+        or_(
+            SecurityEvent.user_id == bindparam("uid"),
+            and_(SecurityEvent.user_id.is_(None), SecurityEvent.email == bindparam("address")),
+        )
     )
     .values(
         ip=None,
@@ -139,16 +147,10 @@ _EMAIL_CHANGES = select(SecurityEvent.details).where(
     SecurityEvent.user_id == bindparam("uid"),
     SecurityEvent.kind == EventKind.EMAIL_CHANGED.value,
 )
-# Addresses the account was asked to move to (changeEmail), completed or not.
-_ASKED_ADDRESSES = (
-    select(Challenge.new_email)
-    .where(Challenge.user_id == bindparam("uid"), Challenge.new_email.is_not(None))
-    .distinct()
-)
 _TWO_FACTOR_ON = select(TotpCredential.user_id).where(
     TotpCredential.user_id == bindparam("uid"), TotpCredential.confirmed_at.is_not(None)
 )
-_DROP_MAIL = delete(OutboxMail).where(OutboxMail.recipient == bindparam("recipient"))
+_DROP_MAIL = delete(OutboxMail).where(OutboxMail.user_id == bindparam("uid"))
 _DROP_THROTTLES = delete(LoginThrottle).where(
     or_(LoginThrottle.email == bindparam("email"), LoginThrottle.email.startswith(bindparam("otp")))
 )
@@ -309,13 +311,7 @@ class LifecycleService:
             events = await conn.all(_EXPORT_EVENTS, uid)
             challenges = await conn.all(_EXPORT_CHALLENGES, uid)
             previous = await _previous_addresses(conn, user.id)
-            asked = await conn.scalars(_ASKED_ADDRESSES, uid)
-            mail = [
-                {**row, "recipient": address}
-                for address in dict.fromkeys([profile["email"], *previous, *asked])
-                for row in await conn.all(_EXPORT_MAIL, {"recipient": address})
-            ]
-            mail.sort(key=lambda row: row["created_at"], reverse=True)
+            mail = await conn.all(_EXPORT_MAIL, uid)
             throttle = await conn.first(
                 _EXPORT_THROTTLE, {"email": parse_email(profile["email"]).normalized}
             )
@@ -449,13 +445,12 @@ class LifecycleService:
         now = self.clock.now()
         await self.auth.lock_sessions(tx, user.id)
         ended = await tx.scalars(_LIVE_SESSIONS, {"uid": user.id, "now": now})
-        # Mail is kept by recipient: what went to the addresses it had before goes too.
-        addresses = {email, *await _previous_addresses(tx, user.id)}
-        for address in addresses:
-            await tx.execute(_ANONYMISE_EVENTS, {"uid": user.id, "address": _normalized(address)})
-        # ... and what went to an address it was asked to move to, and never did.
-        for address in addresses | set(await tx.scalars(_ASKED_ADDRESSES, {"uid": user.id})):
-            await tx.execute(_DROP_MAIL, {"recipient": address})
+        for address in {normalized, *map(_normalized, await _previous_addresses(tx, user.id))}:
+            holder = await tx.first(ADDRESS_HOLDER, {"email": address})
+            if holder is None or holder["id"] == user.id:
+                await tx.execute(_ANONYMISE_EVENTS, {"uid": user.id, "address": address})
+        # Its own mail, to whichever address (mail others caused stays theirs).
+        await tx.execute(_DROP_MAIL, {"uid": user.id})
         await tx.execute(_DROP_THROTTLES, {"email": normalized, "otp": f"otp:{user.id}:"})
         await tx.execute(_DROP_USER, {"uid": user.id})
         # The trail's last word on the account: when, and how many sessions it ended.
@@ -465,7 +460,10 @@ class LifecycleService:
             user_id=user.id,
             details={"sessions": int(ended[0]) if ended else 0},
         )
-        await self.auth.notices.send(tx, email=email, template="account_deleted", client=client)
+        # The last word: it outlives the account, and belongs to no one.
+        await self.auth.notices.send(
+            tx, user_id=None, email=email, template="account_deleted", client=client
+        )
 
 
 def _normalized(address: str) -> str:

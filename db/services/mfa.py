@@ -220,7 +220,9 @@ class TwoFactor:
                     "The enrolment changed meanwhile: start again with setupTotp.",
                 )
             await self._store_recovery_codes(tx, user_id, rows)
-            await self.notices.send(tx, email=email, template="totp_enabled", client=client)
+            await self.notices.send(
+                tx, user_id=user_id, email=email, template="totp_enabled", client=client
+            )
             await self.events.record(tx, EventKind.TOTP_ENABLED, user_id=user_id, client=client)
         self.notices.outbox.wake()
         return codes
@@ -265,7 +267,9 @@ class TwoFactor:
         async with self.events.transaction(self.statements) as tx:
             await tx.execute(_DROP_RECOVERY_CODES, {"uid": user_id})
             await tx.execute(_DROP_CREDENTIAL, {"uid": user_id})
-            await self.notices.send(tx, email=email, template="totp_disabled", client=client)
+            await self.notices.send(
+                tx, user_id=user_id, email=email, template="totp_disabled", client=client
+            )
             await self.events.record(tx, EventKind.TOTP_DISABLED, user_id=user_id, client=client)
         self.notices.outbox.wake()
 

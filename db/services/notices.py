@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from db.clock import Clock
@@ -18,12 +19,21 @@ class Notices:
         self.clock = clock
 
     async def send(
-        self, tx: Runner, *, email: str, template: str, client: ClientInfo, **extra: Any
+        self,
+        tx: Runner,
+        *,
+        user_id: uuid.UUID | None,
+        email: str,
+        template: str,
+        client: ClientInfo,
+        **extra: Any,
     ) -> None:
-        """Queues the notice in `tx`: it goes out only if the change it reports commits."""
+        """Queues the notice in `tx`: it goes out only if the change it reports commits.
+        `user_id`: the account it is about (None once the account is gone)."""
         device = device_family(client.user_agent)
         await self.outbox.enqueue(
             tx,
+            user_id=user_id,
             recipient=email,
             template=template,
             context={

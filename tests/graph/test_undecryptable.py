@@ -130,6 +130,7 @@ async def test_undecryptable_mails_are_counted_on_metrics(
         async with statements_of(app).transaction() as tx:
             await lost_key.enqueue(
                 tx,
+                user_id=None,
                 recipient=unique_email(),
                 template="login_code",
                 context={"minutes": 10},

@@ -124,6 +124,7 @@ async def enqueue(
     async with statements.transaction() as tx:
         return await outbox.enqueue(
             tx,
+            user_id=None,
             recipient=to or unique_email(),
             template=template,
             context={"name": "Ada", "minutes": 10},
