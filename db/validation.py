@@ -42,12 +42,21 @@ def parse_email(raw: str) -> Email:
     try:
         result = validate_email(address, check_deliverability=False)
     except EmailNotValidError as exc:
-        raise invalid_input(f"This email address is not valid: {exc}", "email") from None
+        raise invalid_input(f"This email address is not valid: {_reason(exc)}", "email") from None
     local = unicodedata.normalize("NFC", result.local_part.casefold())
     normalized = f"{local}@{result.domain.lower()}"
     if len(normalized) > EMAIL_MAX_LENGTH:
         raise invalid_input(f"An email address has at most {EMAIL_MAX_LENGTH} characters.", "email")
     return Email(address=address, normalized=normalized)
+
+
+def _reason(error: EmailNotValidError) -> str:
+    """email-validator's reason, where it names no part of the value: people type
+    passwords into email fields, and answers end up in client logs."""
+    reason = str(error)
+    if any(mark in reason for mark in "'\"()`"):
+        return "check what comes before and after the @-sign."
+    return reason[:1].lower() + reason[1:]
 
 
 def normalize_password(raw: str) -> str:

@@ -30,9 +30,9 @@ class AccessClaims:
     user_id: uuid.UUID
     session_id: uuid.UUID
     amr: tuple[str, ...]
-    # When the user last proved a credential on the session (RFC 9068 / OIDC auth_time).
-    # The token's own claim on decoding; the session row's (authoritative: a
-    # reauthenticate renews it) once the per-request check has read it.
+    # When the user last proved a credential on the session (RFC 9068 / OIDC auth_time):
+    # the token's own claim (None in a token without one), capped by the session's once
+    # the per-request check has read it.
     auth_time: datetime | None = None
 
 

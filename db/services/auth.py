@@ -601,8 +601,8 @@ class AuthService:
     # -- step-up ---------------------------------------------------------------------------
 
     def is_recent(self, claims: AccessClaims) -> bool:
-        """Whether the session proved a credential within REAUTH_WINDOW (claims as the
-        per-request check read them: auth_time is the session row's)."""
+        """Whether the credential behind this access token was proven within
+        REAUTH_WINDOW (claims as the per-request check read them, see current_user)."""
         if claims.auth_time is None:
             return False
         return self.clock.now() - claims.auth_time <= self.reauth_window
@@ -1184,6 +1184,7 @@ class AuthService:
         That password stops working (the account goes on without one: the owner may set
         one with changePassword or requestPasswordReset), and whatever it opened ends."""
         await tx.execute(_DISCARD_PASSWORD, {"uid": user_id, "now": self.clock.now()})
+        await end_device_tokens(tx, user_id)  # ended sessions' tokens too (logged out)
         await self._end_sessions(tx, user_id, keep=None, reason="unproven_password")
         await self.challenges.void_all(tx, user_id)
 
@@ -1585,9 +1586,11 @@ class AuthService:
         return self.access_tokens.decode(token)
 
     async def current_user(self, claims: AccessClaims) -> tuple[UserView, AccessClaims] | None:
-        """The user of a live session, and the claims with the session's own auth_time;
-        None when the session has ended or the account is disabled: a revoked session's
-        access tokens stop working at once."""
+        """The user of a live session, and the claims as they hold now; None when the
+        session has ended or the account is disabled: a revoked session's access tokens
+        stop working at once. auth_time is the token's own (signed) claim, never later
+        than the session's: a step-up renews the tokens it answers, not older tokens of
+        the session, which a thief may hold. A token without the claim is not recent."""
         async with self.statements.connection() as conn:
             row = await conn.first(
                 _CURRENT_USER,
@@ -1595,7 +1598,10 @@ class AuthService:
             )
         if row is None:
             return None
-        return user_view(row), dataclasses.replace(claims, auth_time=row["auth_time"])
+        auth_time = claims.auth_time
+        if auth_time is not None and auth_time > row["auth_time"]:
+            auth_time = row["auth_time"]  # pragma: no cover - tokens carry the row's value
+        return user_view(row), dataclasses.replace(claims, auth_time=auth_time)
 
 
 # -- one account's locks and mass endings: the sign-in paths and `strawgate users` ---------

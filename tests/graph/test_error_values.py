@@ -302,3 +302,32 @@ def test_enum_nested_list_and_one_of_inputs(
     messages = run(small_schema, query, variables)
     for part in expected:
         assert part in messages, (part, messages)
+
+
+async def test_a_bad_address_is_refused_without_quoting_it(client: httpx.AsyncClient) -> None:
+    """email-validator quotes parts of what it refuses; people type passwords into email
+    fields: the answer says what is wrong, never what was typed."""
+    secret = "hunter2-s3cret"
+    for query, variables in (
+        (
+            "mutation($i: SignupInput!) { signup(input: $i) {"
+            " ... on AuthError { code message } } }",
+            {"i": {"email": f"someone@[IPv6:{secret}]", "password": "a long enough passphrase"}},
+        ),
+        (
+            "mutation($i: EmailInput!) { requestLoginCode(input: $i) {"
+            " ... on AuthError { code message } } }",
+            {"i": {"email": f"someone@[IPv6:{secret}]"}},
+        ),
+        (
+            "mutation($i: EmailInput!) { requestPasswordReset(input: $i) {"
+            " ... on AuthError { code message } } }",
+            {"i": {"email": f"{secret}@@example.com"}},
+        ),
+    ):
+        response = await post(client, query, variables)
+        assert response.status_code == 200
+        (answer,) = response.json()["data"].values()
+        assert answer["code"] == "INVALID_INPUT"
+        assert answer["message"].startswith("This email address is not valid")
+        assert secret not in response.text

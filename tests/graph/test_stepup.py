@@ -31,6 +31,8 @@ from tests.gql import (
     signed_up_and_proven,
     signup,
 )
+from tests.gql import login as login_answer
+from tests.graph.test_abuse import device_login
 from tests.graph.test_lifecycle import CHANGE_EMAIL, DELETE_ACCOUNT, new_address
 from tests.graph.test_mfa import CONFIRM, DISABLE, REGENERATE, SETUP, code_at, enrolled
 from tests.smtp import SmtpSink
@@ -425,3 +427,55 @@ async def test_reauthenticate_renews_only_its_own_session(
 async def test_reauthenticate_needs_a_signed_in_user(client: httpx.AsyncClient) -> None:
     body = await gql(client, REAUTHENTICATE, {"i": {"password": PASSWORD}})
     assert body["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+
+
+async def test_a_step_up_renews_only_the_tokens_it_answers(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    """A thief copied an access token of the session; the owner steps up on that session
+    later: the thief's copy stays as old as it was (it carries its own auth_time)."""
+    email = unique_email()
+    session = await signed_up_and_proven(client, email)
+    stolen = session["accessToken"]
+    clock.advance(seconds=WINDOW + 60)
+    owner = await reauthenticate(client, stolen, password=PASSWORD)
+    assert owner["__typename"] == "AuthSession"
+    assert (await setup_totp(client, stolen))["code"] == "REAUTHENTICATION_REQUIRED"
+    taken = await mutate(
+        client, CHANGE_PASSWORD, {"i": {"newPassword": "the thief's passphrase"}}, token=stolen
+    )
+    assert taken["code"] == "REAUTHENTICATION_REQUIRED"
+    moved = await mutate(client, CHANGE_EMAIL, {"i": {"newEmail": new_address()}}, token=stolen)
+    assert moved["code"] == "REAUTHENTICATION_REQUIRED"
+    # The owner's own answer is recent.
+    assert (await setup_totp(client, owner["accessToken"]))["__typename"] == "TotpSetup"
+
+
+async def test_a_token_without_auth_time_is_not_recent(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Access tokens from before auth_time existed pass as signed in, never as recent."""
+    session = await signed_up_and_proven(client, unique_email())
+    claims = claims_of(session["accessToken"])
+    del claims["auth_time"]
+    old = jwt.encode(claims, settings.secret(), algorithm="HS256", headers={"typ": "at+jwt"})
+    assert (await gql(client, ME, token=old))["data"]["me"] is not None
+    assert (await setup_totp(client, old))["code"] == "REAUTHENTICATION_REQUIRED"
+
+
+async def test_the_owners_device_token_steps_up_through_a_strangers_lockout(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email = unique_email()
+    await signed_up_and_proven(client, email)
+    session = await device_login(client, email, PASSWORD)
+    clock.advance(seconds=WINDOW + 60)
+    for _ in range(5):  # a stranger locks the address
+        await login_answer(client, email, "a stranger's guess")
+    token = session["accessToken"]
+    locked = await reauthenticate(client, token, password=PASSWORD)
+    assert locked["code"] == "RATE_LIMITED"
+    held = await reauthenticate(
+        client, token, password=PASSWORD, deviceToken=session["deviceToken"]
+    )
+    assert held["__typename"] == "AuthSession", held
