@@ -155,6 +155,10 @@ class Settings(BaseSettings):
     http_body_timeout: Duration = Field(
         timedelta(seconds=30), gt=timedelta(0), le=timedelta(hours=1)
     )
+    # At most this many bytes of a request's line and headers (counted as they arrive;
+    # a body does not count): past it, 431 and the connection is closed. Only under
+    # `strawgate serve` (graph/protocols.py), like the header bound above.
+    http_max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)
 
     # Passwords.
     password_min_length: int = Field(8, ge=8, le=256)

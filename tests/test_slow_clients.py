@@ -2,7 +2,8 @@
 request line or headers that stop half-way, a body that stops half-way, a connection that
 sends nothing, and one that trickles a byte at a time are all closed within
 HTTP_HEADER_TIMEOUT / HTTP_BODY_TIMEOUT, while /healthz keeps answering and steady
-clients and keep-alive connections are served."""
+clients and keep-alive connections are served; headers past HTTP_MAX_HEADER_BYTES are
+refused."""
 
 from __future__ import annotations
 
@@ -198,6 +199,31 @@ async def test_keep_alive_and_steady_clients_are_served_then_idle_is_closed(
             assert TIMEOUT * 0.8 <= elapsed < 4.0, elapsed
         finally:
             writer.close()
+
+
+async def test_headers_past_the_size_bound_get_431_and_the_connection_is_closed(
+    tmp_path: Path, database_url: str
+) -> None:
+    """HTTP_MAX_HEADER_BYTES at its default, 32 KiB: a request with 1 MiB of headers gets
+    a 431 and the connection is closed right away; one just within is served."""
+
+    def healthz(size: int) -> bytes:
+        start = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Fill: "
+        return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+    async with bounded_server(tmp_path, database_url) as server:
+        received, elapsed = await stalled(server.port, healthz(1024 * 1024))
+        assert received.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), received
+        assert b"\r\nconnection: close\r\n" in received, received
+        assert elapsed < 1.0, elapsed
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(healthz(32 * 1024))
+            head, _ = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+        finally:
+            writer.close()
+        assert "Traceback" not in server.log(), server.log()
 
 
 async def test_bare_uvicorn_bounds_the_body_but_not_the_headers(

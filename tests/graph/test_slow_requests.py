@@ -1,7 +1,7 @@
 """The bounds on slow requests (issue 12) at their own level: graph.protocols' header
-deadline in both of uvicorn's HTTP/1.1 protocols (a uvicorn server in this process, on a
-real socket, with a small ASGI app), and RequestGuard's body deadline (an ASGI receive
-that stalls)."""
+deadline and header size bound in both of uvicorn's HTTP/1.1 protocols (a uvicorn server
+in this process, on a real socket, with a small ASGI app), and RequestGuard's body
+deadline (an ASGI receive that stalls)."""
 
 from __future__ import annotations
 
@@ -25,14 +25,17 @@ from tests.test_slow_clients import read_response, trickling, until_closed
 
 TIMEOUT = 0.3  # seconds: the header deadline of the servers here, the body deadline below
 CLOSE_BOUND = 3.0
+CAP = 32 * 1024  # the servers' bound on a request's line and headers (the default)
 
 
 class QuickHttpTools(HttpToolsHeaderTimeout):
     header_timeout = TIMEOUT
+    max_header_bytes = CAP
 
 
 class QuickH11(H11HeaderTimeout):
     header_timeout = TIMEOUT
+    max_header_bytes = CAP
 
 
 PROTOCOLS = pytest.mark.parametrize(
@@ -105,6 +108,39 @@ async def exchange(port: int, sent: bytes) -> tuple[bytes, float]:
         return await until_closed(reader, CLOSE_BOUND)
     finally:
         writer.close()
+
+
+def request(size: int, path: bytes = b"/", *, body: bytes | None = None) -> bytes:
+    """A request whose line and headers are `size` bytes long (an X-Fill header pads
+    them): a GET, or a POST of `body`."""
+    if body is None:
+        start = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n"
+    else:
+        start = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % (path, len(body))
+    fill = size - len(start) - len(b"X-Fill: \r\n\r\n")
+    assert fill >= 0
+    return start + b"X-Fill: " + b"a" * fill + b"\r\n\r\n" + (body or b"")
+
+
+def chunked(path: bytes, body: bytes) -> bytes:
+    """A POST of `body` in chunks of 1000 bytes (Transfer-Encoding: chunked)."""
+    pieces = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
+    return (
+        b"POST "
+        + path
+        + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + framed
+        + b"0\r\n\r\n"
+    )
+
+
+def assert_refused(received: bytes) -> None:
+    """A 431 with `connection: close` (and nothing after it: the connection closed)."""
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), received[:300]
+    assert b"\r\nconnection: close" in head, head
+    assert body == b"The request's line and headers are too large.", received[:300]
 
 
 def test_strawgate_serve_uses_the_httptools_protocol_with_the_deadline() -> None:
@@ -231,6 +267,150 @@ async def test_the_rest_of_a_body_the_app_did_not_wait_for_is_bounded(
             writer.close()
     assert received.startswith(b"HTTP/1.1 408 "), received
     assert TIMEOUT * 0.8 <= elapsed < CLOSE_BOUND, elapsed
+
+
+# -- The bound on the size of a request's line and headers ----------------------------------
+
+
+def test_the_header_size_bound_is_32_kib_unless_set_from_1_kib_to_1_mib() -> None:
+    assert Settings.model_fields["http_max_header_bytes"].default == CAP
+    assert Settings.model_validate({"http_max_header_bytes": "8192"}).http_max_header_bytes == 8192
+    for wrong in ("1023", str(1024 * 1024 + 1), "lots"):
+        with pytest.raises(ValidationError):
+            Settings.model_validate({"http_max_header_bytes": wrong})
+
+
+@PROTOCOLS
+async def test_a_megabyte_of_headers_gets_431_then_close_before_it_is_all_sent(
+    protocol: type[asyncio.Protocol],
+) -> None:
+    """The client sends 1 MiB of headers 16 KiB at a time: the 431 comes once the bound
+    is passed, not once the server has it all (which it never holds), and the server
+    ends the connection right after it."""
+    huge = request(1024 * 1024)
+    sent = 0
+    answered = asyncio.Event()
+    async with serving(protocol) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def send() -> None:
+            nonlocal sent
+            for start in range(0, len(huge), 16 * 1024):
+                if answered.is_set():
+                    return
+                writer.write(huge[start : start + 16 * 1024])
+                await writer.drain()
+                sent += 16 * 1024
+                await asyncio.sleep(0.005)
+
+        sender = asyncio.create_task(send())
+        try:
+            first = await asyncio.wait_for(reader.read(65536), CLOSE_BOUND)
+            answered.set()
+            sent_by_then = sent
+            rest, elapsed = await until_closed(reader, CLOSE_BOUND)
+        finally:
+            answered.set()
+            with contextlib.suppress(OSError):
+                await sender
+            writer.close()
+    assert_refused(first + rest)
+    assert sent_by_then <= 8 * CAP, sent_by_then  # not 1 MiB: refused as it came
+    assert elapsed < 1.0, elapsed  # closed with the answer, not at a deadline
+
+
+@PROTOCOLS
+async def test_headers_of_the_bound_are_served_one_byte_more_gets_431(
+    protocol: type[asyncio.Protocol],
+) -> None:
+    """Exactly CAP bytes of line and headers, sent in two parts (more than h11's own
+    16 KiB in the first), are served; CAP + 1, all at once, are refused."""
+    async with serving(protocol) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            whole = request(CAP, b"/fits")
+            writer.write(whole[:20_000])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(whole[20_000:])
+            head, body = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 200 ") and body == b"/fits ", head + body
+        finally:
+            writer.close()
+        received, elapsed = await exchange(port, request(CAP + 1))
+    assert_refused(received)
+    assert elapsed < 1.0, elapsed
+
+
+@PROTOCOLS
+async def test_a_large_body_does_not_count(protocol: type[asyncio.Protocol]) -> None:
+    """Bodies of MAX_BODY_BYTES (the default 64 KiB), after headers of nearly CAP bytes,
+    with a Content-Length and chunked, each sent in one write, are served on one
+    connection."""
+    body = bytes(range(256)) * 256
+    assert len(body) == Settings.model_fields["max_body_bytes"].default
+    async with serving(protocol) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request(CAP - 10, b"/long", body=body))
+            head, answer = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 200 ") and answer == b"/long " + body, head
+            writer.write(chunked(b"/chunked", body))
+            head, answer = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 200 ") and answer == b"/chunked " + body, head
+        finally:
+            writer.close()
+
+
+@PROTOCOLS
+async def test_a_pipelined_request_with_huge_headers_gets_431_after_the_answers_before_it(
+    protocol: type[asyncio.Protocol],
+) -> None:
+    """In one write: a request whose answer takes a while, one with a body, a chunked
+    one, then 1 MiB of headers. The three are answered in order, then comes the 431 and
+    the connection is closed."""
+    async with serving(protocol) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                + request(200, b"/body", body=b"x" * 30_000)
+                + chunked(b"/chunked", b"y" * 5000)
+                + request(1024 * 1024, b"/huge")
+            )
+            assert (await read_response(reader))[1] == b"/slow "
+            assert (await read_response(reader))[1] == b"/body " + b"x" * 30_000
+            assert (await read_response(reader))[1] == b"/chunked " + b"y" * 5000
+            received, _ = await until_closed(reader, CLOSE_BOUND)
+        finally:
+            writer.close()
+    assert_refused(received)
+
+
+@PROTOCOLS
+async def test_pipelined_requests_are_counted_each_from_its_own_start(
+    protocol: type[asyncio.Protocol],
+) -> None:
+    """In one write: a small request, one of CAP bytes, a POST whose head and body are
+    each nearly CAP bytes, then one of CAP + 1 bytes: each request's line and headers
+    count for it alone, so the first three are served and the last is refused."""
+    body = b"z" * (CAP - 100)
+    async with serving(protocol) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                request(100, b"/small")
+                + request(CAP, b"/full")
+                + request(CAP - 100, b"/post", body=body)
+                + request(CAP + 1, b"/over")
+            )
+            assert (await read_response(reader))[1] == b"/small "
+            assert (await read_response(reader))[1] == b"/full "
+            assert (await read_response(reader))[1] == b"/post " + body
+            received, _ = await until_closed(reader, CLOSE_BOUND)
+        finally:
+            writer.close()
+    assert_refused(received)
 
 
 # -- RequestGuard: the body deadline ------------------------------------------------------
