@@ -233,6 +233,11 @@ class Settings(BaseSettings):
     lockout_base_seconds: int = Field(30, ge=1)
     lockout_max_seconds: int = Field(900, ge=1)
     lockout_reset_seconds: int = Field(3600, ge=60)
+    # Wrong emailed codes per address, from clients without a device token for the
+    # account, all networks together: from the CODE_LOCKOUT_THRESHOLD-th on, each locks
+    # code checks for the address by the lockout's steps (guessing a six-digit code from
+    # many networks at once gets nowhere); a right code clears it.
+    code_lockout_threshold: int = Field(10, ge=1, le=1000)
     # Device tokens: proof a client signed in to an account before (its own budget).
     device_token_days: int = Field(90, ge=1, le=365)
     device_token_transport: Literal["body", "cookie"] = "body"  # noqa: S105 - a mode

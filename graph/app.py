@@ -472,6 +472,7 @@ def make_auth(
         clock=clock,
     )
     code_checks = CodeChecks(statements=statements, clock=clock)
+    trust = DeviceTrust(statements=statements, tokens=devices, clock=clock)
     return AuthService(
         statements=statements,
         hasher=hasher,
@@ -508,13 +509,13 @@ def make_auth(
             secret=secret,
             email_lifetime=timedelta(minutes=settings.email_code_minutes),
             totp_lifetime=timedelta(minutes=settings.otp_challenge_minutes),
-            mail_budget=MailBudget(limiter),
+            mail_budget=MailBudget(limiter, trust),
         ),
         outbox=outbox,
         notices=notices,
         require_email_verification=settings.require_email_verification,
         devices=devices,
-        trust=DeviceTrust(statements=statements, tokens=devices),
+        trust=trust,
         code_checks=code_checks,
         lockout=Lockout(
             statements=statements,
@@ -523,6 +524,15 @@ def make_auth(
             base=timedelta(seconds=settings.lockout_base_seconds),
             cap=timedelta(seconds=settings.lockout_max_seconds),
             reset_after=timedelta(seconds=settings.lockout_reset_seconds),
+        ),
+        code_lockout=Lockout(
+            statements=statements,
+            clock=clock,
+            threshold=settings.code_lockout_threshold,
+            base=timedelta(seconds=settings.lockout_base_seconds),
+            cap=timedelta(seconds=settings.lockout_max_seconds),
+            reset_after=timedelta(seconds=settings.lockout_reset_seconds),
+            refusal="Too many wrong codes for this address; try again later.",
         ),
         limiter=limiter,
         events=events,

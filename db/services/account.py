@@ -166,14 +166,17 @@ class AccountService:
                 )
             raise
         user_id = challenge["user_id"]
-        new_hash = await self.hasher.hash(new_password)
+        try:
+            new_hash = await self.hasher.hash(new_password)
+        except BaseException:
+            await self.auth.unspent(check)
+            raise
         amr = merge_amr(challenge["amr"].split(), AMR_EMAIL_CODE)
-        async with self.events.transaction(self.statements) as tx:
+        async with self.auth.spending(check) as tx:
             # The account's lock first (see AuthService.lock_user), then the challenge.
             await self.auth.lock_user(tx, user_id, exclusive=True)
             if not await self.challenges.consume(tx, challenge["id"]):
                 raise invalid_challenge()
-            await self.auth.code_checks.give_back(tx, check)
             # With two-factor on, the new password waits (as a hash) for the TOTP step.
             issued = await self.auth.conclude(
                 tx,

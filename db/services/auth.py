@@ -52,9 +52,15 @@ from db.security.tokens import (
 )
 from db.services import challenges as ch
 from db.services.challenges import Challenges
-from db.services.device_trust import DeviceTrust
+from db.services.device_trust import KNOWN_WINDOW, DeviceTrust
 from db.services.events import EventKind, SecurityEvents
-from db.services.lockout import CodeChecks, Lockout, code_check_key
+from db.services.lockout import (
+    CodeChecks,
+    Lockout,
+    address_digest,
+    code_check_key,
+    code_lockout_key,
+)
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
 from db.services.types import (
@@ -88,7 +94,7 @@ AMR_RECOVERY_CODE = ["mfa"]
 
 # A sign-in from a device family and network the user has not signed in from within
 # this long is "new" (and mailed about).
-KNOWN_DEVICE_WINDOW = timedelta(days=90)
+KNOWN_DEVICE_WINDOW = KNOWN_WINDOW
 
 
 # The statements of the request path, built once (SQLAlchemy caches their compiled form,
@@ -454,6 +460,16 @@ def step_up(session_id: uuid.UUID) -> Intent:
 
 
 @dataclass(frozen=True, slots=True)
+class CodeCheck:
+    """A right emailed code, not spent yet: its wrong-code check (per account and client)
+    and its reservation with the address's code lockout (None for a device token's
+    holder), settled by the transaction that spends it (see AuthService.spending)."""
+
+    key: str
+    lock: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ProvenPassword:
     """A password checked against an account: its replacement hash, if it wants one, and
     the address whose lockout holds the check's reservation (None for a device token's
@@ -483,6 +499,7 @@ class AuthService:
         devices: DeviceTokens,
         trust: DeviceTrust,
         lockout: Lockout,
+        code_lockout: Lockout,
         code_checks: CodeChecks,
         limiter: RateLimiter,
         events: SecurityEvents,
@@ -498,6 +515,7 @@ class AuthService:
         self.devices = devices
         self.trust = trust
         self.lockout = lockout
+        self.code_lockout = code_lockout
         self.code_checks = code_checks
         self.limiter = limiter
         self.statements = statements
@@ -758,9 +776,10 @@ class AuthService:
         count and the check's reservation; where it fails, the reservation is given back."""
         try:
             async with self.events.transaction(self.statements) as tx:
+                yield tx
+                # Last: the account's lock comes first in every transaction (_LOCK_USER).
                 if proven.reserved is not None:
                     await self.lockout.succeeded(tx, proven.reserved)
-                yield tx
         except BaseException:
             if proven.reserved is not None:
                 await self.lockout.give_back(proven.reserved)
@@ -1020,22 +1039,70 @@ class AuthService:
 
     async def emailed_code_check(
         self, challenge: Mapping[str, Any], code: str, client: ClientInfo
-    ) -> str:
-        """Takes one of the account's wrong-code checks for this client (per account and
-        client, across challenges: an unknown address counts alike), then compares the
-        code: INVALID_OTP when it is not the challenge's. Returns the check's key: the
-        transaction that spends the code gives it back (CodeChecks.give_back)."""
-        if challenge["user_id"] is not None:
-            account = str(challenge["user_id"])
-        elif challenge["email"] is not None:
-            account = f"addr:{challenge['email']}"
+    ) -> CodeCheck:
+        """Checks an emailed code as every way in by emailed code does, the same for an
+        unknown address as for an account. Before the comparison: a client without a
+        device token good for the account reserves the check with the address's code
+        lockout (refused while locked: guesses from many networks together cannot pass
+        CODE_LOCKOUT_THRESHOLD, then one per lock period), and every client takes one of
+        its own wrong-code checks for the account (10 in 15 minutes, across challenges).
+        INVALID_OTP when the code is not the challenge's (counted); a right one is
+        settled by the transaction that spends it (`spending`)."""
+        user_id, address = challenge["user_id"], challenge["email"]
+        device = await self.trust.device_of(client, user_id) if user_id is not None else None
+        if user_id is not None:
+            account = str(user_id)
+        elif address is not None:
+            account = f"addr:{address_digest(address)}"
         else:  # pragma: no cover - a challenge from before the address was kept
             account = f"challenge:{challenge['id']}"
-        key = code_check_key(account, await self.trust.budget_of(client, challenge["user_id"]))
-        await self.code_checks.reserve(key)
+        key = code_check_key(account, device_budget(device) if device else client_key(client.ip))
+        lock = code_lockout_key(address) if device is None and address is not None else None
+        if lock is not None:
+            await self.code_lockout.reserve(lock)
+        try:
+            await self.code_checks.reserve(key)
+        except BaseException:
+            if lock is not None:
+                await self.code_lockout.give_back(lock)
+            raise
         if not self.challenges.email_code_matches(challenge, code):
+            if lock is not None:
+                until = await self.code_lockout.failed(lock)
+                if until is not None:
+                    await self.events.record_now(
+                        self.statements,
+                        EventKind.LOCKED_OUT,
+                        user_id=user_id,
+                        client=client,
+                        email=address,
+                        details={"until": until.isoformat(), "step": "email"},
+                    )
             raise invalid_otp()
-        return key
+        return CodeCheck(key=key, lock=lock)
+
+    @contextlib.asynccontextmanager
+    async def spending(self, check: CodeCheck) -> AsyncIterator[Runner]:
+        """The transaction that spends a right emailed code: its checks are settled as no
+        failure (the address's code lockout cleared). Where it fails, they are given
+        back: a right code is never counted as a wrong one."""
+        try:
+            async with self.events.transaction(self.statements) as tx:
+                yield tx
+                # Last: the account's lock comes first in every transaction (_LOCK_USER).
+                await self.code_checks.give_back(tx, check.key)
+                if check.lock is not None:
+                    await self.code_lockout.succeeded(tx, check.lock)
+        except BaseException:
+            await self.unspent(check)
+            raise
+
+    async def unspent(self, check: CodeCheck) -> None:
+        """A right code that was not spent after all: its checks are given back."""
+        if check.lock is not None:
+            await self.code_lockout.give_back(check.lock)
+        async with self.statements.transaction() as tx:
+            await self.code_checks.give_back(tx, check.key)
 
     async def _complete_emailed_code(
         self, challenge: Mapping[str, Any], code: str, client: ClientInfo
@@ -1051,9 +1118,9 @@ class AuthService:
             raise _email_taken() from None
 
     async def _complete_emailed_code_now(
-        self, challenge: Mapping[str, Any], amr: list[str], client: ClientInfo, check: str
+        self, challenge: Mapping[str, Any], amr: list[str], client: ClientInfo, check: CodeCheck
     ) -> IssuedSession | IssuedChallenge:
-        async with self.events.transaction(self.statements) as tx:
+        async with self.spending(check) as tx:
             await self.lock_user(tx, challenge["user_id"], exclusive=True)
             user = await tx.first(_USER_BY_ID, {"user_id": challenge["user_id"]})
             if user is None:
@@ -1084,7 +1151,6 @@ class AuthService:
                     )
             if not await self.challenges.consume(tx, challenge["id"]):
                 raise invalid_challenge()
-            await self.code_checks.give_back(tx, check)
             if asking is not None:
                 # The asking session goes on, at the new address, with a new refresh
                 # token (as after changePassword); every other session stays as it is.

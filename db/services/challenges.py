@@ -21,6 +21,7 @@ from db.models import IP_MAX, Challenge, User
 from db.security.codes import email_code_digest, email_code_matches, new_email_code
 from db.security.limiter import RateLimiter, network_key
 from db.security.tokens import looks_like_opaque_token, new_opaque_token, token_digest
+from db.services.device_trust import DeviceTrust
 from db.services.types import ClientInfo, IssuedChallenge
 from db.session import Runner, Statements
 from db.validation import clean_user_agent, parse_email
@@ -168,23 +169,34 @@ _RESEND = (
 )
 
 
+# What an unmailed challenge's code is compared with: no HMAC output is all zeroes.
+_NO_DIGEST = bytes(32)
+
+
 class MailBudget:
     """Every mail that carries a code counts against two budgets of its recipient
     address: one per requesting network (IPv4 /24, IPv6 /64), so a stranger's requests
     spend their own network's share and not the owner's, and a ceiling over all networks,
-    which bounds a mail flood to the address. Over either, the answer looks the same and
-    no mail goes out."""
+    which bounds a mail flood to the address. The account's own clients (a device token
+    good for it, or a network it signed in from lately) are not held to the ceiling, so
+    strangers on however many networks cannot keep the owner's code from them. Over a
+    budget, the answer looks the same and no mail goes out."""
 
-    def __init__(self, limiter: RateLimiter) -> None:
+    def __init__(self, limiter: RateLimiter, trust: DeviceTrust) -> None:
         self.limiter = limiter
+        self.trust = trust
 
-    async def allows(self, address: str, client: ClientInfo) -> bool:
-        """Counts a code mail to `address` (normalized) asked for by `client`; False when
-        over a budget (nothing is mailed then)."""
+    async def allows(
+        self, tx: Runner, address: str, client: ClientInfo, user_id: uuid.UUID | None
+    ) -> bool:
+        """Counts a code mail to `address` (normalized; the account `user_id`, if any)
+        asked for by `client`; False when over a budget (nothing is mailed then)."""
         if not await self.limiter.hit_quietly(
             "code_mail_client", f"{address}|{network_key(client.ip)}"
         ):
             return False
+        if await self.trust.is_known(tx, client, user_id):
+            return True
         return await self.limiter.hit_quietly("code_mail_account", address)
 
 
@@ -223,8 +235,9 @@ class Challenges:
         """A challenge completed by a code mailed to `user` (id, email) in this transaction
         (for a change of address, to `new_email` instead), bound to `session_id` where one
         asked. `address`: the normalized address it is for. Without a user (an unknown
-        address) the challenge is made just the same, and no code will ever complete it;
-        over the address's mail budget it is mailed nowhere, and its code never arrives."""
+        address), or over the address's mail budget, the challenge is made just the same
+        and mailed nowhere, and no code completes it: a code nobody was sent must not be
+        guessable either."""
         now = self.clock.now()
         challenge_id = uuid.uuid4()
         code = new_email_code()
@@ -232,7 +245,8 @@ class Challenges:
         recipient = (new_email or user["email"]) if user is not None else None
         # Counted for unknown addresses too: the same work either way.
         budget_key = parse_email(new_email).normalized if new_email else address
-        if not await self.mail_budget.allows(budget_key, client):
+        owner = user["id"] if user is not None else None
+        if not await self.mail_budget.allows(tx, budget_key, client, owner):
             recipient = None
         token = await self._insert(
             tx,
@@ -243,7 +257,9 @@ class Challenges:
             amr=amr,
             client=client,
             expires_at=expires_at,
-            code_hash=email_code_digest(self._secret, challenge_id, code),
+            code_hash=email_code_digest(self._secret, challenge_id, code)
+            if recipient is not None
+            else None,
             new_email=new_email,
             session_id=session_id,
             email=address,
@@ -325,7 +341,8 @@ class Challenges:
                 "now": now,
                 "expires_at": expires_at,
                 "code_hash": code_hash,
-                "sent_at": now if code_hash is not None else None,
+                # Every emailed challenge looks sent (resendOtp's wait applies alike).
+                "sent_at": now if method == EMAIL else None,
                 "pending_password_hash": pending_password_hash,
                 "new_email": new_email,
                 "session_id": session_id,
@@ -369,13 +386,12 @@ class Challenges:
         return challenge
 
     def email_code_matches(self, challenge: Mapping[str, Any], code: str) -> bool:
-        """Whether `code` is the challenge's current emailed code. A challenge for an
-        unknown address has a code nobody was sent, so it never matches."""
+        """Whether `code` is the challenge's current emailed code. A challenge whose code
+        was mailed nowhere (an unknown address, a mail budget spent) never matches, after
+        the same work."""
         digest = challenge["code_hash"]
-        if digest is None:
-            return False
-        matches = email_code_matches(self._secret, challenge["id"], code, digest)
-        return matches and challenge["user_id"] is not None
+        matches = email_code_matches(self._secret, challenge["id"], code, digest or _NO_DIGEST)
+        return matches and digest is not None and challenge["user_id"] is not None
 
     async def consume(self, tx: Runner, challenge_id: uuid.UUID) -> bool:
         """Marks it used; False when a concurrent request used it first."""
@@ -414,22 +430,26 @@ class Challenges:
                     retry_after=max(1, math.ceil(wait.total_seconds())),
                 )
             code = new_email_code()
-            await tx.execute(
-                _RESEND,
-                {
-                    "challenge_id": row["id"],
-                    "new_code_hash": email_code_digest(self._secret, row["id"], code),
-                    "now": now,
-                },
-            )
             # A change of address: the new one.
             recipient = (row["new_email"] or row["email"]) if row["user_id"] is not None else None
             budget_key = recipient or row["address"] or str(row["id"])
             if recipient is not None:
                 budget_key = parse_email(recipient).normalized
             # Counted for unknown addresses too: the same work either way.
-            if not await self.mail_budget.allows(budget_key, client) or not row["is_active"]:
+            allowed = await self.mail_budget.allows(tx, budget_key, client, row["user_id"])
+            if not allowed or not row["is_active"]:
                 recipient = None
+            await tx.execute(
+                _RESEND,
+                {
+                    "challenge_id": row["id"],
+                    # Not mailed: the old code stops working and no new one starts.
+                    "new_code_hash": email_code_digest(self._secret, row["id"], code)
+                    if recipient is not None
+                    else None,
+                    "now": now,
+                },
+            )
             if recipient is not None:
                 await self._mail_code(
                     tx, row["user_id"], recipient, row["purpose"], code, row["expires_at"]

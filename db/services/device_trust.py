@@ -8,14 +8,22 @@ not: the device is still its owner's."""
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
-from sqlalchemy import and_, bindparam, select
+from sqlalchemy import and_, bindparam, exists, select
 
+from db.clock import Clock
+from db.devices import network_of
 from db.models import User, UserSession
 from db.security.device import DeviceClaims, DeviceTokens, device_budget
 from db.security.limiter import client_key
 from db.services.types import ClientInfo
-from db.session import Statements
+from db.session import Runner, Statements
+
+# A device family and network the user signed in from within this long are "known" (no
+# new-device notice; the owner's own code mails are not held to the ceiling strangers
+# can spend).
+KNOWN_WINDOW = timedelta(days=90)
 
 # Endings that leave the device's token good: the owner ended the session themselves
 # (logout) or made a new one past the cap. Every other revoke_reason ends it.
@@ -32,10 +40,40 @@ _DEVICE_STATE = (
 )
 
 
+# Whether the account had a session from this network (IPv4 /24, IPv6 /48) lately.
+_KNOWN_NETWORK = select(
+    exists()
+    .where(
+        UserSession.user_id == bindparam("uid"),
+        UserSession.network == bindparam("network"),
+        UserSession.last_used_at >= bindparam("since"),
+    )
+    .label("known")
+)
+
+
 class DeviceTrust:
-    def __init__(self, *, statements: Statements, tokens: DeviceTokens) -> None:
+    def __init__(self, *, statements: Statements, tokens: DeviceTokens, clock: Clock) -> None:
         self.statements = statements
         self.tokens = tokens
+        self.clock = clock
+
+    async def is_known(self, tx: Runner, client: ClientInfo, user_id: uuid.UUID | None) -> bool:
+        """Whether the client is the account's own: a device token good for it, or a
+        network the account signed in from within KNOWN_WINDOW. Asked alike for an
+        unknown address (`user_id` None: a query that finds nothing), so its cost says
+        nothing about registration."""
+        row = await tx.first(
+            _KNOWN_NETWORK,
+            {
+                "uid": user_id or uuid.UUID(int=0),
+                "network": network_of(client.ip),
+                "since": self.clock.now() - KNOWN_WINDOW,
+            },
+        )
+        if row is not None and row["known"]:
+            return True
+        return user_id is not None and await self.device_of(client, user_id) is not None
 
     async def device_of(self, client: ClientInfo, user_id: uuid.UUID) -> DeviceClaims | None:
         """The client's device token when it is good for this account, else None. A token

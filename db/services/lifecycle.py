@@ -28,6 +28,7 @@ from db.services import challenges as ch
 from db.services.account import AccountService
 from db.services.auth import ADDRESS_HOLDER, AMR_PASSWORD, LIVE_SESSION
 from db.services.events import EventKind
+from db.services.lockout import code_lockout_key
 from db.services.mfa import Claim
 from db.services.types import ClientInfo, IssuedChallenge, UserView, merge_amr
 from db.session import Runner
@@ -154,6 +155,7 @@ _DROP_MAIL = delete(OutboxMail).where(OutboxMail.user_id == bindparam("uid"))
 _DROP_THROTTLES = delete(LoginThrottle).where(
     or_(LoginThrottle.email == bindparam("email"), LoginThrottle.email.startswith(bindparam("otp")))
 )
+_DROP_THROTTLE = delete(LoginThrottle).where(LoginThrottle.email == bindparam("key"))
 _LIVE_SESSIONS = select(func.count(UserSession.id)).where(
     UserSession.user_id == bindparam("uid"),
     UserSession.revoked_at.is_(None),
@@ -452,6 +454,7 @@ class LifecycleService:
         # Its own mail, to whichever address (mail others caused stays theirs).
         await tx.execute(_DROP_MAIL, {"uid": user.id})
         await tx.execute(_DROP_THROTTLES, {"email": normalized, "otp": f"otp:{user.id}:"})
+        await tx.execute(_DROP_THROTTLE, {"key": code_lockout_key(normalized)})
         await tx.execute(_DROP_USER, {"uid": user.id})
         # The trail's last word on the account: when, and how many sessions it ended.
         await self.events.record(

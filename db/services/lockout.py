@@ -16,6 +16,7 @@ out, never locked: a success clears the count."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import datetime, timedelta
 from typing import Any
@@ -85,7 +86,9 @@ class Lockout:
         base: timedelta,
         cap: timedelta,
         reset_after: timedelta,
+        refusal: str = "Too many failed sign-ins for this address; try again later.",
     ) -> None:
+        self.refusal = refusal
         self.statements = statements
         self.clock = clock
         self.threshold = threshold
@@ -201,15 +204,10 @@ class Lockout:
         step = self.steps(failures)
         return None if step is None else now + step
 
-    @staticmethod
-    def _refuse_if_locked(locked_until: datetime | None, now: datetime) -> None:
+    def _refuse_if_locked(self, locked_until: datetime | None, now: datetime) -> None:
         if locked_until is not None and locked_until > now:
             wait = math.ceil((locked_until - now).total_seconds())
-            raise AuthFailure(
-                ErrorCode.RATE_LIMITED,
-                "Too many failed sign-ins for this address; try again later.",
-                retry_after=max(1, wait),
-            )
+            raise AuthFailure(ErrorCode.RATE_LIMITED, self.refusal, retry_after=max(1, wait))
 
 
 # -- wrong codes per account and client ------------------------------------------------------
@@ -242,6 +240,17 @@ _REFUND_CHECK = (
     .where(LoginThrottle.email == bindparam("key"), LoginThrottle.failures > 0)
     .values(failures=LoginThrottle.failures - 1)
 )
+
+
+def address_digest(address: str) -> str:
+    """An address in a throttle key: fixed length (the key column holds 254 characters),
+    and not the address itself."""
+    return hashlib.sha256(address.encode("utf-8")).hexdigest()[:32]
+
+
+def code_lockout_key(address: str) -> str:
+    """The emailed-code lockout's row of a (normalized) address."""
+    return f"code:{address_digest(address)}"
 
 
 def code_check_key(account: str, client: str) -> str:

@@ -32,6 +32,7 @@ from db.services.auth import (
 )
 from db.services.challenges import void_pending
 from db.services.events import DetailValue, EventKind, SecurityEvents
+from db.services.lockout import code_lockout_key
 from db.session import Runner, Statements
 from db.validation import parse_email
 
@@ -369,6 +370,7 @@ class Operator:
             throttle = await tx.first(_LOCKOUT_STATE, {"email": normalized})
             failures = throttle["failures"] if throttle is not None else 0
             cleared = await tx.execute(_CLEAR_LOCKOUT, {"email": normalized})
+            cleared += await tx.execute(_CLEAR_LOCKOUT, {"email": code_lockout_key(normalized)})
             pattern = {"pattern": _code_pattern(uid)}
             codes = await tx.first(_CODE_FAILURES, pattern)
             code_failures = int(codes["n"]) if codes is not None else 0

@@ -428,8 +428,11 @@ async def test_wrong_emailed_codes_count_per_account_and_client(
     """Ten wrong codes from one client in fifteen minutes, on fresh challenges (five each):
     the next check is refused, on a fresh challenge too and even with the right code.
     Another client has its own budget, the owner signs in from another address, and
-    fifteen minutes later the client's budget is back."""
-    settings = make_settings(require_email_verification=True, **smtp.settings())
+    fifteen minutes later the client's budget is back. (The address's code lockout, which
+    counts all clients together, is set out of the way: test_the_code_lockout_* below.)"""
+    settings = make_settings(
+        require_email_verification=True, code_lockout_threshold=1000, **smtp.settings()
+    )
     async with (
         running(settings, clock) as app,
         client_for(app) as owner,
@@ -783,3 +786,137 @@ async def test_a_token_kept_past_its_sessions_logout_ends_with_a_password_change
         await lock(app, email)
         assert kind(await device_login(thief, email, WRONG, device)) == "RATE_LIMITED"
         assert kind(await device_login(thief, email, NEW_PASSWORD, device)) == "RATE_LIMITED"
+
+
+# -- the review's findings: beyond the ceiling, guessing from many networks -------------------
+
+
+async def test_strangers_on_many_networks_cannot_keep_the_owners_own_clients_from_codes(
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    smtp: SmtpSink,
+    db: AsyncEngine,
+) -> None:
+    """Twelve IPv6 /64s spend the address's whole ceiling (60 an hour). A brand-new
+    network of the owner's gets nothing (the bound on a flood holds), but the owner's own
+    clients are not held to the ceiling: a network the account signed in from lately,
+    and a client holding a device token good for the account."""
+    settings = make_settings(
+        require_email_verification=True,
+        rate_limits=shipped_mail_budgets(),
+        device_token_transport="cookie",
+        **smtp.settings(),
+    )
+    async with running(settings, clock) as app, client_for(app) as home:
+        email, _session = await signed_up(home, smtp)
+        async with client_for(app, ip="192.0.2.80") as travelling:
+            device = await device_login(travelling, email, PASSWORD)
+            assert device["__typename"] == "AuthSession"
+            cookie = travelling.cookies.get("strawgate_device")
+            assert cookie
+        for n in range(12):
+            async with client_for(app, ip=f"2001:db8:aaaa:{n:x}::1") as stranger:
+                for _ in range(5):
+                    await mutate(stranger, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+        mailed = await settled_code_mails(db, smtp, email)
+        assert mailed == 60, mailed  # the signup's code, and 59 of the strangers'
+        async with client_for(app, ip="198.18.0.9") as new_network:
+            await mutate(new_network, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+        assert await settled_code_mails(db, smtp, email) == 60
+        # The owner's home network signed in before: its own budget only.
+        token, code = await mailed_challenge(home, smtp, email)
+        assert kind(await verify_otp(home, token, code)) == "AuthSession"
+        # A device token good for the account, from yet another network.
+        async with client_for(app, ip="198.18.5.9") as elsewhere:
+            elsewhere.cookies.set("strawgate_device", cookie, path="/graphql")
+            token, code = await mailed_challenge(elsewhere, smtp, email)
+            assert kind(await verify_otp(elsewhere, token, code)) == "AuthSession"
+
+
+async def test_a_code_nobody_was_sent_never_signs_in(
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    clean_db: None,
+    smtp: SmtpSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the address's budget the challenge is made but mailed nowhere: its code must
+    not be guessable either (the number of challenges a stranger can guess at is bounded
+    by the mails the address gets)."""
+    import db.services.challenges as challenges_module
+
+    settings = make_settings(
+        require_email_verification=True,
+        rate_limits=limits(code_mail_client="1/hour"),
+        **smtp.settings(),
+    )
+    monkeypatch.setattr(challenges_module, "new_email_code", lambda: "424242")
+    async with running(settings, clock) as app, client_for(app) as home:
+        email, _session = await signed_up(home, smtp)
+        async with client_for(app, ip="198.51.100.90") as stranger:
+            mailed = await mutate(stranger, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+            unmailed = await mutate(stranger, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+            refused = await verify_otp(stranger, unmailed["challengeToken"], "424242")
+            assert refused["code"] == "INVALID_OTP", refused
+            # The mailed one's code works (the same code here): only the mailed one.
+            opened = await verify_otp(stranger, mailed["challengeToken"], "424242")
+            assert opened["__typename"] == "AuthSession", opened
+
+
+@pytest.mark.parametrize("registered", [True, False])
+async def test_guesses_from_many_networks_stop_at_the_code_lockout(
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    db: AsyncEngine,
+    smtp: SmtpSink,
+    registered: bool,
+) -> None:
+    """Wrong emailed codes for one address count across every client without a device
+    token for the account: a stranger spreading guesses over many networks (each well
+    within its own budget) gets CODE_LOCKOUT_THRESHOLD (10) of them, then every code
+    check for the address is refused for a lock step, the right code too; an unknown
+    address alike. The owner's device token is not held up; a right code clears it."""
+    settings = make_settings(require_email_verification=True, **smtp.settings())
+    async with running(settings, clock) as app, client_for(app) as home:
+        if registered:
+            email, _ = await signed_up(home, smtp)
+            session = await device_login(home, email, PASSWORD)
+            device_token = session["deviceToken"]
+        else:
+            email = unique_email()
+        answers = []
+        for n in range(6):  # six networks, two wrong codes each
+            async with client_for(app, ip=f"198.51.{100 + n}.7") as stranger:
+                asked = await mutate(stranger, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+                for guess in ("000000", "000001"):
+                    answers.append(kind(await verify_otp(stranger, asked["challengeToken"], guess)))
+        assert answers[:10] == ["INVALID_OTP"] * 10, answers
+        assert answers[10:] == ["RATE_LIMITED"] * 2, answers
+        async with client_for(app, ip="198.18.7.7") as another:
+            asked = await mutate(another, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+            refused = await verify_otp(another, asked["challengeToken"], "000002")
+            assert (refused["code"], refused["message"]) == (
+                "RATE_LIMITED",
+                "Too many wrong codes for this address; try again later.",
+            )
+            assert 1 <= refused["retryAfter"] <= 30
+        if not registered:
+            return
+        await settled_code_mails(db, smtp, email)  # the strangers' codes are all out
+        # The owner's device token has its own budget: its right code signs in at once.
+        token, code = await mailed_challenge(home, smtp, email)
+        held = await mutate(
+            home,
+            VERIFY_WITH_DEVICE,
+            {"i": {"challengeToken": token, "code": code, "deviceToken": device_token}},
+        )
+        assert held["__typename"] == "AuthSession", held
+        # Past the lock step a right code from anywhere works, and clears the count.
+        clock.advance(seconds=31)
+        async with client_for(app, ip="198.18.8.8") as owner:
+            token, code = await mailed_challenge(owner, smtp, email)
+            assert kind(await verify_otp(owner, token, code)) == "AuthSession"
+            asked = await mutate(owner, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+            for _ in range(5):
+                wrong = await verify_otp(owner, asked["challengeToken"], "000003")
+                assert wrong["code"] == "INVALID_OTP", wrong
