@@ -51,7 +51,7 @@ from db.services.device_trust import DeviceTrust
 from db.services.events import SecurityEvents
 from db.services.housekeeping import Housekeeper
 from db.services.lifecycle import LifecycleService
-from db.services.lockout import CodeChecks, Lockout
+from db.services.lockout import CODE_REFUSAL, SIGN_IN_REFUSAL, CodeChecks, Lockout
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
 from db.session import Statements, create_engine
@@ -517,28 +517,30 @@ def make_auth(
         devices=devices,
         trust=trust,
         code_checks=code_checks,
-        lockout=Lockout(
-            statements=statements,
-            clock=clock,
-            threshold=settings.lockout_threshold,
-            base=timedelta(seconds=settings.lockout_base_seconds),
-            cap=timedelta(seconds=settings.lockout_max_seconds),
-            reset_after=timedelta(seconds=settings.lockout_reset_seconds),
-        ),
-        code_lockout=Lockout(
-            statements=statements,
-            clock=clock,
-            threshold=settings.code_lockout_threshold,
-            base=timedelta(seconds=settings.lockout_base_seconds),
-            cap=timedelta(seconds=settings.lockout_max_seconds),
-            reset_after=timedelta(seconds=settings.lockout_reset_seconds),
-            refusal="Too many wrong codes for this address; try again later.",
+        lockout=_lockout(settings, statements, clock, settings.lockout_threshold, SIGN_IN_REFUSAL),
+        code_lockout=_lockout(
+            settings, statements, clock, settings.code_lockout_threshold, CODE_REFUSAL
         ),
         limiter=limiter,
         events=events,
         idle_timeout=settings.session_idle_timeout,
         max_sessions=settings.max_sessions_per_user,
         reauth_window=settings.reauth_window,
+    )
+
+
+def _lockout(
+    settings: Settings, statements: Statements, clock: Clock, threshold: int, refusal: str
+) -> Lockout:
+    """A lockout on the LOCKOUT_* steps: of passwords, or of emailed codes."""
+    return Lockout(
+        statements=statements,
+        clock=clock,
+        threshold=threshold,
+        base=timedelta(seconds=settings.lockout_base_seconds),
+        cap=timedelta(seconds=settings.lockout_max_seconds),
+        reset_after=timedelta(seconds=settings.lockout_reset_seconds),
+        refusal=refusal,
     )
 
 

@@ -12,6 +12,7 @@ os.environ.setdefault("SECRET_KEY", "test-secret-key-0123456789abcdefghijklmnop"
 os.environ.setdefault("DATABASE_URL", "sqlite+aiosqlite:///:memory:")
 
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +29,7 @@ from db.settings import RateLimits, Settings
 from graph.app import create_app
 from tests.gql import PASSWORD as PASSWORD  # re-exported: tests import it from here
 from tests.pg import provision, scratch_database
+from tests.servers import redis_reachable
 from tests.smtp import SmtpSink
 
 TEST_SECRET = "test-secret-key-0123456789abcdefghijklmnop"
@@ -101,6 +103,19 @@ def smtp() -> Iterator[SmtpSink]:
         yield sink
     finally:
         sink.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings for the limiter's store: this process's memory, or a real Redis."""
+    if request.param == "memory":
+        return {}
+    if not redis_reachable():
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    return {
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "redis_key_prefix": f"strawgate-test-{uuid.uuid4().hex[:8]}",
+    }
 
 
 OpenStatements = Callable[..., Awaitable[Statements]]

@@ -61,9 +61,7 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("in_flight", sa.Integer(), server_default="0", nullable=False)
         )
-        batch_op.add_column(
-            sa.Column("in_flight_at", sa.DateTime(timezone=True), nullable=True)
-        )
+        batch_op.add_column(sa.Column("in_flight_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:

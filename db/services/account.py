@@ -152,19 +152,8 @@ class AccountService:
             new_password, min_length=self.auth.password_min_length, field="newPassword"
         )
         challenge = await self.challenges.take_attempt(ch.TAKE_FOR_RESET, challenge_token)
-        try:
+        async with self.auth.recording_wrong_codes(challenge, client, step="reset"):
             check = await self.auth.emailed_code_check(challenge, code, client)
-        except AuthFailure as failure:
-            if failure.code is ErrorCode.INVALID_OTP:
-                await self.events.record_now(
-                    self.statements,
-                    EventKind.LOGIN_FAILED,
-                    user_id=challenge["user_id"],
-                    client=client,
-                    email=challenge["email"],
-                    details={"step": "reset"},
-                )
-            raise
         user_id = challenge["user_id"]
         try:
             new_hash = await self.hasher.hash(new_password)

@@ -712,7 +712,7 @@ class AuthService:
                 failure=failure,
             )
             async with self.acting(proven):
-                pass
+                pass  # nothing to do but what a right password always does: clear the count
             await self._after_password(account, proven)
         checked_at: datetime | None = account["password_changed_at"]
         return checked_at
@@ -970,19 +970,27 @@ class AuthService:
         await self.limiter.hit("verify_otp_ip", client_key(client.ip))
         await self.limit_code_checks(challenge_token, client)
         challenge = await self.challenges.take_attempt(ch.TAKE_FOR_VERIFY_OTP, challenge_token)
-        try:
+        async with self.recording_wrong_codes(challenge, client, step=challenge["method"].lower()):
             return await self._complete(challenge, code, client)
+
+    @contextlib.asynccontextmanager
+    async def recording_wrong_codes(
+        self, challenge: Mapping[str, Any], client: ClientInfo, *, step: str
+    ) -> AsyncIterator[None]:
+        """A wrong code checked in the block (INVALID_OTP) is recorded as a failed
+        sign-in, for an unknown address too (as a wrong password is): the same write
+        either way, so the time of a wrong code tells nothing."""
+        try:
+            yield
         except AuthFailure as failure:
             if failure.code is ErrorCode.INVALID_OTP:
-                # Recorded for an unknown address too (as a wrong password is): the same
-                # write either way, so the time of a wrong code tells nothing.
                 await self.events.record_now(
                     self.statements,
                     EventKind.LOGIN_FAILED,
                     user_id=challenge["user_id"],
                     client=client,
                     email=challenge["email"],
-                    details={"step": challenge["method"].lower()},
+                    details={"step": step},
                 )
             raise
 

@@ -28,6 +28,9 @@ from db.errors import AuthFailure, ErrorCode, UniqueViolation
 from db.models import LoginThrottle
 from db.session import Runner, Statements
 
+SIGN_IN_REFUSAL = "Too many failed sign-ins for this address; try again later."
+CODE_REFUSAL = "Too many wrong codes for this address; try again later."
+
 # A reservation older than this was left by a process that died mid-check: not counted.
 STALE_IN_FLIGHT = timedelta(minutes=1)
 
@@ -86,7 +89,7 @@ class Lockout:
         base: timedelta,
         cap: timedelta,
         reset_after: timedelta,
-        refusal: str = "Too many failed sign-ins for this address; try again later.",
+        refusal: str = SIGN_IN_REFUSAL,
     ) -> None:
         self.refusal = refusal
         self.statements = statements

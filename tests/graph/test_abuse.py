@@ -5,7 +5,6 @@ caps, refresh budgets, and a flood that stops neither the owner nor the server."
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,7 +27,6 @@ from tests.gql import (
     signup,
     verify_otp,
 )
-from tests.servers import redis_reachable
 from tests.smtp import SmtpSink
 
 WRONG = "not the password at all"
@@ -40,19 +38,6 @@ LOGIN_WITH_DEVICE = (
 
 def limits(**overrides: str) -> RateLimits:
     return UNLIMITED.model_copy(update=overrides)
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Settings for the limiter's store: this process's memory, or a real Redis."""
-    if request.param == "memory":
-        return {}
-    if not redis_reachable():
-        pytest.skip("no Redis at 127.0.0.1:6379")
-    return {
-        "redis_url": "redis://127.0.0.1:6379/0",
-        "redis_key_prefix": f"strawgate-test-{uuid.uuid4().hex[:8]}",
-    }
 
 
 @asynccontextmanager

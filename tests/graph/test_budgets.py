@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -43,7 +42,6 @@ from tests.gql import (
 )
 from tests.graph.test_abuse import WRONG, CountingHashes, device_login, limits, running
 from tests.graph.test_mfa import challenge, code_at, enrolled
-from tests.servers import redis_reachable
 from tests.smtp import CODE_LINE, Delivered, SmtpSink
 
 SHIPPED = RateLimits()
@@ -82,19 +80,6 @@ def shipped_mail_budgets(**overrides: str) -> RateLimits:
         code_mail_account=SHIPPED.code_mail_account,
         **overrides,
     )
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Settings for the limiter's store: this process's memory, or a real Redis."""
-    if request.param == "memory":
-        return {}
-    if not redis_reachable():
-        pytest.skip("no Redis at 127.0.0.1:6379")
-    return {
-        "redis_url": "redis://127.0.0.1:6379/0",
-        "redis_key_prefix": f"strawgate-test-{uuid.uuid4().hex[:8]}",
-    }
 
 
 @pytest.fixture
