@@ -41,10 +41,10 @@ _STATE = select(
     LoginThrottle.in_flight,
     LoginThrottle.in_flight_at,
 )
-_STATE_BY_EMAIL = _STATE.where(LoginThrottle.email == bindparam("email"))
+_STATE_BY_EMAIL = _STATE.where(LoginThrottle.email == bindparam("address"))
 _LOCK_ROW = _STATE_BY_EMAIL.with_for_update()
 _FIRST_FAILURE = insert(LoginThrottle).values(
-    email=bindparam("email"),
+    email=bindparam("address"),
     failures=bindparam("failures"),
     last_failure_at=bindparam("now"),
     locked_until=bindparam("until"),
@@ -53,7 +53,7 @@ _FIRST_FAILURE = insert(LoginThrottle).values(
 )
 _NEXT_FAILURE = (
     update(LoginThrottle)
-    .where(LoginThrottle.email == bindparam("email"))
+    .where(LoginThrottle.email == bindparam("address"))
     .values(
         failures=bindparam("failures"),
         last_failure_at=bindparam("now"),
@@ -63,15 +63,15 @@ _NEXT_FAILURE = (
 )
 _RESERVE = (
     update(LoginThrottle)
-    .where(LoginThrottle.email == bindparam("email"))
+    .where(LoginThrottle.email == bindparam("address"))
     .values(in_flight=bindparam("in_flight"), in_flight_at=bindparam("now"))
 )
 _GIVE_BACK = (
     update(LoginThrottle)
-    .where(LoginThrottle.email == bindparam("email"), LoginThrottle.in_flight > 0)
+    .where(LoginThrottle.email == bindparam("address"), LoginThrottle.in_flight > 0)
     .values(in_flight=LoginThrottle.in_flight - 1)
 )
-_CLEAR = delete(LoginThrottle).where(LoginThrottle.email == bindparam("email"))
+_CLEAR = delete(LoginThrottle).where(LoginThrottle.email == bindparam("address"))
 _PRUNE = delete(LoginThrottle).where(
     LoginThrottle.last_failure_at < bindparam("quiet_since"),
     or_(LoginThrottle.locked_until.is_(None), LoginThrottle.locked_until < bindparam("now")),
@@ -108,12 +108,12 @@ class Lockout:
         for _attempt in range(3):
             try:
                 async with self.statements.transaction() as tx:
-                    state = await tx.first(_LOCK_ROW, {"email": email})
+                    state = await tx.first(_LOCK_ROW, {"address": email})
                     if state is None:
                         await tx.execute(
                             _FIRST_FAILURE,
                             {
-                                "email": email,
+                                "address": email,
                                 "failures": 0,
                                 "now": now,
                                 "until": None,
@@ -137,7 +137,7 @@ class Lockout:
                             retry_after=1,
                         )
                     await tx.execute(
-                        _RESERVE, {"email": email, "in_flight": in_flight + 1, "now": now}
+                        _RESERVE, {"address": email, "in_flight": in_flight + 1, "now": now}
                     )
                 return
             except UniqueViolation:
@@ -150,20 +150,21 @@ class Lockout:
         for _attempt in range(3):
             try:
                 async with self.statements.transaction() as tx:
-                    state = await tx.first(_LOCK_ROW, {"email": email})
+                    state = await tx.first(_LOCK_ROW, {"address": email})
                     failures = 1 + (self._current(state, now) if state is not None else 0)
                     until = self._lock_end(failures, now)
                     params = {
-                        "email": email,
+                        "address": email,
                         "failures": failures,
                         "now": now,
                         "until": until,
                         "in_flight": max(0, state["in_flight"] - 1) if state is not None else 0,
-                        "in_flight_at": None,
                     }
                     if state is None:  # a success cleared the row meanwhile
-                        await tx.execute(_FIRST_FAILURE, params)
+                        await tx.execute(_FIRST_FAILURE, {**params, "in_flight_at": None})
                     else:
+                        # Exactly the statement's parameters: on SQLite, a key naming a
+                        # column the statement does not set would be set too.
                         await tx.execute(_NEXT_FAILURE, params)
                 return until
             except UniqueViolation:
@@ -173,12 +174,12 @@ class Lockout:
     async def give_back(self, email: str) -> None:
         """Settles a reserved check that never ran (a busy hasher): not a failure."""
         async with self.statements.transaction() as tx:
-            await tx.execute(_GIVE_BACK, {"email": email})
+            await tx.execute(_GIVE_BACK, {"address": email})
 
     async def succeeded(self, tx: Runner, email: str) -> None:
         """The right password: the count and the reservations are cleared, in the
         transaction that signs in."""
-        await tx.execute(_CLEAR, {"email": email})
+        await tx.execute(_CLEAR, {"address": email})
 
     async def prune(self) -> int:
         """Forgets addresses quiet for longer than the reset period."""

@@ -32,6 +32,11 @@ from tests.gql import (
 )
 from tests.smtp import SmtpSink
 
+SIGNUP_WITHOUT_PASSWORD = (
+    "mutation($i: SignupInput!) { signup(input: $i) {"
+    " __typename ... on OtpChallenge { challengeToken } ... on AuthError { code } } }"
+)
+
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
@@ -273,3 +278,79 @@ async def test_the_lifecycle_runs_on_sqlite(
         tokens = (await conn.execute(select(RefreshToken.id))).all()
     await engine.dispose()
     assert users == [] and tokens == []
+
+
+async def test_step_up_budgets_and_lockouts_run_on_sqlite(
+    make_settings: Callable[..., Settings],
+    sqlite_url: str,
+    clock: MutableClock,
+    smtp: SmtpSink,
+) -> None:
+    """Issue 12's paths on the embedded database: a signup without a password, a first
+    password, reauthenticate (password and emailed code), the lockout's reservations and
+    failures, the code lockout, the mail budgets (known networks), device tokens bound to
+    sessions, two-factor, and an export and deletion (mail by owner)."""
+    from tests.graph.test_abuse import device_login
+    from tests.graph.test_lifecycle import EXPORT, delete_account
+    from tests.graph.test_mfa import CONFIRM, SETUP, code_at
+    from tests.graph.test_stepup import reauthenticate
+
+    settings = make_settings(
+        database_url=sqlite_url, require_email_verification=True, **smtp.settings()
+    )
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        email = unique_email()
+        challenge = await mutate(http, SIGNUP_WITHOUT_PASSWORD, {"i": {"email": email}})
+        session = await verify_otp(
+            http, challenge["challengeToken"], (await smtp.wait_for(email)).code()
+        )
+        token = session["accessToken"]
+        assert (await gql(http, "{ me { hasPassword } }", token=token))["data"]["me"] == {
+            "hasPassword": False
+        }
+        first = await mutate(http, CHANGE_PASSWORD, {"i": {"newPassword": PASSWORD}}, token=token)
+        assert first["__typename"] == "AuthSession", first
+        token = first["accessToken"]
+        device = await device_login(http, email, PASSWORD)
+        assert device["__typename"] == "AuthSession", device
+
+        # Wrong passwords, one at a time and at once: reservations, failures, the lock.
+        async with client_for(app, ip="198.51.100.40") as stranger:
+            answers = await asyncio.gather(*(login(stranger, email, "wrong!!") for _ in range(8)))
+            assert {a["code"] for a in answers} <= {"INVALID_CREDENTIALS", "RATE_LIMITED"}
+            assert (await login(stranger, email, PASSWORD))["code"] == "RATE_LIMITED"
+            # Wrong codes from a stranger's challenges: the code lockout.
+            for _ in range(3):
+                asked = await mutate(stranger, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+                for guess in ("000000", "000001", "000002", "000003"):
+                    await verify_otp(stranger, asked["challengeToken"], guess)
+            asked = await mutate(stranger, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+            locked = await verify_otp(stranger, asked["challengeToken"], "000004")
+            assert locked["code"] == "RATE_LIMITED", locked
+
+        # Step-up: by password (the owner's device token past the lockout), then by code.
+        clock.advance(minutes=11)
+        token = (await refresh(http, first["refreshToken"]))["accessToken"]
+        renewed = await reauthenticate(
+            http, token, password=PASSWORD, deviceToken=device["deviceToken"]
+        )
+        assert renewed["__typename"] == "AuthSession", renewed
+        clock.advance(minutes=40)  # the locks are over
+        token = (await refresh(http, renewed["refreshToken"]))["accessToken"]
+        by_mail = await reauthenticate(http, token)
+        code = (await smtp.wait_for(email, where=lambda m: "confirmation" in m.subject)).code()
+        stepped = await verify_otp(http, by_mail["challengeToken"], code)
+        assert stepped["__typename"] == "AuthSession", stepped
+        token = stepped["accessToken"]
+        setup = (await gql(http, SETUP, token=token))["data"]["setupTotp"]
+        confirmed = await gql(
+            http, CONFIRM, {"i": {"code": code_at(setup["secret"], clock)}}, token=token
+        )
+        assert confirmed["data"]["confirmTotp"]["codes"]
+        exported = (await gql(http, EXPORT, token=token))["data"]["exportAccount"]["json"]
+        assert email in exported
+        codes = confirmed["data"]["confirmTotp"]["codes"]
+        deleted = await delete_account(http, token, password=PASSWORD, code=codes[0])
+        assert deleted["deleted"] is True
+        await app.state.housekeeper.run_once()

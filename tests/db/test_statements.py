@@ -153,3 +153,30 @@ async def test_database_url_options_reach_the_request_pool(
     finally:
         await statements.close()
         await engine.dispose()
+
+
+def test_every_write_statement_compiles_on_sqlite_with_its_own_parameters() -> None:
+    """On SQLite the statements run through SQLAlchemy, which compiles an INSERT or
+    UPDATE for the parameter names given: a WHERE parameter named like a column of the
+    table is refused there (it was, for the lockout's: a second wrong password on the
+    embedded database answered INTERNAL_SERVER_ERROR). Every module-level write statement
+    of the services must compile with exactly its own parameters."""
+    import importlib
+    import pkgutil
+
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.sql.dml import Delete, Insert, Update
+
+    import db.mail
+    import db.services
+
+    checked = 0
+    for package in (db.services, db.mail):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            for value in vars(module).values():
+                if isinstance(value, Insert | Update | Delete):
+                    keys = [bind.key for bind in value.compile().binds.values()]
+                    value.compile(dialect=sqlite.dialect(), column_keys=keys)
+                    checked += 1
+    assert checked > 50, checked
