@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -176,6 +177,10 @@ class Challenge(Base):
     # The normalized address the challenge was opened for (an emailed code's): wrong
     # codes count per account and client, and an unknown address counts like a known one.
     email: Mapped[str | None] = mapped_column(String(254), default=None)
+    # Asked for by one of the account's own clients (a device token good for it, or a
+    # network it signed in from lately): the address's code lockout, which strangers can
+    # hold shut, does not hold its code up (its token went to that client only).
+    owner_client: Mapped[bool] = mapped_column(Boolean, server_default=false())
     # A password reset waiting for its TOTP step: the new password's hash.
     pending_password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
 

@@ -53,10 +53,10 @@ def parse_email(raw: str) -> Email:
 def _reason(error: EmailNotValidError) -> str:
     """email-validator's reason, where it names no part of the value: people type
     passwords into email fields, and answers end up in client logs."""
-    reason = str(error)
+    reason = str(error).split(":")[0].rstrip(".")
     if any(mark in reason for mark in "'\"()`"):
         return "check what comes before and after the @-sign."
-    return reason[:1].lower() + reason[1:]
+    return reason[:1].lower() + reason[1:] + "."
 
 
 def normalize_password(raw: str) -> str:

@@ -51,7 +51,13 @@ from db.services.device_trust import DeviceTrust
 from db.services.events import SecurityEvents
 from db.services.housekeeping import Housekeeper
 from db.services.lifecycle import LifecycleService
-from db.services.lockout import CODE_REFUSAL, SIGN_IN_REFUSAL, CodeChecks, Lockout
+from db.services.lockout import (
+    CODE_LOCKOUT_RESET,
+    CODE_REFUSAL,
+    SIGN_IN_REFUSAL,
+    CodeChecks,
+    Lockout,
+)
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
 from db.session import Statements, create_engine
@@ -517,9 +523,21 @@ def make_auth(
         devices=devices,
         trust=trust,
         code_checks=code_checks,
-        lockout=_lockout(settings, statements, clock, settings.lockout_threshold, SIGN_IN_REFUSAL),
+        lockout=_lockout(
+            settings,
+            statements,
+            clock,
+            settings.lockout_threshold,
+            SIGN_IN_REFUSAL,
+            timedelta(seconds=settings.lockout_reset_seconds),
+        ),
         code_lockout=_lockout(
-            settings, statements, clock, settings.code_lockout_threshold, CODE_REFUSAL
+            settings,
+            statements,
+            clock,
+            settings.code_lockout_threshold,
+            CODE_REFUSAL,
+            max(CODE_LOCKOUT_RESET, timedelta(seconds=settings.lockout_reset_seconds)),
         ),
         limiter=limiter,
         events=events,
@@ -530,7 +548,12 @@ def make_auth(
 
 
 def _lockout(
-    settings: Settings, statements: Statements, clock: Clock, threshold: int, refusal: str
+    settings: Settings,
+    statements: Statements,
+    clock: Clock,
+    threshold: int,
+    refusal: str,
+    reset_after: timedelta,
 ) -> Lockout:
     """A lockout on the LOCKOUT_* steps: of passwords, or of emailed codes."""
     return Lockout(
@@ -539,7 +562,7 @@ def _lockout(
         threshold=threshold,
         base=timedelta(seconds=settings.lockout_base_seconds),
         cap=timedelta(seconds=settings.lockout_max_seconds),
-        reset_after=timedelta(seconds=settings.lockout_reset_seconds),
+        reset_after=reset_after,
         refusal=refusal,
     )
 

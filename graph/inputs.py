@@ -150,14 +150,6 @@ class ReauthenticateInput:
     email_code: bool = strawberry.field(
         default=True, description="Where the password is omitted: mail a code (default true)."
     )
-    device_token: str | None = strawberry.field(
-        default=strawberry.UNSET,
-        description=(
-            "This client's device token for the account (as LoginInput.deviceToken): the"
-            " password check spends the device's own budget, not held up by a lockout"
-            " strangers caused."
-        ),
-    )
 
 
 @strawberry.input

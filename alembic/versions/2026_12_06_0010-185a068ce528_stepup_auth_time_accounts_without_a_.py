@@ -26,6 +26,10 @@ def upgrade() -> None:
     # client, an unknown address like a known one). Pending ones get their user's.
     with op.batch_alter_table("challenges", schema=None) as batch_op:
         batch_op.add_column(sa.Column("email", sa.String(length=254), nullable=True))
+        # Asked for by the account's own client (exempt from the address's code lockout).
+        batch_op.add_column(
+            sa.Column("owner_client", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
     op.execute(
         "UPDATE challenges SET email = (SELECT users.email_normalized FROM users"
         " WHERE users.id = challenges.user_id) WHERE user_id IS NOT NULL"
@@ -92,4 +96,5 @@ def downgrade() -> None:
         batch_op.drop_column("user_id")
 
     with op.batch_alter_table("challenges", schema=None) as batch_op:
+        batch_op.drop_column("owner_client")
         batch_op.drop_column("email")

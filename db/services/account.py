@@ -266,7 +266,7 @@ class AccountService:
             email=user.email,
             code=code,
             credential=credential,
-            budget=await self.auth.trust.budget_of(client, user.id),
+            budget=await self.auth.trust.budget_of(client, user.id, not_session=claims.session_id),
             client=client,
         )
 

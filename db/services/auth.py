@@ -674,6 +674,7 @@ class AuthService:
             password=normalize_password(password),
             client=client,
             failure=_wrong_password,
+            not_session=claims.session_id,
         )
         async with self.acting(proven) as tx:
             await self._still_the_password(tx, account, _wrong_password)
@@ -710,6 +711,7 @@ class AuthService:
                 password=normalize_password(password),
                 client=client,
                 failure=failure,
+                not_session=claims.session_id,
             )
             async with self.acting(proven):
                 pass  # nothing to do but what a right password always does: clear the count
@@ -727,19 +729,26 @@ class AuthService:
         password: str,
         client: ClientInfo,
         failure: Callable[[], AuthFailure],
+        not_session: uuid.UUID | None = None,
     ) -> ProvenPassword:
         """Checks a password against an account (None: an unknown address; a miss costs
         what a hit costs), as every way in by password does. Before any hash: a client
-        holding a device token good for the account spends its device's budget; any
-        other spends the account's budget and reserves its attempt with the lockout
-        (refused while locked), so parallel guesses cannot pass the threshold. A wrong
+        holding a device token good for the account (and not issued with `not_session`,
+        the session being stepped up) spends its device's budget and its device's own
+        lockout (OWASP's device cookies); any other spends the account's budget and the
+        address's lockout. Each check is reserved with its lockout (refused while locked),
+        so parallel guesses cannot pass the threshold. A wrong
         password is counted and recorded (LOGIN_FAILED, LOCKED_OUT); `failure` is what the
         caller answers then. A right one leaves the reservation for the caller to clear
         (lockout.succeeded) in the transaction that acts on it."""
-        device = await self.trust.device_of(client, account["id"]) if account is not None else None
-        reserved = None  # the address whose lockout holds this check's reservation
+        device = None
+        if account is not None:
+            device = await self.trust.device_of(client, account["id"], not_session=not_session)
+        reserved = None  # the key whose lockout holds this check's reservation
         if device is not None:
-            await self.limiter.hit("login_account", device_budget(device))
+            reserved = device_budget(device)
+            await self.limiter.hit("login_account", reserved)
+            await self.lockout.reserve(reserved)
         elif normalized is not None:
             await self.limiter.hit("login_account", normalized)
             await self.lockout.reserve(normalized)
@@ -1033,7 +1042,7 @@ class AuthService:
             recovery=True,
             claim=claim,
             lock=lock,
-            client=await self.trust.budget_of(client, user_id),
+            client=await self.trust.budget_of(client, user_id, not_session=challenge["session_id"]),
         )
         self.outbox.wake()
         return issued[0]
@@ -1049,15 +1058,22 @@ class AuthService:
         self, challenge: Mapping[str, Any], code: str, client: ClientInfo
     ) -> CodeCheck:
         """Checks an emailed code as every way in by emailed code does, the same for an
-        unknown address as for an account. Before the comparison: a client without a
-        device token good for the account reserves the check with the address's code
-        lockout (refused while locked: guesses from many networks together cannot pass
-        CODE_LOCKOUT_THRESHOLD, then one per lock period), and every client takes one of
-        its own wrong-code checks for the account (10 in 15 minutes, across challenges).
+        unknown address as for an account. Before the comparison, the check is reserved
+        with a code lockout (refused while locked; CODE_LOCKOUT_THRESHOLD, then one per
+        lock period): a device token's own, else the address's, which every other client
+        shares (guesses from many networks together get nowhere), except for a code the
+        account's own client asked for; and every client takes one of its own wrong-code
+        checks for the account (10 in 15 minutes, across challenges).
         INVALID_OTP when the code is not the challenge's (counted); a right one is
         settled by the transaction that spends it (`spending`)."""
         user_id, address = challenge["user_id"], challenge["email"]
-        device = await self.trust.device_of(client, user_id) if user_id is not None else None
+        device = None
+        if user_id is not None:
+            # A challenge bound to a session (a step-up, a change of address): that
+            # session's own device token proves nothing its holder does not hold.
+            device = await self.trust.device_of(
+                client, user_id, not_session=challenge["session_id"]
+            )
         if user_id is not None:
             account = str(user_id)
         elif address is not None:
@@ -1065,7 +1081,17 @@ class AuthService:
         else:  # pragma: no cover - a challenge from before the address was kept
             account = f"challenge:{challenge['id']}"
         key = code_check_key(account, device_budget(device) if device else client_key(client.ip))
-        lock = code_lockout_key(address) if device is None and address is not None else None
+        # Whose code lockout holds the check: a device token's own; for a code the
+        # account's own client asked for, the address's on this network only (strangers
+        # elsewhere cannot hold it shut); else the address's, which strangers share. The
+        # same work each way (and for an unknown address).
+        lock: str | None = None
+        if device is not None:
+            lock = f"code:{device_budget(device)}"
+        elif address is not None:
+            lock = code_lockout_key(address)
+            if challenge["owner_client"]:
+                lock = f"{lock}:{network_of(client.ip)}"
         if lock is not None:
             await self.code_lockout.reserve(lock)
         try:

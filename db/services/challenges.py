@@ -8,13 +8,15 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, null, or_, select, update
+from sqlalchemy import LargeBinary, and_, bindparam, func, insert, null, or_, select, update
 from sqlalchemy.sql import Executable
 
 from db.clock import Clock
+from db.devices import network_of
 from db.errors import AuthFailure, ErrorCode, invalid_challenge
 from db.mail.outbox import Outbox
 from db.models import IP_MAX, Challenge, User
@@ -65,6 +67,7 @@ _ADD_CHALLENGE = insert(Challenge).values(
     new_email=bindparam("new_email"),
     session_id=bindparam("session_id"),
     email=bindparam("email"),
+    owner_client=bindparam("owner_client"),
 )
 
 
@@ -95,6 +98,7 @@ def _take_attempt(pairings: Any) -> Executable:
             Challenge.new_email,
             Challenge.session_id,
             Challenge.email,
+            Challenge.owner_client,
         )
     )
 
@@ -149,6 +153,7 @@ _FOR_RESEND = (
         Challenge.resends,
         Challenge.sent_at,
         Challenge.new_email,
+        Challenge.session_id,
         Challenge.email.label("address"),
         User.email,
         User.is_active,
@@ -162,7 +167,7 @@ _RESEND = (
     update(Challenge)
     .where(Challenge.id == bindparam("challenge_id"))
     .values(
-        code_hash=bindparam("new_code_hash"),
+        code_hash=func.coalesce(bindparam("new_code_hash", type_=LargeBinary), Challenge.code_hash),
         resends=Challenge.resends + 1,
         sent_at=bindparam("now"),
     )
@@ -173,31 +178,47 @@ _RESEND = (
 _NO_DIGEST = bytes(32)
 
 
+@dataclass(frozen=True, slots=True)
+class MailDecision:
+    send: bool  # within the budgets: the code is mailed
+    owner_client: bool  # asked for by one of the account's own clients
+
+
 class MailBudget:
     """Every mail that carries a code counts against two budgets of its recipient
-    address: one per requesting network (IPv4 /24, IPv6 /64), so a stranger's requests
-    spend their own network's share and not the owner's, and a ceiling over all networks,
-    which bounds a mail flood to the address. The account's own clients (a device token
-    good for it, or a network it signed in from lately) are not held to the ceiling, so
-    strangers on however many networks cannot keep the owner's code from them. Over a
-    budget, the answer looks the same and no mail goes out."""
+    address: one per requesting network, so a stranger's requests spend their own
+    network's share and not the owner's, and a ceiling over all networks, which bounds a
+    mail flood to the address. The account's own clients (a device token good for it, or
+    a network it signed in from lately on a session not revoked for cause) are counted
+    too but not held to the ceiling, so strangers on however many networks cannot keep
+    the owner's code from them; they share one budget per /24 or /48, so a known network
+    is one budget however many /64s it holds. Over a budget, the answer looks the same
+    and no mail goes out."""
 
     def __init__(self, limiter: RateLimiter, trust: DeviceTrust) -> None:
         self.limiter = limiter
         self.trust = trust
 
-    async def allows(
-        self, tx: Runner, address: str, client: ClientInfo, user_id: uuid.UUID | None
-    ) -> bool:
-        """Counts a code mail to `address` (normalized; the account `user_id`, if any)
-        asked for by `client`; False when over a budget (nothing is mailed then)."""
-        if not await self.limiter.hit_quietly(
-            "code_mail_client", f"{address}|{network_key(client.ip)}"
-        ):
-            return False
-        if await self.trust.is_known(tx, client, user_id):
-            return True
-        return await self.limiter.hit_quietly("code_mail_account", address)
+    async def decide(
+        self,
+        tx: Runner,
+        address: str,
+        client: ClientInfo,
+        user_id: uuid.UUID | None,
+        *,
+        not_session: uuid.UUID | None = None,
+    ) -> MailDecision:
+        """Counts a code mail to `address` (normalized) asked for by `client`. `user_id`:
+        the account whose own address it is (None for an unknown address, and for an
+        address the account only asked to move to: nobody's own clients there)."""
+        # The same work whoever asks (the query runs for an unknown address too).
+        owner = await self.trust.is_known(tx, client, user_id, not_session=not_session)
+        network = network_of(client.ip) if owner else network_key(client.ip)
+        if not await self.limiter.hit_quietly("code_mail_client", f"{address}|{network}"):
+            return MailDecision(send=False, owner_client=owner)
+        # Counted for everyone, held to it only by strangers.
+        within = await self.limiter.hit_quietly("code_mail_account", address)
+        return MailDecision(send=within or owner, owner_client=owner)
 
 
 class Challenges:
@@ -245,8 +266,11 @@ class Challenges:
         recipient = (new_email or user["email"]) if user is not None else None
         # Counted for unknown addresses too: the same work either way.
         budget_key = parse_email(new_email).normalized if new_email else address
-        owner = user["id"] if user is not None else None
-        if not await self.mail_budget.allows(tx, budget_key, client, owner):
+        owner = user["id"] if user is not None and new_email is None else None
+        decision = await self.mail_budget.decide(
+            tx, budget_key, client, owner, not_session=session_id
+        )
+        if not decision.send:
             recipient = None
         token = await self._insert(
             tx,
@@ -263,6 +287,7 @@ class Challenges:
             new_email=new_email,
             session_id=session_id,
             email=address,
+            owner_client=decision.owner_client and recipient is not None,
         )
         if user is not None and recipient is not None:
             await self._mail_code(tx, user["id"], recipient, purpose, code, expires_at)
@@ -324,6 +349,7 @@ class Challenges:
         new_email: str | None = None,
         session_id: uuid.UUID | None = None,
         email: str | None = None,
+        owner_client: bool = False,
     ) -> str:
         now = self.clock.now()
         token = new_opaque_token()  # 256 bits; stored only as its SHA-256
@@ -347,6 +373,7 @@ class Challenges:
                 "new_email": new_email,
                 "session_id": session_id,
                 "email": email,
+                "owner_client": owner_client,
             },
         )
         return token
@@ -435,15 +462,19 @@ class Challenges:
             budget_key = recipient or row["address"] or str(row["id"])
             if recipient is not None:
                 budget_key = parse_email(recipient).normalized
-            # Counted for unknown addresses too: the same work either way.
-            allowed = await self.mail_budget.allows(tx, budget_key, client, row["user_id"])
-            if not allowed or not row["is_active"]:
+            # Counted for unknown addresses too: the same work either way. An address
+            # the account only asked to move to has none of the account's clients.
+            owner = row["user_id"] if row["new_email"] is None else None
+            decision = await self.mail_budget.decide(
+                tx, budget_key, client, owner, not_session=row["session_id"]
+            )
+            if not decision.send or not row["is_active"]:
                 recipient = None
             await tx.execute(
                 _RESEND,
                 {
                     "challenge_id": row["id"],
-                    # Not mailed: the old code stops working and no new one starts.
+                    # Not mailed: the code already mailed (if any) stays the one.
                     "new_code_hash": email_code_digest(self._secret, row["id"], code)
                     if recipient is not None
                     else None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from sqlalchemy import and_, bindparam, exists, select
+from sqlalchemy import and_, bindparam, exists, literal, or_, select
 
 from db.clock import Clock
 from db.devices import network_of
@@ -40,13 +40,20 @@ _DEVICE_STATE = (
 )
 
 
-# Whether the account had a session from this network (IPv4 /24, IPv6 /48) lately.
+# Whether the account had a session from this network (IPv4 /24, IPv6 /48) lately, one
+# that is live or ended by its owner (a session revoked for cause, e.g. a thief's,
+# makes no network the owner's).
 _KNOWN_NETWORK = select(
     exists()
     .where(
         UserSession.user_id == bindparam("uid"),
         UserSession.network == bindparam("network"),
         UserSession.last_used_at >= bindparam("since"),
+        or_(
+            UserSession.revoked_at.is_(None),
+            # Not IN (...): its expanding parameter cannot be compiled once for Statements.
+            *(UserSession.revoke_reason == literal(reason) for reason in sorted(KEEPS_DEVICE)),
+        ),
     )
     .label("known")
 )
@@ -58,11 +65,19 @@ class DeviceTrust:
         self.tokens = tokens
         self.clock = clock
 
-    async def is_known(self, tx: Runner, client: ClientInfo, user_id: uuid.UUID | None) -> bool:
-        """Whether the client is the account's own: a device token good for it, or a
-        network the account signed in from within KNOWN_WINDOW. Asked alike for an
-        unknown address (`user_id` None: a query that finds nothing), so its cost says
-        nothing about registration."""
+    async def is_known(
+        self,
+        tx: Runner,
+        client: ClientInfo,
+        user_id: uuid.UUID | None,
+        *,
+        not_session: uuid.UUID | None = None,
+    ) -> bool:
+        """Whether the client is the account's own: a device token good for it (see
+        device_of, and `not_session`), or a network the account signed in from within
+        KNOWN_WINDOW on a session not revoked for cause. Asked alike for an unknown
+        address (`user_id` None: a query that finds nothing), so its cost says nothing
+        about registration."""
         row = await tx.first(
             _KNOWN_NETWORK,
             {
@@ -73,15 +88,23 @@ class DeviceTrust:
         )
         if row is not None and row["known"]:
             return True
-        return user_id is not None and await self.device_of(client, user_id) is not None
+        if user_id is None:
+            return False
+        return await self.device_of(client, user_id, not_session=not_session) is not None
 
-    async def device_of(self, client: ClientInfo, user_id: uuid.UUID) -> DeviceClaims | None:
+    async def device_of(
+        self, client: ClientInfo, user_id: uuid.UUID, *, not_session: uuid.UUID | None = None
+    ) -> DeviceClaims | None:
         """The client's device token when it is good for this account, else None. A token
         of another account, of an earlier epoch, or whose session was revoked, counts as
-        no token at all."""
+        no token at all; so does one issued with `not_session` (a step-up of a session:
+        that session's own device token proves nothing its holder does not already
+        hold)."""
         claims = self.tokens.check(client.device_token, user_id=user_id)
         if claims is None:
             return None  # no query for a client without a genuine token for this account
+        if not_session is not None and claims.session_id == not_session:
+            return None
         async with self.statements.connection() as conn:
             state = await conn.first(_DEVICE_STATE, {"uid": user_id, "sid": claims.session_id})
         if state is None or state["device_epoch"] != claims.epoch or state["id"] is None:
@@ -90,11 +113,17 @@ class DeviceTrust:
             return None
         return claims
 
-    async def budget_of(self, client: ClientInfo, user_id: uuid.UUID | None) -> str:
+    async def budget_of(
+        self,
+        client: ClientInfo,
+        user_id: uuid.UUID | None,
+        *,
+        not_session: uuid.UUID | None = None,
+    ) -> str:
         """Whose budget the client's attempts on this account spend: its device, where its
         device token is good for the account, else its address (IPv6 by /64)."""
         if user_id is not None:
-            held = await self.device_of(client, user_id)
+            held = await self.device_of(client, user_id, not_session=not_session)
             if held is not None:
                 return device_budget(held)
         return client_key(client.ip)

@@ -155,7 +155,8 @@ _DROP_MAIL = delete(OutboxMail).where(OutboxMail.user_id == bindparam("uid"))
 _DROP_THROTTLES = delete(LoginThrottle).where(
     or_(LoginThrottle.email == bindparam("email"), LoginThrottle.email.startswith(bindparam("otp")))
 )
-_DROP_THROTTLE = delete(LoginThrottle).where(LoginThrottle.email == bindparam("key"))
+# The address's code lockouts (its own, and per network of the account's own clients).
+_DROP_CODE_LOCKOUTS = delete(LoginThrottle).where(LoginThrottle.email.startswith(bindparam("key")))
 _LIVE_SESSIONS = select(func.count(UserSession.id)).where(
     UserSession.user_id == bindparam("uid"),
     UserSession.revoked_at.is_(None),
@@ -219,7 +220,7 @@ class LifecycleService:
             )
         second_factor = "mfa" in claims.amr
         if not second_factor and await self.auth.two_factor.is_on(user.id):
-            await self._check_second_factor(user, code, client)
+            await self._check_second_factor(user, claims, code, client)
             second_factor = True
         async with self.events.transaction(self.statements) as tx:
             await self._still_as_checked(tx, user, claims, password_set_at, second_factor)
@@ -251,7 +252,12 @@ class LifecycleService:
         )
 
     async def _check_second_factor(
-        self, user: UserView, code: str | None, client: ClientInfo, claim: Claim | None = None
+        self,
+        user: UserView,
+        claims: AccessClaims,
+        code: str | None,
+        client: ClientInfo,
+        claim: Claim | None = None,
     ) -> None:
         """A current TOTP code or an unused recovery code, spent (in `claim`'s
         transaction where one is given)."""
@@ -267,7 +273,8 @@ class LifecycleService:
             recovery=True,
             claim=claim,
             lock=lock if claim is not None else None,
-            client=await self.auth.trust.budget_of(client, user.id),
+            # The asking session's own device token proves nothing beyond the session.
+            client=await self.auth.trust.budget_of(client, user.id, not_session=claims.session_id),
         )
 
     async def _still_as_checked(
@@ -431,7 +438,7 @@ class LifecycleService:
 
         if second_factor:
             # The code is spent in the transaction that deletes.
-            await self._check_second_factor(user, code, client, claim=delete_now)
+            await self._check_second_factor(user, claims, code, client, claim=delete_now)
         else:
             async with self.events.transaction(self.statements) as tx:
                 await delete_now(tx)
@@ -454,7 +461,7 @@ class LifecycleService:
         # Its own mail, to whichever address (mail others caused stays theirs).
         await tx.execute(_DROP_MAIL, {"uid": user.id})
         await tx.execute(_DROP_THROTTLES, {"email": normalized, "otp": f"otp:{user.id}:"})
-        await tx.execute(_DROP_THROTTLE, {"key": code_lockout_key(normalized)})
+        await tx.execute(_DROP_CODE_LOCKOUTS, {"key": code_lockout_key(normalized)})
         await tx.execute(_DROP_USER, {"uid": user.id})
         # The trail's last word on the account: when, and how many sessions it ended.
         await self.events.record(

@@ -30,6 +30,9 @@ from db.session import Runner, Statements
 
 SIGN_IN_REFUSAL = "Too many failed sign-ins for this address; try again later."
 CODE_REFUSAL = "Too many wrong codes for this address; try again later."
+# A code has a million values: the code lockout forgets a run of wrong ones only after a
+# day without one (an hour's pause must not buy a stranger ten fresh guesses).
+CODE_LOCKOUT_RESET = timedelta(hours=24)
 
 # A reservation older than this was left by a process that died mid-check: not counted.
 STALE_IN_FLIGHT = timedelta(minutes=1)

@@ -58,6 +58,8 @@ _LOCKOUT_STATE = select(
     LoginThrottle.failures, LoginThrottle.last_failure_at, LoginThrottle.locked_until
 ).where(LoginThrottle.email == bindparam("email"))
 _CLEAR_LOCKOUT = delete(LoginThrottle).where(LoginThrottle.email == bindparam("email"))
+# The address's code lockouts (its own, and per network of the account's own clients).
+_CLEAR_CODE_LOCKOUTS = delete(LoginThrottle).where(LoginThrottle.email.startswith(bindparam("key")))
 _CODE_FAILURES = select(func.coalesce(func.sum(LoginThrottle.failures), 0).label("n")).where(
     LoginThrottle.email.like(bindparam("pattern"))
 )
@@ -370,7 +372,7 @@ class Operator:
             throttle = await tx.first(_LOCKOUT_STATE, {"email": normalized})
             failures = throttle["failures"] if throttle is not None else 0
             cleared = await tx.execute(_CLEAR_LOCKOUT, {"email": normalized})
-            cleared += await tx.execute(_CLEAR_LOCKOUT, {"email": code_lockout_key(normalized)})
+            cleared += await tx.execute(_CLEAR_CODE_LOCKOUTS, {"key": code_lockout_key(normalized)})
             pattern = {"pattern": _code_pattern(uid)}
             codes = await tx.first(_CODE_FAILURES, pattern)
             code_failures = int(codes["n"]) if codes is not None else 0

@@ -41,7 +41,8 @@ async def _new_codes(
     try:
         reject_control_characters(info, data)
         auth.require_recent(claims)
-        budget = await auth.trust.budget_of(ctx.client, user.id)
+        # The session's own device token proves nothing beyond the session.
+        budget = await auth.trust.budget_of(ctx.client, user.id, not_session=claims.session_id)
         codes = await run(auth.two_factor, user, budget)
     except AuthFailure as failure:
         return AuthError.from_failure(failure)

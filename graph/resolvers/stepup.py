@@ -39,6 +39,6 @@ class StepUpMutation:
                 claims=claims,
                 password=input.password,
                 email_code=input.email_code,
-                client=ctx.client_with(input.device_token or None),
+                client=ctx.client,
             ),
         )

@@ -329,14 +329,13 @@ async def test_step_up_budgets_and_lockouts_run_on_sqlite(
             locked = await verify_otp(stranger, asked["challengeToken"], "000004")
             assert locked["code"] == "RATE_LIMITED", locked
 
-        # Step-up: by password (the owner's device token past the lockout), then by code.
-        clock.advance(minutes=11)
-        token = (await refresh(http, first["refreshToken"]))["accessToken"]
-        renewed = await reauthenticate(
-            http, token, password=PASSWORD, deviceToken=device["deviceToken"]
-        )
-        assert renewed["__typename"] == "AuthSession", renewed
+        # The owner's device token past the lockout (a fresh sign-in), then step-ups.
+        again = await device_login(http, email, PASSWORD, device["deviceToken"])
+        assert again["__typename"] == "AuthSession", again
         clock.advance(minutes=40)  # the locks are over
+        token = (await refresh(http, again["refreshToken"]))["accessToken"]
+        renewed = await reauthenticate(http, token, password=PASSWORD)
+        assert renewed["__typename"] == "AuthSession", renewed
         token = (await refresh(http, renewed["refreshToken"]))["accessToken"]
         by_mail = await reauthenticate(http, token)
         code = (await smtp.wait_for(email, where=lambda m: "confirmation" in m.subject)).code()

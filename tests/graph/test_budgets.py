@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from jose import jwt
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
@@ -53,6 +54,10 @@ VERIFY_WITH_DEVICE = (
 )
 CHANGE_PASSWORD_WITH_DEVICE = (
     f"mutation($i: ChangePasswordInput!) {{ changePassword(input: $i) {{ {SESSION_FIELDS}"
+    " ... on AuthSession { deviceToken } } }"
+)
+REFRESH_WITH_DEVICE = (
+    f"mutation($i: RefreshInput!) {{ refresh(input: $i) {{ {SESSION_FIELDS}"
     " ... on AuthSession { deviceToken } } }"
 )
 REAUTHENTICATE = (
@@ -905,3 +910,155 @@ async def test_guesses_from_many_networks_stop_at_the_code_lockout(
             for _ in range(5):
                 wrong = await verify_otp(owner, asked["challengeToken"], "000003")
                 assert wrong["code"] == "INVALID_OTP", wrong
+
+
+# -- the second review's findings --------------------------------------------------------------
+
+
+async def test_a_refresh_token_thief_guesses_no_faster_than_a_stranger(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None, smtp: SmtpSink
+) -> None:
+    """Every refresh answer carries a device token issued with that session. Stepping up
+    the same session, it counts as no device: the thief is held to the address's lockout
+    (which a stranger has shut). Signing in anew with it, the device has a lockout of its
+    own (five, then the lock steps), not only its 20 a minute. (Cookie transport: the
+    token goes with every request, step-ups included.)"""
+    settings = make_settings(
+        require_email_verification=True, device_token_transport="cookie", **smtp.settings()
+    )
+    async with running(settings, clock) as app, client_for(app) as home:
+        email, session = await signed_up(home, smtp)
+        clock.advance(seconds=700)
+        await lock(app, email)
+        async with client_for(app, ip="2001:db8:5::1") as thief:
+            got = await mutate(
+                thief, REFRESH_WITH_DEVICE, {"i": {"refreshToken": session["refreshToken"]}}
+            )
+            assert thief.cookies.get("strawgate_device")  # the session's device token
+            token = got["accessToken"]
+            step_up = await mutate(thief, REAUTHENTICATE, {"i": {"password": "guess"}}, token=token)
+            assert step_up["code"] == "RATE_LIMITED", step_up
+            logins = [kind(await device_login(thief, email, f"guess {n}")) for n in range(8)]
+            assert logins[:5] == ["INVALID_CREDENTIALS"] * 5, logins
+            assert set(logins[5:]) == {"RATE_LIMITED"}, logins
+
+
+async def test_an_address_asked_for_is_held_to_its_ceiling_whoever_asks(
+    make_settings: Callable[..., Settings], clock: MutableClock, smtp: SmtpSink, db: AsyncEngine
+) -> None:
+    """changeEmail mails the address asked for: no client is that address's own, so the
+    ceiling holds however the asking account signed in."""
+    settings = make_settings(
+        require_email_verification=True,
+        rate_limits=limits(code_mail_client=SHIPPED.code_mail_client, code_mail_account="3/hour"),
+        **smtp.settings(),
+    )
+    target = unique_email()
+    async with running(settings, clock) as app, client_for(app) as home:
+        sessions = [(await signed_up(home, smtp))[1] for _ in range(3)]
+        for session in sessions:  # from the accounts' own (known) network
+            for _ in range(2):
+                asked = await mutate(
+                    home,
+                    CHANGE_EMAIL,
+                    {"i": {"newEmail": target, "password": PASSWORD}},
+                    token=session["accessToken"],
+                )
+                assert asked["__typename"] == "OtpChallenge", asked
+        assert await settled_code_mails(db, smtp, target) == 3
+
+
+async def test_a_revoked_sessions_network_is_not_the_owners(
+    make_settings: Callable[..., Settings], clock: MutableClock, smtp: SmtpSink, db: AsyncEngine
+) -> None:
+    """A thief's session, revoked by the owner, makes no network the owner's: its /48
+    is held to the ceiling like any stranger's. A network of the owner's own counts as
+    one budget however many /64s ask from it."""
+    settings = make_settings(
+        require_email_verification=True,
+        rate_limits=limits(code_mail_client=SHIPPED.code_mail_client, code_mail_account="10/hour"),
+        **smtp.settings(),
+    )
+    async with running(settings, clock) as app, client_for(app) as home:
+        email, mine = await signed_up(home, smtp)
+        async with client_for(app, ip="2001:db8:66:1::1") as thief:
+            stolen = await login(thief, email, PASSWORD)
+            assert stolen["__typename"] == "AuthSession"
+        sid = jwt.get_unverified_claims(stolen["accessToken"])["sid"]
+        revoked = await mutate(home, REVOKE_SESSION, {"i": {"id": sid}}, token=mine["accessToken"])
+        assert revoked["revoked"] == 1
+        before = await settled_code_mails(db, smtp, email)
+        for n in range(2, 8):  # six /64s of the thief's /48, five asks each
+            async with client_for(app, ip=f"2001:db8:66:{n:x}::1") as http:
+                for _ in range(5):
+                    await mutate(http, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+        assert await settled_code_mails(db, smtp, email) - before == 10 - before
+        # The owner's network (IPv4 /24 here): its own budget of five (the signup's code
+        # was one of them), past the spent ceiling.
+        async with client_for(app, ip="203.0.113.99") as also_home:
+            for _ in range(7):
+                await mutate(also_home, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+        assert await settled_code_mails(db, smtp, email) == 10 + 4
+
+
+async def test_a_stranger_cannot_hold_the_owners_own_clients_out_of_code_sign_in(
+    make_settings: Callable[..., Settings], clock: MutableClock, smtp: SmtpSink, db: AsyncEngine
+) -> None:
+    """A stranger keeps the address's code lockout shut; a code the owner's own client
+    (a network the account signed in from) asked for is held only to that network's
+    lockout, so the owner signs in by code, and resets a password, meanwhile. Strangers
+    elsewhere stay locked; and an hour's pause does not buy them fresh guesses."""
+    settings = make_settings(require_email_verification=True, **smtp.settings())
+    async with running(settings, clock) as app, client_for(app) as home:
+        email, _ = await signed_up(home, smtp)
+        for n in range(10):
+            async with client_for(app, ip=f"2001:db8:98:{n:x}::1") as stranger:
+                asked = await mutate(stranger, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+                assert kind(await verify_otp(stranger, asked["challengeToken"], "000000")) == (
+                    "INVALID_OTP"
+                )
+        await settled_code_mails(db, smtp, email)
+        token, code = await mailed_challenge(home, smtp, email)
+        assert kind(await verify_otp(home, token, code)) == "AuthSession"
+        count = len(code_mails(smtp, email))
+        asked = await mutate(home, REQUEST_PASSWORD_RESET, {"i": {"email": email}})
+        mail = await smtp.wait_for(email, count=count + 1, where=carries_a_code)
+        reset = await mutate(
+            home,
+            RESET_PASSWORD,
+            {
+                "i": {
+                    "challengeToken": asked["challengeToken"],
+                    "code": mail.code(),
+                    "newPassword": NEW_PASSWORD,
+                }
+            },
+        )
+        assert reset["__typename"] == "AuthSession", reset
+        # A right code of the owner's own client clears only its own network's count:
+        # strangers elsewhere are still locked, an hour on too.
+        clock.advance(minutes=61)
+        async with client_for(app, ip="2001:db8:97::1") as stranger:
+            asked = await mutate(stranger, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+            first = kind(await verify_otp(stranger, asked["challengeToken"], "000000"))
+            second = kind(await verify_otp(stranger, asked["challengeToken"], "000001"))
+        assert (first, second) == ("INVALID_OTP", "RATE_LIMITED")
+
+
+async def test_a_resend_past_the_budget_leaves_the_mailed_code_working(
+    make_settings: Callable[..., Settings], clock: MutableClock, smtp: SmtpSink, db: AsyncEngine
+) -> None:
+    settings = make_settings(
+        require_email_verification=True,
+        rate_limits=limits(code_mail_client="1/hour", code_mail_account=SHIPPED.code_mail_account),
+        **smtp.settings(),
+    )
+    async with running(settings, clock) as app, client_for(app) as home:
+        email, _ = await signed_up(home, smtp)
+        async with client_for(app, ip="198.18.0.9") as travelling:
+            token, code = await mailed_challenge(travelling, smtp, email)
+            clock.advance(seconds=61)
+            resent = await mutate(travelling, RESEND_OTP, {"i": {"challengeToken": token}})
+            assert resent["__typename"] == "OtpChallenge"
+            assert await settled_code_mails(db, smtp, email) == 2  # the resend was not mailed
+            assert kind(await verify_otp(travelling, token, code)) == "AuthSession"
