@@ -6,9 +6,10 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/strawgate
-COPY requirements.lock pyproject.toml README.md alembic.ini ./
-# The pinned dependencies first (a layer that changes only with the lock) ...
-RUN /opt/strawgate/bin/pip install -r requirements.lock
+COPY requirements/runtime.lock pyproject.toml README.md alembic.ini ./
+# The pinned runtime dependencies first (a layer that changes only with the lock; no
+# test or development tool) ...
+RUN /opt/strawgate/bin/pip install -r runtime.lock
 # ... then Strawgate itself as a wheel: migrations, templates and data inside.
 COPY db ./db
 COPY graph ./graph

@@ -10,15 +10,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_image_installs_what_the_tests_install() -> None:
+def lock(name: str) -> dict[str, str]:
+    """A lock file's pins, by normalized name (its `-r` includes left out)."""
+    pins = {}
+    for line in (ROOT / "requirements" / name).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "-r")):
+            package, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", package).lower()] = version
+    return pins
+
+
+def test_the_image_installs_the_runtime_the_tests_run_on() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     bootstrap = (ROOT / "scripts" / "bootstrap").read_text()
-    # The pinned dependencies, then Strawgate itself without dependencies: as bootstrap.
-    assert "pip install -r requirements.lock" in dockerfile
-    assert "-r requirements.lock" in bootstrap
+    # The runtime's pins, then Strawgate itself without dependencies; the tests' venv is
+    # the runtime's pins and the tools on top of them.
+    assert "COPY requirements/runtime.lock" in dockerfile
+    assert "pip install -r runtime.lock" in dockerfile
+    assert "-r requirements/dev.lock" in bootstrap
+    dev = (ROOT / "requirements" / "dev.lock").read_text()
+    assert "\n-r runtime.lock\n" in f"\n{dev}"
     assert "pip install --no-deps ." in dockerfile
-    assert "--no-deps -e ." in bootstrap
+    assert "--no-deps" in bootstrap and "-e ." in bootstrap
     assert len(re.findall(r"^FROM ", dockerfile, re.MULTILINE)) == 2  # multi-stage
+
+
+def test_the_runtime_lock_holds_no_development_tool() -> None:
+    runtime, tools = lock("runtime.lock"), lock("dev.lock")
+    for tool in ("pytest", "pytest-asyncio", "mypy", "ruff", "playwright", "aiosmtpd", "pillow"):
+        assert tool not in runtime, tool
+        assert tool in tools, tool
+    assert not set(runtime) & set(tools), "a package pinned twice"
+    # Every dependency pyproject.toml names is pinned for the runtime.
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    block = pyproject[pyproject.index("dependencies = [") : pyproject.index("]\n\n[project.")]
+    for requirement in re.findall(r'"([A-Za-z0-9_.-]+)', block):
+        assert re.sub(r"[-_.]+", "-", requirement).lower() in runtime, requirement
+
+
+def test_the_build_context_leaves_out_what_the_image_does_not_need() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", "var", "tests", "bench", "clients", "docs", "build"):
+        assert entry in ignored, entry
 
 
 def test_the_image_runs_as_nobody_special_and_checks_liveness_only() -> None:
@@ -30,6 +64,16 @@ def test_the_image_runs_as_nobody_special_and_checks_liveness_only() -> None:
         "/healthz" in healthcheck.split("\n\n")[0] and "/readyz" not in healthcheck.split("CMD")[1]
     )
     assert "strawgate serve" in dockerfile and "ENVIRONMENT=production" in dockerfile
+
+
+def test_compose_pins_its_images() -> None:
+    compose = (ROOT / "compose.yaml").read_text()
+    images = re.findall(r"^\s*image:\s*(\S+)", compose, re.MULTILINE)
+    assert images
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest", image
+        assert re.fullmatch(r"\d+(\.\d+)*(-\w+)?|v\d+(\.\d+)+", tag), image
 
 
 def test_compose_brings_the_production_companions() -> None:
