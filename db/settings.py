@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from cryptography.fernet import Fernet
-from pydantic import BaseModel, BeforeValidator, Field, SecretStr, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -68,35 +68,65 @@ class RateLimits(BaseModel):
     challenge and client; _mail: mails sent per account (over it the answer looks the
     same and no mail goes out)."""
 
+    model_config = ConfigDict(use_attribute_docstrings=True)  # the docs read them
+
     signup_ip: str = "20/hour"
+    """`signup` per client address."""
     login_ip: str = "30/minute"
+    """`login` per client address."""
     login_account: str = "20/minute"
+    """`login` per target account (normalized email), or per device token for its holder."""
     verify_otp_ip: str = "30/minute"
+    """`verifyOtp` per client address."""
     verify_otp_challenge: str = "5/minute"
+    """Code checks (`verifyOtp`, `resetPassword`) per challenge and client (its device token, else
+    its address)."""
     refresh_ip: str = "300/minute"
+    """`refresh` per client address."""
     refresh_session: str = "60/minute"
+    """Rotations per session (a retry inside the reuse interval does not count)."""
     request_login_code_ip: str = "10/hour"
+    """`requestLoginCode` per client address."""
     request_password_reset_ip: str = "10/hour"  # noqa: S105 - a rate
+    """`requestPasswordReset` per client address."""
     request_email_verification_ip: str = "10/hour"
-    # Mails that carry a code, to one address: per requesting network (IPv4 /24, IPv6
-    # /64), and a ceiling over every network (the bound on a mail flood to one address).
-    # The ceiling is above ten networks' worth: strangers on fewer networks cannot keep
-    # the owner's code from being mailed.
+    """`requestEmailVerification` per client address."""
     code_mail_client: str = "5/hour"
+    """Mails carrying a code to one address, per requesting network (IPv4 /24, IPv6 /64). Every code
+    mail counts (`signup`, `login` of an unverified account, `requestLoginCode`,
+    `requestPasswordReset`, `requestEmailVerification`, `changeEmail`, `reauthenticate`,
+    `resendOtp`); over it the answer is the same and no mail goes out."""
     code_mail_account: str = "60/hour"
+    """Mails carrying a code to one address from all networks together: the bound on a mail flood to
+    an address; over it, the same answer and no mail. It is above ten networks' worth, so
+    strangers on fewer networks cannot keep the owner's code from being mailed; the owner's own
+    clients (a known network, a device token) are counted but not held to it."""
     resend_otp_ip: str = "20/hour"
+    """`resendOtp` per client address."""
     reset_password_ip: str = "20/hour"  # noqa: S105 - a rate
+    """`resetPassword` per client address."""
     change_password_ip: str = "20/hour"  # noqa: S105 - a rate
+    """`changePassword` per client address."""
     change_password_account: str = "10/hour"  # noqa: S105 - a rate
+    """`changePassword` per account."""
     confirm_totp_ip: str = "30/hour"
+    """`confirmTotp` per client address."""
     disable_totp_ip: str = "30/hour"
+    """`disableTotp` per client address."""
     regenerate_recovery_codes_ip: str = "30/hour"
+    """`regenerateRecoveryCodes` per client address."""
     totp_account: str = "20/hour"
+    """`confirmTotp`, `disableTotp` and `regenerateRecoveryCodes` per account."""
     change_email_ip: str = "20/hour"
+    """`changeEmail` per client address (its code mail counts towards the code-mail budgets too)."""
     change_email_account: str = "10/hour"
+    """`changeEmail` per account."""
     delete_account_ip: str = "20/hour"
+    """`deleteAccount` per client address."""
     delete_account_account: str = "10/hour"
+    """`deleteAccount` per account."""
     export_account_account: str = "10/hour"
+    """`exportAccount` per account."""
 
     @field_validator("*")
     @classmethod
@@ -117,160 +147,258 @@ class Settings(BaseSettings):
         extra="ignore",
         case_sensitive=False,
         env_nested_delimiter="__",
+        use_attribute_docstrings=True,  # each field's docstring: its description (the docs)
     )
 
     environment: Literal["development", "production"] = "production"
+    """`development` or `production`. Production refuses to start without a good `SECRET_KEY`,
+    `ENCRYPTION_KEYS` and `MAIL_SERVER`, turns GraphiQL, introspection and the demo page off and
+    sends `Strict-Transport-Security`; `./scripts/run` sets `development`."""
     database_url: str = DEFAULT_DATABASE_URL
+    """SQLAlchemy async URL of the database: the embedded SQLite file by default; PostgreSQL as
+    `postgresql+asyncpg://user:password@host:5432/database`. Query options (`?ssl=require` and
+    the like) apply to every connection."""
     secret_key: SecretStr | None = None
+    """At least 32 characters. Keys the refresh-token chain, the digests of emailed codes and the
+    device tokens, and signs HS* access tokens (with its UTF-8 bytes). Production refuses a
+    missing, short or placeholder key. Unset in development: a key is generated once, stored in
+    `secret_key` (mode 0600) beside the SQLite file and reused, so sessions survive restarts.
+    Changing it ends every session and device token."""
     algorithm: str = "HS256"
-    # ES256/RS256: a JSON Web Key Set (inline, or a path to a file) of private keys; the
-    # first signs, every one verifies (see db/security/jwks.py for rotation).
+    """JWT algorithm of the access tokens: `HS256`, `HS384`, `HS512` (keyed with `SECRET_KEY`), or
+    `ES256`, `RS256` (private keys in `JWT_KEYS`, public keys at `/.well-known/jwks.json`)."""
     jwt_keys: SecretStr | None = None
+    """For `ES256`/`RS256`: a JSON Web Key Set of private keys, inline or a path to a file; the
+    first signs, every one verifies. Required with those algorithms (no server starts without a
+    usable key); make a key with `strawgate keys generate --alg ES256`."""
     access_token_expire_minutes: int = Field(15, ge=1, le=24 * 60)
+    """Access-token lifetime, in minutes."""
     refresh_token_expire_days: int = Field(30, ge=1, le=3650)
+    """Absolute session lifetime, in days from sign-in (rotation does not extend it)."""
     refresh_token_reuse_interval: int = Field(10, ge=0, le=300)
-    # Where refresh tokens travel: the answer's body (mobile apps), or an HttpOnly cookie
-    # scoped to /graphql that JavaScript never sees (browsers; every POST then needs the
-    # X-Requested-With header and an allowed Origin: the CSRF defence).
+    """Seconds in which a just-rotated refresh token presented again gets the same successor (racing
+    tabs and retries do not log the user out)."""
     refresh_token_transport: Literal["body", "cookie"] = "body"  # noqa: S105 - a mode
+    """Where refresh tokens travel: the answer's body (`body`, mobile apps), or the
+    `strawgate_refresh` HttpOnly cookie scoped to `/graphql` that JavaScript never sees
+    (`cookie`, browsers; every POST then needs the `X-Requested-With` header and an allowed
+    `Origin`: the CSRF defence)."""
     jwt_issuer: str = "strawgate"
+    """`iss` of the access tokens, checked on every request."""
     jwt_audience: str = "strawgate"
+    """`aud` of the access tokens, checked on every request."""
 
-    # GraphQL edge. None means "on in development, off in production".
+    # GraphQL edge.
     graphiql: bool | None = None
+    """Serve GraphiQL at `GET /graphql`. Unset: on in development, off in production."""
     introspection: bool | None = None
+    """Answer introspection queries (and give "did you mean" suggestions). Unset: on in development,
+    off in production."""
     max_query_depth: int = Field(10, ge=1)
+    """Deepest nesting of selections a GraphQL document may have (in every environment)."""
     max_aliases: int = Field(15, ge=0)
+    """Most aliased fields in a GraphQL document."""
     max_query_tokens: int = Field(2000, ge=10)
+    """Most tokens in a GraphQL document."""
     max_body_bytes: int = Field(64 * 1024, ge=1024)
-    # Slow clients: a request's line and headers must arrive whole within the first
-    # (counted from the connection's opening, or from the end of the previous response
-    # on a kept-alive one), its body whole within the second (counted from the end of
-    # its headers); else the connection is closed, with a 408 if part of a request came.
-    # Bounds on the whole, not on the pauses between reads. The header bound holds only
-    # under `strawgate serve` (graph/protocols.py).
+    """Larger request bodies get 413 (counted over the streamed body, not taken from
+    `Content-Length`)."""
     http_header_timeout: Duration = Field(
         timedelta(seconds=30), gt=timedelta(0), le=timedelta(hours=1)
     )
+    """Time for a request's line and headers to arrive whole, counted from the connection's opening
+    or, on a kept-alive connection, from the end of the previous response; else the connection is
+    closed (with a 408 if part of a request came). A bound on the whole, not on the pauses
+    between reads. Only under `strawgate serve` (a bare `uvicorn graph.app:app` gets the body
+    bound only)."""
     http_body_timeout: Duration = Field(
         timedelta(seconds=30), gt=timedelta(0), le=timedelta(hours=1)
     )
-    # At most this many bytes of a request's line and headers (counted as they arrive;
-    # a body does not count): past it, 431 and the connection is closed. Only under
-    # `strawgate serve` (graph/protocols.py), like the header bound above.
+    """Time for a request's body to arrive whole, counted from the end of its headers; else the
+    connection is closed with a 408. A bound on the whole, not on the pauses between reads."""
     http_max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)
+    """Most bytes of a request's line and headers, counted as they arrive (a body does not count):
+    past it, 431 and the connection is closed. Only under `strawgate serve`."""
 
     # Passwords.
     password_min_length: int = Field(8, ge=8, le=256)
-    argon2_memory_cost: int = Field(19 * 1024, ge=8 * 1024)  # KiB (OWASP: 19 MiB)
+    """Shortest password accepted (NIST SP 800-63B: no composition rules; at most 256
+    characters)."""
+    argon2_memory_cost: int = Field(19 * 1024, ge=8 * 1024)
+    """argon2id memory, in KiB (OWASP: 19 MiB). Raising a parameter upgrades each hash at its next
+    sign-in."""
     argon2_time_cost: int = Field(2, ge=1)
+    """argon2id iterations."""
     argon2_parallelism: int = Field(1, ge=1)
+    """argon2id lanes."""
     password_hash_workers: int = Field(default_factory=usable_cpus, ge=1)
+    """Password-hashing threads. Unset: the CPUs this process may use. When more than four times
+    this many hashes wait, `login` and `signup` answer `RATE_LIMITED` with `retryAfter: 1`
+    instead of queueing."""
 
     # Database.
-    # Connections of the request path's pool (per process): at least the concurrent
-    # requests a process serves, or requests queue for a connection.
     db_pool_size: int = Field(40, ge=1)
+    """PostgreSQL connections of the request path's pool, per process (plus at most 10 for
+    everything else): at least the concurrent requests a process serves, or requests queue for a
+    connection; and the pool times workers times instances within the server's `max_connections`."""
     db_timeout: float = Field(5.0, gt=0)
-    auto_migrate: bool | None = None  # None: on for the embedded SQLite default only
+    """Seconds to connect, to wait for a pooled connection or to run a statement before the request
+    fails with `SERVICE_UNAVAILABLE`."""
+    auto_migrate: bool | None = None
+    """Apply pending migrations at start. Unset: on for SQLite only (PostgreSQL is migrated by
+    `strawgate migrate`, a deploy step)."""
 
-    # Two-factor. ENCRYPTION_KEYS: comma-separated Fernet keys; the first encrypts, every
-    # one decrypts (rotate with `strawgate rotate-keys`). Required in production; in
-    # development derived from SECRET_KEY.
+    # Two-factor.
     encryption_keys: SecretStr | None = None
+    """Comma-separated Fernet keys that encrypt the TOTP secrets and the codes waiting in the
+    outbox; the first encrypts, every one decrypts (rotate with `strawgate rotate-keys`).
+    Required in production. Unset in development: one is derived from `SECRET_KEY`."""
     totp_issuer: str = "Strawgate"
+    """The issuer authenticator apps show."""
     otp_challenge_minutes: int = Field(5, ge=1, le=60)
+    """Lifetime of a TOTP challenge (the second step of a sign-in), in minutes."""
 
     # Email ownership and emailed codes.
     require_email_verification: bool = True
+    """Signup, and the login of an unverified account, answer an emailed-code challenge: an
+    unverified account never gets a session. An account without a password proves its address
+    either way."""
     email_code_minutes: int = Field(10, ge=1, le=60)
+    """Lifetime of an emailed code, in minutes."""
     unverified_account_days: int = Field(7, ge=1)
+    """Unverified signups are deleted this many days old."""
 
-    # Mail, with fastapi-mail's own variable names. Without MAIL_SERVER (development
-    # only) mails are printed by the console backend.
+    # Mail, with fastapi-mail's own variable names.
     mail_server: str | None = None
+    """The SMTP server. Required in production. Unset in development: mails (codes included) are
+    printed to the log by the DEVELOPMENT console backend, which production cannot use."""
     mail_port: int = Field(587, ge=1, le=65535)
+    """The SMTP server's port."""
     mail_username: str = ""
+    """The SMTP user name."""
     mail_password: SecretStr = SecretStr("")
+    """The SMTP password."""
     mail_from: str | None = None
+    """The sender's address; required with `MAIL_SERVER`."""
     mail_from_name: str | None = None
+    """The sender's display name. Unset: `PRODUCT_NAME`."""
     mail_starttls: bool = True
+    """Upgrade the SMTP connection with STARTTLS."""
     mail_ssl_tls: bool = False
+    """Speak TLS to the SMTP server from the start (implicit TLS, usually port 465)."""
     use_credentials: bool = True
+    """Log in to the SMTP server with `MAIL_USERNAME` and `MAIL_PASSWORD`."""
     validate_certs: bool = True
-    # The whole SMTP exchange of one mail (connect to QUIT) before it counts as failed.
+    """Check the SMTP server's TLS certificate."""
     mail_timeout: float = Field(15.0, gt=0, le=120)
-    # The operator's own templates, tried before the built-in ones (same file names).
+    """Seconds for the whole SMTP exchange of one mail (connect to QUIT) before the send counts as
+    failed and is retried."""
     mail_template_folder: Path | None = None
+    """Your own mail templates, tried before the built-in ones (same file names as in
+    `db/mail/templates/`)."""
     product_name: str = "Strawgate"
-    # Where the product lives: links in mails point here.
+    """What mails call the product."""
     product_url: str = "http://127.0.0.1:8000"
-    # The page where users review their sessions and security settings (default product_url).
+    """Where the product lives: links in mails point here."""
     security_url: str | None = None
+    """The page where users review their sessions and security settings, linked from security
+    notices. Unset: `PRODUCT_URL`."""
 
     # The outbox and its sender.
     mail_poll_seconds: float = Field(5.0, gt=0, le=5)
+    """The mail sender's polling interval, besides its wake-ups (in-process on commit, and by
+    `LISTEN/NOTIFY` on PostgreSQL)."""
     mail_batch_size: int = Field(20, ge=1, le=500)
+    """Mails a sender claims at once."""
     mail_lease_seconds: int = Field(60, ge=5)
-    mail_retry_max_seconds: int = Field(300, ge=1)  # the backoff's cap
-    mail_give_up_hours: int = Field(24, ge=1)  # an undelivered mail is dropped this old
+    """A sender's lease on the mails it claimed: at least twice `MAIL_TIMEOUT` (checked at start); a
+    send starts only with `MAIL_TIMEOUT` of the lease left, so no lease runs out mid-send."""
+    mail_retry_max_seconds: int = Field(300, ge=1)
+    """The cap of the retry backoff (from 1 s, doubling) of a mail the mail server refused or timed
+    out."""
+    mail_give_up_hours: int = Field(24, ge=1)
+    """An undelivered mail is dropped this many hours old (a code mail as soon as its code
+    expires)."""
     outbox_retention_days: int = Field(7, ge=1)
+    """Sent and dropped outbox rows are deleted this many days old."""
     housekeeping_seconds: int = Field(60, ge=1)
+    """Interval of the housekeeping pass (one process at a time: an advisory lock on PostgreSQL)."""
 
-    # Abuse resistance. REDIS_URL: counters shared by every process (memory otherwise,
-    # which serves one process only).
+    # Abuse resistance.
     redis_url: SecretStr | None = None
-    # Prefix of every key in Redis (several deployments may share one Redis).
+    """Redis for the rate-limit counters, shared by every process (`redis://host:6379/0`). Unset:
+    each process counts in its own memory, right for one process only (`strawgate serve --workers
+    N` refuses to start without it)."""
     redis_key_prefix: str = Field("strawgate", min_length=1, max_length=64)
+    """Prefix of every key in Redis (several deployments may share one Redis)."""
     rate_limits: RateLimits = Field(default_factory=RateLimits)
-    # Off only where a gateway in front limits instead (or to measure what limits cost);
-    # the lockout stays on either way.
+    """The per-operation budgets, one variable each: `RATE_LIMITS__<NAME>`."""
     rate_limiting: bool = True
-    # Lockout per normalized email (registered or not): after LOCKOUT_THRESHOLD failures
-    # each further one locks for a step that doubles from LOCKOUT_BASE_SECONDS up to
-    # LOCKOUT_MAX_SECONDS; a success, or LOCKOUT_RESET_SECONDS without a failure, resets.
+    """Off only where a gateway in front limits instead (or to measure what limits cost); the
+    lockout stays on either way."""
     lockout_threshold: int = Field(5, ge=1)
+    """Failed sign-ins in a row for one normalized email (registered or not) from which each further
+    one locks the address."""
     lockout_base_seconds: int = Field(30, ge=1)
+    """The first lock step, in seconds; it doubles with every further failure."""
     lockout_max_seconds: int = Field(900, ge=1)
+    """The longest lock step, in seconds."""
     lockout_reset_seconds: int = Field(3600, ge=60)
-    # Wrong emailed codes per address, from clients without a device token for the
-    # account, all networks together: from the CODE_LOCKOUT_THRESHOLD-th on, each locks
-    # code checks for the address by the lockout's steps (guessing a six-digit code from
-    # many networks at once gets nowhere); a right code clears it.
+    """Seconds without a failure after which the count is forgotten (a successful sign-in clears it
+    at once)."""
     code_lockout_threshold: int = Field(10, ge=1, le=1000)
-    # Device tokens: proof a client signed in to an account before (its own budget).
+    """Wrong emailed codes in a row per address, from clients without a device token for the account
+    and from all networks together, from which each further one locks code checks for the address
+    by the lockout's steps (the right code too). A right code clears it; only a day without a
+    wrong one forgets it. A device, and each network the account signed in from, have code
+    lockouts of their own."""
     device_token_days: int = Field(90, ge=1, le=365)
+    """Lifetime of a device token: proof that a client signed in to the account before, which gives
+    it a budget of its own, out of the reach of strangers' lockouts."""
     device_token_transport: Literal["body", "cookie"] = "body"  # noqa: S105 - a mode
+    """How device tokens travel: in the answer (`body`, mobile apps) or as the `strawgate_device`
+    HttpOnly cookie (`cookie`, browsers)."""
     device_cookie_samesite: Literal["strict", "lax", "none"] = "strict"
-    # GET /metrics: only from these networks (comma-separated CIDRs), or with this bearer.
+    """The `SameSite` attribute of the device cookie."""
     metrics_allow_networks: str = "127.0.0.1/32,::1/128"
+    """`GET /metrics` answers only from these networks (comma-separated CIDRs), or to a bearer of
+    `METRICS_TOKEN`; anyone else gets 404."""
     metrics_token: SecretStr | None = None
-    # HTTP: cross-origin access only for these origins (comma-separated; none by default).
+    """A bearer token that may read `/metrics` from any network."""
     cors_allow_origins: str = ""
-    # GraphQL: the query text's size, and batches of operations (off unless set).
+    """Exact origins allowed cross-origin access, comma-separated; none by default."""
     max_query_bytes: int = Field(16 * 1024, ge=256)
+    """Largest GraphQL query text, in bytes."""
     batching: bool = False
+    """Accept batches of operations (a JSON array of requests), run one after another."""
     max_batch_size: int = Field(10, ge=1, le=100)
-    # Session lifetime: besides the absolute REFRESH_TOKEN_EXPIRE_DAYS, a session whose
-    # refresh token goes unused this long ends (0: no idle timeout); and at most this
-    # many live sessions per user (a new one ends the oldest).
+    """Most operations in one batch."""
     session_idle_timeout: Duration = timedelta(days=14)
-    # Step-up: operations that change how the account signs in (two-factor, password,
-    # address, deletion) need a credential proven on this session within this window
-    # (else REAUTHENTICATION_REQUIRED: reauthenticate, then repeat).
+    """A session whose refresh token goes unused this long ends: each refresh moves its end this far
+    ahead, never past `REFRESH_TOKEN_EXPIRE_DAYS`. `0`: no idle timeout."""
     reauth_window: Duration = timedelta(minutes=10)
+    """Step-up: the operations that change how the account signs in (two-factor, password, address,
+    deletion) need a credential proven on the session within this window, else
+    `REAUTHENTICATION_REQUIRED` (the client calls `reauthenticate`, then repeats)."""
     max_sessions_per_user: int = Field(50, ge=1, le=10_000)
-    # Retentions (days) of the audit trail, of ended sessions, and of expired challenges.
+    """Live sessions per user; a new sign-in ends the oldest."""
     security_event_retention_days: int = Field(365, ge=1)
+    """Days the audit trail (security events) is kept."""
     session_retention_days: int = Field(30, ge=1)
+    """Days ended sessions, and the spent refresh-token generations of live ones, are kept (a spent
+    token older than that answers `INVALID_TOKEN` instead of ending its session)."""
     challenge_retention_days: int = Field(1, ge=1)
-    # Where users get help (an address or a URL), named in the mail telling the old
-    # address of a change of address. Default: a reply to MAIL_FROM.
+    """Days expired challenges are kept."""
     support_contact: str | None = None
+    """Where users get help (an address or a URL), named in the mails about a change of address and
+    a deletion. Unset: a reply to `MAIL_FROM`."""
 
     log_level: str = "INFO"
-    # json: one JSON object a line; text: readable lines. Default: json in production.
+    """Level of Strawgate's own loggers."""
     log_format: Literal["json", "text"] | None = None
+    """`json`: one JSON object a line (`at`, `level`, `logger`, `message`, `request_id`); `text`:
+    readable lines with the request id in brackets. Unset: `json` in production, `text` in
+    development."""
 
     @field_validator("reauth_window")
     @classmethod

@@ -337,14 +337,20 @@ _USERS_HELP = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; docs/reference/cli.md is generated from it (graph/reference.py)."""
     parser = argparse.ArgumentParser(prog="strawgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the server (uvicorn)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes; more than 1 needs PostgreSQL and REDIS_URL",
+    )
     serve.add_argument(
         "--graceful-timeout",
         type=float,
@@ -390,7 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--output", "-o", default="schema.graphql", help='a path, or "-"')
     export.set_defaults(run=_export_schema)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
     except ConfigError as exc:
