@@ -64,6 +64,7 @@ from db.session import Statements, create_engine
 from db.settings import ConfigError, Settings
 from graph.context import AppServices, Context
 from graph.errors import is_database_unavailable, present_errors
+from graph.graphiql import PREFIX, IdePage, asset_endpoint, ide_page
 from graph.http import edge_middleware
 from graph.logs import REQUEST_ID
 from graph.logs import handler as log_handler
@@ -97,6 +98,15 @@ class GraphQLView(GraphQL[Context, None]):
             multipart_uploads_enabled=False,
         )
         self.max_batch_size = settings.max_batch_size if settings.batching else 0
+        # Strawberry's page, or its copy that loads GraphiQL from this server where
+        # bootstrap fetched its files (graph/graphiql.py).
+        self.ide_page: IdePage | None = (
+            ide_page(super().graphql_ide_html) if self.graphql_ide else None
+        )
+
+    @property
+    def graphql_ide_html(self) -> str:
+        return self.ide_page.html if self.ide_page else super().graphql_ide_html
 
     async def get_context(self, request: Any, response: Any) -> Context:
         return Context(
@@ -434,6 +444,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             ),
         ),
     ]
+    if view.ide_page is not None and view.ide_page.local:
+        routes.append(Route(PREFIX + "{name:path}", asset_endpoint(view.ide_page.files)))
     if not settings.is_production:
         pages["/demo"] = demo = DEMO_PAGE.read_text(encoding="utf-8")
 
@@ -446,7 +458,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         middleware=[
             # Outermost, so that the guard's own refusals carry the security headers
             # (and, for listed origins, CORS headers a browser can read them by).
-            *edge_middleware(settings, pages=pages),
+            *edge_middleware(settings, pages=pages, immutable=PREFIX),
             Middleware(
                 RequestGuard,
                 max_body_bytes=settings.max_body_bytes,

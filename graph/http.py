@@ -23,10 +23,13 @@ STRICT_CSP = "default-src 'none'; frame-ancestors 'none'"
 # Two years, the preload list's minimum; sent in production only (browsers ignore it
 # over plain HTTP, and a development server on localhost must not pin HTTPS).
 HSTS = "max-age=63072000; includeSubDomains"
+# GraphiQL's own copies of its scripts and styles: a file's URL names its version.
+IMMUTABLE = "public, max-age=31536000, immutable"
 
 _SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script\s*>", re.IGNORECASE | re.DOTALL)
 _LINK = re.compile(r"<link\b([^>]*)>", re.IGNORECASE | re.DOTALL)
 _ATTR_URL = re.compile(r"""\b(?:src|href)\s*=\s*["'](https://[^"'/]+)""", re.IGNORECASE)
+_LOCAL_URL = re.compile(r"""\b(?:src|href)\s*=\s*["']/(?!/)""", re.IGNORECASE)
 _STYLESHEET = re.compile(r"""\brel\s*=\s*["']?stylesheet""", re.IGNORECASE)
 
 CORS_ALLOW_HEADERS = ("content-type", "authorization", "x-request-id", "x-requested-with")
@@ -35,8 +38,8 @@ CORS_EXPOSE_HEADERS = ("x-request-id",)
 
 def page_csp(html: str) -> str:
     """The policy of one of the server's HTML pages (GraphiQL, the demo), read from the
-    page itself: its scripts and styles from the CDN origins it names, its inline
-    scripts by their SHA-256 (no 'unsafe-inline' for scripts), its queries to this
+    page itself: its scripts and styles from this server or the CDN origins it names, its
+    inline scripts by their SHA-256 (no 'unsafe-inline' for scripts), its queries to this
     origin only."""
     script_origins: set[str] = set()
     inline_hashes: list[str] = []
@@ -49,11 +52,13 @@ def page_csp(html: str) -> str:
         else:
             digest = hashlib.sha256(body.encode("utf-8")).digest()
             inline_hashes.append(f"'sha256-{base64.b64encode(digest).decode('ascii')}'")
-    style_origins = {
-        match.group(1)
-        for attributes in _LINK.findall(html)
-        if _STYLESHEET.search(attributes) and (match := _ATTR_URL.search(attributes))
-    }
+    style_origins: set[str] = set()
+    for attributes in _LINK.findall(html):
+        if _STYLESHEET.search(attributes):
+            if match := _ATTR_URL.search(attributes):
+                style_origins.add(match.group(1))
+            elif _LOCAL_URL.search(attributes):
+                style_origins.add("'self'")
     directives = {
         "default-src": ["'none'"],
         "script-src": [*sorted(script_origins), *inline_hashes],
@@ -73,8 +78,10 @@ class SecurityHeaders:
     """Adds the security headers to every response, the app's own refusals included.
 
     `Cache-Control: no-store` on everything: /graphql answers carry tokens, and nothing
-    else this server says is worth caching. An HTML answer on a path of `pages` gets that
-    page's own policy; every other answer the strict one."""
+    else this server says is worth caching, but for the files found under `immutable`
+    (GraphiQL's scripts and styles, versioned by their URL), cached for a year. An HTML
+    answer on a path of `pages` gets that page's own policy; every other answer the
+    strict one."""
 
     _OURS = frozenset(
         {
@@ -93,8 +100,10 @@ class SecurityHeaders:
         *,
         hsts: bool,
         pages: Mapping[str, str] | None = None,
+        immutable: str | None = None,
     ) -> None:
         self.app = app
+        self._immutable = immutable
         common = [
             (b"cache-control", b"no-store"),
             (b"x-content-type-options", b"nosniff"),
@@ -108,6 +117,10 @@ class SecurityHeaders:
             path: [*common, (b"content-security-policy", policy.encode("latin-1"))]
             for path, policy in (pages or {}).items()
         }
+        self._cached = [
+            (key, IMMUTABLE.encode("latin-1") if key == b"cache-control" else value)
+            for key, value in self._strict
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,14 +134,16 @@ class SecurityHeaders:
                     for key, value in message.get("headers", ())
                     if key.lower() not in self._OURS
                 ]
-                message["headers"] = kept + self._headers_for(scope, kept)
+                message["headers"] = kept + self._headers_for(scope, kept, message["status"])
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
 
     def _headers_for(
-        self, scope: Scope, headers: Iterable[tuple[bytes, bytes]]
+        self, scope: Scope, headers: Iterable[tuple[bytes, bytes]], status: int
     ) -> list[tuple[bytes, bytes]]:
+        if self._immutable and status == 200 and scope["path"].startswith(self._immutable):
+            return self._cached
         page = self._pages.get(scope["path"])
         if page is not None:
             for key, value in headers:
@@ -181,15 +196,18 @@ def cors_origins(settings: Settings) -> list[str]:
     return origins
 
 
-def edge_middleware(settings: Settings, *, pages: Mapping[str, str]) -> list[Middleware]:
+def edge_middleware(
+    settings: Settings, *, pages: Mapping[str, str], immutable: str | None = None
+) -> list[Middleware]:
     """The outermost middleware: security headers on every answer (`pages` maps the
-    paths of HTML pages to their HTML), then CORS where origins are configured (with
-    none, no CORS header is ever sent)."""
+    paths of HTML pages to their HTML; the files under `immutable` are cached for good),
+    then CORS where origins are configured (with none, no CORS header is ever sent)."""
     middleware = [
         Middleware(
             SecurityHeaders,
             hsts=settings.is_production,
             pages={path: page_csp(html) for path, html in pages.items()},
+            immutable=immutable,
         )
     ]
     origins = cors_origins(settings)

@@ -28,7 +28,7 @@ from db.session import Statements, create_engine
 from db.settings import RateLimits, Settings
 from graph.app import create_app
 from tests.gql import PASSWORD as PASSWORD  # re-exported: tests import it from here
-from tests.pg import provision, scratch_database
+from tests.pg import describe, provision, scratch_database
 from tests.servers import redis_reachable
 from tests.smtp import SmtpSink
 
@@ -43,6 +43,16 @@ PRODUCTION_MAIL: dict[str, Any] = {
 
 
 UNLIMITED = RateLimits(**dict.fromkeys(RateLimits.model_fields, "100000/minute"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionstart(session: pytest.Session) -> Iterator[None]:
+    """Says which PostgreSQL the tests use (tests/pg.py) in one line at the start of every
+    run, after pytest's header, -q included (where pytest shows no header)."""
+    yield
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(describe())
 
 
 class MutableClock:

@@ -156,19 +156,60 @@ def wait_until(predicate: object, timeout: float = 10.0) -> bool:
     return False
 
 
-def provision() -> tuple[str, PrivateCluster | None]:
-    """An admin URL (asyncpg form) of a server the tests may create databases on."""
+LOCAL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def choose() -> tuple[str, str | None]:
+    """Which PostgreSQL the tests use, in the order above: ("TEST_DATABASE_URL", its URL),
+    ("local", LOCAL) or ("cluster", None)."""
     configured = os.environ.get("TEST_DATABASE_URL")
     if configured:
-        if not asyncio.run(can_connect(configured)):
+        return "TEST_DATABASE_URL", configured
+    if asyncio.run(can_connect(LOCAL)):
+        return "local", LOCAL
+    return "cluster", None
+
+
+def provision() -> tuple[str, PrivateCluster | None]:
+    """An admin URL (asyncpg form) of a server the tests may create databases on."""
+    kind, url = choose()
+    if url is not None:
+        if kind == "TEST_DATABASE_URL" and not asyncio.run(can_connect(url)):
             raise RuntimeError(f"TEST_DATABASE_URL is set but cannot be reached. {NO_POSTGRES}")
-        return configured, None
-    local = "postgresql://postgres@127.0.0.1:5432/postgres"
-    if asyncio.run(can_connect(local)):
-        return local, None
+        return url, None
     cluster = PrivateCluster.create()
     cluster.start()
     return cluster.admin_url, cluster
+
+
+def describe() -> str:
+    """One line naming the PostgreSQL the tests use (a password shown as ***), for the
+    start of a test run."""
+    kind, url = choose()
+    if kind == "TEST_DATABASE_URL" and url is not None:
+        reached = asyncio.run(can_connect(url))
+        state = "" if reached else " (CANNOT BE REACHED: the tests that need it stop the run)"
+        return f"PostgreSQL: TEST_DATABASE_URL, {masked(url)}{state}"
+    if kind == "local":
+        return f"PostgreSQL: the local server, {LOCAL}"
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        return f"PostgreSQL: NONE. {NO_POSTGRES}"
+    return (
+        f"PostgreSQL: a throwaway cluster (initdb and pg_ctl from {bin_dir}), started "
+        "when a test first needs it"
+    )
+
+
+def masked(url: str) -> str:
+    """`url` with its password as ***."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(a URL that does not parse)"
 
 
 async def admin_execute(admin_url: str, sql: str) -> None:
