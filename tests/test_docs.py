@@ -1,11 +1,19 @@
 """The docs cannot drift: the reference pages are what graph/reference.py makes from the
-code now."""
+code now, the site builds with `mkdocs build --strict` (no broken link or anchor, no page
+left out of the nav), and the GraphQL they show is valid against schema.graphql."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+from graphql import build_schema, parse, validate
 from pydantic import ValidationError
 
 from db.settings import MAX_DURATION, RateLimits, Settings
@@ -13,6 +21,37 @@ from graph import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site, built once with --strict into a temporary folder."""
+    folder = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    built = subprocess.run(
+        [
+            # Not --quiet: it hides the warnings, and --strict then fails on none.
+            *(sys.executable, "-m", "mkdocs", "build", "--strict"),
+            *("--config-file", str(ROOT / "mkdocs.yml"), "--site-dir", str(folder)),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, (
+        "mkdocs build --strict failed (a broken link or anchor, or a page missing from the"
+        f" nav in mkdocs.yml):\n{built.stdout}{built.stderr}"
+    )
+    return folder
+
+
+def _page_html(site: Path, target: str) -> Path:
+    relative = Path(target).relative_to("docs").with_suffix("")
+    folder = site / relative.parent if relative.name == "index" else site / relative
+    return folder / "index.html"
 
 
 def test_the_reference_pages_are_what_the_code_makes_now() -> None:
@@ -56,3 +95,28 @@ def test_the_bounds_the_reference_states_from_validators_hold() -> None:
     for algorithm in ("HS256", "HS384", "HS512", "ES256", "RS256"):
         assert f"`{algorithm}`" in page
     assert not accepts(algorithm="none")
+
+
+def test_the_site_builds_strictly(site: Path) -> None:
+    for page in DOCS.rglob("*.md"):
+        target = str(page.relative_to(ROOT))
+        assert _page_html(site, target).is_file(), f"{target} was not built"
+
+
+# ------------------------------------------------------------------------------ GraphQL
+
+
+def _schema_errors(document: str) -> list[str]:
+    schema = build_schema((ROOT / "schema.graphql").read_text(encoding="utf-8"))
+    return [error.message for error in validate(schema, parse(document))]
+
+
+def test_the_graphql_in_the_docs_is_valid() -> None:
+    for page in sorted(DOCS.rglob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        for block in re.findall(r"```graphql\n(.*?)```", text, re.S):
+            errors = _schema_errors(block)
+            assert not errors, f"{page.relative_to(ROOT)}: {errors}\n{block}"
+        for raw in re.findall(r'"query": "((?:[^"\\]|\\.)*)"', text):
+            query = json.loads(f'"{raw}"')
+            assert not _schema_errors(query), f"{page.relative_to(ROOT)}: {query}"
