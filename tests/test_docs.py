@@ -1,6 +1,7 @@
 """The docs cannot drift: the reference pages are what graph/reference.py makes from the
 code now, the site builds with `mkdocs build --strict` (no broken link or anchor, no page
-left out of the nav), and the GraphQL they show is valid against schema.graphql."""
+left out of the nav), the GraphQL they show is valid against schema.graphql, and the
+README stays a short front door whose links land on pages."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from db.settings import MAX_DURATION, RateLimits, Settings
 from graph import reference
 
 ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 
 
@@ -103,12 +105,58 @@ def test_the_site_builds_strictly(site: Path) -> None:
         assert _page_html(site, target).is_file(), f"{target} was not built"
 
 
+# ------------------------------------------------------------------------------ README
+
+
+def test_the_readme_is_a_short_front_door() -> None:
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines; the rest belongs in docs/"
+
+
+def test_the_readme_names_the_two_commands() -> None:
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    commands = {line.strip() for block in blocks for line in block.splitlines()}
+    assert "./scripts/run" in commands
+    assert "./scripts/test" in commands
+
+
+def test_every_link_of_the_readme_lands(site: Path) -> None:
+    text = README.read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    docs_links = [link for link in links if link.startswith("docs/")]
+    assert docs_links, "the README links into the docs"
+    for link in links:
+        if re.match(r"[a-z]+:", link):
+            continue  # http(s), mailto
+        target, _, anchor = link.partition("#")
+        if not target:
+            continue
+        assert (ROOT / target).exists(), f"README links to {link}: no such file"
+        if target.startswith("docs/") and target.endswith(".md"):
+            html = _page_html(site, target)
+            assert html.is_file(), f"README links to {link}: not a page of the site"
+            if anchor:
+                assert f'id="{anchor}"' in html.read_text(encoding="utf-8"), (
+                    f"README links to {link}: the page has no such anchor"
+                )
+
+
 # ------------------------------------------------------------------------------ GraphQL
 
 
 def _schema_errors(document: str) -> list[str]:
     schema = build_schema((ROOT / "schema.graphql").read_text(encoding="utf-8"))
     return [error.message for error in validate(schema, parse(document))]
+
+
+def test_the_readme_first_session_is_valid_graphql() -> None:
+    text = README.read_text(encoding="utf-8")
+    queries = [json.loads(f'"{raw}"') for raw in re.findall(r'"query": "((?:[^"\\]|\\.)*)"', text)]
+    fields = set()
+    for query in queries:
+        assert not _schema_errors(query), (query, _schema_errors(query))
+        fields.update(re.findall(r"\b(signup|verifyOtp|me|refresh|logout)\b", query))
+    assert fields == {"signup", "verifyOtp", "me", "refresh", "logout"}
 
 
 def test_the_graphql_in_the_docs_is_valid() -> None:
