@@ -426,6 +426,10 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         body = {"status": "ready", "rate_limits": limiter.status}
         if limiter.degraded:
             body["status"] = "ready (degraded)"
+        mail = request.app.state.mail_sender.degraded
+        body["mail"] = "ok" if mail is None else f"degraded: {mail}"
+        if mail is not None:
+            body["status"] = "ready (degraded)"
         return JSONResponse(body)
 
     pages: dict[str, str] = {}

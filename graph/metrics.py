@@ -91,8 +91,10 @@ class Metrics:
         self.mail_failures = Counter(
             "strawgate_mail_failures",
             "Failed attempts to send a mail, by reason: undecryptable (its code is sealed"
-            " under a key missing from this process's ENCRYPTION_KEYS), unrenderable,"
-            " undeliverable (the mail server refused or timed out).",
+            " under a key missing from this process's ENCRYPTION_KEYS), unrenderable; and"
+            " what the mail server did: connection_refused, timeout, tls (STARTTLS not"
+            " offered, the handshake, the certificate), auth (login refused or impossible),"
+            " rejected (a 5xx refusal), unavailable (a 4xx refusal), other.",
             ["reason"],
             registry=self.registry,
         )

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
+
+DeliveryFailure = Literal[
+    "connection_refused", "timeout", "tls", "auth", "rejected", "unavailable", "other"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,8 +18,11 @@ class RenderedMail:
 
 
 class MailDeliveryError(Exception):
-    """A send failed (server down, refused, timed out); the outbox retries it later. The
-    message says what happened, without the mail's content."""
+    """A failed send (retried later): the cause, the server, its reply and what to fix."""
+
+    def __init__(self, message: str, reason: DeliveryFailure = "other") -> None:
+        super().__init__(message)
+        self.reason: DeliveryFailure = reason
 
 
 class MailTransport(Protocol):
@@ -25,3 +32,9 @@ class MailTransport(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def mask_address(address: str) -> str:
+    """Enough of an address to tell mails apart in a log: a***@example.com."""
+    local, _, domain = address.rpartition("@")
+    return f"{local[:1]}***@{domain}" if local else "***"

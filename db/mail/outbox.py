@@ -19,7 +19,13 @@ import orjson
 from sqlalchemy import bindparam, delete, func, insert, literal, null, or_, select, update
 
 from db.clock import Clock
-from db.mail.message import MailDeliveryError, MailTransport, RenderedMail
+from db.mail.message import (
+    DeliveryFailure,
+    MailDeliveryError,
+    MailTransport,
+    RenderedMail,
+)
+from db.mail.message import mask_address as mask_address
 from db.models import OutboxMail
 from db.security.box import SecretBox, UndecryptableSecret
 from db.session import Listening, Runner, Statements
@@ -32,9 +38,10 @@ FIRST_RETRY = timedelta(seconds=1)
 # How long a woken sender waits before its round (see MailSender._run).
 WAKE_DELAY = 0.05
 ERROR_MAX = 255  # outbox.last_error
+DEGRADED_AFTER = 3
 
 # Why an attempt failed, as MailSender.on_failure reports it (a metric's label).
-MailFailure = Literal["undecryptable", "unrenderable", "undeliverable"]
+MailFailure = Literal["undecryptable", "unrenderable", DeliveryFailure]
 
 
 class Renderer(Protocol):
@@ -330,6 +337,8 @@ class MailSender:
         self._listen_failed = False
         self._round_failed = False
         self.on_failure: Callable[[MailFailure], None] | None = None
+        self._failed_in_a_row = 0
+        self._last_failure: DeliveryFailure | None = None
 
     @classmethod
     def from_settings(
@@ -361,6 +370,11 @@ class MailSender:
     def listening(self) -> bool:
         """Whether NOTIFY from other processes reaches this sender right now."""
         return self._listening is not None and self._listening.alive
+
+    @property
+    def degraded(self) -> DeliveryFailure | None:
+        """The latest send's failure once DEGRADED_AFTER sends failed in a row, else None."""
+        return self._last_failure if self._failed_in_a_row >= DEGRADED_AFTER else None
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -594,23 +608,37 @@ class MailSender:
                     recipient=mail.recipient, mail=rendered, message_id=f"<{mail.id}@strawgate>"
                 )
         except MailDeliveryError as exc:
-            self._count("undeliverable")
-            await self.mark_failed(mail, str(exc) or type(exc).__name__)
+            await self._undelivered(mail, exc.reason, str(exc) or type(exc).__name__)
             return True
         except TimeoutError:
-            self._count("undeliverable")
-            await self.mark_failed(mail, f"the send took longer than {self._send_timeout:g} s")
+            server = getattr(self._transport, "server", "the mail server")
+            await self._undelivered(
+                mail,
+                "timeout",
+                f"SMTP timeout ({server}): the send took longer than {self._send_timeout:g} s"
+                " (MAIL_TIMEOUT)",
+            )
             return True
         except Exception as exc:  # a transport that broke its contract: retry all the same
             log.error(
                 "mail %s: the transport failed unexpectedly (%s)", mail.id, type(exc).__name__
             )
-            self._count("undeliverable")
-            await self.mark_failed(mail, f"unexpected {type(exc).__name__}")
+            await self._undelivered(mail, "other", f"unexpected {type(exc).__name__}", logged=True)
             return True
+        self._failed_in_a_row = 0
         if await self.mark_sent(mail):
             log.info("mail %s (%s) sent", mail.id, mail.template)
         return True
+
+    async def _undelivered(
+        self, mail: ClaimedMail, reason: DeliveryFailure, error: str, *, logged: bool = False
+    ) -> None:
+        if not logged:
+            log.warning("mail %s not delivered (attempt %d): %s", mail.id, mail.attempts, error)
+        self._failed_in_a_row += 1
+        self._last_failure = reason
+        self._count(reason)
+        await self.mark_failed(mail, error)
 
     def _count(self, reason: MailFailure) -> None:
         if self.on_failure is not None:
@@ -641,10 +669,9 @@ class MailSender:
         )
         if held:
             log.info(
-                "mail %s not delivered (attempt %d: %s); next try in %.0fs",
+                "mail %s: attempt %d failed; next try in %.0fs",
                 mail.id,
                 mail.attempts,
-                _short(error),
                 delay.total_seconds(),
             )
         return held
@@ -690,12 +717,6 @@ def backoff(attempts: int, cap: timedelta) -> timedelta:
     base = FIRST_RETRY * (1 << min(max(attempts - 1, 0), 40))
     jitter = random.uniform(0.8, 1.0)  # noqa: S311 - spreading retries, not a secret
     return min(base, cap) * jitter
-
-
-def mask_address(address: str) -> str:
-    """Enough of an address to tell mails apart in a log: a***@example.com."""
-    local, _, domain = address.rpartition("@")
-    return f"{local[:1]}***@{domain}" if local else "***"
 
 
 def _short(error: str) -> str:

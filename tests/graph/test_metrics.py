@@ -44,3 +44,12 @@ async def test_metrics_count_what_operators_watch(
 
 async def test_metrics_are_not_public(client: httpx.AsyncClient) -> None:
     assert (await client.get("/metrics")).status_code == 404  # 203.0.113.7: not allowlisted
+
+
+async def test_mail_failures_count_every_cause_from_zero(app: Starlette) -> None:
+    async with client_for(app, ip="127.0.0.1") as local:
+        text = (await local.get("/metrics")).text
+    causes = ("connection_refused", "timeout", "tls", "auth", "rejected", "unavailable", "other")
+    for reason in ("undecryptable", "unrenderable", *causes):
+        assert sample(text, "strawgate_mail_failures_total", reason=reason) == 0
+    assert 'reason="undeliverable"' not in text
