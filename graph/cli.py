@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from graph.logs import uvicorn_log_config
     from graph.protocols import HeaderTimeoutProtocol
 
     settings = Settings()
@@ -56,6 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
         # background work cleanly before the process manager's SIGKILL (Kubernetes
         # sends it 30 s after SIGTERM by default).
         timeout_graceful_shutdown=args.graceful_timeout,
+        log_config=uvicorn_log_config(json_lines=settings.json_logs, level=settings.log_level),
     )
     return 0
 

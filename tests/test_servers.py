@@ -593,9 +593,68 @@ async def test_production_logs_are_json_lines_with_the_request_id(
     ours = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert ours, server.log()
     assert all({"at", "level", "logger", "message", "request_id"} <= set(line) for line in ours)
-    failed = [line for line in ours if '"LOGIN_FAILED"' in line["message"]]
+    failed = [line for line in ours if line["message"] == "security event LOGIN_FAILED"]
     assert failed and failed[0]["request_id"] == "trace-0123"
     assert "a wrong password" not in server.log()
+
+
+async def test_strawgate_serve_logs_nothing_but_json_in_production(
+    tmp_path: Path, database_url: str, clean_db: None
+) -> None:
+    """uvicorn's own lines (start, access, shutdown) too; a security event's fields are
+    fields of the line, not a string inside its message."""
+    import json
+
+    env = production_env(database_url)
+    port = free_port()
+    command = strawgate_command(port)
+    async with running(command, env=env, cwd=tmp_path, logs=tmp_path / "logs", port=port) as srv:
+        async with srv.client() as http:
+            response = await post(
+                http,
+                LOGIN,
+                {"i": {"email": "nobody@example.com", "password": "a wrong password"}},
+                headers={"x-request-id": "trace-4567"},
+            )
+            assert response.status_code == 200
+            assert (await http.get("/readyz?token=not-for-the-log")).status_code == 200
+    output = srv.log()
+    lines = [json.loads(line) for line in output.splitlines()]
+    assert all(isinstance(line, dict) for line in lines), output
+    assert all({"at", "level", "logger", "message", "request_id"} <= set(line) for line in lines)
+    said = [(line["logger"], line["message"]) for line in lines]
+    assert ("uvicorn.error", "Application startup complete.") in said, output
+    assert ("uvicorn.error", "Shutting down") in said, output
+    assert ("uvicorn.error", "Application shutdown complete.") in said, output
+    assert ("strawgate", "Strawgate stopped: background work ended, connections closed") in said
+    access = [line for line in lines if line["logger"] == "uvicorn.access"]
+    login = next(line for line in access if line["http"]["path"] == "/graphql")
+    assert login["request_id"] == "trace-4567"
+    assert (login["http"]["method"], login["http"]["status"]) == ("POST", 200)
+    ready = next(line for line in access if line["http"]["path"] == "/readyz")
+    assert "?" not in ready["message"] and "not-for-the-log" not in output
+    (failed,) = [line for line in lines if line["logger"] == "strawgate.security"]
+    assert failed["message"] == "security event LOGIN_FAILED"
+    assert failed["request_id"] == "trace-4567"
+    event = failed["security_event"]
+    assert event["event"] == "LOGIN_FAILED" and event["email"] == "nobody@example.com"
+    assert event["ip"] == "127.0.0.1" and event["user_agent"] == "pytest"
+    assert event["user_id"] is None and isinstance(event["id"], int)
+    assert "a wrong password" not in output
+
+
+async def test_strawgate_serve_logs_readable_text_in_development(tmp_path: Path) -> None:
+    env = server_env(ENVIRONMENT="development", REQUIRE_EMAIL_VERIFICATION="false")
+    port = free_port()
+    command = strawgate_command(port)
+    async with running(command, env=env, cwd=tmp_path, logs=tmp_path / "logs", port=port) as srv:
+        async with srv.client() as http:
+            await signed_up(http, unique_email())
+    output = srv.log()
+    assert not [line for line in output.splitlines() if line.startswith("{")], output
+    assert " INFO uvicorn.error [-]: Application startup complete." in output
+    assert " INFO uvicorn.access [" in output and '- "POST /graphql HTTP/1.1" 200' in output
+    assert " INFO strawgate.security [" in output and "]: security event SIGNUP id=" in output
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """The audit trail. Every security event is a row of the append-only security_events
-table, written in the transaction of what it reports, and one structured JSON log line
-on "strawgate.security"; the signed-in user reads their own in newest-first pages. Also
-the retention passes the housekeeper runs: old events, ended sessions, and spent refresh
-generations of live sessions."""
+table, written in the transaction of what it reports, and one log line on
+"strawgate.security" whose `security_event` holds the event's fields; the signed-in user
+reads their own in newest-first pages. Also the retention passes the housekeeper runs:
+old events, ended sessions, and spent refresh generations of live sessions."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from db.services.types import ClientInfo
 from db.session import Runner, Statements
 from db.validation import clean_user_agent, parse_email
 
-# The audit stream: one JSON object per line, at INFO.
+# The audit stream: one line per event, at INFO.
 log = logging.getLogger("strawgate.security")
 # Complaints about the callers (a detail dropped); kept out of the audit stream.
 warnings_log = logging.getLogger("strawgate.events")
@@ -165,7 +165,7 @@ class _Recording:
 
     def __init__(self, tx: Runner) -> None:
         self.tx = tx
-        self.lines: list[str] = []
+        self.lines: list[dict[str, Any]] = []
 
     async def first(
         self, statement: Executable, params: Mapping[str, Any]
@@ -196,7 +196,7 @@ class SecurityEvents:
             recording = _Recording(tx)
             yield recording
         for line in recording.lines:
-            log.info("%s", line)
+            _log(line)
 
     async def record(
         self,
@@ -235,23 +235,21 @@ class SecurityEvents:
                 "details": _dumps(cleaned) if cleaned else None,
             },
         )
-        line = _dumps(
-            {
-                "event": kind.value,
-                "id": row["id"] if row is not None else None,
-                "at": at.isoformat(),
-                "user_id": str(user_id) if user_id is not None else None,
-                "session_id": str(session_id) if session_id is not None else None,
-                "ip": ip,
-                "user_agent": user_agent,
-                "email": stored_email,
-                "details": cleaned,
-            }
-        )
+        line = {
+            "event": kind.value,
+            "id": row["id"] if row is not None else None,
+            "at": at.isoformat(),
+            "user_id": str(user_id) if user_id is not None else None,
+            "session_id": str(session_id) if session_id is not None else None,
+            "ip": ip,
+            "user_agent": user_agent,
+            "email": stored_email,
+            "details": cleaned,
+        }
         if isinstance(tx, _Recording):
             tx.lines.append(line)
         else:
-            log.info("%s", line)
+            _log(line)
 
     async def record_now(
         self,
@@ -373,6 +371,11 @@ async def prune_spent_generations(
     left to prune_ended_sessions."""
     async with statements.transaction() as tx:
         return await tx.execute(_PRUNE_SPENT_GENERATIONS, {"cutoff": now - retention, "now": now})
+
+
+def _log(line: dict[str, Any]) -> None:
+    """One audit line: the event's fields are the `security_event` object of a JSON line."""
+    log.info("security event %s", line["event"], extra={"security_event": line})
 
 
 def _dumps(value: Any) -> str:
