@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import pool
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import command
 
@@ -38,6 +45,48 @@ def head_revision() -> str:
     if head is None:  # pragma: no cover - the project always has migrations
         raise RuntimeError("no Alembic revisions found")
     return head
+
+
+class UnknownRevision(RuntimeError):
+    """The database is at a revision this code does not know (a newer release migrated it)."""
+
+
+def current_revision(database_url: str, *, timeout: float = 5.0) -> str | None:
+    """The database's revision (None: never migrated); runs its own loop, like upgrade_head."""
+    options: dict[str, Any] = {"poolclass": pool.NullPool}
+    if make_url(database_url).get_backend_name() == "postgresql":
+        options["connect_args"] = {"timeout": timeout, "command_timeout": timeout}
+
+    async def read() -> str | None:
+        engine = create_async_engine(database_url, **options)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(
+                    lambda sync: MigrationContext.configure(sync).get_current_revision()
+                )
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def migrate(database_url: str, *, timeout: float = 5.0) -> tuple[str | None, str]:
+    """Bring the database to head, if it is not there: (the revision it was at, head)."""
+    before = current_revision(database_url, timeout=timeout)
+    head = head_revision()
+    if before == head:
+        return before, head
+    config = alembic_config(database_url)
+    if before is not None:
+        try:
+            ScriptDirectory.from_config(config).get_revision(before)
+        except CommandError:
+            raise UnknownRevision(
+                f"the database is at revision {before}, which this version of Strawgate does"
+                f" not know (its newest is {head}): was it migrated by a newer release?"
+            ) from None
+    command.upgrade(config, "head")
+    return before, head
 
 
 def upgrade_head(database_url: str) -> None:

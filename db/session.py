@@ -4,13 +4,16 @@ statement runner of the request path."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -29,6 +32,83 @@ _SQLALCHEMY_ONLY_OPTIONS = (
     "prepared_statement_name_func",
     "async_creator_fn",
 )
+
+
+class DatabaseUnreachable(RuntimeError):
+    """No connection to DATABASE_URL's database; the message says where and why."""
+
+
+def describe_database(database_url: str) -> str:
+    """Where DATABASE_URL points, without its password: "host h, port 5432, database d, role r"."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            return "SQLite in memory"
+        return f"SQLite file {url.database}"
+    hosts = url.query.get("host")
+    if hosts:
+        host = ", ".join(hosts) if isinstance(hosts, tuple) else hosts
+        where = f"hosts {host}" if isinstance(hosts, tuple) else f"host {host}"
+    else:
+        where = f"host {url.host or '(local socket)'}, port {url.port or 5432}"
+    role = url.username or "(PGUSER or the system user)"
+    return f"{where}, database {url.database or url.username or '(same as role)'}, role {role}"
+
+
+_REFUSED_TEXT = f"[Errno {errno.ECONNREFUSED}]"
+_POSTGRES_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (asyncpg.InvalidCatalogNameError, "database does not exist"),
+    (asyncpg.InvalidAuthorizationSpecificationError, "authentication failed"),
+    (asyncpg.TooManyConnectionsError, "too many connections"),
+    (asyncpg.CannotConnectNowError, "server not accepting connections"),
+    (asyncpg.AdminShutdownError, "server not accepting connections"),
+    (asyncpg.PostgresConnectionError, "connection failed"),
+    (asyncpg.ClientConfigurationError, "client configuration"),
+)
+
+
+def connection_problem(exc: BaseException | None) -> tuple[str, str] | None:
+    """(short reason, the driver's words) when `exc` comes of a failed connection, else None."""
+    seen = 0
+    while exc is not None and seen < 8:
+        found = _connection_reason(exc)
+        if found is not None:
+            return found
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _connection_reason(exc: BaseException) -> tuple[str, str] | None:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for kind, reason in _POSTGRES_REASONS:
+        if isinstance(exc, kind):
+            return reason, text
+    if isinstance(exc, TimeoutError):
+        return "timed out", "no answer within DB_TIMEOUT"
+    if isinstance(exc, socket.gaierror):
+        return "host not found", f"host not found ({exc.strerror or text})"
+    if isinstance(exc, ssl.SSLError):
+        return "TLS failed", f"TLS failed ({text})"
+    if isinstance(exc, ConnectionRefusedError) or (
+        isinstance(exc, OSError) and _REFUSED_TEXT in text
+    ):
+        return "connection refused", "connection refused (nothing accepts connections there)"
+    if isinstance(exc, OSError):
+        return "cannot connect", text
+    if isinstance(exc, DBAPIError) and "unable to open database file" in text:
+        return "cannot open the file", "unable to open database file"
+    return None
+
+
+def database_unreachable(database_url: str, exc: BaseException) -> DatabaseUnreachable | None:
+    """The one-line error for a failure to connect (see connection_problem), else None."""
+    found = connection_problem(exc)
+    if found is None:
+        return None
+    return DatabaseUnreachable(
+        f"cannot reach the database ({describe_database(database_url)}): {found[1]}"
+    )
 
 
 def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:

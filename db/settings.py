@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
+import itertools
 import logging
+import math
 import os
 import secrets
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 from db.security.jwks import ASYMMETRIC_ALGORITHMS, KeySetError, SigningKey, load_keys
 from db.security.passwords import usable_cpus
@@ -24,12 +30,70 @@ log = logging.getLogger("strawgate.settings")
 # The value `.env.example` ships with; production refuses to start with it.
 SECRET_KEY_PLACEHOLDER = "change-me-to-a-random-string-of-at-least-32-characters"  # noqa: S105
 MIN_SECRET_KEY_LENGTH = 32
+# What makes a SECRET_KEY guessable (see secret_key_weakness): words of placeholders and
+# examples, fewer distinct characters than this, less Shannon entropy per character than
+# this (estimated from the key's own character frequencies: a random hex key has about
+# 3.6 bits, a random url-safe one over 4.5), or at least this share of neighbouring
+# characters equal or consecutive ("aaaa", "abcd", "4321"). A million random 32-character
+# hex keys all pass these bounds.
+PLACEHOLDER_WORDS = (
+    "change-me",
+    "change_me",
+    "changeme",
+    "example",
+    "secret-key",
+    "secret_key",
+    "placeholder",
+)
+MIN_SECRET_KEY_DISTINCT = 8
+MIN_SECRET_KEY_BITS_PER_CHARACTER = 2.5
+MAX_SECRET_KEY_RUN_SHARE = 0.75
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/strawgate.db"
 SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512", "ES256", "RS256")
 
 
 class ConfigError(RuntimeError):
     """The configuration cannot run safely; the message says which setting and why."""
+
+
+def secret_key_weakness(key: str) -> str | None:
+    """Why a SECRET_KEY is guessable ("must be at least 32 characters long", ...), or None."""
+    if len(key) < MIN_SECRET_KEY_LENGTH:
+        return f"must be at least {MIN_SECRET_KEY_LENGTH} characters long"
+    if key == SECRET_KEY_PLACEHOLDER:
+        return "is still the .env.example placeholder"
+    lowered = key.lower()
+    for word in PLACEHOLDER_WORDS:
+        if word in lowered:
+            return f'looks like a placeholder (it contains "{word}")'
+    if len(set(key)) < MIN_SECRET_KEY_DISTINCT:
+        return f"has fewer than {MIN_SECRET_KEY_DISTINCT} different characters"
+    if key in (key + key)[1:-1]:
+        return "is one shorter text repeated"
+    counts = Counter(key).values()
+    bits = -sum(n / len(key) * math.log2(n / len(key)) for n in counts)
+    if bits < MIN_SECRET_KEY_BITS_PER_CHARACTER:
+        return (
+            f"is low in entropy (under {MIN_SECRET_KEY_BITS_PER_CHARACTER} bits a character"
+            " by its character frequencies)"
+        )
+    runs = sum(1 for a, b in itertools.pairwise(key) if abs(ord(a) - ord(b)) <= 1)
+    if runs >= MAX_SECRET_KEY_RUN_SHARE * (len(key) - 1):
+        return "is mostly runs of repeated or consecutive characters (like aaaa or 1234)"
+    return None
+
+
+def generate_secret_key() -> str:
+    """A new SECRET_KEY: 64 url-safe characters (384 random bits) that production accepts."""
+    while True:
+        key = secrets.token_urlsafe(48)
+        if secret_key_weakness(key) is None:
+            return key
+
+
+def generate_encryption_key() -> str:
+    """A new Fernet key for ENCRYPTION_KEYS."""
+    return Fernet.generate_key().decode("ascii")
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -58,6 +122,104 @@ def parse_duration(value: object) -> timedelta:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+# libpq's sslmode values, which asyncpg's ssl takes as they are (the same TLS checks).
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+_POSTGRES_OPTIONS = frozenset(
+    {"ssl", "target_session_attrs", "host", "prepared_statement_cache_size"}
+)
+# libpq's certificate options: asyncpg reads these from the environment only.
+_LIBPQ_FILE_OPTIONS = {
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+}
+_DATABASE_URL_EXAMPLE = (
+    "e.g. postgresql://user:password@host:5432/strawgate or sqlite:///./var/strawgate.db"
+)
+
+
+def normalize_database_url(value: str) -> str:
+    """DATABASE_URL as it runs (postgres:// on asyncpg, sslmode as ssl); ValueError otherwise."""
+    text = value.strip()
+    try:
+        url = make_url(text)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"DATABASE_URL is not a database URL ({_DATABASE_URL_EXAMPLE})") from None
+    driver = url.drivername.lower()
+    backend = driver.partition("+")[0]
+    if driver == "sqlite+aiosqlite":
+        return text
+    if driver == "sqlite":
+        return _render(url.set(drivername="sqlite+aiosqlite"))
+    if backend == "sqlite":
+        raise ValueError(
+            f"DATABASE_URL: the driver {driver} is not supported: write sqlite:///path"
+            " (Strawgate runs SQLite on aiosqlite)"
+        )
+    if backend in ("postgres", "postgresql") and driver not in (
+        "postgres",
+        "postgresql",
+        "postgresql+asyncpg",
+    ):
+        raise ValueError(
+            f"DATABASE_URL: the driver {driver} is not supported: write postgresql://"
+            " (Strawgate runs PostgreSQL on asyncpg)"
+        )
+    if backend not in ("postgres", "postgresql"):
+        raise ValueError(
+            f"DATABASE_URL: {backend} is not supported, only PostgreSQL or SQLite"
+            f" ({_DATABASE_URL_EXAMPLE})"
+        )
+    query = dict(url.query)
+    if any(isinstance(item, tuple) for name, item in query.items() if name != "host"):
+        raise ValueError("DATABASE_URL gives an option more than once")
+    sslmode = query.pop("sslmode", None)
+    if sslmode is not None:
+        if query.get("ssl", sslmode) != sslmode:
+            raise ValueError("DATABASE_URL sets both sslmode and ssl, differently: keep one")
+        query["ssl"] = sslmode
+    if query.get("ssl", SSL_MODES[0]) not in SSL_MODES:
+        raise ValueError(f"DATABASE_URL: sslmode (or ssl) must be one of {', '.join(SSL_MODES)}")
+    binding = query.pop("channel_binding", "prefer")
+    if binding == "require":
+        raise ValueError(
+            "DATABASE_URL: channel_binding=require is not supported by asyncpg (the driver);"
+            " remove it to connect without channel binding"
+        )
+    if binding not in ("disable", "prefer"):
+        raise ValueError("DATABASE_URL: channel_binding must be disable, prefer or require")
+    if query.get("target_session_attrs", "any") not in _SESSION_ATTRS:
+        raise ValueError(
+            f"DATABASE_URL: target_session_attrs must be one of {', '.join(_SESSION_ATTRS)}"
+        )
+    if not str(query.get("prepared_statement_cache_size", "0")).isdigit():
+        raise ValueError("DATABASE_URL: prepared_statement_cache_size must be a number")
+    for option, variable in _LIBPQ_FILE_OPTIONS.items():
+        if option in query:
+            raise ValueError(
+                f"DATABASE_URL: asyncpg (the driver) takes no {option} in the URL; set"
+                f" {variable} in the environment to the file instead"
+            )
+    for option in ("connect_timeout", "timeout", "command_timeout"):
+        if option in query:
+            raise ValueError(f"DATABASE_URL: {option} is not read from the URL; set DB_TIMEOUT")
+    unknown = sorted(set(query) - _POSTGRES_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"DATABASE_URL: unsupported option(s) {', '.join(unknown)} (it takes sslmode or"
+            " ssl, target_session_attrs, host, prepared_statement_cache_size)"
+        )
+    if driver == "postgresql+asyncpg" and query == dict(url.query):
+        return text
+    return _render(url.set(drivername="postgresql+asyncpg", query=query))
+
+
+def _render(url: URL) -> str:
+    return url.render_as_string(hide_password=False)
 
 
 class RateLimits(BaseModel):
@@ -148,20 +310,31 @@ class Settings(BaseSettings):
         case_sensitive=False,
         env_nested_delimiter="__",
         use_attribute_docstrings=True,  # each field's docstring: its description (the docs)
+        # A value that does not parse is never repeated in the error: DATABASE_URL and
+        # REDIS_URL may hold a password.
+        hide_input_in_errors=True,
     )
 
     environment: Literal["development", "production"] = "production"
     """`development` or `production`. Production refuses to start without a good `SECRET_KEY`,
-    `ENCRYPTION_KEYS` and `MAIL_SERVER`, turns GraphiQL, introspection and the demo page off and
-    sends `Strict-Transport-Security`; `./scripts/run` sets `development`."""
+    `ENCRYPTION_KEYS`, `MAIL_SERVER` and a public `PRODUCT_URL`, turns GraphiQL, introspection
+    and the demo page off and sends `Strict-Transport-Security`; `./scripts/run` sets
+    `development`."""
     database_url: str = DEFAULT_DATABASE_URL
-    """SQLAlchemy async URL of the database: the embedded SQLite file by default; PostgreSQL as
-    `postgresql+asyncpg://user:password@host:5432/database`. Query options (`?ssl=require` and
-    the like) apply to every connection."""
+    """URL of the database: the embedded SQLite file by default; PostgreSQL as
+    `postgresql://user:password@host:5432/database` (`postgres://` and `postgresql+asyncpg://`
+    too: it runs on asyncpg). Query options: `sslmode` (or `ssl`: `disable`, `allow`, `prefer`,
+    `require`, `verify-ca`, `verify-full`), `target_session_attrs`, `host` (several hosts),
+    `prepared_statement_cache_size`; any other is refused at start (certificate files go in
+    `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`, `PGSSLCRL`; timeouts in `DB_TIMEOUT`). SQLite:
+    `sqlite:///path` (or `sqlite+aiosqlite:///path`)."""
     secret_key: SecretStr | None = None
     """At least 32 characters. Keys the refresh-token chain, the digests of emailed codes and the
     device tokens, and signs HS* access tokens (with its UTF-8 bytes). Production refuses a
-    missing, short or placeholder key. Unset in development: a key is generated once, stored in
+    missing, short or guessable key: one containing `change-me`, `changeme`, `example`,
+    `secret-key` or `placeholder`, with fewer than 8 different characters, one text repeated,
+    under 2.5 bits of entropy a character, or mostly runs like `aaaa` or `1234`; make one with
+    `strawgate keys generate --secret-key`. Unset in development: a key is generated once, stored in
     `secret_key` (mode 0600) beside the SQLite file and reused, so sessions survive restarts.
     Changing it ends every session and device token."""
     algorithm: str = "HS256"
@@ -252,7 +425,8 @@ class Settings(BaseSettings):
     encryption_keys: SecretStr | None = None
     """Comma-separated Fernet keys that encrypt the TOTP secrets and the codes waiting in the
     outbox; the first encrypts, every one decrypts (rotate with `strawgate rotate-keys`).
-    Required in production. Unset in development: one is derived from `SECRET_KEY`."""
+    Required in production; make one with `strawgate keys generate --encryption-key`. Unset in
+    development: one is derived from `SECRET_KEY`."""
     totp_issuer: str = "Strawgate"
     """The issuer authenticator apps show."""
     otp_challenge_minutes: int = Field(5, ge=1, le=60)
@@ -299,10 +473,11 @@ class Settings(BaseSettings):
     product_name: str = "Strawgate"
     """What mails call the product."""
     product_url: str = "http://127.0.0.1:8000"
-    """Where the product lives: links in mails point here."""
+    """Where the product lives: links in mails point here. Production refuses one on this
+    machine (`localhost`, `127.0.0.1`, `::1`): set the address users reach."""
     security_url: str | None = None
     """The page where users review their sessions and security settings, linked from security
-    notices. Unset: `PRODUCT_URL`."""
+    notices. Unset: `PRODUCT_URL`. Production refuses one on this machine, as for `PRODUCT_URL`."""
 
     # The outbox and its sender.
     mail_poll_seconds: float = Field(5.0, gt=0, le=5)
@@ -326,7 +501,9 @@ class Settings(BaseSettings):
 
     # Abuse resistance.
     redis_url: SecretStr | None = None
-    """Redis for the rate-limit counters, shared by every process (`redis://host:6379/0`). Unset:
+    """Redis for the rate-limit counters, shared by every process (`redis://host:6379/0`,
+    `rediss://` for TLS, `unix:///path/redis.sock`; a URL that does not parse is refused at
+    start). Unset:
     each process counts in its own memory, right for one process only (`strawgate serve --workers
     N` refuses to start without it)."""
     redis_key_prefix: str = Field("strawgate", min_length=1, max_length=64)
@@ -399,6 +576,24 @@ class Settings(BaseSettings):
     """`json`: one JSON object a line (`at`, `level`, `logger`, `message`, `request_id`); `text`:
     readable lines with the request id in brackets. Unset: `json` in production, `text` in
     development."""
+
+    @field_validator("database_url")
+    @classmethod
+    def _usable_database_url(cls, value: str) -> str:
+        return normalize_database_url(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _usable_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        text = value.get_secret_value().strip() if value is not None else ""
+        if not text:
+            return None
+        from db.security.limiter import redis_url_problem
+
+        problem = redis_url_problem(text)
+        if problem is not None:
+            raise ValueError(f"REDIS_URL {problem}")
+        return SecretStr(text)
 
     @field_validator("reauth_window")
     @classmethod
@@ -476,26 +671,28 @@ class Settings(BaseSettings):
         key = self.secret_key.get_secret_value() if self.secret_key else None
         if self.is_production:
             if not key:
-                raise ConfigError("SECRET_KEY must be set in production")
-            if len(key) < MIN_SECRET_KEY_LENGTH:
                 raise ConfigError(
-                    f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters long"
+                    "SECRET_KEY must be set in production; make one with: strawgate keys"
+                    " generate --secret-key"
                 )
-            if key == SECRET_KEY_PLACEHOLDER:
-                raise ConfigError("SECRET_KEY is still the .env.example placeholder")
+            if (weakness := secret_key_weakness(key)) is not None:
+                raise ConfigError(
+                    f"SECRET_KEY {weakness}; make one with: strawgate keys generate --secret-key"
+                )
             self._check_encryption_keys(required=True)
             if not self.mail_server:
                 raise ConfigError(
                     "MAIL_SERVER must be set in production (codes and notices go out by mail)"
                 )
             self._check_mail()
+            self._check_public_urls()
             if self.is_sqlite:
                 log.warning("Production on SQLite: one server process only; use PostgreSQL")
             return self
         if not key:
             self.secret_key = SecretStr(load_or_create_dev_secret(self._dev_secret_path()))
-        elif len(key) < MIN_SECRET_KEY_LENGTH or key == SECRET_KEY_PLACEHOLDER:
-            log.warning("SECRET_KEY is weak; production would refuse to start with it")
+        elif (weakness := secret_key_weakness(key)) is not None:
+            log.warning("SECRET_KEY %s; production would refuse to start with it", weakness)
         self._check_encryption_keys(required=False)
         self._check_mail()
         return self
@@ -511,13 +708,22 @@ class Settings(BaseSettings):
         if self.mail_template_folder is not None and not self.mail_template_folder.is_dir():
             raise ConfigError(f"MAIL_TEMPLATE_FOLDER {self.mail_template_folder} is not a folder")
 
+    def _check_public_urls(self) -> None:
+        for name, url in (("PRODUCT_URL", self.product_url), ("SECURITY_URL", self.security_url)):
+            host = _loopback_host(url) if url else None
+            if host is not None:
+                raise ConfigError(
+                    f"{name} points to this machine ({host}): links in mails would lead"
+                    f" nowhere; set it to the address users reach (e.g. {name}="
+                    "https://auth.your-domain.com)"
+                )
+
     def _check_encryption_keys(self, *, required: bool) -> None:
         if self.encryption_keys is None or not self.encryption_keys.get_secret_value().strip():
             if required:
                 raise ConfigError(
-                    "ENCRYPTION_KEYS must be set in production (comma-separated Fernet keys; "
-                    'make one with: python -c "from cryptography.fernet import Fernet; '
-                    'print(Fernet.generate_key().decode())")'
+                    "ENCRYPTION_KEYS must be set in production (comma-separated Fernet keys);"
+                    " make one with: strawgate keys generate --encryption-key"
                 )
             return
         try:
@@ -537,6 +743,22 @@ class Settings(BaseSettings):
         db_file = self.sqlite_path()
         folder = db_file.parent if db_file is not None else Path("var")
         return folder / "secret_key"
+
+
+def _loopback_host(url: str) -> str | None:
+    """The host of `url` when it is this machine (localhost, a loopback or unspecified
+    address), else None."""
+    try:
+        host = (urlsplit(url.strip()).hostname or "").rstrip(".")
+    except ValueError:
+        return None
+    if host == "localhost" or host.endswith(".localhost"):
+        return host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return host if address.is_loopback or address.is_unspecified else None
 
 
 def parse_fernet_keys(value: str) -> list[str]:

@@ -60,10 +60,10 @@ from db.services.lockout import (
 )
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
-from db.session import Statements, create_engine
+from db.session import Statements, connection_problem, create_engine
 from db.settings import ConfigError, Settings
 from graph.context import AppServices, Context
-from graph.errors import is_database_unavailable, present_errors
+from graph.errors import DatabaseWatch, is_missing_table, present_errors
 from graph.graphiql import PREFIX, IdePage, asset_endpoint, ide_page
 from graph.http import edge_middleware
 from graph.logs import REQUEST_ID
@@ -328,14 +328,25 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         with _single_process_on_sqlite(settings):
+            app.state.database_watch = watch = DatabaseWatch(settings.database_url)
             if settings.migrates_on_start:
                 # Alembic's async env runs its own loop: keep it off the server's loop.
-                await anyio.to_thread.run_sync(upgrade_head, settings.database_url)
+                try:
+                    await anyio.to_thread.run_sync(upgrade_head, settings.database_url)
+                except Exception as exc:
+                    if connection_problem(exc) is None:
+                        raise
+                    watch.unreachable(exc)
+                    log.error(
+                        "AUTO_MIGRATE: the migrations were not applied; once the database"
+                        " answers, restart the server or run strawgate migrate"
+                    )
             engine = create_engine(settings)
             statements = Statements(
                 engine, pool_size=settings.db_pool_size, timeout=settings.db_timeout
             )
             await statements.start()
+            unready = await _look_at_database(statements, settings.db_timeout, watch, schema_head)
             hasher = await anyio.to_thread.run_sync(_make_hasher, settings)
             outbox = Outbox.from_settings(settings, clock=clock)
             sender = MailSender.from_settings(
@@ -382,7 +393,15 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             # and mapper on the request path (hundreds of thousands of objects).
             gc.collect()
             gc.freeze()
-            log.info("Strawgate is up (%s, %s)", settings.environment, engine.dialect.name)
+            if unready is None:
+                log.info("Strawgate is up (%s, %s)", settings.environment, engine.dialect.name)
+            else:
+                log.warning(
+                    "Strawgate is up (%s, %s), not ready: %s",
+                    settings.environment,
+                    engine.dialect.name,
+                    unready["status"],
+                )
             try:
                 yield
             finally:
@@ -407,19 +426,14 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
 
     async def readyz(request: Request) -> Response:
         services: AppServices = request.app.state.services
-        try:
-            with anyio.fail_after(settings.db_timeout):
-                async with services.auth.statements.connection() as conn:
-                    version = await conn.first(_SCHEMA_VERSION, {})
-        except Exception as exc:
-            if is_database_unavailable(exc):
-                return JSONResponse({"status": "unavailable"}, status_code=503)
-            version = None  # no alembic_version table: never migrated
-        if version is None or version["version_num"] != schema_head:
-            log.warning(
-                "not ready: the database schema is not at %s (strawgate migrate)", schema_head
-            )
-            return JSONResponse({"status": "migrations pending"}, status_code=503)
+        unready = await _look_at_database(
+            services.auth.statements,
+            settings.db_timeout,
+            request.app.state.database_watch,
+            schema_head,
+        )
+        if unready is not None:
+            return JSONResponse(unready, status_code=503)
         # Still ready when Redis is away (the limits run on this process's memory), but
         # said so: an operator sees the degraded state here, and an ERROR in the log.
         limiter = services.auth.limiter
@@ -581,6 +595,26 @@ def _lockout(
         reset_after=reset_after,
         refusal=refusal,
     )
+
+
+async def _look_at_database(
+    statements: Statements, wait: float, watch: DatabaseWatch, head: str
+) -> dict[str, str] | None:
+    """None when the database answers at the code's schema; else /readyz's answer:
+    "database unreachable" (with a short reason) or "migrations pending"."""
+    try:
+        with anyio.fail_after(wait):
+            async with statements.connection() as conn:
+                version = await conn.first(_SCHEMA_VERSION, {})
+    except Exception as exc:
+        if not is_missing_table(exc):  # no alembic_version table: never migrated
+            return {"status": "database unreachable", "reason": watch.unreachable(exc)}
+        version = None
+    if version is None or version["version_num"] != head:
+        watch.behind(head)
+        return {"status": "migrations pending"}
+    watch.ready()
+    return None
 
 
 def _make_hasher(settings: Settings) -> PasswordHasher:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +16,47 @@ from db.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
     from db.services.operator import AccountReport, Outcome
+
+
+class DatabaseFailed(RuntimeError):
+    """A database failure other than an unreachable database; exit status 1."""
+
+
+@contextlib.contextmanager
+def _on_the_database(settings: Settings) -> Iterator[None]:
+    """Failures of the database as one line each: DatabaseUnreachable (exit status 2) when
+    it cannot be reached, DatabaseFailed (1) for the rest."""
+    import asyncpg
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.session import database_unreachable
+    from graph.errors import is_missing_table
+
+    try:
+        yield
+    except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        unreachable = database_unreachable(settings.database_url, exc)
+        if unreachable is not None:
+            raise unreachable from None
+        if is_missing_table(exc):
+            raise DatabaseFailed(
+                "the database has no Strawgate tables: run strawgate migrate first"
+            ) from None
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise DatabaseFailed(
+            f"the database failed: {type(exc).__name__}: {first_line}".rstrip(": ")
+        ) from None
+
+
+def _no_sqlite_file(settings: Settings) -> bool:
+    """True (and said) when DATABASE_URL names a SQLite file that does not exist."""
+    if (path := settings.sqlite_path()) is not None and not path.exists():
+        print(
+            f"strawgate: no database at {path} (check DATABASE_URL, or run `strawgate migrate`)",
+            file=sys.stderr,
+        )
+        return True
+    return False
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -38,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     if args.workers > 1:
+        settings.prepare()
         _prepare_multiprocess_metrics()
     # Only arguments are parsed here; the app reads its settings itself (graph.app:app),
     # exactly as under `uvicorn graph.app:app`.
@@ -80,12 +124,21 @@ def _prepare_multiprocess_metrics() -> None:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from db.migrate import upgrade_head
+    from db.migrate import UnknownRevision, migrate
 
     settings = Settings()
     if (path := settings.sqlite_path()) is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    upgrade_head(settings.database_url)
+    try:
+        with _on_the_database(settings):
+            before, head = migrate(settings.database_url, timeout=settings.db_timeout)
+    except UnknownRevision as exc:
+        print(f"strawgate: {exc}", file=sys.stderr)
+        return 1
+    if before == head:
+        print(f"Database is at head ({head}); nothing to do")
+    else:
+        print(f"Migrated the database from {before or 'empty'} to head ({head})")
     return 0
 
 
@@ -96,21 +149,34 @@ def _rotate_keys(args: argparse.Namespace) -> int:
     from db.security.box import SecretBox
     from db.services.mfa import reseal_all
     from db.session import Statements, create_engine
+    from db.settings import parse_fernet_keys
 
-    settings = Settings().prepare()
+    settings = Settings()
+    if settings.encryption_keys is None or not settings.encryption_keys.get_secret_value().strip():
+        raise ConfigError(
+            "rotate-keys needs ENCRYPTION_KEYS: the new key first, then every key still in use"
+            " (make one with: strawgate keys generate --encryption-key)"
+        )
+    try:
+        keys = parse_fernet_keys(settings.encryption_keys.get_secret_value())
+    except ValueError as exc:
+        raise ConfigError(f"ENCRYPTION_KEYS: {exc}") from None
+    if _no_sqlite_file(settings):
+        return 1
 
     async def rotate() -> tuple[tuple[int, int], tuple[int, int]]:
         engine = create_engine(settings)
         statements = Statements(engine, pool_size=2, timeout=settings.db_timeout)
         await statements.start()
         try:
-            box = SecretBox(settings.fernet_keys())
+            box = SecretBox(keys)
             return await reseal_all(statements, box), await reseal_outbox(statements, box)
         finally:
             await statements.close()
             await engine.dispose()
 
-    (done, failed), (mails_done, mails_failed) = asyncio.run(rotate())
+    with _on_the_database(settings):
+        (done, failed), (mails_done, mails_failed) = asyncio.run(rotate())
     print(f"re-encrypted {done} secret(s) under the first of ENCRYPTION_KEYS")
     print(f"re-encrypted {mails_done} queued mail(s) under the first of ENCRYPTION_KEYS")
     if failed or mails_failed:
@@ -128,9 +194,6 @@ def _users(args: argparse.Namespace) -> int:
     """`strawgate users show|disable|enable|unlock|logout EMAIL`: see db/services/operator.py."""
     import asyncio
     import json
-
-    import asyncpg
-    from sqlalchemy.exc import SQLAlchemyError
 
     from db.clock import SystemClock
     from db.services.events import SecurityEvents
@@ -153,11 +216,7 @@ def _users(args: argparse.Namespace) -> int:
     # the secrets production checks for nor write a development key; only the database
     # (and, for unlock, REDIS_URL) is used.
     settings = Settings()
-    if (path := settings.sqlite_path()) is not None and not path.exists():
-        print(
-            f"strawgate: no database at {path} (check DATABASE_URL, or run `strawgate migrate`)",
-            file=sys.stderr,
-        )
+    if _no_sqlite_file(settings):
         return 1
 
     async def act() -> AccountReport | Outcome:
@@ -197,12 +256,10 @@ def _users(args: argparse.Namespace) -> int:
                 await limiter.close()
 
     try:
-        result = asyncio.run(act())
+        with _on_the_database(settings):
+            result = asyncio.run(act())
     except UnknownAccount as exc:
         print(f"strawgate: no account with the email {exc.email}", file=sys.stderr)
-        return 1
-    except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        print(f"strawgate: the database failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
@@ -314,9 +371,31 @@ def _keys_generate(args: argparse.Namespace) -> int:
     import json
 
     from db.security.jwks import generate
+    from db.settings import generate_encryption_key, generate_secret_key
 
-    # A private key: it goes into JWT_KEYS (a secret store), never into a log.
-    sys.stdout.write(json.dumps(generate(args.alg)) + "\n")
+    # Private keys: they go into a secret store or a private .env, never into a log.
+    if args.kind in ("secret-key", "encryption-key") and args.alg is not None:
+        print(
+            f"strawgate: --alg makes a JWK: give it alone or with --env, not with --{args.kind}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.kind == "secret-key":
+        sys.stdout.write(generate_secret_key() + "\n")
+    elif args.kind == "encryption-key":
+        sys.stdout.write(generate_encryption_key() + "\n")
+    elif args.kind == "env":
+        lines = [
+            "# Made by strawgate keys generate --env: keep this private (mode 0600).",
+            f"SECRET_KEY={generate_secret_key()}",
+            f"ENCRYPTION_KEYS={generate_encryption_key()}",
+        ]
+        if args.alg is not None:
+            key_set = json.dumps({"keys": [generate(args.alg)]}, separators=(",", ":"))
+            lines += [f"ALGORITHM={args.alg}", f"JWT_KEYS='{key_set}'"]
+        sys.stdout.write("\n".join(lines) + "\n")
+    else:
+        sys.stdout.write(json.dumps(generate(args.alg or "ES256")) + "\n")
     return 0
 
 
@@ -370,13 +449,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.set_defaults(run=_rotate_keys)
 
-    keys = commands.add_parser("keys", help="access-token signing keys (ES256, RS256)")
+    keys = commands.add_parser(
+        "keys", help="new keys: SECRET_KEY, ENCRYPTION_KEYS, JWT_KEYS (ES256, RS256)"
+    )
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     generate = keys_commands.add_parser(
-        "generate", help="print a new private JWK to add to JWT_KEYS"
+        "generate",
+        help="print a new key: a private JWK for JWT_KEYS (the default), a SECRET_KEY, an"
+        " ENCRYPTION_KEYS key, or a .env block of them",
+        description="Print a new key on stdout. Without an option: a private JWK to add to"
+        " JWT_KEYS (ES256 unless --alg says otherwise).",
     )
-    generate.add_argument("--alg", choices=["ES256", "RS256"], default="ES256")
-    generate.set_defaults(run=_keys_generate)
+    kind = generate.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--secret-key",
+        dest="kind",
+        action="store_const",
+        const="secret-key",
+        help="a SECRET_KEY (64 random url-safe characters)",
+    )
+    kind.add_argument(
+        "--encryption-key",
+        dest="kind",
+        action="store_const",
+        const="encryption-key",
+        help="a Fernet key for ENCRYPTION_KEYS",
+    )
+    kind.add_argument(
+        "--env",
+        dest="kind",
+        action="store_const",
+        const="env",
+        help="SECRET_KEY and ENCRYPTION_KEYS lines for a .env file (with --alg, ALGORITHM"
+        " and JWT_KEYS too)",
+    )
+    generate.add_argument(
+        "--alg",
+        choices=["ES256", "RS256"],
+        default=None,
+        help="the algorithm of the JWK (default ES256)",
+    )
+    generate.set_defaults(run=_keys_generate, kind=None)
 
     users = commands.add_parser(
         "users", help="operator commands on one account (by email)", description=_USERS_HELP
@@ -402,17 +515,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from db.session import DatabaseUnreachable
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except ConfigError as exc:
+    except (ConfigError, DatabaseUnreachable) as exc:
         print(f"strawgate: {exc}", file=sys.stderr)
         return 2
+    except DatabaseFailed as exc:
+        print(f"strawgate: {exc}", file=sys.stderr)
+        return 1
     except ValidationError as exc:
         # A setting that does not parse: which one and why, never its value.
         for error in exc.errors():
             name = "__".join(str(part) for part in error["loc"]).upper()
-            print(f"strawgate: {name}: {error['msg']}", file=sys.stderr)
+            message = error["msg"].removeprefix("Value error, ")
+            shown = message if message.startswith(name) else f"{name}: {message}"
+            print(f"strawgate: {shown}", file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from db.security.box import UndecryptableSecret
+from db.session import connection_problem, describe_database
 
 log = logging.getLogger("strawgate.errors")
 
@@ -37,11 +38,13 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 
 # PostgreSQL's error codes that mean "cannot serve this now, try again": connection
-# exceptions (class 08), insufficient resources (class 53: too many connections, out of
-# memory or disk), shutdowns and start-ups (57P01-57P03), a read-only standby after a
-# failover (25006), and the transaction conflicts a retry resolves (40001, 40P01).
-_RETRYABLE_SQLSTATE_CLASSES = ("08", "53")
-_RETRYABLE_SQLSTATES = {"57P01", "57P02", "57P03", "25006", "40001", "40P01"}
+# exceptions (class 08), a refused sign-in (class 28: unknown role, wrong password) or an
+# unknown database (3D000), both of a DATABASE_URL the operator fixes, insufficient
+# resources (class 53: too many connections, out of memory or disk), shutdowns and
+# start-ups (57P01-57P03), a read-only standby after a failover (25006), and the
+# transaction conflicts a retry resolves (40001, 40P01).
+_RETRYABLE_SQLSTATE_CLASSES = ("08", "28", "53")
+_RETRYABLE_SQLSTATES = {"3D000", "57P01", "57P02", "57P03", "25006", "40001", "40P01"}
 
 
 def is_database_unavailable(exc: BaseException | None) -> bool:
@@ -60,6 +63,55 @@ def is_database_unavailable(exc: BaseException | None) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
+
+
+def is_missing_table(exc: BaseException | None) -> bool:
+    """True when a statement failed because its table does not exist (a schema never migrated)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if getattr(exc, "sqlstate", None) == "42P01" or "no such table" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+class DatabaseWatch:
+    """The database as the last look found it, logged (without a password) when that changes."""
+
+    def __init__(self, database_url: str) -> None:
+        self.where = describe_database(database_url)
+        self._state: str | None = None  # None: reachable and at the code's schema
+
+    def unreachable(self, exc: BaseException) -> str:
+        """Logs a failure to reach the database; its short reason, for /readyz."""
+        problem = connection_problem(exc)
+        reason, words = problem if problem else ("unavailable", type(exc).__name__)
+        if self._state != f"unreachable: {words}":
+            self._state = f"unreachable: {words}"
+            log.error(
+                "Database unreachable (%s): %s; not ready until it answers (/readyz answers"
+                " 503; every /readyz and request tries again)",
+                self.where,
+                words,
+            )
+        return reason
+
+    def behind(self, head: str) -> None:
+        """Logs a schema that is not the code's."""
+        if self._state != "behind":
+            self._state = "behind"
+            log.warning(
+                "Not ready: the database schema is not at %s (%s); run strawgate migrate",
+                head,
+                self.where,
+            )
+
+    def ready(self) -> None:
+        """Logs the database's return when it was unreachable or behind."""
+        if self._state is not None:
+            self._state = None
+            log.info("Database ready again (%s)", self.where)
 
 
 def is_undecryptable(exc: BaseException | None) -> bool:
@@ -95,8 +147,11 @@ def present_errors(errors: list[GraphQLError], *, request_id: str) -> list[objec
             message = "The service is temporarily unavailable; try again shortly."
             code = SERVICE_UNAVAILABLE
         elif is_database_unavailable(original):
+            problem = connection_problem(original)
             log.warning(
-                "database unavailable (request %s): %s", request_id, type(original).__name__
+                "database unavailable (request %s): %s",
+                request_id,
+                problem[1] if problem else type(original).__name__,
             )
             message = "The service is temporarily unavailable; try again shortly."
             code = SERVICE_UNAVAILABLE

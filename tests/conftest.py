@@ -8,7 +8,7 @@ import os
 # graph.app builds `app = create_app()` at import, from the environment: make that a
 # development app that needs nothing, before anything imports it.
 os.environ.setdefault("ENVIRONMENT", "development")
-os.environ.setdefault("SECRET_KEY", "test-secret-key-0123456789abcdefghijklmnop")
+os.environ.setdefault("SECRET_KEY", "pytest-signing-key-7Hq2Lx9Vw4Nc8Rb3Mz6Tk1Fy5Dg0Sj")
 os.environ.setdefault("DATABASE_URL", "sqlite+aiosqlite:///:memory:")
 
 import secrets
@@ -32,13 +32,15 @@ from tests.pg import describe, provision, scratch_database
 from tests.servers import redis_reachable
 from tests.smtp import SmtpSink
 
-TEST_SECRET = "test-secret-key-0123456789abcdefghijklmnop"
+TEST_SECRET = "pytest-signing-key-7Hq2Lx9Vw4Nc8Rb3Mz6Tk1Fy5Dg0Sj"
 TEST_FERNET_KEY = "3Ccxk2gCG8F0cH8Ysrr8OEnqNaIxB7cvjxpxdaQbi8A="  # a Fernet key for tests
-# What production needs besides keys: a mail server (here one nothing listens on).
+# What production needs besides keys: a mail server (here one nothing listens on), and
+# an address for the links in mails that is not this machine.
 PRODUCTION_MAIL: dict[str, Any] = {
     "mail_server": "127.0.0.1",
     "mail_port": 9,
     "mail_from": "strawgate@example.com",
+    "product_url": "https://auth.example.com",
 }
 
 

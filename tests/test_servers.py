@@ -58,6 +58,7 @@ def production_env(database_url: str, **overrides: str) -> dict[str, str]:
         "MAIL_PORT": "9",  # nothing listens: mails wait in the outbox
         "MAIL_FROM": "strawgate@example.com",
         "REQUIRE_EMAIL_VERIFICATION": "false",
+        "PRODUCT_URL": "https://auth.example.com",
     }
     return server_env(**{**settings, **overrides})
 

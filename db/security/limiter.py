@@ -34,11 +34,13 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal, TypeVar, cast
+from urllib.parse import urlsplit
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from db.errors import AuthFailure, ErrorCode
@@ -105,6 +107,36 @@ def _async_redis_uri(url: str) -> str:
         if url.startswith(scheme):
             return async_scheme + url.removeprefix(scheme)
     raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What keeps `url` from being a REDIS_URL, or None; never quotes it (it may hold a secret)."""
+    scheme, found, _rest = url.partition("://")
+    scheme = scheme.lower()
+    if not found or (f"{scheme}://" not in _SCHEMES and not scheme.startswith("async+")):
+        return "must start with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "does not parse (e.g. redis://127.0.0.1:6379/0)"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if scheme.endswith("unix"):
+        return None if parts.path else "names no socket (e.g. unix:///run/redis/redis.sock)"
+    if not parts.hostname:
+        return "names no host (e.g. redis://127.0.0.1:6379/0)"
+    if port == 0:
+        return "does not parse: its port must be a number from 1 to 65535"
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        return "does not parse: its database (the path, e.g. /0) must be a number"
+    try:
+        parse_url(url.removeprefix("async+"))
+    except ValueError:
+        return "does not parse: an option's value is not one redis-py takes (see its from_url)"
+    return None
 
 
 def _refusal(retry_after: int) -> AuthFailure:

@@ -49,7 +49,12 @@ async def test_there_is_no_demo_page_in_production(
     make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
 ) -> None:
     app = create_app(
-        make_settings(environment="production", mail_server="127.0.0.1", mail_from="a@b.c"),
+        make_settings(
+            environment="production",
+            mail_server="127.0.0.1",
+            mail_from="a@b.c",
+            product_url="https://auth.example.com",
+        ),
         clock=clock,
     )
     async for _ in running(app):
