@@ -79,7 +79,7 @@ _SCHEMA_VERSION: Executable = select(column("version_num")).select_from(table("a
 _ROUTES = frozenset(
     {"/graphql", "/healthz", "/readyz", "/metrics", "/.well-known/jwks.json", "/demo"}
 )
-# The development-only demo page (docs: README, "The demo page").
+# The development-only demo page (docs/getting-started.md, "The demo page").
 DEMO_PAGE = importlib.resources.files("graph") / "static" / "demo.html"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

@@ -81,3 +81,12 @@ def test_compose_brings_the_production_companions() -> None:
     for service in ("postgres:", "redis:", "mail:", "migrate:", "strawgate:"):
         assert f"\n  {service}" in compose, service
     assert "strawgate migrate" in compose.replace('["strawgate", "migrate"]', "strawgate migrate")
+
+
+def test_compose_carries_no_key_of_its_own() -> None:
+    """Production refuses example keys and a PRODUCT_URL on this machine: compose takes
+    them from the operator's .env and stops, saying so, without them."""
+    compose = (ROOT / "compose.yaml").read_text()
+    for name in ("SECRET_KEY", "ENCRYPTION_KEYS", "PRODUCT_URL"):
+        (value,) = re.findall(rf"^\s*{name}:\s*(.+)$", compose, re.MULTILINE)
+        assert value.startswith(f"${{{name}:?"), (name, value)
