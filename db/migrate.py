@@ -91,8 +91,12 @@ def migrate(database_url: str, *, timeout: float = 5.0) -> tuple[str | None, str
 
 def upgrade_head(database_url: str) -> None:
     """Apply every pending migration. Runs its own event loop: call it from a worker
-    thread (or a CLI), never from inside a running loop."""
-    command.upgrade(alembic_config(database_url), "head")
+    thread (or a CLI), never from inside a running loop. Leaves logging as the caller
+    set it up (a server's JSON lines stay JSON: alembic.ini's text handlers are not
+    installed)."""
+    config = alembic_config(database_url)
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
 
 
 def downgrade_base(database_url: str) -> None:

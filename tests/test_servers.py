@@ -644,6 +644,23 @@ async def test_strawgate_serve_logs_nothing_but_json_in_production(
     assert "a wrong password" not in output
 
 
+async def test_a_migration_at_start_logs_json_too(tmp_path: Path) -> None:
+    """Production on SQLite migrates at start (AUTO_MIGRATE): Alembic's own lines must
+    not turn the log back into text."""
+    import json
+
+    env = production_env(f"sqlite+aiosqlite:///{tmp_path}/strawgate.db")
+    port = free_port()
+    command = strawgate_command(port)
+    async with running(command, env=env, cwd=tmp_path, logs=tmp_path / "logs", port=port) as srv:
+        async with srv.client() as http:
+            assert (await http.get("/readyz")).status_code == 200
+    output = srv.log()
+    assert output.strip()
+    for line in output.splitlines():
+        assert isinstance(json.loads(line), dict), line
+
+
 async def test_strawgate_serve_logs_readable_text_in_development(tmp_path: Path) -> None:
     env = server_env(ENVIRONMENT="development", REQUIRE_EMAIL_VERIFICATION="false")
     port = free_port()
