@@ -108,7 +108,8 @@ async def test_every_answer_carries_a_request_id(client: httpx.AsyncClient) -> N
 
 async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
-    assert (await client.get("/readyz")).json() == {"status": "ready", "rate_limits": "memory"}
+    ready = (await client.get("/readyz")).json()
+    assert ready == {"status": "ready", "rate_limits": "memory", "mail": "ok"}
 
 
 class BrokenClock:
