@@ -177,6 +177,11 @@ def make_settings(database_url: str) -> Callable[..., Settings]:
             "require_email_verification": False,
             # Tests make many requests from one address: the limits are the limit tests'.
             "rate_limits": UNLIMITED,
+            # argon2id at its lightest (8 MiB, one pass: ~7 ms a hash here, against ~30 at
+            # the defaults): the suite hashes thousands of times. The defaults' own tests
+            # ask for them (tests/graph/test_login.py).
+            "argon2_memory_cost": 8 * 1024,
+            "argon2_time_cost": 1,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

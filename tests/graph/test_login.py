@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -12,7 +13,9 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.models import User
-from tests.conftest import PASSWORD, unique_email
+from db.settings import Settings
+from graph.app import create_app
+from tests.conftest import PASSWORD, MutableClock, client_for, unique_email
 from tests.gql import ME, gql, login, signup
 
 
@@ -126,24 +129,40 @@ async def test_long_passwords_on_legacy_bcrypt_hashes(
     assert (await login(client, email, long_password))["__typename"] == "AuthSession"
 
 
+@pytest.fixture
+async def shipped_hashing(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An app hashing with the shipped argon2 parameters (the suite's are lighter)."""
+    shipped = Settings.model_fields
+    settings = make_settings(
+        argon2_memory_cost=shipped["argon2_memory_cost"].default,
+        argon2_time_cost=shipped["argon2_time_cost"].default,
+    )
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        yield http
+
+
 async def test_argon2_hash_uses_owasp_parameters(
-    client: httpx.AsyncClient, database_url: str
+    shipped_hashing: httpx.AsyncClient, database_url: str
 ) -> None:
     email = unique_email()
-    await signup(client, email, PASSWORD)
-    assert (await stored_hash(database_url, email)).startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    await signup(shipped_hashing, email, PASSWORD)
+    stored = await stored_hash(database_url, email)
+    assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
 
 
 async def test_weaker_argon2_parameters_are_upgraded(
-    client: httpx.AsyncClient, database_url: str
+    shipped_hashing: httpx.AsyncClient, database_url: str
 ) -> None:
     from passlib.hash import argon2
 
     email = unique_email()
-    await signup(client, email, PASSWORD)
+    await signup(shipped_hashing, email, PASSWORD)
     weak = argon2.using(type="ID", memory_cost=8192, time_cost=1, parallelism=1).hash(PASSWORD)
     await set_user(database_url, email, password_hash=weak)
-    assert (await login(client, email, PASSWORD))["__typename"] == "AuthSession"
+    assert (await login(shipped_hashing, email, PASSWORD))["__typename"] == "AuthSession"
     assert "m=19456,t=2,p=1" in await stored_hash(database_url, email)
 
 
