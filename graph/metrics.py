@@ -30,6 +30,7 @@ from starlette.responses import PlainTextResponse, Response
 from db.mail.outbox import MailFailure
 from db.models import OutboxMail
 from db.security.limiter import RateLimiter, Status
+from db.services.housekeeping import KINDS as HOUSEKEEPING_KINDS
 from db.settings import ConfigError, Settings
 
 _OUTBOX_PENDING = select(func.count(OutboxMail.id).label("pending")).where(
@@ -114,6 +115,21 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="liveall",
         )
+        self.housekeeping_deleted = Counter(
+            "strawgate_housekeeping_deleted",
+            "Rows housekeeping removed, by kind: challenges, unverified_users,"
+            " mail_secrets (mails whose secrets were erased), outbox_rows, security_events,"
+            " ended_sessions, spent_generations, throttles. Counted batch by batch, so a"
+            " long pass shows its progress.",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in HOUSEKEEPING_KINDS:
+            self.housekeeping_deleted.labels(kind=kind)
+
+    def housekept(self, kind: str, rows: int) -> None:
+        """Housekeeper.on_deleted: `rows` of `kind` removed."""
+        self.housekeeping_deleted.labels(kind=kind).inc(rows)
 
     def operation(self, name: str, outcome: str) -> None:
         self.operations.labels(operation=name, outcome=outcome).inc()

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 import orjson
-from sqlalchemy import bindparam, delete, func, insert, literal, null, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, literal, null, or_, select, update
 
 from db.clock import Clock
 from db.mail.message import (
@@ -28,6 +28,7 @@ from db.mail.message import (
 from db.mail.message import mask_address as mask_address
 from db.models import OutboxMail
 from db.security.box import SecretBox, UndecryptableSecret
+from db.services.batches import AnyOf, Batching, chosen, until_done, walk
 from db.session import Listening, Runner, Statements
 from db.settings import Settings
 
@@ -155,14 +156,25 @@ _RELEASE_CLAIM = (
     .values(claimed_until=null(), claim_id=null())
 )
 
-# Housekeeping.
+
+# Housekeeping, in batches (db/services/batches.py): each statement writes at most :batch
+# rows, which it picks (and locks, skipping rows a sender holds) itself.
+def _dead_code_waiting(mail: Any) -> Any:
+    return and_(
+        mail.next_attempt_at.is_not(None),
+        mail.secrets_expire_at <= bindparam("now"),
+        # A row under a live lease is its sender's to settle (it checks the expiry too).
+        or_(mail.claimed_until.is_(None), mail.claimed_until <= bindparam("now")),
+    )
+
+
 _GIVE_UP_EXPIRED = (
     update(OutboxMail)
     .where(
-        OutboxMail.next_attempt_at.is_not(None),
-        OutboxMail.secrets_expire_at <= bindparam("now"),
-        # A row under a live lease is its sender's to settle (it checks the expiry too).
-        or_(OutboxMail.claimed_until.is_(None), OutboxMail.claimed_until <= bindparam("now")),
+        AnyOf(
+            OutboxMail.id,
+            chosen(OutboxMail, _dead_code_waiting, order_by=lambda mail: mail.next_attempt_at),
+        )
     )
     .values(
         failed_at=bindparam("now"),
@@ -173,14 +185,37 @@ _GIVE_UP_EXPIRED = (
         last_error=literal("the code expired before the mail could be sent"),
     )
 )
+
+
+def _expired_secrets(mail: Any) -> Any:
+    return and_(mail.secrets_sealed.is_not(None), mail.secrets_expire_at <= bindparam("now"))
+
+
+# No index serves this one: PostgreSQL walks the table's pages (in_pages).
 _ERASE_EXPIRED = (
     update(OutboxMail)
-    .where(OutboxMail.secrets_sealed.is_not(None), OutboxMail.secrets_expire_at <= bindparam("now"))
+    .where(AnyOf(OutboxMail.id, chosen(OutboxMail, _expired_secrets, in_pages=True)))
     .values(secrets_sealed=null())
 )
+_ERASE_EXPIRED_ANYWHERE = (
+    update(OutboxMail)
+    .where(AnyOf(OutboxMail.id, chosen(OutboxMail, _expired_secrets)))
+    .values(secrets_sealed=null())
+)
+
+
+# Sent or given up before the cutoff; such a mail was also written before it, which is
+# what the index (ix_outbox_created_at) finds them by.
+def _done_before(mail: Any) -> Any:
+    return and_(
+        mail.created_at < bindparam("cutoff"),
+        mail.next_attempt_at.is_(None),
+        or_(mail.sent_at < bindparam("cutoff"), mail.failed_at < bindparam("cutoff")),
+    )
+
+
 _PRUNE = delete(OutboxMail).where(
-    OutboxMail.next_attempt_at.is_(None),
-    or_(OutboxMail.sent_at < bindparam("cutoff"), OutboxMail.failed_at < bindparam("cutoff")),
+    AnyOf(OutboxMail.id, chosen(OutboxMail, _done_before, order_by=lambda mail: mail.created_at))
 )
 
 _SEALED_IDS = (
@@ -723,21 +758,39 @@ def _short(error: str) -> str:
     return " ".join(error.split())[:ERROR_MAX]
 
 
-async def erase_expired_secrets(statements: Statements, now: datetime) -> int:
+async def erase_expired_secrets(
+    statements: Statements, now: datetime, batching: Batching | None = None
+) -> int:
     """Erases secrets past their expiry, sent or not (a mail still waiting with a dead
-    code is given up); how many rows lost their secrets."""
-    async with statements.transaction() as tx:
-        given_up = await tx.execute(_GIVE_UP_EXPIRED, {"now": now})
-        erased = await tx.execute(_ERASE_EXPIRED, {"now": now})
-    if given_up:
-        log.warning("gave up %d mail(s) whose codes expired before they could be sent", given_up)
-    return given_up + erased
+    code is given up), in batches; how many rows lost their secrets."""
+    batching = batching or Batching()
+    given_up = await until_done(
+        statements, "mail_secrets", _GIVE_UP_EXPIRED, {"now": now}, batching
+    )
+    erased = await walk(
+        statements,
+        "mail_secrets",
+        "outbox",
+        _ERASE_EXPIRED,
+        _ERASE_EXPIRED_ANYWHERE,
+        {"now": now},
+        batching,
+    )
+    if given_up.rows:
+        log.warning(
+            "gave up %d mail(s) whose codes expired before they could be sent", given_up.rows
+        )
+    return given_up.rows + erased.rows
 
 
-async def prune_outbox(statements: Statements, now: datetime, retention: timedelta) -> int:
-    """Deletes sent and given-up mails older than `retention`; how many."""
-    async with statements.transaction() as tx:
-        return await tx.execute(_PRUNE, {"cutoff": now - retention})
+async def prune_outbox(
+    statements: Statements, now: datetime, retention: timedelta, batching: Batching | None = None
+) -> int:
+    """Deletes sent and given-up mails older than `retention`, in batches; how many."""
+    done = await until_done(
+        statements, "outbox_rows", _PRUNE, {"cutoff": now - retention}, batching or Batching()
+    )
+    return done.rows
 
 
 async def reseal_outbox(statements: Statements, box: SecretBox) -> tuple[int, int]:

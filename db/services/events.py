@@ -26,6 +26,7 @@ from sqlalchemy.sql import Executable
 from db.clock import Clock
 from db.errors import AuthFailure, invalid_input
 from db.models import IP_MAX, RefreshToken, SecurityEvent, UserSession
+from db.services.batches import AnyOf, Batching, chosen, ctid_of, until_done, walk
 from db.services.types import ClientInfo
 from db.session import Runner, Statements
 from db.validation import clean_user_agent, parse_email
@@ -109,31 +110,69 @@ _PAGE = (
     .limit(bindparam("n"))
 )
 
-_PRUNE_EVENTS = delete(SecurityEvent).where(SecurityEvent.at < bindparam("cutoff"))
+# The retention passes, in batches (db/services/batches.py): each statement removes at
+# most :batch rows, which it picks (and locks, skipping rows a request holds) itself.
+_PRUNE_EVENTS = delete(SecurityEvent).where(
+    AnyOf(
+        SecurityEvent.id,
+        chosen(SecurityEvent, lambda e: e.at < bindparam("cutoff"), order_by=lambda e: e.at),
+    )
+)
+
 
 # Ended (revoked, or past their absolute expiry) longer ago than the retention; their
-# refresh tokens go with them (ON DELETE CASCADE).
+# refresh tokens go with them (ON DELETE CASCADE). No index serves this (expires_at moves
+# on every refresh; an index on it would cost every refresh an index write), so
+# PostgreSQL walks the table's pages (in_pages).
+def _ended(session: Any) -> Any:
+    return or_(session.revoked_at < bindparam("cutoff"), session.expires_at < bindparam("cutoff"))
+
+
 _PRUNE_ENDED_SESSIONS = delete(UserSession).where(
-    or_(UserSession.revoked_at < bindparam("cutoff"), UserSession.expires_at < bindparam("cutoff"))
+    AnyOf(UserSession.id, chosen(UserSession, _ended, in_pages=True))
+)
+_PRUNE_ENDED_SESSIONS_ANYWHERE = delete(UserSession).where(
+    AnyOf(UserSession.id, chosen(UserSession, _ended))
 )
 
-_Newer = aliased(RefreshToken)
-_LIVE_SESSIONS = select(UserSession.id).where(
-    UserSession.revoked_at.is_(None), UserSession.expires_at > bindparam("now")
-)
-# Spent longer ago than the retention, and older than the generation before the newest
-# (which a retry within the reuse interval, and its reuse check, still need).
-_PRUNE_SPENT_GENERATIONS = delete(RefreshToken).where(
-    RefreshToken.rotated_at < bindparam("cutoff"),
-    RefreshToken.generation
-    < (
-        select(func.max(_Newer.generation) - 1)
-        .where(_Newer.session_id == RefreshToken.session_id)
-        .correlate(RefreshToken)
+
+def _spent_generations(*, in_pages: bool) -> Executable:
+    """Spent longer ago than the retention, and older than the generation before the newest
+    (which a retry within the reuse interval, and its reuse check, still need), of a live
+    session. Only a session that began before the cutoff can have one (a generation is
+    made, and so spent, after its session began): walked by its session's pages, and with
+    REFRESH_TOKEN_EXPIRE_DAYS no longer than the retention (the defaults) no live session
+    began that long ago, so the pass finds nothing without reading a refresh token."""
+    spent = aliased(RefreshToken, name="spent")
+    owner = aliased(UserSession, name="owner")
+    newer = aliased(RefreshToken, name="newer")
+    newest_but_one = (
+        select(func.max(newer.generation) - 1)
+        .where(newer.session_id == spent.session_id)
+        .correlate(spent)
         .scalar_subquery()
-    ),
-    RefreshToken.session_id.in_(_LIVE_SESSIONS),
-)
+    )
+    conditions = [
+        owner.revoked_at.is_(None),
+        owner.expires_at > bindparam("now"),
+        owner.created_at < bindparam("cutoff"),
+        spent.rotated_at < bindparam("cutoff"),
+        spent.generation < newest_but_one,
+    ]
+    if in_pages:
+        conditions += [ctid_of("owner") >= bindparam("lo"), ctid_of("owner") < bindparam("hi")]
+    picked = (
+        select(spent.id)
+        .join(owner, owner.id == spent.session_id)
+        .where(*conditions)
+        .limit(bindparam("batch"))
+        .with_for_update(of=spent, skip_locked=True)
+    )
+    return delete(RefreshToken).where(AnyOf(RefreshToken.id, picked))
+
+
+_PRUNE_SPENT_GENERATIONS = _spent_generations(in_pages=True)
+_PRUNE_SPENT_GENERATIONS_ANYWHERE = _spent_generations(in_pages=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,28 +376,55 @@ def decode_cursor(cursor: str) -> int:
     return event_id
 
 
-async def prune_events(statements: Statements, now: datetime, retention: timedelta) -> int:
-    """Deletes events older than `retention`; how many."""
-    async with statements.transaction() as tx:
-        return await tx.execute(_PRUNE_EVENTS, {"cutoff": now - retention})
+async def prune_events(
+    statements: Statements,
+    now: datetime,
+    retention: timedelta,
+    batching: Batching | None = None,
+) -> int:
+    """Deletes events older than `retention`, in batches; how many."""
+    done = await until_done(
+        statements,
+        "security_events",
+        _PRUNE_EVENTS,
+        {"cutoff": now - retention},
+        batching or Batching(),
+    )
+    return done.rows
 
 
-async def prune_ended_sessions(statements: Statements, now: datetime, retention: timedelta) -> int:
+async def prune_ended_sessions(
+    statements: Statements,
+    now: datetime,
+    retention: timedelta,
+    batching: Batching | None = None,
+) -> int:
     """Deletes sessions that ended (revoked or expired) longer than `retention` ago, and
-    with them their refresh tokens; how many sessions.
+    with them their refresh tokens, in batches; how many sessions.
 
     Their tokens were refused anyway (a token of an ended session is invalid, reused or
     not); what goes is the history: the user's new-device check no longer sees them."""
-    async with statements.transaction() as tx:
-        return await tx.execute(_PRUNE_ENDED_SESSIONS, {"cutoff": now - retention})
+    done = await walk(
+        statements,
+        "ended_sessions",
+        "sessions",
+        _PRUNE_ENDED_SESSIONS,
+        _PRUNE_ENDED_SESSIONS_ANYWHERE,
+        {"cutoff": now - retention},
+        batching or Batching(),
+    )
+    return done.rows
 
 
 async def prune_spent_generations(
-    statements: Statements, now: datetime, retention: timedelta
+    statements: Statements,
+    now: datetime,
+    retention: timedelta,
+    batching: Batching | None = None,
 ) -> int:
     """Deletes the refresh-token generations of live sessions that were rotated longer
     than `retention` ago, except the generation before the newest (a retry within the
-    reuse interval is answered from it, and its reuse detected); how many.
+    reuse interval is answered from it, and its reuse detected), in batches; how many.
 
     Why this is safe: every generation is kept so that a spent token presented again is
     recognised as reuse and ends the session. Once a generation is deleted, presenting
@@ -369,8 +435,16 @@ async def prune_spent_generations(
     lifetime (minutes), when the slower of the two next refreshes; a spent token first
     seen again months later has been replaced many times over. Sessions that ended are
     left to prune_ended_sessions."""
-    async with statements.transaction() as tx:
-        return await tx.execute(_PRUNE_SPENT_GENERATIONS, {"cutoff": now - retention, "now": now})
+    done = await walk(
+        statements,
+        "spent_generations",
+        "sessions",
+        _PRUNE_SPENT_GENERATIONS,
+        _PRUNE_SPENT_GENERATIONS_ANYWHERE,
+        {"cutoff": now - retention, "now": now},
+        batching or Batching(),
+    )
+    return done.rows
 
 
 def _log(line: dict[str, Any]) -> None:

@@ -1,21 +1,42 @@
-"""Housekeeping: expired challenges, abandoned signups, expired mail secrets and old
-outbox rows go away on a schedule. One run at a time across every process: on
-PostgreSQL a transaction-level advisory lock picks the one process that runs it; SQLite
-serves one process anyway."""
+"""Housekeeping: expired challenges, abandoned signups, expired mail secrets, old outbox
+rows, old security events, ended sessions, spent refresh generations and quiet sign-in
+throttles go away on a schedule. One run at a time across every process: on PostgreSQL
+an advisory lock, held by a connection of its own for the whole pass, picks the one
+process that runs it; SQLite serves one process anyway.
+
+Every kind is removed in batches (db/services/batches.py): short transactions of at most
+500 rows each (fewer when a batch takes longer than 50 ms), so a backlog of
+millions never holds a row lock for long. The progress shows in the log (strawgate.
+housekeeping, INFO: a line per kind that removed anything, every 10 s while a kind
+takes longer, and one per pass) and through `on_deleted` (the metric
+strawgate_housekeeping_deleted_total)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
-from datetime import timedelta
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import bindparam, delete, exists, func, select
+from sqlalchemy import and_, bindparam, delete, exists, func, select
 
 from db.clock import Clock
 from db.mail.outbox import erase_expired_secrets, prune_outbox
 from db.models import Challenge, User, UserSession
+from db.services.batches import (
+    BATCH_PAGES,
+    BATCH_ROWS,
+    BATCH_TARGET,
+    AnyOf,
+    Batching,
+    Progress,
+    chosen,
+    walk,
+)
 from db.services.events import prune_ended_sessions, prune_events, prune_spent_generations
 from db.services.lockout import Lockout
 from db.session import Statements
@@ -24,21 +45,45 @@ log = logging.getLogger("strawgate.housekeeping")
 
 # An arbitrary 64-bit key naming the housekeeping lock (PostgreSQL advisory locks).
 LOCK_KEY = 0x5354_5241_5747_4B01
-_TAKE_LOCK = select(func.pg_try_advisory_xact_lock(bindparam("key")).label("taken"))
+_TAKE_LOCK = select(func.pg_try_advisory_lock(bindparam("key")).label("taken"))
+_GIVE_LOCK = select(func.pg_advisory_unlock(bindparam("key")).label("given"))
 
-_PRUNE_CHALLENGES = delete(Challenge).where(Challenge.expires_at < bindparam("cutoff"))
+# How often a kind that takes long says how far it got.
+PROGRESS_EVERY = 10.0  # seconds
+
+
+def _expired(challenge: Any) -> Any:
+    return challenge.expires_at < bindparam("cutoff")
+
+
+# No index on expires_at: PostgreSQL walks the table's pages (in_pages).
+_PRUNE_CHALLENGES = delete(Challenge).where(
+    AnyOf(Challenge.id, chosen(Challenge, _expired, in_pages=True))
+)
+_PRUNE_CHALLENGES_ANYWHERE = delete(Challenge).where(
+    AnyOf(Challenge.id, chosen(Challenge, _expired))
+)
+
 
 # Signups never verified, past their limit, that never had a session (with
 # verification required no unverified account has one).
-_PRUNE_UNVERIFIED = delete(User).where(
-    User.email_verified_at.is_(None),
-    User.created_at < bindparam("cutoff"),
-    ~exists().where(UserSession.user_id == User.id),
-)
+def _abandoned(user: Any) -> Any:
+    return and_(
+        user.email_verified_at.is_(None),
+        user.created_at < bindparam("cutoff"),
+        ~exists().where(UserSession.user_id == user.id),
+    )
+
+
+_PRUNE_UNVERIFIED = delete(User).where(AnyOf(User.id, chosen(User, _abandoned, in_pages=True)))
+_PRUNE_UNVERIFIED_ANYWHERE = delete(User).where(AnyOf(User.id, chosen(User, _abandoned)))
 
 
 @dataclass(frozen=True, slots=True)
 class Pruned:
+    """What one pass removed (mail_secrets: rows whose secrets were erased), how long it
+    took and its longest batch (the longest any row lock of it was held), in seconds."""
+
     challenges: int = 0
     unverified_users: int = 0
     mail_secrets: int = 0
@@ -47,6 +92,17 @@ class Pruned:
     ended_sessions: int = 0
     spent_generations: int = 0
     throttles: int = 0
+    seconds: float = 0.0
+    batches: int = 0
+    longest_batch: float = 0.0
+    progress: tuple[Progress, ...] = field(default=(), compare=False)
+
+
+KINDS = tuple(
+    f.name
+    for f in fields(Pruned)
+    if f.name not in ("seconds", "batches", "longest_batch", "progress")
+)
 
 
 class Housekeeper:
@@ -64,6 +120,10 @@ class Housekeeper:
         # finds its challenge and answers "expired", not "unknown"), then deleted.
         challenge_retention: timedelta = timedelta(days=1),
         lockout: Lockout | None = None,
+        batch_rows: int = BATCH_ROWS,
+        batch_pages: int = BATCH_PAGES,
+        # Seconds a batch should take at most (its size adapts); None: always batch_rows.
+        batch_target: float | None = BATCH_TARGET,
     ) -> None:
         self.challenge_retention = challenge_retention
         self.event_retention = event_retention
@@ -75,46 +135,153 @@ class Housekeeper:
         # None: unverified accounts are kept (verification is not required).
         self.unverified_account_age = unverified_account_age
         self.outbox_retention = outbox_retention
+        self.batch_rows = batch_rows
+        self.batch_pages = batch_pages
+        self.batch_target = batch_target
+        # Rows removed, per kind (a Pruned field's name), after every batch that removed
+        # any: the app counts them (strawgate_housekeeping_deleted_total).
+        self.on_deleted: Callable[[str, int], None] | None = None
         self._postgres = statements.engine.dialect.name == "postgresql"
         self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> Pruned | None:
         """One pass; None when another process holds the lock (it is doing it)."""
         now = self.clock.now()
-        async with self.statements.transaction() as tx:
-            if self._postgres:
-                lock = await tx.first(_TAKE_LOCK, {"key": LOCK_KEY})
-                if lock is None or not lock["taken"]:
-                    return None
-            challenges = await tx.execute(
-                _PRUNE_CHALLENGES, {"cutoff": now - self.challenge_retention}
-            )
-            unverified = 0
-            if self.unverified_account_age is not None:
-                unverified = await tx.execute(
-                    _PRUNE_UNVERIFIED, {"cutoff": now - self.unverified_account_age}
-                )
+        async with self._one_process() as ours:
+            if not ours:
+                return None
+            started = time.perf_counter()
+            done: list[Progress] = []
+            for kind, prune in self._passes(now):
+                done.append(await self._timed(kind, prune))
         pruned = Pruned(
-            challenges=challenges,
-            unverified_users=unverified,
-            mail_secrets=await erase_expired_secrets(self.statements, now),
-            outbox_rows=await prune_outbox(self.statements, now, self.outbox_retention),
-            security_events=await prune_events(self.statements, now, self.event_retention),
-            ended_sessions=await prune_ended_sessions(self.statements, now, self.session_retention),
-            spent_generations=await prune_spent_generations(
-                self.statements, now, self.session_retention
-            ),
-            throttles=await self.lockout.prune() if self.lockout is not None else 0,
+            **{p.kind: p.rows for p in done},
+            seconds=time.perf_counter() - started,
+            batches=sum(p.batches for p in done),
+            longest_batch=max((p.longest for p in done), default=0.0),
+            progress=tuple(done),
         )
-        if any((pruned.challenges, pruned.unverified_users, pruned.outbox_rows)):
-            log.info(
-                "housekeeping: %d expired challenge(s), %d unverified account(s), "
-                "%d old outbox row(s) removed",
-                pruned.challenges,
-                pruned.unverified_users,
-                pruned.outbox_rows,
-            )
+        removed = sum(getattr(pruned, kind) for kind in KINDS)
+        log.log(
+            logging.INFO if removed else logging.DEBUG,
+            "housekeeping: %s removed in %.1f s, %d batch(es), the longest %.0f ms",
+            ", ".join(f"{kind} {getattr(pruned, kind):,}" for kind in KINDS),
+            pruned.seconds,
+            pruned.batches,
+            1000 * pruned.longest_batch,
+        )
         return pruned
+
+    def _passes(self, now: datetime) -> list[tuple[str, Callable[[Batching], Awaitable[int]]]]:
+        statements = self.statements
+
+        async def challenges(batching: Batching) -> int:
+            done = await walk(
+                statements,
+                "challenges",
+                "challenges",
+                _PRUNE_CHALLENGES,
+                _PRUNE_CHALLENGES_ANYWHERE,
+                {"cutoff": now - self.challenge_retention},
+                batching,
+            )
+            return done.rows
+
+        async def unverified_users(batching: Batching) -> int:
+            if self.unverified_account_age is None:
+                return 0
+            done = await walk(
+                statements,
+                "unverified_users",
+                "users",
+                _PRUNE_UNVERIFIED,
+                _PRUNE_UNVERIFIED_ANYWHERE,
+                {"cutoff": now - self.unverified_account_age},
+                batching,
+            )
+            return done.rows
+
+        async def throttles(batching: Batching) -> int:
+            return await self.lockout.prune(batching) if self.lockout is not None else 0
+
+        return [
+            ("challenges", challenges),
+            ("unverified_users", unverified_users),
+            ("mail_secrets", lambda b: erase_expired_secrets(statements, now, b)),
+            ("outbox_rows", lambda b: prune_outbox(statements, now, self.outbox_retention, b)),
+            ("security_events", lambda b: prune_events(statements, now, self.event_retention, b)),
+            (
+                "ended_sessions",
+                lambda b: prune_ended_sessions(statements, now, self.session_retention, b),
+            ),
+            (
+                "spent_generations",
+                lambda b: prune_spent_generations(statements, now, self.session_retention, b),
+            ),
+            ("throttles", throttles),
+        ]
+
+    async def _timed(self, kind: str, prune: Callable[[Batching], Awaitable[int]]) -> Progress:
+        """One kind's prune, its batches counted and timed; progress logged as it goes."""
+        seen = Progress(kind)
+        started = time.perf_counter()
+        last_said = started
+
+        def on_batch(_so_far: Progress, rows: int) -> None:
+            nonlocal last_said
+            seen.rows += rows
+            seen.batches += 1
+            seen.longest = max(seen.longest, _so_far.longest)
+            if rows and self.on_deleted is not None:
+                self.on_deleted(kind, rows)
+            if time.perf_counter() - last_said >= PROGRESS_EVERY:
+                last_said = time.perf_counter()
+                log.info(
+                    "housekeeping: %s: %s removed so far, %d batch(es), %.0f s",
+                    kind,
+                    f"{seen.rows:,}",
+                    seen.batches,
+                    last_said - started,
+                )
+
+        batching = Batching(
+            rows=self.batch_rows,
+            pages=self.batch_pages,
+            target=self.batch_target,
+            on_batch=on_batch,
+        )
+        await prune(batching)
+        seen.seconds = time.perf_counter() - started
+        if seen.rows:
+            log.info(
+                "housekeeping: %s: %s removed in %.1f s, %d batch(es), the longest %.0f ms",
+                kind,
+                f"{seen.rows:,}",
+                seen.seconds,
+                seen.batches,
+                1000 * seen.longest,
+            )
+        return seen
+
+    @contextlib.asynccontextmanager
+    async def _one_process(self) -> AsyncIterator[bool]:
+        """Whether this process is the one to run the pass. On PostgreSQL: the advisory
+        lock, taken for the session of a connection of its own (outside any transaction:
+        an idle transaction would hold every deleted row back from vacuum, and from the
+        index clean-up the next batch relies on) and given back when the pass ends, however
+        it ends; if this process dies, the lock goes with its connection."""
+        if not self._postgres:
+            yield True
+            return
+        async with self.statements.connection() as lock:
+            taken = await lock.first(_TAKE_LOCK, {"key": LOCK_KEY})
+            if taken is None or not taken["taken"]:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                await lock.first(_GIVE_LOCK, {"key": LOCK_KEY})
 
     async def start(self) -> None:
         if self._task is None:

@@ -21,11 +21,12 @@ import math
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, literal, null, or_, select, update
+from sqlalchemy import and_, bindparam, delete, insert, literal, null, or_, select, update
 
 from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode, UniqueViolation
 from db.models import LoginThrottle
+from db.services.batches import AnyOf, Batching, chosen, until_done
 from db.session import Runner, Statements
 
 SIGN_IN_REFUSAL = "Too many failed sign-ins for this address; try again later."
@@ -75,10 +76,22 @@ _GIVE_BACK = (
     .values(in_flight=LoginThrottle.in_flight - 1)
 )
 _CLEAR = delete(LoginThrottle).where(LoginThrottle.email == bindparam("address"))
+
+
+# Housekeeping, in batches (db/services/batches.py), found by the last_failure_at index.
+def _quiet(row: Any) -> Any:
+    return and_(
+        row.last_failure_at < bindparam("quiet_since"),
+        or_(row.locked_until.is_(None), row.locked_until < bindparam("now")),
+        or_(row.in_flight_at.is_(None), row.in_flight_at < bindparam("stale")),
+    )
+
+
 _PRUNE = delete(LoginThrottle).where(
-    LoginThrottle.last_failure_at < bindparam("quiet_since"),
-    or_(LoginThrottle.locked_until.is_(None), LoginThrottle.locked_until < bindparam("now")),
-    or_(LoginThrottle.in_flight_at.is_(None), LoginThrottle.in_flight_at < bindparam("stale")),
+    AnyOf(
+        LoginThrottle.email,
+        chosen(LoginThrottle, _quiet, key="email", order_by=lambda row: row.last_failure_at),
+    )
 )
 
 
@@ -184,14 +197,21 @@ class Lockout:
         transaction that signs in."""
         await tx.execute(_CLEAR, {"address": email})
 
-    async def prune(self) -> int:
-        """Forgets addresses quiet for longer than the reset period."""
+    async def prune(self, batching: Batching | None = None) -> int:
+        """Forgets addresses quiet for longer than the reset period, in batches."""
         now = self.clock.now()
-        async with self.statements.transaction() as tx:
-            return await tx.execute(
-                _PRUNE,
-                {"quiet_since": now - self.reset_after, "now": now, "stale": now - STALE_IN_FLIGHT},
-            )
+        done = await until_done(
+            self.statements,
+            "throttles",
+            _PRUNE,
+            {
+                "quiet_since": now - self.reset_after,
+                "now": now,
+                "stale": now - STALE_IN_FLIGHT,
+            },
+            batching or Batching(),
+        )
+        return done.rows
 
     def steps(self, failures: int) -> timedelta | None:
         """How long the `failures`-th failure in a row locks the address."""
