@@ -82,6 +82,12 @@ _CLEAR = delete(LoginThrottle).where(LoginThrottle.email == bindparam("address")
 def _quiet(row: Any) -> Any:
     return and_(
         row.last_failure_at < bindparam("quiet_since"),
+        # The code lockout's rows (code_lockout_key) share the table: they are forgotten
+        # only after its own reset, however short this lockout's is.
+        or_(
+            ~row.email.startswith(literal("code:")),
+            row.last_failure_at < bindparam("code_quiet_since"),
+        ),
         or_(row.locked_until.is_(None), row.locked_until < bindparam("now")),
         or_(row.in_flight_at.is_(None), row.in_flight_at < bindparam("stale")),
     )
@@ -198,7 +204,8 @@ class Lockout:
         await tx.execute(_CLEAR, {"address": email})
 
     async def prune(self, batching: Batching | None = None) -> int:
-        """Forgets addresses quiet for longer than the reset period, in batches."""
+        """Forgets addresses quiet for longer than the reset period (the code lockout's:
+        for longer than CODE_LOCKOUT_RESET as well), in batches."""
         now = self.clock.now()
         done = await until_done(
             self.statements,
@@ -206,6 +213,7 @@ class Lockout:
             _PRUNE,
             {
                 "quiet_since": now - self.reset_after,
+                "code_quiet_since": now - max(self.reset_after, CODE_LOCKOUT_RESET),
                 "now": now,
                 "stale": now - STALE_IN_FLIGHT,
             },

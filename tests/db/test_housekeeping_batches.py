@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.migrate import upgrade_head
@@ -30,7 +30,7 @@ from db.models import (
 )
 from db.services.batches import Batching, BatchSize
 from db.services.housekeeping import KINDS, Housekeeper
-from db.services.lockout import Lockout
+from db.services.lockout import Lockout, code_lockout_key
 from db.session import Runner, Statements, create_engine
 from db.settings import Settings
 from graph.metrics import Metrics
@@ -376,3 +376,32 @@ async def test_housekeeping_counts_in_the_metrics() -> None:
 
     assert value("ended_sessions") == 520
     assert all(value(kind) == 0 for kind in KINDS if kind != "ended_sessions")
+
+
+async def test_a_code_lockout_is_forgotten_only_after_its_own_day(
+    statements: Statements, clock: MutableClock
+) -> None:
+    """The password lockout's pass forgets an address quiet for an hour; the code
+    lockout's rows (same table) only after CODE_LOCKOUT_RESET, a day."""
+    now = clock.now()
+    code = code_lockout_key("victim@example.com")
+    async with statements.engine.begin() as conn:
+        await conn.execute(
+            insert(LoginThrottle),
+            [
+                {"email": "quiet@example.com", "failures": 4, "last_failure_at": now},
+                {"email": code, "failures": 9, "last_failure_at": now},
+            ],
+        )
+    housekeeper = keeper(statements, clock)
+    clock.advance(hours=2)
+    pruned = await housekeeper.run_once()
+    assert pruned is not None and pruned.throttles == 1
+    async with statements.engine.connect() as conn:
+        left = (await conn.execute(select(LoginThrottle.email))).scalars().all()
+    assert left == [code]
+    clock.advance(hours=23)
+    pruned = await housekeeper.run_once()
+    assert pruned is not None and pruned.throttles == 1
+    async with statements.engine.connect() as conn:
+        assert (await conn.execute(select(func.count(LoginThrottle.email)))).scalar_one() == 0
