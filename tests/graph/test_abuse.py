@@ -389,6 +389,7 @@ async def test_without_redis_the_limits_degrade_to_memory_not_to_failure(
         assert ready.json() == {
             "status": "ready (degraded)",
             "rate_limits": "memory (redis unreachable)",
+            "mail": "ok",
         }
 
 
