@@ -289,6 +289,7 @@ async def test_wrong_codes_of_both_mutations_spend_one_budget_alike(
 # -- the same time ---------------------------------------------------------------------------
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("flow", list(FLOWS))
 async def test_a_wrong_code_takes_the_same_time_either_way(
     flow: str,

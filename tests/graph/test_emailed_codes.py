@@ -320,6 +320,7 @@ async def test_request_mutations_reveal_nothing_about_registration(
     assert smtp.mails(unknown) == []
 
 
+@pytest.mark.timing
 async def test_request_mutations_take_the_same_time_either_way(
     mail_client: httpx.AsyncClient, smtp: SmtpSink
 ) -> None:

@@ -62,6 +62,7 @@ async def test_wrong_password_and_unknown_email_get_one_answer(client: httpx.Asy
         }
 
 
+@pytest.mark.timing
 async def test_unknown_email_takes_about_as_long_as_a_wrong_password(
     client: httpx.AsyncClient,
 ) -> None:
