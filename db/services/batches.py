@@ -17,20 +17,31 @@ than waited for). Two ways to run one:
   Elsewhere (SQLite: one process, small tables) a twin without the range runs
   `until_done`.
 
-The batch size adapts to the time a batch takes: its rows (and a walk's pages) halve
-whenever a batch took longer than `target` seconds, and grow back (up to `rows` and
-`pages`) while batches take less than half of it, so that a slow or busy machine still
-keeps each transaction short.
+The batch size adapts to the time a batch takes: it starts small, its rows (and a walk's
+pages) halve whenever a batch took longer than `target` seconds and double (up to `rows`
+and `pages`) while batches take less than half of it, so that a slow or busy machine
+still keeps each transaction short.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Boolean, Integer, Select, bindparam, cast, func, literal_column, select
+from sqlalchemy import (
+    Boolean,
+    Integer,
+    Select,
+    bindparam,
+    cast,
+    func,
+    literal,
+    literal_column,
+    select,
+)
 from sqlalchemy.dialects.postgresql import REGCLASS
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import aliased
@@ -44,6 +55,8 @@ BATCH_PAGES = 1000  # heap pages a walk's batch may read (8 MiB)
 BATCH_TARGET = 0.05  # seconds a batch should take at most
 MIN_ROWS = 10
 MIN_PAGES = 16
+START_ROWS = 50
+START_PAGES = 128
 
 
 def ctid_of(name: str) -> Any:
@@ -146,14 +159,17 @@ class Batching:
 
 
 class BatchSize:
-    """A batch's rows and pages now: halved (down to MIN_ROWS and MIN_PAGES) after a batch
-    slower than the target, doubled (up to the configured sizes) after one faster than
-    half of it."""
+    """A batch's rows and pages now: from START_ROWS and START_PAGES, halved (down to
+    MIN_ROWS and MIN_PAGES) after a batch slower than the target, doubled (up to the
+    configured sizes) after one faster than half of it."""
 
     def __init__(self, batching: Batching) -> None:
         self.batching = batching
         self.rows = max(1, batching.rows)
         self.pages = max(1, batching.pages)
+        if batching.target is not None:  # a slow start: the first batch is a small one
+            self.rows = min(self.rows, START_ROWS)
+            self.pages = min(self.pages, START_PAGES)
 
     def took(self, seconds: float) -> None:
         target = self.batching.target
@@ -178,21 +194,46 @@ async def until_done(
     size: BatchSize | None = None,
 ) -> Progress:
     """Runs `statement` (it writes at most :batch rows) in transactions of its own until a
-    run writes fewer rows than it was given."""
+    run writes fewer rows than it was given.
+
+    On PostgreSQL each run is one statement outside any transaction block (its own
+    transaction), which also says how long it ran in the database (timed()): its row locks
+    go the moment it ends, however busy this process's event loop is, and that time is
+    what the batch size adapts to and what Progress records. Elsewhere (SQLite) each run
+    is a transaction of its own, timed here."""
     done = progress if progress is not None else Progress(kind)
     size = size or BatchSize(batching)
+    native = statements.engine.dialect.name == "postgresql"
     while True:
         limit = size.rows
-        started = time.perf_counter()
-        async with statements.transaction() as tx:
-            written = await tx.execute(statement, {**params, "batch": limit})
-        took = time.perf_counter() - started
+        arguments = {**params, "batch": limit}
+        if native:
+            async with statements.connection() as conn:
+                ran = await conn.first(timed(statement), arguments)
+            written = int(ran["rows"]) if ran is not None else 0
+            took = float(ran["seconds"]) if ran is not None else 0.0
+        else:
+            started = time.perf_counter()
+            async with statements.transaction() as tx:
+                written = await tx.execute(statement, arguments)
+            took = time.perf_counter() - started
         done.add(written, took)
         size.took(took)
         if batching.on_batch is not None:
             batching.on_batch(done, written)
         if written < limit:
             return done
+
+
+@functools.cache
+def timed(statement: Any) -> Executable:
+    """PostgreSQL: `statement` (a DELETE or UPDATE) run as a CTE, answering the rows it
+    wrote and the seconds it ran (clock_timestamp() once they are written, less the
+    statement's start). Made once per statement: Statements keeps compiled forms per
+    statement object."""
+    written = statement.returning(literal(1).label("one")).cte("written")
+    ran = func.extract("epoch", func.clock_timestamp() - func.statement_timestamp())
+    return select(func.count().label("rows"), ran.label("seconds")).select_from(written)
 
 
 async def walk(

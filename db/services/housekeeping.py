@@ -8,8 +8,8 @@ Every kind is removed in batches (db/services/batches.py): short transactions of
 500 rows each (fewer when a batch takes longer than 50 ms), so a backlog of
 millions never holds a row lock for long. The progress shows in the log (strawgate.
 housekeeping, INFO: a line per kind that removed anything, every 10 s while a kind
-takes longer, and one per pass) and through `on_deleted` (the metric
-strawgate_housekeeping_deleted_total)."""
+takes longer, and one per pass that removed anything or took a second or more) and
+through `on_deleted` (the metric strawgate_housekeeping_deleted_total)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ _GIVE_LOCK = select(func.pg_advisory_unlock(bindparam("key")).label("given"))
 
 # How often a kind that takes long says how far it got.
 PROGRESS_EVERY = 10.0  # seconds
+# A pass that removed nothing is logged (at INFO) when it took this long: what a pass
+# costs with nothing to do grows with the tables.
+SLOW_PASS = 1.0  # seconds
 
 
 def _expired(challenge: Any) -> Any:
@@ -163,7 +166,7 @@ class Housekeeper:
         )
         removed = sum(getattr(pruned, kind) for kind in KINDS)
         log.log(
-            logging.INFO if removed else logging.DEBUG,
+            logging.INFO if removed or pruned.seconds >= SLOW_PASS else logging.DEBUG,
             "housekeeping: %s removed in %.1f s, %d batch(es), the longest %.0f ms",
             ", ".join(f"{kind} {getattr(pruned, kind):,}" for kind in KINDS),
             pruned.seconds,

@@ -218,21 +218,26 @@ async def watched(
     statements: Statements, seen: Callable[[], Any]
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """Calls `seen` (a coroutine function, on connections of its own) after every
-    transaction of `statements` has committed; its answers are yielded, in order."""
+    transaction and every plain connection of `statements` has ended (on PostgreSQL a
+    batch is one statement outside any transaction block); its answers are yielded."""
     answers: list[dict[str, Any]] = []
-    original = statements.transaction
+    originals = {"transaction": statements.transaction, "connection": statements.connection}
 
-    @contextlib.asynccontextmanager
-    async def transaction() -> AsyncIterator[Runner]:
-        async with original() as tx:
-            yield tx
-        answers.append(await seen())
+    def watching(name: str) -> Callable[[], Any]:
+        @contextlib.asynccontextmanager
+        async def used() -> AsyncIterator[Runner]:
+            async with originals[name]() as runner:
+                yield runner
+            answers.append(await seen())
 
-    statements.transaction = transaction  # type: ignore[method-assign]
+        return used
+
+    statements.transaction = watching("transaction")  # type: ignore[method-assign]
+    statements.connection = watching("connection")  # type: ignore[method-assign]
     try:
         yield answers
     finally:
-        del statements.transaction
+        del statements.transaction, statements.connection
 
 
 async def test_a_backlog_larger_than_a_batch_goes_in_several_transactions(
@@ -273,10 +278,11 @@ async def test_a_backlog_larger_than_a_batch_goes_in_several_transactions(
     for kind, rows in EXPECTED.items():
         sizes = [n for k, n in deleted if k == kind]
         assert sum(sizes) == rows and max(sizes) == BATCH and len(sizes) >= rows // BATCH, kind
-    challenges = sorted({seen_then["challenges"] for seen_then in after_each}, reverse=True)
-    assert len(challenges) > BACKLOG // BATCH and challenges[-1] == 1, challenges
-    steps = zip([1 + BACKLOG, *challenges], challenges, strict=False)
-    assert all(0 < before - after <= BATCH for before, after in steps), challenges
+    observed = {1 + BACKLOG} | {seen_then["challenges"] for seen_then in after_each}
+    challenges = sorted(observed, reverse=True)
+    assert len(challenges) > 1 + BACKLOG // BATCH and challenges[-1] == 1, challenges
+    steps = zip(challenges, challenges[1:], strict=False)
+    assert all(before - after <= BATCH for before, after in steps), challenges
     assert all(seen_then["idle_in_transaction"] == 0 for seen_then in after_each)
     assert pruned.batches >= sum(rows // BATCH for rows in EXPECTED.values())
     assert 0 < pruned.longest_batch <= pruned.seconds
@@ -293,23 +299,25 @@ async def test_a_backlog_larger_than_a_batch_goes_in_several_transactions(
 
 
 def test_the_batch_size_adapts_to_the_time_a_batch_takes() -> None:
-    """Slower than the target: rows and pages halve (down to a floor); faster than half of
-    it: they double (up to the configured sizes)."""
-    size = BatchSize(Batching(rows=100, pages=64, target=0.05))
-    seen = []
+    """A small first batch; slower than the target: rows and pages halve (down to a
+    floor); faster than half of it: they double (up to the configured sizes). Without a
+    target, always the configured sizes."""
+    size = BatchSize(Batching(rows=100, pages=256, target=0.05))
+    seen = [(size.rows, size.pages)]  # a slow start
     for took in (0.2, 0.2, 0.2, 0.2, 0.03, 0.01, 0.01, 0.01, 0.01):
         size.took(took)
         seen.append((size.rows, size.pages))
     assert seen == [
-        (50, 32),
-        (25, 16),
-        (12, 16),
+        (50, 128),
+        (25, 64),
+        (12, 32),
+        (10, 16),
         (10, 16),
         (10, 16),  # between half the target and the target: as it was
         (20, 32),
         (40, 64),
-        (80, 64),
-        (100, 64),
+        (80, 128),
+        (100, 256),
     ]
     fixed = BatchSize(Batching(rows=7, pages=3, target=None))
     fixed.took(10.0)
