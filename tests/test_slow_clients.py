@@ -229,8 +229,9 @@ async def test_headers_past_the_size_bound_get_431_and_the_connection_is_closed(
 async def test_bare_uvicorn_bounds_the_body_but_not_the_headers(
     tmp_path: Path, database_url: str
 ) -> None:
-    """What the docs (operating/scaling.md) say of `uvicorn graph.app:app`: the body's bound is the app's own,
-    the header bound is `strawgate serve`'s protocol (a proxy must supply it)."""
+    """What the docs (operating/scaling.md) say of `uvicorn graph.app:app`: the body's
+    bound is the app's own, the header bound is `strawgate serve`'s protocol (a proxy
+    must supply it)."""
     env = production_env(
         database_url, HTTP_HEADER_TIMEOUT=str(TIMEOUT), HTTP_BODY_TIMEOUT=str(TIMEOUT)
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -281,7 +282,7 @@ async def test_a_backlog_larger_than_a_batch_goes_in_several_transactions(
     observed = {1 + BACKLOG} | {seen_then["challenges"] for seen_then in after_each}
     challenges = sorted(observed, reverse=True)
     assert len(challenges) > 1 + BACKLOG // BATCH and challenges[-1] == 1, challenges
-    steps = zip(challenges, challenges[1:], strict=False)
+    steps = itertools.pairwise(challenges)
     assert all(before - after <= BATCH for before, after in steps), challenges
     assert all(seen_then["idle_in_transaction"] == 0 for seen_then in after_each)
     assert pruned.batches >= sum(rows // BATCH for rows in EXPECTED.values())

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pyotp
+import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
