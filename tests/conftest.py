@@ -45,6 +45,12 @@ PRODUCTION_MAIL: dict[str, Any] = {
 
 
 UNLIMITED = RateLimits(**dict.fromkeys(RateLimits.model_fields, "100000/minute"))
+# The shipped argon2id parameters, for the tests about hashing's cost (make_settings
+# hashes lighter).
+SHIPPED_HASHING: dict[str, Any] = {
+    "argon2_memory_cost": Settings.model_fields["argon2_memory_cost"].default,
+    "argon2_time_cost": Settings.model_fields["argon2_time_cost"].default,
+}
 
 
 @pytest.hookimpl(wrapper=True)

@@ -18,7 +18,13 @@ from db.services.auth import ClientInfo
 from db.session import Statements, create_engine
 from db.settings import Settings
 from graph.app import make_auth
-from tests.conftest import PASSWORD, TEST_FERNET_KEY, TEST_SECRET, MutableClock
+from tests.conftest import (
+    PASSWORD,
+    SHIPPED_HASHING,
+    TEST_FERNET_KEY,
+    TEST_SECRET,
+    MutableClock,
+)
 
 
 async def test_hashing_runs_off_the_event_loop() -> None:
@@ -119,7 +125,7 @@ async def test_login_answers_rate_limited_when_the_hash_queue_is_full(
     from tests.conftest import client_for, unique_email
     from tests.gql import login, signup
 
-    app = create_app(make_settings(password_hash_workers=1), clock=clock)
+    app = create_app(make_settings(password_hash_workers=1, **SHIPPED_HASHING), clock=clock)
     async with app.router.lifespan_context(app), client_for(app) as http:
         email = unique_email()
         await signup(http, email, PASSWORD)
@@ -143,7 +149,7 @@ async def test_signup_answers_rate_limited_when_the_hash_queue_is_full(
     from tests.gql import signup
     from tests.graph.test_signup import count_users
 
-    app = create_app(make_settings(password_hash_workers=1), clock=clock)
+    app = create_app(make_settings(password_hash_workers=1, **SHIPPED_HASHING), clock=clock)
     async with app.router.lifespan_context(app), client_for(app) as http:
         results = await asyncio.gather(*(signup(http, unique_email(), PASSWORD) for _ in range(16)))
     created = [r for r in results if r["__typename"] == "AuthSession"]

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from db.models import User
 from db.settings import Settings
 from graph.app import create_app
-from tests.conftest import PASSWORD, MutableClock, client_for, unique_email
+from tests.conftest import PASSWORD, SHIPPED_HASHING, MutableClock, client_for, unique_email
 from tests.gql import ME, gql, login, signup
 
 
@@ -135,12 +135,7 @@ async def shipped_hashing(
     make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
 ) -> AsyncIterator[httpx.AsyncClient]:
     """An app hashing with the shipped argon2 parameters (the suite's are lighter)."""
-    shipped = Settings.model_fields
-    settings = make_settings(
-        argon2_memory_cost=shipped["argon2_memory_cost"].default,
-        argon2_time_cost=shipped["argon2_time_cost"].default,
-    )
-    app = create_app(settings, clock=clock)
+    app = create_app(make_settings(**SHIPPED_HASHING), clock=clock)
     async with app.router.lifespan_context(app), client_for(app) as http:
         yield http
 
