@@ -47,6 +47,13 @@ def head_revision() -> str:
     return head
 
 
+def known_revisions() -> frozenset[str]:
+    """Every revision this code's migrations know (a database at another one was migrated
+    by a newer release)."""
+    script = ScriptDirectory.from_config(alembic_config(""))
+    return frozenset(revision.revision for revision in script.walk_revisions())
+
+
 class UnknownRevision(RuntimeError):
     """The database is at a revision this code does not know (a newer release migrated it)."""
 

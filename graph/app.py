@@ -37,7 +37,7 @@ from db.clock import Clock, SystemClock
 from db.mail.outbox import MailSender, Outbox
 from db.mail.render import MailRenderer
 from db.mail.transport import make_transport
-from db.migrate import head_revision, upgrade_head
+from db.migrate import head_revision, known_revisions, upgrade_head
 from db.security.access import AccessTokenCodec
 from db.security.box import SecretBox
 from db.security.device import DeviceTokens
@@ -65,7 +65,7 @@ from db.settings import ConfigError, Settings
 from graph.context import AppServices, Context
 from graph.errors import DatabaseWatch, is_missing_table, present_errors
 from graph.graphiql import PREFIX, IdePage, asset_endpoint, ide_page
-from graph.http import edge_middleware
+from graph.http import JWKS_PATH, edge_middleware
 from graph.logs import REQUEST_ID
 from graph.logs import handler as log_handler
 from graph.metrics import Metrics, metrics_endpoint
@@ -322,6 +322,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     clock = clock or SystemClock()
     view = GraphQLView(settings)
     schema_head = head_revision()
+    schema_known = known_revisions()
     transport = make_transport(settings)  # refuses the console backend in production
     metrics = Metrics()
 
@@ -346,7 +347,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 engine, pool_size=settings.db_pool_size, timeout=settings.db_timeout
             )
             await statements.start()
-            unready = await _look_at_database(statements, settings.db_timeout, watch, schema_head)
+            unready = await _look_at_database(
+                statements, settings.db_timeout, watch, schema_head, schema_known
+            )
             hasher = await anyio.to_thread.run_sync(_make_hasher, settings)
             outbox = Outbox.from_settings(settings, clock=clock)
             sender = MailSender.from_settings(
@@ -431,6 +434,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             settings.db_timeout,
             request.app.state.database_watch,
             schema_head,
+            schema_known,
         )
         if unready is not None:
             return JSONResponse(unready, status_code=503)
@@ -438,6 +442,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         # said so: an operator sees the degraded state here, and an ERROR in the log.
         limiter = services.auth.limiter
         body = {"status": "ready", "rate_limits": limiter.status}
+        ahead = request.app.state.database_watch.ahead
+        if ahead is not None:
+            body["schema"] = f"newer than this build ({ahead})"
         if limiter.degraded:
             body["status"] = "ready (degraded)"
         mail = request.app.state.mail_sender.degraded
@@ -453,7 +460,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         Route("/graphql", view),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/.well-known/jwks.json", jwks),
+        Route(JWKS_PATH, jwks),
         Route(
             "/metrics",
             metrics_endpoint(
@@ -598,9 +605,10 @@ def _lockout(
 
 
 async def _look_at_database(
-    statements: Statements, wait: float, watch: DatabaseWatch, head: str
+    statements: Statements, wait: float, watch: DatabaseWatch, head: str, known: frozenset[str]
 ) -> dict[str, str] | None:
-    """None when the database answers at the code's schema; else /readyz's answer:
+    """None when the database answers at the code's schema, or at a newer one (a revision
+    this code does not know: a newer release migrated it); else /readyz's answer:
     "database unreachable" (with a short reason) or "migrations pending"."""
     try:
         with anyio.fail_after(wait):
@@ -610,7 +618,11 @@ async def _look_at_database(
         if not is_missing_table(exc):  # no alembic_version table: never migrated
             return {"status": "database unreachable", "reason": watch.unreachable(exc)}
         version = None
-    if version is None or version["version_num"] != head:
+    revision = None if version is None else version["version_num"]
+    if revision is not None and revision != head and revision not in known:
+        watch.newer(revision, head)  # ready: a newer release's rolling deploy
+        return None
+    if revision != head:
         watch.behind(head)
         return {"status": "migrations pending"}
     watch.ready()

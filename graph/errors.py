@@ -82,6 +82,8 @@ class DatabaseWatch:
     def __init__(self, database_url: str) -> None:
         self.where = describe_database(database_url)
         self._state: str | None = None  # None: reachable and at the code's schema
+        # The database's revision when a newer release migrated it (ready all the same).
+        self.ahead: str | None = None
 
     def unreachable(self, exc: BaseException) -> str:
         """Logs a failure to reach the database; its short reason, for /readyz."""
@@ -107,8 +109,24 @@ class DatabaseWatch:
                 self.where,
             )
 
+    def newer(self, revision: str, head: str) -> None:
+        """Logs a schema newer than the code's: a newer release migrated the database while
+        this process still serves (a rolling deploy). Ready: migrations keep the previous
+        release working (docs/operating/deploying.md)."""
+        self.ahead = revision
+        if self._state != f"ahead: {revision}":
+            self._state = f"ahead: {revision}"
+            log.warning(
+                "The database schema (%s) is newer than this build's (%s): a newer release"
+                " migrated it; serving on (%s); replace this process with the newer release",
+                revision,
+                head,
+                self.where,
+            )
+
     def ready(self) -> None:
         """Logs the database's return when it was unreachable or behind."""
+        self.ahead = None
         if self._state is not None:
             self._state = None
             log.info("Database ready again (%s)", self.where)

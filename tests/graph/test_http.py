@@ -264,6 +264,45 @@ async def test_not_ready_until_migrated(
         assert (await http.get("/readyz")).json()["status"] == "ready"
 
 
+async def _set_revision(url: str, revision: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    await engine.dispose()
+
+
+async def test_ready_on_a_database_a_newer_release_migrated(
+    make_settings: Callable[..., Settings], unmigrated_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rolling deploy: the new release migrates, and the old release's processes keep
+    serving until they are replaced (they were ready; a revision they do not know is a newer
+    one, not a pending one). A revision this code knows but is not at is still pending."""
+    from db.migrate import head_revision, known_revisions, upgrade_head
+
+    await asyncio.to_thread(upgrade_head, unmigrated_url)
+    app = create_app(make_settings(database_url=unmigrated_url))
+    async with app.router.lifespan_context(app), client_for(app) as http:
+        assert "schema" not in (await http.get("/readyz")).json()
+        await _set_revision(unmigrated_url, "f00dfeedbeef")
+        with caplog.at_level(logging.WARNING, logger="strawgate"):
+            newer = await http.get("/readyz")
+        assert newer.status_code == 200
+        assert newer.json()["status"] == "ready"
+        assert newer.json()["schema"] == "newer than this build (f00dfeedbeef)"
+        assert "newer than this build's" in caplog.text
+        older = next(iter(known_revisions() - {head_revision()}))
+        await _set_revision(unmigrated_url, older)
+        pending = await http.get("/readyz")
+        assert pending.status_code == 503
+        assert pending.json() == {"status": "migrations pending"}
+        await _set_revision(unmigrated_url, head_revision())
+        ready = (await http.get("/readyz")).json()
+        assert ready["status"] == "ready" and "schema" not in ready
+
+
 @pytest.mark.parametrize(("length", "status"), [("²", 400), ("12abc", 400), ("99999999", 413)])
 async def test_bad_content_lengths_are_refused(app: Starlette, length: str, status: int) -> None:
     """Behind a proxy that passes the header on unchecked (uvicorn's parser refuses these
