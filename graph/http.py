@@ -25,6 +25,10 @@ STRICT_CSP = "default-src 'none'; frame-ancestors 'none'"
 HSTS = "max-age=63072000; includeSubDomains"
 # GraphiQL's own copies of its scripts and styles: a file's URL names its version.
 IMMUTABLE = "public, max-age=31536000, immutable"
+# The public keys: resource servers and their proxies may keep a copy this long (JWT_KEYS'
+# rotation waits at least this long between its steps: docs/operating/keys.md).
+JWKS_MAX_AGE = 300
+JWKS_PATH = "/.well-known/jwks.json"
 
 _SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script\s*>", re.IGNORECASE | re.DOTALL)
 _LINK = re.compile(r"<link\b([^>]*)>", re.IGNORECASE | re.DOTALL)
@@ -79,7 +83,8 @@ class SecurityHeaders:
 
     `Cache-Control: no-store` on everything: /graphql answers carry tokens, and nothing
     else this server says is worth caching, but for the files found under `immutable`
-    (GraphiQL's scripts and styles, versioned by their URL), cached for a year. An HTML
+    (GraphiQL's scripts and styles, versioned by their URL), cached for a year, and the
+    public keys (JWKS_PATH), cached for JWKS_MAX_AGE seconds. An HTML
     answer on a path of `pages` gets that page's own policy; every other answer the
     strict one."""
 
@@ -117,8 +122,12 @@ class SecurityHeaders:
             path: [*common, (b"content-security-policy", policy.encode("latin-1"))]
             for path, policy in (pages or {}).items()
         }
-        self._cached = [
-            (key, IMMUTABLE.encode("latin-1") if key == b"cache-control" else value)
+        self._cached = self._caching(IMMUTABLE)
+        self._keys = self._caching(f"public, max-age={JWKS_MAX_AGE}")
+
+    def _caching(self, policy: str) -> list[tuple[bytes, bytes]]:
+        return [
+            (key, policy.encode("latin-1") if key == b"cache-control" else value)
             for key, value in self._strict
         ]
 
@@ -144,6 +153,8 @@ class SecurityHeaders:
     ) -> list[tuple[bytes, bytes]]:
         if self._immutable and status == 200 and scope["path"].startswith(self._immutable):
             return self._cached
+        if status == 200 and scope["path"] == JWKS_PATH:
+            return self._keys
         page = self._pages.get(scope["path"])
         if page is not None:
             for key, value in headers:

@@ -60,7 +60,12 @@ async def test_tokens_verify_with_nothing_but_the_jwks(
             private["kid"],
             "at+jwt",
         )
-        published = (await http.get("/.well-known/jwks.json")).json()
+        answer = await http.get("/.well-known/jwks.json")
+        # Resource servers and proxies may cache the keys for a while (key rotation waits
+        # that long between its steps); nothing else this server says is cacheable.
+        assert answer.headers["cache-control"] == "public, max-age=300"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        published = answer.json()
         assert [key["kid"] for key in published["keys"]] == [private["kid"]]
         for key in published["keys"]:  # public parts only
             assert not {"d", "p", "q", "dp", "dq", "qi"} & set(key)
@@ -152,7 +157,9 @@ def test_an_asymmetric_algorithm_without_a_usable_key_never_starts(
 
 
 async def test_symmetric_tokens_publish_no_keys(client: httpx.AsyncClient) -> None:
-    assert (await client.get("/.well-known/jwks.json")).status_code == 404
+    answer = await client.get("/.well-known/jwks.json")
+    assert answer.status_code == 404
+    assert answer.headers["cache-control"] == "no-store"  # a 404 is not kept
 
 
 def test_the_cli_generates_a_private_key_to_add() -> None:
