@@ -12,7 +12,7 @@ class SignupInput:
         default=None,
         description=(
             "Omit for an account without a password: it proves its address by the emailed"
-            " code and signs in by emailed code (and passkeys). See stepup.graphql."
+            " code and signs in by emailed code. See the reauthenticate mutation."
         ),
     )
 
@@ -63,7 +63,7 @@ class DisableTotpInput:
         default=None,
         description=(
             "The current password. May be omitted where this session signed in recently"
-            " (stepup.graphql)."
+            " (see the reauthenticate mutation)."
         ),
     )
     code: str = strawberry.field(description="A current TOTP code or an unused recovery code.")
@@ -76,7 +76,7 @@ class ChangeEmailInput:
         default=None,
         description=(
             "The current password. May be omitted where this session signed in recently"
-            " (stepup.graphql)."
+            " (see the reauthenticate mutation)."
         ),
     )
     code: str | None = strawberry.field(
@@ -94,7 +94,7 @@ class DeleteAccountInput:
         default=None,
         description=(
             "The current password. May be omitted where this session signed in recently"
-            " (stepup.graphql)."
+            " (see the reauthenticate mutation)."
         ),
     )
     code: str | None = strawberry.field(
@@ -131,7 +131,8 @@ class ChangePasswordInput:
         default=None,
         description=(
             "The current password. May be omitted where this session signed in recently"
-            " (stepup.graphql): that is how an account without a password sets one."
+            " (see the reauthenticate mutation): that is how an account without a password"
+            " sets one."
         ),
     )
     new_password: str
