@@ -911,6 +911,8 @@ async def run(options: Options) -> int:
         # on live sessions per user would end the ones measured (the cap's own cost, one
         # indexed SELECT per sign-in, is still paid).
         "MAX_SESSIONS_PER_USER": "10000",
+        # Production refuses links in mails that lead back to this machine.
+        "PRODUCT_URL": "https://auth.example.com",
     }
     load = options.load
     pg = urlsplit(options.pg_url)
