@@ -498,6 +498,11 @@ class Settings(BaseSettings):
     """Sent and dropped outbox rows are deleted this many days old."""
     housekeeping_seconds: int = Field(60, ge=1)
     """Interval of the housekeeping pass (one process at a time: an advisory lock on PostgreSQL)."""
+    housekeeping_sweep_seconds: int = Field(3600, ge=0, le=86400)
+    """How often a process's housekeeping also sweeps the tables no index serves (expired
+    challenges, abandoned signups, ended sessions, spent refresh generations), reading them
+    whole; its first pass always does (0: every pass). Such a row stays at most this much
+    past its retention."""
 
     # Abuse resistance.
     redis_url: SecretStr | None = None

@@ -377,6 +377,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 session_retention=timedelta(days=settings.session_retention_days),
                 challenge_retention=timedelta(days=settings.challenge_retention_days),
                 lockout=auth.lockout,
+                sweep_every=timedelta(seconds=settings.housekeeping_sweep_seconds),
             )
             account = AccountService(auth=auth)
             app.state.services = AppServices(

@@ -9,7 +9,14 @@ Every kind is removed in batches (db/services/batches.py): short transactions of
 millions never holds a row lock for long. The progress shows in the log (strawgate.
 housekeeping, INFO: a line per kind that removed anything, every 10 s while a kind
 takes longer, and one per pass that removed anything or took a second or more) and
-through `on_deleted` (the metric strawgate_housekeeping_deleted_total)."""
+through `on_deleted` (the metric strawgate_housekeeping_deleted_total).
+
+The kinds no index finds (SWEPT: expired challenges, abandoned signups, ended sessions,
+spent refresh generations) are found by reading their tables page by page, which costs
+what the tables weigh however little there is to delete: a process sweeps them at most
+once per `sweep_every` (HOUSEKEEPING_SWEEP_SECONDS, an hour; its first pass always), the
+indexed kinds every pass. At a million users a sweep reads about 2 GB (seconds of
+PostgreSQL's time): once an hour, not once a minute."""
 
 from __future__ import annotations
 
@@ -53,6 +60,8 @@ PROGRESS_EVERY = 10.0  # seconds
 # A pass that removed nothing is logged (at INFO) when it took this long: what a pass
 # costs with nothing to do grows with the tables.
 SLOW_PASS = 1.0  # seconds
+# The kinds found by reading their tables whole (no index serves them): swept less often.
+SWEPT = frozenset({"challenges", "unverified_users", "ended_sessions", "spent_generations"})
 
 
 def _expired(challenge: Any) -> Any:
@@ -127,7 +136,11 @@ class Housekeeper:
         batch_pages: int = BATCH_PAGES,
         # Seconds a batch should take at most (its size adapts); None: always batch_rows.
         batch_target: float | None = BATCH_TARGET,
+        # How often this process sweeps the SWEPT kinds (0: every pass).
+        sweep_every: timedelta = timedelta(0),
     ) -> None:
+        self.sweep_every = sweep_every
+        self._swept_at: datetime | None = None  # when this process's last sweep began
         self.challenge_retention = challenge_retention
         self.event_retention = event_retention
         self.session_retention = session_retention
@@ -155,8 +168,13 @@ class Housekeeper:
                 return None
             started = time.perf_counter()
             done: list[Progress] = []
+            sweep = self._swept_at is None or now - self._swept_at >= self.sweep_every
             for kind, prune in self._passes(now):
+                if kind in SWEPT and not sweep:
+                    continue
                 done.append(await self._timed(kind, prune))
+            if sweep:
+                self._swept_at = now
         pruned = Pruned(
             **{p.kind: p.rows for p in done},
             seconds=time.perf_counter() - started,

@@ -57,6 +57,37 @@ async def test_expired_challenges_and_old_mail_go(
     assert await count(database_url, "SELECT count(*) FROM outbox") == 0
 
 
+async def test_tables_without_an_index_are_swept_once_an_hour(
+    mail_app: Starlette,
+    mail_client: httpx.AsyncClient,
+    smtp: SmtpSink,
+    clock: MutableClock,
+    database_url: str,
+) -> None:
+    """The kinds found by reading a table whole (expired challenges, ended sessions, ...)
+    cost what the table weighs on every pass: a process sweeps them at most once per
+    HOUSEKEEPING_SWEEP_SECONDS (an hour), the indexed kinds every pass."""
+    email = unique_email()
+    await signup(mail_client, email, PASSWORD)  # a challenge, prunable a day after expiry
+    await smtp.wait_for(email)
+    housekeeper: Housekeeper = mail_app.state.housekeeper
+    assert housekeeper.sweep_every == timedelta(hours=1)
+    clock.advance(days=1, minutes=5)  # not prunable yet: swept now
+    swept = await housekeeper.run_once()
+    assert swept is not None and "challenges" in {p.kind for p in swept.progress}
+    clock.advance(minutes=10)  # prunable now, but the sweep was 10 minutes ago
+    light = await housekeeper.run_once()
+    assert light is not None and light.challenges == 0
+    kinds = {p.kind for p in light.progress}
+    assert kinds.isdisjoint({"challenges", "unverified_users", "ended_sessions"})
+    assert {"outbox_rows", "security_events", "throttles"} <= kinds  # indexed: every pass
+    assert await count(database_url, "SELECT count(*) FROM challenges") == 1
+    clock.advance(minutes=50)  # an hour after the last sweep
+    pruned = await housekeeper.run_once()
+    assert pruned is not None and pruned.challenges == 1
+    assert await count(database_url, "SELECT count(*) FROM challenges") == 0
+
+
 _HOLD_LOCK = select(func.pg_advisory_xact_lock(bindparam("key")))
 
 
@@ -100,6 +131,7 @@ async def test_each_kind_goes_after_its_own_configured_retention(
             security_event_retention_days=4,
             session_retention_days=5,
             housekeeping_seconds=3600,  # only the passes this test runs
+            housekeeping_sweep_seconds=0,  # every pass sweeps: the retentions to the minute
             **smtp.settings(),
         ),
         clock=clock,
