@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -643,3 +643,27 @@ class GraphQLClient:
         if not isinstance(value, dict):
             raise BenchError(f"{name}: HTTP {response.status_code}: {response.text[:500]}")
         return value
+
+
+async def _cancelled_by_sigterm(bench: Coroutine[Any, Any, int]) -> int:
+    task = asyncio.current_task()
+    if task is not None:  # SIGTERM cleans up like Ctrl-C does
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await bench
+
+
+def run_main(bench: Coroutine[Any, Any, int], *, logs: Path, dropped: str) -> int:
+    """A benchmark's entry point: its exit status (0 every target met, 1 one missed, 2 it
+    could not run, 130 interrupted, its servers stopped and its scratch data `dropped`)."""
+    try:
+        return asyncio.run(_cancelled_by_sigterm(bench))
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        print(f"server logs: {logs}/", file=sys.stderr)
+        return 2
+    except TimeoutError:
+        print("benchmark failed: it ran over its time budget", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"benchmark interrupted; servers stopped, {dropped}", file=sys.stderr)
+        return 130

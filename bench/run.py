@@ -45,6 +45,7 @@ from bench.harness import (
     pinned,
     run_command,
     run_login_client,
+    run_main,
     run_otp_client,
     run_wrk,
     start_server,
@@ -1099,27 +1100,10 @@ def parse_options(argv: list[str] | None) -> Options:
     )
 
 
-async def _main(options: Options) -> int:
-    task = asyncio.current_task()
-    if task is not None:  # SIGTERM cleans up like Ctrl-C does
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run(options)
-
-
 def main(argv: list[str] | None = None) -> int:
-    options = parse_options(argv)
-    try:
-        return asyncio.run(_main(options))
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        print(f"server logs: {BENCH_DIR / 'results' / 'logs'}/", file=sys.stderr)
-        return 2
-    except TimeoutError:
-        print("benchmark failed: it ran over its time budget", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("benchmark interrupted; servers stopped, database dropped", file=sys.stderr)
-        return 130
+    return run_main(
+        run(parse_options(argv)), logs=BENCH_DIR / "results" / "logs", dropped="database dropped"
+    )
 
 
 if __name__ == "__main__":

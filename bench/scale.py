@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from bench.harness import (
     drop_database,
     run_command,
     run_login_client,
+    run_main,
     run_otp_client,
     run_wrk,
     start_server,
@@ -56,7 +56,7 @@ from bench.harness import (
     venv_tool,
     with_database,
 )
-from bench.otp_seed import OtpSeeds, seed_otp_users
+from bench.otp_seed import USER_COLUMNS, OtpSeeds, seed_otp_users
 from bench.report import Row, Scenario
 from bench.run import (
     DEFAULT_PG_URL,
@@ -169,16 +169,7 @@ async def seed_fixtures(
                 (user_id, email, email, password_hash, True, now, now, now)
                 for email, user_id in users.items()
             ],
-            columns=[
-                "id",
-                "email",
-                "email_normalized",
-                "password_hash",
-                "is_active",
-                "email_verified_at",
-                "created_at",
-                "updated_at",
-            ],
+            columns=USER_COLUMNS,
         )
         sessions: list[tuple[Any, ...]] = []
         tokens: list[tuple[Any, ...]] = []
@@ -1206,23 +1197,12 @@ def parse_options(argv: list[str] | None) -> ScaleOptions:
     )
 
 
-async def _main(options: ScaleOptions) -> int:
-    task = asyncio.current_task()
-    if task is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run(options)
-
-
 def main(argv: list[str] | None = None) -> int:
-    options = parse_options(argv)
-    try:
-        return asyncio.run(_main(options))
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("benchmark interrupted; servers stopped, databases dropped", file=sys.stderr)
-        return 130
+    return run_main(
+        run(parse_options(argv)),
+        logs=BENCH_DIR / "results" / "scale-logs",
+        dropped="databases dropped",
+    )
 
 
 if __name__ == "__main__":
