@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql import Executable
 
 from bench.harness import asyncpg_dsn
-from db.services import auth, challenges, device_trust, events, lockout, mfa
+from db.services import auth, challenges, device_trust, events, lockout, mfa, sessions
 from db.session import Statements
 
 Sample = dict[str, Any]
@@ -52,33 +52,37 @@ def _now(_s: Sample) -> datetime:
     return datetime.now(UTC)
 
 
-# What each operation runs (db/services/auth.py and the modules it calls), in order.
+# What each operation runs (db/services/sessions.py, db/services/auth.py and the modules
+# they call), in order.
 PROBES: tuple[Probe, ...] = (
     Probe(
         "me",
-        "auth._CURRENT_USER",
-        auth._CURRENT_USER,
+        "sessions._CURRENT_USER",
+        sessions._CURRENT_USER,
         lambda s: {"sid": s["session_id"], "uid": s["user_id"], "now": _now(s)},
     ),
     Probe(
-        "refresh", "auth._ROTATION_STATE", auth._ROTATION_STATE, lambda s: {"digest": s["digest"]}
+        "refresh",
+        "sessions._ROTATION_STATE",
+        sessions._ROTATION_STATE,
+        lambda s: {"digest": s["digest"]},
     ),
     Probe(
         "refresh",
-        "auth._NEWEST_GENERATION",
-        auth._NEWEST_GENERATION,
+        "sessions._NEWEST_GENERATION",
+        sessions._NEWEST_GENERATION,
         lambda s: {"session_id": s["session_id"]},
     ),
     Probe(
         "refresh",
-        "auth._MARK_ROTATED",
-        auth._MARK_ROTATED,
+        "sessions._MARK_ROTATED",
+        sessions._MARK_ROTATED,
         lambda s: {"token_id": s["token_id"], "now": _now(s)},
     ),
     Probe(
         "refresh",
-        "auth._ADD_GENERATION",
-        auth._ADD_GENERATION,
+        "sessions._ADD_GENERATION",
+        sessions._ADD_GENERATION,
         lambda s: {
             "session_id": s["session_id"],
             "generation": s["generation"] + 1,
@@ -88,8 +92,8 @@ PROBES: tuple[Probe, ...] = (
     ),
     Probe(
         "refresh",
-        "auth._TOUCH_SESSION",
-        auth._TOUCH_SESSION,
+        "sessions._TOUCH_SESSION",
+        sessions._TOUCH_SESSION,
         lambda s: {
             "session_id": s["session_id"],
             "now": _now(s),
@@ -98,11 +102,11 @@ PROBES: tuple[Probe, ...] = (
     ),
     Probe("login", "auth._USER_BY_EMAIL", auth._USER_BY_EMAIL, lambda s: {"email": s["email"]}),
     Probe("login", "lockout._LOCK_ROW", lockout._LOCK_ROW, lambda s: {"address": s["email"]}),
-    Probe("login", "auth._SHARE_USER", auth._SHARE_USER, lambda s: {"uid": s["user_id"]}),
+    Probe("login", "sessions._SHARE_USER", sessions._SHARE_USER, lambda s: {"uid": s["user_id"]}),
     Probe(
         "login",
-        "auth._DEVICE_HISTORY",
-        auth._DEVICE_HISTORY,
+        "sessions._DEVICE_HISTORY",
+        sessions._DEVICE_HISTORY,
         lambda s: {
             "uid": s["user_id"],
             "network": s["network"],
@@ -122,8 +126,8 @@ PROBES: tuple[Probe, ...] = (
     ),
     Probe(
         "login",
-        "auth._ADD_SESSION",
-        auth._ADD_SESSION,
+        "sessions._ADD_SESSION",
+        sessions._ADD_SESSION,
         lambda s: {
             "session_id": uuid.uuid4(),
             "user_id": s["user_id"],
@@ -139,8 +143,8 @@ PROBES: tuple[Probe, ...] = (
     ),
     Probe(
         "login",
-        "auth._SESSIONS_OVER_CAP",
-        auth._SESSIONS_OVER_CAP,
+        "sessions._SESSIONS_OVER_CAP",
+        sessions._SESSIONS_OVER_CAP,
         lambda s: {"uid": s["user_id"], "new_id": s["session_id"], "now": _now(s), "keep": 49},
     ),
     Probe(

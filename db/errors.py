@@ -62,5 +62,15 @@ def invalid_input(message: str, field: str | None = None) -> AuthFailure:
     return AuthFailure(ErrorCode.INVALID_INPUT, message, field=field)
 
 
+def account_disabled() -> AuthFailure:
+    return AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
+
+
+def email_taken() -> AuthFailure:
+    return AuthFailure(
+        ErrorCode.EMAIL_TAKEN, "An account with this email address already exists.", field="email"
+    )
+
+
 class UniqueViolation(Exception):
     """A write hit a unique constraint (a concurrent writer got there first)."""

@@ -17,8 +17,9 @@ from db.security.access import AccessClaims
 from db.security.limiter import client_key
 from db.security.tokens import new_opaque_token
 from db.services import challenges as ch
-from db.services.auth import AMR_EMAIL_CODE, LIVE_SESSION, AuthService, Intent
+from db.services.auth import AMR_EMAIL_CODE, AuthService, Intent
 from db.services.events import EventKind
+from db.services.sessions import LIVE_SESSION
 from db.services.types import (
     ClientInfo,
     IssuedChallenge,

@@ -10,8 +10,6 @@ every client, and ORM units of work cost more here than the queries.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hmac
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -21,22 +19,20 @@ from typing import Any
 from sqlalchemy import bindparam, delete, exists, func, insert, select, true, update
 
 from db.clock import Clock
-from db.devices import device_family, network_of
+from db.devices import network_of
 from db.errors import (
     AuthFailure,
     ErrorCode,
     UniqueViolation,
+    account_disabled,
+    email_taken,
     invalid_challenge,
     invalid_input,
     invalid_otp,
-    reauthentication_required,
 )
 from db.mail.outbox import Outbox
 from db.models import (
-    IP_MAX,
     RecoveryCode,
-    RefreshToken,
-    TotpCredential,
     User,
     UserSession,
 )
@@ -45,14 +41,12 @@ from db.security.device import DeviceTokens, device_budget
 from db.security.limiter import RateLimiter, client_key
 from db.security.passwords import PasswordHasher
 from db.security.tokens import (
-    looks_like_opaque_token,
     new_opaque_token,
-    successor_token,
     token_digest,
 )
 from db.services import challenges as ch
 from db.services.challenges import Challenges
-from db.services.device_trust import KNOWN_WINDOW, DeviceTrust
+from db.services.device_trust import DeviceTrust
 from db.services.events import EventKind, SecurityEvents
 from db.services.lockout import (
     CodeChecks,
@@ -63,6 +57,14 @@ from db.services.lockout import (
 )
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
+from db.services.sessions import (
+    HAS_PASSWORD,
+    LOCK_LIVE_SESSION,
+    OTP_CONFIRMED,
+    WITH_TOTP,
+    Sessions,
+    end_device_tokens,
+)
 from db.services.types import (
     ClientInfo,
     IssuedChallenge,
@@ -74,7 +76,6 @@ from db.services.types import (
 from db.session import Runner, Statements
 from db.validation import (
     check_new_password,
-    clean_user_agent,
     could_be_a_password,
     normalize_password,
     parse_email,
@@ -92,20 +93,6 @@ AMR_EMAIL_CODE = ["otp"]
 AMR_TOTP = ["otp", "mfa"]
 AMR_RECOVERY_CODE = ["mfa"]
 
-# A sign-in from a device family and network the user has not signed in from within
-# this long is "new" (and mailed about).
-KNOWN_DEVICE_WINDOW = KNOWN_WINDOW
-
-
-# The statements of the request path, built once (SQLAlchemy caches their compiled form,
-# and Statements keeps the driver's).
-
-# Two-factor is on when the user has a confirmed TOTP credential.
-_OTP_CONFIRMED = TotpCredential.confirmed_at.label("otp_confirmed_at")
-# An account without a password signs in by emailed code only.
-_HAS_PASSWORD = User.password_hash.is_not(None).label("has_password")
-_WITH_TOTP = (TotpCredential, TotpCredential.user_id == User.id)
-
 _USER_BY_EMAIL = (
     select(
         User.id,
@@ -116,30 +103,12 @@ _USER_BY_EMAIL = (
         User.password_changed_at,
         User.is_active,
         User.device_epoch,
-        _OTP_CONFIRMED,
-        _HAS_PASSWORD,
+        OTP_CONFIRMED,
+        HAS_PASSWORD,
     )
-    .outerjoin(*_WITH_TOTP)
+    .outerjoin(*WITH_TOTP)
     .where(User.email_normalized == bindparam("email"))
 )
-
-# The user row's lock orders everything done to one account's credentials and sessions.
-# Whatever changes the password, ends sessions en masse or voids challenges takes it
-# exclusively, first; whatever opens a session takes it shared, first, and checks that
-# what it relied on (the password it checked, the challenge it completes) still holds.
-# A sign-in racing a password change then either finishes before the change (whose
-# "end every other session" ends it) or sees the change and opens nothing.
-_LOCK_USER = (
-    select(User.password_changed_at, User.is_active, User.email_verified_at)
-    .where(User.id == bindparam("uid"))
-    .with_for_update()
-)
-_SHARE_USER = (
-    select(User.password_changed_at, User.is_active, User.email_verified_at)
-    .where(User.id == bindparam("uid"))
-    .with_for_update(read=True)
-)
-
 _USER_BY_ID = (
     select(
         User.id,
@@ -148,10 +117,10 @@ _USER_BY_ID = (
         User.created_at,
         User.is_active,
         User.device_epoch,
-        _OTP_CONFIRMED,
-        _HAS_PASSWORD,
+        OTP_CONFIRMED,
+        HAS_PASSWORD,
     )
-    .outerjoin(*_WITH_TOTP)
+    .outerjoin(*WITH_TOTP)
     .where(User.id == bindparam("user_id"))
 )
 
@@ -169,170 +138,6 @@ _UPGRADE_HASH = (
     update(User)
     .where(User.id == bindparam("user_id"), User.password_hash == bindparam("old_hash"))
     .values(password_hash=bindparam("new_hash"), updated_at=bindparam("now"))
-)
-
-_ADD_SESSION = insert(UserSession).values(
-    id=bindparam("session_id"),
-    user_id=bindparam("user_id"),
-    created_at=bindparam("now"),
-    last_used_at=bindparam("now"),
-    auth_time=bindparam("now"),
-    expires_at=bindparam("expires_at"),
-    absolute_expires_at=bindparam("absolute_expires_at"),
-    user_agent=bindparam("user_agent"),
-    ip=bindparam("ip"),
-    amr=bindparam("amr"),
-    device=bindparam("device"),
-    network=bindparam("network"),
-)
-
-# The one query behind every authenticated request: the session is live and its user
-# active.
-_CURRENT_USER = (
-    select(
-        User.id,
-        User.email,
-        User.email_verified_at,
-        User.created_at,
-        User.device_epoch,
-        _OTP_CONFIRMED,
-        _HAS_PASSWORD,
-        UserSession.auth_time,
-    )
-    .join(UserSession, UserSession.user_id == User.id)
-    .outerjoin(*_WITH_TOTP)
-    .where(
-        UserSession.id == bindparam("sid"),
-        UserSession.user_id == bindparam("uid"),
-        UserSession.revoked_at.is_(None),
-        UserSession.expires_at > bindparam("now"),
-        User.is_active.is_(True),
-    )
-)
-
-_SESSION_BY_TOKEN = (
-    select(UserSession.id, UserSession.user_id, UserSession.revoked_at, UserSession.expires_at)
-    .join(RefreshToken, RefreshToken.session_id == UserSession.id)
-    .where(RefreshToken.token_hash == bindparam("digest"))
-)
-
-# Serialises everything done to one session (rotation, logout) across processes.
-_LOCK_SESSION_BY_TOKEN = _SESSION_BY_TOKEN.with_for_update(of=UserSession)
-
-# Every live session of a user, locked in one order (by id), so that two transactions
-# that each end all of them wait for each other instead of deadlocking.
-_LOCK_USER_SESSIONS = (
-    select(UserSession.id)
-    .where(UserSession.user_id == bindparam("user_id"), UserSession.revoked_at.is_(None))
-    .order_by(UserSession.id)
-    .with_for_update()
-)
-
-# What a rotation decides on: the presented generation, its session and the user, with
-# the session and the generation locked. A refresh that waited for the lock gets their
-# rows as the winner committed them (PostgreSQL re-reads locked rows after the wait), so
-# it sees the generation as rotated.
-_ROTATION_STATE = (
-    select(
-        RefreshToken.id,
-        RefreshToken.session_id,
-        RefreshToken.generation,
-        RefreshToken.rotated_at,
-        UserSession.revoked_at,
-        UserSession.expires_at,
-        UserSession.absolute_expires_at,
-        UserSession.amr,
-        UserSession.auth_time,
-        User.id.label("user_id"),
-        User.email,
-        User.email_verified_at,
-        User.created_at,
-        User.is_active,
-        User.device_epoch,
-        _OTP_CONFIRMED,
-        _HAS_PASSWORD,
-    )
-    .join(UserSession, UserSession.id == RefreshToken.session_id)
-    .join(User, User.id == UserSession.user_id)
-    .outerjoin(*_WITH_TOTP)
-    .where(RefreshToken.token_hash == bindparam("digest"))
-    .with_for_update(of=[UserSession, RefreshToken])
-)
-
-_NEWEST_GENERATION = (
-    select(RefreshToken.generation, RefreshToken.token_hash)
-    .where(RefreshToken.session_id == bindparam("session_id"))
-    .order_by(RefreshToken.generation.desc())
-    .limit(1)
-)
-
-_MARK_ROTATED = (
-    update(RefreshToken)
-    .where(RefreshToken.id == bindparam("token_id"))
-    .values(rotated_at=bindparam("now"))
-)
-
-_ADD_GENERATION = insert(RefreshToken).values(
-    session_id=bindparam("session_id"),
-    generation=bindparam("generation"),
-    token_hash=bindparam("token_hash"),
-    created_at=bindparam("now"),
-)
-
-# A use of the refresh token: the idle timeout starts again (within the absolute end).
-_TOUCH_SESSION = (
-    update(UserSession)
-    .where(UserSession.id == bindparam("session_id"))
-    .values(last_used_at=bindparam("now"), expires_at=bindparam("expires_at"))
-)
-
-# The user's other live sessions past the newest `keep`: what a new session ends when
-# the user is over MAX_SESSIONS_PER_USER (never the new one, whatever the clock says).
-_SESSIONS_OVER_CAP = (
-    select(UserSession.id)
-    .where(
-        UserSession.user_id == bindparam("uid"),
-        UserSession.id != bindparam("new_id"),
-        UserSession.revoked_at.is_(None),
-        UserSession.expires_at > bindparam("now"),
-    )
-    .order_by(UserSession.created_at.desc(), UserSession.id.desc())
-    .offset(bindparam("keep"))
-)
-
-_REVOKE_SESSION = (
-    update(UserSession)
-    .where(UserSession.id == bindparam("session_id"))
-    .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
-)
-
-# Logout everywhere ends every device token of the account as well.
-_BUMP_DEVICE_EPOCH = (
-    update(User).where(User.id == bindparam("owner_id")).values(device_epoch=User.device_epoch + 1)
-)
-
-_REVOKE_USER_SESSIONS = (
-    update(UserSession)
-    .where(
-        UserSession.user_id == bindparam("owner_id"),
-        UserSession.revoked_at.is_(None),
-        UserSession.expires_at > bindparam("now"),
-    )
-    .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
-)
-
-
-# Whether the user signed in before at all, and from this device family and network lately.
-_DEVICE_HISTORY = select(
-    exists().where(UserSession.user_id == bindparam("uid")).label("signed_in_before"),
-    exists()
-    .where(
-        UserSession.user_id == bindparam("uid"),
-        UserSession.network == bindparam("network"),
-        UserSession.device == bindparam("device"),
-        UserSession.last_used_at >= bindparam("since"),
-    )
-    .label("known"),
 )
 
 # Who holds an address: what signup (and a change of address) decides on.
@@ -402,38 +207,13 @@ _DISCARD_PASSWORD = (
     .values(password_hash=None, password_changed_at=bindparam("now"), updated_at=bindparam("now"))
 )
 
-_REVOKE_OTHER_SESSIONS = (
-    update(UserSession)
-    .where(
-        UserSession.user_id == bindparam("owner_id"),
-        UserSession.id != bindparam("keep_id"),
-        UserSession.revoked_at.is_(None),
-        UserSession.expires_at > bindparam("now"),
-    )
-    .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
-)
-
-# A live session, how it signed in and when it last proved a credential (read under the
-# user's lock).
-LIVE_SESSION = select(UserSession.amr, UserSession.auth_time).where(
-    UserSession.id == bindparam("session_id"),
-    UserSession.revoked_at.is_(None),
-    UserSession.expires_at > bindparam("now"),
-)
-_LOCK_LIVE_SESSION = LIVE_SESSION.with_for_update()
-_LOCK_OWN_LIVE_SESSION = _LOCK_LIVE_SESSION.where(UserSession.user_id == bindparam("uid"))
+_LOCK_OWN_LIVE_SESSION = LOCK_LIVE_SESSION.where(UserSession.user_id == bindparam("uid"))
 # A credential proven again on the session (reauthenticate).
 _REAUTHENTICATED = (
     update(UserSession)
     .where(UserSession.id == bindparam("session_id"))
     .values(auth_time=bindparam("now"), last_used_at=bindparam("now"), amr=bindparam("amr"))
 )
-_NEWEST_GENERATION_NUMBER = select(func.max(RefreshToken.generation)).where(
-    RefreshToken.session_id == bindparam("session_id")
-)
-# The session's refresh tokens so far are forgotten, not marked spent: presented later
-# they answer INVALID_TOKEN and end nothing (reuse detection would end this session).
-_FORGET_GENERATIONS = delete(RefreshToken).where(RefreshToken.session_id == bindparam("session_id"))
 
 _UNUSED_RECOVERY_CODES = select(func.count(RecoveryCode.id)).where(
     RecoveryCode.user_id == bindparam("uid"), RecoveryCode.used_at.is_(None)
@@ -507,10 +287,6 @@ class AuthService:
         max_sessions: int = 50,
         reauth_window: timedelta = timedelta(minutes=10),
     ) -> None:
-        # 0: no idle timeout (only the absolute refresh lifetime).
-        self.idle_timeout = idle_timeout
-        self.max_sessions = max_sessions
-        self.reauth_window = reauth_window
         self.events = events
         self.devices = devices
         self.trust = trust
@@ -521,16 +297,41 @@ class AuthService:
         self.statements = statements
         self.hasher = hasher
         self.access_tokens = access_tokens
-        self._refresh_key = refresh_key
         self.clock = clock
-        self.refresh_lifetime = refresh_lifetime
-        self.reuse_interval = reuse_interval
         self.password_min_length = password_min_length
         self.two_factor = two_factor
         self.challenges = challenges
         self.outbox = outbox
         self.notices = notices
         self.require_email_verification = require_email_verification
+        self.sessions = Sessions(
+            statements=statements,
+            access_tokens=access_tokens,
+            refresh_key=refresh_key,
+            clock=clock,
+            refresh_lifetime=refresh_lifetime,
+            reuse_interval=reuse_interval,
+            devices=devices,
+            limiter=limiter,
+            events=events,
+            notices=notices,
+            idle_timeout=idle_timeout,
+            max_sessions=max_sessions,
+            reauth_window=reauth_window,
+        )
+
+        # What the resolvers and the other services call, by the names they know.
+        self.is_recent = self.sessions.is_recent
+        self.require_recent = self.sessions.require_recent
+        self.lock_user = self.sessions.lock_user
+        self.lock_sessions = self.sessions.lock_sessions
+        self.open_session = self.sessions.open_session
+        self.replace_refresh_token = self.sessions.replace_refresh_token
+        self.issue = self.sessions.issue
+        self.refresh = self.sessions.refresh
+        self.logout = self.sessions.logout
+        self.decode_access_token = self.sessions.decode_access_token
+        self.current_user = self.sessions.current_user
 
     # -- after a proven credential: the one place ---------------------------------------
 
@@ -554,7 +355,7 @@ class AuthService:
         if user is None:
             raise invalid_challenge()
         if not user["is_active"]:
-            raise _account_disabled()
+            raise account_disabled()
         if verify_address and self.require_email_verification and user["email_verified_at"] is None:
             # The address is proven first: a fresh code goes to it (its mail budget allowing).
             return await self.challenges.open_email(
@@ -582,7 +383,7 @@ class AuthService:
             )
         if intent.session_id is not None:
             return await self._renew(tx, user, intent.session_id, amr, client)
-        return await self.open_session(tx, user_view(user), amr=amr, client=client)
+        return await self.sessions.open_session(tx, user_view(user), amr=amr, client=client)
 
     async def _renew(
         self,
@@ -605,7 +406,7 @@ class AuthService:
             _REAUTHENTICATED, {"session_id": session_id, "now": now, "amr": " ".join(merged)}
         )
         refresh = new_opaque_token()
-        await self.replace_refresh_token(tx, session_id, refresh, now)
+        await self.sessions.replace_refresh_token(tx, session_id, refresh, now)
         await self.events.record(
             tx,
             EventKind.REAUTHENTICATED,
@@ -614,21 +415,9 @@ class AuthService:
             client=client,
             details={"amr": " ".join(amr)},
         )
-        return self.issue(user_view(user), session_id, merged, refresh, client, auth_time=now)
-
-    # -- step-up ---------------------------------------------------------------------------
-
-    def is_recent(self, claims: AccessClaims) -> bool:
-        """Whether the credential behind this access token was proven within
-        REAUTH_WINDOW (claims as the per-request check read them, see current_user)."""
-        if claims.auth_time is None:
-            return False
-        return self.clock.now() - claims.auth_time <= self.reauth_window
-
-    def require_recent(self, claims: AccessClaims) -> None:
-        """REAUTHENTICATION_REQUIRED unless the session signed in recently."""
-        if not self.is_recent(claims):
-            raise reauthentication_required()
+        return self.sessions.issue(
+            user_view(user), session_id, merged, refresh, client, auth_time=now
+        )
 
     async def reauthenticate(
         self,
@@ -703,7 +492,7 @@ class AuthService:
         if account is None or account["id"] != user.id:
             raise AuthFailure(ErrorCode.INVALID_TOKEN, "This session has ended; sign in again.")
         if password is None:
-            self.require_recent(claims)
+            self.sessions.require_recent(claims)
         else:
             proven = await self.prove_password(
                 account=account,
@@ -799,7 +588,7 @@ class AuthService:
     ) -> None:
         """First in the transaction that acts on a checked password, under the account's
         shared lock: it is still the password (a change or reset since ends the attempt)."""
-        locked = await self.lock_user(tx, account["id"], exclusive=False)
+        locked = await self.sessions.lock_user(tx, account["id"], exclusive=False)
         if locked is None or locked["password_changed_at"] != account["password_changed_at"]:
             raise failure()
 
@@ -833,7 +622,7 @@ class AuthService:
         if existing is not None and (
             existing["email_verified_at"] is not None or not self.require_email_verification
         ):
-            raise _email_taken()
+            raise email_taken()
         password_hash = await self.hasher.hash(password) if password is not None else None
         # Without a password, the address is the credential: it is proven first, always.
         verify_first = self.require_email_verification or password_hash is None
@@ -883,10 +672,12 @@ class AuthService:
                         client=client,
                     )
                 else:
-                    issued = await self.open_session(tx, user_view(user), amr=amr, client=client)
+                    issued = await self.sessions.open_session(
+                        tx, user_view(user), amr=amr, client=client
+                    )
         except UniqueViolation:
             if not self.require_email_verification:
-                raise _email_taken() from None
+                raise email_taken() from None
             async with self.events.transaction(self.statements) as tx:
                 return await self._pending_signup(tx, address.normalized, amr, client)
         self.outbox.wake()
@@ -1020,7 +811,9 @@ class AuthService:
 
         async def lock(tx: Runner) -> None:
             # First in the transaction that spends the code (see _LOCK_USER).
-            await self.lock_user(tx, user_id, exclusive=intent.new_password_hash is not None)
+            await self.sessions.lock_user(
+                tx, user_id, exclusive=intent.new_password_hash is not None
+            )
 
         async def claim(tx: Runner, method: str) -> bool:
             # In the transaction that spends the code: of two requests racing on one
@@ -1149,18 +942,18 @@ class AuthService:
             if "email" not in str(violation):
                 raise
             # Another account took the new address between the check and the change.
-            raise _email_taken() from None
+            raise email_taken() from None
 
     async def _complete_emailed_code_now(
         self, challenge: Mapping[str, Any], amr: list[str], client: ClientInfo, check: CodeCheck
     ) -> IssuedSession | IssuedChallenge:
         async with self.spending(check) as tx:
-            await self.lock_user(tx, challenge["user_id"], exclusive=True)
+            await self.sessions.lock_user(tx, challenge["user_id"], exclusive=True)
             user = await tx.first(_USER_BY_ID, {"user_id": challenge["user_id"]})
             if user is None:
                 raise invalid_challenge()
             if not user["is_active"]:
-                raise _account_disabled()
+                raise account_disabled()
             now = self.clock.now()
             asking = None
             if challenge["purpose"] == ch.CHANGE_EMAIL:
@@ -1169,7 +962,7 @@ class AuthService:
                 # Locked (after the user row, as everywhere): a refresh of it waits, and
                 # its refresh tokens are replaced below.
                 asking = await tx.first(
-                    _LOCK_LIVE_SESSION, {"session_id": challenge["session_id"], "now": now}
+                    LOCK_LIVE_SESSION, {"session_id": challenge["session_id"], "now": now}
                 )
                 if asking is None:
                     raise AuthFailure(
@@ -1190,8 +983,8 @@ class AuthService:
                 # token (as after changePassword); every other session stays as it is.
                 user = await self._change_email_now(tx, user, challenge["new_email"], client)
                 refresh = new_opaque_token()
-                await self.replace_refresh_token(tx, challenge["session_id"], refresh, now)
-                issued: IssuedSession | IssuedChallenge = self.issue(
+                await self.sessions.replace_refresh_token(tx, challenge["session_id"], refresh, now)
+                issued: IssuedSession | IssuedChallenge = self.sessions.issue(
                     user_view(user),
                     challenge["session_id"],
                     asking["amr"].split(),
@@ -1245,7 +1038,7 @@ class AuthService:
                 {"uid": holder["id"], "abandoned_before": self.clock.now()},
             )
             if not dropped:
-                raise _email_taken()
+                raise email_taken()
         now = self.clock.now()
         await tx.execute(
             _CHANGE_EMAIL,
@@ -1285,7 +1078,7 @@ class AuthService:
         one with changePassword or requestPasswordReset), and whatever it opened ends."""
         await tx.execute(_DISCARD_PASSWORD, {"uid": user_id, "now": self.clock.now()})
         await end_device_tokens(tx, user_id)  # ended sessions' tokens too (logged out)
-        await self._end_sessions(tx, user_id, keep=None, reason="unproven_password")
+        await self.sessions.end_sessions(tx, user_id, keep=None, reason="unproven_password")
         await self.challenges.void_all(tx, user_id)
 
     async def _recovery_code_used(self, tx: Runner, user_id: uuid.UUID, client: ClientInfo) -> None:
@@ -1310,14 +1103,6 @@ class AuthService:
 
     # -- passwords ------------------------------------------------------------------------
 
-    async def lock_user(
-        self, tx: Runner, user_id: uuid.UUID, *, exclusive: bool
-    ) -> Mapping[str, Any] | None:
-        """The first lock of a transaction that touches the account's credentials,
-        sessions or challenges (see _LOCK_USER). The row as locked (password_changed_at,
-        is_active, email_verified_at); None when there is no such account."""
-        return await lock_account(tx, user_id, exclusive=exclusive)
-
     async def reset_password_now(
         self, tx: Runner, *, user_id: uuid.UUID, new_hash: str, client: ClientInfo
     ) -> Mapping[str, Any]:
@@ -1328,10 +1113,10 @@ class AuthService:
         if user is None:
             raise invalid_challenge()
         if not user["is_active"]:
-            raise _account_disabled()
+            raise account_disabled()
         now = self.clock.now()
         await tx.execute(_RESET_PASSWORD, {"uid": user_id, "new_hash": new_hash, "now": now})
-        await self._end_sessions(tx, user_id, keep=None, reason="password_reset")
+        await self.sessions.end_sessions(tx, user_id, keep=None, reason="password_reset")
         await self.challenges.void_all(tx, user_id)
         await self.notices.send(
             tx, user_id=user_id, email=user["email"], template="password_reset", client=client
@@ -1370,7 +1155,7 @@ class AuthService:
         )
         if not changed:
             return None
-        await self._end_sessions(tx, user.id, keep=session_id, reason="password_changed")
+        await self.sessions.end_sessions(tx, user.id, keep=session_id, reason="password_changed")
         await self.challenges.void_all(tx, user.id)
         await self.notices.send(
             tx, user_id=user.id, email=user.email, template="password_changed", client=client
@@ -1387,359 +1172,6 @@ class AuthService:
         assert row is not None  # noqa: S101 - the row is locked by this transaction
         return user_view(row)
 
-    async def lock_sessions(self, tx: Runner, user_id: uuid.UUID) -> None:
-        """Locks every live session of the user, in one order (by id) wherever more than
-        one is locked, so that two such transactions queue up instead of deadlocking. A
-        transaction must take no other session lock before this one."""
-        await lock_account_sessions(tx, user_id)
-
-    async def _end_sessions(
-        self, tx: Runner, user_id: uuid.UUID, *, keep: uuid.UUID | None, reason: str
-    ) -> int:
-        await self.lock_sessions(tx, user_id)
-        return await tx.execute(
-            _REVOKE_OTHER_SESSIONS,
-            {
-                "owner_id": user_id,
-                # No session has the nil id: "keep none".
-                "keep_id": keep or uuid.UUID(int=0),
-                "now": self.clock.now(),
-                "reason": reason,
-            },
-        )
-
-    # -- sessions ---------------------------------------------------------------------------
-
-    async def open_session(
-        self, tx: Runner, user: UserView, *, amr: list[str], client: ClientInfo
-    ) -> IssuedSession:
-        now = self.clock.now()
-        session_id = uuid.uuid4()
-        refresh = new_opaque_token()
-        device = device_family(client.user_agent)
-        network = network_of(client.ip)
-        history = await tx.first(
-            _DEVICE_HISTORY,
-            {
-                "uid": user.id,
-                "device": device,
-                "network": network,
-                "since": now - KNOWN_DEVICE_WINDOW,
-            },
-        )
-        absolute_end = now + self.refresh_lifetime
-        await tx.execute(
-            _ADD_SESSION,
-            {
-                "session_id": session_id,
-                "user_id": user.id,
-                "now": now,
-                "expires_at": self.session_end(now, absolute_end),
-                "absolute_expires_at": absolute_end,
-                "user_agent": clean_user_agent(client.user_agent),
-                "ip": client.ip[:IP_MAX] if client.ip else None,
-                "amr": " ".join(amr),
-                "device": device,
-                "network": network,
-            },
-        )
-        await self.add_generation(tx, session_id, 0, refresh, now)
-        await self._end_sessions_over_cap(tx, user.id, session_id, client)
-        await self.events.record(
-            tx,
-            EventKind.LOGIN_SUCCEEDED,
-            user_id=user.id,
-            session_id=session_id,
-            client=client,
-            details={"amr": " ".join(amr)},
-        )
-        if history is not None and history["signed_in_before"] and not history["known"]:
-            # Not the account's first session, and not a device and network seen lately.
-            await self.notices.send(
-                tx, user_id=user.id, email=user.email, template="new_device", client=client
-            )
-        return self.issue(user, session_id, amr, refresh, client, auth_time=now)
-
-    async def replace_refresh_token(
-        self, tx: Runner, session_id: uuid.UUID, refresh: str, now: datetime
-    ) -> None:
-        """Gives a live session a new refresh token (a password or address change): the
-        old ones stop working without counting as reuse."""
-        newest = await tx.scalars(_NEWEST_GENERATION_NUMBER, {"session_id": session_id})
-        generation = (newest[0] + 1) if newest and newest[0] is not None else 0
-        await tx.execute(_FORGET_GENERATIONS, {"session_id": session_id})
-        await self.add_generation(tx, session_id, generation, refresh, now)
-
-    def session_end(self, now: datetime, absolute_end: datetime) -> datetime:
-        """When a session used now ends unless used again: the idle timeout ahead,
-        never past its absolute end."""
-        if not self.idle_timeout:
-            return absolute_end
-        return min(absolute_end, now + self.idle_timeout)
-
-    async def _end_sessions_over_cap(
-        self, tx: Runner, user_id: uuid.UUID, new_id: uuid.UUID, client: ClientInfo
-    ) -> None:
-        """Past MAX_SESSIONS_PER_USER live sessions, the oldest end (the new one counts).
-        Sign-ins of one user in parallel each see the others' sessions only once
-        committed, so the cap can be passed by as many as race; the next one trims."""
-        now = self.clock.now()
-        over = await tx.scalars(
-            _SESSIONS_OVER_CAP,
-            {"uid": user_id, "new_id": new_id, "now": now, "keep": self.max_sessions - 1},
-        )
-        for session_id in over:
-            await tx.execute(
-                _REVOKE_SESSION,
-                {"session_id": session_id, "now": now, "reason": "session_limit"},
-            )
-            await self.events.record(
-                tx,
-                EventKind.SESSION_REVOKED,
-                user_id=user_id,
-                session_id=session_id,
-                client=client,
-                details={"reason": "session_limit"},
-            )
-
-    async def add_generation(
-        self, tx: Runner, session_id: uuid.UUID, generation: int, refresh: str, now: datetime
-    ) -> None:
-        await tx.execute(
-            _ADD_GENERATION,
-            {
-                "session_id": session_id,
-                "generation": generation,
-                "token_hash": token_digest(refresh),
-                "now": now,
-            },
-        )
-
-    def issue(
-        self,
-        user: UserView,
-        session_id: uuid.UUID,
-        amr: list[str],
-        refresh: str,
-        client: ClientInfo | None = None,
-        *,
-        auth_time: datetime,
-    ) -> IssuedSession:
-        """Tokens for a live session: an access token (with the session's auth_time) and
-        a device token issued with this session, at the account's current epoch."""
-        access = self.access_tokens.issue(
-            user_id=user.id, session_id=session_id, amr=amr, auth_time=auth_time
-        )
-        # The device keeps the identity its token had; a new one is named after the
-        # session (so refreshing a session cannot mint device identities).
-        held = self.devices.check(client.device_token if client else None, user_id=user.id)
-        keep = held is not None and held.epoch == user.device_epoch
-        device_id = held.device_id if held is not None and keep else session_id.hex
-        return IssuedSession(
-            access_token=access,
-            refresh_token=refresh,
-            expires_in=int(self.access_tokens.lifetime.total_seconds()),
-            user=user,
-            device_token=self.devices.issue(user.id, user.device_epoch, session_id, device_id),
-        )
-
-    # -- refresh ------------------------------------------------------------------------
-
-    async def refresh(
-        self, *, refresh_token: str | None, client: ClientInfo | None = None
-    ) -> IssuedSession:
-        """Rotate a refresh token. A spent token presented again within the reuse interval
-        gets the same successor; later it is reuse, and the whole session ends."""
-        await self.limiter.hit("refresh_ip", client_key(client.ip if client else None))
-        if not refresh_token or not looks_like_opaque_token(refresh_token):
-            raise _invalid_token()
-        digest = token_digest(refresh_token)
-        now = self.clock.now()
-        reused = False
-        async with self.events.transaction(self.statements) as tx:
-            # Locks the session and the presented generation: rotations of one session are
-            # serialised across processes (SQLite: BEGIN IMMEDIATE holds the write lock).
-            state = await tx.first(_ROTATION_STATE, {"digest": digest})
-            if state is None or not _is_live(state, now):
-                raise _invalid_token()
-            if not state["is_active"]:
-                raise _account_disabled()
-            session_id = state["session_id"]
-            successor = successor_token(self._refresh_key, refresh_token)
-            if state["rotated_at"] is None:
-                # Only a rotation spends the session's budget (answers to a retry inside
-                # the reuse interval do not); rotations of one session are serialised by
-                # the lock held here, so the check and the count cannot interleave.
-                await self.limiter.hit("refresh_session", str(session_id))
-                await tx.execute(_MARK_ROTATED, {"token_id": state["id"], "now": now})
-                await tx.execute(
-                    _ADD_GENERATION,
-                    {
-                        "session_id": session_id,
-                        "generation": state["generation"] + 1,
-                        "token_hash": token_digest(successor),
-                        "now": now,
-                    },
-                )
-            elif not await self._is_retry(tx, state, successor, now):
-                await tx.execute(
-                    _REVOKE_SESSION,
-                    {"session_id": session_id, "now": now, "reason": "refresh_token_reused"},
-                )
-                reused = True
-            if not reused:
-                await tx.execute(
-                    _TOUCH_SESSION,
-                    {
-                        "session_id": session_id,
-                        "now": now,
-                        "expires_at": self.session_end(now, state["absolute_expires_at"]),
-                    },
-                )
-        if reused:  # raised after the commit, so the revocation holds
-            await self.events.record_now(
-                self.statements,
-                EventKind.REFRESH_REUSED,
-                user_id=state["user_id"],
-                session_id=session_id,
-                client=client,
-            )
-            raise AuthFailure(
-                ErrorCode.TOKEN_REUSED,
-                "This refresh token was already used; the session has been ended.",
-            )
-        user = user_view(state, id_key="user_id")
-        return self.issue(
-            user, session_id, state["amr"].split(), successor, auth_time=state["auth_time"]
-        )
-
-    async def _is_retry(
-        self, tx: Runner, state: Mapping[str, Any], successor: str, now: datetime
-    ) -> bool:
-        """A spent token presented again soon after its rotation, whose successor is still
-        the newest generation: a racing tab or a retried request, not an attacker."""
-        if now - state["rotated_at"] > self.reuse_interval:
-            return False
-        newest = await tx.first(_NEWEST_GENERATION, {"session_id": state["session_id"]})
-        return (
-            newest is not None
-            and newest["generation"] == state["generation"] + 1
-            and hmac.compare_digest(newest["token_hash"], token_digest(successor))
-        )
-
-    # -- logout -------------------------------------------------------------------------
-
-    async def logout(
-        self, *, refresh_token: str | None, everywhere: bool, client: ClientInfo | None = None
-    ) -> int:
-        """End the session of a refresh token (spent ones of a live session too), or every
-        session of its user. Returns how many sessions ended."""
-        if not refresh_token or not looks_like_opaque_token(refresh_token):
-            return 0
-        now = self.clock.now()
-        digest = {"digest": token_digest(refresh_token)}
-        async with self.events.transaction(self.statements) as tx:
-            if not everywhere:
-                found = await tx.first(_LOCK_SESSION_BY_TOKEN, digest)
-                if found is None or not _is_live(found, now):
-                    return 0
-                await tx.execute(
-                    _REVOKE_SESSION, {"session_id": found["id"], "now": now, "reason": "logout"}
-                )
-                await self.events.record(
-                    tx,
-                    EventKind.LOGOUT,
-                    user_id=found["user_id"],
-                    session_id=found["id"],
-                    client=client,
-                )
-                return 1
-            found = await tx.first(_SESSION_BY_TOKEN, digest)
-            if found is None or not _is_live(found, now):
-                return 0
-            # The user's row first, then the sessions: the order of every transaction that
-            # ends sessions en masse (a password change, `strawgate users disable`), so
-            # that they queue up instead of deadlocking.
-            await self.lock_user(tx, found["user_id"], exclusive=True)
-            await self.lock_sessions(tx, found["user_id"])
-            # Read again under the locks: a concurrent logout may have ended it meanwhile.
-            found = await tx.first(_SESSION_BY_TOKEN, digest)
-            if found is None or not _is_live(found, now):
-                return 0
-            await end_device_tokens(tx, found["user_id"])
-            ended = await end_live_sessions(
-                tx, found["user_id"], now=now, reason="logout_everywhere"
-            )
-            await self.events.record(
-                tx,
-                EventKind.LOGOUT,
-                user_id=found["user_id"],
-                session_id=found["id"],
-                client=client,
-                details={"everywhere": True, "sessions": ended},
-            )
-            return ended
-
-    # -- the per-request check ------------------------------------------------------------
-
-    def decode_access_token(self, token: str) -> AccessClaims:
-        return self.access_tokens.decode(token)
-
-    async def current_user(self, claims: AccessClaims) -> tuple[UserView, AccessClaims] | None:
-        """The user of a live session, and the claims as they hold now; None when the
-        session has ended or the account is disabled: a revoked session's access tokens
-        stop working at once. auth_time is the token's own (signed) claim, never later
-        than the session's: a step-up renews the tokens it answers, not older tokens of
-        the session, which a thief may hold. A token without the claim is not recent."""
-        async with self.statements.connection() as conn:
-            row = await conn.first(
-                _CURRENT_USER,
-                {"sid": claims.session_id, "uid": claims.user_id, "now": self.clock.now()},
-            )
-        if row is None:
-            return None
-        auth_time = claims.auth_time
-        if auth_time is not None and auth_time > row["auth_time"]:
-            auth_time = row["auth_time"]  # pragma: no cover - tokens carry the row's value
-        return user_view(row), dataclasses.replace(claims, auth_time=auth_time)
-
-
-# -- one account's locks and mass endings: the sign-in paths and `strawgate users` ---------
-
-
-async def lock_account(
-    tx: Runner, user_id: uuid.UUID, *, exclusive: bool
-) -> Mapping[str, Any] | None:
-    """The account's row, locked (see _LOCK_USER): first in every such transaction."""
-    return await tx.first(_LOCK_USER if exclusive else _SHARE_USER, {"uid": user_id})
-
-
-async def lock_account_sessions(tx: Runner, user_id: uuid.UUID) -> None:
-    """Every live session of the account, locked in one order (by id); after its row."""
-    await tx.execute(_LOCK_USER_SESSIONS, {"user_id": user_id})
-
-
-async def end_live_sessions(tx: Runner, user_id: uuid.UUID, *, now: datetime, reason: str) -> int:
-    """Ends every live session of the account; how many. Under both locks above."""
-    return await tx.execute(
-        _REVOKE_USER_SESSIONS, {"owner_id": user_id, "now": now, "reason": reason}
-    )
-
-
-async def end_device_tokens(tx: Runner, user_id: uuid.UUID) -> None:
-    """Every device token of the account stops working (they carry the epoch)."""
-    await tx.execute(_BUMP_DEVICE_EPOCH, {"owner_id": user_id})
-
-
-def _is_live(session: Mapping[str, Any], now: datetime) -> bool:
-    return session["revoked_at"] is None and session["expires_at"] > now
-
-
-def _email_taken() -> AuthFailure:
-    return AuthFailure(
-        ErrorCode.EMAIL_TAKEN, "An account with this email address already exists.", field="email"
-    )
-
 
 def _invalid_credentials() -> AuthFailure:
     return AuthFailure(ErrorCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS_MESSAGE)
@@ -1749,11 +1181,3 @@ def _wrong_password() -> AuthFailure:
     return AuthFailure(
         ErrorCode.INVALID_CREDENTIALS, "The password is incorrect.", field="password"
     )
-
-
-def _account_disabled() -> AuthFailure:
-    return AuthFailure(ErrorCode.ACCOUNT_DISABLED, "This account is disabled.")
-
-
-def _invalid_token() -> AuthFailure:
-    return AuthFailure(ErrorCode.INVALID_TOKEN, "This token is invalid or has expired.")

@@ -26,10 +26,11 @@ from db.security.access import AccessClaims
 from db.security.limiter import client_key
 from db.services import challenges as ch
 from db.services.account import AccountService
-from db.services.auth import ADDRESS_HOLDER, AMR_PASSWORD, LIVE_SESSION
+from db.services.auth import ADDRESS_HOLDER, AMR_PASSWORD
 from db.services.events import EventKind
 from db.services.lockout import code_lockout_key
 from db.services.mfa import Claim
+from db.services.sessions import LIVE_SESSION
 from db.services.types import ClientInfo, IssuedChallenge, UserView, merge_amr
 from db.session import Runner
 from db.validation import parse_email

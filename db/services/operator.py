@@ -24,15 +24,15 @@ from db.clock import Clock
 from db.errors import AuthFailure
 from db.models import LoginThrottle, SecurityEvent, User, UserSession
 from db.services.account import ACCOUNT_BY_EMAIL
-from db.services.auth import (
+from db.services.challenges import void_pending
+from db.services.events import DetailValue, EventKind, SecurityEvents
+from db.services.lockout import code_lockout_key
+from db.services.sessions import (
     end_device_tokens,
     end_live_sessions,
     lock_account,
     lock_account_sessions,
 )
-from db.services.challenges import void_pending
-from db.services.events import DetailValue, EventKind, SecurityEvents
-from db.services.lockout import code_lockout_key
 from db.session import Runner, Statements
 from db.validation import parse_email
 
@@ -428,7 +428,7 @@ class Operator:
         found = await tx.first(ACCOUNT_BY_EMAIL, {"email": normalized})
         if found is None:
             raise UnknownAccount(normalized)
-        # The lock order of every transaction that changes an account (AuthService).
+        # The lock order of every transaction that changes an account (db/services/sessions.py).
         locked = await lock_account(tx, found["id"], exclusive=True)
         if locked is None:  # deleted meanwhile
             raise UnknownAccount(normalized)
