@@ -191,7 +191,7 @@ def _presented_refresh_token(body: object) -> str | None:
 
 
 async def refresh(request: Request) -> JSONResponse:
-    """db/services/auth.py AuthService.refresh, statement for statement."""
+    """db/services/sessions.py Sessions.refresh, statement for statement."""
     token = _presented_refresh_token(await request.json())
     if not token or len(token) > MAX_OPAQUE_TOKEN_LENGTH or not token.isascii():
         return _auth_error("INVALID_TOKEN")

@@ -33,7 +33,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql import Executable
 
 from bench.harness import asyncpg_dsn
-from db.services import auth, challenges, device_trust, events, lockout, mfa, sessions
+from db.services import challenges, device_trust, events, lockout, mfa, sessions
+from db.services.signin import conclusion, password, signup
 from db.session import Statements
 
 Sample = dict[str, Any]
@@ -52,7 +53,7 @@ def _now(_s: Sample) -> datetime:
     return datetime.now(UTC)
 
 
-# What each operation runs (db/services/sessions.py, db/services/auth.py and the modules
+# What each operation runs (db/services/sessions.py, db/services/signin/ and the modules
 # they call), in order.
 PROBES: tuple[Probe, ...] = (
     Probe(
@@ -100,7 +101,9 @@ PROBES: tuple[Probe, ...] = (
             "expires_at": _now(s) + timedelta(days=14),
         },
     ),
-    Probe("login", "auth._USER_BY_EMAIL", auth._USER_BY_EMAIL, lambda s: {"email": s["email"]}),
+    Probe(
+        "login", "password._USER_BY_EMAIL", password._USER_BY_EMAIL, lambda s: {"email": s["email"]}
+    ),
     Probe("login", "lockout._LOCK_ROW", lockout._LOCK_ROW, lambda s: {"address": s["email"]}),
     Probe("login", "sessions._SHARE_USER", sessions._SHARE_USER, lambda s: {"uid": s["user_id"]}),
     Probe(
@@ -182,8 +185,15 @@ PROBES: tuple[Probe, ...] = (
         challenges._CONSUME,
         lambda s: {"challenge_id": s["challenge_id"], "now": _now(s)},
     ),
-    Probe("verifyOtp", "auth._USER_BY_ID", auth._USER_BY_ID, lambda s: {"user_id": s["user_id"]}),
-    Probe("signup", "auth.ADDRESS_HOLDER", auth.ADDRESS_HOLDER, lambda s: {"email": s["email"]}),
+    Probe(
+        "verifyOtp",
+        "conclusion.USER_BY_ID",
+        conclusion.USER_BY_ID,
+        lambda s: {"user_id": s["user_id"]},
+    ),
+    Probe(
+        "signup", "signup.ADDRESS_HOLDER", signup.ADDRESS_HOLDER, lambda s: {"email": s["email"]}
+    ),
 )
 
 

@@ -17,10 +17,12 @@ from db.security.access import AccessClaims
 from db.security.limiter import client_key
 from db.security.tokens import new_opaque_token
 from db.services import challenges as ch
-from db.services.auth import AMR_EMAIL_CODE, AuthService, Intent
+from db.services.auth import AuthService
 from db.services.events import EventKind
 from db.services.sessions import LIVE_SESSION
+from db.services.signin.conclusion import Intent
 from db.services.types import (
+    AMR_EMAIL_CODE,
     ClientInfo,
     IssuedChallenge,
     IssuedSession,

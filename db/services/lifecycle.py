@@ -1,6 +1,6 @@
 """The account's own lifecycle: a change of address (completed by verifyOtp, see
-AuthService._change_email_now), an export of everything held about the user, and the
-deletion of the account."""
+EmailedCodes._change_email_now in db/services/signin/emailed_code.py), an export of
+everything held about the user, and the deletion of the account."""
 
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ from db.security.access import AccessClaims
 from db.security.limiter import client_key
 from db.services import challenges as ch
 from db.services.account import AccountService
-from db.services.auth import ADDRESS_HOLDER, AMR_PASSWORD
 from db.services.events import EventKind
 from db.services.lockout import code_lockout_key
 from db.services.mfa import Claim
 from db.services.sessions import LIVE_SESSION
-from db.services.types import ClientInfo, IssuedChallenge, UserView, merge_amr
+from db.services.signin.signup import ADDRESS_HOLDER
+from db.services.types import AMR_PASSWORD, ClientInfo, IssuedChallenge, UserView, merge_amr
 from db.session import Runner
 from db.validation import parse_email
 

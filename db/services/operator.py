@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from db.security.limiter import RateLimiter
 
 RECENT_EVENTS = 10
-# The per-account rate limit of sign-ins (db/services/auth.py), keyed by normalized email.
+# The per-account rate limit of sign-ins (db/services/signin/password.py), keyed by
+# normalized email.
 LOGIN_ACCOUNT_LIMIT = "login_account"
 
 _SET_ACTIVE = (

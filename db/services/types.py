@@ -8,6 +8,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+# What proving each factor adds to a session's `amr` (RFC 8176). An emailed code is
+# "otp" (as Microsoft's identity platform documents it); "mfa" needs a second factor of
+# the user's own: an authenticator code or a recovery code.
+AMR_PASSWORD = ["pwd"]
+AMR_EMAIL_CODE = ["otp"]
+AMR_TOTP = ["otp", "mfa"]
+AMR_RECOVERY_CODE = ["mfa"]
+
 
 @dataclass(frozen=True, slots=True)
 class UserView:

@@ -172,8 +172,8 @@ def test_every_write_statement_compiles_on_sqlite_with_its_own_parameters() -> N
 
     checked = 0
     for package in (db.services, db.mail):
-        for info in pkgutil.iter_modules(package.__path__):
-            module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}."):
+            module = importlib.import_module(info.name)
             for value in vars(module).values():
                 if isinstance(value, Insert | Update | Delete):
                     keys = [bind.key for bind in value.compile().binds.values()]
