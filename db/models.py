@@ -46,6 +46,11 @@ class User(Base):
     # Device tokens carry it: logout everywhere and a password reset raise it, which ends
     # every device token issued before.
     device_epoch: Mapped[int] = mapped_column(Integer, server_default="0")
+    # The WebAuthn user handle passkeys carry: 64 random bytes, never the email or the id
+    # (an authenticator may show or sync it). Assigned at the first passkey registration.
+    webauthn_user_handle: Mapped[bytes | None] = mapped_column(
+        LargeBinary(64), default=None, unique=True
+    )
 
     sessions: Mapped[list[UserSession]] = relationship(
         back_populates="user", cascade="all, delete-orphan", passive_deletes=True
@@ -183,6 +188,38 @@ class Challenge(Base):
     owner_client: Mapped[bool] = mapped_column(Boolean, server_default=false())
     # A password reset waiting for its TOTP step: the new password's hash.
     pending_password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
+
+
+class Passkey(Base):
+    """A WebAuthn credential (a passkey) registered to a user: its public key, never
+    anything secret (the private key never leaves the authenticator)."""
+
+    __tablename__ = "passkeys"
+    __table_args__ = (Index("ix_passkeys_user_id_created_at", "user_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # The authenticator's credential ID (at most 1023 bytes): what a sign-in names, looked
+    # up by the unique index, across all users.
+    credential_id: Mapped[bytes] = mapped_column(LargeBinary(1023), unique=True)
+    # The COSE public key, as the authenticator gave it.
+    public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    # The authenticator's signature counter (0 for synced passkeys, which do not count).
+    sign_count: Mapped[int] = mapped_column(BigInteger)
+    # The authenticator's make (all zeroes where it does not say).
+    aaguid: Mapped[str] = mapped_column(String(36))
+    # How the browser can reach it ("internal hybrid usb"), space-separated.
+    transports: Mapped[str | None] = mapped_column(String(255), default=None)
+    # The WebAuthn flags: may be synced (BE), and is synced now (BS; may change at sign-in).
+    backup_eligible: Mapped[bool] = mapped_column(Boolean)
+    backed_up: Mapped[bool] = mapped_column(Boolean)
+    # "platform" or "cross-platform", where the browser said; and whether the user was
+    # verified (PIN, biometrics) at registration.
+    attachment: Mapped[str | None] = mapped_column(String(16), default=None)
+    user_verified: Mapped[bool] = mapped_column(Boolean)
+    name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
 
 class OutboxMail(Base):

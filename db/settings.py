@@ -8,8 +8,10 @@ import itertools
 import logging
 import math
 import os
+import re
 import secrets
 from collections import Counter
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
@@ -431,6 +433,17 @@ class Settings(BaseSettings):
     """The issuer authenticator apps show."""
     otp_challenge_minutes: int = Field(5, ge=1, le=60)
     """Lifetime of a TOTP challenge (the second step of a sign-in), in minutes."""
+    webauthn_rp_id: str | None = Field(None, max_length=253)
+    """Passkeys: the relying party ID, the host name passkeys are bound to (`example.com`; a
+    passkey made for it also works on its subdomains). Unset: passkeys are off, and their
+    operations answer `INVALID_INPUT`. It cannot change later without losing every passkey."""
+    webauthn_rp_name: str | None = Field(None, min_length=1, max_length=64)
+    """Passkeys: the name authenticators show beside the account. Unset: `PRODUCT_NAME`."""
+    webauthn_origins: str = ""
+    """Passkeys: the origins a passkey may be used from, comma-separated, each `https://host[:port]`
+    whose host is `WEBAUTHN_RP_ID` or a subdomain of it, or an Android app's
+    `android:apk-key-hash:<base64url SHA-256 of its signing certificate>`. `http://` only in
+    development, and only for `localhost` or a loopback address. Unset: `https://<WEBAUTHN_RP_ID>`."""
 
     # Email ownership and emailed codes.
     require_email_verification: bool = True
@@ -691,6 +704,7 @@ class Settings(BaseSettings):
                 )
             self._check_mail()
             self._check_public_urls()
+            self.relying_party()
             if self.is_sqlite:
                 log.warning("Production on SQLite: one server process only; use PostgreSQL")
             return self
@@ -700,7 +714,30 @@ class Settings(BaseSettings):
             log.warning("SECRET_KEY %s; production would refuse to start with it", weakness)
         self._check_encryption_keys(required=False)
         self._check_mail()
+        self.relying_party()
         return self
+
+    def relying_party(self) -> RelyingParty | None:
+        """The passkeys' relying party, None where WEBAUTHN_RP_ID is unset; ConfigError
+        for an RP ID or an origin that cannot work."""
+        rp_id = (self.webauthn_rp_id or "").strip().lower().rstrip(".")
+        if not rp_id:
+            if self.webauthn_origins.strip():
+                raise ConfigError(
+                    "WEBAUTHN_ORIGINS is set without WEBAUTHN_RP_ID (passkeys need both)"
+                )
+            return None
+        local = not self.is_production
+        problem = _rp_id_problem(rp_id, local=local)
+        if problem is not None:
+            raise ConfigError(f"WEBAUTHN_RP_ID {problem}")
+        given = [part.strip() for part in self.webauthn_origins.split(",") if part.strip()]
+        origins = [_webauthn_origin(origin, rp_id, local=local) for origin in given]
+        return RelyingParty(
+            id=rp_id,
+            name=self.webauthn_rp_name or self.product_name,
+            origins=tuple(dict.fromkeys(origins or [f"https://{rp_id}"])),
+        )
 
     def _check_mail(self) -> None:
         if self.mail_server and not self.mail_from:
@@ -748,6 +785,84 @@ class Settings(BaseSettings):
         db_file = self.sqlite_path()
         folder = db_file.parent if db_file is not None else Path("var")
         return folder / "secret_key"
+
+
+@dataclass(frozen=True, slots=True)
+class RelyingParty:
+    """Passkeys' WebAuthn relying party (WEBAUTHN_*), as checked at start."""
+
+    id: str
+    name: str
+    origins: tuple[str, ...]
+
+
+_HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_APK_KEY_HASH = "android:apk-key-hash:"
+_APK_KEY_HASH_VALUE = re.compile(r"[A-Za-z0-9_-]{43}")  # a SHA-256, base64url unpadded
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _rp_id_problem(rp_id: str, *, local: bool) -> str | None:
+    """Why `rp_id` (lowercase) cannot be an RP ID, else None: a host name (an IP address
+    only for a loopback one in development, which some browsers accept on this machine)."""
+    if local and _is_loopback(rp_id):
+        return None
+    labels = rp_id.split(".")
+    if all(_HOST_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit():
+        return None
+    return f"must be a host name such as example.com (no scheme, port or path), not {rp_id!r}"
+
+
+def _webauthn_origin(origin: str, rp_id: str, *, local: bool) -> str:
+    """`origin` as browsers write it in clientDataJSON (scheme and host lowercase, no
+    default port), or ConfigError where it cannot be one of the RP ID's origins."""
+    if origin.startswith(_APK_KEY_HASH):
+        # An Android app's signing certificate: not a web origin, so no host to match.
+        if not _APK_KEY_HASH_VALUE.fullmatch(origin[len(_APK_KEY_HASH) :]):
+            raise ConfigError(
+                f"WEBAUTHN_ORIGINS: {origin!r} must be android:apk-key-hash: and the base64url"
+                " SHA-256 of the app's signing certificate (43 characters, no padding)"
+            )
+        return origin
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    host = (parts.hostname or "") if parts is not None else ""
+    scheme = parts.scheme.lower() if parts is not None else ""
+    if (
+        parts is None
+        or scheme not in ("https", "http")
+        or not host
+        or parts.username is not None
+        or parts.password is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ConfigError(
+            f"WEBAUTHN_ORIGINS: {origin!r} is not an origin (https://host or https://host:port)"
+        )
+    if scheme == "http" and not (local and _is_loopback(host)):
+        raise ConfigError(
+            f"WEBAUTHN_ORIGINS: {origin!r} must use https (http only for localhost in development)"
+        )
+    if host != rp_id and not host.endswith("." + rp_id):
+        raise ConfigError(
+            f"WEBAUTHN_ORIGINS: {origin!r} is not on WEBAUTHN_RP_ID {rp_id} or a subdomain of it"
+        )
+    shown = f"[{host}]" if ":" in host else host
+    default_port = 443 if scheme == "https" else 80
+    return f"{scheme}://{shown}" + (f":{port}" if port is not None and port != default_port else "")
 
 
 def _loopback_host(url: str) -> str | None:

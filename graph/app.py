@@ -60,6 +60,7 @@ from db.services.lockout import (
 )
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
+from db.services.passkeys import PasskeyService
 from db.session import Statements, connection_problem, create_engine
 from db.settings import ConfigError, Settings
 from graph.context import AppServices, Context
@@ -387,6 +388,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 lifecycle=LifecycleService(account=account),
                 events=auth.events,
                 metrics=metrics,
+                passkeys=PasskeyService(auth=auth, relying_party=settings.relying_party()),
             )
             app.state.mail_sender = sender
             app.state.housekeeper = housekeeper

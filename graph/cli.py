@@ -307,6 +307,7 @@ def _account_text(report: AccountReport) -> str:
         f"created         {_when(report.created_at)}",
         f"email verified  {verified}",
         f"two-factor      {two_factor}",
+        f"passkeys        {report.passkeys}",
         f"lockout         {locked}",
         f"live sessions   {len(report.sessions)}",
     ]

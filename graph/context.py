@@ -14,6 +14,7 @@ from db.services.account import AccountService
 from db.services.auth import AuthService
 from db.services.events import SecurityEvents
 from db.services.lifecycle import LifecycleService
+from db.services.passkeys import PasskeyService
 from db.services.types import ClientInfo, UserView
 from db.settings import Settings
 from graph.metrics import Metrics
@@ -42,6 +43,7 @@ class AppServices:
     lifecycle: LifecycleService
     events: SecurityEvents
     metrics: Metrics
+    passkeys: PasskeyService
 
 
 @dataclass(slots=True)

@@ -10,6 +10,15 @@ from db.services.events import EventKind, EventView, Page
 
 SecurityEventKind = strawberry.enum(EventKind, name="SecurityEventKind")
 
+# The contract's descriptions of single values (db/ knows nothing of Strawberry).
+_VALUE_DESCRIPTIONS = {
+    EventKind.PASSKEY_CLONE_SUSPECTED.name: (
+        "A sign-in refused because the passkey's sign count went backwards (a possible clone)."
+    ),
+}
+for _value in SecurityEventKind.__strawberry_definition__.values:  # type: ignore[attr-defined]
+    _value.description = _VALUE_DESCRIPTIONS.get(_value.name, _value.description)
+
 
 @strawberry.type(
     description="One security-relevant thing that happened to the signed-in user's account."

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import strawberry
 
+from graph.types import PasskeyAttachment
+
 
 @strawberry.input
 class SignupInput:
@@ -155,4 +157,35 @@ class ReauthenticateInput:
 
 @strawberry.input
 class RevokeSessionInput:
+    id: strawberry.ID
+
+
+@strawberry.input
+class StartPasskeyRegistrationInput:
+    attachment: PasskeyAttachment | None = strawberry.field(
+        default=strawberry.UNSET,
+        description="Where the authenticator may keep it; omit for either.",
+    )
+
+
+@strawberry.input
+class FinishPasskeyRegistrationInput:
+    challenge_token: str
+    credential_json: str = strawberry.field(
+        description="The authenticator's answer: RegistrationResponseJSON as text."
+    )
+    name: str | None = strawberry.field(
+        default=strawberry.UNSET,
+        description="A name to tell this passkey apart; defaults to the authenticator's make.",
+    )
+
+
+@strawberry.input
+class RenamePasskeyInput:
+    id: strawberry.ID
+    name: str
+
+
+@strawberry.input
+class DeletePasskeyInput:
     id: strawberry.ID

@@ -89,6 +89,11 @@ SETTING_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        "Passkeys",
+        "passkeys",
+        ("webauthn_rp_id", "webauthn_rp_name", "webauthn_origins"),
+    ),
+    (
         "Mail",
         "mail",
         (

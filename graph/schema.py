@@ -22,6 +22,7 @@ from graph.resolvers.auth import AuthMutation, AuthQuery
 from graph.resolvers.events import EventsQuery
 from graph.resolvers.lifecycle import LifecycleMutation, LifecycleQuery
 from graph.resolvers.mfa import MfaMutation
+from graph.resolvers.passkeys import PasskeyMutation
 from graph.resolvers.stepup import StepUpMutation
 from graph.validation import SafeExecutor, replace_rules
 
@@ -58,7 +59,14 @@ class Query(AuthQuery, AccountQuery, EventsQuery, LifecycleQuery):
 
 
 @strawberry.type
-class Mutation(AuthMutation, MfaMutation, AccountMutation, LifecycleMutation, StepUpMutation):
+class Mutation(
+    AuthMutation,
+    MfaMutation,
+    AccountMutation,
+    LifecycleMutation,
+    StepUpMutation,
+    PasskeyMutation,
+):
     pass
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 import strawberry
+from strawberry.types import Info
 
 from db.errors import AuthFailure, ErrorCode
 from db.services.mfa import TotpEnrolment
+from db.services.passkeys import IssuedCeremony, PasskeyView
 from db.services.types import IssuedChallenge, IssuedSession, SessionView, UserView
+from graph.context import Context
 
 AuthErrorCode = strawberry.enum(ErrorCode, name="AuthErrorCode")
 
@@ -30,6 +33,17 @@ class OtpPurpose(Enum):
     REAUTHENTICATE = "REAUTHENTICATE"
 
 
+async def _own_passkeys(root: User, info: Info[Context, Any]) -> list[Passkey]:
+    # Only ever the signed-in user's own (a User is never anyone else's here, but a list
+    # of credentials is not what a slip should show).
+    viewer = await info.context.user()
+    if viewer is None or str(viewer.id) != str(root.id):
+        return []
+    return [
+        Passkey.from_view(view) for view in await info.context.services.passkeys.list(viewer.id)
+    ]
+
+
 @strawberry.type(description="A registered account.")
 class User:
     id: strawberry.ID
@@ -44,6 +58,10 @@ class User:
         )
     )
 
+    passkeys: list[Passkey] = strawberry.field(
+        resolver=_own_passkeys, description="Newest first. Empty for a user without passkeys."
+    )
+
     @classmethod
     def from_view(cls, view: UserView) -> User:
         return cls(
@@ -54,6 +72,61 @@ class User:
             created_at=view.created_at,
             has_password=view.has_password,
         )
+
+
+@strawberry.type(description="A passkey registered to the signed-in user.")
+class Passkey:
+    id: strawberry.ID
+    name: str = strawberry.field(
+        description=(
+            'Given by the user, else the authenticator\'s make (from its AAGUID), else "Passkey".'
+        )
+    )
+    created_at: datetime
+    last_used_at: datetime | None
+    backed_up: bool = strawberry.field(
+        description="Synced across the user's devices (the WebAuthn backup state)."
+    )
+
+    @classmethod
+    def from_view(cls, view: PasskeyView) -> Passkey:
+        return cls(
+            id=strawberry.ID(str(view.id)),
+            name=view.name,
+            created_at=view.created_at,
+            last_used_at=view.last_used_at,
+            backed_up=view.backed_up,
+        )
+
+
+@strawberry.type(description="A WebAuthn ceremony to hand to the authenticator.")
+class PasskeyCeremony:
+    challenge_token: str = strawberry.field(
+        description="Send back with the authenticator's answer; single use."
+    )
+    options_json: str = strawberry.field(description="The WebAuthn options, as JSON text.")
+    expires_in: int = strawberry.field(description="Seconds until challengeToken expires.")
+
+    @classmethod
+    def from_issued(cls, issued: IssuedCeremony) -> PasskeyCeremony:
+        return cls(
+            challenge_token=issued.challenge_token,
+            options_json=issued.options_json,
+            expires_in=issued.expires_in,
+        )
+
+
+@strawberry.enum
+class PasskeyAttachment(Enum):
+    PLATFORM = strawberry.enum_value(
+        "platform",
+        description=(
+            "On this device: Touch ID, Windows Hello, Android screen lock, a password manager."
+        ),
+    )
+    CROSS_PLATFORM = strawberry.enum_value(
+        "cross-platform", description="A security key or a phone used from another device."
+    )
 
 
 @strawberry.type(
@@ -171,6 +244,10 @@ TotpSetupResult = Annotated[TotpSetup | AuthError, strawberry.union("TotpSetupRe
 RecoveryCodesResult = Annotated[RecoveryCodes | AuthError, strawberry.union("RecoveryCodesResult")]
 UserResult = Annotated[User | AuthError, strawberry.union("UserResult")]
 ChallengeResult = Annotated[OtpChallenge | AuthError, strawberry.union("ChallengeResult")]
+PasskeyCeremonyResult = Annotated[
+    PasskeyCeremony | AuthError, strawberry.union("PasskeyCeremonyResult")
+]
+PasskeyResult = Annotated[Passkey | AuthError, strawberry.union("PasskeyResult")]
 
 
 @strawberry.type(

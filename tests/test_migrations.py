@@ -29,6 +29,7 @@ TABLES = {
     "outbox",
     "security_events",
     "login_throttles",
+    "passkeys",
 }
 
 

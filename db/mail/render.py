@@ -49,6 +49,8 @@ NOTICE_MAILS = (
     "new_device",
     "email_changed",
     "account_deleted",
+    "passkey_added",
+    "passkey_removed",
 )
 MAIL_TEMPLATES = CODE_MAILS + NOTICE_MAILS
 

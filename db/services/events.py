@@ -76,6 +76,11 @@ class EventKind(StrEnum):
     OPERATOR_LOGOUT = "OPERATOR_LOGOUT"
     # A credential proven again on a live session (reauthenticate): its auth_time renewed.
     REAUTHENTICATED = "REAUTHENTICATED"
+    # Passkeys: registered, deleted, and a sign-in refused for a sign count that went
+    # backwards (a possible clone of the authenticator).
+    PASSKEY_ADDED = "PASSKEY_ADDED"
+    PASSKEY_REMOVED = "PASSKEY_REMOVED"
+    PASSKEY_CLONE_SUSPECTED = "PASSKEY_CLONE_SUSPECTED"
 
 
 _KINDS = {kind.value: kind for kind in EventKind}

@@ -10,12 +10,14 @@ from typing import Any
 
 import orjson
 from sqlalchemy import and_, bindparam, case, delete, func, null, or_, select, update
+from webauthn.helpers import bytes_to_base64url
 
 from db.errors import AuthFailure, ErrorCode
 from db.models import (
     Challenge,
     LoginThrottle,
     OutboxMail,
+    Passkey,
     RecoveryCode,
     SecurityEvent,
     TotpCredential,
@@ -115,6 +117,23 @@ _EXPORT_MAIL = (
     )
     .where(OutboxMail.user_id == bindparam("uid"))
     .order_by(OutboxMail.created_at.desc())
+)
+# Passkeys without their public keys (not the user's to read back, and of no use to them).
+_EXPORT_PASSKEYS = (
+    select(
+        Passkey.id,
+        Passkey.name,
+        Passkey.credential_id,
+        Passkey.aaguid,
+        Passkey.transports,
+        Passkey.attachment,
+        Passkey.backup_eligible,
+        Passkey.backed_up,
+        Passkey.created_at,
+        Passkey.last_used_at,
+    )
+    .where(Passkey.user_id == bindparam("uid"))
+    .order_by(Passkey.created_at.desc(), Passkey.id.desc())
 )
 _EXPORT_THROTTLE = select(
     LoginThrottle.failures, LoginThrottle.last_failure_at, LoginThrottle.locked_until
@@ -322,6 +341,7 @@ class LifecycleService:
             challenges = await conn.all(_EXPORT_CHALLENGES, uid)
             previous = await _previous_addresses(conn, user.id)
             mail = await conn.all(_EXPORT_MAIL, uid)
+            passkeys = await conn.all(_EXPORT_PASSKEYS, uid)
             throttle = await conn.first(
                 _EXPORT_THROTTLE, {"email": parse_email(profile["email"]).normalized}
             )
@@ -346,6 +366,21 @@ class LifecycleService:
                     "used": codes["used"] if codes else 0,
                 },
             },
+            "passkeys": [
+                {
+                    "id": row["id"],
+                    "name": row["name"],
+                    "credentialId": bytes_to_base64url(bytes(row["credential_id"])),
+                    "aaguid": row["aaguid"],
+                    "transports": (row["transports"] or "").split(),
+                    "attachment": row["attachment"],
+                    "backupEligible": row["backup_eligible"],
+                    "backedUp": row["backed_up"],
+                    "createdAt": row["created_at"],
+                    "lastUsedAt": row["last_used_at"],
+                }
+                for row in passkeys
+            ],
             "sessions": [
                 {
                     "id": row["id"],

@@ -22,7 +22,7 @@ from sqlalchemy import bindparam, delete, func, select, update
 
 from db.clock import Clock
 from db.errors import AuthFailure
-from db.models import LoginThrottle, SecurityEvent, User, UserSession
+from db.models import LoginThrottle, Passkey, SecurityEvent, User, UserSession
 from db.services.account import ACCOUNT_BY_EMAIL
 from db.services.challenges import void_pending
 from db.services.events import DetailValue, EventKind, SecurityEvents
@@ -86,6 +86,7 @@ _RECENT_EVENTS = (
     .order_by(SecurityEvent.id.desc())
     .limit(bindparam("n"))
 )
+_PASSKEYS = select(func.count(Passkey.id)).where(Passkey.user_id == bindparam("uid"))
 
 
 class InvalidEmail(ValueError):
@@ -164,6 +165,7 @@ class AccountReport:
     lockout: LockoutState
     sessions: list[SessionInfo]
     events: list[EventInfo]
+    passkeys: int = 0  # registered passkeys
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -175,6 +177,7 @@ class AccountReport:
             "email_verified_at": _iso(self.email_verified_at),
             "two_factor": self.two_factor,
             "two_factor_since": _iso(self.two_factor_since),
+            "passkeys": self.passkeys,
             "lockout": {
                 "locked": self.lockout.locked,
                 "failures": self.lockout.failures,
@@ -263,6 +266,7 @@ class Operator:
             codes = await conn.first(_CODE_FAILURES, {"pattern": _code_pattern(uid)})
             sessions = await conn.all(_LIVE_SESSIONS, {"uid": uid, "now": now})
             events = await conn.all(_RECENT_EVENTS, {"uid": uid, "n": RECENT_EVENTS})
+            passkeys = await conn.scalars(_PASSKEYS, {"uid": uid})
         locked_until = throttle["locked_until"] if throttle is not None else None
         if user["otp_confirmed_at"] is not None:
             two_factor, since = "on", user["otp_confirmed_at"]
@@ -278,6 +282,7 @@ class Operator:
             email_verified_at=user["email_verified_at"],
             two_factor=two_factor,
             two_factor_since=since,
+            passkeys=int(passkeys[0]) if passkeys else 0,
             lockout=LockoutState(
                 failures=throttle["failures"] if throttle is not None else 0,
                 last_failure_at=throttle["last_failure_at"] if throttle is not None else None,

@@ -279,6 +279,9 @@ def test_the_kinds_are_the_contracts() -> None:
         "OPERATOR_UNLOCK",
         "OPERATOR_LOGOUT",
         "REAUTHENTICATED",
+        "PASSKEY_ADDED",
+        "PASSKEY_REMOVED",
+        "PASSKEY_CLONE_SUSPECTED",
     ]
 
 

@@ -38,6 +38,8 @@ def context_for(name: str, **overrides: Any) -> dict[str, Any]:
             values["remaining"] = 7
         if name == "email_changed":
             values["new_email"] = NEW_EMAIL
+        if name in ("passkey_added", "passkey_removed"):
+            values["name"] = "YubiKey 5 Series"
     values.update(overrides)
     return values
 
@@ -123,6 +125,15 @@ def test_a_notice_leaves_out_what_is_unknown(name: str) -> None:
         assert "IP address" not in part
 
 
+@pytest.mark.parametrize("template", ["passkey_added", "passkey_removed"])
+def test_a_passkey_notice_names_the_passkey_escaped(template: str) -> None:
+    context = {**context_for(template), "name": "<b>Work key</b>"}
+    mail = make_renderer().render(template, context, None)
+
+    assert '"<b>Work key</b>"' in mail.text
+    assert "&ldquo;&lt;b&gt;Work key&lt;/b&gt;&rdquo;" in mail.html
+
+
 def test_new_device_names_the_device_and_network() -> None:
     assert "from Firefox on Linux (203.0.113.7) at 27 Nov" in render("new_device").text
     assert "from 203.0.113.7 at" in render("new_device", device=None).text
@@ -148,6 +159,7 @@ HOSTILE: dict[str, Any] = {
     "minutes": 100000,
     "remaining": 111111,
     "new_email": "user-000000-999999@example.org",
+    "name": "Key 123456",
 }
 
 

@@ -43,6 +43,8 @@ def render(
         context["remaining"] = 2
     if name == "email_changed":
         context["new_email"] = new_email
+    if name in ("passkey_added", "passkey_removed"):
+        context["name"] = "Work key"
     return renderer(folder).render(name, {**context, **overrides}, None)
 
 
