@@ -151,3 +151,63 @@ def test_the_idle_timeout_reaches_the_sessions_there_are(
     command.downgrade(config, "8f255ede1df0")
     after = {row.id: row.expires_at for row in asyncio.run(_run(url, sa.select(_sessions)))}
     assert after[idle_id] == now - timedelta(days=6)  # still ended
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_downgrade_past_passkeys_ends_their_ceremonies_and_keeps_other_steps(
+    database: str, empty_pg_database: str, tmp_path: Path
+) -> None:
+    """The passkeys revision's downgrade drops the table and the user handles, and the
+    registration ceremonies waiting in `challenges` (the older code knows no such step);
+    every other pending step stays."""
+    url = empty_pg_database if database == "postgresql" else f"sqlite+aiosqlite:///{tmp_path}/p.db"
+    config = alembic_config(url)
+    command.upgrade(config, "head")
+    now = datetime.now(UTC).replace(microsecond=0)
+    user_id = uuid.uuid4()
+    asyncio.run(
+        _run(
+            url,
+            sa.insert(_users).values(
+                id=user_id,
+                email="a@example.com",
+                email_normalized="a@example.com",
+                password_hash="x",
+                is_active=True,
+                created_at=now,
+                updated_at=now,
+            ),
+        )
+    )
+    challenges = sa.table(
+        "challenges",
+        sa.column("id", sa.Uuid()),
+        sa.column("token_hash", sa.LargeBinary()),
+        sa.column("user_id", sa.Uuid()),
+        sa.column("purpose", sa.String()),
+        sa.column("method", sa.String()),
+        sa.column("amr", sa.String()),
+        sa.column("created_at", UTCDateTime()),
+        sa.column("expires_at", UTCDateTime()),
+    )
+    for method, purpose in (("PASSKEY", "PASSKEY_REGISTER"), ("TOTP", "LOGIN")):
+        asyncio.run(
+            _run(
+                url,
+                sa.insert(challenges).values(
+                    id=uuid.uuid4(),
+                    token_hash=uuid.uuid4().bytes * 2,
+                    user_id=user_id,
+                    purpose=purpose,
+                    method=method,
+                    amr="pwd",
+                    created_at=now,
+                    expires_at=now + timedelta(minutes=5),
+                ),
+            )
+        )
+    command.downgrade(config, "185a068ce528")
+    left = asyncio.run(_run(url, sa.select(challenges.c.method)))
+    assert [row.method for row in left] == ["TOTP"]
+    assert "passkeys" not in asyncio.run(table_names(url))
+    command.upgrade(config, "head")
