@@ -444,6 +444,23 @@ class Settings(BaseSettings):
     whose host is `WEBAUTHN_RP_ID` or a subdomain of it, or an Android app's
     `android:apk-key-hash:<base64url SHA-256 of its signing certificate>`. `http://` only in
     development, and only for `localhost` or a loopback address. Unset: `https://<WEBAUTHN_RP_ID>`."""
+    webauthn_related_origins: str = ""
+    """Passkeys on several sites (WebAuthn Level 3 related origin requests): comma-separated
+    `https://host[:port]` origins on other domains that may use `WEBAUTHN_RP_ID`'s passkeys.
+    They are accepted like `WEBAUTHN_ORIGINS` and listed at `/.well-known/webauthn`, which
+    browsers fetch from the RP ID's host (serve it there: Strawgate's host must be the RP
+    ID's, or proxy that path to Strawgate)."""
+    webauthn_android_apps: str = ""
+    """Passkeys in Android apps: comma-separated `package.name:SHA256_FINGERPRINT` (the
+    signing certificate's SHA-256 as `keytool` prints it, `AB:CD:...`). Each app's
+    `android:apk-key-hash:` origin is accepted, and `/.well-known/assetlinks.json` lists them
+    (Digital Asset Links: the app may use the RP ID's credentials) where Strawgate serves the
+    RP ID's host."""
+    webauthn_apple_app_ids: str = ""
+    """Passkeys in iOS and macOS apps: comma-separated app IDs (`TEAMID.com.example.app`),
+    listed as `webcredentials` at `/.well-known/apple-app-site-association` where Strawgate
+    serves the RP ID's host (the app's Associated Domains entitlement names
+    `webcredentials:<RP ID>`)."""
 
     # Email ownership and emailed codes.
     require_email_verification: bool = True
@@ -731,12 +748,29 @@ class Settings(BaseSettings):
         problem = _rp_id_problem(rp_id, local=local)
         if problem is not None:
             raise ConfigError(f"WEBAUTHN_RP_ID {problem}")
-        given = [part.strip() for part in self.webauthn_origins.split(",") if part.strip()]
+        given = _comma_list(self.webauthn_origins)
         origins = [_webauthn_origin(origin, rp_id, local=local) for origin in given]
+        related = tuple(
+            _webauthn_origin(origin, rp_id, local=local, related=True)
+            for origin in _comma_list(self.webauthn_related_origins)
+        )
+        android = tuple(_android_app(entry) for entry in _comma_list(self.webauthn_android_apps))
+        apple = tuple(_apple_app_id(entry) for entry in _comma_list(self.webauthn_apple_app_ids))
         return RelyingParty(
             id=rp_id,
             name=self.webauthn_rp_name or self.product_name,
-            origins=tuple(dict.fromkeys(origins or [f"https://{rp_id}"])),
+            origins=tuple(
+                dict.fromkeys(
+                    [
+                        *(origins or [f"https://{rp_id}"]),
+                        *related,
+                        *(app.origin for app in android),
+                    ]
+                )
+            ),
+            related_origins=related,
+            android_apps=android,
+            apple_app_ids=apple,
         )
 
     def _check_mail(self) -> None:
@@ -793,7 +827,54 @@ class RelyingParty:
 
     id: str
     name: str
+    # Every origin an answer may come from: WEBAUTHN_ORIGINS (or https://<id>), the related
+    # origins and the Android apps' apk-key-hash origins.
     origins: tuple[str, ...]
+    related_origins: tuple[str, ...] = ()
+    android_apps: tuple[AndroidApp, ...] = ()
+    apple_app_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AndroidApp:
+    """An Android app that may use the RP ID's passkeys (WEBAUTHN_ANDROID_APPS)."""
+
+    package: str
+    fingerprint: str  # the signing certificate's SHA-256, AB:CD:... (uppercase)
+
+    @property
+    def origin(self) -> str:
+        """The origin its answers carry: android:apk-key-hash:<base64url SHA-256>."""
+        digest = bytes.fromhex(self.fingerprint.replace(":", ""))
+        return _APK_KEY_HASH + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+_ANDROID_PACKAGE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z][A-Za-z0-9_]*)+")
+_FINGERPRINT = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31}")
+_APPLE_APP_ID = re.compile(r"[A-Z0-9]{10}\.[A-Za-z0-9][A-Za-z0-9.-]*")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _android_app(entry: str) -> AndroidApp:
+    package, _, fingerprint = entry.partition(":")
+    if not _ANDROID_PACKAGE.fullmatch(package) or not _FINGERPRINT.fullmatch(fingerprint):
+        raise ConfigError(
+            "WEBAUTHN_ANDROID_APPS: each entry is package.name:SHA256_FINGERPRINT (the signing"
+            " certificate's SHA-256 as keytool prints it: 32 hex pairs separated by colons)"
+        )
+    return AndroidApp(package=package, fingerprint=fingerprint.upper())
+
+
+def _apple_app_id(entry: str) -> str:
+    if not _APPLE_APP_ID.fullmatch(entry):
+        raise ConfigError(
+            "WEBAUTHN_APPLE_APP_IDS: each entry is an app ID, TEAMID.bundle.id (a 10-character"
+            " team ID, a dot, the bundle ID)"
+        )
+    return entry
 
 
 _HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -821,10 +902,12 @@ def _rp_id_problem(rp_id: str, *, local: bool) -> str | None:
     return f"must be a host name such as example.com (no scheme, port or path), not {rp_id!r}"
 
 
-def _webauthn_origin(origin: str, rp_id: str, *, local: bool) -> str:
+def _webauthn_origin(origin: str, rp_id: str, *, local: bool, related: bool = False) -> str:
     """`origin` as browsers write it in clientDataJSON (scheme and host lowercase, no
-    default port), or ConfigError where it cannot be one of the RP ID's origins."""
-    if origin.startswith(_APK_KEY_HASH):
+    default port), or ConfigError where it cannot be one of the RP ID's origins (a
+    `related` origin: an https origin on another site, WEBAUTHN_RELATED_ORIGINS)."""
+    setting = "WEBAUTHN_RELATED_ORIGINS" if related else "WEBAUTHN_ORIGINS"
+    if origin.startswith(_APK_KEY_HASH) and not related:
         # An Android app's signing certificate: not a web origin, so no host to match.
         if not _APK_KEY_HASH_VALUE.fullmatch(origin[len(_APK_KEY_HASH) :]):
             raise ConfigError(
@@ -850,13 +933,19 @@ def _webauthn_origin(origin: str, rp_id: str, *, local: bool) -> str:
         or parts.fragment
     ):
         raise ConfigError(
-            f"WEBAUTHN_ORIGINS: {origin!r} is not an origin (https://host or https://host:port)"
+            f"{setting}: {origin!r} is not an origin (https://host or https://host:port)"
         )
+    if related and scheme != "https":
+        raise ConfigError(f"{setting}: {origin!r} must use https")
     if scheme == "http" and not (local and _is_loopback(host)):
         raise ConfigError(
-            f"WEBAUTHN_ORIGINS: {origin!r} must use https (http only for localhost in development)"
+            f"{setting}: {origin!r} must use https (http only for localhost in development)"
         )
-    if host != rp_id and not host.endswith("." + rp_id):
+    if related and (host == rp_id or host.endswith("." + rp_id)):
+        raise ConfigError(
+            f"{setting}: {origin!r} is on WEBAUTHN_RP_ID {rp_id}: list it in WEBAUTHN_ORIGINS"
+        )
+    if not related and host != rp_id and not host.endswith("." + rp_id):
         raise ConfigError(
             f"WEBAUTHN_ORIGINS: {origin!r} is not on WEBAUTHN_RP_ID {rp_id} or a subdomain of it"
         )

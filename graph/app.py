@@ -63,6 +63,7 @@ from db.services.notices import Notices
 from db.services.passkeys import PasskeyService
 from db.session import Statements, connection_problem, create_engine
 from db.settings import ConfigError, Settings
+from graph import wellknown
 from graph.context import AppServices, Context
 from graph.errors import DatabaseWatch, is_missing_table, present_errors
 from graph.graphiql import PREFIX, IdePage, asset_endpoint, ide_page
@@ -79,6 +80,7 @@ _SCHEMA_VERSION: Executable = select(column("version_num")).select_from(table("a
 # Routes counted by name in metrics; any other path is "other" (no unbounded labels).
 _ROUTES = frozenset(
     {"/graphql", "/healthz", "/readyz", "/metrics", "/.well-known/jwks.json", "/demo"}
+    | wellknown.PATHS
 )
 # The development-only demo page (docs/getting-started.md, "The demo page").
 DEMO_PAGE = importlib.resources.files("graph") / "static" / "demo.html"
@@ -472,6 +474,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             ),
         ),
     ]
+    routes += wellknown.routes(settings.relying_party())
     if view.ide_page is not None and view.ide_page.local:
         routes.append(Route(PREFIX + "{name:path}", asset_endpoint(view.ide_page.files)))
     if not settings.is_production:

@@ -29,6 +29,16 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 # rotation waits at least this long between its steps: docs/operating/keys.md).
 JWKS_MAX_AGE = 300
 JWKS_PATH = "/.well-known/jwks.json"
+# Public documents a client or platform may cache as long as the keys (JWKS_MAX_AGE): the
+# keys, and the passkeys' associations (graph/wellknown.py).
+PUBLIC_DOCUMENTS = frozenset(
+    {
+        JWKS_PATH,
+        "/.well-known/webauthn",
+        "/.well-known/assetlinks.json",
+        "/.well-known/apple-app-site-association",
+    }
+)
 
 _SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script\s*>", re.IGNORECASE | re.DOTALL)
 _LINK = re.compile(r"<link\b([^>]*)>", re.IGNORECASE | re.DOTALL)
@@ -153,7 +163,7 @@ class SecurityHeaders:
     ) -> list[tuple[bytes, bytes]]:
         if self._immutable and status == 200 and scope["path"].startswith(self._immutable):
             return self._cached
-        if status == 200 and scope["path"] == JWKS_PATH:
+        if status == 200 and scope["path"] in PUBLIC_DOCUMENTS:
             return self._keys
         page = self._pages.get(scope["path"])
         if page is not None:

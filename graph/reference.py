@@ -91,7 +91,14 @@ SETTING_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "Passkeys",
         "passkeys",
-        ("webauthn_rp_id", "webauthn_rp_name", "webauthn_origins"),
+        (
+            "webauthn_rp_id",
+            "webauthn_rp_name",
+            "webauthn_origins",
+            "webauthn_related_origins",
+            "webauthn_android_apps",
+            "webauthn_apple_app_ids",
+        ),
     ),
     (
         "Mail",
