@@ -191,7 +191,8 @@ def _rotate_keys(args: argparse.Namespace) -> int:
 
 
 def _users(args: argparse.Namespace) -> int:
-    """`strawgate users show|disable|enable|unlock|logout EMAIL`: see db/services/operator.py."""
+    """`strawgate users show|disable|enable|unlock|logout EMAIL` and `strawgate users
+    passkeys remove EMAIL ID`: see db/services/operator.py."""
     import asyncio
     import json
 
@@ -202,6 +203,7 @@ def _users(args: argparse.Namespace) -> int:
         InvalidEmail,
         Operator,
         UnknownAccount,
+        UnknownPasskey,
         normalized_email,
     )
     from db.session import Statements, create_engine
@@ -248,6 +250,8 @@ def _users(args: argparse.Namespace) -> int:
                 return await operator.enable(args.email)
             if args.action == "unlock":
                 return await operator.unlock(args.email)
+            if args.action == "passkeys remove":
+                return await operator.remove_passkey(args.email, args.passkey_id)
             return await operator.logout(args.email)
         finally:
             await statements.close()
@@ -260,6 +264,10 @@ def _users(args: argparse.Namespace) -> int:
             result = asyncio.run(act())
     except UnknownAccount as exc:
         print(f"strawgate: no account with the email {exc.email}", file=sys.stderr)
+        return 1
+    except UnknownPasskey as exc:
+        shown = _printable(exc.passkey_id[:80])
+        print(f"strawgate: {args.email} has no passkey {shown}", file=sys.stderr)
         return 1
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
@@ -307,7 +315,16 @@ def _account_text(report: AccountReport) -> str:
         f"created         {_when(report.created_at)}",
         f"email verified  {verified}",
         f"two-factor      {two_factor}",
-        f"passkeys        {report.passkeys}",
+        f"passkeys        {len(report.passkeys)}",
+    ]
+    for passkey in report.passkeys:
+        synced = ", synced" if passkey.backed_up else ""
+        lines.append(f"  {passkey.id}  {_printable(passkey.name)}")
+        lines.append(
+            f"    added {_when(passkey.created_at)}, last used {_when(passkey.last_used_at)}"
+            + synced
+        )
+    lines += [
         f"lockout         {locked}",
         f"live sessions   {len(report.sessions)}",
     ]
@@ -358,6 +375,12 @@ def _outcome_lines(outcome: Outcome) -> list[str]:
                 "could not clear its sign-in rate limit: Redis did not answer (it lapses"
                 " within the limit's window)"
             )
+    elif outcome.action == "passkeys remove":
+        lines.append(
+            f"removed the passkey {outcome.details['passkey']}"
+            f" ({_printable(outcome.details['name'])}) of {email}; its sessions go on (end them"
+            " with `strawgate users logout`)"
+        )
     else:
         lines.append(
             f"logged {email} out everywhere: ended {outcome.sessions_ended} session(s) and"
@@ -507,6 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("email", help="the account's email address (any case)")
         command.add_argument("--json", action="store_true", help="print JSON")
         command.set_defaults(run=_users, action=action)
+    passkeys = users_commands.add_parser(
+        "passkeys",
+        help="the account's passkeys (listed by `users show`)",
+        description="The account's passkeys; `users show` lists them with their ids.",
+    )
+    passkeys_commands = passkeys.add_subparsers(dest="passkeys_command", required=True)
+    text = "remove one passkey (a lost or compromised authenticator); its sessions go on"
+    remove = passkeys_commands.add_parser("remove", help=text, description=text)
+    remove.add_argument("email", help="the account's email address (any case)")
+    remove.add_argument("passkey_id", help="the passkey's id, as `users show` prints it")
+    remove.add_argument("--json", action="store_true", help="print JSON")
+    remove.set_defaults(run=_users, action="passkeys remove")
 
     export = commands.add_parser("export-schema", help="write the GraphQL schema (SDL)")
     export.add_argument("--output", "-o", default="schema.graphql", help='a path, or "-"')

@@ -1,5 +1,6 @@
-"""`strawgate users show|disable|enable|unlock|logout EMAIL`, run as an operator runs it (a
-process of its own, on the configured database) while the app serves the account."""
+"""`strawgate users show|disable|enable|unlock|logout EMAIL` and `strawgate users passkeys
+remove EMAIL ID`, run as an operator runs it (a process of its own, on the configured
+database) while the app serves the account."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.migrate import upgrade_head
-from db.models import Challenge, LoginThrottle, SecurityEvent, User, UserSession
+from db.models import Challenge, LoginThrottle, Passkey, SecurityEvent, User, UserSession
 from db.security.tokens import token_digest
 from db.settings import Settings
 from graph.app import create_app
@@ -334,6 +335,68 @@ async def test_show_prints_the_account_and_no_secret(
     ):
         assert secret not in text
         assert secret not in json.dumps(as_json)
+
+
+async def add_passkey(database_url: str, user_id: str, name: str, *, days_ago: int) -> uuid.UUID:
+    passkey_id = uuid.uuid4()
+    await write(
+        database_url,
+        insert(Passkey).values(
+            id=passkey_id,
+            user_id=uuid.UUID(user_id),
+            credential_id=secrets.token_bytes(32),
+            public_key=secrets.token_bytes(77),
+            sign_count=0,
+            aaguid=str(uuid.UUID(int=0)),
+            backup_eligible=True,
+            backed_up=days_ago == 0,
+            user_verified=True,
+            name=name,
+            created_at=datetime.now(UTC) - timedelta(days=days_ago),
+        ),
+    )
+    return passkey_id
+
+
+async def test_show_lists_passkeys_and_remove_takes_one_away(
+    client: httpx.AsyncClient, database_url: str, tmp_path: Path
+) -> None:
+    email = unique_email()
+    session = await signup(client, email, PASSWORD)
+    user_id = session["user"]["id"]
+    older = await add_passkey(database_url, user_id, "YubiKey 5 \x1b[31mred", days_ago=3)
+    newer = await add_passkey(database_url, user_id, "iCloud Keychain", days_ago=0)
+    stranger = await signup(client, unique_email(), PASSWORD)
+    theirs = await add_passkey(database_url, stranger["user"]["id"], "Theirs", days_ago=1)
+
+    text = await ok(tmp_path, database_url, "show", email)
+    assert "passkeys        2" in text
+    assert text.index(str(newer)) < text.index(str(older))  # newest first
+    assert "iCloud Keychain" in text and "synced" in text
+    assert "\x1b" not in text  # a name cannot drive the terminal
+    listed = json.loads(await ok(tmp_path, database_url, "show", email, "--json"))["passkeys"]
+    assert [p["id"] for p in listed] == [str(newer), str(older)]
+    assert set(listed[0]) == {"id", "name", "created_at", "last_used_at", "backed_up"}
+
+    # Another account's passkey, an unknown id and no id at all change nothing.
+    for wrong in (str(theirs), str(uuid.uuid4()), "not-an-id"):
+        code, out, err = await strawgate(tmp_path, database_url, "passkeys", "remove", email, wrong)
+        assert (code, out) == (1, ""), (wrong, code, out, err)
+        assert f"strawgate: {email} has no passkey {wrong}" in err
+    assert len(await rows(database_url, select(Passkey.id))) == 3
+
+    out = await ok(tmp_path, database_url, "passkeys", "remove", email, str(older), "--json")
+    answer = json.loads(out)
+    assert answer["action"] == "passkeys remove" and answer["changed"] is True
+    assert answer["passkey"]["id"] == str(older)
+    left = await rows(database_url, select(Passkey.id).where(Passkey.user_id == uuid.UUID(user_id)))
+    assert [row.id for row in left] == [newer]
+    (event,) = await events(database_url, user_id, "PASSKEY_REMOVED")
+    assert event["passkey"] == str(older) and event["operator"]
+    # The account's sessions go on: removing a passkey is not a logout.
+    assert (await gql(client, ME, token=session["accessToken"]))["data"]["me"] is not None
+    text = (await ok(tmp_path, database_url, "passkeys", "remove", email, str(newer))).strip()
+    assert text.startswith(f"removed the passkey {newer} (iCloud Keychain) of {email}")
 
 
 async def test_unknown_or_invalid_email(

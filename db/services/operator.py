@@ -1,5 +1,5 @@
 """What an operator does to one account from the command line (`strawgate users`): look
-at it, disable and enable it, clear its lockout, end its sessions.
+at it, disable and enable it, clear its lockout, end its sessions, remove a passkey.
 
 Every change runs in one transaction in the order the rest of the code locks in: the
 user's row first (exclusively), then the user's sessions by id; it is written to the
@@ -86,11 +86,28 @@ _RECENT_EVENTS = (
     .order_by(SecurityEvent.id.desc())
     .limit(bindparam("n"))
 )
-_PASSKEYS = select(func.count(Passkey.id)).where(Passkey.user_id == bindparam("uid"))
+_PASSKEYS = (
+    select(Passkey.id, Passkey.name, Passkey.created_at, Passkey.last_used_at, Passkey.backed_up)
+    .where(Passkey.user_id == bindparam("uid"))
+    .order_by(Passkey.created_at.desc(), Passkey.id)
+)
+_REMOVE_PASSKEY = (
+    delete(Passkey)
+    .where(Passkey.id == bindparam("pid"), Passkey.user_id == bindparam("uid"))
+    .returning(Passkey.name)
+)
 
 
 class InvalidEmail(ValueError):
     """What was given is no email address (the message says why)."""
+
+
+class UnknownPasskey(LookupError):
+    """No passkey with this id on the account."""
+
+    def __init__(self, passkey_id: str) -> None:
+        super().__init__(passkey_id)
+        self.passkey_id = passkey_id
 
 
 class UnknownAccount(LookupError):
@@ -152,6 +169,15 @@ class LockoutState:
 
 
 @dataclass(frozen=True, slots=True)
+class PasskeyInfo:
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None
+    backed_up: bool  # synced across the user's devices
+
+
+@dataclass(frozen=True, slots=True)
 class AccountReport:
     """What `users show` prints."""
 
@@ -165,7 +191,7 @@ class AccountReport:
     lockout: LockoutState
     sessions: list[SessionInfo]
     events: list[EventInfo]
-    passkeys: int = 0  # registered passkeys
+    passkeys: list[PasskeyInfo] = field(default_factory=list)  # newest first
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -177,7 +203,16 @@ class AccountReport:
             "email_verified_at": _iso(self.email_verified_at),
             "two_factor": self.two_factor,
             "two_factor_since": _iso(self.two_factor_since),
-            "passkeys": self.passkeys,
+            "passkeys": [
+                {
+                    "id": str(p.id),
+                    "name": p.name,
+                    "created_at": _iso(p.created_at),
+                    "last_used_at": _iso(p.last_used_at),
+                    "backed_up": p.backed_up,
+                }
+                for p in self.passkeys
+            ],
             "lockout": {
                 "locked": self.lockout.locked,
                 "failures": self.lockout.failures,
@@ -223,7 +258,7 @@ class Outcome:
     details: dict[str, DetailValue] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        found: dict[str, Any] = {
             "action": self.action,
             "email": self.email,
             "user_id": str(self.user_id),
@@ -235,6 +270,9 @@ class Outcome:
             "code_failures_cleared": self.code_failures_cleared,
             "rate_limit_cleared": self.rate_limit_cleared,
         }
+        if self.action == "passkeys remove":
+            found["passkey"] = {"id": self.details["passkey"], "name": self.details["name"]}
+        return found
 
 
 class Operator:
@@ -266,7 +304,7 @@ class Operator:
             codes = await conn.first(_CODE_FAILURES, {"pattern": _code_pattern(uid)})
             sessions = await conn.all(_LIVE_SESSIONS, {"uid": uid, "now": now})
             events = await conn.all(_RECENT_EVENTS, {"uid": uid, "n": RECENT_EVENTS})
-            passkeys = await conn.scalars(_PASSKEYS, {"uid": uid})
+            passkeys = await conn.all(_PASSKEYS, {"uid": uid})
         locked_until = throttle["locked_until"] if throttle is not None else None
         if user["otp_confirmed_at"] is not None:
             two_factor, since = "on", user["otp_confirmed_at"]
@@ -282,7 +320,16 @@ class Operator:
             email_verified_at=user["email_verified_at"],
             two_factor=two_factor,
             two_factor_since=since,
-            passkeys=int(passkeys[0]) if passkeys else 0,
+            passkeys=[
+                PasskeyInfo(
+                    id=row["id"],
+                    name=row["name"],
+                    created_at=row["created_at"],
+                    last_used_at=row["last_used_at"],
+                    backed_up=bool(row["backed_up"]),
+                )
+                for row in passkeys
+            ],
             lockout=LockoutState(
                 failures=throttle["failures"] if throttle is not None else 0,
                 last_failure_at=throttle["last_failure_at"] if throttle is not None else None,
@@ -424,6 +471,36 @@ class Operator:
             changed=True,
             active=active,
             sessions_ended=ended,
+            details=details,
+        )
+
+    async def remove_passkey(self, email: str, passkey_id: str) -> Outcome:
+        """Removes one passkey of the account (a lost or compromised authenticator the owner
+        cannot reach to delete it), recorded as PASSKEY_REMOVED naming the operator. Its
+        sessions stay: end them with logout where the passkey may have been used by
+        someone else. UnknownPasskey for an id the account does not hold."""
+        normalized = normalized_email(email)
+        try:
+            pid = uuid.UUID(passkey_id)
+        except ValueError:
+            raise UnknownPasskey(passkey_id) from None
+        async with self.events.transaction(self.statements) as tx:
+            uid, active = await self._lock(tx, normalized)
+            removed = await tx.first(_REMOVE_PASSKEY, {"pid": pid, "uid": uid})
+            if removed is None:
+                raise UnknownPasskey(passkey_id)
+            details: dict[str, DetailValue] = {
+                "operator": self.operator,
+                "passkey": str(pid),
+                "name": removed["name"],
+            }
+            await self.events.record(tx, EventKind.PASSKEY_REMOVED, user_id=uid, details=details)
+        return Outcome(
+            action="passkeys remove",
+            email=normalized,
+            user_id=uid,
+            changed=True,
+            active=active,
             details=details,
         )
 
