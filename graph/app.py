@@ -587,6 +587,8 @@ def make_auth(
         idle_timeout=settings.session_idle_timeout,
         max_sessions=settings.max_sessions_per_user,
         reauth_window=settings.reauth_window,
+        relying_party=settings.relying_party(),
+        passkey_decoy_key=derive_key(secret, "passkey-decoy-credentials"),
     )
 
 

@@ -146,8 +146,9 @@ class ReauthenticateInput:
         default=None,
         description=(
             "The current password. Omitted: the answer is an OtpChallenge (REAUTHENTICATE)"
-            " whose code is mailed to the account's address; with emailCode false nothing"
-            " is mailed."
+            " whose code is mailed to the account's address; where the user has passkeys it"
+            " also carries passkeyOptionsJson (passkeys.graphql), and with emailCode false"
+            " nothing is mailed."
         ),
     )
     email_code: bool = strawberry.field(
@@ -178,6 +179,34 @@ class FinishPasskeyRegistrationInput:
         default=strawberry.UNSET,
         description="A name to tell this passkey apart; defaults to the authenticator's make.",
     )
+
+
+@strawberry.input
+class StartPasskeyLoginInput:
+    email: str | None = strawberry.field(
+        default=strawberry.UNSET,
+        description=(
+            "Optional. Without it the options allow any discoverable passkey (browser"
+            ' autofill, "Sign in with a passkey" buttons); with it they list that account\'s'
+            " passkeys, and the answer looks the same whether or not the email is registered"
+            " or has passkeys."
+        ),
+    )
+
+
+@strawberry.input
+class FinishPasskeyLoginInput:
+    challenge_token: str = strawberry.field(
+        description=(
+            "From startPasskeyLogin, or from an OtpChallenge whose passkeyOptionsJson is set."
+            " For a REAUTHENTICATE challenge, send the session's bearer token too: the answer"
+            " is that same session re-issued."
+        )
+    )
+    credential_json: str = strawberry.field(
+        description="The authenticator's answer: AuthenticationResponseJSON as text."
+    )
+    device_token: str | None = strawberry.field(default=strawberry.UNSET)
 
 
 @strawberry.input

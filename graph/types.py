@@ -11,7 +11,8 @@ from strawberry.types import Info
 
 from db.errors import AuthFailure, ErrorCode
 from db.services.mfa import TotpEnrolment
-from db.services.passkeys import IssuedCeremony, PasskeyView
+from db.services.passkey_options import IssuedCeremony
+from db.services.passkeys import PasskeyView
 from db.services.types import IssuedChallenge, IssuedSession, SessionView, UserView
 from graph.context import Context
 
@@ -171,6 +172,16 @@ class OtpChallenge:
     method: OtpMethod
     purpose: OtpPurpose
     expires_in: int = strawberry.field(description="Seconds until challengeToken expires.")
+    passkey_options_json: str | None = strawberry.field(
+        default=None,
+        description=(
+            "Set where the user may answer this challenge with a passkey: the TOTP step of a"
+            " password login, and a REAUTHENTICATE challenge, of a user who has passkeys."
+            " Request options as JSON text, for finishPasskeyLogin with this challengeToken."
+            " Null otherwise, always for emailed-code LOGIN challenges (they must not tell"
+            " whether an address is registered or has passkeys)."
+        ),
+    )
 
     @classmethod
     def from_issued(cls, issued: IssuedChallenge) -> OtpChallenge:
@@ -179,6 +190,7 @@ class OtpChallenge:
             method=OtpMethod(issued.method),
             purpose=OtpPurpose(issued.purpose),
             expires_in=issued.expires_in,
+            passkey_options_json=issued.passkey_options_json,
         )
 
 

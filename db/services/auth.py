@@ -8,6 +8,8 @@ and is what the resolvers and the other services call.
 - db/services/signin/emailed_code.py: the way in by emailed code (sign-in, verification,
   step-up, change of address).
 - db/services/signin/second_factor.py: TOTP and recovery codes (the TOTP step).
+- db/services/signin/passkey.py: the way in by passkey (a sign-in ceremony, the TOTP
+  step answered by a passkey, a step-up).
 - db/services/signin/signup.py: a new account.
 - db/services/sessions.py: sessions, their tokens, refresh, logout, the per-request check.
 
@@ -30,7 +32,7 @@ from datetime import timedelta
 from typing import Any
 
 from db.clock import Clock
-from db.errors import AuthFailure, ErrorCode, invalid_input
+from db.errors import AuthFailure, ErrorCode
 from db.mail.outbox import Outbox
 from db.security.access import AccessClaims, AccessTokenCodec
 from db.security.device import DeviceTokens
@@ -44,14 +46,17 @@ from db.services.events import EventKind, SecurityEvents
 from db.services.lockout import CodeChecks, Lockout
 from db.services.mfa import TwoFactor
 from db.services.notices import Notices
+from db.services.passkey_options import PasskeyOptions
 from db.services.sessions import Sessions
 from db.services.signin.conclusion import Conclusion
 from db.services.signin.emailed_code import EmailedCodes
+from db.services.signin.passkey import PasskeySignIns
 from db.services.signin.password import Passwords
 from db.services.signin.second_factor import SecondFactors
 from db.services.signin.signup import Signups
 from db.services.types import ClientInfo, IssuedChallenge, IssuedSession, UserView
 from db.session import Statements
+from db.settings import RelyingParty
 from db.validation import parse_email
 
 __all__ = ["AuthService", "ClientInfo", "IssuedChallenge", "IssuedSession", "UserView"]
@@ -84,6 +89,8 @@ class AuthService:
         idle_timeout: timedelta = timedelta(0),
         max_sessions: int = 50,
         reauth_window: timedelta = timedelta(minutes=10),
+        relying_party: RelyingParty | None = None,
+        passkey_decoy_key: bytes = b"",
     ) -> None:
         self.events = events
         self.devices = devices
@@ -117,6 +124,10 @@ class AuthService:
             max_sessions=max_sessions,
             reauth_window=reauth_window,
         )
+        # Request options of passkey ceremonies; off (None) while WEBAUTHN_RP_ID is unset.
+        self.passkey_options = PasskeyOptions(
+            relying_party=relying_party, decoy_key=passkey_decoy_key
+        )
         self.conclusion = Conclusion(
             clock=clock,
             sessions=self.sessions,
@@ -124,6 +135,7 @@ class AuthService:
             notices=notices,
             events=events,
             require_email_verification=require_email_verification,
+            passkey_options=self.passkey_options,
         )
         self.passwords = Passwords(
             statements=statements,
@@ -175,10 +187,24 @@ class AuthService:
             sessions=self.sessions,
             conclusion=self.conclusion,
         )
+        self.passkey_sign_ins = PasskeySignIns(
+            statements=statements,
+            clock=clock,
+            limiter=limiter,
+            trust=trust,
+            lockout=lockout,
+            events=events,
+            challenges=challenges,
+            sessions=self.sessions,
+            conclusion=self.conclusion,
+            options=self.passkey_options,
+        )
 
         # What the resolvers and the other services call, by the names they know.
         self.signup = self.signups.signup
         self.login = self.passwords.login
+        self.start_passkey_login = self.passkey_sign_ins.start
+        self.finish_passkey_login = self.passkey_sign_ins.finish
         self.conclude = self.conclusion.conclude
         self.check_current_password = self.passwords.check_current_password
         self.prove_password = self.passwords.prove_password
@@ -211,17 +237,14 @@ class AuthService:
         client: ClientInfo,
     ) -> IssuedSession | IssuedChallenge:
         """Step-up on this session: the password (its wrong attempts count as a login's),
-        or with none, a code mailed to the address; then the TOTP step where two-factor
-        is on. Answers this session re-issued with a fresh auth_time, or the challenge."""
+        or with none, a code mailed to the address and, where the user has passkeys, one
+        of them (finishPasskeyLogin; with `email_code` false only a passkey); then the
+        TOTP step where two-factor is on (a passkey needs none). Answers this session
+        re-issued with a fresh auth_time, or the challenge."""
         address = parse_email(user.email).normalized
         if password is None:
-            if not email_code:
-                raise invalid_input(
-                    "Give your password, or ask for a code by mail (emailCode: true).",
-                    field="password",
-                )
             return await self.emailed_codes.reauthenticate(
-                user=user, claims=claims, address=address, client=client
+                user=user, claims=claims, address=address, email_code=email_code, client=client
             )
         return await self.passwords.reauthenticate(
             user=user, claims=claims, address=address, password=password, client=client

@@ -24,6 +24,7 @@ from db.security.codes import email_code_digest, email_code_matches, new_email_c
 from db.security.limiter import RateLimiter, network_key
 from db.security.tokens import looks_like_opaque_token, new_opaque_token, token_digest
 from db.services.device_trust import DeviceTrust
+from db.services.passkey_options import CEREMONY_LIFETIME, PASSKEY, PASSKEY_LOGIN
 from db.services.types import ClientInfo, IssuedChallenge
 from db.session import Runner, Statements
 from db.validation import clean_user_agent, parse_email
@@ -119,6 +120,19 @@ TAKE_FOR_VERIFY_OTP = _take_attempt(
                 Challenge.purpose == REAUTHENTICATE,
             ),
         ),
+    )
+)
+# finishPasskeyLogin completes passkey sign-in ceremonies, passkey-only step-ups, TOTP
+# steps (after a proven first factor) and emailed step-up codes: never a registration
+# ceremony, an emailed sign-in, verification, reset or change-of-address code.
+TAKE_FOR_PASSKEY = _take_attempt(
+    or_(
+        and_(
+            Challenge.method == PASSKEY,
+            or_(Challenge.purpose == PASSKEY_LOGIN, Challenge.purpose == REAUTHENTICATE),
+        ),
+        Challenge.method == TOTP,
+        and_(Challenge.method == EMAIL, Challenge.purpose == REAUTHENTICATE),
     )
 )
 TAKE_FOR_RESET = _take_attempt(and_(Challenge.method == EMAIL, Challenge.purpose == RESET_PASSWORD))
@@ -331,6 +345,33 @@ class Challenges:
             method=TOTP,
             purpose=purpose,
             expires_in=int(self.totp_lifetime.total_seconds()),
+        )
+
+    async def open_passkey(
+        self,
+        tx: Runner,
+        *,
+        purpose: str,
+        user_id: uuid.UUID | None,
+        email: str | None,
+        client: ClientInfo,
+        session_id: uuid.UUID | None = None,
+    ) -> str:
+        """A passkey ceremony (method PASSKEY) for `purpose`: a sign-in (PASSKEY_LOGIN;
+        `user_id` where it was started with an account's address, `email` the normalized
+        address given), or a step-up answered only by a passkey (REAUTHENTICATE, bound to
+        `session_id`). Five minutes; returns its token."""
+        return await self._insert(
+            tx,
+            challenge_id=uuid.uuid4(),
+            user_id=user_id,
+            purpose=purpose,
+            method=PASSKEY,
+            amr=[],
+            client=client,
+            expires_at=self.clock.now() + CEREMONY_LIFETIME,
+            session_id=session_id,
+            email=email,
         )
 
     async def _insert(

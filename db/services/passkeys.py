@@ -1,5 +1,5 @@
 """Passkeys (WebAuthn): registering one for the signed-in user, listing, renaming and
-deleting them. Signing in with one comes next.
+deleting them. Signing in with one is db/services/signin/passkey.py.
 
 A registration is a ceremony in two requests. The start opens a challenge (the
 `challenges` table, method PASSKEY) bound to the user and the session that asked, for five
@@ -10,13 +10,12 @@ transaction that adds the passkey."""
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import unicodedata
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, insert, null, select, update
@@ -28,9 +27,7 @@ from webauthn.helpers.structs import (
     AttestationConveyancePreference,
     AuthenticatorAttachment,
     AuthenticatorSelectionCriteria,
-    AuthenticatorTransport,
     CredentialDeviceType,
-    PublicKeyCredentialDescriptor,
     RegistrationCredential,
     ResidentKeyRequirement,
     UserVerificationRequirement,
@@ -43,14 +40,21 @@ from db.security.access import AccessClaims
 from db.security.tokens import looks_like_opaque_token, new_opaque_token, token_digest
 from db.services.auth import AuthService
 from db.services.events import EventKind
+from db.services.passkey_options import (
+    CEREMONY_LIFETIME,
+    CREDENTIALS,
+    PASSKEY,
+    PASSKEY_REGISTER,
+    IssuedCeremony,
+    descriptors,
+    webauthn_challenge,
+)
 from db.services.types import ClientInfo, UserView
 from db.session import Runner
 from db.settings import RelyingParty
 from db.validation import clean_user_agent
 
-PASSKEY = "PASSKEY"  # the challenges' method
-PASSKEY_REGISTER = "PASSKEY_REGISTER"  # and purpose
-REGISTRATION_LIFETIME = timedelta(minutes=5)
+REGISTRATION_LIFETIME = CEREMONY_LIFETIME
 MAX_PASSKEYS = 20
 # Registrations started and not finished at once, per account: a bound on the rows a
 # client racing itself can make.
@@ -78,11 +82,7 @@ _SET_USER_HANDLE = (
     .where(User.id == bindparam("uid"), User.webauthn_user_handle.is_(None))
     .values(webauthn_user_handle=bindparam("handle"))
 )
-_CREDENTIALS = (
-    select(Passkey.credential_id, Passkey.transports)
-    .where(Passkey.user_id == bindparam("uid"))
-    .order_by(Passkey.created_at, Passkey.id)
-)
+_CREDENTIALS = CREDENTIALS
 _COUNT = select(func.count(Passkey.id)).where(Passkey.user_id == bindparam("uid"))
 _LIST = (
     select(Passkey.id, Passkey.name, Passkey.created_at, Passkey.last_used_at, Passkey.backed_up)
@@ -177,13 +177,6 @@ class PasskeyView:
     backed_up: bool
 
 
-@dataclass(frozen=True, slots=True)
-class IssuedCeremony:
-    challenge_token: str
-    options_json: str
-    expires_in: int
-
-
 class PasskeyService:
     def __init__(self, *, auth: AuthService, relying_party: RelyingParty | None) -> None:
         self.auth = auth
@@ -268,12 +261,7 @@ class PasskeyService:
                 require_resident_key=True,
                 user_verification=UserVerificationRequirement.REQUIRED,
             ),
-            exclude_credentials=[
-                PublicKeyCredentialDescriptor(
-                    id=row["credential_id"], transports=_transports(row["transports"])
-                )
-                for row in credentials
-            ],
+            exclude_credentials=descriptors(credentials),
             supported_pub_key_algs=ALGORITHMS,
         )
         return IssuedCeremony(
@@ -457,13 +445,6 @@ class PasskeyService:
         return handle
 
 
-def webauthn_challenge(token: str) -> bytes:
-    """The WebAuthn challenge of the ceremony `token` names: derived from the token, so
-    nothing but the token's digest is stored, and distinct from that digest (a database
-    reader learns no ceremony's challenge)."""
-    return hashlib.sha256(b"strawgate:webauthn-challenge:" + token.encode("utf-8")).digest()
-
-
 def clean_name(raw: str, *, field: str) -> str:
     """A passkey's name: trimmed, NFC, 1 to 64 characters, none of them control or
     format characters; INVALID_INPUT otherwise."""
@@ -500,13 +481,6 @@ def _verify(
     except (WebAuthnException, ValueError, TypeError, KeyError, IndexError, AttributeError):
         raise _unverified() from None
     return credential, verified
-
-
-def _transports(stored: str | None) -> list[AuthenticatorTransport] | None:
-    if not stored:
-        return None
-    known = {transport.value: transport for transport in AuthenticatorTransport}
-    return [known[value] for value in stored.split() if value in known] or None
 
 
 def _passkey_id(given: str) -> uuid.UUID:

@@ -15,6 +15,11 @@ AMR_PASSWORD = ["pwd"]
 AMR_EMAIL_CODE = ["otp"]
 AMR_TOTP = ["otp", "mfa"]
 AMR_RECOVERY_CODE = ["mfa"]
+# A passkey verified by its user (PIN, biometrics) is something held and something known
+# or are: multi-factor alone. "hwk" where the key cannot leave its device (not backup
+# eligible), "swk" for a synced one.
+AMR_PASSKEY_DEVICE_BOUND = ["hwk", "user", "mfa"]
+AMR_PASSKEY_SYNCED = ["swk", "user", "mfa"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,9 @@ class IssuedChallenge:
     method: str  # "TOTP" or "EMAIL"
     purpose: str  # "LOGIN", "VERIFY_EMAIL", "RESET_PASSWORD", "CHANGE_EMAIL", "REAUTHENTICATE"
     expires_in: int
+    # Request options for answering it with a passkey instead (finishPasskeyLogin): only
+    # on a step of a proven party (a TOTP step, a step-up) whose user has passkeys.
+    passkey_options_json: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

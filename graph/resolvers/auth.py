@@ -43,11 +43,15 @@ async def answer(
     info: Info[Context, Any],
     data: object,
     run: Callable[[], Awaitable[IssuedSession | IssuedChallenge]],
+    *,
+    check_input: bool = True,
 ) -> AuthResult:
-    """Checks the input, runs the service, and maps an expected failure to AuthError."""
+    """Checks the input (unless `check_input` is false: the caller checks what it holds),
+    runs the service, and maps an expected failure to AuthError."""
     ctx = info.context
     try:
-        reject_control_characters(info, data)
+        if check_input:
+            reject_control_characters(info, data)
         issued = await run()
     except AuthFailure as failure:
         if failure.code is ErrorCode.TOKEN_REUSED:

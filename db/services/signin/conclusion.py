@@ -1,14 +1,16 @@
 """What follows a proven credential: the one place every way in hands over to.
 
-Each way in (signin/password.py, signin/emailed_code.py, signin/second_factor.py) proves
-its credential, takes the account's lock and calls `Conclusion.conclude` in the same
-transaction; what conclude decides is listed in its docstring. It knows nothing of how a
-credential is checked; no way in opens a session or renews its auth_time itself (but a
-signup signed in at once, where verification is off: a new account has nothing to ask).
+Each way in (signin/password.py, signin/emailed_code.py, signin/second_factor.py,
+signin/passkey.py) proves its credential, takes the account's lock and calls
+`Conclusion.conclude` in the same transaction; what conclude decides is listed in its
+docstring. It knows nothing of how a credential is checked; no way in opens a session or
+renews its auth_time itself (but a signup signed in at once, where verification is off: a
+new account has nothing to ask).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from db.services import challenges as ch
 from db.services.challenges import Challenges
 from db.services.events import EventKind, SecurityEvents
 from db.services.notices import Notices
+from db.services.passkey_options import PasskeyOptions
 from db.services.sessions import HAS_PASSWORD, LOCK_LIVE_SESSION, OTP_CONFIRMED, WITH_TOTP, Sessions
 from db.services.types import ClientInfo, IssuedChallenge, IssuedSession, merge_amr, user_view
 from db.session import Runner
@@ -101,8 +104,10 @@ class Conclusion:
         notices: Notices,
         events: SecurityEvents,
         require_email_verification: bool,
+        passkey_options: PasskeyOptions | None = None,
     ) -> None:
         self.clock = clock
+        self.passkey_options = passkey_options
         self.sessions = sessions
         self.challenges = challenges
         self.notices = notices
@@ -128,7 +133,8 @@ class Conclusion:
 
         What it decides, in `tx`, here or in what it calls:
         - the second step: the address's code (VERIFY_EMAIL), then the TOTP step where
-          two-factor is on (Challenges.open_email, Challenges.open_totp);
+          two-factor is on (Challenges.open_email, Challenges.open_totp), offering the
+          user's passkeys as another answer to it (PasskeyOptions.for_user);
         - a reset: the new password, every session and pending step ended, the notice
           and PASSWORD_RESET (reset_password_now);
         - a step-up: the session's new `auth_time` and `amr`, new tokens,
@@ -157,7 +163,7 @@ class Conclusion:
             )
         if user["otp_confirmed_at"] is not None and "mfa" not in amr:
             # One factor never signs in to, resets or steps up an account with two-factor on.
-            return await self.challenges.open_totp(
+            step = await self.challenges.open_totp(
                 tx,
                 user_id=user_id,
                 purpose=intent.purpose,
@@ -166,6 +172,12 @@ class Conclusion:
                 pending_password_hash=intent.new_password_hash,
                 session_id=intent.session_id,
             )
+            if self.passkey_options is None:
+                return step
+            # A party that proved a first factor may answer the step with a passkey
+            # instead (finishPasskeyLogin): the options list the user's own passkeys.
+            offered = await self.passkey_options.for_user(tx, user_id, step.challenge_token)
+            return dataclasses.replace(step, passkey_options_json=offered)
         if intent.new_password_hash is not None:
             user = await self.reset_password_now(
                 tx, user_id=user_id, new_hash=intent.new_password_hash, client=client

@@ -1,0 +1,553 @@
+"""Signing in with a passkey (startPasskeyLogin, finishPasskeyLogin), a passkey as the
+second step of a password login, and as a step-up (OtpChallenge.passkeyOptionsJson),
+against the software authenticator (tests/webauthn_authenticator.py), real PostgreSQL and
+a real SMTP server, on the injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from jose import jwt
+from sqlalchemy import func, select, update
+from starlette.applications import Starlette
+
+from db.models import User, UserSession
+from db.settings import Settings
+from graph.app import create_app
+from tests.conftest import PASSWORD, MutableClock, client_for, unique_email
+from tests.gql import VERIFY_OTP, gql, mutate, signed_up_and_proven
+from tests.graph.test_mfa import code_at, enrolled
+from tests.graph.test_passkeys import kinds, my_passkeys, register, rows
+from tests.graph.test_passkeys import start as start_registration
+from tests.servers import running_many
+from tests.smtp import SmtpSink
+from tests.test_servers import ok, production_env
+from tests.test_servers import signed_up as signed_up_at
+from tests.webauthn_authenticator import SoftAuthenticator, b64url
+
+RP_ID = "example.com"
+ORIGIN = "https://example.com"
+WINDOW = 10 * 60  # REAUTH_WINDOW's default, in seconds
+
+ERROR = "... on AuthError { code message field retryAfter }"
+START = f"""mutation($i: StartPasskeyLoginInput!) {{ startPasskeyLogin(input: $i) {{
+    __typename ... on PasskeyCeremony {{ challengeToken optionsJson expiresIn }} {ERROR} }} }}"""
+RESULT = f"""__typename
+    ... on AuthSession {{ accessToken refreshToken user {{ id email }} }}
+    ... on OtpChallenge {{ challengeToken method purpose passkeyOptionsJson }}
+    {ERROR}"""
+FINISH = f"""mutation($i: FinishPasskeyLoginInput!) {{
+    finishPasskeyLogin(input: $i) {{ {RESULT} }} }}"""
+LOGIN = f"mutation($i: LoginInput!) {{ login(input: $i) {{ {RESULT} }} }}"
+REAUTHENTICATE = (
+    f"mutation($i: ReauthenticateInput!) {{ reauthenticate(input: $i) {{ {RESULT} }} }}"
+)
+FINISH_REGISTRATION = f"""mutation($i: FinishPasskeyRegistrationInput!) {{
+  finishPasskeyRegistration(input: $i) {{ __typename ... on Passkey {{ id }} {ERROR} }} }}"""
+START_REGISTRATION = f"""mutation($i: StartPasskeyRegistrationInput!) {{
+  startPasskeyRegistration(input: $i) {{ __typename
+    ... on PasskeyCeremony {{ challengeToken optionsJson }} {ERROR} }} }}"""
+EMAIL_LOGIN = f"""mutation($i: EmailInput!) {{ requestLoginCode(input: $i) {{
+    __typename ... on OtpChallenge {{ passkeyOptionsJson }} {ERROR} }} }}"""
+
+
+@pytest.fixture
+async def passkey_app(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None, smtp: SmtpSink
+) -> AsyncIterator[Starlette]:
+    settings = make_settings(webauthn_rp_id=RP_ID, webauthn_origins=ORIGIN, **smtp.settings())
+    application = create_app(settings, clock=clock)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(passkey_app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(passkey_app) as http:
+        yield http
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    return jwt.get_unverified_claims(token)  # type: ignore[no-any-return]
+
+
+async def with_passkey(
+    client: httpx.AsyncClient, authenticator: SoftAuthenticator | None = None
+) -> tuple[str, str, SoftAuthenticator]:
+    """A new account holding one passkey: (email, access token, its authenticator)."""
+    authenticator = authenticator or SoftAuthenticator()
+    email = unique_email()
+    token = str((await signed_up_and_proven(client, email))["accessToken"])
+    await register(client, token, authenticator)
+    return email, token, authenticator
+
+
+async def start(client: httpx.AsyncClient, email: str | None = None) -> dict[str, Any]:
+    fields = {"email": email} if email is not None else {}
+    ceremony = await mutate(client, START, {"i": fields})
+    assert ceremony["__typename"] == "PasskeyCeremony", ceremony
+    return ceremony
+
+
+async def finish(
+    client: httpx.AsyncClient,
+    challenge_token: str,
+    credential: str,
+    *,
+    token: str | None = None,
+) -> dict[str, Any]:
+    variables = {"i": {"challengeToken": challenge_token, "credentialJson": credential}}
+    return await mutate(client, FINISH, variables, token=token)
+
+
+async def sign_in(
+    client: httpx.AsyncClient, authenticator: SoftAuthenticator, email: str | None = None
+) -> dict[str, Any]:
+    ceremony = await start(client, email)
+    return await finish(
+        client, ceremony["challengeToken"], authenticator.assertion(ceremony["optionsJson"])
+    )
+
+
+def refused(answer: dict[str, Any]) -> None:
+    assert answer["__typename"] == "AuthError", answer
+    assert answer["code"] == "INVALID_CREDENTIALS", answer
+
+
+def allowed(options_json: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = json.loads(options_json)["allowCredentials"]
+    return found
+
+
+# -- signing in -----------------------------------------------------------------------------
+
+
+async def test_a_discoverable_passkey_signs_in_without_an_address_as_synced(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email, token, authenticator = await with_passkey(client)
+    ceremony = await start(client)
+    options = json.loads(ceremony["optionsJson"])
+    assert ceremony["expiresIn"] == 300
+    assert options["allowCredentials"] == []
+    assert (options["userVerification"], options["rpId"]) == ("required", RP_ID)
+    clock.advance(seconds=5)
+    session = await finish(
+        client, ceremony["challengeToken"], authenticator.assertion(ceremony["optionsJson"])
+    )
+    assert session["__typename"] == "AuthSession", session
+    assert session["user"]["email"] == email
+    claims = claims_of(session["accessToken"])
+    assert claims["amr"] == ["swk", "user", "mfa"]
+    assert claims["sid"] != claims_of(token)["sid"]
+    assert claims["auth_time"] == int(clock.now().timestamp())
+    (passkey,) = await my_passkeys(client, session["accessToken"])
+    assert passkey["lastUsedAt"] is not None
+
+
+async def test_an_address_lists_its_passkeys_and_a_device_bound_one_is_hwk(
+    client: httpx.AsyncClient,
+) -> None:
+    device_bound = SoftAuthenticator(backup_eligible=False, backed_up=False, transports=["usb"])
+    email, _token, _ = await with_passkey(client, device_bound)
+    ceremony = await start(client, email.upper())
+    assert allowed(ceremony["optionsJson"]) == [
+        {"id": b64url(device_bound.credential_id), "type": "public-key", "transports": ["usb"]}
+    ]
+    session = await finish(
+        client, ceremony["challengeToken"], device_bound.assertion(ceremony["optionsJson"])
+    )
+    assert session["__typename"] == "AuthSession", session
+    assert claims_of(session["accessToken"])["amr"] == ["hwk", "user", "mfa"]
+
+
+async def test_a_passkey_needs_no_second_step_where_two_factor_is_on(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email, token, _secret, _codes = await enrolled(client, clock)
+    authenticator = SoftAuthenticator()
+    await register(client, token, authenticator)
+    session = await sign_in(client, authenticator, email)
+    assert session["__typename"] == "AuthSession", session
+    assert claims_of(session["accessToken"])["amr"] == ["swk", "user", "mfa"]
+
+
+async def test_decoys_for_an_unknown_address_and_an_account_without_passkeys(
+    client: httpx.AsyncClient,
+) -> None:
+    _email, _token, real = await with_passkey(client)
+    without = unique_email()
+    await signed_up_and_proven(client, without)
+    unknown = unique_email()
+    for address in (without, unknown):
+        first, second = await start(client, address), await start(client, address)
+        assert first["challengeToken"] != second["challengeToken"]
+        one, two = allowed(first["optionsJson"]), allowed(second["optionsJson"])
+        assert one == two  # stable across calls
+        assert 1 <= len(one) <= 3
+        for descriptor in one:
+            assert set(descriptor) == {"id", "type", "transports"}
+            assert descriptor["type"] == "public-key"
+            assert descriptor["transports"] == ["hybrid", "internal"]
+            assert 16 <= len(descriptor["id"]) * 3 // 4 <= 64
+        # The rest of the options is what a real account's look like.
+        shown = json.loads(first["optionsJson"])
+        assert set(shown) == set(json.loads((await start(client, _email))["optionsJson"]))
+    assert allowed((await start(client, without))["optionsJson"]) != allowed(
+        (await start(client, unknown))["optionsJson"]
+    )
+    # Nobody's passkey answers a ceremony started with an address it does not belong to.
+    ceremony = await start(client, unknown)
+    refused(
+        await finish(client, ceremony["challengeToken"], real.assertion(ceremony["optionsJson"]))
+    )
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "unknown credential",
+        "wrong origin",
+        "wrong rp id",
+        "no user verification",
+        "bad signature",
+        "not json",
+    ],
+)
+async def test_every_refused_passkey_answers_invalid_credentials_and_is_recorded(
+    client: httpx.AsyncClient, bad: str
+) -> None:
+    email, token, authenticator = await with_passkey(client)
+    ceremony = await start(client, email)
+    options = ceremony["optionsJson"]
+    if bad == "unknown credential":
+        answer = SoftAuthenticator().assertion(options)
+    elif bad == "wrong origin":
+        answer = authenticator.assertion(options, origin="https://evil.example")
+    elif bad == "wrong rp id":
+        answer = authenticator.assertion(options, rp_id="evil.example")
+    elif bad == "no user verification":
+        answer = authenticator.assertion(options, flags=authenticator.flags(uv=False))
+    elif bad == "bad signature":
+        answer = json.loads(authenticator.assertion(options))
+        answer["response"]["signature"] = b64url(b"\x30\x06\x02\x01\x01\x02\x01\x01")
+        answer = json.dumps(answer)
+    else:
+        answer = "{not json"
+    refused(await finish(client, ceremony["challengeToken"], answer))
+    assert "LOGIN_FAILED" in await kinds(client, token)
+
+
+async def test_five_refused_passkeys_lock_the_address_like_wrong_passwords(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email, token, authenticator = await with_passkey(client)
+    for _ in range(5):
+        ceremony = await start(client, email)
+        answer = authenticator.assertion(ceremony["optionsJson"], origin="https://evil.example")
+        refused(await finish(client, ceremony["challengeToken"], answer))
+    ceremony = await start(client, email)
+    locked = await finish(
+        client, ceremony["challengeToken"], authenticator.assertion(ceremony["optionsJson"])
+    )
+    assert locked["code"] == "RATE_LIMITED" and locked["retryAfter"] > 0, locked
+    # One budget with passwords: the password answers the same while the lock holds.
+    by_password = await mutate(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+    assert by_password["code"] == "RATE_LIMITED"
+    events = await kinds(client, token)
+    assert events.count("LOGIN_FAILED") == 5 and "LOCKED_OUT" in events
+    # Once the lock ends, the passkey signs in (and clears the count).
+    clock.advance(minutes=30)
+    assert (await sign_in(client, authenticator, email))["__typename"] == "AuthSession"
+
+
+async def test_a_used_ceremony_cannot_be_replayed(client: httpx.AsyncClient) -> None:
+    _email, _token, authenticator = await with_passkey(client)
+    ceremony = await start(client)
+    answer = authenticator.assertion(ceremony["optionsJson"])
+    assert (await finish(client, ceremony["challengeToken"], answer))["__typename"] == (
+        "AuthSession"
+    )
+    refused(await finish(client, ceremony["challengeToken"], answer))
+    fresh = authenticator.assertion(ceremony["optionsJson"])
+    refused(await finish(client, ceremony["challengeToken"], fresh))
+
+
+async def test_registration_and_sign_in_ceremonies_do_not_answer_each_other(
+    client: httpx.AsyncClient,
+) -> None:
+    _email, token, authenticator = await with_passkey(client)
+    registration = await start_registration(client, token)
+    options = json.loads(registration["optionsJson"])
+    as_sign_in = authenticator.assertion({"challenge": options["challenge"], "rpId": RP_ID})
+    refused(await finish(client, registration["challengeToken"], as_sign_in))
+    sign_in_ceremony = await start(client)
+    other = SoftAuthenticator()
+    created = other.register(
+        {**options, "challenge": json.loads(sign_in_ceremony["optionsJson"])["challenge"]}
+    )
+    answer = await mutate(
+        client,
+        FINISH_REGISTRATION,
+        {"i": {"challengeToken": sign_in_ceremony["challengeToken"], "credentialJson": created}},
+        token=token,
+    )
+    assert (answer["__typename"], answer["code"]) == ("AuthError", "INVALID_TOKEN"), answer
+
+
+async def test_a_ceremony_started_with_one_address_refuses_another_accounts_passkey(
+    client: httpx.AsyncClient,
+) -> None:
+    first, _token, _ = await with_passkey(client)
+    _second, _token_b, theirs = await with_passkey(client)
+    ceremony = await start(client, first)
+    refused(
+        await finish(client, ceremony["challengeToken"], theirs.assertion(ceremony["optionsJson"]))
+    )
+
+
+async def test_a_ceremony_expires_after_five_minutes(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    _email, _token, authenticator = await with_passkey(client)
+    ceremony = await start(client)
+    clock.advance(minutes=5, seconds=1)
+    refused(
+        await finish(
+            client, ceremony["challengeToken"], authenticator.assertion(ceremony["optionsJson"])
+        )
+    )
+
+
+async def test_a_count_going_backwards_is_refused_and_recorded_as_a_clone(
+    client: httpx.AsyncClient,
+) -> None:
+    counting = SoftAuthenticator(backup_eligible=False, backed_up=False)
+    email, token, _ = await with_passkey(client, counting)
+    assert (await sign_in(client, counting, email))["__typename"] == "AuthSession"  # count 1
+    ceremony = await start(client, email)
+    clone = counting.assertion(ceremony["optionsJson"], count=1)
+    refused(await finish(client, ceremony["challengeToken"], clone))
+    assert "PASSKEY_CLONE_SUSPECTED" in await kinds(client, token)
+    # The genuine authenticator, counting on, still signs in.
+    counting.sign_count = 1
+    assert (await sign_in(client, counting, email))["__typename"] == "AuthSession"
+
+
+async def test_synced_passkeys_counting_zero_sign_in_again_and_again(
+    client: httpx.AsyncClient,
+) -> None:
+    _email, token, synced = await with_passkey(client)
+    for _ in range(3):
+        ceremony = await start(client)
+        answer = synced.assertion(ceremony["optionsJson"], count=0)
+        assert (await finish(client, ceremony["challengeToken"], answer))["__typename"] == (
+            "AuthSession"
+        )
+    assert "PASSKEY_CLONE_SUSPECTED" not in await kinds(client, token)
+
+
+async def test_two_finishes_at_once_open_exactly_one_session(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    _email, token, authenticator = await with_passkey(client)
+    ceremony = await start(client)
+    answer = authenticator.assertion(ceremony["optionsJson"])
+    answers = await asyncio.gather(
+        *(finish(client, ceremony["challengeToken"], answer) for _ in range(2))
+    )
+    assert sorted(a["__typename"] for a in answers) == ["AuthError", "AuthSession"]
+    user_id = claims_of(token)["sub"]
+    (count,) = await rows(
+        database_url,
+        select(func.count(UserSession.id)).where(UserSession.user_id == user_id),
+    )
+    assert count[0] == 2  # the signup's and one passkey sign-in
+
+
+async def test_a_disabled_account_is_told_so_after_a_proven_passkey(
+    client: httpx.AsyncClient, passkey_app: Starlette
+) -> None:
+    email, _token, authenticator = await with_passkey(client)
+    services = passkey_app.state.services
+
+    async with services.auth.statements.transaction() as tx:
+        await tx.execute(
+            update(User).where(User.email_normalized == email).values(is_active=False), {}
+        )
+    by_password = await mutate(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+    by_passkey = await sign_in(client, authenticator)
+    assert by_passkey["code"] == by_password["code"] == "ACCOUNT_DISABLED"
+
+
+# -- the second step and step-up -----------------------------------------------------------
+
+
+async def test_a_passkey_completes_the_totp_step_of_a_password_login(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email, token, secret, _codes = await enrolled(client, clock)
+    authenticator = SoftAuthenticator()
+    await register(client, token, authenticator)
+    step = await mutate(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+    assert (step["__typename"], step["method"]) == ("OtpChallenge", "TOTP"), step
+    assert allowed(step["passkeyOptionsJson"]) == [
+        {
+            "id": b64url(authenticator.credential_id),
+            "type": "public-key",
+            "transports": ["hybrid", "internal"],
+        }
+    ]
+    session = await finish(
+        client, step["challengeToken"], authenticator.assertion(step["passkeyOptionsJson"])
+    )
+    assert session["__typename"] == "AuthSession", session
+    assert claims_of(session["accessToken"])["amr"] == ["pwd", "swk", "user", "mfa"]
+    # Whichever answers first spends the challenge.
+    late = await gql(
+        client,
+        VERIFY_OTP,
+        {"i": {"challengeToken": step["challengeToken"], "code": code_at(secret, clock)}},
+    )
+    assert late["data"]["verifyOtp"]["code"] == "INVALID_TOKEN"
+    # And the code still answers a challenge that offers a passkey.
+    step = await mutate(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+    clock.advance(seconds=30)
+    by_code = await gql(
+        client,
+        VERIFY_OTP,
+        {"i": {"challengeToken": step["challengeToken"], "code": code_at(secret, clock)}},
+    )
+    assert by_code["data"]["verifyOtp"]["__typename"] == "AuthSession"
+    refused(
+        await finish(
+            client, step["challengeToken"], authenticator.assertion(step["passkeyOptionsJson"])
+        )
+    )
+
+
+async def test_a_totp_step_is_answered_only_by_its_users_passkey(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email, token, _secret, _codes = await enrolled(client, clock)
+    await register(client, token, SoftAuthenticator())
+    _other, _token, theirs = await with_passkey(client)
+    step = await mutate(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+    refused(
+        await finish(client, step["challengeToken"], theirs.assertion(step["passkeyOptionsJson"]))
+    )
+
+
+async def test_challenges_offer_passkeys_only_to_a_proven_party_that_has_them(
+    client: httpx.AsyncClient, clock: MutableClock
+) -> None:
+    email, _token, _secret, _codes = await enrolled(client, clock)
+    step = await mutate(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+    assert step["__typename"] == "OtpChallenge" and step["passkeyOptionsJson"] is None
+    with_keys, _t, _a = await with_passkey(client)
+    by_mail = await mutate(client, EMAIL_LOGIN, {"i": {"email": with_keys}})
+    assert by_mail["__typename"] == "OtpChallenge" and by_mail["passkeyOptionsJson"] is None
+
+
+async def test_reauthenticate_by_passkey_renews_the_same_session(
+    client: httpx.AsyncClient, clock: MutableClock, smtp: SmtpSink
+) -> None:
+    email, token, authenticator = await with_passkey(client)
+    other = str(
+        (await mutate(client, LOGIN, {"i": {"email": email, "password": PASSWORD}}))["accessToken"]
+    )
+    clock.advance(seconds=WINDOW + 60)
+    step = await mutate(client, REAUTHENTICATE, {"i": {}}, token=token)
+    assert (step["method"], step["purpose"]) == ("EMAIL", "REAUTHENTICATE"), step
+    options = step["passkeyOptionsJson"]
+    assert allowed(options)[0]["id"] == b64url(authenticator.credential_id)
+    # Without the session's bearer token, or with another session's: refused.
+    refused(await finish(client, step["challengeToken"], authenticator.assertion(options)))
+    refused(
+        await finish(client, step["challengeToken"], authenticator.assertion(options), token=other)
+    )
+    clock.advance(seconds=3)
+    renewed = await finish(
+        client, step["challengeToken"], authenticator.assertion(options), token=token
+    )
+    assert renewed["__typename"] == "AuthSession", renewed
+    claims = claims_of(renewed["accessToken"])
+    assert claims["sid"] == claims_of(token)["sid"]
+    assert claims["auth_time"] == int(clock.now().timestamp())
+    assert {"swk", "user", "mfa"} <= set(claims["amr"])
+    # The emailed code went out too, and is spent with the challenge.
+    mail = await smtp.wait_for(email, where=lambda m: "confirmation code" in m.subject)
+    late = await gql(
+        client, VERIFY_OTP, {"i": {"challengeToken": step["challengeToken"], "code": mail.code()}}
+    )
+    assert late["data"]["verifyOtp"]["code"] == "INVALID_TOKEN"
+
+
+async def test_reauthenticate_without_a_mail_is_answered_only_by_a_passkey(
+    client: httpx.AsyncClient, clock: MutableClock, smtp: SmtpSink
+) -> None:
+    email, token, authenticator = await with_passkey(client)
+    clock.advance(seconds=WINDOW + 60)
+    step = await mutate(client, REAUTHENTICATE, {"i": {"emailCode": False}}, token=token)
+    assert step["__typename"] == "OtpChallenge" and step["passkeyOptionsJson"], step
+    by_code = await gql(
+        client, VERIFY_OTP, {"i": {"challengeToken": step["challengeToken"], "code": "123456"}}
+    )
+    assert by_code["data"]["verifyOtp"]["code"] == "INVALID_TOKEN"
+    renewed = await finish(
+        client,
+        step["challengeToken"],
+        authenticator.assertion(step["passkeyOptionsJson"]),
+        token=token,
+    )
+    assert claims_of(renewed["accessToken"])["sid"] == claims_of(token)["sid"]
+    # No code was mailed: the next mail to the address is the one asked for now.
+    await mutate(client, REAUTHENTICATE, {"i": {}}, token=renewed["accessToken"])
+    await smtp.wait_for(email, where=lambda m: "confirmation code" in m.subject)
+    assert len([m for m in smtp.mails(email) if "confirmation code" in m.subject]) == 1
+
+
+@pytest.mark.slow
+async def test_two_processes_racing_one_ceremony_open_exactly_one_session(
+    tmp_path: Path, database_url: str, clean_db: None
+) -> None:
+    """One answer sent at once to two server processes sharing PostgreSQL: the ceremony
+    is spent by the transaction that concludes, so exactly one of them signs in."""
+    env = production_env(database_url, WEBAUTHN_RP_ID=RP_ID, WEBAUTHN_ORIGINS=ORIGIN)
+    async with running_many(2, env=env, cwd=tmp_path, logs=tmp_path / "logs") as servers:
+        async with servers[0].client() as one, servers[1].client() as two:
+            session = await signed_up_at(one, unique_email())
+            token = session["accessToken"]
+            authenticator = SoftAuthenticator()
+            created = await ok(one, START_REGISTRATION, {"i": {}}, token=token)
+            ceremony = created["startPasskeyRegistration"]
+            answer = authenticator.register(ceremony["optionsJson"])
+            added = await ok(
+                one,
+                FINISH_REGISTRATION,
+                {"i": {"challengeToken": ceremony["challengeToken"], "credentialJson": answer}},
+                token=token,
+            )
+            assert added["finishPasskeyRegistration"]["__typename"] == "Passkey", added
+            for _round in range(3):
+                started = (await ok(one, START, {"i": {}}))["startPasskeyLogin"]
+                variables = {
+                    "i": {
+                        "challengeToken": started["challengeToken"],
+                        "credentialJson": authenticator.assertion(started["optionsJson"]),
+                    }
+                }
+                answers = await asyncio.gather(
+                    ok(one, FINISH, variables), ok(two, FINISH, variables)
+                )
+                kinds_seen = sorted(a["finishPasskeyLogin"]["__typename"] for a in answers)
+                assert kinds_seen == ["AuthError", "AuthSession"], answers
