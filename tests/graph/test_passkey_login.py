@@ -29,7 +29,7 @@ from tests.servers import running_many
 from tests.smtp import SmtpSink
 from tests.test_servers import ok, production_env
 from tests.test_servers import signed_up as signed_up_at
-from tests.webauthn_authenticator import SoftAuthenticator, b64url
+from tests.webauthn_authenticator import SoftAuthenticator, b64url, from_b64url
 
 RP_ID = "example.com"
 ORIGIN = "https://example.com"
@@ -54,7 +54,8 @@ START_REGISTRATION = f"""mutation($i: StartPasskeyRegistrationInput!) {{
   startPasskeyRegistration(input: $i) {{ __typename
     ... on PasskeyCeremony {{ challengeToken optionsJson }} {ERROR} }} }}"""
 EMAIL_LOGIN = f"""mutation($i: EmailInput!) {{ requestLoginCode(input: $i) {{
-    __typename ... on OtpChallenge {{ passkeyOptionsJson }} {ERROR} }} }}"""
+    __typename ... on OtpChallenge {{ challengeToken passkeyOptionsJson }} {ERROR} }} }}"""
+VERIFY_OTP_WITH_OPTIONS = f"mutation($i: VerifyOtpInput!) {{ verifyOtp(input: $i) {{ {RESULT} }} }}"
 
 
 @pytest.fixture
@@ -202,10 +203,16 @@ async def test_decoys_for_an_unknown_address_and_an_account_without_passkeys(
     assert allowed((await start(client, without))["optionsJson"]) != allowed(
         (await start(client, unknown))["optionsJson"]
     )
-    # Nobody's passkey answers a ceremony started with an address it does not belong to.
+    # Nobody's passkey answers a ceremony started with an address it does not belong to,
+    # and an answer made with a decoy's ID is refused like any other.
     ceremony = await start(client, unknown)
     refused(
         await finish(client, ceremony["challengeToken"], real.assertion(ceremony["optionsJson"]))
+    )
+    ceremony = await start(client, unknown)
+    forged = SoftAuthenticator(credential_id=from_b64url(allowed(ceremony["optionsJson"])[0]["id"]))
+    refused(
+        await finish(client, ceremony["challengeToken"], forged.assertion(ceremony["optionsJson"]))
     )
 
 
@@ -448,7 +455,7 @@ async def test_a_totp_step_is_answered_only_by_its_users_passkey(
 
 
 async def test_challenges_offer_passkeys_only_to_a_proven_party_that_has_them(
-    client: httpx.AsyncClient, clock: MutableClock
+    client: httpx.AsyncClient, clock: MutableClock, smtp: SmtpSink
 ) -> None:
     email, _token, _secret, _codes = await enrolled(client, clock)
     step = await mutate(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
@@ -456,6 +463,18 @@ async def test_challenges_offer_passkeys_only_to_a_proven_party_that_has_them(
     with_keys, _t, _a = await with_passkey(client)
     by_mail = await mutate(client, EMAIL_LOGIN, {"i": {"email": with_keys}})
     assert by_mail["__typename"] == "OtpChallenge" and by_mail["passkeyOptionsJson"] is None
+    # The TOTP step after an emailed code alone offers none either (only a password's
+    # TOTP step and step-ups do).
+    await register(client, _token, SoftAuthenticator())
+    code_login = await mutate(client, EMAIL_LOGIN, {"i": {"email": email}})
+    mail = await smtp.wait_for(email, where=lambda m: "sign-in code" in m.subject.lower())
+    step = await mutate(
+        client,
+        VERIFY_OTP_WITH_OPTIONS,
+        {"i": {"challengeToken": code_login["challengeToken"], "code": mail.code()}},
+    )
+    assert (step["__typename"], step["method"]) == ("OtpChallenge", "TOTP"), step
+    assert step["passkeyOptionsJson"] is None
 
 
 async def test_reauthenticate_by_passkey_renews_the_same_session(
@@ -551,3 +570,35 @@ async def test_two_processes_racing_one_ceremony_open_exactly_one_session(
                 )
                 kinds_seen = sorted(a["finishPasskeyLogin"]["__typename"] for a in answers)
                 assert kinds_seen == ["AuthError", "AuthSession"], answers
+
+
+async def test_sign_in_works_on_the_embedded_database(
+    make_settings: Callable[..., Settings], clock: MutableClock, tmp_path: Path
+) -> None:
+    """SQLite runs the same statements (and orders writers by BEGIN IMMEDIATE): a sign-in,
+    two finishes racing (one session), a refusal counted, the TOTP step by passkey."""
+    settings = make_settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/strawgate.db", webauthn_rp_id=RP_ID
+    )
+    application = create_app(settings, clock=clock)
+    async with application.router.lifespan_context(application), client_for(application) as http:
+        email, token, authenticator = await with_passkey(http)
+        assert (await sign_in(http, authenticator, email))["__typename"] == "AuthSession"
+        ceremony = await start(http)
+        answer = authenticator.assertion(ceremony["optionsJson"])
+        raced = await asyncio.gather(
+            *(finish(http, ceremony["challengeToken"], answer) for _ in range(2))
+        )
+        assert sorted(r["__typename"] for r in raced) == ["AuthError", "AuthSession"]
+        ceremony = await start(http, email)
+        wrong = authenticator.assertion(ceremony["optionsJson"], origin="https://evil.example")
+        refused(await finish(http, ceremony["challengeToken"], wrong))
+        assert "LOGIN_FAILED" in await kinds(http, token)
+        totp_email, totp_token, _secret, _codes = await enrolled(http, clock)
+        second = SoftAuthenticator()
+        await register(http, totp_token, second)
+        step = await mutate(http, LOGIN, {"i": {"email": totp_email, "password": PASSWORD}})
+        done = await finish(
+            http, step["challengeToken"], second.assertion(step["passkeyOptionsJson"])
+        )
+        assert done["__typename"] == "AuthSession", done

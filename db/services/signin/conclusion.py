@@ -134,7 +134,8 @@ class Conclusion:
         What it decides, in `tx`, here or in what it calls:
         - the second step: the address's code (VERIFY_EMAIL), then the TOTP step where
           two-factor is on (Challenges.open_email, Challenges.open_totp), offering the
-          user's passkeys as another answer to it (PasskeyOptions.for_user);
+          user's passkeys as another answer to it after a password or in a step-up
+          (PasskeyOptions.for_user);
         - a reset: the new password, every session and pending step ended, the notice
           and PASSWORD_RESET (reset_password_now);
         - a step-up: the session's new `auth_time` and `amr`, new tokens,
@@ -172,10 +173,13 @@ class Conclusion:
                 pending_password_hash=intent.new_password_hash,
                 session_id=intent.session_id,
             )
-            if self.passkey_options is None:
+            if self.passkey_options is None or not (
+                "pwd" in amr or intent.purpose == ch.REAUTHENTICATE
+            ):
                 return step
-            # A party that proved a first factor may answer the step with a passkey
-            # instead (finishPasskeyLogin): the options list the user's own passkeys.
+            # A party that proved the password (or holds the session it steps up) may
+            # answer the step with one of the user's passkeys instead (finishPasskeyLogin):
+            # the contract offers them there only, never after an emailed code alone.
             offered = await self.passkey_options.for_user(tx, user_id, step.challenge_token)
             return dataclasses.replace(step, passkey_options_json=offered)
         if intent.new_password_hash is not None:

@@ -20,8 +20,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import bindparam, select, update
 from webauthn import verify_authentication_response
+from webauthn.authentication.verify_authentication_response import VerifiedAuthentication
 from webauthn.helpers import parse_authentication_credential_json
 from webauthn.helpers.exceptions import WebAuthnException
 from webauthn.helpers.structs import AuthenticationCredential
@@ -132,6 +134,8 @@ class PasskeySignIns:
         self.sessions = sessions
         self.conclusion = conclusion
         self.options = options
+        # A public key nobody holds the private half of, for unknown credential IDs.
+        self._decoy_key = _cose_ec2(ec.generate_private_key(ec.SECP256R1()).public_key())
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -365,19 +369,9 @@ class PasskeySignIns:
         Then the clone check, done here rather than by the library (it is given 0): a
         count that did not go up, where the stored and the new are not both 0, is refused
         and PASSKEY_CLONE_SUSPECTED recorded in its own transaction."""
-        try:
-            verified = verify_authentication_response(
-                credential=credential,
-                expected_challenge=webauthn_challenge(token),
-                expected_rp_id=rp.id,
-                expected_origin=list(rp.origins),
-                credential_public_key=bytes(passkey["public_key"]),
-                credential_current_sign_count=0,
-                # A passkey signs in alone: the authenticator must have verified the user.
-                require_user_verification=True,
-            )
-        except (WebAuthnException, ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise _invalid() from None
+        verified = _check_signature(rp, token, credential, bytes(passkey["public_key"]))
+        if verified is None:
+            raise _invalid()
         stored, new = int(passkey["sign_count"]), int(verified.new_sign_count)
         if (stored != 0 or new != 0) and new <= stored:
             await self.events.record_now(
@@ -407,6 +401,40 @@ class PasskeySignIns:
 
 class _Lost(Exception):
     """A right answer that a concurrent request used first."""
+
+
+def _check_signature(
+    rp: RelyingParty, token: str, credential: AuthenticationCredential, public_key: bytes
+) -> VerifiedAuthentication | None:
+    """py_webauthn's verification with the challenge derived from the token, the RP ID,
+    every allowed origin, user presence and verification; None where it refuses."""
+    try:
+        return verify_authentication_response(
+            credential=credential,
+            expected_challenge=webauthn_challenge(token),
+            expected_rp_id=rp.id,
+            expected_origin=list(rp.origins),
+            credential_public_key=public_key,
+            # The clone check is ours, after the signature (see PasskeySignIns._verify).
+            credential_current_sign_count=0,
+            # A passkey signs in alone: the authenticator must have verified the user.
+            require_user_verification=True,
+        )
+    except (WebAuthnException, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
+def _cose_ec2(key: ec.EllipticCurvePublicKey) -> bytes:
+    """A P-256 public key as a COSE_Key (RFC 9053: kty EC2, alg ES256, crv P-256, x, y),
+    CBOR-encoded by hand: a map of five entries, 32-byte coordinates."""
+    numbers = key.public_numbers()
+    return (
+        b"\xa5\x01\x02\x03\x26\x20\x01"
+        + b"\x21\x58\x20"
+        + numbers.x.to_bytes(32, "big")
+        + b"\x22\x58\x20"
+        + numbers.y.to_bytes(32, "big")
+    )
 
 
 def _parse(credential_json: str) -> AuthenticationCredential | None:
