@@ -60,9 +60,10 @@ async def chromium() -> AsyncIterator[Browser]:
 
 
 @asynccontextmanager
-async def served(app: Starlette) -> AsyncIterator[str]:
-    """`app` (lifespan included) on 127.0.0.1 over HTTP; yields its base URL."""
-    port = free_port()
+async def served(app: Starlette, port: int | None = None) -> AsyncIterator[str]:
+    """`app` (lifespan included) on 127.0.0.1 over HTTP (on `port`, else a free one);
+    yields its base URL."""
+    port = port or free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
     )

@@ -94,6 +94,9 @@ def test_the_generated_types_check(npm: str) -> None:
     generated = (CLIENT / "src" / "generated" / "graphql.ts").read_text()
     assert "export type LoginMutation" in generated
     assert "deviceToken" in generated
+    assert "export type StartPasskeyRegistrationMutation" in generated
+    assert "export type PasskeysQuery" in generated
+    assert "export type FinishPasskeyLoginMutation" in generated
 
 
 def test_a_schema_change_that_breaks_the_client_breaks_the_check(npm: str, tmp_path: Path) -> None:
