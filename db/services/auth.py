@@ -191,7 +191,6 @@ class AuthService:
             statements=statements,
             clock=clock,
             limiter=limiter,
-            trust=trust,
             lockout=lockout,
             events=events,
             challenges=challenges,

@@ -262,19 +262,114 @@ async def test_five_refused_passkeys_lock_the_address_like_wrong_passwords(
         ceremony = await start(client, email)
         answer = authenticator.assertion(ceremony["optionsJson"], origin="https://evil.example")
         refused(await finish(client, ceremony["challengeToken"], answer))
+    # A sixth refused answer is held back by the lock, as a sixth wrong password is.
     ceremony = await start(client, email)
-    locked = await finish(
-        client, ceremony["challengeToken"], authenticator.assertion(ceremony["optionsJson"])
-    )
+    answer = authenticator.assertion(ceremony["optionsJson"], origin="https://evil.example")
+    locked = await finish(client, ceremony["challengeToken"], answer)
     assert locked["code"] == "RATE_LIMITED" and locked["retryAfter"] > 0, locked
     # One budget with passwords: the password answers the same while the lock holds.
     by_password = await mutate(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
     assert by_password["code"] == "RATE_LIMITED"
     events = await kinds(client, token)
     assert events.count("LOGIN_FAILED") == 5 and "LOCKED_OUT" in events
-    # Once the lock ends, the passkey signs in (and clears the count).
-    clock.advance(minutes=30)
+    # The owner's passkey cannot be guessed: the lock does not hold it back.
     assert (await sign_in(client, authenticator, email))["__typename"] == "AuthSession"
+    assert (await sign_in(client, authenticator))["__typename"] == "AuthSession"
+
+
+@pytest.mark.parametrize("by", ["wrong passwords", "refused passkeys"])
+async def test_a_stranger_locking_the_address_does_not_keep_its_passkey_out(
+    client: httpx.AsyncClient, by: str
+) -> None:
+    email, _token, authenticator = await with_passkey(client)
+    stranger = SoftAuthenticator(credential_id=authenticator.credential_id)
+    for _ in range(6):
+        if by == "wrong passwords":
+            await mutate(client, LOGIN, {"i": {"email": email, "password": "not-the-password"}})
+        else:
+            ceremony = await start(client, email)
+            await finish(
+                client, ceremony["challengeToken"], stranger.assertion(ceremony["optionsJson"])
+            )
+    by_password = await mutate(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+    assert by_password["code"] == "RATE_LIMITED", by_password
+    assert (await sign_in(client, authenticator, email))["__typename"] == "AuthSession"
+    assert (await sign_in(client, authenticator))["__typename"] == "AuthSession"
+
+
+async def test_refusals_cannot_tell_a_registered_credential_id_from_a_decoy(
+    client: httpx.AsyncClient,
+) -> None:
+    """A stranger lists an address's credential IDs and answers address-less ceremonies
+    with them, signed by another key: a registered ID and a decoy answer alike, the
+    address locked by wrong passwords or not."""
+    email, _token, _authenticator = await with_passkey(client)
+    real = from_b64url(allowed((await start(client, email))["optionsJson"])[0]["id"])
+    decoy = from_b64url(allowed((await start(client, unique_email()))["optionsJson"])[0]["id"])
+    for _ in range(5):
+        await mutate(client, LOGIN, {"i": {"email": email, "password": "not-the-password"}})
+
+    async def answers(credential_id: bytes) -> list[str]:
+        forged = SoftAuthenticator(credential_id=credential_id)
+        found = []
+        for _ in range(7):
+            ceremony = await start(client)
+            answer = await finish(
+                client, ceremony["challengeToken"], forged.assertion(ceremony["optionsJson"])
+            )
+            found.append(answer["code"])
+        return found
+
+    for_real, for_decoy = await answers(real), await answers(decoy)
+    assert for_real == for_decoy, (for_real, for_decoy)
+    assert for_real == ["INVALID_CREDENTIALS"] * 5 + ["RATE_LIMITED"] * 2
+
+
+async def test_a_user_handle_that_is_not_the_owners_is_refused(
+    client: httpx.AsyncClient,
+) -> None:
+    email, token, authenticator = await with_passkey(client)
+    assert authenticator.user_handle is not None
+    own = authenticator.user_handle
+    authenticator.user_handle = bytes(64 - len(own)) + b"\x01" * len(own)
+    refused(await sign_in(client, authenticator))
+    refused(await sign_in(client, authenticator, email))
+    assert "LOGIN_FAILED" in await kinds(client, token)
+    authenticator.user_handle = None  # not said: nothing to compare
+    assert (await sign_in(client, authenticator))["__typename"] == "AuthSession"
+    authenticator.user_handle = own
+    assert (await sign_in(client, authenticator))["__typename"] == "AuthSession"
+
+
+async def test_a_passkey_sign_in_asks_an_unverified_address_to_be_proven(
+    client: httpx.AsyncClient,
+    passkey_app: Starlette,
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    smtp: SmtpSink,
+) -> None:
+    """A passkey registered while verification was off, on an address never proven: once
+    verification is required, a passkey sign-in asks for the address first, as a
+    password login does."""
+    email, _token, authenticator = await with_passkey(client)
+    async with passkey_app.state.services.auth.statements.transaction() as tx:
+        await tx.execute(
+            update(User).where(User.email_normalized == email).values(email_verified_at=None), {}
+        )
+    settings = make_settings(
+        webauthn_rp_id=RP_ID,
+        webauthn_origins=ORIGIN,
+        require_email_verification=True,
+        **smtp.settings(),
+    )
+    application = create_app(settings, clock=clock)
+    async with application.router.lifespan_context(application), client_for(application) as http:
+        by_password = await mutate(http, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+        assert by_password["purpose"] == "VERIFY_EMAIL", by_password
+        for address in (email, None):
+            by_passkey = await sign_in(http, authenticator, address)
+            assert by_passkey["__typename"] == "OtpChallenge", by_passkey
+            assert by_passkey["purpose"] == "VERIFY_EMAIL", by_passkey
 
 
 async def test_a_used_ceremony_cannot_be_replayed(client: httpx.AsyncClient) -> None:

@@ -3,24 +3,30 @@ assertion (finishPasskeyLogin) for it, for the TOTP step of a proven first facto
 a step-up. What follows a verified passkey is decided by signin/conclusion.py.
 
 A passkey verified by its user (PIN, biometrics) is multi-factor on its own: its `amr`
-holds "mfa", so conclude asks for no TOTP step after it. Every refusal answers the same
-INVALID_CREDENTIALS and is counted as a wrong password is: the `login_ip` limit before any
-work; for a known account (the ceremony's address, else the passkey's owner) its
-`login_account` budget and its lockout, reserved before the check and settled after (a
-device token good for the account spends its device's own, as with passwords);
-LOGIN_FAILED recorded.
+holds "mfa", so conclude asks for no TOTP step after it. Before any work, only the
+client's `login_ip` budget is spent; then the assertion is verified (no password hash:
+cheap). A verified passkey cannot have been guessed: it is never held back by a budget or
+a lock a stranger can spend (no address lockout, no `login_account`), as a device token's
+holder escapes the address's lock. A first-factor sign-in then asks for the address to be
+proven where verification is required, as a password login does.
+
+Every refusal answers the same INVALID_CREDENTIALS and is counted as a wrong password is
+(`login_account`, a lockout failure: RATE_LIMITED while that key is locked; LOGIN_FAILED,
+LOCKED_OUT), charged to a key that never depends on whether the credential ID presented
+exists or whose it is: the address the ceremony was started with (registered or not); the
+user's address for a second step or a step-up; else `passkey:<SHA-256 of the credential ID
+presented>` (refusal_key), the same for a registered ID, a decoy or a random one.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import hmac
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import bindparam, select, update
 from webauthn import verify_authentication_response
 from webauthn.authentication.verify_authentication_response import VerifiedAuthentication
@@ -32,11 +38,9 @@ from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode, invalid_input
 from db.models import Passkey, User
 from db.security.access import AccessClaims
-from db.security.device import device_budget
 from db.security.limiter import RateLimiter, client_key
 from db.services import challenges as ch
 from db.services.challenges import Challenges
-from db.services.device_trust import DeviceTrust
 from db.services.events import EventKind, SecurityEvents
 from db.services.lockout import Lockout
 from db.services.passkey_options import (
@@ -84,11 +88,12 @@ _PASSKEY_BY_CREDENTIAL_ID = (
         Passkey.public_key,
         Passkey.sign_count,
         Passkey.backup_eligible,
-        User.email_normalized,
+        User.webauthn_user_handle,
     )
     .join(User, User.id == Passkey.user_id)
     .where(Passkey.credential_id == bindparam("credential_id"))
 )
+_ADDRESS_OF = select(User.email_normalized).where(User.id == bindparam("uid"))
 # Only over the count as checked: of two sign-ins with one authenticator racing, the
 # later count cannot be overwritten by the earlier.
 _USED = (
@@ -101,6 +106,16 @@ _USED = (
     )
     .returning(Passkey.id)
 )
+
+
+REFUSAL_KEY_PREFIX = "passkey:"
+
+
+def refusal_key(credential_id: bytes) -> str:
+    """The key a refused assertion of an address-less ceremony is charged to: derived from
+    the credential ID presented alone, the same whether it is registered, a decoy or
+    random (whose it is, or whether it exists, never shows in a budget or a lock)."""
+    return REFUSAL_KEY_PREFIX + hashlib.sha256(credential_id).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +131,6 @@ class PasskeySignIns:
         statements: Statements,
         clock: Clock,
         limiter: RateLimiter,
-        trust: DeviceTrust,
         lockout: Lockout,
         events: SecurityEvents,
         challenges: Challenges,
@@ -127,15 +141,12 @@ class PasskeySignIns:
         self.statements = statements
         self.clock = clock
         self.limiter = limiter
-        self.trust = trust
         self.lockout = lockout
         self.events = events
         self.challenges = challenges
         self.sessions = sessions
         self.conclusion = conclusion
         self.options = options
-        # A public key nobody holds the private half of, for unknown credential IDs.
-        self._decoy_key = _cose_ec2(ec.generate_private_key(ec.SECP256R1()).public_key())
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -196,6 +207,8 @@ class PasskeySignIns:
         hwk or swk, user, mfa (merged with the first factor's), or that session renewed.
         Every refusal is the same INVALID_CREDENTIALS, counted as a wrong password."""
         rp = self._configured()
+        # Before any work: the client's budget only. Nothing a stranger can spend holds
+        # back a verified passkey (it cannot be guessed).
         await self.limiter.hit("login_ip", client_key(client.ip))
         credential = _parse(credential_json)
         challenge = await self._take(challenge_token)
@@ -206,52 +219,54 @@ class PasskeySignIns:
                     _PASSKEY_BY_CREDENTIAL_ID, {"credential_id": bytes(credential.raw_id)}
                 )
         owner: uuid.UUID | None = passkey["user_id"] if passkey is not None else None
-        # Whose lockout holds the check: the address the ceremony was started with
-        # (registered or not), else the passkey's owner's.
-        address = challenge["email"] if challenge is not None else None
-        if address is None and passkey is not None:
-            address = passkey["email_normalized"]
         try:
-            async with self._counted(challenge, owner, address, client) as reserved:
-                if challenge is None or credential is None or passkey is None:
-                    raise _invalid()
-                intent = await self._intent(challenge, owner, bearer)
-                verified = await self._verify(rp, challenge_token, credential, passkey, client)
-                amr = merge_amr(
-                    challenge["amr"].split(),
-                    AMR_PASSKEY_SYNCED if passkey["backup_eligible"] else AMR_PASSKEY_DEVICE_BOUND,
+            if challenge is None or credential is None or passkey is None:
+                raise _invalid()
+            intent = await self._intent(challenge, owner, bearer)
+            verified = await self._verify(rp, challenge_token, credential, passkey, client)
+        except AuthFailure as refused:
+            if refused.code is ErrorCode.INVALID_CREDENTIALS:
+                await self._count_refusal(challenge, credential, client)
+            raise
+        amr = merge_amr(
+            challenge["amr"].split(),
+            AMR_PASSKEY_SYNCED if passkey["backup_eligible"] else AMR_PASSKEY_DEVICE_BOUND,
+        )
+        assert owner is not None  # noqa: S101 - a passkey was found
+        try:
+            async with self.events.transaction(self.statements) as tx:
+                # First: the account's lock (see _LOCK_USER); exclusive for a reset.
+                locked = await self.sessions.lock_user(
+                    tx, owner, exclusive=intent.new_password_hash is not None
                 )
-                assert owner is not None  # noqa: S101 - a passkey was found
-                async with self.events.transaction(self.statements) as tx:
-                    # First: the account's lock (see _LOCK_USER); exclusive for a reset.
-                    locked = await self.sessions.lock_user(
-                        tx, owner, exclusive=intent.new_password_hash is not None
-                    )
-                    # Spent here, in the transaction that concludes: of two finishes
-                    # racing (on any number of processes), exactly one gets it.
-                    if locked is None or not await self.challenges.consume(tx, challenge["id"]):
-                        raise _Lost()
-                    used = await tx.first(
-                        _USED,
-                        {
-                            "passkey_id": passkey["id"],
-                            "checked": passkey["sign_count"],
-                            "new_count": verified.new_count,
-                            "now": self.clock.now(),
-                            "backed_up": verified.backed_up,
-                        },
-                    )
-                    if used is None:
-                        raise _Lost()  # a concurrent sign-in with this passkey moved its count
-                    issued = await self.conclusion.conclude(
-                        tx, owner, amr=amr, client=client, intent=intent
-                    )
-                    # Last: the account's lock comes first in every transaction.
-                    if reserved is not None:
-                        await self.lockout.succeeded(tx, reserved)
+                # Spent here, in the transaction that concludes: of two finishes racing
+                # (on any number of processes), exactly one gets it.
+                if locked is None or not await self.challenges.consume(tx, challenge["id"]):
+                    raise _Lost()
+                used = await tx.first(
+                    _USED,
+                    {
+                        "passkey_id": passkey["id"],
+                        "checked": passkey["sign_count"],
+                        "new_count": verified.new_count,
+                        "now": self.clock.now(),
+                        "backed_up": verified.backed_up,
+                    },
+                )
+                if used is None:
+                    raise _Lost()  # a concurrent sign-in with this passkey moved its count
+                issued = await self.conclusion.conclude(
+                    tx,
+                    owner,
+                    amr=amr,
+                    client=client,
+                    intent=intent,
+                    # A first factor, as a password login is: the address must be proven.
+                    verify_address=intent is SIGN_IN,
+                )
         except _Lost:
-            # Not a guess (its reservation was given back): the answer was right, and a
-            # concurrent request used the challenge or the passkey's count first.
+            # Not a guess: the answer was right, and a concurrent request used the
+            # challenge or the passkey's count first.
             raise _invalid() from None
         self.challenges.outbox.wake()
         return issued
@@ -266,64 +281,59 @@ class PasskeySignIns:
         except AuthFailure:
             return None
 
-    @contextlib.asynccontextmanager
-    async def _counted(
+    async def _refusal_key(
+        self, challenge: Mapping[str, Any] | None, credential: AuthenticationCredential | None
+    ) -> tuple[str, uuid.UUID | None]:
+        """Whom a refused assertion is charged to, never depending on whether the
+        credential ID presented exists or whose it is: the address the ceremony was
+        started with (registered or not); a second step's or step-up's user's address;
+        else a key derived from the credential ID presented (refusal_key)."""
+        if challenge is not None and challenge["email"] is not None:
+            return challenge["email"], challenge["user_id"]
+        if challenge is not None and challenge["user_id"] is not None:
+            async with self.statements.connection() as conn:
+                found = await conn.first(_ADDRESS_OF, {"uid": challenge["user_id"]})
+            if found is not None:
+                return str(found["email_normalized"]), challenge["user_id"]
+        presented = bytes(credential.raw_id) if credential is not None else b""
+        return refusal_key(presented), None
+
+    async def _count_refusal(
         self,
         challenge: Mapping[str, Any] | None,
-        owner: uuid.UUID | None,
-        address: str | None,
+        credential: AuthenticationCredential | None,
         client: ClientInfo,
-    ) -> AsyncIterator[str | None]:
-        """Reserves the check with the account's lockout (a device token good for the
-        owner: its device's own), as a password check is; a refusal in the block is
-        counted (lockout.failed, LOGIN_FAILED, LOCKED_OUT) and a crash gives it back.
-        Yields the reserved key, for the concluding transaction to clear."""
-        device = None
-        if owner is not None:
-            not_session = challenge["session_id"] if challenge is not None else None
-            device = await self.trust.device_of(client, owner, not_session=not_session)
-        reserved: str | None = None
-        if device is not None:
-            reserved = device_budget(device)
-        elif address is not None:
-            reserved = address
-        if reserved is not None:
-            await self.limiter.hit("login_account", reserved)
-            await self.lockout.reserve(reserved)
+    ) -> None:
+        """A refused assertion, counted as a wrong password is: the key's `login_account`
+        budget and a lockout failure (RATE_LIMITED while the key is locked, as a wrong
+        password then); LOGIN_FAILED, and LOCKED_OUT where it starts a lock."""
+        key, user_id = await self._refusal_key(challenge, credential)
+        await self.limiter.hit("login_account", key)
+        await self.lockout.reserve(key)
         try:
-            yield reserved
-        except AuthFailure as refused:
-            if refused.code is not ErrorCode.INVALID_CREDENTIALS:
-                # Not a refused passkey (a disabled account after a verified one, a
-                # session that ended): nothing was guessed.
-                if reserved is not None:
-                    await self.lockout.give_back(reserved)
-                raise
-            locked_until = await self.lockout.failed(reserved) if reserved is not None else None
-            user_id = owner if owner is not None else (challenge or {}).get("user_id")
-            async with self.events.transaction(self.statements) as tx:
+            locked_until = await self.lockout.failed(key)
+        except BaseException:
+            await self.lockout.give_back(key)
+            raise
+        email = None if key.startswith(REFUSAL_KEY_PREFIX) else key
+        async with self.events.transaction(self.statements) as tx:
+            await self.events.record(
+                tx,
+                EventKind.LOGIN_FAILED,
+                user_id=user_id,
+                client=client,
+                email=email,
+                details={"step": "passkey"},
+            )
+            if locked_until is not None:
                 await self.events.record(
                     tx,
-                    EventKind.LOGIN_FAILED,
+                    EventKind.LOCKED_OUT,
                     user_id=user_id,
                     client=client,
-                    email=address,
-                    details={"step": "passkey"},
+                    email=email,
+                    details={"until": locked_until.isoformat()},
                 )
-                if locked_until is not None:
-                    await self.events.record(
-                        tx,
-                        EventKind.LOCKED_OUT,
-                        user_id=user_id,
-                        client=client,
-                        email=address,
-                        details={"until": locked_until.isoformat()},
-                    )
-            raise
-        except BaseException:
-            if reserved is not None:
-                await self.lockout.give_back(reserved)
-            raise
 
     async def _intent(
         self,
@@ -371,6 +381,13 @@ class PasskeySignIns:
         and PASSKEY_CLONE_SUSPECTED recorded in its own transaction."""
         verified = _check_signature(rp, token, credential, bytes(passkey["public_key"]))
         if verified is None:
+            raise _invalid()
+        # The account the authenticator says the passkey is for (userHandle, where it
+        # says) must be the passkey's owner.
+        handle = credential.response.user_handle
+        if handle is not None and not hmac.compare_digest(
+            bytes(handle), bytes(passkey["webauthn_user_handle"] or b"")
+        ):
             raise _invalid()
         stored, new = int(passkey["sign_count"]), int(verified.new_sign_count)
         if (stored != 0 or new != 0) and new <= stored:
@@ -422,19 +439,6 @@ def _check_signature(
         )
     except (WebAuthnException, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
-
-
-def _cose_ec2(key: ec.EllipticCurvePublicKey) -> bytes:
-    """A P-256 public key as a COSE_Key (RFC 9053: kty EC2, alg ES256, crv P-256, x, y),
-    CBOR-encoded by hand: a map of five entries, 32-byte coordinates."""
-    numbers = key.public_numbers()
-    return (
-        b"\xa5\x01\x02\x03\x26\x20\x01"
-        + b"\x21\x58\x20"
-        + numbers.x.to_bytes(32, "big")
-        + b"\x22\x58\x20"
-        + numbers.y.to_bytes(32, "big")
-    )
 
 
 def _parse(credential_json: str) -> AuthenticationCredential | None:
