@@ -523,6 +523,38 @@ async def run_otp_client(
     )
 
 
+async def run_bodies_client(
+    url: str,
+    *,
+    mutation: str,
+    warmup_bodies: Path,
+    bodies: Path,
+    load: LoadSettings,
+    server_pid: int,
+    log_path: Path,
+) -> tuple[LoadResult, PeakRss, dict[str, Any]]:
+    """bench/otp_client.py with pre-made bodies (one JSON document a line): each of
+    `load.connections` users sends the next unused body, the warm-up's for `load.warmup` s
+    (unmeasured) then the measured ones for `load.duration` s, or until they run out; an
+    AuthSession in `data.<mutation>` is a success. RSS and the result as for
+    run_login_client."""
+    return await run_load_client(
+        "otp_client.py",
+        [
+            "--mutation",
+            mutation,
+            "--warmup-bodies",
+            str(warmup_bodies),
+            "--bodies",
+            str(bodies),
+        ],
+        url=url,
+        load=load,
+        server_pid=server_pid,
+        log_path=log_path,
+    )
+
+
 async def run_load_client(
     script: str,
     args: Sequence[str],

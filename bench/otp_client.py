@@ -1,33 +1,45 @@
-"""verifyOtp load: the `verifyOtp` scenario's measured load (two-factor login, step two).
+"""Single-use load: the measured load of the `verifyOtp` and `finishPasskeyLogin` scenarios,
+where every request spends something seeded for it and is never sent twice.
 
-Every successful verifyOtp spends a challenge, and each user's TOTP time step is
-accepted once, so every request takes a (challenge token, TOTP secret) pair of its own,
-seeded by bench/otp_seed.py: files of "<challengeToken> <secret>" lines, one for the
-warm-up and one for the measured run (disjoint sets).
+- verifyOtp (two-factor login, step two; the default `--mutation`): every successful
+  verifyOtp spends a challenge, and each user's TOTP time step is accepted once, so every
+  request takes a (challenge token, TOTP secret) pair of its own, seeded by
+  bench/otp_seed.py: files of "<challengeToken> <secret>" lines (`--warmup-pairs`,
+  `--pairs`). The body is made at send time: the 6-digit code is computed from the secret
+  then (pyotp), as it must be current.
+- Any other mutation (`--mutation finishPasskeyLogin`): pre-made request bodies, one JSON
+  document a line (`--warmup-bodies`, `--bodies`), each sent as it is, once; for
+  finishPasskeyLogin, a ceremony of its own and the assertion signed for it
+  (bench/passkey_seed.py).
+
+In both cases the warm-up's and the measured run's sets are disjoint, and an answer
+counts as a success when `data.<mutation>` is an AuthSession with both tokens.
 
 `--users` concurrent users (32 by default), each on a keep-alive HTTP/1.1 connection of
 its own (32 connections), spoken with asyncio streams rather than httpx: at this rate
 httpx is what limits the load (one AsyncClient shared by 32 users spends its time in its
 connection pool's per-request scan of every connection: ~100 verifyOtp/s with a p99 of
 over a second on an idle server core; one AsyncClient a user, ~185/s; plain streams,
-~245/s with the server's core busy). Each user loops: take the next unused pair,
-compute the current 6-digit code from its secret (pyotp, at send time), POST the
-verifyOtp mutation; an AuthSession (with both tokens) is a success, timed from the
+~245/s with the server's core busy). Each user loops: take the next unused pair (or
+body), POST the mutation; an AuthSession (with both tokens) is a success, timed from the
 request being sent to the answer being read; every answer is counted by kind: "ok", the
 AuthErrorCode, "http_<status>", "graphql_error" or "transport_<Exception>" (the
-connection is then opened anew). A pair is never sent twice, whatever the answer.
+connection is then opened anew). A pair or body is never sent twice, whatever the answer.
 
-The load runs `--warmup` seconds on the warm-up pairs, unmeasured (a user whose pairs ran
+The load runs `--warmup` seconds on the warm-up set, unmeasured (a user whose set ran
 out waits for the measured part), then `--duration` seconds measured on the measured
-pairs, without a pause between them. The measured part ends early when its pairs run
-out (reported as "ran_out": seed more). The client prints "MEASURING" when the measured
-part starts (the benchmark samples the server's RSS from then on) and
-"BENCH_RESULT {json}" when it ends. Only answers that arrive within the measured part are
-counted; requests still in flight at its end are abandoned. The benchmark runs it pinned
-to the load core:
+set, without a pause between them. The measured part ends early when its set runs out
+(reported as "ran_out": seed more). The client prints "MEASURING" when the measured part
+starts (the benchmark samples the server's RSS from then on) and "BENCH_RESULT {json}"
+when it ends (its counts keep the names "pairs_*" for bodies too). Only answers that
+arrive within the measured part are counted; requests still in flight at its end are
+abandoned. The benchmark runs it pinned to the load core:
 
     taskset -c 1 python bench/otp_client.py --url http://127.0.0.1:8000/graphql \\
         --warmup-pairs otp-pairs-warmup.txt --pairs otp-pairs-measured.txt
+    taskset -c 1 python bench/otp_client.py --url http://127.0.0.1:8000/graphql \\
+        --mutation finishPasskeyLogin \\
+        --warmup-bodies passkey-bodies-warmup.txt --bodies passkey-bodies-measured.txt
 """
 
 from __future__ import annotations
@@ -38,10 +50,10 @@ import json
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import pyotp
@@ -57,7 +69,12 @@ VERIFY_OTP = (
     " ... on AuthSession { accessToken refreshToken } ... on AuthError { code retryAfter } } }"
 )
 
+DEFAULT_MUTATION = "verifyOtp"
+
 Pair = tuple[str, str]  # (challenge token, TOTP secret)
+Item = TypeVar("Item")
+# What a user sends for an item: the body, and a note kept with an unexpected answer.
+Request = tuple[bytes, str]
 
 
 def read_pairs(path: Path) -> list[Pair]:
@@ -67,6 +84,25 @@ def read_pairs(path: Path) -> list[Pair]:
             token, secret = line.split()
             pairs.append((token, secret))
     return pairs
+
+
+def read_bodies(path: Path) -> list[bytes]:
+    """Pre-made request bodies, one JSON document a line."""
+    return [line.strip().encode() for line in path.read_text().splitlines() if line.strip()]
+
+
+def otp_request(pair: Pair) -> Request:
+    """verifyOtp for a seeded pair, with the code current at send time."""
+    token, secret = pair
+    code = pyotp.TOTP(secret).now()
+    body = json.dumps(
+        {"query": VERIFY_OTP, "variables": {"i": {"challengeToken": token, "code": code}}}
+    ).encode()
+    return body, f"code {code}: "
+
+
+def premade_request(body: bytes) -> Request:
+    return body, ""
 
 
 @dataclass
@@ -86,12 +122,13 @@ class Tally:
             self.samples.append(body[:500])
 
 
-class Pairs:
-    """The warm-up's pairs until the measured part starts, then the measured ones."""
+class Pairs(Generic[Item]):
+    """The warm-up's pairs (or bodies) until the measured part starts, then the measured
+    ones; each handed out once."""
 
-    def __init__(self, warmup: list[Pair], measured: list[Pair]) -> None:
-        self._warmup: Iterator[Pair] = iter(warmup)
-        self._measured: Iterator[Pair] = iter(measured)
+    def __init__(self, warmup: list[Item], measured: list[Item]) -> None:
+        self._warmup: Iterator[Item] = iter(warmup)
+        self._measured: Iterator[Item] = iter(measured)
         self.measuring = asyncio.Event()
         self.warmup_total = len(warmup)
         self.measured_total = len(measured)
@@ -99,7 +136,7 @@ class Pairs:
         self.measured_used = 0
         self.warmup_ran_out = False
 
-    async def take(self) -> Pair | None:
+    async def take(self) -> Item | None:
         """The next unused pair; None once the measured ones are all taken."""
         if not self.measuring.is_set():
             pair = next(self._warmup, None)
@@ -114,11 +151,11 @@ class Pairs:
         return pair
 
 
-def classify(status: int, body: bytes) -> str:
+def classify(status: int, body: bytes, mutation: str = DEFAULT_MUTATION) -> str:
     if status != 200:
         return f"http_{status}"
     try:
-        answer = json.loads(body)["data"]["verifyOtp"]
+        answer = json.loads(body)["data"][mutation]
         typename = answer["__typename"]
     except (ValueError, KeyError, TypeError):
         return "graphql_error"
@@ -222,15 +259,17 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         await reader.readexactly(2)
 
 
-async def user(url: str, pairs: Pairs, tally: Tally) -> None:
+async def user(
+    url: str,
+    pairs: Pairs[Item],
+    tally: Tally,
+    request: Callable[[Item], Request],
+    mutation: str,
+) -> None:
     connection = Connection(url)
     try:
-        while (pair := await pairs.take()) is not None:
-            token, secret = pair
-            code = pyotp.TOTP(secret).now()
-            body = json.dumps(
-                {"query": VERIFY_OTP, "variables": {"i": {"challengeToken": token, "code": code}}}
-            ).encode()
+        while (item := await pairs.take()) is not None:
+            body, note = request(item)
             sent = time.perf_counter()
             try:
                 answer = await connection.post_json(body)
@@ -240,13 +279,13 @@ async def user(url: str, pairs: Pairs, tally: Tally) -> None:
                 await asyncio.sleep(TRANSPORT_ERROR_PAUSE)
                 continue
             elapsed = time.perf_counter() - sent
-            outcome = classify(answer.status, answer.body)
+            outcome = classify(answer.status, answer.body, mutation)
             if outcome == "ok":
                 if tally.measuring:
                     tally.ok_latencies.append(elapsed)
                 tally.count(outcome)
             else:
-                tally.count(outcome, f"code {code}: {answer.text}")
+                tally.count(outcome, note + answer.text)
     finally:
         connection.close()
 
@@ -256,9 +295,18 @@ def percentile(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def run(url: str, pairs: Pairs, users: int, warmup: float, duration: float) -> dict[str, Any]:
+async def run(
+    url: str,
+    pairs: Pairs[Item],
+    users: int,
+    warmup: float,
+    duration: float,
+    *,
+    request: Callable[[Item], Request],
+    mutation: str = DEFAULT_MUTATION,
+) -> dict[str, Any]:
     tally = Tally()
-    tasks = [asyncio.create_task(user(url, pairs, tally)) for _ in range(users)]
+    tasks = [asyncio.create_task(user(url, pairs, tally, request, mutation)) for _ in range(users)]
     try:
         await asyncio.sleep(warmup)
         print(MEASURING_MARKER, flush=True)
@@ -279,6 +327,7 @@ async def run(url: str, pairs: Pairs, users: int, warmup: float, duration: float
     ordered = sorted(tally.ok_latencies)
     ok = tally.outcomes["ok"]
     return {
+        "mutation": mutation,
         "users": users,
         "requests": sum(tally.outcomes.values()),
         "seconds": seconds,
@@ -300,8 +349,19 @@ async def run(url: str, pairs: Pairs, users: int, warmup: float, duration: float
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    if args.bodies is not None:
+        bodies = Pairs(read_bodies(args.warmup_bodies), read_bodies(args.bodies))
+        return await run(
+            args.url,
+            bodies,
+            args.users,
+            args.warmup,
+            args.duration,
+            request=premade_request,
+            mutation=args.mutation,
+        )
     pairs = Pairs(read_pairs(args.warmup_pairs), read_pairs(args.pairs))
-    return await run(args.url, pairs, args.users, args.warmup, args.duration)
+    return await run(args.url, pairs, args.users, args.warmup, args.duration, request=otp_request)
 
 
 def main() -> None:
@@ -309,14 +369,26 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--url", required=True, help="the GraphQL endpoint")
-    parser.add_argument("--warmup-pairs", type=Path, required=True, help="the warm-up's pairs")
-    parser.add_argument("--pairs", type=Path, required=True, help="the measured run's pairs")
+    parser.add_argument(
+        "--mutation",
+        default=DEFAULT_MUTATION,
+        help="the mutation whose answer is checked (verifyOtp: bodies made from pairs)",
+    )
+    parser.add_argument("--warmup-pairs", type=Path, help="verifyOtp: the warm-up's pairs")
+    parser.add_argument("--pairs", type=Path, help="verifyOtp: the measured run's pairs")
+    parser.add_argument("--warmup-bodies", type=Path, help="the warm-up's bodies, one a line")
+    parser.add_argument("--bodies", type=Path, help="the measured run's bodies, one a line")
     parser.add_argument("--users", type=int, default=32, help="concurrent users (connections)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
     args = parser.parse_args()
     if args.users < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("need at least one user, a positive --duration and --warmup >= 0")
+    if args.mutation == DEFAULT_MUTATION:
+        if args.pairs is None or args.warmup_pairs is None or args.bodies is not None:
+            parser.error("verifyOtp needs --warmup-pairs and --pairs (and no bodies)")
+    elif args.bodies is None or args.warmup_bodies is None or args.pairs is not None:
+        parser.error(f"{args.mutation} needs --warmup-bodies and --bodies (and no pairs)")
     result = asyncio.run(main_async(args))
     print(RESULT_MARKER + json.dumps(result), flush=True)
 

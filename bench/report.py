@@ -8,6 +8,11 @@ from typing import Any
 
 # Targets for Strawgate (throughput as a fraction of the scenario's reference).
 THROUGHPUT_TARGETS = {"me": 0.5, "login": 0.85, "refresh": 0.5}
+# Targets of the scenarios measured on Strawgate alone, as multiples of other scenarios'
+# Strawgate ok/s in the same run: scenario -> {other scenario: at least this multiple}.
+RELATIVE_TARGETS: dict[str, dict[str, float]] = {
+    "finishPasskeyLogin": {"login": 5.0, "refresh": 0.5},
+}
 MAX_P99_OVER_P50 = 4.0
 MAX_RSS_MIB = 150.0  # the target's "150 MB", read as MiB like the kernel's figures
 
@@ -84,6 +89,27 @@ class Reported:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Relative:
+    """A scenario measured on Strawgate alone whose throughput targets are multiples of
+    other scenarios' Strawgate ok/s in the same run (RELATIVE_TARGETS); p99/p50 and peak
+    RSS are checked as for every scenario."""
+
+    name: str
+    title: str
+    row: Row
+    others: dict[str, float | None] = field(default_factory=dict)  # scenario -> its ok/s
+    notes: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def ratio(self, other: str) -> float | None:
+        """This scenario's ok/s over `other`'s Strawgate ok/s."""
+        ours, theirs = self.row.ok_rps, self.others.get(other)
+        if ours is None or not theirs:
+            return None
+        return ours / theirs
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -131,6 +157,18 @@ def checks_for(scenario: Scenario) -> list[Check]:
     if scenario.name == "refresh" and isinstance(failed, int):
         checks.append(Check("refresh: non-AuthSession answers", float(failed), 0.0, at_least=False))
     return checks
+
+
+def checks_for_relative(relative: Relative) -> list[Check]:
+    row = relative.row
+    return [
+        *(
+            Check(f"{relative.name} / {other} ok/s", relative.ratio(other), limit, True, "x")
+            for other, limit in RELATIVE_TARGETS[relative.name].items()
+        ),
+        Check(f"{relative.name}: p99 / p50", row.tail_ratio, MAX_P99_OVER_P50, at_least=False),
+        Check(f"{relative.name}: peak RSS", row.rss_mib, MAX_RSS_MIB, at_least=False, unit=" MiB"),
+    ]
 
 
 # -- printing -----------------------------------------------------------------------------
@@ -226,11 +264,31 @@ def format_reported(reported: Reported) -> str:
     return "\n".join(lines)
 
 
+def format_relative(relative: Relative) -> str:
+    targets = RELATIVE_TARGETS[relative.name]
+    lines = [
+        f"[{relative.name}] {relative.title}",
+        "  (no reference server: its throughput targets are multiples of "
+        + " and ".join(f"{other}'s" for other in targets)
+        + " Strawgate ok/s in this run)",
+        HEADER,
+        format_row(relative.row),
+    ]
+    for other, limit in targets.items():
+        lines.append(
+            f"  throughput ratio {relative.name}/{other}: {_num(relative.ratio(other), 2)}"
+            f" (target >= {limit:g}; {other} {_num(relative.others.get(other))} ok/s)"
+        )
+    lines.extend(f"  {note}" for note in relative.notes)
+    return "\n".join(lines)
+
+
 def format_report(
     header: list[str],
     scenarios: list[Scenario],
     checks: list[Check],
     reported: list[Reported] | None = None,
+    relative: list[Relative] | None = None,
 ) -> str:
     parts = ["\n".join(header)]
     extra = list(reported or [])
@@ -239,6 +297,7 @@ def format_report(
         parts.extend(format_reported(r) for r in extra if r.beside == scenario.name)
     placed = {scenario.name for scenario in scenarios}
     parts.extend(format_reported(r) for r in extra if r.beside not in placed)
+    parts.extend(format_relative(r) for r in relative or [])
     verdict = "all targets met" if checks and all(c.passed for c in checks) else "targets missed"
     parts.append("\n".join(["Targets", *(format_check(c) for c in checks), f"  => {verdict}"]))
     return "\n\n".join(parts)
@@ -291,4 +350,23 @@ def reported_json(reported: Reported) -> dict[str, Any]:
         "reference": None,
         "notes": reported.notes,
         "details": reported.raw,
+    }
+
+
+def relative_json(relative: Relative) -> dict[str, Any]:
+    return {
+        "title": relative.title,
+        "strawgate": row_json(relative.row),
+        "reference": None,
+        "throughput_ratios": {
+            other: {
+                "ratio": relative.ratio(other),
+                "of": f"ok/s over {other}'s Strawgate ok/s in this run",
+                "other_ok_per_s": relative.others.get(other),
+                "target_at_least": limit,
+            }
+            for other, limit in RELATIVE_TARGETS[relative.name].items()
+        },
+        "notes": relative.notes,
+        "details": relative.raw,
     }

@@ -43,6 +43,7 @@ from bench.harness import (
     create_database,
     drop_database,
     pinned,
+    run_bodies_client,
     run_command,
     run_login_client,
     run_main,
@@ -54,14 +55,23 @@ from bench.harness import (
     with_database,
 )
 from bench.otp_seed import OtpSeeds, seed_otp_users
+from bench.passkey_seed import (
+    PasskeyUsers,
+    prepare_sign_ins,
+    seed_passkey_users,
+    server_settings,
+)
 from bench.report import (
     Check,
     Extra,
+    Relative,
     Reported,
     Row,
     Scenario,
     checks_for,
+    checks_for_relative,
     format_report,
+    relative_json,
     reported_json,
     scenario_json,
 )
@@ -121,6 +131,8 @@ class Options:
     profile: bool
     pg_url: str
     limiter: bool = True  # also measure the rate limiter's cost (three more servers)
+    # finishPasskeyLogin sign-ins prepared per second of warm-up and of measured run
+    passkey_rate: float = 1000.0
 
 
 @dataclass
@@ -170,12 +182,31 @@ def otp_sets(options: Options) -> dict[str, int]:
     }
 
 
+def passkey_sets(options: Options) -> dict[str, int]:
+    """finishPasskeyLogin sign-ins to prepare (a user with a passkey and a ceremony each):
+    one per request at `--passkey-rate` requests a second, for the warm-up and for the
+    measured run (separate sets); at least one per connection."""
+    load = options.load
+    least = load.connections
+    return {
+        "warmup": max(least, math.ceil(load.warmup * options.passkey_rate)) if load.warmup else 0,
+        "measured": max(least, math.ceil(load.duration * options.passkey_rate)),
+    }
+
+
 def time_budget(options: Options) -> float:
     """Seconds the whole run may take before it is stopped."""
     load = options.load
     seeded_logins = len(chain_sets(options.rounds)) * options.sessions
     seeded_otp = sum(otp_sets(options).values())
-    return 600 + 12 * (load.duration + load.warmup) + 0.5 * seeded_logins + 0.001 * seeded_otp
+    seeded_passkeys = sum(passkey_sets(options).values())
+    return (
+        600
+        + 12 * (load.duration + load.warmup)
+        + 0.5 * seeded_logins
+        + 0.001 * seeded_otp
+        + 0.005 * seeded_passkeys  # a user, a ceremony over HTTP, an assertion each
+    )
 
 
 @dataclass(frozen=True)
@@ -183,6 +214,7 @@ class Seeds:
     access_token: str
     token_files: dict[str, Path]  # a chain set's name (see chain_sets) -> its token file
     otp: OtpSeeds  # verifyOtp: (challenge token, TOTP secret) files, warm-up and measured
+    passkeys: PasskeyUsers  # finishPasskeyLogin: users with a passkey, warm-up and measured
 
 
 # -- seeding ----------------------------------------------------------------------------------
@@ -192,7 +224,8 @@ async def seed(bench: Bench) -> Seeds:
     """One user (signup), then sessions through login: a refresh-token chain for every
     connection, separately for each app's warm-up and for each of its rounds (a spent
     token cannot be presented again). Then, straight into the database, the users with
-    two-factor on and a pending login challenge that `verifyOtp` spends, one a request."""
+    two-factor on and a pending login challenge that `verifyOtp` spends, one a request,
+    and the users with a passkey that `finishPasskeyLogin` signs in, one a request."""
     async with GraphQLClient(bench.strawgate.url("/graphql")) as client:
         challenge = await client.field(
             SIGNUP, {"i": {"email": EMAIL, "password": PASSWORD}}, "signup"
@@ -222,7 +255,8 @@ async def seed(bench: Bench) -> Seeds:
         # Valid for the whole run whatever its length (the server checks expires_at).
         challenge_lifetime=timedelta(seconds=max(3600.0, time_budget(bench.options))),
     )
-    return Seeds(access_token=access_token, token_files=token_files, otp=otp)
+    passkeys = await seed_passkey_users(bench.env["DATABASE_URL"], passkey_sets(bench.options))
+    return Seeds(access_token=access_token, token_files=token_files, otp=otp, passkeys=passkeys)
 
 
 async def _log_in_many(client: GraphQLClient, count: int) -> list[str]:
@@ -697,6 +731,115 @@ async def scenario_verify_otp(bench: Bench, seeds: Seeds, login: Scenario | None
     return reported
 
 
+# What Strawgate does for one finishPasskeyLogin (db/services/signin/passkey.py
+# PasskeySignIns.finish), so that its number can be read.
+PASSKEY_WORK = [
+    "server work per finishPasskeyLogin, no password hash: the login_ip limit; parse the"
+    " AuthenticationResponseJSON; UPDATE challenges (take an attempt); SELECT the passkey"
+    " by credential ID (+ its user);",
+    "  the account's login_account limit and lockout reserved; the assertion verified"
+    " (py_webauthn: clientDataJSON, RP ID hash, flags, one ECDSA P-256 verify); then one"
+    " transaction: lock the user, consume the challenge,",
+    "  UPDATE passkeys (count, last used), the session (INSERT sessions, INSERT"
+    " refresh_tokens), the lockout settled; then a signed access JWT",
+]
+PASSKEY = "finishPasskeyLogin"
+
+
+async def scenario_passkey(
+    bench: Bench, seeds: Seeds, login: Scenario | None, refresh: Scenario | None
+) -> Relative:
+    """finishPasskeyLogin with a ceremony of its own a request (started over HTTP and
+    answered offline right before, unmeasured), from bench/otp_client.py with pre-made
+    bodies. Its targets: multiples of login's and refresh's Strawgate ok/s in this run."""
+    load = bench.load
+    users = seeds.passkeys
+    counts = users.counts
+    title = (
+        f"finishPasskeyLogin mutation (discoverable passkey sign-in), {load.connections}"
+        " clients, a fresh ceremony and user per request: WebAuthn assertion (ECDSA P-256)"
+        " + new session (only AuthSession counts)"
+    )
+    others = {
+        "login": login.strawgate.ok_rps if login is not None else None,
+        "refresh": refresh.strawgate.ok_rps if refresh is not None else None,
+    }
+    # The scenarios its targets name (report.RELATIVE_TARGETS): their Strawgate ok/s.
+    relative = Relative(PASSKEY, title, Row("strawgate"), others=others)
+    server = bench.strawgate
+    try:
+        progress(f"finishPasskeyLogin: starting {sum(counts.values()):,} ceremonies over HTTP")
+        sign_ins = await prepare_sign_ins(
+            server.url("/graphql"), bench.env["DATABASE_URL"], users, work=bench.work
+        )
+        relative.notes.append(
+            f"seeded: {sum(counts.values()):,} users with one passkey each, in the database"
+            f" ({users.seconds:.1f} s); as many ceremonies started with startPasskeyLogin"
+            f" over HTTP ({sign_ins.start_seconds:.1f} s) and answered offline"
+            f" ({sign_ins.sign_seconds:.1f} s): {counts['warmup']:,} for the warm-up,"
+            f" {counts['measured']:,} for the measured run; --passkey-rate"
+            f" {bench.options.passkey_rate:g}/s"
+        )
+        result, rss, record = await run_bodies_client(
+            server.url("/graphql"),
+            mutation=PASSKEY,
+            warmup_bodies=sign_ins.files["warmup"],
+            bodies=sign_ins.files["measured"],
+            load=load,
+            server_pid=server.pid,
+            log_path=bench.logs / "passkey-client-strawgate.txt",
+        )
+        if server.process.returncode is not None:
+            raise BenchError(f"{server.name} exited during the run:\n{server.log_tail()}")
+    except BenchError as exc:
+        relative.notes.append(f"strawgate: {exc}")
+        relative.row = Row("strawgate", error=str(exc).splitlines()[0])
+        return relative
+    relative.row = load_row("strawgate", result, rss.peak_mib)
+    relative.raw["strawgate"] = {
+        **result.as_json(),
+        "load": (
+            f"bench/otp_client.py --mutation {PASSKEY}, {load.connections} users,"
+            " one pre-made body (ceremony + assertion) a request"
+        ),
+        "latency_of": "AuthSession answers, from request sent to answer",
+        "ran_out": record.get("ran_out"),
+        "bodies_seeded": record.get("pairs_seeded"),
+        "bodies_used": record.get("pairs_used"),
+        "warmup_bodies_seeded": record.get("warmup_pairs_seeded"),
+        "warmup_bodies_used": record.get("warmup_pairs_used"),
+        "warmup_ran_out": record.get("warmup_ran_out"),
+        "rss_at_start_mib": rss.start_mib,
+        "peak_rss_mib": rss.peak_mib,
+    }
+    relative.raw["seeding"] = {
+        "users_s": users.seconds,
+        "ceremonies_start_s": sign_ins.start_seconds,
+        "assertions_s": sign_ins.sign_seconds,
+        "counts": counts,
+    }
+    others_n = sum(n for name, n in result.outcomes.items() if name != "ok")
+    used = {key: int(record.get(key) or 0) for key in PAIR_COUNTS}
+    relative.notes.append(
+        f"answers: AuthSession {result.ok:,}, other {others_n:,}; p50/p99 are of the"
+        f" AuthSession answers; bodies used: {used['pairs_used']:,} of"
+        f" {used['pairs_seeded']:,} measured, {used['warmup_pairs_used']:,} of"
+        f" {used['warmup_pairs_seeded']:,} in the warm-up"
+    )
+    if record.get("ran_out"):
+        relative.notes.append(
+            f"the measured bodies RAN OUT after {result.seconds:.1f} s of {load.duration:g} s:"
+            " ok/s is over that shorter window; prepare more (raise --passkey-rate)"
+        )
+    if record.get("warmup_ran_out"):
+        relative.notes.append(
+            "the warm-up's bodies ran out before the warm-up ended (raise --passkey-rate)"
+        )
+    relative.notes.extend(describe("strawgate", result))
+    relative.notes.extend(PASSKEY_WORK)
+    return relative
+
+
 # What the rate limiter costs: the same server with counting off, on memory, on Redis.
 LIMITER_STORES: tuple[tuple[str, dict[str, str]], ...] = (
     ("off", {"RATE_LIMITING": "false"}),
@@ -887,22 +1030,15 @@ def progress(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
 
 
-async def run(options: Options) -> int:
-    results = BENCH_DIR / "results"
-    logs = results / "logs"
-    shutil.rmtree(logs, ignore_errors=True)  # logs and profiles are the latest run's
-    logs.mkdir(parents=True)
-    for stale in results.glob("profile-me.*"):
-        stale.unlink()
-    check_local(options.pg_url)
-    database = f"strawgate_bench_{secrets.token_hex(4)}"
-    mailbox = SmtpSink(port=free_port())  # started with the servers
-    env = {
+def server_env(pg_url: str, database: str, mailbox: SmtpSink) -> dict[str, str]:
+    """The servers' environment: production, fresh keys, the scratch database, mail to
+    the bench's own SMTP server, every rate limit raised out of the way, passkeys on."""
+    return {
         **os.environ,
         "ENVIRONMENT": "production",
         "SECRET_KEY": secrets.token_urlsafe(36),  # 48 characters
         "ENCRYPTION_KEYS": Fernet.generate_key().decode("ascii"),
-        "DATABASE_URL": with_database(options.pg_url, database, scheme="postgresql+asyncpg"),
+        "DATABASE_URL": with_database(pg_url, database, scheme="postgresql+asyncpg"),
         **{name.upper(): str(value) for name, value in mailbox.settings().items()},
         # The scenarios measure throughput, not the budgets: every limit is counted (its
         # cost is in the figures) but none binds. The limiter section compares with
@@ -914,11 +1050,27 @@ async def run(options: Options) -> int:
         "MAX_SESSIONS_PER_USER": "10000",
         # Production refuses links in mails that lead back to this machine.
         "PRODUCT_URL": "https://auth.example.com",
+        # Passkeys on (finishPasskeyLogin): the relying party the seeded passkeys are for.
+        **server_settings(),
     }
+
+
+async def run(options: Options) -> int:
+    results = BENCH_DIR / "results"
+    logs = results / "logs"
+    shutil.rmtree(logs, ignore_errors=True)  # logs and profiles are the latest run's
+    logs.mkdir(parents=True)
+    for stale in results.glob("profile-me.*"):
+        stale.unlink()
+    check_local(options.pg_url)
+    database = f"strawgate_bench_{secrets.token_hex(4)}"
+    mailbox = SmtpSink(port=free_port())  # started with the servers
+    env = server_env(options.pg_url, database, mailbox)
     load = options.load
     pg = urlsplit(options.pg_url)
     seeded_logins = len(chain_sets(options.rounds)) * options.sessions
     seeded_otp = sum(otp_sets(options).values())
+    seeded_passkeys = sum(passkey_sets(options).values())
     budget = time_budget(options)
     started = datetime.now(UTC)
     has_taskset = shutil.which("taskset") is not None
@@ -929,15 +1081,17 @@ async def run(options: Options) -> int:
         f"servers: uvicorn, 1 worker, {server_core};"
         f" load on {load_core}: wrk, {load.threads} threads, {load.connections} connections"
         f" (login: bench/login_client.py, {load.connections} users honouring retryAfter;"
-        f" verifyOtp: bench/otp_client.py, {load.connections} users)",
+        f" verifyOtp, finishPasskeyLogin: bench/otp_client.py, {load.connections} users)",
         f"me, refresh: {load.warmup:g} s warm-up of each side, then {options.rounds} rounds"
         f" of {round_seconds(options)} s per side, alternating which goes first;"
-        f" login, verifyOtp: {load.duration:g} s after {load.warmup:g} s warm-up",
+        f" login, verifyOtp, finishPasskeyLogin: {load.duration:g} s after {load.warmup:g} s"
+        " warm-up",
         f"PostgreSQL {pg.hostname}:{pg.port or 5432}, scratch database {database};"
         f" reference app: bench/reference_app.py",
     ]
     scenarios: list[Scenario] = []
     reported: list[Reported] = []
+    relative: list[Relative] = []
     profile_note: str | None = None
     with tempfile.TemporaryDirectory(prefix="strawgate-bench-") as tmp:
         work = Path(tmp)  # the servers' cwd: no stray .env is read
@@ -974,7 +1128,8 @@ async def run(options: Options) -> int:
                 )
                 progress(
                     f"seeding: signup, {seeded_logins} logins;"
-                    f" {seeded_otp} two-factor users in the database"
+                    f" {seeded_otp} two-factor users and {seeded_passkeys} passkey users in"
+                    " the database"
                 )
                 seeds = await seed(bench)
                 progress("scenario me")
@@ -986,6 +1141,9 @@ async def run(options: Options) -> int:
                 progress("scenario verifyOtp (reported only)")
                 login = next((s for s in scenarios if s.name == "login"), None)
                 reported.append(await scenario_verify_otp(bench, seeds, login))
+                progress("scenario finishPasskeyLogin")
+                refresh = next((s for s in scenarios if s.name == "refresh"), None)
+                relative.append(await scenario_passkey(bench, seeds, login, refresh))
                 if bench.options.limiter:
                     progress("limiter cost (reported only)")
                     reported.append(await scenario_limiter(bench, seeds))
@@ -997,9 +1155,10 @@ async def run(options: Options) -> int:
                         profile_note = f"profile failed: {str(exc).splitlines()[0]}"
             progress("stopping servers, dropping the database")
     checks: list[Check] = [check for scenario in scenarios for check in checks_for(scenario)]
+    checks.extend(check for r in relative for check in checks_for_relative(r))
     if profile_note:
         header.append(profile_note)
-    print(format_report(header, scenarios, checks, reported))
+    print(format_report(header, scenarios, checks, reported, relative))
     record = {
         "started": started.isoformat(),
         "commit": git_commit(),
@@ -1013,6 +1172,8 @@ async def run(options: Options) -> int:
             "sessions_per_chain_set": options.sessions,
             "otp_rate_per_s": options.otp_rate,
             "otp_users_seeded": otp_sets(options),
+            "passkey_rate_per_s": options.passkey_rate,
+            "passkey_sign_ins_prepared": passkey_sets(options),
             "server_core": SERVER_CORE,
             "load_core": LOAD_CORE,
             "pinned": has_taskset,
@@ -1020,6 +1181,7 @@ async def run(options: Options) -> int:
         "scenarios": {
             **{scenario.name: scenario_json(scenario) for scenario in scenarios},
             **{r.name: reported_json(r) for r in reported},
+            **{r.name: relative_json(r) for r in relative},
         },
         "checks": [check.as_json() for check in checks],
         "passed": all(check.passed for check in checks),
@@ -1065,6 +1227,12 @@ def parse_options(argv: list[str] | None) -> Options:
         default=2000.0,
         help="verifyOtp: two-factor users seeded per second of warm-up and of measured run",
     )
+    parser.add_argument(
+        "--passkey-rate",
+        type=float,
+        default=1000.0,
+        help="finishPasskeyLogin: sign-ins prepared per second of warm-up and of measured run",
+    )
     parser.add_argument("--profile", action="store_true", help="also profile Strawgate under `me`")
     parser.add_argument(
         "--no-limiter",
@@ -1080,8 +1248,8 @@ def parse_options(argv: list[str] | None) -> Options:
         parser.error("need at least one wrk thread and one connection per thread")
     if args.sessions < args.connections:
         parser.error("--sessions must be at least --connections (one chain per connection)")
-    if args.otp_rate <= 0:
-        parser.error("--otp-rate must be positive")
+    if args.otp_rate <= 0 or args.passkey_rate <= 0:
+        parser.error("--otp-rate and --passkey-rate must be positive")
     return Options(
         load=LoadSettings(
             duration=args.duration,
@@ -1094,6 +1262,7 @@ def parse_options(argv: list[str] | None) -> Options:
         sessions=args.sessions,
         hash_samples=max(1, args.hash_samples),
         otp_rate=args.otp_rate,
+        passkey_rate=args.passkey_rate,
         profile=args.profile,
         pg_url=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL),
         limiter=not args.no_limiter,
