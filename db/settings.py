@@ -239,10 +239,11 @@ class RateLimits(BaseModel):
     login_ip: str = "30/minute"
     """`login` and `finishPasskeyLogin` per client address."""
     start_passkey_login_ip: str = "30/minute"
-    """`startPasskeyLogin` per client address (`finishPasskeyLogin` counts as `login`)."""
+    """`startPasskeyLogin`, and `reauthenticate` without a mail (`emailCode: false`), per client
+    address (`finishPasskeyLogin` counts as `login`)."""
     login_account: str = "20/minute"
-    """`login` and `finishPasskeyLogin` per target account (normalized email), or per device token
-    for its holder."""
+    """`login` and refused `finishPasskeyLogin` answers per target account (normalized email, else
+    `passkey:` and the credential ID's digest), or per device token for its holder."""
     verify_otp_ip: str = "30/minute"
     """`verifyOtp` per client address."""
     verify_otp_challenge: str = "5/minute"

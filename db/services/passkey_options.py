@@ -39,10 +39,16 @@ CREDENTIALS = (
     .order_by(Passkey.created_at, Passkey.id)
 )
 
-# Decoys: as many as most accounts hold (one to three), each as long as a real
-# authenticator's credential ID (Google Password Manager 16 bytes, iCloud Keychain 20,
-# Windows Hello and most software authenticators 32, security keys 64).
-_DECOY_LENGTHS = (16, 20, 32, 32, 64)
+# Decoys: as many as most accounts hold (one to three), each a body and a 16-byte tag
+# (HMAC of the body under a key of its own: the server alone can tell a decoy, and refuses
+# to register one, see is_decoy), as long as the IDs of Windows Hello and most software
+# authenticators (32 bytes) and security keys (64). Shorter real IDs (Google Password
+# Manager 16 bytes, iCloud Keychain 20) leave room for no tag: decoys never take them.
+DECOY_TAG_BYTES = 16
+DECOY_MIN_BYTES, DECOY_MAX_BYTES = 32, 64
+_DECOY_LENGTHS = (32, 32, 32, 48, 64)
+# What a platform or phone passkey lists (most real passkeys; the software authenticator's
+# too): usable on this device or from a phone.
 _DECOY_TRANSPORTS = [AuthenticatorTransport.HYBRID, AuthenticatorTransport.INTERNAL]
 
 
@@ -84,6 +90,8 @@ class PasskeyOptions:
     def __init__(self, *, relying_party: RelyingParty | None, decoy_key: bytes) -> None:
         self.relying_party = relying_party
         self._decoy_key = decoy_key
+        # A key of its own for the decoys' tags, derived from the decoys' key.
+        self._tag_key = hmac.new(decoy_key, b"strawgate:passkey-decoy-tag", "sha256").digest()
 
     def request(self, token: str, allowed: list[PublicKeyCredentialDescriptor]) -> str:
         """The options as JSON text: user verification required (a passkey signs in
@@ -110,7 +118,8 @@ class PasskeyOptions:
     def decoys(self, address: str) -> list[PublicKeyCredentialDescriptor]:
         """Credential IDs for an address without passkeys (unknown, or an account that
         has none): derived by HMAC under the server's key from the normalized address, so
-        the same on every call, and as many and as long as real ones look."""
+        the same on every call, as many and as long as real ones look, each ending in its
+        tag (is_decoy)."""
         seed = hmac.new(self._decoy_key, b"count\x00" + address.encode(), "sha256").digest()
         found = []
         for index in range(1 + seed[0] % 3):
@@ -118,6 +127,19 @@ class PasskeyOptions:
                 self._decoy_key, b"id\x00%d\x00" % index + address.encode(), "sha512"
             ).digest()
             length = _DECOY_LENGTHS[digest[0] % len(_DECOY_LENGTHS)]
-            ident = (digest + hashlib.sha512(digest).digest())[1 : 1 + length]
+            body = (digest + hashlib.sha512(digest).digest())[1 : 1 + length - DECOY_TAG_BYTES]
+            ident = body + self._tag(body)
             found.append(PublicKeyCredentialDescriptor(id=ident, transports=_DECOY_TRANSPORTS))
         return found
+
+    def is_decoy(self, credential_id: bytes) -> bool:
+        """Whether a credential ID is one of this server's decoys (its tag checks out):
+        refused at registration exactly as an ID already registered is, so registering
+        a listed ID tells nobody whether it was real."""
+        if not DECOY_MIN_BYTES <= len(credential_id) <= DECOY_MAX_BYTES:
+            return False
+        body, tag = credential_id[:-DECOY_TAG_BYTES], credential_id[-DECOY_TAG_BYTES:]
+        return hmac.compare_digest(tag, self._tag(body))
+
+    def _tag(self, body: bytes) -> bytes:
+        return hmac.new(self._tag_key, body, "sha256").digest()[:DECOY_TAG_BYTES]

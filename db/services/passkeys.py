@@ -328,6 +328,10 @@ class PasskeyService:
             # is what holds against a concurrent registration for another account.
             if await tx.first(_CREDENTIAL_TAKEN, {"credential_id": verified.credential_id}):
                 raise _already_registered()
+            # A decoy listed for another address answers as a registered ID does: its
+            # registration tells nobody which of a list was real.
+            if self.auth.passkey_options.is_decoy(bytes(verified.credential_id)):
+                raise _already_registered()
             transports = credential.response.transports or []
             try:
                 await self._add(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from starlette.applications import Starlette
 from db.models import User, UserSession
 from db.settings import Settings
 from graph.app import create_app
-from tests.conftest import PASSWORD, MutableClock, client_for, unique_email
+from tests.conftest import PASSWORD, UNLIMITED, MutableClock, client_for, unique_email
 from tests.gql import VERIFY_OTP, gql, mutate, signed_up_and_proven
 from tests.graph.test_mfa import code_at, enrolled
+from tests.graph.test_passkeys import finish as finish_registration
 from tests.graph.test_passkeys import kinds, my_passkeys, register, rows
 from tests.graph.test_passkeys import start as start_registration
 from tests.servers import running_many
@@ -196,7 +198,7 @@ async def test_decoys_for_an_unknown_address_and_an_account_without_passkeys(
             assert set(descriptor) == {"id", "type", "transports"}
             assert descriptor["type"] == "public-key"
             assert descriptor["transports"] == ["hybrid", "internal"]
-            assert 16 <= len(descriptor["id"]) * 3 // 4 <= 64
+            assert 32 <= len(from_b64url(descriptor["id"])) <= 64
         # The rest of the options is what a real account's look like.
         shown = json.loads(first["optionsJson"])
         assert set(shown) == set(json.loads((await start(client, _email))["optionsJson"]))
@@ -697,3 +699,73 @@ async def test_sign_in_works_on_the_embedded_database(
             http, step["challengeToken"], second.assertion(step["passkeyOptionsJson"])
         )
         assert done["__typename"] == "AuthSession", done
+
+
+# -- enumeration through registration, step-up ceremonies in bulk ---------------------------
+
+
+async def test_registering_a_listed_decoy_answers_as_registering_a_real_passkey(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    """A stranger registers, on their own account, the IDs an address lists: a decoy is
+    refused exactly as a registered ID is, and neither is added."""
+    victim, _token, _authenticator = await with_passkey(client)
+    real = from_b64url(allowed((await start(client, victim))["optionsJson"])[0]["id"])
+    decoys = [
+        from_b64url(descriptor["id"])
+        for address in (unique_email(), unique_email(), unique_email())
+        for descriptor in allowed((await start(client, address))["optionsJson"])
+    ][:3]  # a refused registration leaves its ceremony waiting: at most five wait
+    token = str((await signed_up_and_proven(client, unique_email()))["accessToken"])
+
+    async def registering(credential_id: bytes) -> dict[str, Any]:
+        ceremony = await start_registration(client, token)
+        answer = SoftAuthenticator(credential_id=credential_id).register(ceremony["optionsJson"])
+        return await finish_registration(client, token, ceremony["challengeToken"], answer)
+
+    for_real = await registering(real)
+    assert for_real["code"] == "INVALID_INPUT", for_real
+    for decoy in decoys:
+        assert 32 <= len(decoy) <= 64
+        assert await registering(decoy) == for_real
+    assert await my_passkeys(client, token) == []
+    # Any other ID of those lengths registers.
+    assert (await registering(os.urandom(32)))["__typename"] == "Passkey"
+
+
+async def test_passkey_step_ups_are_rate_limited_and_capped_per_session(
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    clean_db: None,
+    smtp: SmtpSink,
+) -> None:
+    settings = make_settings(
+        webauthn_rp_id=RP_ID,
+        webauthn_origins=ORIGIN,
+        rate_limits=UNLIMITED.model_copy(update={"start_passkey_login_ip": "8/minute"}),
+        **smtp.settings(),
+    )
+    application = create_app(settings, clock=clock)
+    async with application.router.lifespan_context(application), client_for(application) as http:
+        _email, token, authenticator = await with_passkey(http)
+        steps = [
+            await mutate(http, REAUTHENTICATE, {"i": {"emailCode": False}}, token=token)
+            for _ in range(6)
+        ]
+        assert [step["__typename"] for step in steps[:5]] == ["OtpChallenge"] * 5, steps
+        assert steps[5]["code"] == "RATE_LIMITED" and steps[5]["retryAfter"] > 0, steps[5]
+        # Answering one makes room for another.
+        renewed = await finish(
+            http,
+            steps[0]["challengeToken"],
+            authenticator.assertion(steps[0]["passkeyOptionsJson"]),
+            token=token,
+        )
+        assert renewed["__typename"] == "AuthSession", renewed
+        again = await mutate(http, REAUTHENTICATE, {"i": {"emailCode": False}}, token=token)
+        assert again["__typename"] == "OtpChallenge", again
+        # The client's ceremony starts are one budget with startPasskeyLogin's (8 a
+        # minute): seven spent, one left.
+        assert (await mutate(http, START, {"i": {}}))["__typename"] == "PasskeyCeremony"
+        limited = await mutate(http, START, {"i": {}})
+        assert limited["code"] == "RATE_LIMITED", limited

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, func, select, update
 
 from db.clock import Clock
 from db.devices import network_of
@@ -29,7 +29,7 @@ from db.errors import (
     invalid_otp,
 )
 from db.mail.outbox import Outbox
-from db.models import User
+from db.models import Challenge, User
 from db.security.access import AccessClaims
 from db.security.device import device_budget
 from db.security.limiter import RateLimiter, client_key
@@ -46,7 +46,7 @@ from db.services.lockout import (
     code_lockout_key,
 )
 from db.services.notices import Notices
-from db.services.passkey_options import CEREMONY_LIFETIME, CREDENTIALS, descriptors
+from db.services.passkey_options import CEREMONY_LIFETIME, CREDENTIALS, PASSKEY, descriptors
 from db.services.sessions import LOCK_LIVE_SESSION, Sessions, end_device_tokens
 from db.services.signin.conclusion import SIGN_IN, USER_BY_ID, Conclusion, step_up
 from db.services.signin.signup import ADDRESS_HOLDER, DROP_ABANDONED_SIGNUP
@@ -61,6 +61,17 @@ from db.services.types import (
 )
 from db.session import Runner, Statements
 from db.validation import parse_email
+
+# Passkey-only step-ups (reauthenticate, emailCode: false) waiting at once, per session: a
+# bound on the rows one session can make.
+MAX_PENDING_REAUTHENTICATIONS = 5
+_PENDING_REAUTHENTICATIONS = select(func.count(Challenge.id)).where(
+    Challenge.session_id == bindparam("sid"),
+    Challenge.method == PASSKEY,
+    Challenge.purpose == ch.REAUTHENTICATE,
+    Challenge.consumed_at.is_(None),
+    Challenge.expires_at > bindparam("now"),
+)
 
 # A change of address, proven by the code mailed there.
 _CHANGE_EMAIL = (
@@ -145,6 +156,9 @@ class EmailedCodes:
         (INVALID_INPUT) for a user without passkeys, whom nothing could answer."""
         if email_code:
             await self.limiter.hit("request_login_code_ip", client_key(client.ip))
+        else:
+            # A passkey ceremony's start, spending what startPasskeyLogin spends.
+            await self.limiter.hit("start_passkey_login_ip", client_key(client.ip))
         options = self.conclusion.passkey_options
         async with self.events.transaction(self.statements) as tx:
             credentials = []
@@ -155,6 +169,22 @@ class EmailedCodes:
                     raise invalid_input(
                         "Give your password, or ask for a code by mail (emailCode: true).",
                         field="password",
+                    )
+                # The account's lock first (as in every transaction): the count below
+                # holds against this session's concurrent requests.
+                if await self.sessions.lock_user(tx, user.id, exclusive=True) is None:
+                    raise AuthFailure(
+                        ErrorCode.INVALID_TOKEN, "This session has ended; sign in again."
+                    )
+                pending = await tx.scalars(
+                    _PENDING_REAUTHENTICATIONS,
+                    {"sid": claims.session_id, "now": self.clock.now()},
+                )
+                if pending and int(pending[0]) >= MAX_PENDING_REAUTHENTICATIONS:
+                    raise AuthFailure(
+                        ErrorCode.RATE_LIMITED,
+                        "Too many passkey step-ups under way; finish one, or wait.",
+                        retry_after=int(CEREMONY_LIFETIME.total_seconds()),
                     )
                 token = await self.challenges.open_passkey(
                     tx,
