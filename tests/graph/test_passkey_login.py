@@ -19,6 +19,7 @@ from sqlalchemy import func, select, update
 from starlette.applications import Starlette
 
 from db.models import User, UserSession
+from db.services.signin import passkey as passkey_signin
 from db.settings import Settings
 from graph.app import create_app
 from tests.conftest import PASSWORD, UNLIMITED, MutableClock, client_for, unique_email
@@ -769,3 +770,30 @@ async def test_passkey_step_ups_are_rate_limited_and_capped_per_session(
         assert (await mutate(http, START, {"i": {}}))["__typename"] == "PasskeyCeremony"
         limited = await mutate(http, START, {"i": {}})
         assert limited["code"] == "RATE_LIMITED", limited
+
+
+async def test_an_unknown_credential_id_costs_the_signature_check_a_registered_one_does(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The time of a refusal must not tell a registered ID from a decoy: each is refused
+    after one signature check."""
+    email, _token, _authenticator = await with_passkey(client)
+    real = from_b64url(allowed((await start(client, email))["optionsJson"])[0]["id"])
+    decoy = from_b64url(allowed((await start(client, unique_email()))["optionsJson"])[0]["id"])
+    checks: list[bytes] = []
+    check = passkey_signin._check_signature
+
+    def counted(rp: Any, token: str, credential: Any, public_key: bytes) -> Any:
+        checks.append(bytes(credential.raw_id))
+        return check(rp, token, credential, public_key)
+
+    monkeypatch.setattr(passkey_signin, "_check_signature", counted)
+    for credential_id in (real, decoy, os.urandom(32)):
+        ceremony = await start(client)
+        forged = SoftAuthenticator(credential_id=credential_id)
+        refused(
+            await finish(
+                client, ceremony["challengeToken"], forged.assertion(ceremony["optionsJson"])
+            )
+        )
+    assert len(checks) == 3 and checks[:2] == [real, decoy]

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import bindparam, select, update
 from webauthn import verify_authentication_response
 from webauthn.authentication.verify_authentication_response import VerifiedAuthentication
@@ -147,6 +148,10 @@ class PasskeySignIns:
         self.sessions = sessions
         self.conclusion = conclusion
         self.options = options
+        # A public key nobody holds the private half of: an unknown credential ID is
+        # checked against it, so that its refusal costs the signature check a known one's
+        # does (the time of a refusal tells no decoy from a registered ID).
+        self._unknown_key = _cose_ec2(ec.generate_private_key(ec.SECP256R1()).public_key())
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -220,7 +225,10 @@ class PasskeySignIns:
                 )
         owner: uuid.UUID | None = passkey["user_id"] if passkey is not None else None
         try:
-            if challenge is None or credential is None or passkey is None:
+            if challenge is None or credential is None:
+                raise _invalid()
+            if passkey is None:
+                _check_signature(rp, challenge_token, credential, self._unknown_key)
                 raise _invalid()
             intent = await self._intent(challenge, owner, bearer)
             verified = await self._verify(rp, challenge_token, credential, passkey, client)
@@ -439,6 +447,19 @@ def _check_signature(
         )
     except (WebAuthnException, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
+
+
+def _cose_ec2(key: ec.EllipticCurvePublicKey) -> bytes:
+    """A P-256 public key as a COSE_Key (RFC 9053: kty EC2, alg ES256, crv P-256, x, y),
+    CBOR-encoded by hand: a map of five entries, 32-byte coordinates."""
+    numbers = key.public_numbers()
+    return (
+        b"\xa5\x01\x02\x03\x26\x20\x01"
+        + b"\x21\x58\x20"
+        + numbers.x.to_bytes(32, "big")
+        + b"\x22\x58\x20"
+        + numbers.y.to_bytes(32, "big")
+    )
 
 
 def _parse(credential_json: str) -> AuthenticationCredential | None:
