@@ -797,3 +797,37 @@ async def test_an_unknown_credential_id_costs_the_signature_check_a_registered_o
             )
         )
     assert len(checks) == 3 and checks[:2] == [real, decoy]
+
+
+# -- accounts without a password -------------------------------------------------------------
+
+
+async def test_an_account_without_a_password_adds_signs_in_with_and_deletes_its_last_passkey(
+    client: httpx.AsyncClient, smtp: SmtpSink
+) -> None:
+    """Signed up without a password (the address proven by its code, which is a recent
+    sign-in), the account adds a passkey and signs in with it; deleting its only passkey
+    is allowed, because the emailed code still signs it in."""
+    from tests.gql import REQUEST_LOGIN_CODE, verify_otp
+    from tests.graph.test_passkeys import DELETE
+    from tests.graph.test_passwordless import passwordless
+
+    email, session = await passwordless(client, smtp)
+    token = str(session["accessToken"])
+    authenticator = SoftAuthenticator()
+    passkey = await register(client, token, authenticator)
+    signed_in = await sign_in(client, authenticator)
+    assert signed_in["__typename"] == "AuthSession", signed_in
+    assert signed_in["user"]["email"] == email
+    assert "mfa" in claims_of(signed_in["accessToken"])["amr"]
+
+    fresh = str(signed_in["accessToken"])  # the passkey was just proven: recent
+    left = await mutate(client, DELETE, {"i": {"id": passkey["id"]}}, token=fresh)
+    assert left["__typename"] == "User" and left["passkeys"] == [], left
+    refused(await sign_in(client, authenticator))
+    # The way in that remains: the emailed code (after the code, the added and the
+    # removed notices, the fourth mail).
+    challenge = await mutate(client, REQUEST_LOGIN_CODE, {"i": {"email": email}})
+    mail = await smtp.wait_for(email, count=4)
+    again = await verify_otp(client, challenge["challengeToken"], mail.code())
+    assert again["__typename"] == "AuthSession", again
