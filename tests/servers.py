@@ -19,6 +19,9 @@ import httpx
 from db.settings import Settings
 from tests.pg import free_port
 
+# Starts on another free port when the one picked was taken meanwhile (see start).
+PORT_ATTEMPTS = 3
+
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
@@ -150,15 +153,27 @@ async def start(
     port: int | None = None,
 ) -> Server:
     """A healthy server (uvicorn on a free port unless `command` is given). The caller
-    stops it; on a failed start it is stopped here."""
-    port = port or free_port()
-    server = await spawn(command or uvicorn_command(port), env=env, cwd=cwd, logs=logs, port=port)
-    try:
-        await wait_healthy(server)
-    except BaseException:
-        await server.stop()
-        raise
-    return server
+    stops it; on a failed start it is stopped here. A free port picked here can be taken
+    by another test's process before the server binds it (the suite runs on several
+    workers): a server that exits for that starts again on another port."""
+    for attempt in range(PORT_ATTEMPTS):
+        chosen = port or free_port()
+        server = await spawn(
+            command or uvicorn_command(chosen), env=env, cwd=cwd, logs=logs, port=chosen
+        )
+        try:
+            await wait_healthy(server)
+        except AssertionError:
+            await server.stop()
+            taken = "address already in use" in server.log().lower()
+            if port is None and command is None and taken and attempt + 1 < PORT_ATTEMPTS:
+                continue
+            raise
+        except BaseException:
+            await server.stop()
+            raise
+        return server
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
 @contextlib.asynccontextmanager

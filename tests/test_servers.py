@@ -799,3 +799,29 @@ async def test_a_stalled_client_cannot_hold_shutdown_past_the_graceful_timeout(
     finally:
         writer.close()
         await server.stop()
+
+
+async def test_a_server_whose_free_port_was_taken_meanwhile_starts_on_another(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The suite runs on several workers: a port picked free can be bound by another
+    test's process before the server binds it. The server then starts on another port
+    instead of failing the test."""
+    import socket
+
+    import tests.servers
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = int(busy.getsockname()[1])
+    ports = iter([taken, free_port()])
+    monkeypatch.setattr(tests.servers, "free_port", lambda: next(ports))
+    try:
+        env = production_env(database_url)
+        async with running(env=env, cwd=tmp_path, logs=tmp_path / "logs") as server:
+            assert server.port != taken
+            async with server.client() as http:
+                assert (await http.get("/healthz")).status_code == 200
+    finally:
+        busy.close()
