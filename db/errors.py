@@ -17,6 +17,10 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "RATE_LIMITED"
     # Step-up: prove a credential on this session again (reauthenticate), then repeat.
     REAUTHENTICATION_REQUIRED = "REAUTHENTICATION_REQUIRED"
+    # Identity providers: the provider failed, refused, or answered what could not be
+    # verified; that provider account is linked to another user.
+    PROVIDER_ERROR = "PROVIDER_ERROR"
+    IDENTITY_ALREADY_LINKED = "IDENTITY_ALREADY_LINKED"
 
 
 class AuthFailure(Exception):

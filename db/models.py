@@ -222,6 +222,79 @@ class Passkey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
 
+class Identity(Base):
+    """A provider account linked to a user (Google, Apple, GitHub, ...): signing in with it
+    signs in to this user. One per provider and subject, and one per user and provider."""
+
+    __tablename__ = "identities"
+    __table_args__ = (
+        Index("ix_identities_provider_subject", "provider", "subject", unique=True),
+        Index("ix_identities_user_id_provider", "user_id", "provider", unique=True),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # The provider's id as configured (IDENTITY_PROVIDERS__<ID>), and its subject (`sub`,
+    # GitHub's numeric user id): what the provider account is known by.
+    provider: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(255))
+    # What the provider said at the last sign-in, for the user's own list (never decides
+    # anything after the first: the subject does).
+    email: Mapped[str | None] = mapped_column(String(254), default=None)
+    # The name given at the first consent (Apple sends it once), kept.
+    name: Mapped[str | None] = mapped_column(String(255), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class IdentityFlow(Base):
+    """One web redirect through a provider (GET /auth/<provider>/authorize), then its result
+    waiting for exchangeSignInCode. Holds digests only: the state, the browser's binding
+    cookie and the one-time code travel in URLs and cookies; the nonce and the PKCE verifier
+    sent to the provider are derived from the state (a key of the server's), never stored."""
+
+    __tablename__ = "identity_flows"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    # SHA-256 of the `state` sent to the provider (256 random bits).
+    state_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    # SHA-256 of the browser binding (the strawgate_oauth cookie) that started it.
+    browser_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    provider: Mapped[str] = mapped_column(String(32))
+    # SIGN_IN, or LINK (startIdentityLink: the user and the session that asked).
+    purpose: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), default=None, index=True
+    )
+    session_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
+    # One of AUTH_REDIRECT_URLS, and the app's PKCE challenge (S256) for the exchange.
+    redirect_to: Mapped[str] = mapped_column(String(2048))
+    code_challenge: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The provider step must come back by then; the state is spent when it does.
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    returned_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Once the provider step succeeded: SHA-256 of the one-time code (60 s, single use)
+    # and who the provider said signed in.
+    code_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), default=None, unique=True)
+    code_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    subject: Mapped[str | None] = mapped_column(String(255), default=None)
+    email: Mapped[str | None] = mapped_column(String(254), default=None)
+    email_verified: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    name: Mapped[str | None] = mapped_column(String(255), default=None)
+    exchanged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class SpentIdToken(Base):
+    """An ID token signInWithIdToken took: its SHA-256, kept until the token expires, so
+    that no token signs in twice."""
+
+    __tablename__ = "spent_id_tokens"
+
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
 class OutboxMail(Base):
     """A mail to send, written in the transaction that causes it. Pending while
     next_attempt_at is set; a sender leases it (claimed_until) rather than holding a

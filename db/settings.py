@@ -237,13 +237,15 @@ class RateLimits(BaseModel):
     signup_ip: str = "20/hour"
     """`signup` per client address."""
     login_ip: str = "30/minute"
-    """`login` and `finishPasskeyLogin` per client address."""
+    """`login`, `finishPasskeyLogin`, `signInWithIdToken` and `exchangeSignInCode` per client
+    address."""
     start_passkey_login_ip: str = "30/minute"
     """`startPasskeyLogin`, and `reauthenticate` without a mail (`emailCode: false`), per client
     address (`finishPasskeyLogin` counts as `login`)."""
     login_account: str = "20/minute"
     """`login` and refused `finishPasskeyLogin` answers per target account (normalized email, else
-    `passkey:` and the credential ID's digest), or per device token for its holder."""
+    `passkey:` and the credential ID's digest), or per device token for its holder; provider
+    sign-ins per provider account (`identity:<provider>:` and the subject's digest)."""
     verify_otp_ip: str = "30/minute"
     """`verifyOtp` per client address."""
     verify_otp_challenge: str = "5/minute"
@@ -295,6 +297,9 @@ class RateLimits(BaseModel):
     """`deleteAccount` per account."""
     export_account_account: str = "10/hour"
     """`exportAccount` per account."""
+    start_identity_sign_in_ip: str = "30/minute"
+    """Provider sign-ins and links started (`/auth/<provider>/authorize`, `startIdentityLink`) per
+    client address (`exchangeSignInCode` and `signInWithIdToken` count as `login`)."""
 
     @field_validator("*")
     @classmethod
@@ -306,6 +311,54 @@ class RateLimits(BaseModel):
         except ValueError:
             raise ValueError(f"not a rate limit: {value!r} (e.g. 30/minute)") from None
         return value
+
+
+PROVIDER_ID = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+class IdentityProviderSettings(BaseModel):
+    """One identity provider, `IDENTITY_PROVIDERS__<ID>__<FIELD>` (e.g.
+    IDENTITY_PROVIDERS__GOOGLE__CLIENT_ID). The ids `google`, `apple`, `microsoft`, `github`
+    and `gitlab` are presets that know their issuer and endpoints; any other id is an OpenID
+    Connect provider found by discovery at its `ISSUER`."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+    issuer: str | None = None
+    """The OpenID Connect issuer (`https://id.example.com`): its
+    `/.well-known/openid-configuration` names the endpoints and keys. Required for a provider
+    that is not a preset; for `microsoft`, a tenant's
+    (`https://login.microsoftonline.com/<tenant id>/v2.0`) instead of any account's (`common`)."""
+    name: str | None = None
+    """Shown on the sign-in buttons (`identityProviders`). Presets: Google, Apple, Microsoft,
+    GitHub, GitLab; others: the id."""
+    client_id: str = ""
+    """The client (app) id registered at the provider for the web redirect; also an accepted
+    `aud` of ID tokens."""
+    client_secret: SecretStr | None = None
+    """The client secret of the web redirect. Apple: the private key (`.p8` PEM text) of a Sign in
+    with Apple key, from which Strawgate signs the client-secret JWT (with `TEAM_ID` and `KEY_ID`),
+    renewed before it expires. Unset: this provider takes ID tokens only (native apps)."""
+    scopes: str | None = None
+    """Space-separated scopes asked for. Presets: their own (`openid email profile`; Apple
+    `openid name email`; GitHub `read:user user:email`)."""
+    trust_email_verified: bool | None = None
+    """Whether the provider's `email_verified` proves the address, so that an identity can sign in
+    to the existing account with that address. Presets: true for `google`, `apple` and `github`
+    (its emails API's `verified`), false for `microsoft`, `gitlab` and generic providers."""
+    native_client_ids: str = ""
+    """Comma-separated client ids of the native apps (iOS, Android) whose ID tokens
+    `signInWithIdToken` takes: the `aud` those tokens carry, besides `CLIENT_ID`."""
+    team_id: str | None = None
+    """Apple only: the Apple Developer team id (the client-secret JWT's issuer)."""
+    key_id: str | None = None
+    """Apple only: the id of the Sign in with Apple key in `CLIENT_SECRET`."""
+    api_url: str | None = None
+    """GitHub only: the REST API (`https://api.github.com`; GitHub Enterprise Server:
+    `https://github.example.com/api/v3`)."""
+    web_url: str | None = None
+    """GitHub only: where its authorize and token endpoints live (`https://github.com`; GitHub
+    Enterprise Server: `https://github.example.com`)."""
 
 
 class Settings(BaseSettings):
@@ -465,6 +518,29 @@ class Settings(BaseSettings):
     listed as `webcredentials` at `/.well-known/apple-app-site-association` where Strawgate
     serves the RP ID's host (the app's Associated Domains entitlement names
     `webcredentials:<RP ID>`)."""
+
+    # Identity providers (sign in with Google, Apple, GitHub, ...).
+    public_url: str | None = None
+    """Strawgate's own external URL (`https://auth.example.com`, no path): the base of the URL
+    providers return to, `<PUBLIC_URL>/auth/<provider>/callback`, which is the redirect URL to
+    register with each provider. Never derived from a request's Host header. Required with
+    `IDENTITY_PROVIDERS`."""
+    auth_redirect_urls: str = ""
+    """Comma-separated URLs of your apps that a provider sign-in may return to
+    (`/auth/<provider>/authorize?redirect_to=...`, `startIdentityLink`): matched exactly (scheme,
+    host, port, path and query); anything else is refused with 400 and never redirected to.
+    An app's custom scheme (`com.example.app:/auth`) may be listed."""
+    identity_providers: dict[str, IdentityProviderSettings] = Field(default_factory=dict)
+    """The providers users may sign in with, one group of variables each:
+    `IDENTITY_PROVIDERS__<ID>__CLIENT_ID` and the rest (see the identity-provider settings)."""
+    identity_providers_allow_insecure: bool = False
+    """Allow plain-HTTP provider URLs and providers on private, loopback or link-local addresses
+    (tests; a provider on your own network). Off, every discovery, token, user-info and key URL
+    must be HTTPS to a public address (what a forged setting or a provider's document points to
+    cannot reach the internal network). Logs a warning at start when on."""
+    identity_provider_timeout: float = Field(5.0, gt=0, le=30)
+    """Seconds for one request to a provider (discovery, keys, token, user info) before it counts
+    as failed (`PROVIDER_ERROR`)."""
 
     # Email ownership and emailed codes.
     require_email_verification: bool = True
@@ -726,6 +802,7 @@ class Settings(BaseSettings):
             self._check_mail()
             self._check_public_urls()
             self.relying_party()
+            self._check_identity_providers()
             if self.is_sqlite:
                 log.warning("Production on SQLite: one server process only; use PostgreSQL")
             return self
@@ -736,7 +813,14 @@ class Settings(BaseSettings):
         self._check_encryption_keys(required=False)
         self._check_mail()
         self.relying_party()
+        self._check_identity_providers()
         return self
+
+    def _check_identity_providers(self) -> None:
+        from db.providers.config import provider_configs, redirect_urls
+
+        provider_configs(self)
+        redirect_urls(self)
 
     def relying_party(self) -> RelyingParty | None:
         """The passkeys' relying party, None where WEBAUTHN_RP_ID is unset; ConfigError

@@ -38,6 +38,7 @@ from db.mail.outbox import MailSender, Outbox
 from db.mail.render import MailRenderer
 from db.mail.transport import make_transport
 from db.migrate import head_revision, known_revisions, upgrade_head
+from db.providers.registry import IdentityProviders
 from db.security.access import AccessTokenCodec
 from db.security.box import SecretBox
 from db.security.device import DeviceTokens
@@ -63,7 +64,7 @@ from db.services.notices import Notices
 from db.services.passkeys import PasskeyService
 from db.session import Statements, connection_problem, create_engine
 from db.settings import ConfigError, Settings
-from graph import wellknown
+from graph import identity_routes, wellknown
 from graph.context import AppServices, Context
 from graph.errors import DatabaseWatch, is_missing_table, present_errors
 from graph.graphiql import PREFIX, IdePage, asset_endpoint, ide_page
@@ -416,6 +417,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 await housekeeper.stop()
                 await sender.stop()  # finishes or releases the mails it holds
                 await transport.close()
+                await auth.identities.providers.aclose()
                 await limiter.close()
                 hasher.close()
                 await statements.close()
@@ -475,6 +477,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         ),
     ]
     routes += wellknown.routes(settings.relying_party())
+    routes += identity_routes.routes(
+        secure_cookies=(settings.public_url or "").strip().lower().startswith("https://")
+    )
     if view.ide_page is not None and view.ide_page.local:
         routes.append(Route(PREFIX + "{name:path}", asset_endpoint(view.ide_page.files)))
     if not settings.is_production:
@@ -589,6 +594,8 @@ def make_auth(
         reauth_window=settings.reauth_window,
         relying_party=settings.relying_party(),
         passkey_decoy_key=derive_key(secret, "passkey-decoy-credentials"),
+        identity_providers=IdentityProviders.from_settings(settings, clock),
+        identity_flow_key=derive_key(secret, "identity-flows"),
     )
 
 

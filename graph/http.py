@@ -253,14 +253,20 @@ class CsrfGuard:
     """Under cookie transport the browser attaches the refresh cookie by itself, so every
     POST must prove it comes from the app's own pages: a custom header a cross-site form
     cannot send (X-Requested-With), and an Origin (when the browser sends one) that is the
-    server's own or in CORS_ALLOW_ORIGINS. Login too (login CSRF). Refused with 403."""
+    server's own or in CORS_ALLOW_ORIGINS. Login too (login CSRF). Refused with 403.
+    Not a provider's callback (/auth/...): Apple's comes back by a cross-site form POST,
+    and the flow's state and the browser's binding cookie are what it proves itself by."""
 
     def __init__(self, app: ASGIApp, *, allowed_origins: list[str]) -> None:
         self.app = app
         self.allowed = set(allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"].startswith("/auth/")
+        ):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)

@@ -218,3 +218,52 @@ class RenamePasskeyInput:
 @strawberry.input
 class DeletePasskeyInput:
     id: strawberry.ID
+
+
+@strawberry.input
+class SignInWithIdTokenInput:
+    provider: str
+    id_token: str = strawberry.field(
+        description=(
+            "The ID token the provider's SDK gave the app (Sign in with Apple, Google Sign-In,"
+            " ...)."
+        )
+    )
+    nonce: str | None = strawberry.field(
+        default=None,
+        description=(
+            "The raw nonce the app generated, where it sent one (hashed or not) to the provider."
+        ),
+    )
+    name: str | None = strawberry.field(
+        default=None,
+        description=(
+            "The user's name where the SDK gave it to the app (Sign in with Apple does, once)."
+        ),
+    )
+    device_token: str | None = None
+
+
+@strawberry.input
+class ExchangeSignInCodeInput:
+    code: str = strawberry.field(description="The one-time code the redirect came back with.")
+    code_verifier: str = strawberry.field(
+        description="The PKCE verifier whose S256 hash went to /auth/{provider}/authorize."
+    )
+    device_token: str | None = None
+
+
+@strawberry.input
+class StartIdentityLinkInput:
+    provider: str
+    redirect_to: str = strawberry.field(
+        description=(
+            "One of the configured redirect URLs; gets ?code=... back, for exchangeSignInCode."
+        )
+    )
+    code_challenge: str
+
+
+@strawberry.input
+class UnlinkIdentityInput:
+    provider: str

@@ -101,6 +101,17 @@ SETTING_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        "Identity providers",
+        "identity-providers",
+        (
+            "public_url",
+            "auth_redirect_urls",
+            "identity_providers",
+            "identity_providers_allow_insecure",
+            "identity_provider_timeout",
+        ),
+    ),
+    (
         "Mail",
         "mail",
         (
@@ -295,10 +306,14 @@ def _type(name: str, field: FieldInfo) -> str:
         SecretStr: "secret text (never logged)",
         Path: "path",
     }
+    if get_origin(annotation) is dict:
+        return "groups of variables, one per provider (see below)"
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def _default(field: FieldInfo) -> str:
+    if field.default_factory is dict:
+        return "none"
     if field.default_factory is not None:
         return "computed at start (see the description)"
     default = field.default
@@ -321,7 +336,7 @@ def _described(owner: str, name: str, field: FieldInfo) -> str:
 
 
 def settings_page() -> str:
-    from db.settings import RateLimits, Settings
+    from db.settings import IdentityProviderSettings, RateLimits, Settings
 
     fields = {name: info for name, info in Settings.model_fields.items() if name != "rate_limits"}
     placed = {name for _, _, names in SETTING_GROUPS for name in names}
@@ -375,6 +390,19 @@ def settings_page() -> str:
     for name, field in RateLimits.model_fields.items():
         description = _described("RateLimits", name, field)
         out.append(f"| `RATE_LIMITS__{name.upper()}` | `{field.default}` | {description} |\n")
+    out.append("\n## One identity provider { #identity-provider }\n\n")
+    out.append(
+        "Each provider is a group of variables `IDENTITY_PROVIDERS__<ID>__<FIELD>`, `<ID>` its id"
+        " (lowercase letters, digits, underscores): `google`, `apple`, `microsoft`, `github` and"
+        " `gitlab` are presets, any other id an OpenID Connect provider found at its `ISSUER`."
+        " A provider that cannot work stops the process at start with a message naming the"
+        " variable.\n\n"
+    )
+    out.append("| Variable | Default | Meaning |\n|---|---|---|\n")
+    for name, field in IdentityProviderSettings.model_fields.items():
+        description = _described("IdentityProviderSettings", name, field)
+        default = "unset" if field.default in (None, "") else _value(field.default)
+        out.append(f"| `IDENTITY_PROVIDERS__<ID>__{name.upper()}` | {default} | {description} |\n")
     out.append("\n## Read by others { #read-by-others }\n\n")
     out.append("Variables read outside `Settings`:\n\n")
     out.append("| Variable | Default | Meaning |\n|---|---|---|\n")

@@ -20,6 +20,7 @@ from db.settings import Settings
 from graph.resolvers.account import AccountMutation, AccountQuery
 from graph.resolvers.auth import AuthMutation, AuthQuery
 from graph.resolvers.events import EventsQuery
+from graph.resolvers.identities import IdentityMutation, IdentityQuery
 from graph.resolvers.lifecycle import LifecycleMutation, LifecycleQuery
 from graph.resolvers.mfa import MfaMutation
 from graph.resolvers.passkeys import PasskeyMutation
@@ -54,7 +55,7 @@ def _validate(
 
 
 @strawberry.type
-class Query(AuthQuery, AccountQuery, EventsQuery, LifecycleQuery):
+class Query(AuthQuery, AccountQuery, EventsQuery, LifecycleQuery, IdentityQuery):
     pass
 
 
@@ -66,6 +67,7 @@ class Mutation(
     LifecycleMutation,
     StepUpMutation,
     PasskeyMutation,
+    IdentityMutation,
 ):
     pass
 

@@ -13,6 +13,7 @@ from db.errors import AuthFailure, ErrorCode
 from db.services.mfa import TotpEnrolment
 from db.services.passkey_options import IssuedCeremony
 from db.services.passkeys import PasskeyView
+from db.services.signin.identity import LinkedIdentityView, ProviderView
 from db.services.types import IssuedChallenge, IssuedSession, SessionView, UserView
 from graph.context import Context
 
@@ -45,6 +46,14 @@ async def _own_passkeys(root: User, info: Info[Context, Any]) -> list[Passkey]:
     ]
 
 
+async def _own_identities(root: User, info: Info[Context, Any]) -> list[LinkedIdentity]:
+    viewer = await info.context.user()
+    if viewer is None or str(viewer.id) != str(root.id):
+        return []
+    views = await info.context.services.auth.identities.identities_of(viewer.id)
+    return [LinkedIdentity.from_view(view) for view in views]
+
+
 @strawberry.type(description="A registered account.")
 class User:
     id: strawberry.ID
@@ -62,6 +71,9 @@ class User:
     passkeys: list[Passkey] = strawberry.field(
         resolver=_own_passkeys, description="Newest first. Empty for a user without passkeys."
     )
+    identities: list[LinkedIdentity] = strawberry.field(
+        resolver=_own_identities, description="The provider accounts linked, oldest first."
+    )
 
     @classmethod
     def from_view(cls, view: UserView) -> User:
@@ -73,6 +85,51 @@ class User:
             created_at=view.created_at,
             has_password=view.has_password,
         )
+
+
+@strawberry.type(
+    description="A provider this server signs in with; for the buttons of a sign-in page."
+)
+class IdentityProvider:
+    id: str = strawberry.field(
+        description='As in /auth/{id}/authorize and signInWithIdToken, e.g. "google".'
+    )
+    name: str = strawberry.field(description='For display, e.g. "Google".')
+    supports_id_token: bool = strawberry.field(
+        description="Whether signInWithIdToken takes this provider's ID tokens (false for GitHub)."
+    )
+
+    @classmethod
+    def from_view(cls, view: ProviderView) -> IdentityProvider:
+        return cls(id=view.id, name=view.name, supports_id_token=view.supports_id_token)
+
+
+@strawberry.type(description="A provider account linked to the signed-in user.")
+class LinkedIdentity:
+    provider: str
+    email: str | None = strawberry.field(description="The address the provider gave, if any.")
+    name: str | None = strawberry.field(
+        description="The name the provider gave at the first consent, if any."
+    )
+    linked_at: datetime
+    last_used_at: datetime | None
+
+    @classmethod
+    def from_view(cls, view: LinkedIdentityView) -> LinkedIdentity:
+        return cls(
+            provider=view.provider,
+            email=view.email,
+            name=view.name,
+            linked_at=view.linked_at,
+            last_used_at=view.last_used_at,
+        )
+
+
+@strawberry.type
+class IdentityLinkStart:
+    authorize_url: str = strawberry.field(
+        description="Send the user's browser here; the provider comes back to the redirect URL."
+    )
 
 
 @strawberry.type(description="A passkey registered to the signed-in user.")
@@ -255,6 +312,9 @@ AuthResult = Annotated[AuthSession | OtpChallenge | AuthError, strawberry.union(
 TotpSetupResult = Annotated[TotpSetup | AuthError, strawberry.union("TotpSetupResult")]
 RecoveryCodesResult = Annotated[RecoveryCodes | AuthError, strawberry.union("RecoveryCodesResult")]
 UserResult = Annotated[User | AuthError, strawberry.union("UserResult")]
+IdentityLinkStartResult = Annotated[
+    IdentityLinkStart | AuthError, strawberry.union("IdentityLinkStartResult")
+]
 ChallengeResult = Annotated[OtpChallenge | AuthError, strawberry.union("ChallengeResult")]
 PasskeyCeremonyResult = Annotated[
     PasskeyCeremony | AuthError, strawberry.union("PasskeyCeremonyResult")

@@ -105,7 +105,8 @@ async def clean_db(database_url: str) -> AsyncIterator[None]:
         await conn.execute(
             text(
                 "TRUNCATE users, sessions, refresh_tokens, challenges, totp_credentials,"
-                " recovery_codes, outbox, security_events, login_throttles CASCADE"
+                " recovery_codes, outbox, security_events, login_throttles, identity_flows,"
+                " spent_id_tokens CASCADE"
             )
         )
     await engine.dispose()

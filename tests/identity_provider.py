@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from html.parser import HTMLParser
@@ -458,6 +459,8 @@ class LocalProvider(_LoopbackServer):
         many tests."""
         super().reset()
         self.clients: dict[str, str] = dict(self._initial_clients)
+        # Clients whose secret is checked by a function instead (Apple's signed JWT).
+        self.secret_checks: dict[str, Callable[[str], bool]] = {}
         # Who signs in at the next /authorize: approved at once, then consumed (unless
         # sticky_user). None shows the consent page.
         self.next_user: dict[str, Any] | None = None
@@ -770,6 +773,12 @@ class LocalProvider(_LoopbackServer):
                 return _invalid_client(basic, "client_id differs from the Basic one")
         else:
             client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        check = self.secret_checks.get(client_id)
+        if check is not None:
+            # A client secret that is not a fixed string (Apple's: a JWT the client signs).
+            if not check(secret):
+                return _invalid_client(basic, "the client secret does not verify")
+            return client_id
         known = self.clients.get(client_id)
         if known is None or not hmac.compare_digest(known.encode(), secret.encode()):
             return _invalid_client(basic, "unknown client or wrong secret")

@@ -30,6 +30,9 @@ TABLES = {
     "security_events",
     "login_throttles",
     "passkeys",
+    "identities",
+    "identity_flows",
+    "spent_id_tokens",
 }
 
 

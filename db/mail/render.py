@@ -51,6 +51,8 @@ NOTICE_MAILS = (
     "account_deleted",
     "passkey_added",
     "passkey_removed",
+    "identity_linked",
+    "identity_unlinked",
 )
 MAIL_TEMPLATES = CODE_MAILS + NOTICE_MAILS
 

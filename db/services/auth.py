@@ -10,6 +10,8 @@ and is what the resolvers and the other services call.
 - db/services/signin/second_factor.py: TOTP and recovery codes (the TOTP step).
 - db/services/signin/passkey.py: the way in by passkey (a sign-in ceremony, the TOTP
   step answered by a passkey, a step-up).
+- db/services/signin/identity.py: the way in by another identity provider (the web
+  redirect, native apps' ID tokens, linking and unlinking).
 - db/services/signin/signup.py: a new account.
 - db/services/sessions.py: sessions, their tokens, refresh, logout, the per-request check.
 
@@ -34,6 +36,8 @@ from typing import Any
 from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode
 from db.mail.outbox import Outbox
+from db.providers.http import ProviderHttp
+from db.providers.registry import IdentityProviders
 from db.security.access import AccessClaims, AccessTokenCodec
 from db.security.device import DeviceTokens
 from db.security.limiter import RateLimiter, client_key
@@ -50,6 +54,7 @@ from db.services.passkey_options import PasskeyOptions
 from db.services.sessions import Sessions
 from db.services.signin.conclusion import Conclusion
 from db.services.signin.emailed_code import EmailedCodes
+from db.services.signin.identity import IdentitySignIns
 from db.services.signin.passkey import PasskeySignIns
 from db.services.signin.password import Passwords
 from db.services.signin.second_factor import SecondFactors
@@ -91,6 +96,8 @@ class AuthService:
         reauth_window: timedelta = timedelta(minutes=10),
         relying_party: RelyingParty | None = None,
         passkey_decoy_key: bytes = b"",
+        identity_providers: IdentityProviders | None = None,
+        identity_flow_key: bytes = b"",
     ) -> None:
         self.events = events
         self.devices = devices
@@ -197,6 +204,25 @@ class AuthService:
             sessions=self.sessions,
             conclusion=self.conclusion,
             options=self.passkey_options,
+        )
+        self.identities = IdentitySignIns(
+            statements=statements,
+            clock=clock,
+            limiter=limiter,
+            events=events,
+            outbox=outbox,
+            notices=notices,
+            sessions=self.sessions,
+            conclusion=self.conclusion,
+            providers=identity_providers
+            or IdentityProviders(
+                configs={},
+                http=ProviderHttp(timeout=5, allow_insecure=False),
+                clock=clock,
+                public_url=None,
+                redirect_urls=frozenset(),
+            ),
+            flow_key=identity_flow_key,
         )
 
         # What the resolvers and the other services call, by the names they know.

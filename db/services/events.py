@@ -81,6 +81,9 @@ class EventKind(StrEnum):
     PASSKEY_ADDED = "PASSKEY_ADDED"
     PASSKEY_REMOVED = "PASSKEY_REMOVED"
     PASSKEY_CLONE_SUSPECTED = "PASSKEY_CLONE_SUSPECTED"
+    # Identity providers: a provider account linked to the user, or unlinked.
+    IDENTITY_LINKED = "IDENTITY_LINKED"
+    IDENTITY_UNLINKED = "IDENTITY_UNLINKED"
 
 
 _KINDS = {kind.value: kind for kind in EventKind}

@@ -1,6 +1,7 @@
 """Housekeeping: expired challenges, abandoned signups, expired mail secrets, old outbox
-rows, old security events, ended sessions, spent refresh generations and quiet sign-in
-throttles go away on a schedule. One run at a time across every process: on PostgreSQL
+rows, old security events, ended sessions, spent refresh generations, quiet sign-in
+throttles, provider redirects past their life and expired spent ID tokens go away on a
+schedule. One run at a time across every process: on PostgreSQL
 an advisory lock, held by a connection of its own for the whole pass, picks the one
 process that runs it; SQLite serves one process anyway.
 
@@ -33,7 +34,7 @@ from sqlalchemy import and_, bindparam, delete, exists, func, select
 
 from db.clock import Clock
 from db.mail.outbox import erase_expired_secrets, prune_outbox
-from db.models import Challenge, User, UserSession
+from db.models import Challenge, IdentityFlow, SpentIdToken, User, UserSession
 from db.services.batches import (
     BATCH_PAGES,
     BATCH_ROWS,
@@ -42,6 +43,7 @@ from db.services.batches import (
     Batching,
     Progress,
     chosen,
+    until_done,
     walk,
 )
 from db.services.events import prune_ended_sessions, prune_events, prune_spent_generations
@@ -91,6 +93,33 @@ _PRUNE_UNVERIFIED = delete(User).where(AnyOf(User.id, chosen(User, _abandoned, i
 _PRUNE_UNVERIFIED_ANYWHERE = delete(User).where(AnyOf(User.id, chosen(User, _abandoned)))
 
 
+# Provider redirects past their life (an hour's grace after: a one-time code made at the
+# flow's last moment lives a minute longer), and ID tokens past their expiry (no longer
+# taken anyway): both found by their expires_at index.
+IDENTITY_FLOW_GRACE = timedelta(hours=1)
+_PRUNE_IDENTITY_FLOWS = delete(IdentityFlow).where(
+    AnyOf(
+        IdentityFlow.id,
+        chosen(
+            IdentityFlow,
+            lambda f: f.expires_at < bindparam("cutoff"),
+            order_by=lambda f: f.expires_at,
+        ),
+    )
+)
+_PRUNE_SPENT_ID_TOKENS = delete(SpentIdToken).where(
+    AnyOf(
+        SpentIdToken.token_hash,
+        chosen(
+            SpentIdToken,
+            lambda t: t.expires_at < bindparam("cutoff"),
+            key="token_hash",
+            order_by=lambda t: t.expires_at,
+        ),
+    )
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Pruned:
     """What one pass removed (mail_secrets: rows whose secrets were erased), how long it
@@ -104,6 +133,8 @@ class Pruned:
     ended_sessions: int = 0
     spent_generations: int = 0
     throttles: int = 0
+    identity_flows: int = 0
+    spent_id_tokens: int = 0
     seconds: float = 0.0
     batches: int = 0
     longest_batch: float = 0.0
@@ -240,7 +271,23 @@ class Housekeeper:
                 lambda b: prune_spent_generations(statements, now, self.session_retention, b),
             ),
             ("throttles", throttles),
+            (
+                "identity_flows",
+                lambda b: self._until_done(
+                    "identity_flows", _PRUNE_IDENTITY_FLOWS, now - IDENTITY_FLOW_GRACE, b
+                ),
+            ),
+            (
+                "spent_id_tokens",
+                lambda b: self._until_done("spent_id_tokens", _PRUNE_SPENT_ID_TOKENS, now, b),
+            ),
         ]
+
+    async def _until_done(
+        self, kind: str, statement: Any, cutoff: datetime, batching: Batching
+    ) -> int:
+        done = await until_done(self.statements, kind, statement, {"cutoff": cutoff}, batching)
+        return done.rows
 
     async def _timed(self, kind: str, prune: Callable[[Batching], Awaitable[int]]) -> Progress:
         """One kind's prune, its batches counted and timed; progress logged as it goes."""

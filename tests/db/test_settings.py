@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from pydantic import ValidationError
@@ -107,9 +108,15 @@ def test_the_example_env_file_lists_every_setting() -> None:
     }
     for field, info in Settings.model_fields.items():
         nested = getattr(info.annotation, "model_fields", None)
+        args = get_args(info.annotation)
+        keyed = getattr(args[1], "model_fields", None) if len(args) == 2 else None
         if nested is not None:  # a group: RATE_LIMITS__LOGIN_IP and the like
             for part in nested:
                 assert f"{field}__{part}".upper() in names, (field, part)
+        elif keyed is not None:  # groups by id: IDENTITY_PROVIDERS__<ID>__CLIENT_ID
+            for part in keyed:
+                pattern = re.compile(rf"{field.upper()}__[A-Z0-9_]+__{part.upper()}")
+                assert any(pattern.fullmatch(name) for name in names), (field, part)
         else:
             assert field.upper() in names, field
     assert f"SECRET_KEY={SECRET_KEY_PLACEHOLDER}" in example

@@ -40,6 +40,8 @@ def context_for(name: str, **overrides: Any) -> dict[str, Any]:
             values["new_email"] = NEW_EMAIL
         if name in ("passkey_added", "passkey_removed"):
             values["name"] = "YubiKey 5 Series"
+    if name in ("identity_linked", "identity_unlinked"):
+        values["provider"] = "Google"
     values.update(overrides)
     return values
 
@@ -160,6 +162,7 @@ HOSTILE: dict[str, Any] = {
     "remaining": 111111,
     "new_email": "user-000000-999999@example.org",
     "name": "Key 123456",
+    "provider": "Provider 123456",
 }
 
 

@@ -45,6 +45,8 @@ def render(
         context["new_email"] = new_email
     if name in ("passkey_added", "passkey_removed"):
         context["name"] = "Work key"
+    if name in ("identity_linked", "identity_unlinked"):
+        context["provider"] = "Google"
     return renderer(folder).render(name, {**context, **overrides}, None)
 
 

@@ -1,7 +1,7 @@
 """What follows a proven credential: the one place every way in hands over to.
 
 Each way in (signin/password.py, signin/emailed_code.py, signin/second_factor.py,
-signin/passkey.py) proves its credential, takes the account's lock and calls
+signin/passkey.py, signin/identity.py) proves its credential, takes the account's lock and calls
 `Conclusion.conclude` in the same transaction; what conclude decides is listed in its
 docstring. It knows nothing of how a credential is checked; no way in opens a session or
 renews its auth_time itself (but a signup signed in at once, where verification is off: a
@@ -16,11 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 
 from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode, account_disabled, invalid_challenge
-from db.models import User, UserSession
+from db.models import Identity, User, UserSession
 from db.security.tokens import new_opaque_token
 from db.services import challenges as ch
 from db.services.challenges import Challenges
@@ -65,6 +65,11 @@ _RESET_PASSWORD = (
         device_epoch=User.device_epoch + 1,
     )
 )
+
+# Provider accounts linked while nobody had proven the account's address (a provider that
+# did not vouch for it: signin/identity.py): dropped when the address is proven by another
+# way in (a sign-in or reset code), which is its owner, who may not be who linked them.
+DROP_UNPROVEN_IDENTITIES = delete(Identity).where(Identity.user_id == bindparam("uid"))
 
 _LOCK_OWN_LIVE_SESSION = LOCK_LIVE_SESSION.where(UserSession.user_id == bindparam("uid"))
 # A credential proven again on the session (reauthenticate).
@@ -123,10 +128,12 @@ class Conclusion:
         client: ClientInfo,
         intent: Intent = SIGN_IN,
         verify_address: bool = False,
+        address_required: bool = False,
     ) -> IssuedSession | IssuedChallenge:
         """What follows a proven credential, whichever way in proved it (password, emailed
         code, TOTP or recovery code): refuse a disabled account; ask for the address to be
-        proven (`verify_address`: a password sign-in, where verification is required);
+        proven (`verify_address`: a password sign-in, where verification is required; an
+        identity provider's, with `address_required`, whatever the setting says);
         ask for the TOTP step where two-factor is on and `amr` has no second factor; else
         act on the intent: reset the password, renew a session (step-up) or open one.
         The caller holds the account's lock (lock_user) in `tx`.
@@ -152,7 +159,11 @@ class Conclusion:
             raise invalid_challenge()
         if not user["is_active"]:
             raise account_disabled()
-        if verify_address and self.require_email_verification and user["email_verified_at"] is None:
+        if (
+            verify_address
+            and (self.require_email_verification or address_required)
+            and user["email_verified_at"] is None
+        ):
             # The address is proven first: a fresh code goes to it (its mail budget allowing).
             return await self.challenges.open_email(
                 tx,
@@ -236,6 +247,8 @@ class Conclusion:
         if not user["is_active"]:
             raise account_disabled()
         now = self.clock.now()
+        if user["email_verified_at"] is None:
+            await tx.execute(DROP_UNPROVEN_IDENTITIES, {"uid": user_id})
         await tx.execute(_RESET_PASSWORD, {"uid": user_id, "new_hash": new_hash, "now": now})
         await self.sessions.end_sessions(tx, user_id, keep=None, reason="password_reset")
         await self.challenges.void_all(tx, user_id)

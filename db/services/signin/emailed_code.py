@@ -48,7 +48,13 @@ from db.services.lockout import (
 from db.services.notices import Notices
 from db.services.passkey_options import CEREMONY_LIFETIME, CREDENTIALS, PASSKEY, descriptors
 from db.services.sessions import LOCK_LIVE_SESSION, Sessions, end_device_tokens
-from db.services.signin.conclusion import SIGN_IN, USER_BY_ID, Conclusion, step_up
+from db.services.signin.conclusion import (
+    DROP_UNPROVEN_IDENTITIES,
+    SIGN_IN,
+    USER_BY_ID,
+    Conclusion,
+    step_up,
+)
 from db.services.signin.signup import ADDRESS_HOLDER, DROP_ABANDONED_SIGNUP
 from db.services.types import (
     AMR_EMAIL_CODE,
@@ -450,8 +456,10 @@ class EmailedCodes:
         """The owner of the address signs in by code to an account nobody had verified:
         whoever signed up chose its password, and may not be the owner (pre-hijacking).
         That password stops working (the account goes on without one: the owner may set
-        one with changePassword or requestPasswordReset), and whatever it opened ends."""
+        one with changePassword or requestPasswordReset), provider accounts linked to it
+        are unlinked, and whatever it opened ends."""
         await tx.execute(_DISCARD_PASSWORD, {"uid": user_id, "now": self.clock.now()})
+        await tx.execute(DROP_UNPROVEN_IDENTITIES, {"uid": user_id})
         await end_device_tokens(tx, user_id)  # ended sessions' tokens too (logged out)
         await self.sessions.end_sessions(tx, user_id, keep=None, reason="unproven_password")
         await self.challenges.void_all(tx, user_id)

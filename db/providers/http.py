@@ -1,0 +1,188 @@
+"""Outbound HTTP to identity providers: HTTPS to public addresses only, bounded in time and size.
+
+The URLs come from settings and from the providers' own discovery documents, so each is a
+way to make this server send a request: to a metadata service, to a database on the
+internal network. Every connection is checked where it is made, not where a URL is read:
+the host name is resolved once, every address it resolves to must be public (not private,
+loopback, link-local, shared, multicast or reserved), and the connection goes to the
+address that was checked, so a DNS answer that changes between check and connect (DNS
+rebinding) reaches nothing new. TLS still verifies the certificate for the host name.
+`IDENTITY_PROVIDERS_ALLOW_INSECURE` lifts both rules (tests; a provider on your own network).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+import anyio
+import httpcore
+import httpx
+import orjson
+
+# The most of a provider's answer read: discovery documents and key sets are a few KiB.
+MAX_RESPONSE_BYTES = 512 * 1024
+
+
+class ProviderUnreachable(Exception):
+    """A provider could not be asked, or answered what cannot be used; the message says why
+    (for the log: never a secret)."""
+
+
+def is_public_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class _CheckedBackend(httpcore.AsyncNetworkBackend):
+    """Connects only to addresses that passed the check, by the address checked."""
+
+    def __init__(self, *, allow_private: bool) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self._allow_private = allow_private
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore.ConnectError(f"{host} does not resolve") from exc
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not addresses:
+            raise httpcore.ConnectError(f"{host} does not resolve")
+        if not self._allow_private:
+            for address in addresses:
+                if not is_public_address(address):
+                    raise httpcore.ConnectError(
+                        f"{host} resolves to a private, loopback or link-local address"
+                        " (IDENTITY_PROVIDERS_ALLOW_INSECURE allows it)"
+                    )
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None  # noqa: S101 - at least one address was tried
+        raise last
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("unix sockets are not providers")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _BoundedTransport(httpx.AsyncBaseTransport):
+    """Reads at most MAX_RESPONSE_BYTES of an answer; no redirects are followed (httpx's
+    default), so every URL asked is one that was checked."""
+
+    def __init__(self, inner: httpx.AsyncHTTPTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > MAX_RESPONSE_BYTES:
+                    raise ProviderUnreachable(
+                        f"{request.url.host} answered more than {MAX_RESPONSE_BYTES} bytes"
+                    )
+        finally:
+            await response.aclose()
+        headers = [
+            (k, v) for k, v in response.headers.multi_items() if k.lower() != "content-encoding"
+        ]
+        return httpx.Response(response.status_code, headers=headers, content=bytes(body))
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def check_url(url: str, *, allow_insecure: bool) -> str | None:
+    """Why `url` may not be asked (not absolute, not HTTPS), or None."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "is not a URL"
+    if parsed.scheme not in ("https", "http") or not parsed.host:
+        return "is not an absolute http(s) URL"
+    if parsed.scheme != "https" and not allow_insecure:
+        return "must use https (IDENTITY_PROVIDERS_ALLOW_INSECURE allows http)"
+    if parsed.userinfo:
+        return "must not hold a user name or password"
+    return None
+
+
+class ProviderHttp:
+    """The one HTTP client every provider call goes through."""
+
+    def __init__(self, *, timeout: float, allow_insecure: bool) -> None:
+        self.timeout = timeout
+        self.allow_insecure = allow_insecure
+        inner = httpx.AsyncHTTPTransport(retries=0)
+        # httpx does not take a network backend; its pool does.
+        inner._pool._network_backend = _CheckedBackend(allow_private=allow_insecure)
+        self.transport = _BoundedTransport(inner)
+        self.client = httpx.AsyncClient(
+            transport=self.transport,
+            timeout=httpx.Timeout(timeout),
+            headers={"user-agent": "Strawgate", "accept": "application/json"},
+            follow_redirects=False,
+        )
+
+    def checked(self, url: str) -> str:
+        problem = check_url(url, allow_insecure=self.allow_insecure)
+        if problem is not None:
+            raise ProviderUnreachable(f"{url} {problem}")
+        return url
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request, the whole of it within the timeout; ProviderUnreachable on any
+        failure to get an answer (the status is the caller's to judge)."""
+        self.checked(url)
+        try:
+            with anyio.fail_after(self.timeout):
+                return await self.client.request(method, url, **kwargs)
+        except TimeoutError:
+            raise ProviderUnreachable(
+                f"{httpx.URL(url).host} did not answer within {self.timeout:g} s"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ProviderUnreachable(f"{httpx.URL(url).host}: {exc}") from None
+
+    async def get_json(self, url: str, **kwargs: Any) -> Any:
+        response = await self.request("GET", url, **kwargs)
+        return json_of(response)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def json_of(response: httpx.Response) -> Any:
+    """The JSON of a 2xx answer; ProviderUnreachable otherwise."""
+    host = response.request.url.host if response._request is not None else "the provider"
+    if not 200 <= response.status_code < 300:
+        raise ProviderUnreachable(f"{host} answered HTTP {response.status_code}")
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        raise ProviderUnreachable(f"{host} answered something that is not JSON") from None

@@ -1,0 +1,924 @@
+"""The way in by another identity provider (Google, Apple, GitHub, any OpenID Connect issuer):
+the web redirect (a flow: start, the provider's callback, exchangeSignInCode), native apps'
+ID tokens (signInWithIdToken), and linking and unlinking provider accounts. What follows a
+proven identity is decided by signin/conclusion.py, as for every other way in.
+
+The account decisions (`_decide`), each tested (tests/graph/test_identities*.py):
+- An identity already linked signs in to its account (disabled stays disabled; two-factor
+  asks its step, as after a password).
+- A new identity whose address the provider verified (and whose `email_verified` this
+  deployment trusts: TRUST_EMAIL_VERIFIED) and which no account holds creates an account:
+  address verified, no password.
+- The same, where an account holds a verified address: the identity is linked to it (a
+  notice mail, IDENTITY_LINKED), then it signs in.
+- Where the address is not one the provider verified (or not trusted), or the account's
+  address was never verified: EMAIL_TAKEN, telling the user to sign in and link from
+  their settings. Never a silent merge into an unverified or unrelated account.
+- A new identity with an unverified (or untrusted) address that no account holds creates
+  the account unverified, and the address is proven by an emailed code before any session
+  (whatever REQUIRE_EMAIL_VERIFICATION says): no one holds an address by a provider's word
+  alone. If its owner proves the address by another way in first (a sign-in or reset
+  code), the identity is dropped (db/services/signin/emailed_code.py, conclusion.py).
+
+Budgets: every start, exchange and ID token counts against the client address's `login_ip`
+(`start_identity_sign_in_ip` for a start); a proven identity against `login_account` under
+a key of the provider account (`identity:<provider>:<digest of subject>`), which a stranger
+cannot spend: nothing here is guessed, so no lockout applies, and a stranger's wrong
+passwords for the address never hold a provider sign-in up.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+from sqlalchemy import bindparam, delete, func, insert, select, true, update
+
+from db.clock import Clock
+from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_input
+from db.mail.outbox import Outbox
+from db.models import Identity, IdentityFlow, Passkey, SpentIdToken, User, UserSession
+from db.providers.http import ProviderUnreachable
+from db.providers.oidc import CLOCK_SKEW, NAME_MAX, ProvenIdentity, TokenRejected
+from db.providers.registry import IdentityProviders
+from db.security.access import AccessClaims
+from db.security.limiter import RateLimiter, client_key
+from db.security.tokens import new_opaque_token, token_digest
+from db.services.events import EventKind, SecurityEvents
+from db.services.notices import Notices
+from db.services.sessions import LOCK_LIVE_SESSION, Sessions
+from db.services.signin.conclusion import USER_BY_ID, Conclusion
+from db.services.signin.signup import ADDRESS_HOLDER, DROP_ABANDONED_SIGNUP
+from db.services.types import ClientInfo, IssuedChallenge, IssuedSession, UserView, user_view
+from db.session import Runner, Statements
+from db.validation import parse_email
+
+log = logging.getLogger("strawgate.identities")
+
+# What a provider sign-in adds to a session's amr: "fed" (federated), one factor; the
+# provider's own claims about how the user signed in there are not taken on its word.
+AMR_FEDERATED = ["fed"]
+SIGN_IN = "SIGN_IN"
+LINK = "LINK"
+# The provider step must come back within this; the one-time code it yields lives 60 s.
+FLOW_LIFETIME = timedelta(minutes=10)
+CODE_LIFETIME = timedelta(seconds=60)
+ID_TOKEN_MAX = 16 * 1024
+UNBOUND = bytes(32)  # a link flow's browser binding before its browser came by
+# RFC 7636: a verifier is 43-128 unreserved characters; an S256 challenge 43 base64url.
+_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
+_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
+_BINDING = re.compile(r"[A-Za-z0-9_-]{43}")
+# A provider's `error` that means the user said no.
+CANCELLED_ERRORS = frozenset({"access_denied", "user_cancelled_authorize", "consent_required"})
+
+_IDENTITY = select(Identity.id, Identity.user_id, Identity.provider, Identity.subject).where(
+    Identity.provider == bindparam("provider"), Identity.subject == bindparam("subject")
+)
+_IDENTITY_OF_USER = select(Identity.id, Identity.subject).where(
+    Identity.user_id == bindparam("uid"), Identity.provider == bindparam("provider")
+)
+_ADD_IDENTITY = insert(Identity).values(
+    id=bindparam("identity_id"),
+    user_id=bindparam("uid"),
+    provider=bindparam("provider"),
+    subject=bindparam("subject"),
+    email=bindparam("email"),
+    name=bindparam("name"),
+    created_at=bindparam("now"),
+    last_used_at=bindparam("now"),
+)
+# The name is the first consent's (Apple sends it once): kept where the provider says none.
+_USED_IDENTITY = (
+    update(Identity)
+    .where(Identity.id == bindparam("identity_id"))
+    .values(
+        last_used_at=bindparam("now"),
+        email=func.coalesce(bindparam("email"), Identity.email),
+        name=func.coalesce(Identity.name, bindparam("name")),
+    )
+)
+_ADD_USER = insert(User).values(
+    id=bindparam("uid"),
+    email=bindparam("email"),
+    email_normalized=bindparam("email_normalized"),
+    password_hash=None,
+    email_verified_at=bindparam("verified_at"),
+    is_active=true(),
+    created_at=bindparam("now"),
+    updated_at=bindparam("now"),
+)
+_LIST_IDENTITIES = (
+    select(
+        Identity.provider, Identity.email, Identity.name, Identity.created_at, Identity.last_used_at
+    )
+    .where(Identity.user_id == bindparam("uid"))
+    .order_by(Identity.created_at, Identity.id)
+)
+_COUNT_IDENTITIES = (
+    select(func.count()).select_from(Identity).where(Identity.user_id == bindparam("uid"))
+)
+_COUNT_PASSKEYS = (
+    select(func.count()).select_from(Passkey).where(Passkey.user_id == bindparam("uid"))
+)
+_DROP_IDENTITY = delete(Identity).where(Identity.id == bindparam("identity_id"))
+
+_ADD_FLOW = insert(IdentityFlow).values(
+    id=bindparam("flow_id"),
+    state_hash=bindparam("state_hash"),
+    browser_hash=bindparam("browser_hash"),
+    provider=bindparam("provider"),
+    purpose=bindparam("purpose"),
+    user_id=bindparam("uid"),
+    session_id=bindparam("session_id"),
+    redirect_to=bindparam("redirect_to"),
+    code_challenge=bindparam("code_challenge"),
+    created_at=bindparam("now"),
+    expires_at=bindparam("expires_at"),
+)
+_FLOW_BY_STATE = select(
+    IdentityFlow.id,
+    IdentityFlow.provider,
+    IdentityFlow.purpose,
+    IdentityFlow.browser_hash,
+    IdentityFlow.redirect_to,
+    IdentityFlow.expires_at,
+    IdentityFlow.returned_at,
+).where(IdentityFlow.state_hash == bindparam("state_hash"))
+# A link flow's first visit by a browser: bound to it, with the state sent to the provider.
+_BIND_LINK_FLOW = (
+    update(IdentityFlow)
+    .where(
+        IdentityFlow.state_hash == bindparam("start_hash"),
+        IdentityFlow.purpose == LINK,
+        IdentityFlow.browser_hash == UNBOUND,
+        IdentityFlow.expires_at > bindparam("now"),
+    )
+    .values(state_hash=bindparam("state_hash"), browser_hash=bindparam("browser_hash"))
+    .returning(IdentityFlow.provider)
+)
+# The state is spent by the first callback that carries it (and the bound browser).
+_RETURNED = (
+    update(IdentityFlow)
+    .where(
+        IdentityFlow.id == bindparam("flow_id"),
+        IdentityFlow.returned_at.is_(None),
+        IdentityFlow.expires_at > bindparam("now"),
+    )
+    .values(returned_at=bindparam("now"))
+    .returning(IdentityFlow.id)
+)
+_PROVEN = (
+    update(IdentityFlow)
+    .where(IdentityFlow.id == bindparam("flow_id"))
+    .values(
+        code_hash=bindparam("code_hash"),
+        code_expires_at=bindparam("code_expires_at"),
+        subject=bindparam("subject"),
+        email=bindparam("email"),
+        email_verified=bindparam("email_verified"),
+        name=bindparam("name"),
+    )
+)
+_FLOW_BY_CODE = select(
+    IdentityFlow.id,
+    IdentityFlow.provider,
+    IdentityFlow.purpose,
+    IdentityFlow.user_id,
+    IdentityFlow.session_id,
+    IdentityFlow.code_challenge,
+    IdentityFlow.subject,
+    IdentityFlow.email,
+    IdentityFlow.email_verified,
+    IdentityFlow.name,
+).where(
+    IdentityFlow.code_hash == bindparam("code_hash"),
+    IdentityFlow.exchanged_at.is_(None),
+    IdentityFlow.code_expires_at > bindparam("now"),
+)
+_EXCHANGED = (
+    update(IdentityFlow)
+    .where(IdentityFlow.id == bindparam("flow_id"), IdentityFlow.exchanged_at.is_(None))
+    .values(exchanged_at=bindparam("now"))
+    .returning(IdentityFlow.id)
+)
+_LOCK_OWN_LIVE_SESSION = LOCK_LIVE_SESSION.where(UserSession.user_id == bindparam("uid"))
+_SPEND_ID_TOKEN = insert(SpentIdToken).values(
+    token_hash=bindparam("token_hash"), expires_at=bindparam("expires_at")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkedIdentityView:
+    provider: str
+    email: str | None
+    name: str | None
+    linked_at: datetime
+    last_used_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderView:
+    id: str
+    name: str
+    supports_id_token: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Where the browser goes next, and the binding cookie to set (None: leave it)."""
+
+    url: str
+    binding: str | None = None
+
+
+class FlowNotFound(Exception):
+    """A callback or start whose state (or link) names no flow this server knows: answered
+    with a 400 page, never a redirect (there is no checked place to return to)."""
+
+
+def s256(verifier: str) -> str:
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def with_params(url: str, **params: str) -> str:
+    """`url` with `params` added to its query (what it had kept)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+class IdentitySignIns:
+    def __init__(
+        self,
+        *,
+        statements: Statements,
+        clock: Clock,
+        limiter: RateLimiter,
+        events: SecurityEvents,
+        outbox: Outbox,
+        notices: Notices,
+        sessions: Sessions,
+        conclusion: Conclusion,
+        providers: IdentityProviders,
+        flow_key: bytes,
+    ) -> None:
+        self.statements = statements
+        self.clock = clock
+        self.limiter = limiter
+        self.events = events
+        self.outbox = outbox
+        self.notices = notices
+        self.sessions = sessions
+        self.conclusion = conclusion
+        self.providers = providers
+        self._flow_key = flow_key
+
+    def list_providers(self) -> list[ProviderView]:
+        return [
+            ProviderView(id=c.id, name=c.name, supports_id_token=c.supports_id_token)
+            for c in self.providers.configs.values()
+        ]
+
+    # -- the web redirect ------------------------------------------------------------
+
+    def _derived(self, state: str, purpose: str) -> str:
+        """The nonce or PKCE verifier of the flow whose state this is: derived, so the
+        database holds nothing that completes a flow."""
+        mac = hmac.new(self._flow_key, f"{purpose}:{state}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+
+    def _checked_start(
+        self, provider_id: str, redirect_to: str, code_challenge: str, method: str
+    ) -> None:
+        provider = self.providers.get(provider_id)
+        if not provider.config.web_sign_in:
+            raise invalid_input(
+                f"{provider.config.name} is set up for native apps only (no client secret).",
+                "provider",
+            )
+        if not self.providers.is_allowed_redirect(redirect_to):
+            raise invalid_input(
+                "redirectTo is not one of the configured redirect URLs.", "redirectTo"
+            )
+        if method != "S256":
+            raise invalid_input(
+                "code_challenge_method must be S256 (plain is refused).", "codeChallenge"
+            )
+        if not _CHALLENGE.fullmatch(code_challenge):
+            raise invalid_input(
+                "codeChallenge must be the S256 challenge: 43 base64url characters.",
+                "codeChallenge",
+            )
+
+    async def start(
+        self,
+        *,
+        provider_id: str,
+        redirect_to: str,
+        code_challenge: str,
+        code_challenge_method: str,
+        binding: str | None,
+        client: ClientInfo,
+    ) -> Redirect:
+        """GET /auth/<provider>/authorize: a flow, and the provider's authorize URL. The
+        browser's binding cookie is kept where it has one (several tabs may sign in at
+        once), else made. INVALID_INPUT for a request that is not one (the route answers
+        400); PROVIDER_ERROR where the provider cannot be reached."""
+        self._checked_start(provider_id, redirect_to, code_challenge, code_challenge_method)
+        await self.limiter.hit("start_identity_sign_in_ip", client_key(client.ip))
+        binding = binding if binding and _BINDING.fullmatch(binding) else new_opaque_token()
+        state = new_opaque_token()
+        url = await self._authorize_url(provider_id, state)
+        now = self.clock.now()
+        async with self.statements.transaction() as tx:
+            await tx.execute(
+                _ADD_FLOW,
+                {
+                    "flow_id": uuid.uuid4(),
+                    "state_hash": token_digest(state),
+                    "browser_hash": token_digest(binding),
+                    "provider": provider_id,
+                    "purpose": SIGN_IN,
+                    "uid": None,
+                    "session_id": None,
+                    "redirect_to": redirect_to,
+                    "code_challenge": code_challenge,
+                    "now": now,
+                    "expires_at": now + FLOW_LIFETIME,
+                },
+            )
+        return Redirect(url=url, binding=binding)
+
+    async def _authorize_url(self, provider_id: str, state: str) -> str:
+        provider = self.providers.get(provider_id)
+        try:
+            return await provider.authorize_url(
+                redirect_uri=self.providers.callback_url(provider_id),
+                state=state,
+                nonce=self._derived(state, "nonce"),
+                code_challenge=s256(self._derived(state, "pkce")),
+            )
+        except ProviderUnreachable as exc:
+            log.warning("identity provider %s: %s", provider_id, exc)
+            raise provider_error(provider.config.name) from None
+
+    async def start_link(
+        self,
+        *,
+        user: UserView,
+        claims: AccessClaims,
+        provider_id: str,
+        redirect_to: str,
+        code_challenge: str,
+        client: ClientInfo,
+    ) -> str:
+        """startIdentityLink: a link flow for this session (a recent sign-in), not yet
+        bound to a browser; the URL it answers binds the browser that opens it first."""
+        self.sessions.require_recent(claims)
+        self._checked_start(provider_id, redirect_to, code_challenge, "S256")
+        await self.limiter.hit("start_identity_sign_in_ip", client_key(client.ip))
+        start = new_opaque_token()
+        now = self.clock.now()
+        async with self.statements.transaction() as tx:
+            await tx.execute(
+                _ADD_FLOW,
+                {
+                    "flow_id": uuid.uuid4(),
+                    "state_hash": token_digest(start),
+                    "browser_hash": UNBOUND,
+                    "provider": provider_id,
+                    "purpose": LINK,
+                    "uid": user.id,
+                    "session_id": claims.session_id,
+                    "redirect_to": redirect_to,
+                    "code_challenge": code_challenge,
+                    "now": now,
+                    "expires_at": now + FLOW_LIFETIME,
+                },
+            )
+        return f"{self.providers.public_url}/auth/{provider_id}/authorize?" + urlencode(
+            {"link": start}
+        )
+
+    async def start_linking_browser(
+        self, *, provider_id: str, link: str, binding: str | None, client: ClientInfo
+    ) -> Redirect:
+        """GET /auth/<provider>/authorize?link=...: the first browser to open a link flow's
+        URL is bound to it, and sent on to the provider. FlowNotFound for a link that is
+        unknown, spent or expired."""
+        provider = self.providers.get(provider_id)
+        await self.limiter.hit("start_identity_sign_in_ip", client_key(client.ip))
+        binding = binding if binding and _BINDING.fullmatch(binding) else new_opaque_token()
+        state = new_opaque_token()
+        async with self.statements.transaction() as tx:
+            bound = await tx.first(
+                _BIND_LINK_FLOW,
+                {
+                    "start_hash": token_digest(link),
+                    "state_hash": token_digest(state),
+                    "browser_hash": token_digest(binding),
+                    "now": self.clock.now(),
+                },
+            )
+            if bound is None or bound["provider"] != provider.config.id:
+                raise FlowNotFound
+        return Redirect(url=await self._authorize_url(provider_id, state), binding=binding)
+
+    async def callback(
+        self, *, provider_id: str, params: Mapping[str, str], binding: str | None
+    ) -> Redirect:
+        """GET|POST /auth/<provider>/callback: the provider's answer for a flow. Back to the
+        flow's redirect URL with a one-time code where the provider step succeeded, else
+        with error=CANCELLED, PROVIDER_ERROR or INVALID_TOKEN (a state spent or expired, or
+        another browser than the one that started). FlowNotFound for an unknown state."""
+        state = params.get("state") or ""
+        provider = self.providers.get(provider_id)
+        now = self.clock.now()
+        async with self.statements.connection() as conn:
+            flow = await conn.first(_FLOW_BY_STATE, {"state_hash": token_digest(state)})
+        if flow is None or flow["provider"] != provider_id:
+            raise FlowNotFound
+        back = flow["redirect_to"]
+        if binding is None or not hmac.compare_digest(token_digest(binding), flow["browser_hash"]):
+            log.warning("identity provider %s: a callback from another browser", provider_id)
+            return _error(back, "INVALID_TOKEN", "This sign-in was started in another browser.")
+        async with self.statements.transaction() as tx:
+            returned = await tx.first(_RETURNED, {"flow_id": flow["id"], "now": now})
+        if returned is None:
+            return _error(back, "INVALID_TOKEN", "This sign-in has expired or was used already.")
+        error = params.get("error")
+        if error is not None:
+            if error in CANCELLED_ERRORS:
+                return _error(
+                    back, "CANCELLED", f"The sign-in with {provider.config.name} was cancelled."
+                )
+            log.warning("identity provider %s answered error=%s", provider_id, error[:64])
+            return _error(back, "PROVIDER_ERROR", f"{provider.config.name} refused the sign-in.")
+        code = params.get("code")
+        if not code:
+            return _error(back, "PROVIDER_ERROR", f"{provider.config.name} sent no code back.")
+        try:
+            identity = await provider.complete(
+                code=code,
+                redirect_uri=self.providers.callback_url(provider_id),
+                code_verifier=self._derived(state, "pkce"),
+                nonce=self._derived(state, "nonce"),
+                user_form=_json_object(params.get("user")),
+            )
+        except (ProviderUnreachable, TokenRejected) as exc:
+            log.warning("identity provider %s: %s", provider_id, exc)
+            return _error(
+                back, "PROVIDER_ERROR", f"The sign-in with {provider.config.name} failed."
+            )
+        one_time = new_opaque_token()
+        async with self.statements.transaction() as tx:
+            await tx.execute(
+                _PROVEN,
+                {
+                    "flow_id": flow["id"],
+                    "code_hash": token_digest(one_time),
+                    "code_expires_at": self.clock.now() + CODE_LIFETIME,
+                    "subject": identity.subject,
+                    "email": identity.email,
+                    "email_verified": identity.email_verified,
+                    "name": identity.name,
+                },
+            )
+        return Redirect(url=with_params(back, code=one_time))
+
+    async def exchange(
+        self,
+        *,
+        code: str,
+        code_verifier: str,
+        client: ClientInfo,
+        bearer: AccessClaims | None,
+    ) -> IssuedSession | IssuedChallenge:
+        """exchangeSignInCode: the one-time code of a redirect and the app's PKCE verifier.
+        A sign-in flow's identity signs in (the account decisions); a link flow's is linked
+        to the user whose session started it (`bearer` must be that session's)."""
+        await self.limiter.hit("login_ip", client_key(client.ip))
+        if not _VERIFIER.fullmatch(code_verifier):
+            raise invalid_input(
+                "codeVerifier must be 43 to 128 characters: letters, digits, '-', '.', '_', '~'.",
+                "codeVerifier",
+            )
+        now = self.clock.now()
+        async with self.statements.connection() as conn:
+            flow = await conn.first(_FLOW_BY_CODE, {"code_hash": token_digest(code), "now": now})
+        if flow is None:
+            raise AuthFailure(
+                ErrorCode.INVALID_TOKEN,
+                "This sign-in code is invalid or has expired.",
+                field="code",
+            )
+        # Checked before the code is spent: a code intercepted on its way back cannot be
+        # used, nor used up, without the app's verifier.
+        if not hmac.compare_digest(s256(code_verifier).encode(), flow["code_challenge"].encode()):
+            raise AuthFailure(
+                ErrorCode.INVALID_TOKEN,
+                "codeVerifier does not match the code's challenge.",
+                field="codeVerifier",
+            )
+        if flow["purpose"] == LINK and (
+            bearer is None
+            or bearer.session_id != flow["session_id"]
+            or bearer.user_id != flow["user_id"]
+        ):
+            raise AuthFailure(
+                ErrorCode.INVALID_TOKEN,
+                "Send the bearer token of the session that started this link.",
+            )
+        async with self.statements.transaction() as tx:
+            if await tx.first(_EXCHANGED, {"flow_id": flow["id"], "now": now}) is None:
+                raise AuthFailure(
+                    ErrorCode.INVALID_TOKEN, "This sign-in code was used already.", field="code"
+                )
+        identity = ProvenIdentity(
+            provider=flow["provider"],
+            subject=flow["subject"],
+            email=flow["email"],
+            email_verified=bool(flow["email_verified"]),
+            name=flow["name"],
+        )
+        if flow["purpose"] == LINK:
+            return await self._link(identity, flow["user_id"], flow["session_id"], client)
+        return await self.sign_in(identity, client)
+
+    # -- native apps -------------------------------------------------------------------
+
+    async def sign_in_with_id_token(
+        self,
+        *,
+        provider_id: str,
+        id_token: str,
+        nonce: str | None,
+        name: str | None,
+        client: ClientInfo,
+    ) -> IssuedSession | IssuedChallenge:
+        """signInWithIdToken: a provider's ID token from its native SDK, checked (keys,
+        issuer, audience among the provider's client ids, expiry, nonce raw or hashed),
+        spent (no token signs in twice), then the account decisions."""
+        await self.limiter.hit("login_ip", client_key(client.ip))
+        provider = self.providers.oidc(provider_id)
+        if len(id_token) > ID_TOKEN_MAX:
+            raise invalid_input("idToken is too long.", "idToken")
+        if nonce is not None and not 1 <= len(nonce) <= 512:
+            raise invalid_input("nonce must be 1 to 512 characters.", "nonce")
+        try:
+            claims = await provider.verify(
+                id_token, audiences=provider.config.audiences, nonce=nonce, hashed_nonce=True
+            )
+        except TokenRejected as exc:
+            log.info("identity provider %s: an ID token refused: %s", provider_id, exc.reason)
+            raise AuthFailure(
+                ErrorCode.INVALID_TOKEN,
+                f"This ID token is not valid for {provider.config.name}.",
+                field="idToken",
+            ) from None
+        except ProviderUnreachable as exc:
+            log.warning("identity provider %s: %s", provider_id, exc)
+            raise provider_error(provider.config.name) from None
+        expires = datetime.fromtimestamp(claims["exp"], tz=self.clock.now().tzinfo) + CLOCK_SKEW
+        try:
+            async with self.statements.transaction() as tx:
+                await tx.execute(
+                    _SPEND_ID_TOKEN, {"token_hash": token_digest(id_token), "expires_at": expires}
+                )
+        except UniqueViolation:
+            raise AuthFailure(
+                ErrorCode.INVALID_TOKEN, "This ID token was used already.", field="idToken"
+            ) from None
+        given_name = " ".join(name.split())[:NAME_MAX] if name else None
+        return await self.sign_in(provider.identity(claims, name=given_name or None), client)
+
+    # -- the account decisions ---------------------------------------------------------
+
+    async def sign_in(
+        self, identity: ProvenIdentity, client: ClientInfo
+    ) -> IssuedSession | IssuedChallenge:
+        await self.limiter.hit("login_account", identity_key(identity))
+        try:
+            issued = await self._decide(identity, client)
+        except UniqueViolation:
+            # A first sign-in of the same identity (or address) raced this one and won:
+            # decided again, it finds what the other made.
+            issued = await self._decide(identity, client)
+        self.outbox.wake()
+        return issued
+
+    async def _decide(
+        self, identity: ProvenIdentity, client: ClientInfo
+    ) -> IssuedSession | IssuedChallenge:
+        config = self.providers.get(identity.provider).config
+        now = self.clock.now()
+        async with self.events.transaction(self.statements) as tx:
+            linked = await tx.first(
+                _IDENTITY, {"provider": identity.provider, "subject": identity.subject}
+            )
+            if linked is not None:
+                await self.sessions.lock_user(tx, linked["user_id"], exclusive=True)
+                await tx.execute(
+                    _USED_IDENTITY,
+                    {
+                        "identity_id": linked["id"],
+                        "now": now,
+                        "email": identity.email,
+                        "name": identity.name,
+                    },
+                )
+                return await self.conclusion.conclude(
+                    tx,
+                    linked["user_id"],
+                    amr=AMR_FEDERATED,
+                    client=client,
+                    verify_address=True,
+                    address_required=True,
+                )
+            if identity.email is None:
+                raise AuthFailure(
+                    ErrorCode.PROVIDER_ERROR,
+                    f"{config.name} did not share an email address; allow it to, or sign in"
+                    " another way.",
+                )
+            try:
+                address = parse_email(identity.email)
+            except AuthFailure:
+                raise AuthFailure(
+                    ErrorCode.PROVIDER_ERROR,
+                    f"{config.name} gave an address that cannot receive mail.",
+                ) from None
+            trusted = identity.email_verified and config.trust_email_verified
+            holder = await tx.first(ADDRESS_HOLDER, {"email": address.normalized})
+            if holder is not None and holder["email_verified_at"] is None:
+                # A signup that never proved the address and never signed in yields it,
+                # once its codes have expired (as to a new signup).
+                dropped = await tx.execute(
+                    DROP_ABANDONED_SIGNUP,
+                    {
+                        "uid": holder["id"],
+                        "abandoned_before": now - self.conclusion.challenges.email_lifetime,
+                    },
+                )
+                holder = None if dropped else holder
+            if holder is None:
+                user_id = uuid.uuid4()
+                await tx.execute(
+                    _ADD_USER,
+                    {
+                        "uid": user_id,
+                        "email": address.address,
+                        "email_normalized": address.normalized,
+                        "verified_at": now if trusted else None,
+                        "now": now,
+                    },
+                )
+                await self.events.record(
+                    tx,
+                    EventKind.SIGNUP,
+                    user_id=user_id,
+                    client=client,
+                    details={"provider": identity.provider},
+                )
+                if trusted:
+                    await self.events.record(
+                        tx, EventKind.EMAIL_VERIFIED, user_id=user_id, client=client
+                    )
+                await self._add_identity(tx, user_id, identity, now)
+                # An address the provider did not vouch for is proven here first.
+                return await self.conclusion.conclude(
+                    tx,
+                    user_id,
+                    amr=AMR_FEDERATED,
+                    client=client,
+                    verify_address=True,
+                    address_required=True,
+                )
+            if not trusted or holder["email_verified_at"] is None:
+                raise AuthFailure(
+                    ErrorCode.EMAIL_TAKEN,
+                    f"An account with this email address already exists. Sign in to it, then"
+                    f" link {config.name} from your account settings.",
+                )
+            await self.sessions.lock_user(tx, holder["id"], exclusive=True)
+            await self._add_identity(tx, holder["id"], identity, now)
+            await self._linked(tx, holder["id"], identity, config.name, client)
+            return await self.conclusion.conclude(
+                tx, holder["id"], amr=AMR_FEDERATED, client=client, verify_address=True
+            )
+
+    async def _add_identity(
+        self, tx: Runner, user_id: uuid.UUID, identity: ProvenIdentity, now: datetime
+    ) -> None:
+        await tx.execute(
+            _ADD_IDENTITY,
+            {
+                "identity_id": uuid.uuid4(),
+                "uid": user_id,
+                "provider": identity.provider,
+                "subject": identity.subject,
+                "email": identity.email,
+                "name": identity.name,
+                "now": now,
+            },
+        )
+
+    async def _linked(
+        self,
+        tx: Runner,
+        user_id: uuid.UUID,
+        identity: ProvenIdentity,
+        name: str,
+        client: ClientInfo,
+    ) -> None:
+        user = await tx.first(USER_BY_ID, {"user_id": user_id})
+        assert user is not None  # noqa: S101 - locked by the caller
+        await self.notices.send(
+            tx,
+            user_id=user_id,
+            email=user["email"],
+            template="identity_linked",
+            client=client,
+            provider=name,
+        )
+        await self.events.record(
+            tx,
+            EventKind.IDENTITY_LINKED,
+            user_id=user_id,
+            client=client,
+            details={"provider": identity.provider},
+        )
+
+    # -- linking from the account ------------------------------------------------------
+
+    async def _link(
+        self,
+        identity: ProvenIdentity,
+        user_id: uuid.UUID,
+        session_id: uuid.UUID,
+        client: ClientInfo,
+    ) -> IssuedSession:
+        config = self.providers.get(identity.provider).config
+        now = self.clock.now()
+        try:
+            async with self.events.transaction(self.statements) as tx:
+                user = await self.sessions.lock_user(tx, user_id, exclusive=True)
+                if user is None or not user["is_active"]:
+                    raise AuthFailure(
+                        ErrorCode.INVALID_TOKEN, "This session has ended; sign in again."
+                    )
+                session = await tx.first(
+                    _LOCK_OWN_LIVE_SESSION, {"session_id": session_id, "uid": user_id, "now": now}
+                )
+                if session is None:
+                    raise AuthFailure(
+                        ErrorCode.INVALID_TOKEN, "This session has ended; sign in again."
+                    )
+                linked = await tx.first(
+                    _IDENTITY, {"provider": identity.provider, "subject": identity.subject}
+                )
+                if linked is not None and linked["user_id"] != user_id:
+                    raise AuthFailure(
+                        ErrorCode.IDENTITY_ALREADY_LINKED,
+                        f"That {config.name} account is linked to another user.",
+                    )
+                if linked is None:
+                    own = await tx.first(
+                        _IDENTITY_OF_USER, {"uid": user_id, "provider": identity.provider}
+                    )
+                    if own is not None:
+                        raise invalid_input(
+                            f"Your account already has a {config.name} account linked;"
+                            " unlink it first.",
+                            "provider",
+                        )
+                    await self._add_identity(tx, user_id, identity, now)
+                    await self._linked(tx, user_id, identity, config.name, client)
+                else:
+                    await tx.execute(
+                        _USED_IDENTITY,
+                        {
+                            "identity_id": linked["id"],
+                            "now": now,
+                            "email": identity.email,
+                            "name": identity.name,
+                        },
+                    )
+                current = await tx.first(USER_BY_ID, {"user_id": user_id})
+                assert current is not None  # noqa: S101 - locked above
+                refresh = new_opaque_token()
+                await self.sessions.replace_refresh_token(tx, session_id, refresh, now)
+                issued = self.sessions.issue(
+                    user_view(current),
+                    session_id,
+                    session["amr"].split(),
+                    refresh,
+                    client,
+                    auth_time=session["auth_time"],
+                )
+        except UniqueViolation:
+            raise AuthFailure(
+                ErrorCode.IDENTITY_ALREADY_LINKED,
+                f"That {config.name} account is linked to another user.",
+            ) from None
+        self.outbox.wake()
+        return issued
+
+    async def unlink(
+        self, *, user: UserView, claims: AccessClaims, provider_id: str, client: ClientInfo
+    ) -> UserView:
+        """unlinkIdentity (a recent sign-in): refused where no other way in would be left:
+        a password, a passkey, another identity, or the emailed code to a verified address."""
+        self.sessions.require_recent(claims)
+        config = self.providers.get(provider_id).config
+        async with self.events.transaction(self.statements) as tx:
+            locked = await self.sessions.lock_user(tx, user.id, exclusive=True)
+            if locked is None:
+                raise AuthFailure(ErrorCode.INVALID_TOKEN, "This session has ended; sign in again.")
+            own = await tx.first(_IDENTITY_OF_USER, {"uid": user.id, "provider": provider_id})
+            if own is None:
+                raise invalid_input(f"No {config.name} account is linked to yours.", "provider")
+            current = await tx.first(USER_BY_ID, {"user_id": user.id})
+            assert current is not None  # noqa: S101 - locked above
+            others = await tx.scalars(_COUNT_IDENTITIES, {"uid": user.id})
+            passkeys = await tx.scalars(_COUNT_PASSKEYS, {"uid": user.id})
+            ways_in = (
+                bool(current["has_password"])
+                or passkeys[0] > 0
+                or others[0] > 1
+                or current["email_verified_at"] is not None
+            )
+            if not ways_in:
+                raise invalid_input(
+                    f"{config.name} is the only way into this account: set a password or add a"
+                    " passkey first.",
+                    "provider",
+                )
+            await tx.execute(_DROP_IDENTITY, {"identity_id": own["id"]})
+            await self.notices.send(
+                tx,
+                user_id=user.id,
+                email=current["email"],
+                template="identity_unlinked",
+                client=client,
+                provider=config.name,
+            )
+            await self.events.record(
+                tx,
+                EventKind.IDENTITY_UNLINKED,
+                user_id=user.id,
+                session_id=claims.session_id,
+                client=client,
+                details={"provider": provider_id},
+            )
+        self.outbox.wake()
+        return user_view(current)
+
+    async def identities_of(self, user_id: uuid.UUID) -> list[LinkedIdentityView]:
+        async with self.statements.connection() as conn:
+            rows = await conn.all(_LIST_IDENTITIES, {"uid": user_id})
+        return [
+            LinkedIdentityView(
+                provider=row["provider"],
+                email=row["email"],
+                name=row["name"],
+                linked_at=row["created_at"],
+                last_used_at=row["last_used_at"],
+            )
+            for row in rows
+        ]
+
+
+def identity_key(identity: ProvenIdentity) -> str:
+    digest = hashlib.sha256(identity.subject.encode("utf-8")).hexdigest()[:32]
+    return f"identity:{identity.provider}:{digest}"
+
+
+def provider_error(name: str) -> AuthFailure:
+    return AuthFailure(ErrorCode.PROVIDER_ERROR, f"{name} cannot be reached right now; try again.")
+
+
+def _error(url: str, code: str, description: str) -> Redirect:
+    return Redirect(url=with_params(url, error=code, error_description=description))
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    if not text or len(text) > 4096:
+        return None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None

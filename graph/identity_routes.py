@@ -1,0 +1,164 @@
+"""The web redirect through an identity provider, plain HTTP outside GraphQL (the contract's
+identities.graphql):
+
+    GET /auth/{provider}/authorize?redirect_to=URL&code_challenge=C&code_challenge_method=S256
+    GET /auth/{provider}/authorize?link=...          (the URL startIdentityLink answers)
+    GET|POST /auth/{provider}/callback               (the provider comes back here)
+
+A request that is not one (an unknown provider, a redirect URL off the list, no S256
+challenge) gets a 400 page and never a redirect; a state this server never issued gets a
+400 page too (there is no checked place to send it). Everything else goes back to the
+redirect URL: with `code` where the provider step succeeded, else with `error` and
+`error_description`. The browser that starts a flow gets the `strawgate_oauth` cookie
+(HttpOnly, path /auth/, 10 minutes), and only a callback carrying it completes the flow.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from db.errors import AuthFailure, ErrorCode
+from db.services.signin.identity import (
+    FLOW_LIFETIME,
+    FlowNotFound,
+    IdentitySignIns,
+    Redirect,
+    with_params,
+)
+from db.services.types import ClientInfo
+from graph.context import DEVICE_COOKIE
+
+log = logging.getLogger("strawgate.identities")
+
+BINDING_COOKIE = "strawgate_oauth"
+# The most of a callback form read (Apple's: code, state, id_token, user).
+MAX_FORM_FIELDS = 16
+
+
+def _page(status: int, title: str, message: str) -> HTMLResponse:
+    body = (
+        "<!doctype html><html lang=en><meta charset=utf-8><title>"
+        f"{html.escape(title)}</title><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>"
+    )
+    return HTMLResponse(body, status_code=status, headers={"cache-control": "no-store"})
+
+
+def _client(request: Request) -> ClientInfo:
+    return ClientInfo(
+        ip=request.client.host if request.client else None,
+        user_agent=request.headers.get("user-agent"),
+        device_token=request.cookies.get(DEVICE_COOKIE),
+    )
+
+
+def _redirect(target: Redirect, *, secure: bool, status: int = 302) -> Response:
+    response = RedirectResponse(target.url, status_code=status)
+    response.headers["cache-control"] = "no-store"
+    response.headers["referrer-policy"] = "no-referrer"
+    if target.binding is not None:
+        response.set_cookie(
+            BINDING_COOKIE,
+            target.binding,
+            max_age=int(FLOW_LIFETIME.total_seconds()),
+            path="/auth/",
+            httponly=True,
+            secure=secure,
+            # Apple comes back by a cross-site POST: only SameSite=None (which browsers
+            # take with Secure only) carries the cookie there.
+            samesite="none" if secure else "lax",
+        )
+    return response
+
+
+def routes(secure_cookies: bool) -> list[Route]:
+    async def authorize(request: Request) -> Response:
+        identities: IdentitySignIns = request.app.state.services.auth.identities
+        provider_id = request.path_params["provider"]
+        params = request.query_params
+        binding = request.cookies.get(BINDING_COOKIE)
+        redirect_to = params.get("redirect_to", "")
+
+        async def start() -> Redirect:
+            if "link" in params:
+                return await identities.start_linking_browser(
+                    provider_id=provider_id,
+                    link=params["link"],
+                    binding=binding,
+                    client=_client(request),
+                )
+            return await identities.start(
+                provider_id=provider_id,
+                redirect_to=redirect_to,
+                code_challenge=params.get("code_challenge", ""),
+                code_challenge_method=params.get("code_challenge_method", ""),
+                binding=binding,
+                client=_client(request),
+            )
+
+        return await _answer(
+            start,
+            secure=secure_cookies,
+            # A provider that cannot be reached: back to the (checked) redirect URL.
+            back=redirect_to if identities.providers.is_allowed_redirect(redirect_to) else None,
+        )
+
+    async def callback(request: Request) -> Response:
+        identities: IdentitySignIns = request.app.state.services.auth.identities
+        provider_id = request.path_params["provider"]
+        if request.method == "POST":
+            form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
+            params = {key: value for key, value in form.items() if isinstance(value, str)}
+        else:
+            params = dict(request.query_params)
+        binding = request.cookies.get(BINDING_COOKIE)
+
+        async def finish() -> Redirect:
+            return await identities.callback(
+                provider_id=provider_id, params=params, binding=binding
+            )
+
+        # After a form POST, 303: the browser GETs the app's URL.
+        status = 303 if request.method == "POST" else 302
+        return await _answer(finish, secure=secure_cookies, status=status)
+
+    return [
+        Route("/auth/{provider}/authorize", authorize, methods=["GET"]),
+        Route("/auth/{provider}/callback", callback, methods=["GET", "POST"]),
+    ]
+
+
+async def _answer(
+    step: Callable[[], Awaitable[Redirect]],
+    *,
+    secure: bool,
+    back: str | None = None,
+    status: int = 302,
+) -> Response:
+    try:
+        target = await step()
+    except FlowNotFound:
+        return _page(
+            400,
+            "This sign-in cannot go on",
+            "This sign-in link is invalid, was used already or has expired. Go back to the app"
+            " and start again.",
+        )
+    except AuthFailure as failure:
+        if failure.code is ErrorCode.RATE_LIMITED:
+            response = _page(429, "Too many sign-ins", failure.message)
+            if failure.retry_after is not None:
+                response.headers["retry-after"] = str(failure.retry_after)
+            return response
+        if failure.code is ErrorCode.PROVIDER_ERROR and back is not None:
+            target = Redirect(
+                url=with_params(back, error="PROVIDER_ERROR", error_description=failure.message)
+            )
+        else:
+            return _page(400, "This sign-in cannot start", failure.message)
+    return _redirect(target, secure=secure, status=status)
