@@ -324,6 +324,12 @@ def _account_text(report: AccountReport) -> str:
             f"    added {_when(passkey.created_at)}, last used {_when(passkey.last_used_at)}"
             + synced
         )
+    lines.append(f"identities      {len(report.identities)}")
+    for identity in report.identities:
+        lines.append(
+            f"  {_printable(identity.provider)}  {_printable(identity.email or '-')}, linked"
+            f" {_when(identity.linked_at)}, last used {_when(identity.last_used_at)}"
+        )
     lines += [
         f"lockout         {locked}",
         f"live sessions   {len(report.sessions)}",

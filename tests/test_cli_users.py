@@ -22,7 +22,15 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.migrate import upgrade_head
-from db.models import Challenge, LoginThrottle, Passkey, SecurityEvent, User, UserSession
+from db.models import (
+    Challenge,
+    Identity,
+    LoginThrottle,
+    Passkey,
+    SecurityEvent,
+    User,
+    UserSession,
+)
 from db.security.tokens import token_digest
 from db.settings import Settings
 from graph.app import create_app
@@ -470,3 +478,31 @@ async def test_a_bad_setting_is_named_not_a_traceback(tmp_path: Path, database_u
     )
     assert code == 2, (code, out, err)
     assert "DB_TIMEOUT" in err and "Traceback" not in err
+
+
+async def test_show_lists_linked_identities(
+    client: httpx.AsyncClient, database_url: str, tmp_path: Path
+) -> None:
+    email = unique_email()
+    session = await signup(client, email, PASSWORD)
+    now = datetime.now(UTC)
+    await write(
+        database_url,
+        insert(Identity).values(
+            id=uuid.uuid4(),
+            user_id=uuid.UUID(session["user"]["id"]),
+            provider="google",
+            subject="1234567890",
+            email="ada@gmail.example",
+            name="Ada",
+            created_at=now,
+            last_used_at=now,
+        ),
+    )
+
+    text = await ok(tmp_path, database_url, "show", email)
+    assert "identities      1" in text
+    assert "google  ada@gmail.example, linked" in text
+    listed = json.loads(await ok(tmp_path, database_url, "show", email, "--json"))["identities"]
+    assert [(i["provider"], i["email"]) for i in listed] == [("google", "ada@gmail.example")]
+    assert "1234567890" not in text  # the provider's subject is the export's, not the console's

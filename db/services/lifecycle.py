@@ -15,6 +15,7 @@ from webauthn.helpers import bytes_to_base64url
 from db.errors import AuthFailure, ErrorCode
 from db.models import (
     Challenge,
+    Identity,
     LoginThrottle,
     OutboxMail,
     Passkey,
@@ -119,6 +120,18 @@ _EXPORT_MAIL = (
     .order_by(OutboxMail.created_at.desc())
 )
 # Passkeys without their public keys (not the user's to read back, and of no use to them).
+_EXPORT_IDENTITIES = (
+    select(
+        Identity.provider,
+        Identity.subject,
+        Identity.email,
+        Identity.name,
+        Identity.created_at,
+        Identity.last_used_at,
+    )
+    .where(Identity.user_id == bindparam("uid"))
+    .order_by(Identity.created_at, Identity.id)
+)
 _EXPORT_PASSKEYS = (
     select(
         Passkey.id,
@@ -342,6 +355,7 @@ class LifecycleService:
             previous = await _previous_addresses(conn, user.id)
             mail = await conn.all(_EXPORT_MAIL, uid)
             passkeys = await conn.all(_EXPORT_PASSKEYS, uid)
+            identities = await conn.all(_EXPORT_IDENTITIES, uid)
             throttle = await conn.first(
                 _EXPORT_THROTTLE, {"email": parse_email(profile["email"]).normalized}
             )
@@ -380,6 +394,19 @@ class LifecycleService:
                     "lastUsedAt": row["last_used_at"],
                 }
                 for row in passkeys
+            ],
+            # The provider accounts linked: the provider's subject is what it knows the
+            # user by (no token of the provider's is ever kept).
+            "identities": [
+                {
+                    "provider": row["provider"],
+                    "subject": row["subject"],
+                    "email": row["email"],
+                    "name": row["name"],
+                    "linkedAt": row["created_at"],
+                    "lastUsedAt": row["last_used_at"],
+                }
+                for row in identities
             ],
             "sessions": [
                 {

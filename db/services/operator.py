@@ -22,7 +22,7 @@ from sqlalchemy import bindparam, delete, func, select, update
 
 from db.clock import Clock
 from db.errors import AuthFailure
-from db.models import LoginThrottle, Passkey, SecurityEvent, User, UserSession
+from db.models import Identity, LoginThrottle, Passkey, SecurityEvent, User, UserSession
 from db.services.account import ACCOUNT_BY_EMAIL
 from db.services.challenges import void_pending
 from db.services.events import DetailValue, EventKind, SecurityEvents
@@ -90,6 +90,11 @@ _PASSKEYS = (
     select(Passkey.id, Passkey.name, Passkey.created_at, Passkey.last_used_at, Passkey.backed_up)
     .where(Passkey.user_id == bindparam("uid"))
     .order_by(Passkey.created_at.desc(), Passkey.id)
+)
+_IDENTITIES = (
+    select(Identity.provider, Identity.email, Identity.created_at, Identity.last_used_at)
+    .where(Identity.user_id == bindparam("uid"))
+    .order_by(Identity.created_at, Identity.id)
 )
 _REMOVE_PASSKEY = (
     delete(Passkey)
@@ -178,6 +183,14 @@ class PasskeyInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentityInfo:
+    provider: str
+    email: str | None  # the address the provider gave
+    linked_at: datetime
+    last_used_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class AccountReport:
     """What `users show` prints."""
 
@@ -192,6 +205,7 @@ class AccountReport:
     sessions: list[SessionInfo]
     events: list[EventInfo]
     passkeys: list[PasskeyInfo] = field(default_factory=list)  # newest first
+    identities: list[IdentityInfo] = field(default_factory=list)  # oldest first
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -212,6 +226,15 @@ class AccountReport:
                     "backed_up": p.backed_up,
                 }
                 for p in self.passkeys
+            ],
+            "identities": [
+                {
+                    "provider": i.provider,
+                    "email": i.email,
+                    "linked_at": _iso(i.linked_at),
+                    "last_used_at": _iso(i.last_used_at),
+                }
+                for i in self.identities
             ],
             "lockout": {
                 "locked": self.lockout.locked,
@@ -305,6 +328,7 @@ class Operator:
             sessions = await conn.all(_LIVE_SESSIONS, {"uid": uid, "now": now})
             events = await conn.all(_RECENT_EVENTS, {"uid": uid, "n": RECENT_EVENTS})
             passkeys = await conn.all(_PASSKEYS, {"uid": uid})
+            identities = await conn.all(_IDENTITIES, {"uid": uid})
         locked_until = throttle["locked_until"] if throttle is not None else None
         if user["otp_confirmed_at"] is not None:
             two_factor, since = "on", user["otp_confirmed_at"]
@@ -329,6 +353,15 @@ class Operator:
                     backed_up=bool(row["backed_up"]),
                 )
                 for row in passkeys
+            ],
+            identities=[
+                IdentityInfo(
+                    provider=row["provider"],
+                    email=row["email"],
+                    linked_at=row["created_at"],
+                    last_used_at=row["last_used_at"],
+                )
+                for row in identities
             ],
             lockout=LockoutState(
                 failures=throttle["failures"] if throttle is not None else 0,
