@@ -457,3 +457,40 @@ async def test_an_account_with_a_password_signs_in_either_way(
     by_password = await gql(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
 
     assert by_password["data"]["login"]["__typename"] == "AuthSession"
+
+
+async def test_a_pending_signup_is_not_told_to_an_unvouched_address(
+    make_settings: Callable[..., Settings],
+    provider: LocalProvider,
+    clock: MutableClock,
+    clean_db: None,
+    smtp: SmtpSink,
+) -> None:
+    """A signup waiting for its code (verification on): an identity whose address no
+    provider vouched for gets the answer any new unvouched address gets, and no mail;
+    one the provider vouches for (the address's owner) is told to sign in."""
+    from graph.app import create_app
+    from tests.conftest import client_for
+
+    settings = make_settings(
+        **provider_settings(provider), **smtp.settings(), require_email_verification=True
+    )
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app), client_for(app) as client:
+        email = unique_email()
+        pending = await signup(client, email, PASSWORD)
+        assert pending["purpose"] == "VERIFY_EMAIL"
+        await smtp.wait_for(email)
+
+        unvouched = await redirect_sign_in(client, provider, user_claims(email, verified=False))
+        fresh = await redirect_sign_in(
+            client, provider, user_claims(unique_email(), verified=False)
+        )
+        vouched = await redirect_sign_in(client, provider, user_claims(email))
+
+        assert (unvouched["__typename"], unvouched["purpose"]) == ("OtpChallenge", "VERIFY_EMAIL")
+        assert set(unvouched) == set(fresh)
+        await asyncio.sleep(0.3)
+        assert len(smtp.mails(email)) == 1  # the signup's code only
+        assert vouched["code"] == "EMAIL_TAKEN"
+        assert await identities_in_db(client, email) == []

@@ -13,7 +13,10 @@ The account decisions (`_decide`), each tested (tests/graph/test_identities*.py)
   notice mail, IDENTITY_LINKED), then it signs in.
 - Where the address is not one the provider verified (or not trusted), or the account's
   address was never verified: EMAIL_TAKEN, telling the user to sign in and link from
-  their settings. Never a silent merge into an unverified or unrelated account.
+  their settings. Never a silent merge into an unverified or unrelated account. (An
+  unverified signup whose codes expired and that never signed in yields the address, as
+  to a new signup; one still pending answers an unvouched address as a new unvouched
+  address is answered, a VERIFY_EMAIL challenge, and mails nothing.)
 - A new identity with an unverified (or untrusted) address that no account holds creates
   the account unverified, and the address is proven by an emailed code before any session
   (whatever REQUIRE_EMAIL_VERIFICATION says): no one holds an address by a provider's word
@@ -54,6 +57,7 @@ from db.providers.registry import IdentityProviders
 from db.security.access import AccessClaims
 from db.security.limiter import RateLimiter, client_key
 from db.security.tokens import new_opaque_token, token_digest
+from db.services import challenges as ch
 from db.services.events import EventKind, SecurityEvents
 from db.services.notices import Notices
 from db.services.sessions import LOCK_LIVE_SESSION, Sessions
@@ -673,6 +677,19 @@ class IdentitySignIns:
                     },
                 )
                 holder = None if dropped else holder
+                if holder is not None and not trusted:
+                    # A pending signup, to a party no provider vouched for: the answer a
+                    # new unvouched address gets (a code to prove it), and as for a
+                    # signup on a pending address, no mail goes out: whether an address
+                    # has a pending signup is not told to whoever typed it.
+                    return await self.conclusion.challenges.open_email(
+                        tx,
+                        purpose=ch.VERIFY_EMAIL,
+                        user=None,
+                        address=address.normalized,
+                        amr=AMR_FEDERATED,
+                        client=client,
+                    )
             if holder is None:
                 user_id = uuid.uuid4()
                 await tx.execute(
