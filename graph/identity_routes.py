@@ -33,6 +33,7 @@ from db.services.signin.identity import (
 )
 from db.services.types import ClientInfo
 from graph.context import DEVICE_COOKIE
+from graph.logs import REQUEST_ID
 
 log = logging.getLogger("strawgate.identities")
 
@@ -150,15 +151,28 @@ async def _answer(
             " and start again.",
         )
     except AuthFailure as failure:
-        if failure.code is ErrorCode.RATE_LIMITED:
-            response = _page(429, "Too many sign-ins", failure.message)
-            if failure.retry_after is not None:
-                response.headers["retry-after"] = str(failure.retry_after)
-            return response
-        if failure.code is ErrorCode.PROVIDER_ERROR and back is not None:
-            target = Redirect(
-                url=with_params(back, error="PROVIDER_ERROR", error_description=failure.message)
-            )
-        else:
-            return _page(400, "This sign-in cannot start", failure.message)
+        return _refusal(failure, secure=secure, back=back)
+    except Exception:
+        # Never a traceback to the browser: logged (with the request id every log line of
+        # the request carries), and a page that says to try again.
+        log.exception("a provider sign-in failed unexpectedly")
+        return _page(
+            503,
+            "Sign-in is unavailable",
+            f"Something went wrong on our side; try again (request {REQUEST_ID.get() or '-'}).",
+        )
     return _redirect(target, secure=secure, status=status)
+
+
+def _refusal(failure: AuthFailure, *, secure: bool, back: str | None) -> Response:
+    if failure.code is ErrorCode.RATE_LIMITED:
+        response = _page(429, "Too many sign-ins", failure.message)
+        if failure.retry_after is not None:
+            response.headers["retry-after"] = str(failure.retry_after)
+        return response
+    if failure.code is ErrorCode.PROVIDER_ERROR and back is not None:
+        target = Redirect(
+            url=with_params(back, error="PROVIDER_ERROR", error_description=failure.message)
+        )
+        return _redirect(target, secure=secure)
+    return _page(400, "This sign-in cannot start", failure.message)

@@ -9,6 +9,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.settings import Settings
 from tests.conftest import MutableClock, unique_email
@@ -236,3 +238,21 @@ async def test_a_malformed_verifier_is_invalid_input(
     answer = await exchange(client, returned, verifier="short")
     assert answer["code"] == "INVALID_INPUT"
     assert answer["field"] == "codeVerifier"
+
+
+async def test_an_unexpected_failure_is_a_page_with_the_request_id_never_a_traceback(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE identity_flows RENAME TO identity_flows_away"))
+        answer = await client.get("/auth/acme/callback", params={"state": "s", "code": "c"})
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE identity_flows_away RENAME TO identity_flows"))
+        await engine.dispose()
+
+    assert answer.status_code == 503
+    assert answer.headers["x-request-id"] in answer.text
+    assert "Traceback" not in answer.text and "identity_flows" not in answer.text
