@@ -1,5 +1,6 @@
-"""Single-use load: the measured load of the `verifyOtp` and `finishPasskeyLogin` scenarios,
-where every request spends something seeded for it and is never sent twice.
+"""Single-use load: the measured load of the `verifyOtp`, `finishPasskeyLogin` and
+`signInWithIdToken` scenarios, where every request spends something seeded for it and is
+never sent twice.
 
 - verifyOtp (two-factor login, step two; the default `--mutation`): every successful
   verifyOtp spends a challenge, and each user's TOTP time step is accepted once, so every
@@ -10,7 +11,8 @@ where every request spends something seeded for it and is never sent twice.
 - Any other mutation (`--mutation finishPasskeyLogin`): pre-made request bodies, one JSON
   document a line (`--warmup-bodies`, `--bodies`), each sent as it is, once; for
   finishPasskeyLogin, a ceremony of its own and the assertion signed for it
-  (bench/passkey_seed.py).
+  (bench/passkey_seed.py); for `--mutation signInWithIdToken`, an ID token of its own
+  (bench/id_token_seed.py).
 
 In both cases the warm-up's and the measured run's sets are disjoint, and an answer
 counts as a success when `data.<mutation>` is an AuthSession with both tokens.

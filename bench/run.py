@@ -54,6 +54,9 @@ from bench.harness import (
     venv_tool,
     with_database,
 )
+from bench.id_token_seed import MUTATION as ID_TOKEN
+from bench.id_token_seed import first_sign_ins, write_bodies
+from bench.id_token_seed import server_settings as id_token_settings
 from bench.otp_seed import OtpSeeds, seed_otp_users
 from bench.passkey_seed import (
     PasskeyUsers,
@@ -76,6 +79,7 @@ from bench.report import (
     scenario_json,
 )
 from db.settings import RateLimits
+from tests.identity_provider import LocalProvider
 from tests.servers import redis_reachable
 from tests.smtp import SmtpSink, free_port
 
@@ -133,6 +137,10 @@ class Options:
     limiter: bool = True  # also measure the rate limiter's cost (three more servers)
     # finishPasskeyLogin sign-ins prepared per second of warm-up and of measured run
     passkey_rate: float = 1000.0
+    # signInWithIdToken: ID tokens minted per second of warm-up and of measured run, and
+    # the distinct provider accounts they sign in (each signed in once before, unmeasured)
+    id_token_rate: float = 1000.0
+    id_token_users: int = 2000
 
 
 @dataclass
@@ -194,18 +202,33 @@ def passkey_sets(options: Options) -> dict[str, int]:
     }
 
 
+def id_token_sets(options: Options) -> dict[str, int]:
+    """signInWithIdToken bodies to mint (a fresh ID token each): one per request at
+    `--id-token-rate` requests a second, for the warm-up and for the measured run (separate
+    sets); at least one per connection."""
+    load = options.load
+    least = load.connections
+    return {
+        "warmup": max(least, math.ceil(load.warmup * options.id_token_rate)) if load.warmup else 0,
+        "measured": max(least, math.ceil(load.duration * options.id_token_rate)),
+    }
+
+
 def time_budget(options: Options) -> float:
     """Seconds the whole run may take before it is stopped."""
     load = options.load
     seeded_logins = len(chain_sets(options.rounds)) * options.sessions
     seeded_otp = sum(otp_sets(options).values())
     seeded_passkeys = sum(passkey_sets(options).values())
+    id_tokens = sum(id_token_sets(options).values())
     return (
         600
         + 12 * (load.duration + load.warmup)
         + 0.5 * seeded_logins
         + 0.001 * seeded_otp
         + 0.005 * seeded_passkeys  # a user, a ceremony over HTTP, an assertion each
+        + 0.001 * id_tokens  # an RS256 signature each
+        + 0.02 * options.id_token_users  # a first sign-in over HTTP each
     )
 
 
@@ -840,6 +863,140 @@ async def scenario_passkey(
     return relative
 
 
+# What Strawgate does for one signInWithIdToken of a linked identity
+# (db/services/signin/identity.py IdentitySignIns.sign_in_with_id_token and _decide), so
+# that its number can be read.
+ID_TOKEN_WORK = [
+    "server work per signInWithIdToken (an identity already linked), no password hash and"
+    " no call to the provider (discovery and keys cached): the login_ip limit; the JWS"
+    " header read, the key by kid from the cached JWKS,",
+    "  one RSA-2048 signature check (RS256), iss/aud/exp/iat/sub and the nonce's SHA-256"
+    " checked; the token spent (INSERT spent_id_tokens, a transaction of its own); the"
+    " identity's login_account limit;",
+    "  then one transaction: SELECT the identity by (provider, sub), lock the user, UPDATE"
+    " the identity (last used, address, name), the user read, the session (INSERT sessions,"
+    " INSERT refresh_tokens, the session cap,",
+    "  LOGIN_SUCCEEDED); then a signed access JWT",
+]
+
+
+async def scenario_id_token(
+    bench: Bench,
+    provider: LocalProvider,
+    login: Scenario | None,
+    passkey: Relative | None,
+) -> Relative:
+    """signInWithIdToken with a fresh ID token a request (RS256, minted by the loopback
+    provider right before, unmeasured), each the sign-in of an identity signed in once
+    before (unmeasured), from bench/otp_client.py with pre-made bodies. Its target: a
+    multiple of login's Strawgate ok/s in this run."""
+    load = bench.load
+    users = bench.options.id_token_users
+    title = (
+        f"signInWithIdToken mutation (a native app's provider ID token), {load.connections}"
+        " clients, a fresh RS256 token per request, each of an identity already linked:"
+        " cached JWKS, signature + claims check, token spent + new session (only AuthSession"
+        " counts)"
+    )
+    others = {"login": login.strawgate.ok_rps if login is not None else None}
+    relative = Relative(ID_TOKEN, title, Row("strawgate"), others=others)
+    server = bench.strawgate
+    sets = id_token_sets(bench.options)
+    try:
+        progress(f"signInWithIdToken: first sign-ins of {users:,} provider accounts over HTTP")
+        first = await first_sign_ins(
+            server.url("/graphql"), bench.env["DATABASE_URL"], provider, users
+        )
+        progress(f"signInWithIdToken: minting {sum(sets.values()):,} ID tokens")
+        bodies = write_bodies(provider, first.subjects, sets, work=bench.work)
+        relative.notes.append(
+            f"token mix: {users:,} distinct provider accounts, each signed in once before"
+            f" (unmeasured: {users:,} first sign-ins over HTTP from 16 connections, each"
+            f" creating its account and identity, in {first.seconds:.1f} s); then"
+            f" {sets['warmup']:,} warm-up and {sets['measured']:,} measured tokens (RS256,"
+            f" a nonce each, minted in {bodies.seconds:.1f} s; --id-token-rate"
+            f" {bench.options.id_token_rate:g}/s) cycling over the same accounts in one"
+            " shuffled order: every measured request signs in an existing identity"
+        )
+        result, rss, record = await run_bodies_client(
+            server.url("/graphql"),
+            mutation=ID_TOKEN,
+            warmup_bodies=bodies.files["warmup"],
+            bodies=bodies.files["measured"],
+            load=load,
+            server_pid=server.pid,
+            log_path=bench.logs / "id-token-client-strawgate.txt",
+        )
+        if server.process.returncode is not None:
+            raise BenchError(f"{server.name} exited during the run:\n{server.log_tail()}")
+    except BenchError as exc:
+        relative.notes.append(f"strawgate: {exc}")
+        relative.row = Row("strawgate", error=str(exc).splitlines()[0])
+        return relative
+    relative.row = load_row("strawgate", result, rss.peak_mib)
+    fetches = {
+        "discovery_before_load": first.discovery_fetches,
+        "jwks_before_load": first.jwks_fetches,
+        "discovery_during_load": provider.discovery_fetches - first.discovery_fetches,
+        "jwks_during_load": provider.jwks_fetches - first.jwks_fetches,
+    }
+    relative.raw["strawgate"] = {
+        **result.as_json(),
+        "load": (
+            f"bench/otp_client.py --mutation {ID_TOKEN}, {load.connections} users,"
+            " one pre-made body (a fresh ID token) a request"
+        ),
+        "latency_of": "AuthSession answers, from request sent to answer",
+        "ran_out": record.get("ran_out"),
+        "bodies_seeded": record.get("pairs_seeded"),
+        "bodies_used": record.get("pairs_used"),
+        "warmup_bodies_seeded": record.get("warmup_pairs_seeded"),
+        "warmup_bodies_used": record.get("warmup_pairs_used"),
+        "warmup_ran_out": record.get("warmup_ran_out"),
+        "rss_at_start_mib": rss.start_mib,
+        "peak_rss_mib": rss.peak_mib,
+    }
+    relative.raw["seeding"] = {
+        "distinct_accounts": users,
+        "first_sign_ins_s": first.seconds,
+        "minting_s": bodies.seconds,
+        "counts": bodies.counts,
+        "provider_fetches": fetches,
+    }
+    relative.notes.append(
+        f"requests to the provider: discovery {fetches['discovery_before_load']}, JWKS"
+        f" {fetches['jwks_before_load']} before the load (cache filled by the first"
+        f" sign-ins); during the warm-up and the measured run: discovery"
+        f" {fetches['discovery_during_load']}, JWKS {fetches['jwks_during_load']}"
+    )
+    passkey_ok = passkey.row.ok_rps if passkey is not None else None
+    if passkey_ok:
+        relative.notes.append(
+            f"ok/s = {result.ok_rps / passkey_ok:.2f} x finishPasskeyLogin's"
+            f" ({passkey_ok:,.1f} ok/s) in this run (reported only)"
+        )
+    others_n = sum(n for name, n in result.outcomes.items() if name != "ok")
+    used = {key: int(record.get(key) or 0) for key in PAIR_COUNTS}
+    relative.notes.append(
+        f"answers: AuthSession {result.ok:,}, other {others_n:,}; p50/p99 are of the"
+        f" AuthSession answers; bodies used: {used['pairs_used']:,} of"
+        f" {used['pairs_seeded']:,} measured, {used['warmup_pairs_used']:,} of"
+        f" {used['warmup_pairs_seeded']:,} in the warm-up"
+    )
+    if record.get("ran_out"):
+        relative.notes.append(
+            f"the measured bodies RAN OUT after {result.seconds:.1f} s of {load.duration:g} s:"
+            " ok/s is over that shorter window; mint more (raise --id-token-rate)"
+        )
+    if record.get("warmup_ran_out"):
+        relative.notes.append(
+            "the warm-up's bodies ran out before the warm-up ended (raise --id-token-rate)"
+        )
+    relative.notes.extend(describe("strawgate", result))
+    relative.notes.extend(ID_TOKEN_WORK)
+    return relative
+
+
 # What the rate limiter costs: the same server with counting off, on memory, on Redis.
 LIMITER_STORES: tuple[tuple[str, dict[str, str]], ...] = (
     ("off", {"RATE_LIMITING": "false"}),
@@ -1030,9 +1187,12 @@ def progress(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
 
 
-def server_env(pg_url: str, database: str, mailbox: SmtpSink) -> dict[str, str]:
+def server_env(
+    pg_url: str, database: str, mailbox: SmtpSink, *, issuer: str | None = None
+) -> dict[str, str]:
     """The servers' environment: production, fresh keys, the scratch database, mail to
-    the bench's own SMTP server, every rate limit raised out of the way, passkeys on."""
+    the bench's own SMTP server, every rate limit raised out of the way, passkeys on, and
+    with `issuer`, the loopback OpenID Connect provider at that issuer as `acme`."""
     return {
         **os.environ,
         "ENVIRONMENT": "production",
@@ -1052,10 +1212,22 @@ def server_env(pg_url: str, database: str, mailbox: SmtpSink) -> dict[str, str]:
         "PRODUCT_URL": "https://auth.example.com",
         # Passkeys on (finishPasskeyLogin): the relying party the seeded passkeys are for.
         **server_settings(),
+        # signInWithIdToken: the provider on loopback, plain HTTP allowed.
+        **(id_token_settings(issuer) if issuer is not None else {}),
     }
 
 
 async def run(options: Options) -> int:
+    """The whole benchmark, with the identity provider (discovery and JWKS for
+    signInWithIdToken) served on loopback from this process while it runs."""
+    provider = LocalProvider().start()
+    try:
+        return await run_with(options, provider)
+    finally:
+        provider.stop()
+
+
+async def run_with(options: Options, provider: LocalProvider) -> int:
     results = BENCH_DIR / "results"
     logs = results / "logs"
     shutil.rmtree(logs, ignore_errors=True)  # logs and profiles are the latest run's
@@ -1065,12 +1237,13 @@ async def run(options: Options) -> int:
     check_local(options.pg_url)
     database = f"strawgate_bench_{secrets.token_hex(4)}"
     mailbox = SmtpSink(port=free_port())  # started with the servers
-    env = server_env(options.pg_url, database, mailbox)
+    env = server_env(options.pg_url, database, mailbox, issuer=provider.issuer)
     load = options.load
     pg = urlsplit(options.pg_url)
     seeded_logins = len(chain_sets(options.rounds)) * options.sessions
     seeded_otp = sum(otp_sets(options).values())
     seeded_passkeys = sum(passkey_sets(options).values())
+    id_tokens = sum(id_token_sets(options).values())
     budget = time_budget(options)
     started = datetime.now(UTC)
     has_taskset = shutil.which("taskset") is not None
@@ -1081,13 +1254,16 @@ async def run(options: Options) -> int:
         f"servers: uvicorn, 1 worker, {server_core};"
         f" load on {load_core}: wrk, {load.threads} threads, {load.connections} connections"
         f" (login: bench/login_client.py, {load.connections} users honouring retryAfter;"
-        f" verifyOtp, finishPasskeyLogin: bench/otp_client.py, {load.connections} users)",
+        f" verifyOtp, finishPasskeyLogin, signInWithIdToken: bench/otp_client.py,"
+        f" {load.connections} users)",
         f"me, refresh: {load.warmup:g} s warm-up of each side, then {options.rounds} rounds"
         f" of {round_seconds(options)} s per side, alternating which goes first;"
-        f" login, verifyOtp, finishPasskeyLogin: {load.duration:g} s after {load.warmup:g} s"
-        " warm-up",
+        f" login, verifyOtp, finishPasskeyLogin, signInWithIdToken: {load.duration:g} s after"
+        f" {load.warmup:g} s warm-up",
         f"PostgreSQL {pg.hostname}:{pg.port or 5432}, scratch database {database};"
         f" reference app: bench/reference_app.py",
+        f"identity provider (signInWithIdToken): tests/identity_provider.py LocalProvider at"
+        f" {provider.issuer}, in this process",
     ]
     scenarios: list[Scenario] = []
     reported: list[Reported] = []
@@ -1143,7 +1319,13 @@ async def run(options: Options) -> int:
                 reported.append(await scenario_verify_otp(bench, seeds, login))
                 progress("scenario finishPasskeyLogin")
                 refresh = next((s for s in scenarios if s.name == "refresh"), None)
-                relative.append(await scenario_passkey(bench, seeds, login, refresh))
+                passkey = await scenario_passkey(bench, seeds, login, refresh)
+                relative.append(passkey)
+                progress(
+                    f"scenario signInWithIdToken ({options.id_token_users:,} accounts,"
+                    f" {id_tokens:,} ID tokens)"
+                )
+                relative.append(await scenario_id_token(bench, provider, login, passkey))
                 if bench.options.limiter:
                     progress("limiter cost (reported only)")
                     reported.append(await scenario_limiter(bench, seeds))
@@ -1174,6 +1356,9 @@ async def run(options: Options) -> int:
             "otp_users_seeded": otp_sets(options),
             "passkey_rate_per_s": options.passkey_rate,
             "passkey_sign_ins_prepared": passkey_sets(options),
+            "id_token_rate_per_s": options.id_token_rate,
+            "id_tokens_minted": id_token_sets(options),
+            "id_token_accounts": options.id_token_users,
             "server_core": SERVER_CORE,
             "load_core": LOAD_CORE,
             "pinned": has_taskset,
@@ -1233,6 +1418,18 @@ def parse_options(argv: list[str] | None) -> Options:
         default=1000.0,
         help="finishPasskeyLogin: sign-ins prepared per second of warm-up and of measured run",
     )
+    parser.add_argument(
+        "--id-token-rate",
+        type=float,
+        default=1000.0,
+        help="signInWithIdToken: ID tokens minted per second of warm-up and of measured run",
+    )
+    parser.add_argument(
+        "--id-token-users",
+        type=int,
+        default=2000,
+        help="signInWithIdToken: distinct provider accounts (each signed in once first)",
+    )
     parser.add_argument("--profile", action="store_true", help="also profile Strawgate under `me`")
     parser.add_argument(
         "--no-limiter",
@@ -1248,8 +1445,10 @@ def parse_options(argv: list[str] | None) -> Options:
         parser.error("need at least one wrk thread and one connection per thread")
     if args.sessions < args.connections:
         parser.error("--sessions must be at least --connections (one chain per connection)")
-    if args.otp_rate <= 0 or args.passkey_rate <= 0:
-        parser.error("--otp-rate and --passkey-rate must be positive")
+    if args.otp_rate <= 0 or args.passkey_rate <= 0 or args.id_token_rate <= 0:
+        parser.error("--otp-rate, --passkey-rate and --id-token-rate must be positive")
+    if args.id_token_users < 1:
+        parser.error("--id-token-users must be at least 1")
     return Options(
         load=LoadSettings(
             duration=args.duration,
@@ -1263,6 +1462,8 @@ def parse_options(argv: list[str] | None) -> Options:
         hash_samples=max(1, args.hash_samples),
         otp_rate=args.otp_rate,
         passkey_rate=args.passkey_rate,
+        id_token_rate=args.id_token_rate,
+        id_token_users=args.id_token_users,
         profile=args.profile,
         pg_url=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL),
         limiter=not args.no_limiter,
