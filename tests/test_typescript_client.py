@@ -97,6 +97,15 @@ def test_the_generated_types_check(npm: str) -> None:
     assert "export type StartPasskeyRegistrationMutation" in generated
     assert "export type PasskeysQuery" in generated
     assert "export type FinishPasskeyLoginMutation" in generated
+    for operation in (
+        "IdentityProvidersQuery",
+        "IdentitiesQuery",
+        "SignInWithIdTokenMutation",
+        "ExchangeSignInCodeMutation",
+        "StartIdentityLinkMutation",
+        "UnlinkIdentityMutation",
+    ):
+        assert f"export type {operation} " in generated, operation
 
 
 def test_a_schema_change_that_breaks_the_client_breaks_the_check(npm: str, tmp_path: Path) -> None:

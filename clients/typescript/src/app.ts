@@ -2,6 +2,7 @@
 // is handled, and the compiler says so when the schema changes under the app.
 import type {
   DeletePasskeyMutation,
+  ExchangeSignInCodeMutation,
   FinishPasskeyLoginMutation,
   FinishPasskeyRegistrationMutation,
   LoginMutation,
@@ -9,6 +10,7 @@ import type {
   PasskeysQuery,
   RefreshMutation,
   SetupTotpMutation,
+  SignInWithIdTokenMutation,
   SignupMutation,
   StartPasskeyLoginMutation,
   StartPasskeyRegistrationMutation,
@@ -19,7 +21,9 @@ type Result =
   | SignupMutation["signup"]
   | LoginMutation["login"]
   | VerifyOtpMutation["verifyOtp"]
-  | FinishPasskeyLoginMutation["finishPasskeyLogin"];
+  | FinishPasskeyLoginMutation["finishPasskeyLogin"]
+  | ExchangeSignInCodeMutation["exchangeSignInCode"]
+  | SignInWithIdTokenMutation["signInWithIdToken"];
 
 export type Next =
   | { kind: "signedIn"; accessToken: string; expiresIn: number }
