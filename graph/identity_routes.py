@@ -24,10 +24,10 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from db.errors import AuthFailure, ErrorCode
-from db.services.signin.identity import (
+from db.services.signin.identity_redirect import (
     FLOW_LIFETIME,
     FlowNotFound,
-    IdentitySignIns,
+    IdentityRedirects,
     Redirect,
     with_params,
 )
@@ -79,7 +79,7 @@ def _redirect(target: Redirect, *, secure: bool, status: int = 302) -> Response:
 
 def routes(secure_cookies: bool) -> list[Route]:
     async def authorize(request: Request) -> Response:
-        identities: IdentitySignIns = request.app.state.services.auth.identities
+        identities: IdentityRedirects = request.app.state.services.auth.identity_redirects
         provider_id = request.path_params["provider"]
         params = request.query_params
         binding = request.cookies.get(BINDING_COOKIE)
@@ -110,7 +110,7 @@ def routes(secure_cookies: bool) -> list[Route]:
         )
 
     async def callback(request: Request) -> Response:
-        identities: IdentitySignIns = request.app.state.services.auth.identities
+        identities: IdentityRedirects = request.app.state.services.auth.identity_redirects
         provider_id = request.path_params["provider"]
         if request.method == "POST":
             form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)

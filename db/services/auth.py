@@ -10,8 +10,9 @@ and is what the resolvers and the other services call.
 - db/services/signin/second_factor.py: TOTP and recovery codes (the TOTP step).
 - db/services/signin/passkey.py: the way in by passkey (a sign-in ceremony, the TOTP
   step answered by a passkey, a step-up).
-- db/services/signin/identity.py: the way in by another identity provider (the web
-  redirect, native apps' ID tokens, linking and unlinking).
+- db/services/signin/identity.py: the way in by another identity provider (native apps'
+  ID tokens, the account decisions, linking and unlinking); signin/identity_redirect.py:
+  the web redirect through a provider.
 - db/services/signin/signup.py: a new account.
 - db/services/sessions.py: sessions, their tokens, refresh, logout, the per-request check.
 
@@ -55,6 +56,7 @@ from db.services.sessions import Sessions
 from db.services.signin.conclusion import Conclusion
 from db.services.signin.emailed_code import EmailedCodes
 from db.services.signin.identity import IdentitySignIns
+from db.services.signin.identity_redirect import IdentityRedirects
 from db.services.signin.passkey import PasskeySignIns
 from db.services.signin.password import Passwords
 from db.services.signin.second_factor import SecondFactors
@@ -222,6 +224,13 @@ class AuthService:
                 public_url=None,
                 redirect_urls=frozenset(),
             ),
+        )
+        self.identity_redirects = IdentityRedirects(
+            statements=statements,
+            clock=clock,
+            limiter=limiter,
+            sessions=self.sessions,
+            sign_ins=self.identities,
             flow_key=identity_flow_key,
         )
 

@@ -84,7 +84,7 @@ class IdentityMutation:
                     _user, bearer = await ctx.signed_in()
                 except StrawberryGraphQLError:
                     bearer = None  # an ended session links nothing; a sign-in needs none
-            return await ctx.services.auth.identities.exchange(
+            return await ctx.services.auth.identity_redirects.exchange(
                 code=input.code,
                 code_verifier=input.code_verifier,
                 client=ctx.client_with(input.device_token or None),
@@ -104,7 +104,7 @@ class IdentityMutation:
         user, claims = await ctx.signed_in()
         try:
             reject_control_characters(info, input)
-            url = await ctx.services.auth.identities.start_link(
+            url = await ctx.services.auth.identity_redirects.start_link(
                 user=user,
                 claims=claims,
                 provider_id=input.provider,
