@@ -12,6 +12,10 @@ SecurityEventKind = strawberry.enum(EventKind, name="SecurityEventKind")
 
 # The contract's descriptions of single values (db/ knows nothing of Strawberry).
 _VALUE_DESCRIPTIONS = {
+    EventKind.IDENTITY_LINKED.name: (
+        "A provider account was linked (from settings, or at a sign-in)."
+    ),
+    EventKind.IDENTITY_UNLINKED.name: "A provider account was unlinked.",
     EventKind.PASSKEY_CLONE_SUSPECTED.name: (
         "A sign-in refused because the passkey's sign count went backwards (a possible clone)."
     ),

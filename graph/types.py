@@ -18,6 +18,15 @@ from db.services.types import IssuedChallenge, IssuedSession, SessionView, UserV
 from graph.context import Context
 
 AuthErrorCode = strawberry.enum(ErrorCode, name="AuthErrorCode")
+# The contract's descriptions of single values (db/ knows nothing of Strawberry).
+_CODE_DESCRIPTIONS = {
+    ErrorCode.PROVIDER_ERROR.name: (
+        "The provider failed, refused, or answered something that could not be verified."
+    ),
+    ErrorCode.IDENTITY_ALREADY_LINKED.name: "That provider account is linked to another user.",
+}
+for _value in AuthErrorCode.__strawberry_definition__.values:  # type: ignore[attr-defined]
+    _value.description = _CODE_DESCRIPTIONS.get(_value.name, _value.description)
 
 
 @strawberry.enum
