@@ -18,11 +18,25 @@ The account decisions (`_decide`), each tested (tests/graph/test_identities*.py)
   unverified signup whose codes expired and that never signed in yields the address, as
   to a new signup; one still pending answers an unvouched address as a new unvouched
   address is answered, a VERIFY_EMAIL challenge, and mails nothing.)
+- A new identity whose trusted address is that of an account which already has another
+  account of the same provider linked (one per user and provider: the user's old provider
+  account, say): EMAIL_TAKEN, telling the user to sign in with that one or to unlink it
+  first. Never a replacement behind the user's back.
 - A new identity with an unverified (or untrusted) address that no account holds creates
   the account unverified, and the address is proven by an emailed code before any session
   (whatever REQUIRE_EMAIL_VERIFICATION says): no one holds an address by a provider's word
   alone. If its owner proves the address by another way in first (a sign-in or reset
   code), the identity is dropped (db/services/signin/emailed_code.py, conclusion.py).
+
+What a provider says is vetted before anything is kept or decided (`vetted`, the web
+redirect's too): a subject holding a control or format character is refused (it names the
+account, so it is never altered), an address holding one is no address, and a name loses
+them. An ID token (signInWithIdToken) is spent under the digest of what the provider
+signed, not of the string: an ECDSA signature has a twin (s and n - s) anyone holding the
+token can write, so the string alone would let a used token in once more. Its nonce, where
+the token carries a SHA-256 hex, must be the raw nonce: the hash handed back (by whoever
+saw the token) is refused. A token expiring more than a day ahead is refused (providers'
+live an hour or so; a spent one is remembered until it expires).
 
 Budgets: every start, exchange and ID token counts against the client address's `login_ip`
 (`start_identity_sign_in_ip` for a start); a proven identity against `login_account` under
@@ -33,11 +47,14 @@ passwords for the address never hold a provider sign-in up.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import re
+import unicodedata
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, delete, func, insert, select, true, update
 
@@ -67,6 +84,15 @@ log = logging.getLogger("strawgate.identities")
 # provider's own claims about how the user signed in there are not taken on its word.
 AMR_FEDERATED = ["fed"]
 ID_TOKEN_MAX = 16 * 1024
+# The furthest ahead an ID token may expire: providers' live an hour or so (Google's and
+# Microsoft's an hour, Apple's less), and a spent one is remembered until it expires.
+ID_TOKEN_LONGEST = timedelta(days=1)
+# What a token carries where the app hashed its nonce for the provider (Apple always).
+_SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
+# Never kept from a provider's answer: control and format characters (a NUL PostgreSQL
+# refuses, terminal escapes, bidirectional overrides), surrogates, private use, and line
+# or paragraph separators.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
 
 _IDENTITY = select(Identity.id, Identity.user_id, Identity.provider, Identity.subject).where(
     Identity.provider == bindparam("provider"), Identity.subject == bindparam("subject")
@@ -183,8 +209,10 @@ class IdentitySignIns:
         client: ClientInfo,
     ) -> IssuedSession | IssuedChallenge:
         """signInWithIdToken: a provider's ID token from its native SDK, checked (keys,
-        issuer, audience among the provider's client ids, expiry, nonce raw or hashed),
-        spent (no token signs in twice), then the account decisions."""
+        issuer, audience among the provider's client ids, expiry at most a day ahead, the
+        nonce raw or hashed: where the token carries a SHA-256, only what it is the hash
+        of), vetted, spent (no token signs in twice, however its signature is written),
+        then the account decisions."""
         await self.limiter.hit("login_ip", client_key(client.ip))
         provider = self.providers.oidc(provider_id)
         if len(id_token) > ID_TOKEN_MAX:
@@ -195,6 +223,7 @@ class IdentitySignIns:
             claims = await provider.verify(
                 id_token, audiences=provider.config.audiences, nonce=nonce, hashed_nonce=True
             )
+            identity = vetted(provider.identity(claims, name=shown_name(name)))
         except TokenRejected as exc:
             log.info("identity provider %s: an ID token refused: %s", provider_id, exc.reason)
             raise AuthFailure(
@@ -203,20 +232,36 @@ class IdentitySignIns:
                 field="idToken",
             ) from None
         except ProviderUnreachable as exc:
-            log.warning("identity provider %s: %s", provider_id, exc)
+            log.warning("identity provider %s: %r", provider_id, str(exc))
             raise provider_error(provider.config.name) from None
-        expires = datetime.fromtimestamp(claims["exp"], tz=self.clock.now().tzinfo) + CLOCK_SKEW
+        if nonce is not None and claims.get("nonce") == nonce and _SHA256_HEX.fullmatch(nonce):
+            # The token carries a SHA-256, and the nonce given is that hash, not what it is
+            # the hash of: someone who saw the token, not the app that made the nonce.
+            log.info("identity provider %s: an ID token refused: its nonce's hash", provider_id)
+            raise AuthFailure(
+                ErrorCode.INVALID_TOKEN,
+                "nonce must be the raw nonce the app made, not the SHA-256 the token carries.",
+                field="nonce",
+            )
+        now = self.clock.now()
+        if claims["exp"] > (now + ID_TOKEN_LONGEST).timestamp():
+            log.info("identity provider %s: an ID token refused: expires too late", provider_id)
+            raise AuthFailure(
+                ErrorCode.INVALID_TOKEN,
+                f"This ID token is not valid for {provider.config.name}.",
+                field="idToken",
+            )
+        expires = datetime.fromtimestamp(claims["exp"], tz=now.tzinfo) + CLOCK_SKEW
         try:
             async with self.statements.transaction() as tx:
                 await tx.execute(
-                    _SPEND_ID_TOKEN, {"token_hash": token_digest(id_token), "expires_at": expires}
+                    _SPEND_ID_TOKEN, {"token_hash": spent_digest(id_token), "expires_at": expires}
                 )
         except UniqueViolation:
             raise AuthFailure(
                 ErrorCode.INVALID_TOKEN, "This ID token was used already.", field="idToken"
             ) from None
-        given_name = " ".join(name.split())[:NAME_MAX] if name else None
-        return await self.sign_in(provider.identity(claims, name=given_name or None), client)
+        return await self.sign_in(identity, client)
 
     # -- the account decisions ---------------------------------------------------------
 
@@ -340,6 +385,20 @@ class IdentitySignIns:
                     f" link {config.name} from your account settings.",
                 )
             await self.sessions.lock_user(tx, holder["id"], exclusive=True)
+            if (
+                await tx.first(
+                    _IDENTITY_OF_USER, {"uid": holder["id"], "provider": identity.provider}
+                )
+                is not None
+            ):
+                # One per user and provider: another account of this provider is linked
+                # (the user's former one, say), and is not replaced behind their back.
+                raise AuthFailure(
+                    ErrorCode.EMAIL_TAKEN,
+                    f"The account with this email address has another {config.name} account"
+                    f" linked. Sign in with that one, or sign in another way and unlink it"
+                    f" from your account settings first.",
+                )
             await self._add_identity(tx, holder["id"], identity, now)
             await self._linked(tx, holder["id"], identity, config.name, client)
             return await self.conclusion.conclude(
@@ -526,6 +585,51 @@ class IdentitySignIns:
             )
             for row in rows
         ]
+
+
+def vetted(identity: ProvenIdentity) -> ProvenIdentity:
+    """What a provider said, as it may be kept (a provider may be odd, compromised, or let
+    its users write what they like): TokenRejected for a subject holding a control or
+    format character (it names the account, so it is never altered); an address holding
+    one is no address (a linked identity keeps the one it had; a new one has none to go
+    by); a name loses them (a NUL would fail the write; an escape or an override would
+    show something else than it is)."""
+    if _has_refused(identity.subject):
+        raise TokenRejected("sub holds control or format characters")
+    email = identity.email
+    if email is not None and _has_refused(email):
+        email = None
+    return dataclasses.replace(
+        identity,
+        email=email,
+        email_verified=identity.email_verified and email is not None,
+        name=shown_name(identity.name),
+    )
+
+
+def shown_name(text: str | None) -> str | None:
+    """A name without control or format characters (whitespace ones become spaces),
+    runs of spaces made one, at most NAME_MAX characters; None where nothing is left."""
+    if not text:
+        return None
+    kept = "".join(
+        " " if char.isspace() else char
+        for char in text
+        if char.isspace() or unicodedata.category(char) not in _REFUSED_CATEGORIES
+    )
+    return " ".join(kept.split())[:NAME_MAX] or None
+
+
+def _has_refused(text: str) -> bool:
+    return any(unicodedata.category(char) in _REFUSED_CATEGORIES for char in text)
+
+
+def spent_digest(id_token: str) -> bytes:
+    """What a spent ID token is remembered by: the digest of what its provider signed (the
+    header and the claims), not of the whole string. An ECDSA signature has a twin (s and
+    n - s) that anyone holding the token can write and that verifies just the same; what
+    was signed cannot be written another way (the signature covers those exact bytes)."""
+    return token_digest(id_token.rpartition(".")[0])
 
 
 def identity_key(identity: ProvenIdentity) -> str:

@@ -10,6 +10,10 @@ goes back to the app. The nonce and the PKCE verifier sent to the provider are d
 from the state under a key of the server's, never stored. The app's own PKCE challenge
 (S256 only) is checked at the exchange before the code is spent, so a code intercepted on
 its way back can be neither used nor used up.
+
+What the provider said of the user is vetted before the flow keeps it (signin/identity.py
+`vetted`): an answer that cannot be kept comes back as PROVIDER_ERROR. What a provider or a
+callback's query sent is logged quoted (repr), so it cannot write a log line of its own.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from db.security.access import AccessClaims
 from db.security.limiter import RateLimiter, client_key
 from db.security.tokens import new_opaque_token, token_digest
 from db.services.sessions import Sessions
-from db.services.signin.identity import IdentitySignIns, provider_error
+from db.services.signin.identity import IdentitySignIns, provider_error, vetted
 from db.services.types import ClientInfo, IssuedChallenge, IssuedSession, UserView
 from db.session import Statements
 
@@ -284,7 +288,7 @@ class IdentityRedirects:
                 code_challenge=s256(self._derived(state, "pkce")),
             )
         except ProviderUnreachable as exc:
-            log.warning("identity provider %s: %s", provider_id, exc)
+            log.warning("identity provider %s: %r", provider_id, str(exc))
             raise provider_error(provider.config.name) from None
 
     async def start_link(
@@ -369,21 +373,23 @@ class IdentityRedirects:
                 return _error(
                     back, "CANCELLED", f"The sign-in with {provider.config.name} was cancelled."
                 )
-            log.warning("identity provider %s answered error=%s", provider_id, error[:64])
+            log.warning("identity provider %s answered error=%r", provider_id, error[:64])
             return _error(back, "PROVIDER_ERROR", f"{provider.config.name} refused the sign-in.")
         code = params.get("code")
         if not code:
             return _error(back, "PROVIDER_ERROR", f"{provider.config.name} sent no code back.")
         try:
-            identity = await provider.complete(
-                code=code,
-                redirect_uri=self.providers.callback_url(provider_id),
-                code_verifier=self._derived(state, "pkce"),
-                nonce=self._derived(state, "nonce"),
-                user_form=_json_object(params.get("user")),
+            identity = vetted(
+                await provider.complete(
+                    code=code,
+                    redirect_uri=self.providers.callback_url(provider_id),
+                    code_verifier=self._derived(state, "pkce"),
+                    nonce=self._derived(state, "nonce"),
+                    user_form=_json_object(params.get("user")),
+                )
             )
         except (ProviderUnreachable, TokenRejected) as exc:
-            log.warning("identity provider %s: %s", provider_id, exc)
+            log.warning("identity provider %s: %r", provider_id, str(exc))
             return _error(
                 back, "PROVIDER_ERROR", f"The sign-in with {provider.config.name} failed."
             )
