@@ -11,6 +11,10 @@ challenge) gets a 400 page and never a redirect; a state this server never issue
 redirect URL: with `code` where the provider step succeeded, else with `error` and
 `error_description`. The browser that starts a flow gets the `strawgate_oauth` cookie
 (HttpOnly, path /auth/, 10 minutes), and only a callback carrying it completes the flow.
+A callback's form (Apple's form_post) is read here, as application/x-www-form-urlencoded
+only, UTF-8, at most MAX_FORM_FIELDS fields (the body's size is bounded for every route by
+the app's request guard); anything else is a 400 page: the route is open to anyone's POST
+(it is not behind the CSRF guard), so nothing posted to it is an internal error.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import html
 import logging
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -113,8 +118,14 @@ def routes(secure_cookies: bool) -> list[Route]:
         identities: IdentityRedirects = request.app.state.services.auth.identity_redirects
         provider_id = request.path_params["provider"]
         if request.method == "POST":
-            form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
-            params = {key: value for key, value in form.items() if isinstance(value, str)}
+            form = await _form(request)
+            if form is None:
+                return _page(
+                    400,
+                    "This sign-in cannot go on",
+                    "The provider's answer could not be read. Go back to the app and start again.",
+                )
+            params = form
         else:
             params = dict(request.query_params)
         binding = request.cookies.get(BINDING_COOKIE)
@@ -132,6 +143,28 @@ def routes(secure_cookies: bool) -> list[Route]:
         Route("/auth/{provider}/authorize", authorize, methods=["GET"]),
         Route("/auth/{provider}/callback", callback, methods=["GET", "POST"]),
     ]
+
+
+async def _form(request: Request) -> dict[str, str] | None:
+    """The fields of a form posted to the callback, or None where it is not a form this
+    route takes: application/x-www-form-urlencoded (what a provider's form_post page
+    sends), UTF-8, at most MAX_FORM_FIELDS fields. Read without Starlette's form parser,
+    which needs python-multipart (not a dependency) even for this encoding: without it,
+    every POST here was an internal error."""
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        return None
+    body = await request.body()  # bounded by the request guard (MAX_BODY_BYTES)
+    try:
+        fields = parse_qsl(
+            body.decode("utf-8"),
+            keep_blank_values=True,
+            max_num_fields=MAX_FORM_FIELDS,
+            errors="strict",
+        )
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return dict(fields)
 
 
 async def _answer(

@@ -216,3 +216,54 @@ async def test_a_providers_error_cannot_forge_a_log_line(
     messages = [r.getMessage() for r in caplog.records if r.name == "strawgate.identities"]
     assert messages, caplog.records
     assert not any("\n" in message for message in messages), messages
+
+
+# -- the callback, posted by anyone ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "posted",
+    [
+        {"data": {"state": "made-up", "code": "x"}},
+        {"data": {f"field{n}": "x" for n in range(100)}},
+        {"files": {"state": ("state.txt", b"made-up")}},
+        {
+            "content": b"state=%ff%fe&code=x",
+            "headers": {"content-type": "application/x-www-form-urlencoded"},
+        },
+    ],
+    ids=["unknown-state", "many-fields", "multipart", "not-utf8"],
+)
+async def test_a_callback_posted_by_a_stranger_is_a_400_page(
+    client: httpx.AsyncClient, posted: dict[str, Any]
+) -> None:
+    answer = await client.post("/auth/acme/callback", **posted)
+
+    assert answer.status_code == 400, answer.text
+    assert "location" not in answer.headers
+
+
+async def test_a_callback_by_form_post_completes_the_sign_in(
+    client: httpx.AsyncClient, provider: LocalProvider
+) -> None:
+    """Apple's way back (response_mode=form_post): the provider's answer in a form POST."""
+    email = unique_email()
+    provider.next_user = user_claims(email)
+    started, verifier = await authorize(client)
+    async with httpx.AsyncClient(timeout=10) as browser:
+        answer = await browser.get(started.headers["location"])
+    fields = parse_qs(urlsplit(answer.headers["location"]).query)
+
+    back = await client.post(
+        "/auth/acme/callback", data={key: values[0] for key, values in fields.items()}
+    )
+
+    assert back.status_code == 303, back.text
+    code = parse_qs(urlsplit(back.headers["location"]).query)["code"][0]
+    session = await gql(
+        client,
+        "mutation($i: ExchangeSignInCodeInput!) { exchangeSignInCode(input: $i) {"
+        " __typename ... on AuthSession { user { email } } } }",
+        {"i": {"code": code, "codeVerifier": verifier}},
+    )
+    assert session["data"]["exchangeSignInCode"]["user"]["email"] == email
