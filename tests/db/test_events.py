@@ -282,6 +282,8 @@ def test_the_kinds_are_the_contracts() -> None:
         "PASSKEY_ADDED",
         "PASSKEY_REMOVED",
         "PASSKEY_CLONE_SUSPECTED",
+        "IDENTITY_LINKED",
+        "IDENTITY_UNLINKED",
     ]
 
 

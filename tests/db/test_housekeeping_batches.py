@@ -22,10 +22,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from db.migrate import upgrade_head
 from db.models import (
     Challenge,
+    IdentityFlow,
     LoginThrottle,
     OutboxMail,
     RefreshToken,
     SecurityEvent,
+    SpentIdToken,
     User,
     UserSession,
 )
@@ -49,9 +51,12 @@ EXPECTED = {
     "ended_sessions": BACKLOG,
     "spent_generations": BACKLOG,
     "throttles": BACKLOG,
+    "identity_flows": BACKLOG,
+    "spent_id_tokens": BACKLOG,
 }
 # What stays: the owner, its live session (with its two newest generations), a live
-# challenge, a recent event, the recent mails (their secrets erased) and a recent throttle.
+# challenge, a recent event, the recent mails (their secrets erased), a recent throttle, a
+# provider redirect under way and an ID token spent that has not expired.
 LEFT = {
     "users": 1,
     "sessions": 1,
@@ -60,6 +65,8 @@ LEFT = {
     "security_events": 1,
     "outbox": BACKLOG,
     "login_throttles": 1,
+    "identity_flows": 1,
+    "spent_id_tokens": 1,
 }
 
 
@@ -134,6 +141,22 @@ async def seed_backlog(engine: AsyncEngine, now: datetime) -> None:
     def throttle(key: str, last: datetime) -> dict[str, Any]:
         return {"email": key, "failures": 3, "last_failure_at": last}
 
+    def flow(expires: datetime) -> dict[str, Any]:
+        return {
+            "id": uuid.uuid4(),
+            "state_hash": hashlib.sha256(uuid.uuid4().bytes).digest(),
+            "browser_hash": bytes(32),
+            "provider": "google",
+            "purpose": "SIGN_IN",
+            "redirect_to": "https://app.example.com/done",
+            "code_challenge": "c" * 43,
+            "created_at": expires - timedelta(minutes=10),
+            "expires_at": expires,
+        }
+
+    def spent(expires: datetime) -> dict[str, Any]:
+        return {"token_hash": hashlib.sha256(uuid.uuid4().bytes).digest(), "expires_at": expires}
+
     rows: list[tuple[Any, list[dict[str, Any]]]] = [
         (
             User,
@@ -170,6 +193,14 @@ async def seed_backlog(engine: AsyncEngine, now: datetime) -> None:
             LoginThrottle,
             [throttle("recent@example.com", now)]
             + [throttle(f"quiet{i}@example.com", long_ago) for i in range(BACKLOG)],
+        ),
+        (
+            IdentityFlow,
+            [flow(now + timedelta(minutes=5))] + [flow(long_ago) for _ in range(BACKLOG)],
+        ),
+        (
+            SpentIdToken,
+            [spent(now + timedelta(minutes=5))] + [spent(long_ago) for _ in range(BACKLOG)],
         ),
     ]
     async with engine.begin() as conn:
