@@ -269,7 +269,8 @@ class IdentityFlow(Base):
     session_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
     # One of AUTH_REDIRECT_URLS, and the app's PKCE challenge (S256) for the exchange.
     redirect_to: Mapped[str] = mapped_column(String(2048))
-    code_challenge: Mapped[str] = mapped_column(String(64))
+    # Unique: a challenge serves one flow (one copied from a victim's URL starts none).
+    code_challenge: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # The provider step must come back by then; the state is spent when it does.
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -84,6 +84,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_identity_flows")),
+        sa.UniqueConstraint("code_challenge", name=op.f("uq_identity_flows_code_challenge")),
         sa.UniqueConstraint("code_hash", name=op.f("uq_identity_flows_code_hash")),
         sa.UniqueConstraint("state_hash", name=op.f("uq_identity_flows_state_hash")),
     )

@@ -494,3 +494,26 @@ async def test_a_pending_signup_is_not_told_to_an_unvouched_address(
         assert len(smtp.mails(email)) == 1  # the signup's code only
         assert vouched["code"] == "EMAIL_TAKEN"
         assert await identities_in_db(client, email) == []
+
+
+async def test_a_link_opened_while_the_provider_is_down_goes_back_and_stays_usable(
+    client: httpx.AsyncClient, provider: LocalProvider
+) -> None:
+    owner = await signed_up_and_proven(client, unique_email())
+    _verifier, challenge = pkce_pair()
+    started = await gql(
+        client,
+        START_LINK,
+        {"i": {"provider": "acme", "redirectTo": REDIRECT, "codeChallenge": challenge}},
+        token=owner["accessToken"],
+    )
+    url = started["data"]["startIdentityLink"]["authorizeUrl"]
+    provider.fail("discovery", "error")
+
+    down = await client.get(url)
+
+    assert down.status_code == 302
+    assert down.headers["location"].startswith(REDIRECT + "?")
+    assert parse_qs(urlsplit(down.headers["location"]).query)["error"] == ["PROVIDER_ERROR"]
+    provider.heal()
+    assert (await client.get(url)).status_code == 302

@@ -256,3 +256,14 @@ async def test_an_unexpected_failure_is_a_page_with_the_request_id_never_a_trace
     assert answer.status_code == 503
     assert answer.headers["x-request-id"] in answer.text
     assert "Traceback" not in answer.text and "identity_flows" not in answer.text
+
+
+async def test_a_challenge_serves_one_flow(client: httpx.AsyncClient) -> None:
+    """A challenge copied from someone's authorize URL starts no flow of the copier's (who
+    would want that someone's app to exchange the copier's code: login CSRF)."""
+    first, _ = await authorize(client, challenge="A" * 43)
+    copied, _ = await authorize(client, challenge="A" * 43)
+
+    assert first.status_code == 302
+    assert copied.status_code == 400
+    assert "location" not in copied.headers

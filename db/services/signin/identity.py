@@ -4,7 +4,7 @@ redirect proves one too: signin/identity_redirect.py), and linking and unlinking
 accounts. What follows a proven identity is decided by signin/conclusion.py, as for every
 other way in.
 
-The account decisions (`_decide`), each tested (tests/graph/test_identities*.py):
+The account decisions (`_decide`), each tested (tests/graph/test_identity_*.py):
 - An identity already linked signs in to its account (disabled stays disabled; two-factor
   asks its step, as after a password).
 - A new identity whose address the provider verified (and whose `email_verified` this

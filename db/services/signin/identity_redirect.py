@@ -34,7 +34,7 @@ import orjson
 from sqlalchemy import bindparam, insert, select, update
 
 from db.clock import Clock
-from db.errors import AuthFailure, ErrorCode, invalid_input
+from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_input
 from db.models import IdentityFlow
 from db.providers.http import ProviderUnreachable
 from db.providers.oidc import ProvenIdentity, TokenRejected
@@ -260,23 +260,31 @@ class IdentityRedirects:
         session_id: uuid.UUID | None = None,
     ) -> None:
         now = self.clock.now()
-        async with self.statements.transaction() as tx:
-            await tx.execute(
-                _ADD_FLOW,
-                {
-                    "flow_id": uuid.uuid4(),
-                    "state_hash": state_hash,
-                    "browser_hash": browser_hash,
-                    "provider": provider_id,
-                    "purpose": purpose,
-                    "uid": user_id,
-                    "session_id": session_id,
-                    "redirect_to": redirect_to,
-                    "code_challenge": code_challenge,
-                    "now": now,
-                    "expires_at": now + FLOW_LIFETIME,
-                },
-            )
+        try:
+            async with self.statements.transaction() as tx:
+                await tx.execute(
+                    _ADD_FLOW,
+                    {
+                        "flow_id": uuid.uuid4(),
+                        "state_hash": state_hash,
+                        "browser_hash": browser_hash,
+                        "provider": provider_id,
+                        "purpose": purpose,
+                        "uid": user_id,
+                        "session_id": session_id,
+                        "redirect_to": redirect_to,
+                        "code_challenge": code_challenge,
+                        "now": now,
+                        "expires_at": now + FLOW_LIFETIME,
+                    },
+                )
+        except UniqueViolation:
+            # A challenge is used once: one seen before may be a victim's, copied from a
+            # URL by whoever wants the victim to exchange the copier's code (login CSRF).
+            raise invalid_input(
+                "This codeChallenge was used before: make a new PKCE pair for every sign-in.",
+                "codeChallenge",
+            ) from None
 
     async def _authorize_url(self, provider_id: str, state: str) -> str:
         provider = self.providers.get(provider_id)
@@ -331,6 +339,16 @@ class IdentityRedirects:
         await self.limiter.hit("start_identity_sign_in_ip", client_key(client.ip))
         binding = binding if binding and _BINDING.fullmatch(binding) else new_opaque_token()
         state = new_opaque_token()
+        try:
+            url = await self._authorize_url(provider_id, state)
+        except AuthFailure as failure:
+            # The provider cannot be reached: back to the app, the link not spent (it may
+            # be opened again while it lives).
+            async with self.statements.connection() as conn:
+                flow = await conn.first(_FLOW_BY_STATE, {"state_hash": token_digest(link)})
+            if flow is None or flow["provider"] != provider.config.id:
+                raise FlowNotFound from None
+            return _error(flow["redirect_to"], "PROVIDER_ERROR", failure.message)
         async with self.statements.transaction() as tx:
             bound = await tx.first(
                 _BIND_LINK_FLOW,
@@ -343,7 +361,7 @@ class IdentityRedirects:
             )
             if bound is None or bound["provider"] != provider.config.id:
                 raise FlowNotFound
-        return Redirect(url=await self._authorize_url(provider_id, state), binding=binding)
+        return Redirect(url=url, binding=binding)
 
     async def callback(
         self, *, provider_id: str, params: Mapping[str, str], binding: str | None
