@@ -66,7 +66,9 @@ LONE_SIX_DIGITS = re.compile(r"(?<!\S)\d{6}(?!\S)")
 # The values shown exactly as they are, by name (the context comes back from the outbox
 # as JSON, so the name is what survives): addresses and URLs. Altering one would show the
 # user a wrong address or break a link; a six-digit run inside one is part of it.
-VERBATIM_KEYS = frozenset({"email", "new_email", "product_url", "security_url", "support"})
+VERBATIM_KEYS = frozenset(
+    {"email", "new_email", "account", "product_url", "security_url", "support"}
+)
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 

@@ -111,7 +111,7 @@ async def test_a_verified_address_of_a_verified_account_links_and_says_so(
     assert session["__typename"] == "AuthSession", session
     assert session["user"]["id"] == owner["user"]["id"]
     notice = await smtp.wait_for(email, where=lambda m: "linked" in m.subject)
-    assert "Acme ID account was linked" in notice.text()
+    assert f"Acme ID account ({email}) was linked" in " ".join(notice.text().split())
     assert "IDENTITY_LINKED" in await kinds(client, session["accessToken"])
     # Next time the identity itself finds the account: no second link, no second notice.
     again = await redirect_sign_in(client, provider, user_claims(email))

@@ -42,6 +42,8 @@ def context_for(name: str, **overrides: Any) -> dict[str, Any]:
             values["name"] = "YubiKey 5 Series"
     if name in ("identity_linked", "identity_unlinked"):
         values["provider"] = "Google"
+    if name == "identity_linked":
+        values["account"] = "ada@gmail.example"
     values.update(overrides)
     return values
 
@@ -163,6 +165,7 @@ HOSTILE: dict[str, Any] = {
     "new_email": "user-000000-999999@example.org",
     "name": "Key 123456",
     "provider": "Provider 123456",
+    "account": "user-000000-999999@example.org",
 }
 
 

@@ -47,6 +47,8 @@ def render(
         context["name"] = "Work key"
     if name in ("identity_linked", "identity_unlinked"):
         context["provider"] = "Google"
+    if name == "identity_linked":
+        context["account"] = "ada@gmail.example"
     return renderer(folder).render(name, {**context, **overrides}, None)
 
 

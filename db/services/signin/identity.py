@@ -438,6 +438,8 @@ class IdentitySignIns:
             template="identity_linked",
             client=client,
             provider=name,
+            # Which provider account: the owner tells their own from a stranger's.
+            account=identity.email,
         )
         await self.events.record(
             tx,
