@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import zlib
 from typing import Any
 
 import anyio
@@ -30,11 +31,26 @@ class ProviderUnreachable(Exception):
     (for the log: never a secret)."""
 
 
+# IPv6 prefixes whose addresses carry an IPv4 address in their last 32 bits: NAT64's
+# well-known prefix (RFC 6052; a NAT64 gateway forwards to the IPv4 address inside) and the
+# deprecated IPv4-compatible addresses. Python (3.11) calls them global whatever they carry.
+_EMBEDDING_IPV4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
+
+
 def is_public_address(address: str) -> bool:
+    """Whether `address` is one a provider may be at: global, not multicast, and, where it
+    is an IPv6 address that carries an IPv4 one (IPv4-mapped, NAT64, 6to4, Teredo), the
+    IPv4 address it leads to is public too: 64:ff9b::a9fe:a9fe reaches 169.254.169.254 on
+    a network with NAT64."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    if not (ip.is_global and not ip.is_multicast):
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if any(ip in network for network in _EMBEDDING_IPV4):
+            inner.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        return all(is_public_address(str(v4)) for v4 in inner if v4 is not None)
+    return True
 
 
 class _CheckedBackend(httpcore.AsyncNetworkBackend):
@@ -90,8 +106,10 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
 
 
 class _BoundedTransport(httpx.AsyncBaseTransport):
-    """Reads at most MAX_RESPONSE_BYTES of an answer; no redirects are followed (httpx's
-    default), so every URL asked is one that was checked."""
+    """Reads at most MAX_RESPONSE_BYTES of an answer, before and after decompression (a
+    few KiB of gzip can inflate to gigabytes); no redirects are followed (httpx's default),
+    so every URL asked is one that was checked. The answer handed on is decoded, with no
+    content-encoding left for httpx to decode again without a bound."""
 
     def __init__(self, inner: httpx.AsyncHTTPTransport) -> None:
         self._inner = inner
@@ -108,13 +126,46 @@ class _BoundedTransport(httpx.AsyncBaseTransport):
                     )
         finally:
             await response.aclose()
-        headers = [
-            (k, v) for k, v in response.headers.multi_items() if k.lower() != "content-encoding"
+        encodings = [
+            part.strip().lower()
+            for part in response.headers.get("content-encoding", "").split(",")
+            if part.strip() and part.strip().lower() != "identity"
         ]
-        return httpx.Response(response.status_code, headers=headers, content=bytes(body))
+        content = bytes(body)
+        # Applied in order, undone in reverse (RFC 9110 8.4).
+        for encoding in reversed(encodings):
+            content = _decompressed(content, encoding, request.url.host)
+        headers = [
+            (k, v)
+            for k, v in response.headers.multi_items()
+            if k.lower() not in ("content-encoding", "content-length")
+        ]
+        return httpx.Response(response.status_code, headers=headers, content=content)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+def _decompressed(content: bytes, encoding: str, host: str) -> bytes:
+    """`content` decoded from gzip or deflate, at most MAX_RESPONSE_BYTES of it. Only
+    `identity` is asked for, but a server may compress anyway, and its compressed bytes
+    are no JSON: handed on as they came, every answer of such a provider failed."""
+    if encoding in ("gzip", "x-gzip"):
+        attempts = [16 + zlib.MAX_WBITS]
+    elif encoding == "deflate":
+        attempts = [zlib.MAX_WBITS, -zlib.MAX_WBITS]  # zlib-wrapped, or raw as some send it
+    else:
+        raise ProviderUnreachable(f"{host} answered in an encoding not asked for: {encoding}")
+    for wbits in attempts:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            decoded = inflater.decompress(content, MAX_RESPONSE_BYTES + 1)
+        except zlib.error:
+            continue
+        if len(decoded) > MAX_RESPONSE_BYTES or inflater.unconsumed_tail:
+            raise ProviderUnreachable(f"{host} answered more than {MAX_RESPONSE_BYTES} bytes")
+        return decoded
+    raise ProviderUnreachable(f"{host} answered {encoding} that does not decompress")
 
 
 def check_url(url: str, *, allow_insecure: bool) -> str | None:
@@ -145,7 +196,13 @@ class ProviderHttp:
         self.client = httpx.AsyncClient(
             transport=self.transport,
             timeout=httpx.Timeout(timeout),
-            headers={"user-agent": "Strawgate", "accept": "application/json"},
+            # httpx asks for gzip by default, and its own decoding has no size bound:
+            # uncompressed answers are asked for, and compressed ones decoded above.
+            headers={
+                "user-agent": "Strawgate",
+                "accept": "application/json",
+                "accept-encoding": "identity",
+            },
             follow_redirects=False,
         )
 

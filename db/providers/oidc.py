@@ -96,7 +96,11 @@ class OidcProvider:
         self._keys: KeySet | None = None
         self._keys_at: datetime | None = None
         self._forced_at: datetime | None = None
-        self._lock = asyncio.Lock()
+        # One fetch of each at a time. Two locks, not one: a key set's fetch reads the
+        # discovery document (jwks_uri), and an asyncio.Lock is not reentrant, so one lock
+        # hung every sign-in of the provider for good where the document had aged out.
+        self._metadata_lock = asyncio.Lock()
+        self._keys_lock = asyncio.Lock()
         self._apple = (
             AppleClientSecret(config.apple, config.client_id) if config.apple is not None else None
         )
@@ -113,7 +117,7 @@ class OidcProvider:
             and now - self._metadata_at < METADATA_TTL
         ):
             return self._metadata
-        async with self._lock:
+        async with self._metadata_lock:
             if (
                 self._metadata is not None
                 and self._metadata_at
@@ -164,7 +168,7 @@ class OidcProvider:
         if fresh and self._known(kid):
             assert self._keys is not None  # noqa: S101
             return self._keys
-        async with self._lock:
+        async with self._keys_lock:
             fresh = (
                 self._keys is not None
                 and self._keys_at is not None
@@ -349,6 +353,10 @@ class OidcProvider:
         given = [audience] if isinstance(audience, str) else audience
         if not isinstance(given, list) or not any(aud in audiences for aud in given):
             raise TokenRejected("aud is none of this provider's client ids")
+        # OpenID Connect Core 3.1.3.7: refused where it also names an audience not trusted
+        # (a token issued to another app as well is that app's to replay here).
+        if not all(aud in audiences for aud in given):
+            raise TokenRejected("aud names a client that is not this provider's")
         if len(given) > 1 and claims.get("azp") is not None and claims.get("azp") not in audiences:
             raise TokenRejected("azp is none of this provider's client ids")
         now = self.clock.now().timestamp()
