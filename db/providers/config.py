@@ -112,7 +112,8 @@ def _config(
     preset = PRESETS.get(provider_id, GENERIC)
     if not given.client_id.strip():
         raise ConfigError(f"{setting}__CLIENT_ID must be set (the client id the provider gave you)")
-    issuer = (given.issuer or preset.issuer or "").strip().rstrip("/") or None
+    # As the provider writes it: its tokens' `iss` must equal it (Auth0's ends in "/").
+    issuer = (given.issuer or preset.issuer or "").strip() or None
     if preset.kind == "oidc":
         if issuer is None:
             raise ConfigError(

@@ -11,7 +11,7 @@ from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_r
 
 from db.providers.config import ProviderConfig
 from db.providers.http import ProviderHttp, ProviderUnreachable
-from db.providers.oidc import EMAIL_MAX, NAME_MAX, ProvenIdentity, _text, token_answer
+from db.providers.oidc import NAME_MAX, ProvenIdentity, _address, _text, token_answer
 
 API_HEADERS = {"accept": "application/vnd.github+json", "x-github-api-version": "2022-11-28"}
 
@@ -94,6 +94,6 @@ class GitHubProvider:
         if isinstance(emails, list):
             for entry in emails:
                 if isinstance(entry, dict) and entry.get("primary") is True:
-                    email = _text(entry.get("email"), EMAIL_MAX)
+                    email = _address(entry.get("email"))
                     return email, email is not None and entry.get("verified") is True
-        return _text(user.get("email"), EMAIL_MAX), False
+        return _address(user.get("email")), False

@@ -39,6 +39,9 @@ METADATA_TTL = timedelta(hours=24)
 KEYS_TTL = timedelta(hours=1)
 # The least time between two fetches of a key set forced by an unknown key id.
 FORCED_REFRESH_INTERVAL = timedelta(minutes=1)
+# A document or key set kept from before serves while the provider cannot be reached; it
+# is asked again this much later.
+RETRY_AFTER_FAILURE = timedelta(minutes=5)
 CLOCK_SKEW = timedelta(seconds=60)
 # Asymmetric only: a provider's token is never checked with a shared secret (HS*), and
 # "none" is never a signature.
@@ -85,6 +88,14 @@ def _text(value: Any, limit: int) -> str | None:
     return value[:limit] or None
 
 
+def _address(value: Any) -> str | None:
+    """An address as the provider gave it, or None: one too long to be an address is none
+    (cut short, it would be another address)."""
+    if not isinstance(value, str) or len(value.strip()) > EMAIL_MAX:
+        return None
+    return value.strip() or None
+
+
 class OidcProvider:
     def __init__(self, config: ProviderConfig, http: ProviderHttp, clock: Clock) -> None:
         assert config.issuer is not None  # noqa: S101 - checked at start (config.py)
@@ -124,9 +135,13 @@ class OidcProvider:
                 and now - self._metadata_at < METADATA_TTL
             ):
                 return self._metadata
-            issuer = self.config.issuer
+            issuer = str(self.config.issuer)
             try:
-                document = await self.http.get_json(f"{issuer}/.well-known/openid-configuration")
+                # The issuer as configured is what tokens carry ("https://x.auth0.com/" keeps
+                # its slash); the document lives under it either way.
+                document = await self.http.get_json(
+                    f"{issuer.rstrip('/')}/.well-known/openid-configuration"
+                )
                 self._metadata = self._checked_metadata(document)
             except ProviderUnreachable:
                 if self._metadata is None:
@@ -134,6 +149,8 @@ class OidcProvider:
                 log.warning(
                     "%s: discovery failed; using the document fetched before", self.config.id
                 )
+                # Asked again in a few minutes, not a day.
+                now = now - METADATA_TTL + RETRY_AFTER_FAILURE
             self._metadata_at = now
             return self._metadata
 
@@ -184,18 +201,31 @@ class OidcProvider:
             ):
                 assert self._keys is not None  # noqa: S101
                 return self._keys  # an unknown key id, asked again too soon
-            metadata = await self.metadata()
-            document = await self.http.get_json(metadata["jwks_uri"])
             try:
-                keys = KeySet.import_key_set(document)
-            except (JoseError, ValueError, TypeError, KeyError) as exc:
-                raise ProviderUnreachable(
-                    f"{self.config.id}: its key set does not parse ({exc})"
-                ) from None
+                keys = await self._fetch_keys()
+            except ProviderUnreachable:
+                if self._keys is None:
+                    raise
+                # The keys fetched before still check the tokens they signed while the
+                # provider cannot be reached; asked again in a few minutes.
+                log.warning("%s: its key set failed; using the one fetched before", self.config.id)
+                self._keys_at = now - KEYS_TTL + RETRY_AFTER_FAILURE
+                self._forced_at = now
+                return self._keys
             if fresh:
                 self._forced_at = now
             self._keys, self._keys_at = keys, now
             return keys
+
+    async def _fetch_keys(self) -> KeySet:
+        metadata = await self.metadata()
+        document = await self.http.get_json(metadata["jwks_uri"])
+        try:
+            return KeySet.import_key_set(document)
+        except (JoseError, ValueError, TypeError, KeyError) as exc:
+            raise ProviderUnreachable(
+                f"{self.config.id}: its key set does not parse ({exc})"
+            ) from None
 
     def _known(self, kid: str | None) -> bool:
         if self._keys is None:
@@ -387,7 +417,7 @@ class OidcProvider:
             raise TokenRejected("nonce mismatch")
 
     def identity(self, claims: dict[str, Any], *, name: str | None = None) -> ProvenIdentity:
-        email = _text(claims.get("email"), EMAIL_MAX)
+        email = _address(claims.get("email"))
         return ProvenIdentity(
             provider=self.config.id,
             subject=claims["sub"],

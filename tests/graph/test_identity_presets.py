@@ -612,7 +612,8 @@ def test_settings_that_can_work_start(make_settings: Callable[..., Settings]) ->
     configs = provider_configs(settings)
     assert configs["google"].audiences == ("g", "ios", "and")
     assert configs["apple"].response_mode == "form_post"
-    assert configs["corp_sso"].issuer == "https://sso.example.com"
+    # As configured: tokens carry it exactly (Auth0's issuer ends in "/").
+    assert configs["corp_sso"].issuer == "https://sso.example.com/"
     trusted = {pid: config.trust_email_verified for pid, config in configs.items()}
     assert trusted == {
         "google": True,
@@ -640,3 +641,23 @@ def test_an_apple_secret_is_renewed_an_hour_before_it_expires() -> None:
     claims = jwt.decode(renewed, APPLE_KEY, algorithms=["ES256"]).claims
     assert claims["iat"] == int(clock.now().timestamp())
     assert claims["exp"] - claims["iat"] == int(timedelta(days=1).total_seconds())
+
+
+class SlashProvider(LocalProvider):
+    """A provider whose issuer ends in "/", as Auth0's does: its document and tokens say so."""
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "issuer": self.base_url + "/"}
+
+
+async def test_an_issuer_ending_in_a_slash_is_taken_as_written(clock: MutableClock) -> None:
+    with SlashProvider() as slash:
+        async with oidc_provider("auth0", slash.base_url + "/", clock) as made:
+            token = slash.mint_id_token({"sub": "a0", "iss": slash.base_url + "/"}, now=clock.now())
+            claims = await verify(made, token)
+            assert claims["sub"] == "a0"
+            # The document is found under the issuer, not at "//.well-known".
+            assert [r.path for r in slash.requests_to("/.well-known/openid-configuration")]
+            without = slash.mint_id_token({"sub": "a0", "iss": slash.base_url}, now=clock.now())
+            with pytest.raises(TokenRejected):
+                await verify(made, without)

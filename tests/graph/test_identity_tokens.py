@@ -453,3 +453,46 @@ async def test_an_account_with_two_factor_answers_a_totp_challenge(
 
     assert answer["__typename"] == "OtpChallenge", answer
     assert (answer["method"], answer["purpose"]) == ("TOTP", "LOGIN")
+
+
+async def test_the_keys_kept_serve_while_the_provider_is_down_and_are_asked_again_later(
+    client: httpx.AsyncClient, provider: LocalProvider, clock: MutableClock
+) -> None:
+    signed_in(await sign_in(client, mint(provider, clock)))
+    clock.advance(minutes=61)  # the key set kept has aged out
+    provider.fail("jwks", "error")
+
+    signed_in(await sign_in(client, mint(provider, clock)))
+    fetches = provider.jwks_fetches
+    signed_in(await sign_in(client, mint(provider, clock)))
+    assert provider.jwks_fetches == fetches  # not asked again at once
+
+    provider.heal()
+    clock.advance(minutes=5)
+    signed_in(await sign_in(client, mint(provider, clock)))
+    assert provider.jwks_fetches == fetches + 1
+
+
+async def test_discovery_that_fails_later_is_asked_again_in_minutes_not_a_day(
+    client: httpx.AsyncClient, provider: LocalProvider, clock: MutableClock
+) -> None:
+    signed_in(await sign_in(client, mint(provider, clock)))
+    clock.advance(hours=25)  # the document kept has aged out, and the keys with it
+    provider.fail("discovery", "error")
+    signed_in(await sign_in(client, mint(provider, clock)))
+    fetches = provider.discovery_fetches
+
+    provider.heal()
+    clock.advance(minutes=6)
+    signed_in(await sign_in(client, mint(provider, clock)))
+    assert provider.discovery_fetches > fetches
+
+
+async def test_an_address_too_long_to_be_one_is_none(
+    client: httpx.AsyncClient, provider: LocalProvider, clock: MutableClock
+) -> None:
+    # Cut to 254 characters it would be another address, a valid one (...sub.exam).
+    long = "ada@" + ".".join(["sub"] * 62) + ".example.com"
+    assert len(long) > 254
+    answer = await sign_in(client, mint(provider, clock, {"email": long}))
+    assert answer["code"] == "PROVIDER_ERROR"  # no address shared: see the linking rules
