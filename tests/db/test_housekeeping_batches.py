@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import secrets
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -149,7 +150,7 @@ async def seed_backlog(engine: AsyncEngine, now: datetime) -> None:
             "provider": "google",
             "purpose": "SIGN_IN",
             "redirect_to": "https://app.example.com/done",
-            "code_challenge": "c" * 43,
+            "code_challenge": secrets.token_urlsafe(32)[:43],
             "created_at": expires - timedelta(minutes=10),
             "expires_at": expires,
         }
