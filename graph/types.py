@@ -242,7 +242,8 @@ class OtpChallenge:
         default=None,
         description=(
             "Set where the user may answer this challenge with a passkey: the TOTP step of a"
-            " password login, and a REAUTHENTICATE challenge, of a user who has passkeys."
+            " password login or of a provider sign-in, and a REAUTHENTICATE challenge, of a"
+            " user who has passkeys."
             " Request options as JSON text, for finishPasskeyLogin with this challengeToken."
             " Null otherwise, always for emailed-code LOGIN challenges (they must not tell"
             " whether an address is registered or has passkeys)."

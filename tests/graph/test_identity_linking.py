@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from jose import jwt
 from sqlalchemy import bindparam, select, update
 from starlette.applications import Starlette
 
@@ -517,3 +518,52 @@ async def test_a_link_opened_while_the_provider_is_down_goes_back_and_stays_usab
     assert parse_qs(urlsplit(down.headers["location"]).query)["error"] == ["PROVIDER_ERROR"]
     provider.heal()
     assert (await client.get(url)).status_code == 302
+
+
+async def test_a_passkey_answers_the_totp_step_after_a_provider(
+    make_settings: Callable[..., Settings],
+    provider: LocalProvider,
+    clock: MutableClock,
+    clean_db: None,
+) -> None:
+    from graph.app import create_app
+    from tests.conftest import client_for
+    from tests.graph.test_passkeys import register
+    from tests.webauthn_authenticator import SoftAuthenticator
+
+    settings = make_settings(
+        **provider_settings(provider),
+        webauthn_rp_id="example.com",
+        webauthn_origins="https://example.com",
+    )
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app), client_for(app) as client:
+        email, token, _secret, _codes = await enrolled(client, clock)
+        authenticator = SoftAuthenticator()
+        await register(client, token, authenticator)
+        id_token = provider.mint_id_token(user_claims(email), now=clock.now())
+
+        body = await gql(
+            client,
+            """mutation($i: SignInWithIdTokenInput!) { signInWithIdToken(input: $i) {
+              __typename ... on OtpChallenge { challengeToken method passkeyOptionsJson } } }""",
+            {"i": {"provider": "acme", "idToken": id_token}},
+        )
+        step = body["data"]["signInWithIdToken"]
+        assert (step["__typename"], step["method"]) == ("OtpChallenge", "TOTP"), step
+        assert step["passkeyOptionsJson"] is not None
+        finished = await gql(
+            client,
+            """mutation($i: FinishPasskeyLoginInput!) { finishPasskeyLogin(input: $i) {
+              __typename ... on AuthSession { accessToken } ... on AuthError { code } } }""",
+            {
+                "i": {
+                    "challengeToken": step["challengeToken"],
+                    "credentialJson": authenticator.assertion(step["passkeyOptionsJson"]),
+                }
+            },
+        )
+        session = finished["data"]["finishPasskeyLogin"]
+        assert session["__typename"] == "AuthSession", session
+        amr = jwt.get_unverified_claims(session["accessToken"])["amr"]
+        assert "fed" in amr and "mfa" in amr

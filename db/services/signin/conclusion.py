@@ -141,8 +141,8 @@ class Conclusion:
         What it decides, in `tx`, here or in what it calls:
         - the second step: the address's code (VERIFY_EMAIL), then the TOTP step where
           two-factor is on (Challenges.open_email, Challenges.open_totp), offering the
-          user's passkeys as another answer to it after a password or in a step-up
-          (PasskeyOptions.for_user);
+          user's passkeys as another answer to it after a password, after an identity
+          provider, or in a step-up (PasskeyOptions.for_user);
         - a reset: the new password, every session and pending step ended, the notice
           and PASSWORD_RESET (reset_password_now);
         - a step-up: the session's new `auth_time` and `amr`, new tokens,
@@ -185,12 +185,14 @@ class Conclusion:
                 session_id=intent.session_id,
             )
             if self.passkey_options is None or not (
-                "pwd" in amr or intent.purpose == ch.REAUTHENTICATE
+                "pwd" in amr or "fed" in amr or intent.purpose == ch.REAUTHENTICATE
             ):
                 return step
-            # A party that proved the password (or holds the session it steps up) may
-            # answer the step with one of the user's passkeys instead (finishPasskeyLogin):
-            # the contract offers them there only, never after an emailed code alone.
+            # A party that proved the password or an identity provider's sign-in (or
+            # holds the session it steps up) may answer the step with one of the user's
+            # passkeys instead (finishPasskeyLogin): offered there only, never after an
+            # emailed code alone (whose challenge must not tell whether an address is
+            # registered or has passkeys).
             offered = await self.passkey_options.for_user(tx, user_id, step.challenge_token)
             return dataclasses.replace(step, passkey_options_json=offered)
         if intent.new_password_hash is not None:
