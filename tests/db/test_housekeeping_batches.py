@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import secrets
 import logging
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta

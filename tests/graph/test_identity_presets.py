@@ -661,3 +661,23 @@ async def test_an_issuer_ending_in_a_slash_is_taken_as_written(clock: MutableClo
             without = slash.mint_id_token({"sub": "a0", "iss": slash.base_url}, now=clock.now())
             with pytest.raises(TokenRejected):
                 await verify(made, without)
+
+
+def test_allowing_insecure_providers_says_so_at_start(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    from db.clock import SystemClock
+    from db.providers.registry import IdentityProviders
+
+    insecure = make_settings(
+        public_url="http://127.0.0.1:8000",
+        identity_providers={"corp": {"issuer": "http://10.0.0.5", "client_id": "c"}},
+        identity_providers_allow_insecure=True,
+    ).prepare()
+    with caplog.at_level("WARNING", logger="strawgate.providers"):
+        IdentityProviders.from_settings(insecure, SystemClock())
+    assert "IDENTITY_PROVIDERS_ALLOW_INSECURE is on" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="strawgate.providers"):
+        IdentityProviders.from_settings(make_settings().prepare(), SystemClock())
+    assert caplog.text == ""
