@@ -130,6 +130,10 @@ def _config(
             if (problem := check_url(url, allow_insecure=allow_insecure)) is not None:
                 raise ConfigError(f"{setting}__{name} {problem}")
     secret = given.client_secret.get_secret_value().strip() if given.client_secret else ""
+    if secret.startswith("-----BEGIN") and "\\n" in secret:
+        # A PEM key written on one line, its line breaks as "\n" (as in an environment
+        # variable or a container's settings).
+        secret = secret.replace("\\n", "\n")
     apple = None
     if provider_id == "apple" and secret:
         if not (given.team_id and given.key_id):

@@ -681,3 +681,21 @@ def test_allowing_insecure_providers_says_so_at_start(
     with caplog.at_level("WARNING", logger="strawgate.providers"):
         IdentityProviders.from_settings(make_settings().prepare(), SystemClock())
     assert caplog.text == ""
+
+
+def test_an_apple_key_on_one_line_with_escaped_line_breaks_is_taken(
+    make_settings: Callable[..., Settings],
+) -> None:
+    one_line = APPLE_PEM.strip().replace("\n", "\\n")
+    settings = make_settings(
+        public_url="https://auth.example.com",
+        identity_providers={
+            "apple": {
+                "client_id": APPLE_CLIENT,
+                "client_secret": one_line,
+                "team_id": APPLE_TEAM,
+                "key_id": APPLE_KEY_ID,
+            }
+        },
+    ).prepare()
+    assert provider_configs(settings)["apple"].apple is not None
