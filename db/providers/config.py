@@ -24,6 +24,8 @@ class Preset:
     response_mode: Literal["query", "form_post"] = "query"
     # Other spellings of the issuer the provider's tokens carry.
     issuer_aliases: tuple[str, ...] = ()
+    # Microsoft's multi-tenant issuer: a template naming `{tenantid}`, each token's `tid`.
+    tenant_issuer: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -41,7 +43,11 @@ PRESETS: dict[str, Preset] = {
         response_mode="form_post",
     ),
     # Any Microsoft account (personal, work or school); a tenant's issuer narrows it.
-    "microsoft": Preset(name="Microsoft", issuer="https://login.microsoftonline.com/common/v2.0"),
+    "microsoft": Preset(
+        name="Microsoft",
+        issuer="https://login.microsoftonline.com/common/v2.0",
+        tenant_issuer=True,
+    ),
     "github": Preset(
         name="GitHub", kind="github", scopes="read:user user:email", trust_email_verified=True
     ),
@@ -73,6 +79,7 @@ class ProviderConfig:
     response_mode: Literal["query", "form_post"] = "query"
     issuer: str | None = None
     issuer_aliases: tuple[str, ...] = ()
+    tenant_issuer: bool = False
     apple: AppleKey | None = None
     web_url: str = GITHUB_WEB_URL
     api_url: str = GITHUB_API_URL
@@ -164,6 +171,7 @@ def _config(
         response_mode=preset.response_mode,
         issuer=issuer,
         issuer_aliases=preset.issuer_aliases,
+        tenant_issuer=preset.tenant_issuer,
         apple=apple,
         web_url=web_url,
         api_url=api_url,
@@ -181,6 +189,12 @@ def public_url(settings: Settings) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(f"PUBLIC_URL {url!r} is not an absolute http(s) URL")
+    if parts.path not in ("", "/"):
+        raise ConfigError(
+            f"PUBLIC_URL {url!r} must be an origin, without a path (https://auth.example.com):"
+            " the callback is <PUBLIC_URL>/auth/<provider>/callback, and the sign-in's cookie"
+            " is set for /auth/"
+        )
     if settings.is_production and parts.scheme != "https":
         raise ConfigError("PUBLIC_URL must use https in production")
     return url

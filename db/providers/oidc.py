@@ -159,8 +159,9 @@ class OidcProvider:
             raise ProviderUnreachable(f"{self.config.id}: the discovery document is not an object")
         issuer = document.get("issuer")
         # Microsoft's multi-tenant document names a template: each token says its tenant.
+        # (The microsoft preset only: no other provider's issuer is a template.)
         if issuer != self.config.issuer and not (
-            isinstance(issuer, str) and "{tenantid}" in issuer
+            self.config.tenant_issuer and isinstance(issuer, str) and "{tenantid}" in issuer
         ):
             raise ProviderUnreachable(
                 f"{self.config.id}: the discovery document's issuer is not {self.config.issuer}"
@@ -278,10 +279,13 @@ class OidcProvider:
             id_token, audiences=(self.config.client_id,), nonce=nonce, hashed_nonce=False
         )
         if not isinstance(claims.get("email"), str) and isinstance(token.get("access_token"), str):
-            claims = {
-                **await self._userinfo(metadata, token["access_token"], claims["sub"]),
-                **claims,
-            }
+            info = await self._userinfo(metadata, token["access_token"], claims["sub"])
+            # The address and whether it is verified come from one source: the token's
+            # `email_verified` never vouches for the user info's address.
+            claims = {k: v for k, v in claims.items() if k not in ("email", "email_verified")}
+            claims = {**claims, **{k: info[k] for k in ("email", "email_verified") if k in info}}
+            if "name" in info and "name" not in claims:
+                claims["name"] = info["name"]
         return self.identity(claims, name=_apple_name(user_form))
 
     async def _exchange(
@@ -372,7 +376,7 @@ class OidcProvider:
         issuer = claims.get("iss")
         accepted = {self.config.issuer, *self.config.issuer_aliases}
         template = metadata.get("issuer")
-        if isinstance(template, str) and "{tenantid}" in template:
+        if self.config.tenant_issuer and isinstance(template, str) and "{tenantid}" in template:
             tenant = claims.get("tid")
             accepted = (
                 {template.replace("{tenantid}", tenant)} if isinstance(tenant, str) else set()

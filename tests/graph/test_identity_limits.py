@@ -84,3 +84,35 @@ async def test_sign_ins_of_one_provider_account_are_limited(
 
     assert [a["__typename"] for a in answers] == ["AuthSession", "AuthSession", "AuthError"]
     assert answers[-1]["code"] == "RATE_LIMITED"
+
+
+async def test_a_refused_exchange_leaves_its_code_for_a_retry(
+    client: httpx.AsyncClient, provider: LocalProvider, database_url: str
+) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from tests.identities import exchange, sign_in_by_redirect
+
+    claims = user_claims(unique_email(), sub="busy")
+    provider.sticky_user = True
+    provider.next_user = claims
+    for _ in range(2):  # the provider account's login_account budget (2/minute) spent
+        assert (await exchange(client, await sign_in_by_redirect(client)))["__typename"] == (
+            "AuthSession"
+        )
+    refused = await exchange(client, await sign_in_by_redirect(client))
+
+    assert refused["code"] == "RATE_LIMITED"
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            waiting = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM identity_flows"
+                    " WHERE code_hash IS NOT NULL AND exchanged_at IS NULL"
+                )
+            )
+    finally:
+        await engine.dispose()
+    assert waiting == 1

@@ -567,3 +567,99 @@ async def test_a_passkey_answers_the_totp_step_after_a_provider(
         assert session["__typename"] == "AuthSession", session
         amr = jwt.get_unverified_claims(session["accessToken"])["amr"]
         assert "fed" in amr and "mfa" in amr
+
+
+async def test_unlinking_ends_the_other_sessions_a_provider_opened(
+    client: httpx.AsyncClient, provider: LocalProvider
+) -> None:
+    """A provider account taken over: its intruder's session ends when the owner unlinks."""
+    email = unique_email()
+    owner = await signed_up_and_proven(client, email)
+    provider.sticky_user = True
+    intruder = await redirect_sign_in(client, provider, user_claims(email))
+    by_provider = await redirect_sign_in(client, provider, user_claims(email))
+    provider.sticky_user = False
+    by_password = await gql(client, LOGIN, {"i": {"email": email, "password": PASSWORD}})
+
+    unlinked = await gql(
+        client, UNLINK, {"i": {"provider": "acme"}}, token=by_provider["accessToken"]
+    )
+
+    assert unlinked["data"]["unlinkIdentity"]["__typename"] == "User"
+    me = "{ me { id } }"
+    gone = await gql(client, me, token=intruder["accessToken"])
+    assert gone["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    for kept in (by_provider, owner, by_password["data"]["login"]):
+        assert (await gql(client, me, token=kept["accessToken"]))["data"]["me"] is not None
+
+
+async def test_a_link_re_issues_the_same_session_and_its_old_refresh_token_stops(
+    client: httpx.AsyncClient, provider: LocalProvider
+) -> None:
+    owner = await signed_up_and_proven(client, unique_email())
+
+    _start, linked = await link(
+        client, provider, owner["accessToken"], user_claims("x@example.org")
+    )
+
+    old = jwt.get_unverified_claims(owner["accessToken"])
+    new = jwt.get_unverified_claims(linked["accessToken"])
+    assert new["sid"] == old["sid"]
+    refreshed = await gql(
+        client,
+        """mutation($i: RefreshInput!) { refresh(input: $i) { __typename
+          ... on AuthError { code } } }""",
+        {"i": {"refreshToken": owner["refreshToken"]}},
+    )
+    assert refreshed["data"]["refresh"]["code"] == "INVALID_TOKEN"
+
+
+async def test_a_second_account_of_the_same_provider_is_not_linked(
+    client: httpx.AsyncClient, provider: LocalProvider
+) -> None:
+    owner = await signed_up_and_proven(client, unique_email())
+    await link(client, provider, owner["accessToken"], user_claims("a@example.org"))
+    _start, answer = await link(
+        client, provider, owner["accessToken"], user_claims("b@example.org", sub="other")
+    )
+
+    assert answer["code"] == "INVALID_INPUT"
+
+
+async def test_a_sign_in_racing_the_deletion_of_its_account_makes_a_new_one(
+    client: httpx.AsyncClient, provider: LocalProvider, database_url: str, clock: MutableClock
+) -> None:
+    """The link found, then the account deleted (committed while the sign-in waited for the
+    account's lock): decided again, on what is there now."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    email = unique_email()
+    first = await redirect_sign_in(client, provider, user_claims(email))
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as holder:
+            transaction = await holder.begin()
+            await holder.execute(
+                text("SELECT id FROM users WHERE id = :u FOR UPDATE"), {"u": first["user"]["id"]}
+            )
+            token = provider.mint_id_token(user_claims(email), now=clock.now())
+            racing = asyncio.create_task(id_token_sign_in(client, token))
+            async with engine.connect() as watcher:
+                for _ in range(500):  # until the sign-in waits for the lock (bounded)
+                    waiting = await watcher.scalar(
+                        text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                    )
+                    if waiting:
+                        break
+                    await asyncio.sleep(0.01)
+            await holder.execute(
+                text("DELETE FROM users WHERE id = :u"), {"u": first["user"]["id"]}
+            )
+            await transaction.commit()
+        answer = await racing
+    finally:
+        await engine.dispose()
+
+    assert answer["__typename"] == "AuthSession", answer
+    assert answer["user"]["id"] != first["user"]["id"]

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from db.providers.config import provider_configs
-from db.providers.http import ProviderHttp
+from db.providers.http import ProviderHttp, ProviderUnreachable
 from db.providers.oidc import OidcProvider, TokenRejected
 from db.settings import ConfigError, Settings
 from tests.conftest import MutableClock, unique_email
@@ -699,3 +699,25 @@ def test_an_apple_key_on_one_line_with_escaped_line_breaks_is_taken(
         },
     ).prepare()
     assert provider_configs(settings)["apple"].apple is not None
+
+
+async def test_only_microsoft_may_publish_an_issuer_template(
+    tenant_provider: TenantProvider, clock: MutableClock
+) -> None:
+    tenant_provider.reset()
+    async with oidc_provider("corp", tenant_provider.base_url + "/common/v2.0", clock) as corp:
+        token = tenant_provider.mint_id_token(
+            {"sub": "x", "tid": "t1", "iss": tenant_provider.base_url + "/t1/v2.0"},
+            now=clock.now(),
+        )
+        with pytest.raises(ProviderUnreachable, match="issuer"):
+            await verify(corp, token)
+
+
+def test_a_public_url_with_a_path_never_starts(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(
+        public_url="https://example.com/auth-service",
+        identity_providers={"google": {"client_id": "g", "client_secret": "s"}},
+    )
+    with pytest.raises(ConfigError, match="without a path"):
+        settings.prepare()

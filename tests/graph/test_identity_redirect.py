@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.settings import Settings
 from tests.conftest import MutableClock, unique_email
-from tests.gql import gql
+from tests.gql import gql, signed_up_and_proven
 from tests.identities import (
     APP_REDIRECT,
     IDENTITIES,
@@ -267,3 +267,19 @@ async def test_a_challenge_serves_one_flow(client: httpx.AsyncClient) -> None:
     assert first.status_code == 302
     assert copied.status_code == 400
     assert "location" not in copied.headers
+
+
+async def test_an_address_from_the_user_info_is_judged_by_the_user_infos_word(
+    client: httpx.AsyncClient, provider: LocalProvider
+) -> None:
+    """A token without an address but saying email_verified, and user info with an
+    unverified address: the token's word never vouches for the user info's address."""
+    email = unique_email()
+    await signed_up_and_proven(client, email)
+    provider.next_user = user_claims(email, verified=False)
+    provider.id_token_overrides = {"email": None, "email_verified": True}
+
+    answer = await exchange(client, await sign_in_by_redirect(client))
+
+    assert provider.requests_to("/userinfo")
+    assert answer["code"] == "EMAIL_TAKEN"

@@ -56,7 +56,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, delete, func, insert, select, true, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, true, update
 
 from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_input
@@ -143,12 +143,33 @@ _COUNT_IDENTITIES = (
 _COUNT_PASSKEYS = (
     select(func.count()).select_from(Passkey).where(Passkey.user_id == bindparam("uid"))
 )
+_END_FEDERATED_SESSIONS = (
+    update(UserSession)
+    .where(
+        UserSession.user_id == bindparam("uid"),
+        UserSession.id != bindparam("keep"),
+        UserSession.revoked_at.is_(None),
+        UserSession.expires_at > bindparam("now"),
+        # "fed" among the space-separated amr values.
+        or_(
+            UserSession.amr == "fed",
+            UserSession.amr.like("fed %"),
+            UserSession.amr.like("% fed"),
+            UserSession.amr.like("% fed %"),
+        ),
+    )
+    .values(revoked_at=bindparam("now"), revoke_reason="identity_unlinked")
+)
 _DROP_IDENTITY = delete(Identity).where(Identity.id == bindparam("identity_id"))
 
 _LOCK_OWN_LIVE_SESSION = LOCK_LIVE_SESSION.where(UserSession.user_id == bindparam("uid"))
 _SPEND_ID_TOKEN = insert(SpentIdToken).values(
     token_hash=bindparam("token_hash"), expires_at=bindparam("expires_at")
 )
+
+
+class _Changed(Exception):
+    """The link a sign-in found went away before the account's lock was had."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,17 +287,26 @@ class IdentitySignIns:
     # -- the account decisions ---------------------------------------------------------
 
     async def sign_in(
-        self, identity: ProvenIdentity, client: ClientInfo
+        self, identity: ProvenIdentity, client: ClientInfo, *, counted: bool = False
     ) -> IssuedSession | IssuedChallenge:
-        await self.limiter.hit("login_account", identity_key(identity))
+        """The account decisions for a proven identity (`counted`: its `login_account`
+        hit was taken already, before what proved it was spent)."""
+        if not counted:
+            await self.count(identity)
         try:
             issued = await self._decide(identity, client)
-        except UniqueViolation:
-            # A first sign-in of the same identity (or address) raced this one and won:
-            # decided again, it finds what the other made.
+        except (UniqueViolation, _Changed):
+            # A first sign-in of the same identity (or address) raced this one and won, or
+            # the link it found changed (unlinked, its account deleted) before the
+            # account's lock was had: decided again, on what is there now.
             issued = await self._decide(identity, client)
         self.outbox.wake()
         return issued
+
+    async def count(self, identity: ProvenIdentity) -> None:
+        """A proven identity's sign-in against `login_account`, under a key of the provider
+        account (RATE_LIMITED over it)."""
+        await self.limiter.hit("login_account", identity_key(identity))
 
     async def _decide(
         self, identity: ProvenIdentity, client: ClientInfo
@@ -289,6 +319,13 @@ class IdentitySignIns:
             )
             if linked is not None:
                 await self.sessions.lock_user(tx, linked["user_id"], exclusive=True)
+                # Read again under the account's lock: an unlink or a deletion may have
+                # committed in between (both take that lock first).
+                again = await tx.first(
+                    _IDENTITY, {"provider": identity.provider, "subject": identity.subject}
+                )
+                if again is None or again["user_id"] != linked["user_id"]:
+                    raise _Changed
                 await tx.execute(
                     _USED_IDENTITY,
                     {
@@ -516,7 +553,13 @@ class IdentitySignIns:
                     client,
                     auth_time=session["auth_time"],
                 )
-        except UniqueViolation:
+        except UniqueViolation as violation:
+            if "user_id_provider" in str(violation):
+                # A link of another account of this provider to the same user won a race.
+                raise invalid_input(
+                    f"Your account already has a {config.name} account linked; unlink it first.",
+                    "provider",
+                ) from None
             raise AuthFailure(
                 ErrorCode.IDENTITY_ALREADY_LINKED,
                 f"That {config.name} account is linked to another user.",
@@ -555,6 +598,14 @@ class IdentitySignIns:
                     "provider",
                 )
             await tx.execute(_DROP_IDENTITY, {"identity_id": own["id"]})
+            # Whoever signed in through that provider account (taken over, say) is out
+            # too: every other session a provider sign-in opened ends (which provider's is
+            # not kept on a session, so any provider's); the asking session goes on.
+            await self.sessions.lock_sessions(tx, user.id)
+            await tx.execute(
+                _END_FEDERATED_SESSIONS,
+                {"uid": user.id, "keep": claims.session_id, "now": self.clock.now()},
+            )
             await self.notices.send(
                 tx,
                 user_id=user.id,

@@ -470,11 +470,6 @@ class IdentityRedirects:
                 ErrorCode.INVALID_TOKEN,
                 "Send the bearer token of the session that started this link.",
             )
-        async with self.statements.transaction() as tx:
-            if await tx.first(_EXCHANGED, {"flow_id": flow["id"], "now": now}) is None:
-                raise AuthFailure(
-                    ErrorCode.INVALID_TOKEN, "This sign-in code was used already.", field="code"
-                )
         identity = ProvenIdentity(
             provider=flow["provider"],
             subject=flow["subject"],
@@ -482,9 +477,17 @@ class IdentityRedirects:
             email_verified=bool(flow["email_verified"]),
             name=flow["name"],
         )
+        if flow["purpose"] != LINK:
+            # Counted before the code is spent: RATE_LIMITED leaves it for a retry.
+            await self.sign_ins.count(identity)
+        async with self.statements.transaction() as tx:
+            if await tx.first(_EXCHANGED, {"flow_id": flow["id"], "now": now}) is None:
+                raise AuthFailure(
+                    ErrorCode.INVALID_TOKEN, "This sign-in code was used already.", field="code"
+                )
         if flow["purpose"] == LINK:
             return await self.sign_ins.link(identity, flow["user_id"], flow["session_id"], client)
-        return await self.sign_ins.sign_in(identity, client)
+        return await self.sign_ins.sign_in(identity, client, counted=True)
 
 
 def _error(url: str, code: str, description: str) -> Redirect:
