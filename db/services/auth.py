@@ -37,7 +37,6 @@ from typing import Any
 from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode
 from db.mail.outbox import Outbox
-from db.providers.http import ProviderHttp
 from db.providers.registry import IdentityProviders
 from db.security.access import AccessClaims, AccessTokenCodec
 from db.security.device import DeviceTokens
@@ -98,8 +97,8 @@ class AuthService:
         reauth_window: timedelta = timedelta(minutes=10),
         relying_party: RelyingParty | None = None,
         passkey_decoy_key: bytes = b"",
-        identity_providers: IdentityProviders | None = None,
-        identity_flow_key: bytes = b"",
+        identity_providers: IdentityProviders,
+        identity_flow_key: bytes,
     ) -> None:
         self.events = events
         self.devices = devices
@@ -216,14 +215,7 @@ class AuthService:
             notices=notices,
             sessions=self.sessions,
             conclusion=self.conclusion,
-            providers=identity_providers
-            or IdentityProviders(
-                configs={},
-                http=ProviderHttp(timeout=5, allow_insecure=False),
-                clock=clock,
-                public_url=None,
-                redirect_urls=frozenset(),
-            ),
+            providers=identity_providers,
         )
         self.identity_redirects = IdentityRedirects(
             statements=statements,
