@@ -663,3 +663,18 @@ async def test_a_sign_in_racing_the_deletion_of_its_account_makes_a_new_one(
 
     assert answer["__typename"] == "AuthSession", answer
     assert answer["user"]["id"] != first["user"]["id"]
+
+
+async def test_parallel_first_sign_ins_to_an_existing_account_link_once_and_all_sign_in(
+    client: httpx.AsyncClient, provider: LocalProvider, clock: MutableClock
+) -> None:
+    email = unique_email()
+    owner = await signed_up_and_proven(client, email)
+    claims = user_claims(email)
+    tokens = [provider.mint_id_token({**claims, "jti": str(n)}, now=clock.now()) for n in range(6)]
+
+    answers = await asyncio.gather(*(id_token_sign_in(client, token) for token in tokens))
+
+    assert {a["__typename"] for a in answers} == {"AuthSession"}, answers
+    assert {a["user"]["id"] for a in answers} == {owner["user"]["id"]}
+    assert await identities_in_db(client, email) == ["acme"]

@@ -424,6 +424,15 @@ class IdentitySignIns:
             await self.sessions.lock_user(tx, holder["id"], exclusive=True)
             if (
                 await tx.first(
+                    _IDENTITY, {"provider": identity.provider, "subject": identity.subject}
+                )
+                is not None
+            ):
+                # A first sign-in of this same identity, in parallel, linked it since it
+                # was looked for above: decided again, it is found linked.
+                raise _Changed
+            if (
+                await tx.first(
                     _IDENTITY_OF_USER, {"uid": holder["id"], "provider": identity.provider}
                 )
                 is not None
