@@ -222,6 +222,21 @@ class Passkey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
 
+class UserRole(Base):
+    """A role an operator granted a user (`strawgate users roles add`): access tokens carry
+    the user's roles as the "roles" claim, from the next sign-in or refresh."""
+
+    __tablename__ = "user_roles"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    role: Mapped[str] = mapped_column(String(64), primary_key=True)
+    granted_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Who granted it (the operator's name, as the events name them).
+    granted_by: Mapped[str] = mapped_column(String(128))
+
+
 class Identity(Base):
     """A provider account linked to a user (Google, Apple, GitHub, ...): signing in with it
     signs in to this user. One per provider and subject, and one per user and provider."""

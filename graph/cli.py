@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from db.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
-    from db.services.operator import AccountReport, Outcome
+    from db.services.operator import AccountReport, Outcome, RoleList
 
 
 class DatabaseFailed(RuntimeError):
@@ -200,8 +200,10 @@ def _users(args: argparse.Namespace) -> int:
     from db.services.events import SecurityEvents
     from db.services.operator import (
         AccountReport,
+        BadRoleName,
         InvalidEmail,
         Operator,
+        RoleList,
         UnknownAccount,
         UnknownPasskey,
         normalized_email,
@@ -221,7 +223,7 @@ def _users(args: argparse.Namespace) -> int:
     if _no_sqlite_file(settings):
         return 1
 
-    async def act() -> AccountReport | Outcome:
+    async def act() -> AccountReport | Outcome | RoleList:
         engine = create_engine(settings)
         statements = Statements(engine, pool_size=2, timeout=settings.db_timeout)
         # unlock also clears the shared sign-in counter (Redis); memory counters are
@@ -252,6 +254,12 @@ def _users(args: argparse.Namespace) -> int:
                 return await operator.unlock(args.email)
             if args.action == "passkeys remove":
                 return await operator.remove_passkey(args.email, args.passkey_id)
+            if args.action == "roles list":
+                return RoleList(normalized_email(args.email), await operator.roles(args.email))
+            if args.action in ("roles add", "roles remove"):
+                return await operator.change_role(
+                    args.email, args.role, grant=args.action == "roles add"
+                )
             return await operator.logout(args.email)
         finally:
             await statements.close()
@@ -265,6 +273,13 @@ def _users(args: argparse.Namespace) -> int:
     except UnknownAccount as exc:
         print(f"strawgate: no account with the email {exc.email}", file=sys.stderr)
         return 1
+    except BadRoleName as exc:
+        print(
+            f"strawgate: {_printable(str(exc)[:80])!r} is not a role name: 1 to 64 letters,"
+            " digits and . _ : / - (starting with a letter or digit)",
+            file=sys.stderr,
+        )
+        return 2
     except UnknownPasskey as exc:
         shown = _printable(exc.passkey_id[:80])
         print(f"strawgate: {args.email} has no passkey {shown}", file=sys.stderr)
@@ -273,10 +288,12 @@ def _users(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
     elif isinstance(result, AccountReport):
         sys.stdout.write(_account_text(result))
+    elif isinstance(result, RoleList):
+        sys.stdout.write("".join(f"{_printable(role)}\n" for role in result.roles))
     else:
         for line in _outcome_lines(result):
             print(line)
-    if not isinstance(result, AccountReport) and result.rate_limit_cleared is False:
+    if not isinstance(result, AccountReport | RoleList) and result.rate_limit_cleared is False:
         return 3  # unlocked in the database; Redis did not answer for the rate limit
     return 0
 
@@ -381,6 +398,16 @@ def _outcome_lines(outcome: Outcome) -> list[str]:
                 "could not clear its sign-in rate limit: Redis did not answer (it lapses"
                 " within the limit's window)"
             )
+    elif outcome.action in ("roles add", "roles remove"):
+        role, change = _printable(str(outcome.details["role"])), outcome.details["change"]
+        if outcome.changed:
+            lines.append(
+                f"{change} the role {role} {'to' if change == 'added' else 'from'} {email}:"
+                " its access tokens carry it from its next sign-in or refresh"
+            )
+        else:
+            held = "already has" if change == "added" else "does not have"
+            lines.append(f"{email} {held} the role {role}; nothing changed")
     elif outcome.action == "passkeys remove":
         lines.append(
             f"removed the passkey {outcome.details['passkey']}"
@@ -548,6 +575,29 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("passkey_id", help="the passkey's id, as `users show` prints it")
     remove.add_argument("--json", action="store_true", help="print JSON")
     remove.set_defaults(run=_users, action="passkeys remove")
+
+    roles = users_commands.add_parser(
+        "roles",
+        help="the account's roles (carried in its access tokens as the roles claim)",
+        description=(
+            "Roles an operator grants: access tokens carry them as the roles claim from the"
+            " user's next sign-in or refresh (resource servers see a change within"
+            " ACCESS_TOKEN_EXPIRE_MINUTES). Each change is a ROLES_CHANGED event naming"
+            " the operator."
+        ),
+    )
+    roles_commands = roles.add_subparsers(dest="roles_command", required=True)
+    for action, text in (("add", "grant a role"), ("remove", "take a role away")):
+        command = roles_commands.add_parser(action, help=text, description=text)
+        command.add_argument("email", help="the account's email address (any case)")
+        command.add_argument("role", help="the role's name (e.g. admin, billing:read)")
+        command.add_argument("--json", action="store_true", help="print JSON")
+        command.set_defaults(run=_users, action=f"roles {action}")
+    text = "list the account's roles, one a line"
+    listing = roles_commands.add_parser("list", help=text, description=text)
+    listing.add_argument("email", help="the account's email address (any case)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(run=_users, action="roles list")
 
     export = commands.add_parser("export-schema", help="write the GraphQL schema (SDL)")
     export.add_argument("--output", "-o", default="schema.graphql", help='a path, or "-"')

@@ -63,6 +63,13 @@ async def _own_identities(root: User, info: Info[Context, Any]) -> list[LinkedId
     return [LinkedIdentity.from_view(view) for view in views]
 
 
+async def _own_roles(root: User, info: Info[Context, Any]) -> list[str]:
+    viewer = await info.context.user()
+    if viewer is None or str(viewer.id) != str(root.id):
+        return []
+    return await info.context.services.account.roles(viewer.id)
+
+
 @strawberry.type(description="A registered account.")
 class User:
     id: strawberry.ID
@@ -82,6 +89,10 @@ class User:
     )
     identities: list[LinkedIdentity] = strawberry.field(
         resolver=_own_identities, description="The provider accounts linked, oldest first."
+    )
+    roles: list[str] = strawberry.field(
+        resolver=_own_roles,
+        description='Set by operators; carried in access tokens as the "roles" claim. Sorted.',
     )
 
     @classmethod

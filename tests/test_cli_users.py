@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from jose import jwt
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -96,9 +97,9 @@ async def write(database_url: str, statement: Any) -> None:
 async def events(database_url: str, user_id: str, kind: str) -> list[dict[str, Any]]:
     found = await rows(
         database_url,
-        select(SecurityEvent.details).where(
-            SecurityEvent.user_id == uuid.UUID(user_id), SecurityEvent.kind == kind
-        ),
+        select(SecurityEvent.details)
+        .where(SecurityEvent.user_id == uuid.UUID(user_id), SecurityEvent.kind == kind)
+        .order_by(SecurityEvent.id),
     )
     return [json.loads(row.details) for row in found]
 
@@ -506,3 +507,59 @@ async def test_show_lists_linked_identities(
     listed = json.loads(await ok(tmp_path, database_url, "show", email, "--json"))["identities"]
     assert [(i["provider"], i["email"]) for i in listed] == [("google", "ada@gmail.example")]
     assert "1234567890" not in text  # the provider's subject is the export's, not the console's
+
+
+async def test_roles_granted_by_an_operator_reach_the_access_tokens_at_the_next_refresh(
+    client: httpx.AsyncClient, database_url: str, tmp_path: Path
+) -> None:
+    email = unique_email()
+    session = await signup(client, email, PASSWORD)
+    user_id = session["user"]["id"]
+    assert jwt.get_unverified_claims(session["accessToken"])["roles"] == []
+
+    out = await ok(tmp_path, database_url, "roles", "add", email, "support")
+    assert f"added the role support to {email}" in out
+    await ok(tmp_path, database_url, "roles", "add", email, "admin")
+    again = await ok(tmp_path, database_url, "roles", "add", email, "admin")
+    assert "already has the role admin; nothing changed" in again
+    assert await ok(tmp_path, database_url, "roles", "list", email) == "admin\nsupport\n"
+
+    # The token in hand keeps what it said; the next refresh carries the change.
+    assert jwt.get_unverified_claims(session["accessToken"])["roles"] == []
+    renewed = await refresh(client, session["refreshToken"])
+    assert jwt.get_unverified_claims(renewed["accessToken"])["roles"] == ["admin", "support"]
+    me = await gql(client, "{ me { roles } }", token=renewed["accessToken"])
+    assert me["data"]["me"]["roles"] == ["admin", "support"]
+    signed_in = await login(client, email, PASSWORD)
+    assert jwt.get_unverified_claims(signed_in["accessToken"])["roles"] == ["admin", "support"]
+
+    removed = json.loads(
+        await ok(tmp_path, database_url, "roles", "remove", email, "support", "--json")
+    )
+    assert removed["changed"] is True
+    renewed = await refresh(client, renewed["refreshToken"])
+    assert jwt.get_unverified_claims(renewed["accessToken"])["roles"] == ["admin"]
+    changes = await events(database_url, user_id, "ROLES_CHANGED")
+    assert [(e["role"], e["change"]) for e in changes] == [
+        ("support", "added"),
+        ("admin", "added"),
+        ("support", "removed"),
+    ]
+    assert {e["operator"] for e in changes} == {pwd.getpwuid(os.getuid()).pw_name}
+    shown = json.loads(await ok(tmp_path, database_url, "show", email, "--json"))
+    assert shown["roles"] == ["admin"]
+    exported = await gql(client, "{ exportAccount { json } }", token=renewed["accessToken"])
+    document = json.loads(exported["data"]["exportAccount"]["json"])
+    assert [r["role"] for r in document["roles"]] == ["admin"]
+
+
+@pytest.mark.parametrize("role", ["", "two words", ".lead", "x" * 65, "emoji\u2603"])
+async def test_a_role_that_cannot_be_one_is_refused(
+    client: httpx.AsyncClient, database_url: str, tmp_path: Path, role: str
+) -> None:
+    email = unique_email()
+    await signup(client, email, PASSWORD)
+    code, out, err = await strawgate(tmp_path, database_url, "roles", "add", email, role)
+    assert code == 2 and out == ""
+    assert "is not a role name" in err
+    assert await ok(tmp_path, database_url, "roles", "list", email) == ""

@@ -33,6 +33,7 @@ TABLES = {
     "identities",
     "identity_flows",
     "spent_id_tokens",
+    "user_roles",
 }
 
 

@@ -85,7 +85,13 @@ class AccessTokenCodec:
         return {"keys": [signing.public_jwk for signing in self._keys.values()]}
 
     def issue(
-        self, *, user_id: uuid.UUID, session_id: uuid.UUID, amr: list[str], auth_time: datetime
+        self,
+        *,
+        user_id: uuid.UUID,
+        session_id: uuid.UUID,
+        amr: list[str],
+        auth_time: datetime,
+        roles: tuple[str, ...] = (),
     ) -> str:
         now = self._clock.now()
         claims = {
@@ -98,6 +104,8 @@ class AccessTokenCodec:
             "iss": self._issuer,
             "aud": self._audience,
             "amr": list(amr),
+            # Granted by operators (sorted; [] for none): resource servers authorize by it.
+            "roles": list(roles),
         }
         if self._signer is not None:
             return str(

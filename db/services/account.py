@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 
 from db.errors import AuthFailure, ErrorCode, invalid_challenge, invalid_input
-from db.models import TotpCredential, User, UserSession
+from db.models import TotpCredential, User, UserRole, UserSession
 from db.security.access import AccessClaims
 from db.security.limiter import client_key
 from db.security.tokens import new_opaque_token
@@ -80,6 +80,11 @@ _REVOKE_OWN_SESSION = (
 )
 
 
+_ROLES_OF = (
+    select(UserRole.role).where(UserRole.user_id == bindparam("uid")).order_by(UserRole.role)
+)
+
+
 class AccountService:
     def __init__(self, *, auth: AuthService) -> None:
         self.auth = auth
@@ -89,6 +94,12 @@ class AccountService:
         self.hasher = auth.hasher
         self.limiter = auth.limiter
         self.events = auth.events
+
+    async def roles(self, user_id: uuid.UUID) -> list[str]:
+        """The roles operators granted the user, sorted (User.roles: what the user's next
+        access token carries)."""
+        async with self.statements.connection() as conn:
+            return [str(role) for role in await conn.scalars(_ROLES_OF, {"uid": user_id})]
 
     # -- codes by mail ----------------------------------------------------------------------
 

@@ -84,6 +84,9 @@ class EventKind(StrEnum):
     # Identity providers: a provider account linked to the user, or unlinked.
     IDENTITY_LINKED = "IDENTITY_LINKED"
     IDENTITY_UNLINKED = "IDENTITY_UNLINKED"
+    # An operator granted or took away a role (`strawgate users roles`): details name the
+    # role, the change and the operator.
+    ROLES_CHANGED = "ROLES_CHANGED"
 
 
 _KINDS = {kind.value: kind for kind in EventKind}

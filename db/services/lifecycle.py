@@ -23,6 +23,7 @@ from db.models import (
     SecurityEvent,
     TotpCredential,
     User,
+    UserRole,
     UserSession,
 )
 from db.security.access import AccessClaims
@@ -120,6 +121,11 @@ _EXPORT_MAIL = (
     .order_by(OutboxMail.created_at.desc())
 )
 # Passkeys without their public keys (not the user's to read back, and of no use to them).
+_EXPORT_ROLES = (
+    select(UserRole.role, UserRole.granted_at)
+    .where(UserRole.user_id == bindparam("uid"))
+    .order_by(UserRole.role)
+)
 _EXPORT_IDENTITIES = (
     select(
         Identity.provider,
@@ -356,6 +362,7 @@ class LifecycleService:
             mail = await conn.all(_EXPORT_MAIL, uid)
             passkeys = await conn.all(_EXPORT_PASSKEYS, uid)
             identities = await conn.all(_EXPORT_IDENTITIES, uid)
+            roles = await conn.all(_EXPORT_ROLES, uid)
             throttle = await conn.first(
                 _EXPORT_THROTTLE, {"email": parse_email(profile["email"]).normalized}
             )
@@ -395,6 +402,8 @@ class LifecycleService:
                 }
                 for row in passkeys
             ],
+            # Granted by operators (who granted them is the operators' record, not shown).
+            "roles": [{"role": row["role"], "grantedAt": row["granted_at"]} for row in roles],
             # The provider accounts linked: the provider's subject is what it knows the
             # user by (no token of the provider's is ever kept).
             "identities": [

@@ -12,17 +12,26 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 
 from db.clock import Clock
 from db.errors import AuthFailure
-from db.models import Identity, LoginThrottle, Passkey, SecurityEvent, User, UserSession
+from db.models import (
+    Identity,
+    LoginThrottle,
+    Passkey,
+    SecurityEvent,
+    User,
+    UserRole,
+    UserSession,
+)
 from db.services.account import ACCOUNT_BY_EMAIL
 from db.services.challenges import void_pending
 from db.services.events import DetailValue, EventKind, SecurityEvents
@@ -91,6 +100,25 @@ _PASSKEYS = (
     .where(Passkey.user_id == bindparam("uid"))
     .order_by(Passkey.created_at.desc(), Passkey.id)
 )
+_ROLES = (
+    select(UserRole.role, UserRole.granted_at, UserRole.granted_by)
+    .where(UserRole.user_id == bindparam("uid"))
+    .order_by(UserRole.role)
+)
+_GRANT_ROLE = insert(UserRole).values(
+    user_id=bindparam("uid"),
+    role=bindparam("role"),
+    granted_at=bindparam("now"),
+    granted_by=bindparam("operator"),
+)
+_REVOKE_ROLE = delete(UserRole).where(
+    UserRole.user_id == bindparam("uid"), UserRole.role == bindparam("role")
+)
+_HAS_ROLE = select(UserRole.role).where(
+    UserRole.user_id == bindparam("uid"), UserRole.role == bindparam("role")
+)
+# A role's name: what resource servers compare, so plain (no spaces: a claim's list).
+ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")
 _IDENTITIES = (
     select(Identity.provider, Identity.email, Identity.created_at, Identity.last_used_at)
     .where(Identity.user_id == bindparam("uid"))
@@ -105,6 +133,10 @@ _REMOVE_PASSKEY = (
 
 class InvalidEmail(ValueError):
     """What was given is no email address (the message says why)."""
+
+
+class BadRoleName(ValueError):
+    """A role name that cannot be one (see ROLE_NAME)."""
 
 
 class UnknownPasskey(LookupError):
@@ -191,6 +223,17 @@ class IdentityInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class RoleList:
+    """What `users roles list` prints."""
+
+    email: str
+    roles: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"email": self.email, "roles": self.roles}
+
+
+@dataclass(frozen=True, slots=True)
 class AccountReport:
     """What `users show` prints."""
 
@@ -206,6 +249,7 @@ class AccountReport:
     events: list[EventInfo]
     passkeys: list[PasskeyInfo] = field(default_factory=list)  # newest first
     identities: list[IdentityInfo] = field(default_factory=list)  # oldest first
+    roles: list[str] = field(default_factory=list)  # sorted
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -227,6 +271,7 @@ class AccountReport:
                 }
                 for p in self.passkeys
             ],
+            "roles": self.roles,
             "identities": [
                 {
                     "provider": i.provider,
@@ -329,6 +374,7 @@ class Operator:
             events = await conn.all(_RECENT_EVENTS, {"uid": uid, "n": RECENT_EVENTS})
             passkeys = await conn.all(_PASSKEYS, {"uid": uid})
             identities = await conn.all(_IDENTITIES, {"uid": uid})
+            roles = await conn.all(_ROLES, {"uid": uid})
         locked_until = throttle["locked_until"] if throttle is not None else None
         if user["otp_confirmed_at"] is not None:
             two_factor, since = "on", user["otp_confirmed_at"]
@@ -354,6 +400,7 @@ class Operator:
                 )
                 for row in passkeys
             ],
+            roles=[row["role"] for row in roles],
             identities=[
                 IdentityInfo(
                     provider=row["provider"],
@@ -504,6 +551,51 @@ class Operator:
             changed=True,
             active=active,
             sessions_ended=ended,
+            details=details,
+        )
+
+    async def roles(self, email: str) -> list[str]:
+        """The account's roles, sorted."""
+        normalized = normalized_email(email)
+        async with self.statements.connection() as conn:
+            user = await conn.first(ACCOUNT_BY_EMAIL, {"email": normalized})
+            if user is None:
+                raise UnknownAccount(normalized)
+            rows = await conn.all(_ROLES, {"uid": user["id"]})
+        return [row["role"] for row in rows]
+
+    async def change_role(self, email: str, role: str, *, grant: bool) -> Outcome:
+        """Grants (or takes away) a role, recorded as ROLES_CHANGED naming the role and the
+        operator. Access tokens carry it from the user's next sign-in or refresh, so
+        resource servers see it within ACCESS_TOKEN_EXPIRE_MINUTES. Granting a role held
+        (or taking away one not held) changes nothing and writes no event."""
+        if not ROLE_NAME.fullmatch(role):
+            raise BadRoleName(role)
+        normalized = normalized_email(email)
+        async with self.events.transaction(self.statements) as tx:
+            uid, active = await self._lock(tx, normalized)
+            held = await tx.first(_HAS_ROLE, {"uid": uid, "role": role}) is not None
+            changed = held != grant
+            details: dict[str, DetailValue] = {
+                "role": role,
+                "change": "added" if grant else "removed",
+                "operator": self.operator,
+            }
+            if changed and grant:
+                await tx.execute(
+                    _GRANT_ROLE,
+                    {"uid": uid, "role": role, "now": self.clock.now(), "operator": self.operator},
+                )
+            elif changed:
+                await tx.execute(_REVOKE_ROLE, {"uid": uid, "role": role})
+            if changed:
+                await self.events.record(tx, EventKind.ROLES_CHANGED, user_id=uid, details=details)
+        return Outcome(
+            action="roles add" if grant else "roles remove",
+            email=normalized,
+            user_id=uid,
+            changed=changed,
+            active=active,
             details=details,
         )
 

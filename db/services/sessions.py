@@ -14,12 +14,14 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import String, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from db.clock import Clock
 from db.devices import device_family, network_of
 from db.errors import AuthFailure, ErrorCode, account_disabled, reauthentication_required
-from db.models import IP_MAX, RefreshToken, TotpCredential, User, UserSession
+from db.models import IP_MAX, RefreshToken, TotpCredential, User, UserRole, UserSession
 from db.security.access import AccessClaims, AccessTokenCodec
 from db.security.device import DeviceTokens
 from db.security.limiter import RateLimiter, client_key
@@ -49,6 +51,33 @@ OTP_CONFIRMED = TotpCredential.confirmed_at.label("otp_confirmed_at")
 # An account without a password signs in by emailed code only.
 HAS_PASSWORD = User.password_hash.is_not(None).label("has_password")
 WITH_TOTP = (TotpCredential, TotpCredential.user_id == User.id)
+
+
+class _SpaceSeparated(FunctionElement[str]):
+    """Text values joined by spaces: PostgreSQL's string_agg, SQLite's group_concat (with
+    the separator written into the SQL: the statements here are compiled once)."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(_SpaceSeparated)
+def _string_agg(element: _SpaceSeparated, compiler: Any, **kw: Any) -> str:
+    return f"string_agg({compiler.process(element.clauses, **kw)}, ' ')"
+
+
+@compiles(_SpaceSeparated, "sqlite")
+def _group_concat(element: _SpaceSeparated, compiler: Any, **kw: Any) -> str:
+    return f"group_concat({compiler.process(element.clauses, **kw)}, ' ')"
+
+
+# The user's roles, space-separated (role names hold no space), for the tokens issued.
+ROLES = (
+    select(_SpaceSeparated(UserRole.role))
+    .where(UserRole.user_id == User.id)
+    .scalar_subquery()
+    .label("roles")
+)
 
 
 # The user row's lock orders everything done to one account's credentials and sessions.
@@ -148,6 +177,7 @@ _ROTATION_STATE = (
         User.device_epoch,
         OTP_CONFIRMED,
         HAS_PASSWORD,
+        ROLES,
     )
     .join(UserSession, UserSession.id == RefreshToken.session_id)
     .join(User, User.id == UserSession.user_id)
@@ -455,7 +485,11 @@ class Sessions:
         """Tokens for a live session: an access token (with the session's auth_time) and
         a device token issued with this session, at the account's current epoch."""
         access = self.access_tokens.issue(
-            user_id=user.id, session_id=session_id, amr=amr, auth_time=auth_time
+            user_id=user.id,
+            session_id=session_id,
+            amr=amr,
+            auth_time=auth_time,
+            roles=user.roles,
         )
         # The device keeps the identity its token had; a new one is named after the
         # session (so refreshing a session cannot mint device identities).

@@ -33,6 +33,9 @@ class UserView:
     has_password: bool = True
     # What device tokens of the account carry (see db/security/device.py).
     device_epoch: int = 0
+    # Granted by operators, sorted: the access token's "roles" claim (read where tokens are
+    # issued: a sign-in, a refresh, a step-up; not on every request).
+    roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,7 @@ def user_view(row: Mapping[str, Any], id_key: str = "id") -> UserView:
         created_at=row["created_at"],
         has_password=bool(row["has_password"]),
         device_epoch=row.get("device_epoch") or 0,
+        roles=tuple(sorted((row.get("roles") or "").split())),
     )
 
 

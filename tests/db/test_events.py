@@ -284,6 +284,7 @@ def test_the_kinds_are_the_contracts() -> None:
         "PASSKEY_CLONE_SUSPECTED",
         "IDENTITY_LINKED",
         "IDENTITY_UNLINKED",
+        "ROLES_CHANGED",
     ]
 
 

@@ -42,7 +42,19 @@ async def test_access_token_claims_and_header(client: httpx.AsyncClient) -> None
     header = jwt.get_unverified_header(token)
     assert header == {"alg": "HS256", "typ": "at+jwt"}
     claims = claims_of(token)
-    assert set(claims) == {"sub", "sid", "jti", "iat", "exp", "iss", "aud", "amr", "auth_time"}
+    assert set(claims) == {
+        "sub",
+        "sid",
+        "jti",
+        "iat",
+        "exp",
+        "iss",
+        "aud",
+        "amr",
+        "auth_time",
+        "roles",
+    }
+    assert claims["roles"] == []
     assert claims["sub"] == session["user"]["id"]
     uuid.UUID(claims["sid"])
     assert claims["iss"] == "strawgate" and claims["aud"] == "strawgate"

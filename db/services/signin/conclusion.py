@@ -27,7 +27,14 @@ from db.services.challenges import Challenges
 from db.services.events import EventKind, SecurityEvents
 from db.services.notices import Notices
 from db.services.passkey_options import PasskeyOptions
-from db.services.sessions import HAS_PASSWORD, LOCK_LIVE_SESSION, OTP_CONFIRMED, WITH_TOTP, Sessions
+from db.services.sessions import (
+    HAS_PASSWORD,
+    LOCK_LIVE_SESSION,
+    OTP_CONFIRMED,
+    ROLES,
+    WITH_TOTP,
+    Sessions,
+)
 from db.services.types import ClientInfo, IssuedChallenge, IssuedSession, merge_amr, user_view
 from db.session import Runner
 from db.validation import parse_email
@@ -42,6 +49,7 @@ USER_BY_ID = (
         User.device_epoch,
         OTP_CONFIRMED,
         HAS_PASSWORD,
+        ROLES,
     )
     .outerjoin(*WITH_TOTP)
     .where(User.id == bindparam("user_id"))
