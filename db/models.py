@@ -51,6 +51,11 @@ class User(Base):
     webauthn_user_handle: Mapped[bytes | None] = mapped_column(
         LargeBinary(64), default=None, unique=True
     )
+    # The user's own profile (updateProfile): a JSON object as compact text, at most 4 KiB;
+    # NULL for {}. And the language of the user's mails (a BCP 47 tag among the server's);
+    # NULL: the server's default.
+    profile_json: Mapped[str | None] = mapped_column(Text, default=None)
+    locale: Mapped[str | None] = mapped_column(String(35), default=None)
 
     sessions: Mapped[list[UserSession]] = relationship(
         back_populates="user", cascade="all, delete-orphan", passive_deletes=True

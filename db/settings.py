@@ -297,6 +297,8 @@ class RateLimits(BaseModel):
     """`deleteAccount` per account."""
     export_account_account: str = "10/hour"
     """`exportAccount` per account."""
+    update_profile_account: str = "60/hour"
+    """`updateProfile` per account."""
     start_identity_sign_in_ip: str = "30/minute"
     """Provider sign-ins and links started (`/auth/<provider>/authorize`, `startIdentityLink`) per
     client address (`exchangeSignInCode` and `signInWithIdToken` count as `login`)."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
+import orjson
 from email_validator import EmailNotValidError, validate_email
 
 from db.errors import AuthFailure, ErrorCode, invalid_input
@@ -108,3 +110,65 @@ def clean_user_agent(value: str | None) -> str | None:
         return None
     cleaned = "".join(ch for ch in value if unicodedata.category(ch) != "Cc")
     return cleaned[:USER_AGENT_MAX] or None
+
+
+PROFILE_MAX_BYTES = 4096
+# A BCP 47 tag as users' locales take it: a language, and optionally a script and a region.
+_LANGUAGE_TAG = re.compile(r"([A-Za-z]{2,3})(?:-([A-Za-z]{4}))?(?:-([A-Za-z]{2}|[0-9]{3}))?")
+
+
+def parse_profile(text: str) -> str:
+    """A profile as stored: the compact JSON of an object (at most PROFILE_MAX_BYTES) whose
+    keys and strings hold no control characters; INVALID_INPUT (field profileJson)
+    otherwise."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise invalid_input("profileJson must be JSON text.", "profileJson") from None
+    if not isinstance(value, dict):
+        raise invalid_input("profileJson must be a JSON object.", "profileJson")
+    if _holds_control_characters(value):
+        raise invalid_input(
+            "profileJson must not contain control characters in its keys or strings.",
+            "profileJson",
+        )
+    stored = orjson.dumps(value).decode("utf-8")
+    if len(stored.encode("utf-8")) > PROFILE_MAX_BYTES:
+        raise invalid_input(
+            f"profileJson must be at most {PROFILE_MAX_BYTES} bytes (as compact JSON).",
+            "profileJson",
+        )
+    return stored
+
+
+def _holds_control_characters(value: object) -> bool:
+    if isinstance(value, str):
+        return has_control_characters(value)
+    if isinstance(value, dict):
+        return any(
+            _holds_control_characters(key) or _holds_control_characters(item)
+            for key, item in value.items()
+        )
+    if isinstance(value, list):
+        return any(_holds_control_characters(item) for item in value)
+    return False
+
+
+def parse_locale(tag: str, languages: tuple[str, ...]) -> str:
+    """`tag` as stored (language lowercase, Script titlecase, REGION uppercase) where its
+    language is one of `languages`; INVALID_INPUT (field locale) otherwise."""
+    found = _LANGUAGE_TAG.fullmatch(tag.strip())
+    if found is None or found.group(1).lower() not in languages:
+        raise invalid_input(
+            "locale must be a language tag of one of the server's languages: "
+            + ", ".join(languages)
+            + ".",
+            "locale",
+        )
+    language, script, region = found.groups()
+    parts = [language.lower()]
+    if script:
+        parts.append(script.title())
+    if region:
+        parts.append(region.upper())
+    return "-".join(parts)

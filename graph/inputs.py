@@ -221,6 +221,20 @@ class DeletePasskeyInput:
 
 
 @strawberry.input
+class UpdateProfileInput:
+    profile_json: str | None = strawberry.field(
+        default=None,
+        description=(
+            "Replaces the profile: a JSON object as text, at most 4 KiB; null leaves it as it is."
+        ),
+    )
+    locale: str | None = strawberry.field(
+        default=None,
+        description='A language tag among the server\'s; null leaves it as it is, "" clears it.',
+    )
+
+
+@strawberry.input
 class SignInWithIdTokenInput:
     provider: str
     id_token: str = strawberry.field(

@@ -63,6 +63,21 @@ async def _own_identities(root: User, info: Info[Context, Any]) -> list[LinkedId
     return [LinkedIdentity.from_view(view) for view in views]
 
 
+async def _own_profile(root: User, info: Info[Context, Any]) -> tuple[str, str | None]:
+    viewer = await info.context.user()
+    if viewer is None or str(viewer.id) != str(root.id):
+        return "{}", None
+    return await info.context.services.account.profile(viewer.id)
+
+
+async def _own_profile_json(root: User, info: Info[Context, Any]) -> str:
+    return (await _own_profile(root, info))[0]
+
+
+async def _own_locale(root: User, info: Info[Context, Any]) -> str | None:
+    return (await _own_profile(root, info))[1]
+
+
 async def _own_roles(root: User, info: Info[Context, Any]) -> list[str]:
     viewer = await info.context.user()
     if viewer is None or str(viewer.id) != str(root.id):
@@ -89,6 +104,16 @@ class User:
     )
     identities: list[LinkedIdentity] = strawberry.field(
         resolver=_own_identities, description="The provider accounts linked, oldest first."
+    )
+    profile_json: str = strawberry.field(
+        resolver=_own_profile_json,
+        description='The user\'s own profile, a JSON object as text ("{}" when empty).',
+    )
+    locale: str | None = strawberry.field(
+        resolver=_own_locale,
+        description=(
+            "BCP 47 language tag of the user's mails, e.g. \"de\"; null: the server's default."
+        ),
     )
     roles: list[str] = strawberry.field(
         resolver=_own_roles,

@@ -55,6 +55,8 @@ NOTICE_MAILS = (
     "identity_unlinked",
 )
 MAIL_TEMPLATES = CODE_MAILS + NOTICE_MAILS
+# The languages the mails are written in (a user's `locale` must be one of them).
+MAIL_LANGUAGES = ("en",)
 
 # A standalone run of exactly six digits: what a reader (or a mail client's "copy code"
 # button) takes for a code.

@@ -9,9 +9,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from db.errors import AuthFailure, ErrorCode, invalid_challenge, invalid_input
+from db.mail.render import MAIL_LANGUAGES
 from db.models import TotpCredential, User, UserRole, UserSession
 from db.security.access import AccessClaims
 from db.security.limiter import client_key
@@ -30,7 +31,13 @@ from db.services.types import (
     UserView,
     merge_amr,
 )
-from db.validation import check_new_password, normalize_password, parse_email
+from db.validation import (
+    check_new_password,
+    normalize_password,
+    parse_email,
+    parse_locale,
+    parse_profile,
+)
 
 # A user's sessions, as listed: more than any real user has.
 MAX_LISTED_SESSIONS = 500
@@ -80,6 +87,20 @@ _REVOKE_OWN_SESSION = (
 )
 
 
+_PROFILE_OF = select(User.profile_json, User.locale).where(User.id == bindparam("uid"))
+_SET_PROFILE = (
+    update(User)
+    .where(User.id == bindparam("uid"))
+    .values(
+        profile_json=func.coalesce(bindparam("profile_json"), User.profile_json),
+        updated_at=bindparam("now"),
+    )
+)
+_SET_LOCALE = (
+    update(User)
+    .where(User.id == bindparam("uid"))
+    .values(locale=bindparam("locale"), updated_at=bindparam("now"))
+)
 _ROLES_OF = (
     select(UserRole.role).where(UserRole.user_id == bindparam("uid")).order_by(UserRole.role)
 )
@@ -100,6 +121,33 @@ class AccountService:
         access token carries)."""
         async with self.statements.connection() as conn:
             return [str(role) for role in await conn.scalars(_ROLES_OF, {"uid": user_id})]
+
+    async def profile(self, user_id: uuid.UUID) -> tuple[str, str | None]:
+        """The user's profile (JSON object text, "{}" when empty) and locale (None: the
+        server's default)."""
+        async with self.statements.connection() as conn:
+            row = await conn.first(_PROFILE_OF, {"uid": user_id})
+        if row is None:
+            return "{}", None
+        return row["profile_json"] or "{}", row["locale"]
+
+    async def update_profile(
+        self, *, user: UserView, profile_json: str | None, locale: str | None
+    ) -> None:
+        """updateProfile: replaces the profile (a JSON object, at most 4 KiB, no control
+        characters) and sets the locale (one of the mails' languages; "" clears it); None
+        leaves either as it is. Nothing is changed unless both are valid."""
+        await self.limiter.hit("update_profile_account", str(user.id))
+        stored = parse_profile(profile_json) if profile_json is not None else None
+        tag = None
+        if locale is not None and locale != "":
+            tag = parse_locale(locale, MAIL_LANGUAGES)
+        now = self.clock.now()
+        async with self.statements.transaction() as tx:
+            if stored is not None:
+                await tx.execute(_SET_PROFILE, {"uid": user.id, "profile_json": stored, "now": now})
+            if locale is not None:
+                await tx.execute(_SET_LOCALE, {"uid": user.id, "locale": tag, "now": now})
 
     # -- codes by mail ----------------------------------------------------------------------
 

@@ -51,6 +51,8 @@ _EXPORT_USER = select(
     User.created_at,
     User.updated_at,
     User.password_changed_at,
+    User.profile_json,
+    User.locale,
 ).where(User.id == bindparam("uid"))
 _EXPORT_TOTP = select(TotpCredential.created_at, TotpCredential.confirmed_at).where(
     TotpCredential.user_id == bindparam("uid")
@@ -378,6 +380,9 @@ class LifecycleService:
                 "updatedAt": profile["updated_at"],
                 "passwordChangedAt": profile["password_changed_at"],
                 "previousEmails": list(dict.fromkeys(previous)),
+                # updateProfile's: the user's own profile (an object) and mail language.
+                "profile": orjson.loads(profile["profile_json"] or "{}"),
+                "locale": profile["locale"],
             },
             "twoFactor": {
                 "enabled": totp is not None and totp["confirmed_at"] is not None,

@@ -9,9 +9,10 @@ from typing import Any
 import strawberry
 from strawberry.types import Info
 
-from db.errors import AuthFailure
+from db.errors import AuthFailure, invalid_input
 from db.services import challenges as ch
 from db.services.types import IssuedChallenge
+from db.validation import has_control_characters
 from graph.context import Context
 from graph.inputs import (
     ChangePasswordInput,
@@ -19,6 +20,7 @@ from graph.inputs import (
     ResendOtpInput,
     ResetPasswordInput,
     RevokeSessionInput,
+    UpdateProfileInput,
 )
 from graph.permissions import IsAuthenticated
 from graph.resolvers.auth import answer, refuse_as_graphql_error, reject_control_characters
@@ -29,6 +31,8 @@ from graph.types import (
     LogoutResult,
     OtpChallenge,
     Session,
+    User,
+    UserResult,
 )
 
 
@@ -58,6 +62,27 @@ class AccountQuery:
 
 @strawberry.type
 class AccountMutation:
+    @strawberry.mutation(
+        description=("Replaces the signed-in user's profile and sets the language of their mails."),
+        permission_classes=[IsAuthenticated],
+    )
+    async def update_profile(
+        self, info: Info[Context, Any], input: UpdateProfileInput
+    ) -> UserResult:
+        ctx = info.context
+        user, _claims = await ctx.signed_in()
+        try:
+            # Not reject_control_characters on the whole input: JSON text may be
+            # pretty-printed (newlines); the profile's own strings are checked parsed.
+            if input.locale is not None and has_control_characters(input.locale):
+                raise invalid_input("locale must not contain control characters.", "locale")
+            await ctx.services.account.update_profile(
+                user=user, profile_json=input.profile_json, locale=input.locale
+            )
+        except AuthFailure as failure:
+            return AuthError.from_failure(failure)
+        return User.from_view(user)
+
     @strawberry.mutation(
         description="Mails a code to the signed-in user's address; answered with its challenge.",
         permission_classes=[IsAuthenticated],
