@@ -46,6 +46,16 @@ class AppServices:
     passkeys: PasskeyService
 
 
+def client_of(request: Request) -> ClientInfo:
+    """Who asks: request.client is what uvicorn resolved, proxy headers included where
+    trusted; the device token is the cookie's (an input's wins: Context.client_with)."""
+    return ClientInfo(
+        ip=request.client.host if request.client else None,
+        user_agent=request.headers.get("user-agent"),
+        device_token=request.cookies.get(DEVICE_COOKIE),
+    )
+
+
 @dataclass(slots=True)
 class Context:
     request: Request
@@ -54,16 +64,12 @@ class Context:
     request_id: str
     _user: object = field(default=_UNSET)
     _claims: AccessClaims | None = None
+    # The signed-in user's profile and locale, read once for the fields asking for them.
+    profile: tuple[str, str | None] | None = None
 
     @property
     def client(self) -> ClientInfo:
-        # request.client is what uvicorn resolved, proxy headers included where trusted.
-        host = self.request.client.host if self.request.client else None
-        return ClientInfo(
-            ip=host,
-            user_agent=self.request.headers.get("user-agent"),
-            device_token=self.request.cookies.get(DEVICE_COOKIE),
-        )
+        return client_of(self.request)
 
     def client_with(self, device_token: str | None) -> ClientInfo:
         """The client, with the device token an input carries (it wins over a cookie)."""

@@ -36,8 +36,7 @@ from db.services.signin.identity_redirect import (
     Redirect,
     with_params,
 )
-from db.services.types import ClientInfo
-from graph.context import DEVICE_COOKIE
+from graph.context import client_of
 from graph.logs import REQUEST_ID
 
 log = logging.getLogger("strawgate.identities")
@@ -53,14 +52,6 @@ def _page(status: int, title: str, message: str) -> HTMLResponse:
         f"{html.escape(title)}</title><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>"
     )
     return HTMLResponse(body, status_code=status, headers={"cache-control": "no-store"})
-
-
-def _client(request: Request) -> ClientInfo:
-    return ClientInfo(
-        ip=request.client.host if request.client else None,
-        user_agent=request.headers.get("user-agent"),
-        device_token=request.cookies.get(DEVICE_COOKIE),
-    )
 
 
 def _redirect(target: Redirect, *, secure: bool, status: int = 302) -> Response:
@@ -96,7 +87,7 @@ def routes(secure_cookies: bool) -> list[Route]:
                     provider_id=provider_id,
                     link=params["link"],
                     binding=binding,
-                    client=_client(request),
+                    client=client_of(request),
                 )
             return await identities.start(
                 provider_id=provider_id,
@@ -104,7 +95,7 @@ def routes(secure_cookies: bool) -> list[Route]:
                 code_challenge=params.get("code_challenge", ""),
                 code_challenge_method=params.get("code_challenge_method", ""),
                 binding=binding,
-                client=_client(request),
+                client=client_of(request),
             )
 
         return await _answer(

@@ -64,10 +64,13 @@ async def _own_identities(root: User, info: Info[Context, Any]) -> list[LinkedId
 
 
 async def _own_profile(root: User, info: Info[Context, Any]) -> tuple[str, str | None]:
-    viewer = await info.context.user()
+    ctx = info.context
+    viewer = await ctx.user()
     if viewer is None or str(viewer.id) != str(root.id):
         return "{}", None
-    return await info.context.services.account.profile(viewer.id)
+    if ctx.profile is None:
+        ctx.profile = await ctx.services.account.profile(viewer.id)
+    return ctx.profile
 
 
 async def _own_profile_json(root: User, info: Info[Context, Any]) -> str:

@@ -79,6 +79,7 @@ class AccountMutation:
             await ctx.services.account.update_profile(
                 user=user, profile_json=input.profile_json, locale=input.locale
             )
+            ctx.profile = None  # read again for this answer's fields
         except AuthFailure as failure:
             return AuthError.from_failure(failure)
         return User.from_view(user)

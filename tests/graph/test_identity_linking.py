@@ -392,18 +392,23 @@ async def test_a_link_code_needs_the_session_that_started_it(
     assert right["data"]["exchangeSignInCode"]["__typename"] == "AuthSession"
 
 
-async def test_a_link_url_binds_the_first_browser_only(
-    client: httpx.AsyncClient, provider: LocalProvider
-) -> None:
-    owner = await signed_up_and_proven(client, unique_email())
+async def start_link_url(client: httpx.AsyncClient, token: str) -> str:
+    """startIdentityLink's authorizeUrl (the verifier is not needed: nothing is exchanged)."""
     _verifier, challenge = pkce_pair()
     started = await gql(
         client,
         START_LINK,
         {"i": {"provider": "acme", "redirectTo": REDIRECT, "codeChallenge": challenge}},
-        token=owner["accessToken"],
+        token=token,
     )
-    url = started["data"]["startIdentityLink"]["authorizeUrl"]
+    return str(started["data"]["startIdentityLink"]["authorizeUrl"])
+
+
+async def test_a_link_url_binds_the_first_browser_only(
+    client: httpx.AsyncClient, provider: LocalProvider
+) -> None:
+    owner = await signed_up_and_proven(client, unique_email())
+    url = await start_link_url(client, owner["accessToken"])
     assert (await client.get(url)).status_code == 302
     assert (await client.get(url)).status_code == 400
 
@@ -501,14 +506,7 @@ async def test_a_link_opened_while_the_provider_is_down_goes_back_and_stays_usab
     client: httpx.AsyncClient, provider: LocalProvider
 ) -> None:
     owner = await signed_up_and_proven(client, unique_email())
-    _verifier, challenge = pkce_pair()
-    started = await gql(
-        client,
-        START_LINK,
-        {"i": {"provider": "acme", "redirectTo": REDIRECT, "codeChallenge": challenge}},
-        token=owner["accessToken"],
-    )
-    url = started["data"]["startIdentityLink"]["authorizeUrl"]
+    url = await start_link_url(client, owner["accessToken"])
     provider.fail("discovery", "error")
 
     down = await client.get(url)
