@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     Uuid,
     false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -56,6 +57,9 @@ class User(Base):
     # NULL: the server's default.
     profile_json: Mapped[str | None] = mapped_column(Text, default=None)
     locale: Mapped[str | None] = mapped_column(String(35), default=None)
+    # The language the signup request asked for (its Accept-Language, among the mail
+    # languages): the mails' language while `locale` is unset. NULL: DEFAULT_LOCALE.
+    signup_locale: Mapped[str | None] = mapped_column(String(35), default=None)
 
     sessions: Mapped[list[UserSession]] = relationship(
         back_populates="user", cascade="all, delete-orphan", passive_deletes=True
@@ -343,6 +347,71 @@ class OutboxMail(Base):
     claim_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    last_error: Mapped[str | None] = mapped_column(String(255), default=None)
+    # The language the mail is written in (one of the mail languages), chosen when it is
+    # queued; NULL: DEFAULT_LOCALE.
+    language: Mapped[str | None] = mapped_column(String(35), default=None)
+
+
+class WebhookEvent(Base):
+    """One webhook event (db/webhooks), written in the transaction of the change it reports:
+    it exists exactly when the change committed. `payload` is the body every endpoint gets,
+    never a secret."""
+
+    __tablename__ = "webhook_events"
+
+    # Increasing in insertion order: the order each endpoint receives its events in.
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    # The `webhook-id` receivers deduplicate by ("msg_" and its hex), the same on every retry.
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    type: Mapped[str] = mapped_column(String(64))
+    # No foreign key: user.deleted outlives the account.
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None, index=True)
+    # JSON, Standard Webhooks' shape: {"type", "timestamp", "data"}.
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # PostgreSQL: the id of the transaction that wrote it (pg_current_xact_id()); an
+    # event is handed out only once no transaction that began before it is still open, so
+    # one committed later with a lower seq is never overtaken. NULL on SQLite (one writer).
+    txid: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint: pending while next_attempt_at is set; a dispatcher leases
+    it (claimed_until, claim_id) rather than holding a transaction open across the request.
+    Delivered (delivered_at), or given up (failed_at: the dead letter, which
+    `strawgate webhooks replay` sends again)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # Each endpoint's pending deliveries in order: the head is the next to send.
+        Index(
+            "ix_webhook_deliveries_pending",
+            "endpoint",
+            "event_seq",
+            postgresql_where=text("next_attempt_at IS NOT NULL"),
+            sqlite_where=text("next_attempt_at IS NOT NULL"),
+        ),
+    )
+
+    event_seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("webhook_events.seq", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    # The endpoint's URL, as configured in WEBHOOK_ENDPOINTS.
+    endpoint: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    claim_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # The last answer's HTTP status (NULL: none, e.g. a timeout) and what went wrong.
+    last_status: Mapped[int | None] = mapped_column(Integer, default=None)
     last_error: Mapped[str | None] = mapped_column(String(255), default=None)
 
 

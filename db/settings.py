@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import ipaddress
 import itertools
 import logging
@@ -363,6 +364,51 @@ class IdentityProviderSettings(BaseModel):
     Enterprise Server: `https://github.example.com`)."""
 
 
+class WebhookEndpointSettings(BaseModel):
+    """One endpoint of `WEBHOOK_ENDPOINTS`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    """Where the events are POSTed: HTTPS to a public address (see `WEBHOOK_ALLOW_PRIVATE`)."""
+    secrets: list[SecretStr] = Field(min_length=1)
+    """Standard Webhooks secrets (`whsec_` and base64 of 24 to 64 random bytes): every request
+    is signed with each (`webhook-signature` holds one signature per secret), so during a
+    rotation list the new one beside the old until the receiver has switched."""
+    events: list[str] | None = None
+    """The event types this endpoint gets (`user.created`, ...); unset: all of them."""
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets_are_standard(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for secret in value:
+            raw = secret.get_secret_value()
+            if not raw.startswith("whsec_"):
+                raise ValueError("a webhook secret starts with whsec_")
+            try:
+                key = base64.b64decode(raw.removeprefix("whsec_"), validate=True)
+            except binascii.Error:
+                raise ValueError("a webhook secret is whsec_ and base64") from None
+            if not 24 <= len(key) <= 64:
+                raise ValueError("a webhook secret holds 24 to 64 bytes")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events_are_known(cls, value: list[str] | None) -> list[str] | None:
+        from db.webhooks.catalogue import EVENT_TYPES
+
+        for event in value or ():
+            if event not in EVENT_TYPES:
+                raise ValueError(
+                    f"unknown webhook event {event!r} (known: {', '.join(EVENT_TYPES)})"
+                )
+        return value
+
+    def wants(self, event_type: str) -> bool:
+        return self.events is None or event_type in self.events
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env",
@@ -543,6 +589,27 @@ class Settings(BaseSettings):
     identity_provider_timeout: float = Field(5.0, gt=0, le=30)
     """Seconds for one request to a provider (discovery, keys, token, user info) before it counts
     as failed (`PROVIDER_ERROR`)."""
+
+    # Webhooks and the claims hook.
+    webhook_endpoints: list[WebhookEndpointSettings] = Field(default_factory=list)
+    """JSON: `[{"url": "https://...", "secrets": ["whsec_..."], "events": ["user.created"]}]`
+    (no `events`: every type). Each committed change is delivered to each endpoint that wants
+    it, at least once, signed per Standard Webhooks, in commit order per endpoint."""
+    webhook_allow_private: bool = False
+    """Allow webhook endpoints and the claims hook on private, loopback or link-local addresses,
+    and over plain HTTP to them (tests; a receiver on your own network). Off, they must be
+    HTTPS to a public address."""
+    claims_hook: str | None = None
+    """A Python callable, `module:function` (async), that adds claims to every access token
+    (for deployments that install Strawgate as a package). Takes precedence over
+    `CLAIMS_HOOK_URL`."""
+    claims_hook_url: str | None = None
+    """An HTTPS endpoint that adds claims to every access token: POSTed the user, roles, `amr`,
+    session and reason, signed like the webhooks with `CLAIMS_HOOK_SECRET`; it answers
+    `{"claims": {...}}` within 2 s, or the sign-in or refresh fails (`SERVICE_UNAVAILABLE`)."""
+    claims_hook_secret: SecretStr | None = None
+    """The Standard Webhooks secret (`whsec_...`) the claims hook's requests are signed with.
+    Required with `CLAIMS_HOOK_URL`."""
 
     # Email ownership and emailed codes.
     require_email_verification: bool = True

@@ -64,6 +64,7 @@ from db.services.notices import Notices
 from db.services.passkeys import PasskeyService
 from db.session import Statements, connection_problem, create_engine
 from db.settings import ConfigError, Settings
+from db.webhooks.events import WebhookEvents
 from graph import identity_routes, wellknown
 from graph.context import AppServices, Context
 from graph.errors import DatabaseWatch, is_missing_table, present_errors
@@ -519,7 +520,10 @@ def make_auth(
 ) -> AuthService:
     secret = settings.secret()
     notices = Notices(outbox=outbox, clock=clock)
-    events = SecurityEvents(clock=clock)
+    webhooks = WebhookEvents(
+        endpoints=settings.webhook_endpoints, clock=clock, postgres=not settings.is_sqlite
+    )
+    events = SecurityEvents(clock=clock, webhooks=webhooks)
     devices = DeviceTokens(
         key=derive_key(secret, "device-token"),
         lifetime=timedelta(days=settings.device_token_days),

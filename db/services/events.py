@@ -30,6 +30,7 @@ from db.services.batches import AnyOf, Batching, chosen, ctid_of, until_done, wa
 from db.services.types import ClientInfo
 from db.session import Runner, Statements
 from db.validation import clean_user_agent, parse_email
+from db.webhooks.events import WebhookEvents
 
 # The audit stream: one line per event, at INFO.
 log = logging.getLogger("strawgate.security")
@@ -235,8 +236,11 @@ class _Recording:
 
 
 class SecurityEvents:
-    def __init__(self, *, clock: Clock) -> None:
+    def __init__(self, *, clock: Clock, webhooks: WebhookEvents | None = None) -> None:
         self.clock = clock
+        # The webhook events that follow from these (db/webhooks): written in the same
+        # transaction. None: no webhooks (tests of the trail alone).
+        self.webhooks = webhooks
 
     @contextlib.asynccontextmanager
     async def transaction(self, statements: Statements) -> AsyncIterator[Runner]:
