@@ -599,6 +599,18 @@ class Settings(BaseSettings):
     """Allow webhook endpoints and the claims hook on private, loopback or link-local addresses,
     and over plain HTTP to them (tests; a receiver on your own network). Off, they must be
     HTTPS to a public address."""
+    webhook_timeout: float = Field(10.0, gt=0, le=60)
+    """Seconds for one delivery (connect, send, the answer's status) before it counts as failed
+    and is retried."""
+    webhook_retry_max_seconds: int = Field(300, ge=1, le=3600)
+    """The cap of the retry backoff of a failed delivery (from 1 s, doubling, a little jitter):
+    while an endpoint fails, it is tried again at least this often."""
+    webhook_give_up_hours: int = Field(24, ge=1)
+    """A delivery not made this many hours after it was queued (or replayed) is given up: a dead
+    letter, kept for `strawgate webhooks replay` until `WEBHOOK_RETENTION_DAYS`."""
+    webhook_retention_days: int = Field(7, ge=1)
+    """Webhook events delivered or given up everywhere are deleted this many days old (dead
+    letters included: replay them before)."""
     claims_hook: str | None = None
     """A Python callable, `module:function` (async), that adds claims to every access token
     (for deployments that install Strawgate as a package). Takes precedence over
@@ -872,6 +884,7 @@ class Settings(BaseSettings):
             self._check_public_urls()
             self.relying_party()
             self._check_identity_providers()
+            self._check_webhooks()
             if self.is_sqlite:
                 log.warning("Production on SQLite: one server process only; use PostgreSQL")
             return self
@@ -883,7 +896,13 @@ class Settings(BaseSettings):
         self._check_mail()
         self.relying_party()
         self._check_identity_providers()
+        self._check_webhooks()
         return self
+
+    def _check_webhooks(self) -> None:
+        from db.webhooks.outbound import check_endpoints
+
+        check_endpoints(self)
 
     def _check_identity_providers(self) -> None:
         from db.providers.config import provider_configs, redirect_urls

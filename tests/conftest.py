@@ -106,7 +106,7 @@ async def clean_db(database_url: str) -> AsyncIterator[None]:
             text(
                 "TRUNCATE users, sessions, refresh_tokens, challenges, totp_credentials,"
                 " recovery_codes, outbox, security_events, login_throttles, identity_flows,"
-                " spent_id_tokens CASCADE"
+                " spent_id_tokens, webhook_events, webhook_deliveries CASCADE"
             )
         )
     await engine.dispose()

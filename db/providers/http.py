@@ -1,4 +1,5 @@
-"""Outbound HTTP to identity providers: HTTPS to public addresses only, bounded in time and size.
+"""Outbound HTTP (identity providers; webhooks and the claims hook): HTTPS to public addresses
+only, bounded in time and size.
 
 The URLs come from settings and from the providers' own discovery documents, so each is a
 way to make this server send a request: to a metadata service, to a database on the
@@ -7,7 +8,9 @@ the host name is resolved once, every address it resolves to must be public (not
 loopback, link-local, shared, multicast or reserved), and the connection goes to the
 address that was checked, so a DNS answer that changes between check and connect (DNS
 rebinding) reaches nothing new. TLS still verifies the certificate for the host name.
-`IDENTITY_PROVIDERS_ALLOW_INSECURE` lifts both rules (tests; a provider on your own network).
+`IDENTITY_PROVIDERS_ALLOW_INSECURE` lifts both rules (tests; a provider on your own network);
+for webhooks and the claims hook, `WEBHOOK_ALLOW_PRIVATE` does (`setting` names the one that
+applies in what the refusals say).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import orjson
 
 # The most of a provider's answer read: discovery documents and key sets are a few KiB.
 MAX_RESPONSE_BYTES = 512 * 1024
+PROVIDERS_SETTING = "IDENTITY_PROVIDERS_ALLOW_INSECURE"
 
 
 class ProviderUnreachable(Exception):
@@ -56,9 +60,10 @@ def is_public_address(address: str) -> bool:
 class _CheckedBackend(httpcore.AsyncNetworkBackend):
     """Connects only to addresses that passed the check, by the address checked."""
 
-    def __init__(self, *, allow_private: bool) -> None:
+    def __init__(self, *, allow_private: bool, setting: str = PROVIDERS_SETTING) -> None:
         self._inner = httpcore.AnyIOBackend()
         self._allow_private = allow_private
+        self._setting = setting
 
     async def connect_tcp(
         self,
@@ -80,7 +85,7 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
                 if not is_public_address(address):
                     raise httpcore.ConnectError(
                         f"{host} resolves to a private, loopback or link-local address"
-                        " (IDENTITY_PROVIDERS_ALLOW_INSECURE allows it)"
+                        f" ({self._setting} allows it)"
                     )
         last: Exception | None = None
         for address in addresses:
@@ -99,7 +104,7 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
         socket_options: Any = None,
     ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not providers")
+        raise httpcore.ConnectError("no unix sockets")
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
@@ -109,13 +114,19 @@ class _BoundedTransport(httpx.AsyncBaseTransport):
     """Reads at most MAX_RESPONSE_BYTES of an answer, before and after decompression (a
     few KiB of gzip can inflate to gigabytes); no redirects are followed (httpx's default),
     so every URL asked is one that was checked. The answer handed on is decoded, with no
-    content-encoding left for httpx to decode again without a bound."""
+    content-encoding left for httpx to decode again without a bound.
 
-    def __init__(self, inner: httpx.AsyncHTTPTransport) -> None:
+    Without `keep_body` (webhooks: only the status counts) at most MAX_DRAINED_BYTES of the
+    answer are read and dropped, however long it is, and the answer handed on is empty."""
+
+    def __init__(self, inner: httpx.AsyncHTTPTransport, *, keep_body: bool = True) -> None:
         self._inner = inner
+        self._keep_body = keep_body
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self._inner.handle_async_request(request)
+        if not self._keep_body:
+            return await _drained(response)
         body = bytearray()
         try:
             async for chunk in response.aiter_raw():
@@ -146,6 +157,28 @@ class _BoundedTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
+# What an answer whose body is not wanted may send before the connection is dropped: a
+# short body is read to its end, so the connection can serve the next request.
+MAX_DRAINED_BYTES = 64 * 1024
+
+
+async def _drained(response: httpx.Response) -> httpx.Response:
+    read = 0
+    try:
+        async for chunk in response.aiter_raw():
+            read += len(chunk)
+            if read > MAX_DRAINED_BYTES:
+                break
+    finally:
+        await response.aclose()
+    headers = [
+        (k, v)
+        for k, v in response.headers.multi_items()
+        if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(response.status_code, headers=headers, content=b"")
+
+
 def _decompressed(content: bytes, encoding: str, host: str) -> bytes:
     """`content` decoded from gzip or deflate, at most MAX_RESPONSE_BYTES of it. Only
     `identity` is asked for, but a server may compress anyway, and its compressed bytes
@@ -168,8 +201,9 @@ def _decompressed(content: bytes, encoding: str, host: str) -> bytes:
     raise ProviderUnreachable(f"{host} answered {encoding} that does not decompress")
 
 
-def check_url(url: str, *, allow_insecure: bool) -> str | None:
-    """Why `url` may not be asked (not absolute, not HTTPS), or None."""
+def check_url(url: str, *, allow_insecure: bool, setting: str = PROVIDERS_SETTING) -> str | None:
+    """Why `url` may not be asked (not absolute, not HTTPS, a user name in it), or None;
+    `setting` is the one that allows plain HTTP."""
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError):
@@ -177,22 +211,33 @@ def check_url(url: str, *, allow_insecure: bool) -> str | None:
     if parsed.scheme not in ("https", "http") or not parsed.host:
         return "is not an absolute http(s) URL"
     if parsed.scheme != "https" and not allow_insecure:
-        return "must use https (IDENTITY_PROVIDERS_ALLOW_INSECURE allows http)"
+        return f"must use https ({setting} allows http)"
     if parsed.userinfo:
         return "must not hold a user name or password"
     return None
 
 
 class ProviderHttp:
-    """The one HTTP client every provider call goes through."""
+    """The one HTTP client every provider call goes through (and, built with the webhooks'
+    `setting` and `keep_body=False`, every webhook delivery: db/webhooks/outbound.py)."""
 
-    def __init__(self, *, timeout: float, allow_insecure: bool) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        allow_insecure: bool,
+        setting: str = PROVIDERS_SETTING,
+        keep_body: bool = True,
+    ) -> None:
         self.timeout = timeout
         self.allow_insecure = allow_insecure
+        self.setting = setting
         inner = httpx.AsyncHTTPTransport(retries=0)
         # httpx does not take a network backend; its pool does.
-        inner._pool._network_backend = _CheckedBackend(allow_private=allow_insecure)
-        self.transport = _BoundedTransport(inner)
+        inner._pool._network_backend = _CheckedBackend(
+            allow_private=allow_insecure, setting=setting
+        )
+        self.transport = _BoundedTransport(inner, keep_body=keep_body)
         self.client = httpx.AsyncClient(
             transport=self.transport,
             timeout=httpx.Timeout(timeout),
@@ -207,7 +252,7 @@ class ProviderHttp:
         )
 
     def checked(self, url: str) -> str:
-        problem = check_url(url, allow_insecure=self.allow_insecure)
+        problem = check_url(url, allow_insecure=self.allow_insecure, setting=self.setting)
         if problem is not None:
             raise ProviderUnreachable(f"{url} {problem}")
         return url

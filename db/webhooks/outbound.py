@@ -1,0 +1,75 @@
+"""Where webhooks (and the claims hook) may send requests: HTTPS to public addresses only,
+unless WEBHOOK_ALLOW_PRIVATE (which also allows plain HTTP). A URL is checked when the
+settings are read (`endpoint_problem`, ConfigError naming the setting), and every
+connection where it is made: the shared outbound client of db/providers/http.py resolves
+the host name once, refuses it if any address is private, loopback or link-local, and
+connects to the address it checked (no DNS rebinding); TLS verifies the host name. No
+redirect is followed and no more than a bounded answer is read."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import httpx
+
+from db.providers.http import ProviderHttp, check_url, is_public_address
+from db.settings import ConfigError, Settings
+
+SETTING = "WEBHOOK_ALLOW_PRIVATE"
+MAX_URL = 2048  # webhook_deliveries.endpoint
+
+
+def endpoint_problem(url: str, *, allow_private: bool) -> str | None:
+    """Why `url` cannot be a webhook endpoint (or the claims hook), or None: not an
+    absolute http(s) URL, plain HTTP, a user name or password in it, or an address that is
+    not public written in it, the last two unless `allow_private`. A host name is checked
+    where each connection is made, against what it resolves to then."""
+    problem = check_url(url, allow_insecure=allow_private, setting=SETTING)
+    if problem is not None:
+        return problem
+    if len(url) > MAX_URL:
+        return f"is longer than {MAX_URL} characters"
+    host = httpx.URL(url).host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a name: checked at connect time
+    if not allow_private and not is_public_address(str(address)):
+        return f"is a private, loopback or link-local address ({SETTING} allows it)"
+    return None
+
+
+def check_endpoints(settings: Settings) -> None:
+    """ConfigError for a WEBHOOK_ENDPOINTS entry that cannot be delivered to, or a URL
+    listed twice (its events would be written twice for one endpoint)."""
+    seen: set[str] = set()
+    for position, endpoint in enumerate(settings.webhook_endpoints):
+        problem = endpoint_problem(endpoint.url, allow_private=settings.webhook_allow_private)
+        if problem is not None:
+            raise ConfigError(f"WEBHOOK_ENDPOINTS[{position}]: {shown(endpoint.url)} {problem}")
+        if endpoint.url in seen:
+            raise ConfigError(
+                f"WEBHOOK_ENDPOINTS[{position}]: {shown(endpoint.url)} is listed twice"
+                " (give it one entry, with every event it wants)"
+            )
+        seen.add(endpoint.url)
+
+
+def outbound_http(*, timeout: float, allow_private: bool, keep_body: bool) -> ProviderHttp:
+    """The shared outbound client with the webhooks' rules: without `keep_body` (deliveries:
+    only the status counts) an answer's body is read only up to a small bound, and dropped."""
+    return ProviderHttp(
+        timeout=timeout, allow_insecure=allow_private, setting=SETTING, keep_body=keep_body
+    )
+
+
+def shown(url: str) -> str:
+    """An endpoint as logs, metrics and the command line show it: without its query string
+    (where a receiver may have put a token) or fragment."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "(not a URL)"
+    if not parsed.scheme or not parsed.host:
+        return "(not a URL)"
+    return str(parsed.copy_with(query=None, fragment=None, userinfo=b""))
