@@ -64,6 +64,7 @@ from db.services.notices import Notices
 from db.services.passkeys import PasskeyService
 from db.session import Statements, connection_problem, create_engine
 from db.settings import ConfigError, Settings
+from db.webhooks.delivery import WebhookDispatcher
 from db.webhooks.events import WebhookEvents
 from graph import identity_routes, wellknown
 from graph.context import AppServices, Context
@@ -370,6 +371,10 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             sender.on_failure = lambda reason: metrics.mail_failures.labels(reason=reason).inc()
             await limiter.start()
             auth = make_auth(settings, statements, hasher, outbox, clock, limiter)
+            dispatcher = WebhookDispatcher.from_settings(
+                settings, statements=statements, events=auth.events.webhooks, clock=clock
+            )
+            dispatcher.on_outcome = metrics.webhook_outcome
             housekeeper = Housekeeper(
                 statements=statements,
                 clock=clock,
@@ -381,6 +386,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 event_retention=timedelta(days=settings.security_event_retention_days),
                 session_retention=timedelta(days=settings.session_retention_days),
                 challenge_retention=timedelta(days=settings.challenge_retention_days),
+                webhook_retention=timedelta(days=settings.webhook_retention_days),
                 lockout=auth.lockout,
                 sweep_every=timedelta(seconds=settings.housekeeping_sweep_seconds),
             )
@@ -396,7 +402,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             )
             app.state.mail_sender = sender
             app.state.housekeeper = housekeeper
+            app.state.webhook_dispatcher = dispatcher
             await sender.start()
+            await dispatcher.start()
             await housekeeper.start()
             # Everything made so far lives as long as the process: keep it out of the
             # cyclic collector's full passes, which otherwise walk every module, schema
@@ -416,6 +424,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 yield
             finally:
                 await housekeeper.stop()
+                await dispatcher.stop()  # finishes or releases the deliveries it holds
                 await sender.stop()  # finishes or releases the mails it holds
                 await transport.close()
                 await auth.identities.providers.aclose()

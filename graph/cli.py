@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
+import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,7 @@ from db.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
     from db.services.operator import AccountReport, Outcome, RoleList
+    from db.webhooks.operator import QueueReport
 
 
 class DatabaseFailed(RuntimeError):
@@ -298,6 +301,154 @@ def _users(args: argparse.Namespace) -> int:
     return 0
 
 
+def _webhooks(args: argparse.Namespace) -> int:
+    """`strawgate webhooks list|replay`: see db/webhooks/operator.py."""
+    import asyncio
+    import json
+
+    from db.clock import SystemClock
+    from db.session import Statements, create_engine
+    from db.webhooks.operator import queue_report, replay
+
+    settings = Settings()  # no prepare(): only the database and WEBHOOK_ENDPOINTS are read
+    event_id = since = None
+    if args.action == "replay":
+        filters = (args.event, args.endpoint, args.since)
+        if not args.all and all(value is None for value in filters):
+            print(
+                "strawgate: say which dead letters to replay: --event, --endpoint, --since,"
+                " or --all",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            event_id = None if args.event is None else _event_id(args.event)
+            since = None if args.since is None else _since(args.since, SystemClock().now())
+        except ValueError as exc:
+            print(f"strawgate: {exc}", file=sys.stderr)
+            return 2
+    if _no_sqlite_file(settings):
+        return 1
+
+    async def act() -> QueueReport | int:
+        engine = create_engine(settings)
+        statements = Statements(engine, pool_size=2, timeout=settings.db_timeout)
+        try:
+            await statements.start()
+            now = SystemClock().now()
+            if args.action == "list":
+                return await queue_report(
+                    statements,
+                    configured=[endpoint.url for endpoint in settings.webhook_endpoints],
+                    now=now,
+                    recent=args.recent,
+                )
+            return await replay(
+                statements, now=now, event_id=event_id, endpoint=args.endpoint, since=since
+            )
+        finally:
+            await statements.close()
+            await engine.dispose()
+
+    with _on_the_database(settings):
+        result = asyncio.run(act())
+    if isinstance(result, int):
+        print(
+            f"queued {result} dead letter(s) again: running servers deliver them now, each"
+            " endpoint's after the events it already waits for"
+            if result
+            else "no dead letter matched; nothing queued"
+        )
+        return 0
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(_queue_text(result))
+    return 0
+
+
+def _event_id(value: str) -> uuid.UUID:
+    """An event by its id or its webhook-id (msg_ and the id's hex)."""
+    try:
+        return uuid.UUID(value.removeprefix("msg_"))
+    except ValueError:
+        raise ValueError(
+            f"{_printable(value[:80])!r} is no event id (a UUID, or a webhook-id: msg_...)"
+        ) from None
+
+
+def _since(value: str, now: datetime) -> datetime:
+    """A moment: ISO 8601 (UTC unless it says otherwise) or an age: 30m, 2h, 7d."""
+    found = re.fullmatch(r"(\d+)\s*([smhd])", value.strip())
+    if found:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[found.group(2)]
+        return now - timedelta(**{unit: int(found.group(1))})
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"--since {_printable(value[:80])!r}: give a time (2026-12-06T10:00, UTC unless it"
+            " says otherwise) or an age (30m, 2h, 7d)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def _queue_text(report: QueueReport) -> str:
+    if not report.endpoints:
+        return "no webhook endpoints (WEBHOOK_ENDPOINTS) and no deliveries\n"
+    rows = [("endpoint", "pending", "delivered", "dead", "oldest pending")]
+    for counts in report.endpoints:
+        name = counts.endpoint if counts.configured else f"{counts.endpoint} (not configured)"
+        oldest = (
+            "-"
+            if counts.oldest_pending is None
+            else _age((report.at - counts.oldest_pending).total_seconds())
+        )
+        rows.append(
+            (_printable(name), str(counts.pending), str(counts.delivered), str(counts.dead), oldest)
+        )
+    width = max(len(row[0]) for row in rows)
+    lines = [
+        f"{row[0]:<{width}}  {row[1]:>7}  {row[2]:>9}  {row[3]:>5}  {row[4]}".rstrip()
+        for row in rows
+    ]
+    if report.dead_letters:
+        lines.append("")
+        lines.append(
+            "recent dead letters, newest first (strawgate webhooks replay queues them again)"
+        )
+        for letter in report.dead_letters:
+            lines.append(
+                f"  {_when(letter.failed_at)}  {letter.webhook_id}  {_printable(letter.type)}"
+                f"  {_printable(letter.endpoint)}"
+            )
+            error = _printable(letter.last_error or "-")
+            if not letter.attempts:
+                lines.append(f"    {error}")
+            elif letter.last_status is None:
+                lines.append(f"    {letter.attempts} attempt(s), the last failed: {error}")
+            else:
+                answered = f"HTTP {letter.last_status}"
+                more = "" if error == answered else f": {error}"
+                attempts = f"{letter.attempts} attempt(s)"
+                lines.append(f"    {attempts}, the last answered {answered}{more}")
+    else:
+        lines.append("")
+        lines.append("no dead letters")
+    return "\n".join(lines) + "\n"
+
+
 def _printable(value: object) -> str:
     """Text from the database (a user agent, say) without control characters: nothing
     a client sent can move the terminal's cursor or colour."""
@@ -475,6 +626,13 @@ _USERS_HELP = (
 )
 
 
+_WEBHOOKS_HELP = (
+    "The webhook deliveries on the configured database (DATABASE_URL), to the endpoints of"
+    " WEBHOOK_ENDPOINTS: what waits, what was delivered, what was given up (dead letters),"
+    " and replaying those. No payload is shown; endpoints without their query strings."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; docs/reference/cli.md is generated from it (graph/reference.py)."""
     parser = argparse.ArgumentParser(prog="strawgate", description=__doc__)
@@ -598,6 +756,42 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("email", help="the account's email address (any case)")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=_users, action="roles list")
+
+    webhooks = commands.add_parser(
+        "webhooks",
+        help="webhook deliveries: the queue per endpoint, and replaying dead letters",
+        description=_WEBHOOKS_HELP,
+    )
+    webhooks_commands = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    text = (
+        "per endpoint: deliveries pending, delivered and dead (given up), the age of the"
+        " oldest pending; the most recent dead letters with their last error"
+    )
+    listing = webhooks_commands.add_parser("list", help=text, description=text)
+    listing.add_argument(
+        "--recent", type=int, default=10, metavar="N", help="dead letters shown (default 10)"
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(run=_webhooks, action="list")
+    text = (
+        "queue dead letters again as new deliveries (no attempts yet, due now; given up again"
+        " WEBHOOK_GIVE_UP_HOURS from now): those that match every filter given, or --all"
+    )
+    replaying = webhooks_commands.add_parser("replay", help=text, description=text)
+    replaying.add_argument("--all", action="store_true", help="every dead letter")
+    replaying.add_argument(
+        "--event", metavar="ID", help="one event: its id or webhook-id (msg_...)"
+    )
+    replaying.add_argument(
+        "--endpoint", metavar="URL", help="one endpoint, its URL as in WEBHOOK_ENDPOINTS"
+    )
+    replaying.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="given up since: a time (2026-12-06T10:00, UTC unless it says otherwise) or an"
+        " age (30m, 2h, 7d)",
+    )
+    replaying.set_defaults(run=_webhooks, action="replay")
 
     export = commands.add_parser("export-schema", help="write the GraphQL schema (SDL)")
     export.add_argument("--output", "-o", default="schema.graphql", help='a path, or "-"')

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
-from collections.abc import Awaitable, Callable
-from typing import get_args
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from math import nan
+from typing import Any, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,13 +30,25 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from db.mail.outbox import MailFailure
-from db.models import OutboxMail
+from db.models import OutboxMail, WebhookDelivery
 from db.security.limiter import RateLimiter, Status
 from db.services.housekeeping import KINDS as HOUSEKEEPING_KINDS
 from db.settings import ConfigError, Settings
+from db.webhooks.delivery import OUTCOMES as WEBHOOK_OUTCOMES
+from db.webhooks.delivery import Outcome as WebhookOutcome
+from db.webhooks.outbound import shown
 
 _OUTBOX_PENDING = select(func.count(OutboxMail.id).label("pending")).where(
     OutboxMail.next_attempt_at.is_not(None)
+)
+_WEBHOOKS_PENDING = (
+    select(
+        WebhookDelivery.endpoint,
+        func.count().label("pending"),
+        func.min(WebhookDelivery.created_at).label("oldest"),
+    )
+    .where(WebhookDelivery.next_attempt_at.is_not(None))
+    .group_by(WebhookDelivery.endpoint)
 )
 
 STORES = get_args(Status)
@@ -126,6 +140,56 @@ class Metrics:
         )
         for kind in HOUSEKEEPING_KINDS:
             self.housekeeping_deleted.labels(kind=kind)
+        self.webhook_deliveries = Counter(
+            "strawgate_webhook_deliveries",
+            "Webhook deliveries by endpoint (its URL without the query string) and outcome:"
+            " delivered (a 2xx answer), failed (another answer, a timeout or a connection"
+            " failure: retried), given_up (a dead letter, counted also for deliveries given"
+            " up unsent: behind a failing one, or to an endpoint no longer configured).",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.webhook_pending = Gauge(
+            "strawgate_webhook_pending",
+            "Webhook deliveries waiting, by endpoint (all processes; read at scrape time).",
+            ["endpoint"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.webhook_oldest_pending = Gauge(
+            "strawgate_webhook_oldest_pending_seconds",
+            "Age of the oldest waiting webhook delivery, by endpoint: since it was queued (or"
+            " replayed); 0 when none waits.",
+            ["endpoint"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self._webhook_endpoints: set[str] = set()
+
+    def webhook_outcome(self, endpoint: str, outcome: WebhookOutcome, count: int = 1) -> None:
+        """WebhookDispatcher.on_outcome: `count` deliveries to `endpoint` (as shown)."""
+        self.webhook_deliveries.labels(endpoint=endpoint, outcome=outcome).inc(count)
+
+    def webhook_queue(
+        self, configured: list[str], rows: list[Mapping[str, Any]] | None, now: datetime
+    ) -> None:
+        """The waiting deliveries per endpoint (`rows` of _WEBHOOKS_PENDING; None: the
+        database did not answer). Every endpoint seen once keeps a value (0 when none waits)."""
+        labels = {shown(url) for url in configured}
+        for label in labels:
+            for outcome in WEBHOOK_OUTCOMES:
+                self.webhook_deliveries.labels(endpoint=label, outcome=outcome)
+        found: dict[str, tuple[int, float]] = {}
+        for row in rows or ():
+            label = shown(row["endpoint"])
+            pending, oldest = found.get(label, (0, 0.0))
+            age = max(0.0, (now - row["oldest"]).total_seconds()) if row["oldest"] else 0.0
+            found[label] = (pending + int(row["pending"]), max(oldest, age))
+        self._webhook_endpoints |= labels | set(found)
+        for label in self._webhook_endpoints:
+            pending, age = found.get(label, (0, 0.0))
+            self.webhook_pending.labels(endpoint=label).set(pending if rows is not None else nan)
+            self.webhook_oldest_pending.labels(endpoint=label).set(age if rows is not None else nan)
 
     def housekept(self, kind: str, rows: int) -> None:
         """Housekeeper.on_deleted: `rows` of `kind` removed."""
@@ -186,6 +250,13 @@ def metrics_endpoint(
             registry.outbox_pending.set(pending["pending"] if pending else 0)
         except Exception:  # the database is away: the other figures still answer
             registry.outbox_pending.set(float("nan"))
+        configured = [endpoint.url for endpoint in settings.webhook_endpoints]
+        try:
+            async with statements.connection() as conn:
+                waiting: list[Mapping[str, Any]] | None = await conn.all(_WEBHOOKS_PENDING, {})
+        except Exception:
+            waiting = None
+        registry.webhook_queue(configured, waiting, request.app.state.services.auth.clock.now())
         size, idle = statements.pool_use()
         registry.db_pool_connections.labels(state="open").set(size)
         registry.db_pool_connections.labels(state="idle").set(idle)

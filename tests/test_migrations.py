@@ -34,6 +34,8 @@ TABLES = {
     "identity_flows",
     "spent_id_tokens",
     "user_roles",
+    "webhook_events",
+    "webhook_deliveries",
 }
 
 

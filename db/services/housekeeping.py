@@ -1,9 +1,9 @@
 """Housekeeping: expired challenges, abandoned signups, expired mail secrets, old outbox
 rows, old security events, ended sessions, spent refresh generations, quiet sign-in
-throttles, provider redirects past their life and expired spent ID tokens go away on a
-schedule. One run at a time across every process: on PostgreSQL
-an advisory lock, held by a connection of its own for the whole pass, picks the one
-process that runs it; SQLite serves one process anyway.
+throttles, provider redirects past their life, expired spent ID tokens and webhook events
+delivered (or given up) long ago go away on a schedule. One run at a time across every
+process: on PostgreSQL an advisory lock, held by a connection of its own for the whole
+pass, picks the one process that runs it; SQLite serves one process anyway.
 
 Every kind is removed in batches (db/services/batches.py): short transactions of at most
 500 rows each (fewer when a batch takes longer than 50 ms), so a backlog of
@@ -49,6 +49,7 @@ from db.services.batches import (
 from db.services.events import prune_ended_sessions, prune_events, prune_spent_generations
 from db.services.lockout import Lockout
 from db.session import Statements
+from db.webhooks.delivery import prune_webhook_events
 
 log = logging.getLogger("strawgate.housekeeping")
 
@@ -135,6 +136,7 @@ class Pruned:
     throttles: int = 0
     identity_flows: int = 0
     spent_id_tokens: int = 0
+    webhook_events: int = 0
     seconds: float = 0.0
     batches: int = 0
     longest_batch: float = 0.0
@@ -162,6 +164,9 @@ class Housekeeper:
         # Expired challenges are kept a while (a code typed just after expiry still
         # finds its challenge and answers "expired", not "unknown"), then deleted.
         challenge_retention: timedelta = timedelta(days=1),
+        # Webhook events delivered or given up at every endpoint are kept this long (a
+        # dead letter can be replayed until then).
+        webhook_retention: timedelta = timedelta(days=7),
         lockout: Lockout | None = None,
         batch_rows: int = BATCH_ROWS,
         batch_pages: int = BATCH_PAGES,
@@ -173,6 +178,7 @@ class Housekeeper:
         self.sweep_every = sweep_every
         self._swept_at: datetime | None = None  # when this process's last sweep began
         self.challenge_retention = challenge_retention
+        self.webhook_retention = webhook_retention
         self.event_retention = event_retention
         self.session_retention = session_retention
         self.lockout = lockout
@@ -280,6 +286,10 @@ class Housekeeper:
             (
                 "spent_id_tokens",
                 lambda b: self._until_done("spent_id_tokens", _PRUNE_SPENT_ID_TOKENS, now, b),
+            ),
+            (
+                "webhook_events",
+                lambda b: prune_webhook_events(statements, now, self.webhook_retention, b),
             ),
         ]
 

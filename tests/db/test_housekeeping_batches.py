@@ -31,6 +31,8 @@ from db.models import (
     SpentIdToken,
     User,
     UserSession,
+    WebhookDelivery,
+    WebhookEvent,
 )
 from db.services.batches import Batching, BatchSize
 from db.services.housekeeping import KINDS, Housekeeper
@@ -54,10 +56,12 @@ EXPECTED = {
     "throttles": BACKLOG,
     "identity_flows": BACKLOG,
     "spent_id_tokens": BACKLOG,
+    "webhook_events": BACKLOG,
 }
 # What stays: the owner, its live session (with its two newest generations), a live
 # challenge, a recent event, the recent mails (their secrets erased), a recent throttle, a
-# provider redirect under way and an ID token spent that has not expired.
+# provider redirect under way and an ID token spent that has not expired; an old webhook
+# event one endpoint still waits for (its delivery to the other done) and a recent one.
 LEFT = {
     "users": 1,
     "sessions": 1,
@@ -68,6 +72,8 @@ LEFT = {
     "login_throttles": 1,
     "identity_flows": 1,
     "spent_id_tokens": 1,
+    "webhook_events": 2,
+    "webhook_deliveries": 3,
 }
 
 
@@ -158,6 +164,31 @@ async def seed_backlog(engine: AsyncEngine, now: datetime) -> None:
     def spent(expires: datetime) -> dict[str, Any]:
         return {"token_hash": hashlib.sha256(uuid.uuid4().bytes).digest(), "expires_at": expires}
 
+    def webhook(seq: int, at: datetime) -> dict[str, Any]:
+        return {
+            "seq": seq,
+            "id": uuid.uuid4(),
+            "type": "user.created",
+            "user_id": owner,
+            "payload": "{}",
+            "created_at": at,
+        }
+
+    def sent(
+        seq: int, at: datetime, *, dead: bool = False, url: str = "https://a.example.com"
+    ) -> dict[str, Any]:
+        return {
+            "event_seq": seq,
+            "endpoint": url,
+            "created_at": at,
+            "next_attempt_at": None,
+            "attempts": 1,
+            "delivered_at": None if dead else at,
+            "failed_at": at if dead else None,
+        }
+
+    waiting = {**sent(1, long_ago, url="https://b.example.com"), "next_attempt_at": long_ago}
+
     rows: list[tuple[Any, list[dict[str, Any]]]] = [
         (
             User,
@@ -202,6 +233,18 @@ async def seed_backlog(engine: AsyncEngine, now: datetime) -> None:
         (
             SpentIdToken,
             [spent(now + timedelta(minutes=5))] + [spent(long_ago) for _ in range(BACKLOG)],
+        ),
+        # Delivered or given up long ago: pruned; one still waiting for an endpoint, and a
+        # recent one, stay.
+        (
+            WebhookEvent,
+            [webhook(1, long_ago), webhook(2, now)]
+            + [webhook(10 + i, long_ago) for i in range(BACKLOG)],
+        ),
+        (
+            WebhookDelivery,
+            [sent(1, long_ago), waiting, sent(2, now)]
+            + [sent(10 + i, long_ago, dead=i % 2 == 1) for i in range(BACKLOG)],
         ),
     ]
     async with engine.begin() as conn:

@@ -1,0 +1,129 @@
+"""`strawgate webhooks list|replay`, run as an operator runs it (a process of its own, on the
+configured database), over deliveries a real dispatcher made to a real receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from db.session import Statements
+from db.webhooks.events import webhook_id
+from tests.conftest import MutableClock
+from tests.servers import server_env, strawgate_script
+from tests.webhooks.helpers import SECRET, MakeDispatcher, delivery, emit, endpoint, settled
+from tests.webhooks.receiver import receiving
+
+TIMEOUT = 30.0
+GIVE_UP = timedelta(minutes=2)
+
+
+async def strawgate(
+    cwd: Path, database_url: str, endpoints: Sequence[str], *args: str
+) -> tuple[int, str, str]:
+    """`strawgate webhooks ARGS` with DATABASE_URL and WEBHOOK_ENDPOINTS set, in a folder
+    without a .env: (exit status, stdout, stderr)."""
+    configured = json.dumps([{"url": url, "secrets": [SECRET]} for url in endpoints])
+    process = await asyncio.create_subprocess_exec(
+        strawgate_script(),
+        "webhooks",
+        *args,
+        cwd=cwd,
+        env=server_env(
+            ENVIRONMENT="development",
+            DATABASE_URL=database_url,
+            WEBHOOK_ENDPOINTS=configured,
+            WEBHOOK_ALLOW_PRIVATE="true",
+        ),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    return int(process.returncode or 0), out.decode(), err.decode()
+
+
+async def test_a_dead_letter_is_listed_and_delivered_once_replayed(
+    statements: Statements,
+    clock: MutableClock,
+    make_dispatcher: MakeDispatcher,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    async with receiving([SECRET]) as receiver, receiving([SECRET]) as healthy:
+        receiver.default = 500
+        hooks = [endpoint(receiver.url), endpoint(healthy.url + "?token=not-for-eyes")]
+        dispatcher = make_dispatcher(statements, hooks, give_up_after=GIVE_UP)
+        first = await emit(statements, dispatcher.events, "user.created")
+        second = await emit(statements, dispatcher.events, "user.deleted")
+        assert await settled(dispatcher, 2) == 2
+        clock.advance(seconds=61)
+        assert await settled(dispatcher, 2) == 2
+        clock.advance(seconds=61)
+        assert await settled(dispatcher, 1) == 1  # too old now: given up, and the second too
+        assert await dispatcher.run_once() == 0
+        assert [item.status for item in receiver.received] == [500, 500, 500]
+        assert healthy.ids == [webhook_id(first), webhook_id(second)]
+        urls = [hook.url for hook in hooks]
+
+        code, out, err = await strawgate(tmp_path, database_url, urls, "list")
+        assert code == 0, (out, err)
+        lines = out.splitlines()
+        assert lines[0].split() == ["endpoint", "pending", "delivered", "dead", "oldest", "pending"]
+        assert lines[1].split() == [receiver.url, "0", "0", "2", "-"]
+        assert lines[2].split() == [healthy.url, "0", "2", "0", "-"]
+        assert "recent dead letters" in out
+        assert f"{webhook_id(first)}  user.created  {receiver.url}" in out
+        assert "    3 attempt(s), the last answered HTTP 500\n" in out
+        assert f"{webhook_id(second)}  user.deleted  {receiver.url}" in out
+        assert "    not sent: queued more than WEBHOOK_GIVE_UP_HOURS ago, behind event" in out
+        assert "not-for-eyes" not in out and "ada@example.com" not in out
+
+        code, out, err = await strawgate(tmp_path, database_url, urls, "list", "--json")
+        assert code == 0, (out, err)
+        report = json.loads(out)
+        assert [e["dead"] for e in report["endpoints"]] == [2, 0]
+        assert {letter["webhook_id"] for letter in report["dead_letters"]} == {
+            webhook_id(first),
+            webhook_id(second),
+        }
+
+        # Replay: nothing without a filter; one event by its webhook-id; then the rest.
+        code, out, err = await strawgate(tmp_path, database_url, urls, "replay")
+        assert code == 2 and "--all" in err
+        receiver.default = 200
+        code, out, err = await strawgate(
+            tmp_path, database_url, urls, "replay", "--event", webhook_id(first)
+        )
+        assert (code, out.strip().split(":")[0]) == (0, "queued 1 dead letter(s) again")
+        row = await delivery(statements, first, receiver.url)
+        assert (row["attempts"], row["failed_at"], row["last_error"]) == (0, None, None)
+        code, out, err = await strawgate(
+            tmp_path, database_url, urls, "replay", "--endpoint", receiver.url, "--since", "1h"
+        )
+        assert (code, out.strip().split(":")[0]) == (0, "queued 1 dead letter(s) again")
+        code, out, err = await strawgate(tmp_path, database_url, urls, "replay", "--all")
+        assert (code, out.strip()) == (0, "no dead letter matched; nothing queued")
+
+        assert await settled(dispatcher, 1) == 1
+        assert await settled(dispatcher, 1) == 1
+        assert await dispatcher.run_once() == 0
+    assert receiver.ids[-2:] == [webhook_id(first), webhook_id(second)]
+    assert [item.status for item in receiver.received] == [500, 500, 500, 200, 200]
+    for event in (first, second):
+        row = await delivery(statements, event, receiver.url)
+        assert row["delivered_at"] is not None and row["attempts"] == 1
+
+
+async def test_replay_refuses_what_it_cannot_read(database_url: str, tmp_path: Path) -> None:
+    code, _out, err = await strawgate(tmp_path, database_url, [], "replay", "--event", "nope")
+    assert code == 2 and "is no event id" in err
+    code, _out, err = await strawgate(tmp_path, database_url, [], "replay", "--since", "soon")
+    assert code == 2 and "--since 'soon'" in err
