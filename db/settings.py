@@ -660,7 +660,12 @@ class Settings(BaseSettings):
     failed and is retried."""
     mail_template_folder: Path | None = None
     """Your own mail templates, tried before the built-in ones (same file names as in
-    `db/mail/templates/`)."""
+    `db/mail/templates/<language>/`): a file in its folder `<language>/` (`de/login_code.txt`)
+    serves that language, one at its top (`login_code.txt`) every language."""
+    default_locale: str = "en"
+    """The language of the mails of a user who chose none (`updateProfile`'s `locale`) and whose
+    signup asked for none of the mail languages (its `Accept-Language`): one of `en`, `de`, `fr`,
+    `es` (checked at start)."""
     product_name: str = "Strawgate"
     """What mails call the product."""
     product_url: str = "http://127.0.0.1:8000"
@@ -959,6 +964,13 @@ class Settings(BaseSettings):
             )
         if self.mail_template_folder is not None and not self.mail_template_folder.is_dir():
             raise ConfigError(f"MAIL_TEMPLATE_FOLDER {self.mail_template_folder} is not a folder")
+        from db.mail.languages import MAIL_LANGUAGES
+
+        if self.default_locale not in MAIL_LANGUAGES:
+            raise ConfigError(
+                f"DEFAULT_LOCALE must be one of the mail languages ({', '.join(MAIL_LANGUAGES)}),"
+                f" not {self.default_locale!r}"
+            )
 
     def _check_public_urls(self) -> None:
         for name, url in (("PRODUCT_URL", self.product_url), ("SECURITY_URL", self.security_url)):

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from strawberry.exceptions import StrawberryGraphQLError
 
+from db.mail.languages import bounded_accept_language
 from db.security.access import AccessClaims, InvalidAccessToken
 from db.services.account import AccountService
 from db.services.auth import AuthService
@@ -53,6 +54,7 @@ def client_of(request: Request) -> ClientInfo:
         ip=request.client.host if request.client else None,
         user_agent=request.headers.get("user-agent"),
         device_token=request.cookies.get(DEVICE_COOKIE),
+        accept_language=bounded_accept_language(request.headers.get("accept-language")),
     )
 
 

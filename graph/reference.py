@@ -127,6 +127,7 @@ SETTING_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "validate_certs",
             "mail_timeout",
             "mail_template_folder",
+            "default_locale",
             "product_name",
             "product_url",
             "security_url",

@@ -41,7 +41,9 @@ def test_the_wheel_carries_what_the_service_needs(wheel: Path) -> None:
     assert "db/migrations/env.py" in names
     assert any(name.startswith("db/migrations/versions/") for name in names)
     assert "db/data/common_passwords.txt" in names
-    assert "db/mail/templates/login_code.txt" in names
+    for language in ("en", "de", "fr", "es"):
+        assert f"db/mail/templates/{language}/login_code.txt" in names
+        assert f"db/mail/templates/{language}/_layout.html" in names
     assert "graph/static/demo.html" in names
     assert "db/security/access.py" in names
     assert any(name.endswith("entry_points.txt") for name in names)

@@ -16,9 +16,23 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 import orjson
-from sqlalchemy import and_, bindparam, delete, func, insert, literal, null, or_, select, update
+from sqlalchemy import (
+    String,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
 
 from db.clock import Clock
+from db.mail.languages import MAIL_LANGUAGES, mail_language
 from db.mail.message import (
     DeliveryFailure,
     MailDeliveryError,
@@ -26,7 +40,7 @@ from db.mail.message import (
     RenderedMail,
 )
 from db.mail.message import mask_address as mask_address
-from db.models import OutboxMail
+from db.models import OutboxMail, User
 from db.security.box import SecretBox, UndecryptableSecret
 from db.services.batches import AnyOf, Batching, chosen, until_done, walk
 from db.session import Listening, Runner, Statements
@@ -47,13 +61,38 @@ MailFailure = Literal["undecryptable", "unrenderable", DeliveryFailure]
 
 class Renderer(Protocol):
     def render(
-        self, template: str, context: Mapping[str, Any], secrets: Mapping[str, str] | None
+        self,
+        template: str,
+        context: Mapping[str, Any],
+        secrets: Mapping[str, str] | None,
+        language: str | None = None,
     ) -> RenderedMail: ...
 
+
+def _mail_language(tag: Any) -> Any:
+    """The mail language of a stored locale ("de-AT" is "de"), NULL for none: in SQL, so
+    that the choice is made in the INSERT that queues the mail."""
+    return case(
+        *(
+            (or_(tag == language, tag.like(f"{language}-%")), language)
+            for language in MAIL_LANGUAGES
+        ),
+        else_=null(),
+    )
+
+
+# The language of a user's mails: the locale they chose (updateProfile), else the one
+# their signup asked for (Accept-Language); NULL (DEFAULT_LOCALE) for neither.
+_USER_LANGUAGE = select(
+    func.coalesce(_mail_language(User.locale), _mail_language(User.signup_locale)).label("language")
+).where(User.id == bindparam("owner_id"))
 
 _ENQUEUE = insert(OutboxMail).values(
     id=bindparam("mail_id"),
     user_id=bindparam("owner_id"),
+    # The caller's, where it names one (a mail to an account that is gone); else the
+    # owner's as the row stands in this transaction.
+    language=func.coalesce(bindparam("language", type_=String), _USER_LANGUAGE.scalar_subquery()),
     recipient=bindparam("recipient"),
     template=bindparam("template"),
     context=bindparam("context"),
@@ -104,6 +143,7 @@ _CLAIM = (
         OutboxMail.secrets_expire_at,
         OutboxMail.created_at,
         OutboxMail.attempts,
+        OutboxMail.language,
     )
 )
 
@@ -257,11 +297,14 @@ class Outbox:
         context: Mapping[str, Any],
         secrets: Mapping[str, str] | None = None,
         secrets_expire_at: datetime | None = None,
+        language: str | None = None,
     ) -> uuid.UUID:
         """Queues a mail in `tx`: it goes out only if the transaction commits. It belongs
         to `user_id`, the account that caused it (an export lists it, a deletion takes
         it), whoever holds its address later. `secrets` (codes, links) are stored
-        encrypted and erased once sent or expired."""
+        encrypted and erased once sent or expired. It is written in `language` where
+        given (a mail language or a locale of one), else in the user's (see
+        language_of), else in DEFAULT_LOCALE."""
         now = self._clock.now()
         # created_at orders one recipient's mails (see MailSender.deliver): strictly
         # increasing within this process, even when the clock reads the same twice.
@@ -283,11 +326,18 @@ class Outbox:
                 "expire_at": secrets_expire_at if sealed is not None else None,
                 "now": now,
                 "stamp": stamp,
+                "language": mail_language(language),
             },
         )
         if self._postgres:
             await tx.execute(_NOTIFY, {})
         return mail_id
+
+    async def language_of(self, tx: Runner, user_id: uuid.UUID) -> str | None:
+        """The language of the user's mails (their locale, else their signup's), None for
+        DEFAULT_LOCALE: what a mail queued after the user's row is gone is given."""
+        row = await tx.first(_USER_LANGUAGE, {"owner_id": user_id})
+        return row["language"] if row is not None else None
 
     async def decoy(self, tx: Runner, *, secrets: Mapping[str, str]) -> None:
         """The work of an enqueue (encrypting the secrets, a round trip, the NOTIFY)
@@ -324,6 +374,7 @@ class ClaimedMail:
     secrets_expire_at: datetime | None
     created_at: datetime
     attempts: int
+    language: str | None = None  # None: DEFAULT_LOCALE
 
 
 class MailSender:
@@ -553,6 +604,7 @@ class MailSender:
                 secrets_expire_at=row["secrets_expire_at"],
                 created_at=row["created_at"],
                 attempts=row["attempts"],
+                language=row["language"],
             )
             for row in rows
         ]
@@ -626,7 +678,9 @@ class MailSender:
             await self.mark_given_up(mail, f"malformed secrets: {type(exc).__name__}")
             return True
         try:
-            rendered = self._renderer.render(mail.template, orjson.loads(mail.context), secrets)
+            rendered = self._renderer.render(
+                mail.template, orjson.loads(mail.context), secrets, language=mail.language
+            )
         except Exception as exc:
             log.error(
                 "mail %s: template %r cannot be rendered (%s)",

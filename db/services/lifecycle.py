@@ -53,6 +53,7 @@ _EXPORT_USER = select(
     User.password_changed_at,
     User.profile_json,
     User.locale,
+    User.signup_locale,
 ).where(User.id == bindparam("uid"))
 _EXPORT_TOTP = select(TotpCredential.created_at, TotpCredential.confirmed_at).where(
     TotpCredential.user_id == bindparam("uid")
@@ -383,6 +384,9 @@ class LifecycleService:
                 # updateProfile's: the user's own profile (an object) and mail language.
                 "profile": orjson.loads(profile["profile_json"] or "{}"),
                 "locale": profile["locale"],
+                # What the signup's Accept-Language asked for: the mails' language
+                # while `locale` is unset.
+                "signupLocale": profile["signup_locale"],
             },
             "twoFactor": {
                 "enabled": totp is not None and totp["confirmed_at"] is not None,
@@ -539,6 +543,8 @@ class LifecycleService:
         await tx.execute(_DROP_MAIL, {"uid": user.id})
         await tx.execute(_DROP_THROTTLES, {"email": normalized, "otp": f"otp:{user.id}:"})
         await tx.execute(_DROP_CODE_LOCKOUTS, {"key": code_lockout_key(normalized)})
+        # The last notice is in the language of the account's mails: read while it exists.
+        language = await self.auth.outbox.language_of(tx, user.id)
         await tx.execute(_DROP_USER, {"uid": user.id})
         # The trail's last word on the account: when, and how many sessions it ended.
         await self.events.record(
@@ -549,7 +555,12 @@ class LifecycleService:
         )
         # The last word: it outlives the account, and belongs to no one.
         await self.auth.notices.send(
-            tx, user_id=None, email=email, template="account_deleted", client=client
+            tx,
+            user_id=None,
+            email=email,
+            template="account_deleted",
+            client=client,
+            language=language,
         )
 
 

@@ -8,7 +8,6 @@ from typing import Any
 from db.clock import Clock
 from db.devices import UNKNOWN, device_family
 from db.mail.outbox import Outbox
-from db.mail.render import format_time
 from db.services.types import ClientInfo
 from db.session import Runner
 
@@ -26,20 +25,24 @@ class Notices:
         email: str,
         template: str,
         client: ClientInfo,
+        language: str | None = None,
         **extra: Any,
     ) -> None:
         """Queues the notice in `tx`: it goes out only if the change it reports commits.
-        `user_id`: the account it is about (None once the account is gone)."""
+        `user_id`: the account it is about (None once the account is gone: then
+        `language`, read before, is the language of its mails)."""
         device = device_family(client.user_agent)
         await self.outbox.enqueue(
             tx,
             user_id=user_id,
             recipient=email,
             template=template,
+            # `at` as ISO 8601: the renderer shows it in the mail's language.
             context={
-                "at": format_time(self.clock.now()),
+                "at": self.clock.now().isoformat(timespec="seconds"),
                 "ip": client.ip,
                 "device": None if device == UNKNOWN else device,
                 **extra,
             },
+            language=language,
         )

@@ -67,6 +67,9 @@ class ClientInfo:
     user_agent: str | None = None
     # A device token the client presented (body or cookie), unchecked.
     device_token: str | None = None
+    # The request's Accept-Language, bounded (db/mail/languages.py): a signup keeps the
+    # mail language it asks for.
+    accept_language: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,11 @@ class StubRenderer:
     """Stands in for the template renderer: the code on a line of its own."""
 
     def render(
-        self, template: str, context: Mapping[str, Any], secrets: Mapping[str, str] | None
+        self,
+        template: str,
+        context: Mapping[str, Any],
+        secrets: Mapping[str, str] | None,
+        language: str | None = None,
     ) -> RenderedMail:
         if template == "broken":
             raise KeyError("no such template")

@@ -63,7 +63,7 @@ def other_six_digit_numbers(mail: RenderedMail, *verbatim: str) -> list[str]:
 
 def test_the_built_in_mails_are_the_listed_ones() -> None:
     assert set(MAIL_TEMPLATES) == set(CODE_MAILS) | set(NOTICE_MAILS)
-    folder = Path(__file__).parents[2] / "db" / "mail" / "templates"
+    folder = Path(__file__).parents[2] / "db" / "mail" / "templates" / "en"
     for name in MAIL_TEMPLATES:
         for suffix in (".subject.txt", ".txt", ".html"):
             assert (folder / f"{name}{suffix}").is_file()

@@ -60,6 +60,7 @@ from sqlalchemy import bindparam, delete, func, insert, or_, select, true, updat
 
 from db.clock import Clock
 from db.errors import AuthFailure, ErrorCode, UniqueViolation, invalid_input
+from db.mail.languages import preferred_language
 from db.mail.outbox import Outbox
 from db.models import Identity, Passkey, SpentIdToken, User, UserSession
 from db.providers.http import ProviderUnreachable
@@ -126,6 +127,7 @@ _ADD_USER = insert(User).values(
     email_normalized=bindparam("email_normalized"),
     password_hash=None,
     email_verified_at=bindparam("verified_at"),
+    signup_locale=bindparam("signup_locale"),
     is_active=true(),
     created_at=bindparam("now"),
     updated_at=bindparam("now"),
@@ -391,6 +393,7 @@ class IdentitySignIns:
                         "email": address.address,
                         "email_normalized": address.normalized,
                         "verified_at": now if trusted else None,
+                        "signup_locale": preferred_language(client.accept_language),
                         "now": now,
                     },
                 )

@@ -11,6 +11,7 @@ from sqlalchemy import bindparam, delete, exists, insert, select, true
 
 from db.clock import Clock
 from db.errors import UniqueViolation, email_taken
+from db.mail.languages import preferred_language
 from db.mail.outbox import Outbox
 from db.models import User, UserSession
 from db.security.limiter import RateLimiter, client_key
@@ -28,6 +29,7 @@ _ADD_USER = insert(User).values(
     email=bindparam("email"),
     email_normalized=bindparam("email_normalized"),
     password_hash=bindparam("password_hash"),
+    signup_locale=bindparam("signup_locale"),
     is_active=true(),
     created_at=bindparam("now"),
     updated_at=bindparam("now"),
@@ -111,6 +113,8 @@ class Signups:
             "email": address.address,
             "email_normalized": address.normalized,
             "password_hash": password_hash,
+            # The mails' language until the user sets a locale (None: DEFAULT_LOCALE).
+            "signup_locale": preferred_language(client.accept_language),
             "now": now,
         }
         try:
