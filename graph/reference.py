@@ -112,6 +112,18 @@ SETTING_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        "Webhooks",
+        "webhooks",
+        (
+            "webhook_endpoints",
+            "webhook_allow_private",
+            "webhook_timeout",
+            "webhook_retry_max_seconds",
+            "webhook_give_up_hours",
+            "webhook_retention_days",
+        ),
+    ),
+    (
         "Mail",
         "mail",
         (
