@@ -622,6 +622,8 @@ class Settings(BaseSettings):
     claims_hook_secret: SecretStr | None = None
     """The Standard Webhooks secret (`whsec_...`) the claims hook's requests are signed with.
     Required with `CLAIMS_HOOK_URL`."""
+    claims_hook_timeout: float = Field(2.0, gt=0, le=2.0)
+    """Seconds the claims hook has to answer (at most 2) before the sign-in or refresh fails."""
 
     # Email ownership and emailed codes.
     require_email_verification: bool = True
@@ -890,6 +892,7 @@ class Settings(BaseSettings):
             self.relying_party()
             self._check_identity_providers()
             self._check_webhooks()
+            self._check_claims_hook()
             if self.is_sqlite:
                 log.warning("Production on SQLite: one server process only; use PostgreSQL")
             return self
@@ -902,7 +905,13 @@ class Settings(BaseSettings):
         self.relying_party()
         self._check_identity_providers()
         self._check_webhooks()
+        self._check_claims_hook()
         return self
+
+    def _check_claims_hook(self) -> None:
+        from db.security.claims_hook import check_claims_hook
+
+        check_claims_hook(self)
 
     def _check_webhooks(self) -> None:
         from db.webhooks.outbound import check_endpoints

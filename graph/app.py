@@ -41,6 +41,7 @@ from db.migrate import head_revision, known_revisions, upgrade_head
 from db.providers.registry import IdentityProviders
 from db.security.access import AccessTokenCodec
 from db.security.box import SecretBox
+from db.security.claims_hook import claims_source_from_settings
 from db.security.device import DeviceTokens
 from db.security.limiter import RateLimiter
 from db.security.passwords import PasswordHasher
@@ -389,6 +390,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 webhook_retention=timedelta(days=settings.webhook_retention_days),
                 lockout=auth.lockout,
                 sweep_every=timedelta(seconds=settings.housekeeping_sweep_seconds),
+                events=auth.events,
             )
             account = AccountService(auth=auth)
             app.state.services = AppServices(
@@ -428,6 +430,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 await sender.stop()  # finishes or releases the mails it holds
                 await transport.close()
                 await auth.identities.providers.aclose()
+                if auth.sessions.claims_hook is not None:
+                    await auth.sessions.claims_hook.aclose()
                 await limiter.close()
                 hasher.close()
                 await statements.close()
@@ -609,6 +613,7 @@ def make_auth(
         passkey_decoy_key=derive_key(secret, "passkey-decoy-credentials"),
         identity_providers=IdentityProviders.from_settings(settings, clock),
         identity_flow_key=derive_key(secret, "identity-flows"),
+        claims_hook=claims_source_from_settings(settings, clock=clock),
     )
 
 

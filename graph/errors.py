@@ -9,6 +9,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from db.security.box import UndecryptableSecret
+from db.security.claims_hook import ClaimsHookFailed
 from db.session import connection_problem, describe_database
 
 log = logging.getLogger("strawgate.errors")
@@ -162,6 +163,11 @@ def present_errors(errors: list[GraphQLError], *, request_id: str) -> list[objec
                 " key list that encrypted it to every process, then run strawgate rotate-keys",
                 request_id,
             )
+            message = "The service is temporarily unavailable; try again shortly."
+            code = SERVICE_UNAVAILABLE
+        elif isinstance(original, ClaimsHookFailed):
+            # Logged where it failed, with why; the change it would have finished rolled back.
+            log.warning("request %s failed closed: %s", request_id, original)
             message = "The service is temporarily unavailable; try again shortly."
             code = SERVICE_UNAVAILABLE
         elif is_database_unavailable(original):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -92,9 +92,13 @@ class AccessTokenCodec:
         amr: list[str],
         auth_time: datetime,
         roles: tuple[str, ...] = (),
+        extra: Mapping[str, Any] | None = None,
     ) -> str:
+        """A signed access token. `extra` (the claims hook's) comes first: Strawgate's own
+        claims are set after it, so no extra claim can change them."""
         now = self._clock.now()
         claims = {
+            **(extra or {}),
             "auth_time": int(auth_time.timestamp()),
             "sub": str(user_id),
             "sid": str(session_id),

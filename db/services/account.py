@@ -296,15 +296,17 @@ class AccountService:
             if changed is None:
                 raise _wrong_password()
             await self.auth.replace_refresh_token(tx, claims.session_id, refresh, now)
+            issued = await self.auth.issue(
+                changed,
+                claims.session_id,
+                session["amr"].split(),
+                refresh,
+                client,
+                auth_time=session["auth_time"],
+                reason="refresh",
+            )
         self.auth.outbox.wake()
-        return self.auth.issue(
-            changed,
-            claims.session_id,
-            session["amr"].split(),
-            refresh,
-            client,
-            auth_time=session["auth_time"],
-        )
+        return issued
 
     async def disable_totp(
         self,

@@ -39,6 +39,7 @@ from db.errors import AuthFailure, ErrorCode
 from db.mail.outbox import Outbox
 from db.providers.registry import IdentityProviders
 from db.security.access import AccessClaims, AccessTokenCodec
+from db.security.claims_hook import ClaimsSource
 from db.security.device import DeviceTokens
 from db.security.limiter import RateLimiter, client_key
 from db.security.passwords import PasswordHasher
@@ -99,6 +100,7 @@ class AuthService:
         passkey_decoy_key: bytes = b"",
         identity_providers: IdentityProviders,
         identity_flow_key: bytes,
+        claims_hook: ClaimsSource | None = None,
     ) -> None:
         self.events = events
         self.devices = devices
@@ -131,6 +133,7 @@ class AuthService:
             idle_timeout=idle_timeout,
             max_sessions=max_sessions,
             reauth_window=reauth_window,
+            claims_hook=claims_hook,
         )
         # Request options of passkey ceremonies; off (None) while WEBAUTHN_RP_ID is unset.
         self.passkey_options = PasskeyOptions(

@@ -13,7 +13,7 @@ import json
 import logging
 import unicodedata
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -30,6 +30,7 @@ from db.services.batches import AnyOf, Batching, chosen, ctid_of, until_done, wa
 from db.services.types import ClientInfo
 from db.session import Runner, Statements
 from db.validation import clean_user_agent, parse_email
+from db.webhooks import catalogue
 from db.webhooks.events import WebhookEvents
 
 # The audit stream: one line per event, at INFO.
@@ -217,6 +218,7 @@ class _Recording:
     def __init__(self, tx: Runner) -> None:
         self.tx = tx
         self.lines: list[dict[str, Any]] = []
+        self.wake = False  # a webhook event was written: wake the dispatcher after commit
 
     async def first(
         self, statement: Executable, params: Mapping[str, Any]
@@ -251,6 +253,8 @@ class SecurityEvents:
             yield recording
         for line in recording.lines:
             _log(line)
+        if recording.wake and self.webhooks is not None:
+            self.webhooks.wake()
 
     async def record(
         self,
@@ -262,8 +266,11 @@ class SecurityEvents:
         client: ClientInfo | None = None,
         email: str | None = None,
         details: Mapping[str, DetailValue] | None = None,
+        webhook: Mapping[str, Any] | None = None,
     ) -> None:
-        """Writes the event in `tx`, so it exists only if what it reports commits.
+        """Writes the event in `tx`, so it exists only if what it reports commits, and the
+        webhook event that follows from it (see _webhook_of), with `webhook`'s facts
+        added to its data (an address: the trail keeps none).
 
         The log line follows the commit when `tx` comes from `transaction()`; on any
         other Runner it is emitted now (and stands even if `tx` then rolls back).
@@ -304,6 +311,59 @@ class SecurityEvents:
             tx.lines.append(line)
         else:
             _log(line)
+        await self._publish(tx, kind, user_id, session_id, cleaned, webhook)
+
+    async def _publish(
+        self,
+        tx: Runner,
+        kind: EventKind,
+        user_id: uuid.UUID | None,
+        session_id: uuid.UUID | None,
+        details: Mapping[str, DetailValue],
+        extra: Mapping[str, Any] | None,
+    ) -> None:
+        """The webhook event that follows from a security event, in the same transaction:
+        every change that reaches the trail reaches the webhooks from this one place."""
+        if self.webhooks is None:
+            return
+        found = _webhook_of(kind, session_id, details)
+        if found is None:
+            return
+        event_type, data = found
+        await self._emit(tx, event_type, user_id, {**data, **dict(extra or {})})
+
+    async def sessions_ended(
+        self, tx: Runner, user_id: uuid.UUID, session_ids: Sequence[uuid.UUID], reason: str
+    ) -> None:
+        """`session.revoked` for each of the sessions a change ended en masse (a password
+        change, logout everywhere, a disable): the trail has one event for the change, the
+        webhooks one per session, as for a session ended alone."""
+        if self.webhooks is None:
+            return
+        for session_id in session_ids:
+            await self._emit(
+                tx,
+                catalogue.SESSION_REVOKED,
+                user_id,
+                {"session_id": session_id, "reason": reason},
+            )
+
+    async def user_deleted(
+        self, tx: Runner, user_id: uuid.UUID, *, reason: str, sessions: Sequence[uuid.UUID] = ()
+    ) -> None:
+        """`user.deleted` (and `session.revoked` for its live sessions) for an account
+        deleted without a trail event of its own (an abandoned signup)."""
+        await self.sessions_ended(tx, user_id, sessions, "account_deleted")
+        if self.webhooks is not None:
+            await self._emit(tx, catalogue.USER_DELETED, user_id, {"reason": reason})
+
+    async def _emit(
+        self, tx: Runner, event_type: str, user_id: uuid.UUID | None, data: Mapping[str, Any]
+    ) -> None:
+        assert self.webhooks is not None  # noqa: S101 - checked by the callers
+        if await self.webhooks.emit(tx, event_type, user_id=user_id, data=data) is not None:
+            if isinstance(tx, _Recording):
+                tx.wake = True
 
     async def record_now(
         self,
@@ -460,6 +520,71 @@ async def prune_spent_generations(
         batching or Batching(),
     )
     return done.rows
+
+
+# The webhook type of each security event that reports a change to the account, with the
+# data it carries (the user id leads every event's data).
+_SIMPLE_WEBHOOKS: dict[EventKind, str] = {
+    EventKind.SIGNUP: catalogue.USER_CREATED,
+    EventKind.EMAIL_VERIFIED: catalogue.USER_EMAIL_VERIFIED,
+    EventKind.OPERATOR_DISABLE: catalogue.USER_DISABLED,
+    EventKind.OPERATOR_ENABLE: catalogue.USER_ENABLED,
+}
+
+
+def _webhook_of(
+    kind: EventKind, session_id: uuid.UUID | None, details: Mapping[str, DetailValue]
+) -> tuple[str, dict[str, Any]] | None:
+    """The webhook event (type, data) a security event stands for; None for the events
+    that change nothing (a failed sign-in, a lockout) or whose webhook is written apart
+    (a logout everywhere: one session.revoked per session, see sessions_ended)."""
+    if kind in _SIMPLE_WEBHOOKS:
+        data: dict[str, Any] = {}
+        if "provider" in details:
+            data["provider"] = details["provider"]
+        return _SIMPLE_WEBHOOKS[kind], data
+    match kind:
+        case EventKind.ACCOUNT_DELETED:
+            return catalogue.USER_DELETED, {"reason": "deleted_by_user"}
+        case EventKind.EMAIL_CHANGED:
+            return catalogue.USER_EMAIL_CHANGED, {"previous_email": details.get("previous")}
+        case EventKind.PASSWORD_CHANGED:
+            return catalogue.USER_PASSWORD_CHANGED, {
+                "reason": "set" if details.get("first") else "changed"
+            }
+        case EventKind.PASSWORD_RESET:
+            return catalogue.USER_PASSWORD_CHANGED, {"reason": "reset"}
+        case EventKind.TOTP_ENABLED:
+            return catalogue.USER_TWO_FACTOR_ENABLED, {"method": "totp"}
+        case EventKind.TOTP_DISABLED:
+            return catalogue.USER_TWO_FACTOR_DISABLED, {"method": "totp"}
+        case EventKind.PASSKEY_ADDED:
+            return catalogue.USER_PASSKEY_ADDED, {"passkey_id": details.get("passkey")}
+        case EventKind.PASSKEY_REMOVED:
+            return catalogue.USER_PASSKEY_REMOVED, {"passkey_id": details.get("passkey")}
+        case EventKind.IDENTITY_LINKED:
+            return catalogue.USER_IDENTITY_LINKED, {"provider": details.get("provider")}
+        case EventKind.IDENTITY_UNLINKED:
+            return catalogue.USER_IDENTITY_UNLINKED, {"provider": details.get("provider")}
+        case EventKind.ROLES_CHANGED:
+            return catalogue.USER_ROLES_CHANGED, {
+                "role": details.get("role"),
+                "change": details.get("change"),
+            }
+        case EventKind.LOGIN_SUCCEEDED:
+            amr = details.get("amr")
+            return catalogue.SESSION_CREATED, {
+                "session_id": session_id,
+                "amr": str(amr).split() if amr else [],
+            }
+        case EventKind.SESSION_REVOKED:
+            return catalogue.SESSION_REVOKED, {
+                "session_id": session_id,
+                "reason": details.get("reason") or "revoked_by_user",
+            }
+        case EventKind.LOGOUT if not details.get("everywhere"):
+            return catalogue.SESSION_REVOKED, {"session_id": session_id, "reason": "logout"}
+    return None
 
 
 def _log(line: dict[str, Any]) -> None:

@@ -46,9 +46,15 @@ from db.services.batches import (
     until_done,
     walk,
 )
-from db.services.events import prune_ended_sessions, prune_events, prune_spent_generations
+from db.services.events import (
+    SecurityEvents,
+    prune_ended_sessions,
+    prune_events,
+    prune_spent_generations,
+)
 from db.services.lockout import Lockout
 from db.session import Statements
+from db.webhooks.catalogue import USER_DELETED
 from db.webhooks.delivery import prune_webhook_events
 
 log = logging.getLogger("strawgate.housekeeping")
@@ -92,6 +98,7 @@ def _abandoned(user: Any) -> Any:
 
 _PRUNE_UNVERIFIED = delete(User).where(AnyOf(User.id, chosen(User, _abandoned, in_pages=True)))
 _PRUNE_UNVERIFIED_ANYWHERE = delete(User).where(AnyOf(User.id, chosen(User, _abandoned)))
+_PRUNE_UNVERIFIED_RETURNING = _PRUNE_UNVERIFIED_ANYWHERE.returning(User.id)
 
 
 # Provider redirects past their life (an hour's grace after: a one-time code made at the
@@ -174,7 +181,11 @@ class Housekeeper:
         batch_target: float | None = BATCH_TARGET,
         # How often this process sweeps the SWEPT kinds (0: every pass).
         sweep_every: timedelta = timedelta(0),
+        # The trail and its webhooks: a pruned signup is `user.deleted` to endpoints
+        # that want it (its `user.created` went out).
+        events: SecurityEvents | None = None,
     ) -> None:
+        self.events = events
         self.sweep_every = sweep_every
         self._swept_at: datetime | None = None  # when this process's last sweep began
         self.challenge_retention = challenge_retention
@@ -196,6 +207,30 @@ class Housekeeper:
         self.on_deleted: Callable[[str, int], None] | None = None
         self._postgres = statements.engine.dialect.name == "postgresql"
         self._task: asyncio.Task[None] | None = None
+
+    def _deletions_published(self) -> bool:
+        webhooks = self.events.webhooks if self.events is not None else None
+        return webhooks is not None and bool(webhooks.wanted(USER_DELETED))
+
+    async def _prune_unverified_publishing(self, cutoff: datetime, batching: Batching) -> int:
+        """The abandoned signups, deleted a batch per transaction with a `user.deleted`
+        each in it (the statement names the rows it deleted): when an endpoint wants them."""
+        assert self.events is not None  # noqa: S101 - see _deletions_published
+        done = Progress("unverified_users")
+        limit = max(1, batching.rows)
+        while True:
+            started = time.perf_counter()
+            async with self.events.transaction(self.statements) as tx:
+                gone = await tx.scalars(
+                    _PRUNE_UNVERIFIED_RETURNING, {"cutoff": cutoff, "batch": limit}
+                )
+                for user_id in gone:
+                    await self.events.user_deleted(tx, user_id, reason="unverified")
+            done.add(len(gone), time.perf_counter() - started)
+            if batching.on_batch is not None:
+                batching.on_batch(done, len(gone))
+            if len(gone) < limit:
+                return done.rows
 
     async def run_once(self) -> Pruned | None:
         """One pass; None when another process holds the lock (it is doing it)."""
@@ -248,6 +283,9 @@ class Housekeeper:
         async def unverified_users(batching: Batching) -> int:
             if self.unverified_account_age is None:
                 return 0
+            cutoff = now - self.unverified_account_age
+            if self._deletions_published():
+                return await self._prune_unverified_publishing(cutoff, batching)
             done = await walk(
                 statements,
                 "unverified_users",

@@ -199,7 +199,7 @@ _DROP_THROTTLES = delete(LoginThrottle).where(
 )
 # The address's code lockouts (its own, and per network of the account's own clients).
 _DROP_CODE_LOCKOUTS = delete(LoginThrottle).where(LoginThrottle.email.startswith(bindparam("key")))
-_LIVE_SESSIONS = select(func.count(UserSession.id)).where(
+_LIVE_SESSIONS = select(UserSession.id).where(
     UserSession.user_id == bindparam("uid"),
     UserSession.revoked_at.is_(None),
     UserSession.expires_at > bindparam("now"),
@@ -535,6 +535,7 @@ class LifecycleService:
         now = self.clock.now()
         await self.auth.lock_sessions(tx, user.id)
         ended = await tx.scalars(_LIVE_SESSIONS, {"uid": user.id, "now": now})
+        await self.events.sessions_ended(tx, user.id, ended, "account_deleted")
         for address in {normalized, *map(_normalized, await _previous_addresses(tx, user.id))}:
             holder = await tx.first(ADDRESS_HOLDER, {"email": address})
             if holder is None or holder["id"] == user.id:
@@ -551,7 +552,7 @@ class LifecycleService:
             tx,
             EventKind.ACCOUNT_DELETED,
             user_id=user.id,
-            details={"sessions": int(ended[0]) if ended else 0},
+            details={"sessions": len(ended)},
         )
         # The last word: it outlives the account, and belongs to no one.
         await self.auth.notices.send(

@@ -644,7 +644,7 @@ class Operator:
 
     async def _end_sessions(self, tx: Runner, uid: uuid.UUID, now: datetime, *, reason: str) -> int:
         await lock_account_sessions(tx, uid)
-        return await end_live_sessions(tx, uid, now=now, reason=reason)
+        return await end_live_sessions(tx, uid, now=now, reason=reason, events=self.events)
 
     async def _clear_rate_limit(self, normalized: str) -> bool | None:
         if self.limiter is None:

@@ -22,7 +22,8 @@ from db.clock import Clock
 from db.devices import device_family, network_of
 from db.errors import AuthFailure, ErrorCode, account_disabled, reauthentication_required
 from db.models import IP_MAX, RefreshToken, TotpCredential, User, UserRole, UserSession
-from db.security.access import AccessClaims, AccessTokenCodec
+from db.security.access import MAX_ACCESS_TOKEN_LENGTH, AccessClaims, AccessTokenCodec
+from db.security.claims_hook import ClaimsRequest, ClaimsSource, Reason
 from db.security.device import DeviceTokens
 from db.security.limiter import RateLimiter, client_key
 from db.security.tokens import (
@@ -246,6 +247,7 @@ _REVOKE_USER_SESSIONS = (
         UserSession.expires_at > bindparam("now"),
     )
     .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
+    .returning(UserSession.id)
 )
 
 
@@ -271,6 +273,7 @@ _REVOKE_OTHER_SESSIONS = (
         UserSession.expires_at > bindparam("now"),
     )
     .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
+    .returning(UserSession.id)
 )
 
 # A live session, how it signed in and when it last proved a credential (read under the
@@ -306,7 +309,10 @@ class Sessions:
         idle_timeout: timedelta,
         max_sessions: int,
         reauth_window: timedelta,
+        claims_hook: ClaimsSource | None = None,
     ) -> None:
+        # CLAIMS_HOOK / CLAIMS_HOOK_URL: asked for every access token issued (None: none).
+        self.claims_hook = claims_hook
         # 0: no idle timeout (only the absolute refresh lifetime).
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
@@ -354,7 +360,7 @@ class Sessions:
         self, tx: Runner, user_id: uuid.UUID, *, keep: uuid.UUID | None, reason: str
     ) -> int:
         await self.lock_sessions(tx, user_id)
-        return await tx.execute(
+        ended = await tx.scalars(
             _REVOKE_OTHER_SESSIONS,
             {
                 "owner_id": user_id,
@@ -364,6 +370,8 @@ class Sessions:
                 "reason": reason,
             },
         )
+        await self.events.sessions_ended(tx, user_id, ended, reason)
+        return len(ended)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -415,7 +423,9 @@ class Sessions:
             await self.notices.send(
                 tx, user_id=user.id, email=user.email, template="new_device", client=client
             )
-        return self.issue(user, session_id, amr, refresh, client, auth_time=now)
+        return await self.issue(
+            user, session_id, amr, refresh, client, auth_time=now, reason="sign-in"
+        )
 
     async def replace_refresh_token(
         self, tx: Runner, session_id: uuid.UUID, refresh: str, now: datetime
@@ -472,7 +482,7 @@ class Sessions:
             },
         )
 
-    def issue(
+    async def issue(
         self,
         user: UserView,
         session_id: uuid.UUID,
@@ -481,16 +491,34 @@ class Sessions:
         client: ClientInfo | None = None,
         *,
         auth_time: datetime,
+        reason: Reason,
     ) -> IssuedSession:
-        """Tokens for a live session: an access token (with the session's auth_time) and
-        a device token issued with this session, at the account's current epoch."""
+        """Tokens for a live session: an access token (with the session's auth_time and
+        the claims hook's claims) and a device token issued with this session, at the
+        account's current epoch. Called inside the transaction of the change that issues
+        them: a claims hook that fails (ClaimsHookFailed) rolls the change back."""
+        extra: dict[str, Any] = {}
+        hook = self.claims_hook
+        if hook is not None:
+            request = ClaimsRequest(
+                user_id=user.id,
+                email=user.email,
+                roles=tuple(user.roles),
+                amr=tuple(amr),
+                session_id=session_id,
+                reason=reason,
+            )
+            extra = await hook.claims(request)
         access = self.access_tokens.issue(
             user_id=user.id,
             session_id=session_id,
             amr=amr,
             auth_time=auth_time,
             roles=user.roles,
+            extra=extra,
         )
+        if hook is not None and len(access) >= MAX_ACCESS_TOKEN_LENGTH:
+            raise hook.too_big(request, len(access), MAX_ACCESS_TOKEN_LENGTH)
         # The device keeps the identity its token had; a new one is named after the
         # session (so refreshing a session cannot mint device identities).
         held = self.devices.check(client.device_token if client else None, user_id=user.id)
@@ -547,6 +575,10 @@ class Sessions:
                     _REVOKE_SESSION,
                     {"session_id": session_id, "now": now, "reason": "refresh_token_reused"},
                 )
+                # The trail's REFRESH_REUSED follows the commit; the webhook goes with it.
+                await self.events.sessions_ended(
+                    tx, state["user_id"], [session_id], "refresh_token_reused"
+                )
                 reused = True
             if not reused:
                 await tx.execute(
@@ -556,6 +588,15 @@ class Sessions:
                         "now": now,
                         "expires_at": self.session_end(now, state["absolute_expires_at"]),
                     },
+                )
+                # In the transaction: a claims hook that fails leaves the token unspent.
+                issued = await self.issue(
+                    user_view(state, id_key="user_id"),
+                    session_id,
+                    state["amr"].split(),
+                    successor,
+                    auth_time=state["auth_time"],
+                    reason="refresh",
                 )
         if reused:  # raised after the commit, so the revocation holds
             await self.events.record_now(
@@ -569,10 +610,7 @@ class Sessions:
                 ErrorCode.TOKEN_REUSED,
                 "This refresh token was already used; the session has been ended.",
             )
-        user = user_view(state, id_key="user_id")
-        return self.issue(
-            user, session_id, state["amr"].split(), successor, auth_time=state["auth_time"]
-        )
+        return issued
 
     async def _is_retry(
         self, tx: Runner, state: Mapping[str, Any], successor: str, now: datetime
@@ -629,7 +667,7 @@ class Sessions:
                 return 0
             await end_device_tokens(tx, found["user_id"])
             ended = await end_live_sessions(
-                tx, found["user_id"], now=now, reason="logout_everywhere"
+                tx, found["user_id"], now=now, reason="logout_everywhere", events=self.events
             )
             await self.events.record(
                 tx,
@@ -680,11 +718,16 @@ async def lock_account_sessions(tx: Runner, user_id: uuid.UUID) -> None:
     await tx.execute(_LOCK_USER_SESSIONS, {"user_id": user_id})
 
 
-async def end_live_sessions(tx: Runner, user_id: uuid.UUID, *, now: datetime, reason: str) -> int:
-    """Ends every live session of the account; how many. Under both locks above."""
-    return await tx.execute(
+async def end_live_sessions(
+    tx: Runner, user_id: uuid.UUID, *, now: datetime, reason: str, events: SecurityEvents
+) -> int:
+    """Ends every live session of the account (a session.revoked webhook each); how many.
+    Under both locks above."""
+    ended = await tx.scalars(
         _REVOKE_USER_SESSIONS, {"owner_id": user_id, "now": now, "reason": reason}
     )
+    await events.sessions_ended(tx, user_id, ended, reason)
+    return len(ended)
 
 
 async def end_device_tokens(tx: Runner, user_id: uuid.UUID) -> None:

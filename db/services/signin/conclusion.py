@@ -241,8 +241,8 @@ class Conclusion:
             client=client,
             details={"amr": " ".join(amr)},
         )
-        return self.sessions.issue(
-            user_view(user), session_id, merged, refresh, client, auth_time=now
+        return await self.sessions.issue(
+            user_view(user), session_id, merged, refresh, client, auth_time=now, reason="step-up"
         )
 
     async def reset_password_now(
@@ -267,7 +267,13 @@ class Conclusion:
         )
         await self.events.record(tx, EventKind.PASSWORD_RESET, user_id=user_id, client=client)
         if user["email_verified_at"] is None:
-            await self.events.record(tx, EventKind.EMAIL_VERIFIED, user_id=user_id, client=client)
+            await self.events.record(
+                tx,
+                EventKind.EMAIL_VERIFIED,
+                user_id=user_id,
+                client=client,
+                webhook={"email": user["email"]},
+            )
         # As the reset left it (verified, a new device epoch): read, not recomputed.
         changed = await tx.first(USER_BY_ID, {"user_id": user_id})
         assert changed is not None  # noqa: S101 - the row is locked by this transaction

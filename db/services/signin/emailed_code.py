@@ -365,13 +365,14 @@ class EmailedCodes:
                 user = await self._change_email_now(tx, user, challenge["new_email"], client)
                 refresh = new_opaque_token()
                 await self.sessions.replace_refresh_token(tx, challenge["session_id"], refresh, now)
-                issued: IssuedSession | IssuedChallenge = self.sessions.issue(
+                issued: IssuedSession | IssuedChallenge = await self.sessions.issue(
                     user_view(user),
                     challenge["session_id"],
                     asking["amr"].split(),
                     refresh,
                     client,
                     auth_time=asking["auth_time"],
+                    reason="refresh",
                 )
             else:
                 issued = await self._sign_in(tx, challenge, user, amr, client)
@@ -396,7 +397,11 @@ class EmailedCodes:
         await tx.execute(_MARK_VERIFIED, {"uid": user["id"], "now": now})
         if user["email_verified_at"] is None:
             await self.events.record(
-                tx, EventKind.EMAIL_VERIFIED, user_id=user["id"], client=client
+                tx,
+                EventKind.EMAIL_VERIFIED,
+                user_id=user["id"],
+                client=client,
+                webhook={"email": user["email"]},
             )
         intent = SIGN_IN
         if challenge["purpose"] == ch.REAUTHENTICATE:
@@ -420,6 +425,7 @@ class EmailedCodes:
             )
             if not dropped:
                 raise email_taken()
+            await self.events.user_deleted(tx, holder["id"], reason="abandoned_signup")
         now = self.clock.now()
         await tx.execute(
             _CHANGE_EMAIL,
@@ -447,6 +453,7 @@ class EmailedCodes:
             user_id=user["id"],
             client=client,
             details={"previous": user["email"]},
+            webhook={"email": address.address},
         )
         changed = await tx.first(USER_BY_ID, {"user_id": user["id"]})
         assert changed is not None  # noqa: S101 - the row is locked by this transaction

@@ -161,6 +161,7 @@ _END_FEDERATED_SESSIONS = (
         ),
     )
     .values(revoked_at=bindparam("now"), revoke_reason="identity_unlinked")
+    .returning(UserSession.id)
 )
 _DROP_IDENTITY = delete(Identity).where(Identity.id == bindparam("identity_id"))
 
@@ -370,6 +371,8 @@ class IdentitySignIns:
                         "abandoned_before": now - self.conclusion.challenges.email_lifetime,
                     },
                 )
+                if dropped:
+                    await self.events.user_deleted(tx, holder["id"], reason="abandoned_signup")
                 holder = None if dropped else holder
                 if holder is not None and not trusted:
                     # A pending signup, to a party no provider vouched for: the answer a
@@ -403,10 +406,15 @@ class IdentitySignIns:
                     user_id=user_id,
                     client=client,
                     details={"provider": identity.provider},
+                    webhook={"email": address.address},
                 )
                 if trusted:
                     await self.events.record(
-                        tx, EventKind.EMAIL_VERIFIED, user_id=user_id, client=client
+                        tx,
+                        EventKind.EMAIL_VERIFIED,
+                        user_id=user_id,
+                        client=client,
+                        webhook={"email": address.address},
                     )
                 await self._add_identity(tx, user_id, identity, now)
                 # An address the provider did not vouch for is proven here first.
@@ -557,13 +565,14 @@ class IdentitySignIns:
                 assert current is not None  # noqa: S101 - locked above
                 refresh = new_opaque_token()
                 await self.sessions.replace_refresh_token(tx, session_id, refresh, now)
-                issued = self.sessions.issue(
+                issued = await self.sessions.issue(
                     user_view(current),
                     session_id,
                     session["amr"].split(),
                     refresh,
                     client,
                     auth_time=session["auth_time"],
+                    reason="refresh",
                 )
         except UniqueViolation as violation:
             if "user_id_provider" in str(violation):
@@ -614,10 +623,11 @@ class IdentitySignIns:
             # too: every other session a provider sign-in opened ends (which provider's is
             # not kept on a session, so any provider's); the asking session goes on.
             await self.sessions.lock_sessions(tx, user.id)
-            await tx.execute(
+            ended = await tx.scalars(
                 _END_FEDERATED_SESSIONS,
                 {"uid": user.id, "keep": claims.session_id, "now": self.clock.now()},
             )
+            await self.events.sessions_ended(tx, user.id, ended, "identity_unlinked")
             await self.notices.send(
                 tx,
                 user_id=user.id,

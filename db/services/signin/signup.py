@@ -131,11 +131,16 @@ class Signups:
                     )
                     if not dropped:
                         return await self._pending_signup(tx, address.normalized, amr, client)
+                    await self.events.user_deleted(tx, existing["id"], reason="abandoned_signup")
                 # The unique index decides between concurrent signups; the check above
                 # only spares a hash in the common case.
                 await tx.execute(_ADD_USER, add_user)
                 await self.events.record(
-                    tx, EventKind.SIGNUP, user_id=add_user["user_id"], client=client
+                    tx,
+                    EventKind.SIGNUP,
+                    user_id=add_user["user_id"],
+                    client=client,
+                    webhook={"email": address.address},
                 )
                 if verify_first:
                     issued: IssuedSession | IssuedChallenge = await self.challenges.open_email(
