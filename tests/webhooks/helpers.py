@@ -62,12 +62,12 @@ async def emit(
 
 
 async def settled(dispatcher: WebhookDispatcher, expected: int) -> int:
-    """run_once, again (briefly) while it claims fewer than `expected`."""
+    """run_once, and again (briefly) until `expected` were claimed in all; how many were."""
     claimed = await dispatcher.run_once()
     deadline = asyncio.get_running_loop().time() + SETTLE
     while claimed < expected and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
-        claimed = await dispatcher.run_once()
+        claimed += await dispatcher.run_once()
     return claimed
 
 
