@@ -197,11 +197,13 @@ _RELEASE_ONE = (
     .where(_this(), WebhookDelivery.claim_id == bindparam("mine"))
     .values(claimed_until=null(), claim_id=null())
 )
+# Per endpoint: the pending rows of one are found by ix_webhook_deliveries_pending.
 _RELEASE_CLAIM = (
     update(WebhookDelivery)
     .where(
-        WebhookDelivery.claim_id == bindparam("mine"),
+        WebhookDelivery.endpoint == bindparam("url"),
         WebhookDelivery.next_attempt_at.is_not(None),
+        WebhookDelivery.claim_id == bindparam("mine"),
     )
     .values(claimed_until=null(), claim_id=null())
 )
@@ -818,7 +820,8 @@ class WebhookDispatcher:
         for claim_id in claims:
             try:
                 async with self._statements.transaction() as tx:
-                    await tx.execute(_RELEASE_CLAIM, {"mine": claim_id})
+                    for url in self._endpoints:
+                        await tx.execute(_RELEASE_CLAIM, {"url": url, "mine": claim_id})
             except Exception as exc:  # their leases run out by themselves
                 log.warning("webhooks: a claim could not be released (%s)", type(exc).__name__)
 

@@ -17,7 +17,9 @@ from typing import Any, Literal
 import h11
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-Answer = int | Literal["hang"]
+# A status; "hang": no answer until the receiver stops; "huge": 200 and a body of HUGE bytes.
+Answer = int | Literal["hang", "huge"]
+HUGE = 64 * 1024 * 1024  # more than the socket buffers on both sides hold
 
 
 def secret_for(name: str) -> str:
@@ -52,6 +54,7 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     rejected: list[tuple[dict[str, str], bytes, str]] = field(default_factory=list)
     connections: int = 0
+    cut_short: int = 0  # answers the client stopped reading before their end
     _server: asyncio.Server | None = None
     _handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = field(default_factory=dict)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -107,12 +110,19 @@ class Receiver:
                 if request is None:
                     return
                 status = await self._judge(request, body)
-                writer.write(
-                    connection.send(
-                        h11.Response(status_code=status, headers=[("content-length", "0")])
-                    )
-                    or b""
+                size = HUGE if status == "huge" else 0
+                head = h11.Response(
+                    status_code=200 if status == "huge" else status,
+                    headers=[("content-length", str(size))],
                 )
+                writer.write(connection.send(head) or b"")
+                try:
+                    for _ in range(size // 65536):
+                        writer.write(connection.send(h11.Data(data=b"x" * 65536)) or b"")
+                        await writer.drain()
+                except OSError:
+                    self.cut_short += 1
+                    raise
                 writer.write(connection.send(h11.EndOfMessage()) or b"")
                 await writer.drain()
                 if connection.our_state is h11.MUST_CLOSE:
@@ -143,7 +153,7 @@ class Receiver:
             else:  # ConnectionClosed, PAUSED
                 return None, b""
 
-    async def _judge(self, request: h11.Request, body: bytes) -> int:
+    async def _judge(self, request: h11.Request, body: bytes) -> int | Literal["huge"]:
         headers = {name.decode().lower(): value.decode() for name, value in request.headers}
         payload: Any = None
         problems: list[str] = []
@@ -164,12 +174,12 @@ class Receiver:
             content_type=headers.get("content-type", ""),
             body=body,
             payload=payload,
-            status=503 if answer == "hang" else answer,
+            status=503 if answer == "hang" else 200 if answer == "huge" else answer,
         )
         self.received.append(received)
         if answer == "hang":  # no answer until the receiver stops
             await self._stopped.wait()
-        return received.status
+        return "huge" if answer == "huge" else received.status
 
 
 @contextlib.asynccontextmanager

@@ -146,6 +146,26 @@ async def test_a_receiver_that_does_not_answer_in_time_is_retried(
         assert (await delivery(statements, event_id, receiver.url))["delivered_at"] is not None
 
 
+async def test_an_answer_s_body_is_read_only_so_far_and_dropped(
+    statements: Statements, make_dispatcher: MakeDispatcher
+) -> None:
+    """Only the status counts: a receiver that answers 200 with megabytes is delivered to,
+    and the dispatcher stops reading after MAX_DRAINED_BYTES."""
+    async with receiving([SECRET], answers=["huge"]) as receiver:
+        dispatcher = make_dispatcher(statements, [endpoint(receiver.url)])
+        event_id = await emit(statements, dispatcher.events)
+        started = asyncio.get_running_loop().time()
+        assert await settled(dispatcher, 1) == 1
+        assert asyncio.get_running_loop().time() - started < 5.0
+        row = await delivery(statements, event_id, receiver.url)
+        assert (row["last_status"], row["delivered_at"] is not None) == (200, True)
+        for _ in range(100):  # the receiver notices the connection gone
+            if receiver.cut_short:
+                break
+            await asyncio.sleep(0.05)
+        assert receiver.cut_short == 1
+
+
 async def test_secret_rotation_both_secrets_sign_every_request(
     statements: Statements, make_dispatcher: MakeDispatcher
 ) -> None:
