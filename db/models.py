@@ -403,6 +403,8 @@ class WebhookDelivery(Base):
     )
     # The endpoint's URL, as configured in WEBHOOK_ENDPOINTS.
     endpoint: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    # When it was queued, or queued again (`strawgate webhooks replay`): WEBHOOK_GIVE_UP_HOURS
+    # count from here.
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
