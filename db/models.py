@@ -406,7 +406,7 @@ class WebhookDelivery(Base):
     # When it was queued, or queued again (`strawgate webhooks replay`): WEBHOOK_GIVE_UP_HOURS
     # count from here.
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     claim_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)

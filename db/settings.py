@@ -364,6 +364,19 @@ class IdentityProviderSettings(BaseModel):
     Enterprise Server: `https://github.example.com`)."""
 
 
+def check_webhook_secret(raw: str) -> None:
+    """ValueError unless `raw` is a Standard Webhooks secret: whsec_ and the base64 of 24 to
+    64 bytes (the message never repeats the secret)."""
+    if not raw.startswith("whsec_"):
+        raise ValueError("a webhook secret starts with whsec_")
+    try:
+        key = base64.b64decode(raw.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        raise ValueError("a webhook secret is whsec_ and base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError("a webhook secret holds 24 to 64 bytes")
+
+
 class WebhookEndpointSettings(BaseModel):
     """One endpoint of `WEBHOOK_ENDPOINTS`."""
 
@@ -382,15 +395,7 @@ class WebhookEndpointSettings(BaseModel):
     @classmethod
     def _secrets_are_standard(cls, value: list[SecretStr]) -> list[SecretStr]:
         for secret in value:
-            raw = secret.get_secret_value()
-            if not raw.startswith("whsec_"):
-                raise ValueError("a webhook secret starts with whsec_")
-            try:
-                key = base64.b64decode(raw.removeprefix("whsec_"), validate=True)
-            except binascii.Error:
-                raise ValueError("a webhook secret is whsec_ and base64") from None
-            if not 24 <= len(key) <= 64:
-                raise ValueError("a webhook secret holds 24 to 64 bytes")
+            check_webhook_secret(secret.get_secret_value())
         return value
 
     @field_validator("events")
@@ -779,6 +784,13 @@ class Settings(BaseSettings):
     """`json`: one JSON object a line (`at`, `level`, `logger`, `message`, `request_id`); `text`:
     readable lines with the request id in brackets. Unset: `json` in production, `text` in
     development."""
+
+    @field_validator("claims_hook_secret")
+    @classmethod
+    def _claims_hook_secret_is_standard(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_webhook_secret(value.get_secret_value())
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -124,6 +124,11 @@ SETTING_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        "Claims hook",
+        "claims-hook",
+        ("claims_hook", "claims_hook_url", "claims_hook_secret", "claims_hook_timeout"),
+    ),
+    (
         "Mail",
         "mail",
         (

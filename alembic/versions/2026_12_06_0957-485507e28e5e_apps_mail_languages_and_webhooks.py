@@ -70,9 +70,6 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
         batch_op.create_index(
-            batch_op.f("ix_webhook_deliveries_next_attempt_at"), ["next_attempt_at"], unique=False
-        )
-        batch_op.create_index(
             "ix_webhook_deliveries_pending",
             ["endpoint", "event_seq"],
             unique=False,
@@ -104,7 +101,6 @@ def downgrade() -> None:
             postgresql_where=sa.text("next_attempt_at IS NOT NULL"),
             sqlite_where=sa.text("next_attempt_at IS NOT NULL"),
         )
-        batch_op.drop_index(batch_op.f("ix_webhook_deliveries_next_attempt_at"))
 
     op.drop_table("webhook_deliveries")
     with op.batch_alter_table("webhook_events", schema=None) as batch_op:

@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 from jose import jwt as jose_jwt
+from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -235,6 +236,18 @@ async def test_roles_reach_the_hook_and_the_token_after_refresh(
 
 
 @pytest.mark.parametrize(
+    "secret", ["nope", "whsec_not*base64", "whsec_c2hvcnQ=", SECRET.replace("whsec_", "")]
+)
+def test_a_claims_hook_secret_must_be_a_standard_one(
+    make_settings: Callable[..., Settings], secret: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        make_settings(claims_hook_url="https://hooks.example.com/c", claims_hook_secret=secret)
+    assert "webhook secret" in str(refused.value)
+    assert secret not in str(refused.value)
+
+
+@pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"claims_hook": "no_colon_here"}, "module:function"),
@@ -245,6 +258,10 @@ async def test_roles_reach_the_hook_and_the_token_after_refresh(
         (
             {"claims_hook_url": "http://127.0.0.1:9/claims", "claims_hook_secret": SECRET},
             "must use https",
+        ),
+        (
+            {"claims_hook_url": "https://10.0.0.7/claims", "claims_hook_secret": SECRET},
+            "private, loopback or link-local address",
         ),
     ],
 )
@@ -371,16 +388,16 @@ async def test_an_unreachable_http_hook_fails_closed(
         )
 
 
-async def test_private_addresses_need_webhook_allow_private(
+async def test_host_names_of_private_addresses_need_webhook_allow_private(
     make_settings: Callable[..., Settings],
     clock: MutableClock,
     clean_db: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """https to a loopback address passes the URL check at start, and is refused where the
-    connection is made (the same check as the identity providers')."""
+    """A host name passes the URL check at start, and is refused where the connection is
+    made, by what it resolves to (the same check as the webhooks')."""
     settings = make_settings(
-        claims_hook_url="https://127.0.0.1:9/claims", claims_hook_secret=SECRET
+        claims_hook_url="https://localhost:9/claims", claims_hook_secret=SECRET
     )
     application = create_app(settings, clock=clock)
     async with application.router.lifespan_context(application), client_for(application) as c:
@@ -393,3 +410,4 @@ async def test_private_addresses_need_webhook_allow_private(
                 )
             )
     assert "private, loopback or link-local" in caplog.text
+    assert "WEBHOOK_ALLOW_PRIVATE" in caplog.text

@@ -286,6 +286,11 @@ async def test_a_provider_sign_in_is_a_new_user_once(
             clock.advance(minutes=5)
             signed_in(await sign_in(client, mint(provider, clock, email=email)))
             events = await events_of(application, first["user"]["id"])
+            # A provider sign-in to an existing (proven) account links, and creates nobody.
+            owner = unique_email()
+            account = await signed_up_and_proven(client, owner)
+            signed_in(await sign_in(client, mint(provider, clock, email=owner)))
+            linked = await events_of(application, account["user"]["id"])
     assert [e["type"] for e in events] == [
         "user.created",
         "user.email_verified",
@@ -298,6 +303,12 @@ async def test_a_provider_sign_in_is_a_new_user_once(
         "provider": "acme",
     }
     assert events[2]["data"]["amr"] == ["fed"]
+    assert [(e["type"], e["data"].get("provider")) for e in linked] == [
+        ("user.created", None),
+        ("session.created", None),
+        ("user.identity_linked", "acme"),
+        ("session.created", None),
+    ]
 
 
 async def test_refresh_token_reuse_revokes_in_the_same_transaction(
