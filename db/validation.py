@@ -113,6 +113,7 @@ def clean_user_agent(value: str | None) -> str | None:
 
 
 PROFILE_MAX_BYTES = 4096
+PROFILE_MAX_DEPTH = 32  # objects and arrays within each other
 # A BCP 47 tag as users' locales take it: a language, and optionally a script and a region.
 _LANGUAGE_TAG = re.compile(r"([A-Za-z]{2,3})(?:-([A-Za-z]{4}))?(?:-([A-Za-z]{2}|[0-9]{3}))?")
 
@@ -121,12 +122,22 @@ def parse_profile(text: str) -> str:
     """A profile as stored: the compact JSON of an object (at most PROFILE_MAX_BYTES) whose
     keys and strings hold no control characters; INVALID_INPUT (field profileJson)
     otherwise."""
+    if len(text) > 4 * PROFILE_MAX_BYTES:  # however it is spaced, too big: not even parsed
+        raise invalid_input(
+            f"profileJson must be at most {PROFILE_MAX_BYTES} bytes (as compact JSON).",
+            "profileJson",
+        )
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
         raise invalid_input("profileJson must be JSON text.", "profileJson") from None
     if not isinstance(value, dict):
         raise invalid_input("profileJson must be a JSON object.", "profileJson")
+    if _depth(value) > PROFILE_MAX_DEPTH:
+        raise invalid_input(
+            f"profileJson must not nest objects and arrays more than {PROFILE_MAX_DEPTH} deep.",
+            "profileJson",
+        )
     if _holds_control_characters(value):
         raise invalid_input(
             "profileJson must not contain control characters in its keys or strings.",
@@ -139,6 +150,24 @@ def parse_profile(text: str) -> str:
             "profileJson",
         )
     return stored
+
+
+def _depth(value: object) -> int:
+    """How deep objects and arrays nest in `value` (walked without recursion)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: list[object] = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= PROFILE_MAX_DEPTH:
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _holds_control_characters(value: object) -> bool:

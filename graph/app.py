@@ -533,10 +533,9 @@ def make_auth(
 ) -> AuthService:
     secret = settings.secret()
     notices = Notices(outbox=outbox, clock=clock)
-    webhooks = WebhookEvents(
-        endpoints=settings.webhook_endpoints, clock=clock, postgres=not settings.is_sqlite
+    events = SecurityEvents(
+        clock=clock, webhooks=WebhookEvents.from_settings(settings, clock=clock)
     )
-    events = SecurityEvents(clock=clock, webhooks=webhooks)
     devices = DeviceTokens(
         key=derive_key(secret, "device-token"),
         lifetime=timedelta(days=settings.device_token_days),

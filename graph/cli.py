@@ -212,6 +212,7 @@ def _users(args: argparse.Namespace) -> int:
         normalized_email,
     )
     from db.session import Statements, create_engine
+    from db.webhooks.events import WebhookEvents
 
     try:
         normalized_email(args.email)
@@ -244,7 +245,10 @@ def _users(args: argparse.Namespace) -> int:
             operator = Operator(
                 statements=statements,
                 clock=clock,
-                events=SecurityEvents(clock=clock),
+                # The commands' changes are webhook events too (user.disabled, ...).
+                events=SecurityEvents(
+                    clock=clock, webhooks=WebhookEvents.from_settings(settings, clock=clock)
+                ),
                 limiter=limiter,
             )
             if args.action == "show":

@@ -563,3 +563,36 @@ async def test_a_role_that_cannot_be_one_is_refused(
     assert code == 2 and out == ""
     assert "is not a role name" in err
     assert await ok(tmp_path, database_url, "roles", "list", email) == ""
+
+
+async def test_the_commands_changes_are_webhook_events(
+    client: httpx.AsyncClient, database_url: str, tmp_path: Path
+) -> None:
+    """The command line writes the webhook events of its changes, as a server does."""
+    from db.models import WebhookEvent
+
+    email = unique_email()
+    first = await signup(client, email, PASSWORD)
+    user_id = uuid.UUID(first["user"]["id"])
+    hooks = {
+        "WEBHOOK_ENDPOINTS": '[{"url": "http://127.0.0.1:9/h",'
+        ' "secrets": ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]}]',
+        "WEBHOOK_ALLOW_PRIVATE": "true",
+    }
+    for action in (("roles", "add"), ("disable",), ("enable",)):
+        if action == ("roles", "add"):
+            await ok(tmp_path, database_url, *action, email, "admin", **hooks)
+        else:
+            await ok(tmp_path, database_url, *action, email, **hooks)
+    written = await rows(
+        database_url,
+        select(WebhookEvent.type, WebhookEvent.payload)
+        .where(WebhookEvent.user_id == user_id)
+        .order_by(WebhookEvent.seq),
+    )
+    assert [(row.type, json.loads(row.payload)["data"].get("reason")) for row in written] == [
+        ("user.roles_changed", None),
+        ("session.revoked", "operator_disable"),
+        ("user.disabled", None),
+        ("user.enabled", None),
+    ]

@@ -33,7 +33,14 @@ HOOK_TIMEOUT = 2.0  # seconds, the whole call
 # The claims Strawgate sets, which a hook never changes (nbf too: a hook must not make a
 # token that is not valid yet). `typ` is a header of ours, kept out of the claims too.
 RESERVED_CLAIMS = frozenset(
-    {"sub", "sid", "iss", "aud", "exp", "iat", "nbf", "jti", "typ", "amr", "auth_time", "roles"}
+    {
+        *("sub", "sid", "iss", "aud", "exp", "iat", "nbf", "jti", "typ", "amr", "auth_time"),
+        "roles",
+        # Hashes a JWT library checks against a token it is given beside this one: a token
+        # carrying either fails verification (python-jose refuses it with no such token).
+        "at_hash",
+        "c_hash",
+    }
 )
 MAX_ANSWER_BYTES = 16 * 1024  # of an endpoint's answer
 
@@ -71,15 +78,34 @@ ClaimsHook = Callable[[ClaimsRequest], Awaitable[Mapping[str, Any]]]
 class ClaimsSource:
     """Asks the configured hook and checks what it answers."""
 
-    def __init__(self, hook: ClaimsHook, *, name: str, timeout: float = HOOK_TIMEOUT) -> None:
+    def __init__(
+        self,
+        hook: ClaimsHook,
+        *,
+        name: str,
+        timeout: float = HOOK_TIMEOUT,
+        max_concurrent: int = 10,
+    ) -> None:
         self._hook = hook
         self.name = name
         self._timeout = timeout
+        # The hook is asked inside a transaction: each call in flight holds a database
+        # connection. Past this many at once (half the pool), a call fails at once rather
+        # than wait, so a slow hook cannot take every connection from the other requests.
+        self.max_concurrent = max_concurrent
+        self._in_flight = 0
 
     async def claims(self, request: ClaimsRequest) -> dict[str, Any]:
         """The hook's claims for this token, reserved ones dropped (with a warning); raises
         ClaimsHookFailed when the hook fails, takes longer than the timeout or answers
         anything but an object of JSON values."""
+        if self._in_flight >= self.max_concurrent:
+            raise self._failed(
+                request,
+                f"{self._in_flight} calls are already waiting for it (at most"
+                f" {self.max_concurrent} at once: DB_POOL_SIZE / 2)",
+            )
+        self._in_flight += 1
         try:
             async with asyncio.timeout(self._timeout):
                 answer = await self._hook(request)
@@ -96,6 +122,8 @@ class ClaimsSource:
                 exc_info=exc,
             )
             raise ClaimsHookFailed(f"the claims hook failed ({type(exc).__name__})") from None
+        finally:
+            self._in_flight -= 1
         if not isinstance(answer, Mapping):
             raise self._failed(request, f"answered {type(answer).__name__}, not an object")
         claims: dict[str, Any] = {}
@@ -223,6 +251,10 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _max_concurrent(settings: Settings) -> int:
+    return max(1, settings.db_pool_size // 2)
+
+
 def check_claims_hook(settings: Settings) -> None:
     """ConfigError, naming the setting, for a hook that cannot work: at start."""
     if settings.claims_hook:
@@ -246,6 +278,7 @@ def claims_source_from_settings(settings: Settings, *, clock: Clock) -> ClaimsSo
             load_callable(settings.claims_hook),
             name=settings.claims_hook,
             timeout=settings.claims_hook_timeout,
+            max_concurrent=_max_concurrent(settings),
         )
     if settings.claims_hook_url:
         from db.webhooks.outbound import outbound_http, shown
@@ -264,6 +297,9 @@ def claims_source_from_settings(settings: Settings, *, clock: Clock) -> ClaimsSo
         )
         # Named without its query string (where a token may be) in every log line.
         return ClaimsSource(
-            hook, name=shown(settings.claims_hook_url), timeout=settings.claims_hook_timeout
+            hook,
+            name=shown(settings.claims_hook_url),
+            timeout=settings.claims_hook_timeout,
+            max_concurrent=_max_concurrent(settings),
         )
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from db.session import Runner, Statements
 Claim = Callable[[Runner, str], Awaitable[bool]]
 # Runs first in that transaction: the locks the claim will need, in the caller's order.
 Lock = Callable[[Runner], Awaitable[None]]
+
+log = logging.getLogger("strawgate.mfa")
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,13 +301,32 @@ class TwoFactor:
             self.hasher.check_capacity()  # refuse before a slot is taken, not after
         key = code_check_key(str(user_id), client)
         await self.code_checks.reserve(key)
-        # A wrong code leaves the reserved check counted; a right one gives it back.
-        method = await self._verify(
-            user_id, code, credential, recovery=recovery, now=now, claim=claim, lock=lock
-        )
+        # A wrong code leaves the reserved check counted; a right one gives it back, and so
+        # does a check that failed for another reason (the claims hook down, the database
+        # gone: only a wrong code raises INVALID_OTP before anything else can fail).
+        try:
+            method = await self._verify(
+                user_id, code, credential, recovery=recovery, now=now, claim=claim, lock=lock
+            )
+        except AuthFailure as failure:
+            if failure.code is not ErrorCode.INVALID_OTP:
+                await self._give_back_quietly(key)
+            raise
+        except Exception:
+            await self._give_back_quietly(key)
+            raise
         async with self.statements.transaction() as tx:
             await self.code_checks.give_back(tx, key)
         return method
+
+    async def _give_back_quietly(self, key: str) -> None:
+        """Gives a reserved check back while another failure is on its way to the caller:
+        if this fails too (the database is down), that failure is the one reported."""
+        try:
+            async with self.statements.transaction() as tx:
+                await self.code_checks.give_back(tx, key)
+        except Exception as exc:
+            log.warning("a code check could not be given back (%s)", type(exc).__name__)
 
     async def _verify(
         self,

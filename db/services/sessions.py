@@ -234,6 +234,15 @@ _REVOKE_SESSION = (
     .values(revoked_at=bindparam("now"), revoke_reason=bindparam("reason"))
 )
 
+# A session past the cap, unless something else ended it meanwhile (parallel sign-ins of
+# one user each see it over the cap): only the one that ended it reports it.
+_REVOKE_OVER_CAP = (
+    update(UserSession)
+    .where(UserSession.id == bindparam("session_id"), UserSession.revoked_at.is_(None))
+    .values(revoked_at=bindparam("now"), revoke_reason="session_limit")
+    .returning(UserSession.id)
+)
+
 # Logout everywhere ends every device token of the account as well.
 _BUMP_DEVICE_EPOCH = (
     update(User).where(User.id == bindparam("owner_id")).values(device_epoch=User.device_epoch + 1)
@@ -456,10 +465,8 @@ class Sessions:
             {"uid": user_id, "new_id": new_id, "now": now, "keep": self.max_sessions - 1},
         )
         for session_id in over:
-            await tx.execute(
-                _REVOKE_SESSION,
-                {"session_id": session_id, "now": now, "reason": "session_limit"},
-            )
+            if await tx.first(_REVOKE_OVER_CAP, {"session_id": session_id, "now": now}) is None:
+                continue  # ended meanwhile, and reported by whoever ended it
             await self.events.record(
                 tx,
                 EventKind.SESSION_REVOKED,

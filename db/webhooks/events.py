@@ -15,7 +15,7 @@ from sqlalchemy import BigInteger, Text, bindparam, func, insert, literal, null,
 from db.clock import Clock
 from db.models import WebhookDelivery, WebhookEvent
 from db.session import Runner
-from db.settings import WebhookEndpointSettings
+from db.settings import Settings, WebhookEndpointSettings
 from db.webhooks.catalogue import EVENT_TYPES
 
 CHANNEL = "strawgate_webhooks"  # NOTIFY'd by every emit on PostgreSQL
@@ -86,6 +86,14 @@ class WebhookEvents:
         self._postgres = postgres
         self._insert_event = _insert_event(postgres)
         self._wakers: set[Callable[[], None]] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, clock: Clock) -> WebhookEvents:
+        """The server's and the command line's: every process that changes accounts writes
+        the events of WEBHOOK_ENDPOINTS."""
+        return cls(
+            endpoints=settings.webhook_endpoints, clock=clock, postgres=not settings.is_sqlite
+        )
 
     def wanted(self, event_type: str) -> list[str]:
         """The URLs of the endpoints that get `event_type`."""

@@ -116,6 +116,8 @@ async def test_reserved_claims_keep_their_values(
         "amr": ["hwk"],
         "aud": "another-api",
         "nbf": 4102444800,
+        "at_hash": "x",
+        "c_hash": "y",
         "tenant": "acme",
     }
     with caplog.at_level(logging.WARNING, logger="strawgate.claims_hook"):
@@ -128,7 +130,8 @@ async def test_reserved_claims_keep_their_values(
     assert claims["exp"] - claims["iat"] == 15 * 60
     assert "nbf" not in claims
     assert claims["tenant"] == "acme"
-    assert "reserved claims amr, aud, exp, nbf, roles, sub" in caplog.text
+    assert "at_hash" not in claims and "c_hash" not in claims
+    assert "reserved claims amr, at_hash, aud, c_hash, exp, nbf, roles, sub" in caplog.text
     # The token works as any other.
     me = await gql(client, "{ me { id } }", token=session["accessToken"])
     assert me["data"]["me"]["id"] == session["user"]["id"]
@@ -411,3 +414,57 @@ async def test_host_names_of_private_addresses_need_webhook_allow_private(
             )
     assert "private, loopback or link-local" in caplog.text
     assert "WEBHOOK_ALLOW_PRIVATE" in caplog.text
+
+
+async def test_right_codes_during_a_hook_outage_are_not_counted_as_wrong(
+    client: httpx.AsyncClient, hook_state: HookState, clock: MutableClock
+) -> None:
+    """A TOTP sign-in whose right code met a failing hook: the code is not spent and its
+    check is given back, so the owner is not locked out by retrying during the outage."""
+    from db.services.lockout import ACCOUNT_CODE_FAILURES
+    from tests.graph.test_mfa import challenge, code_at, enrolled, verify
+
+    email, _, secret, _ = await enrolled(client, clock)
+    hook_state.mode = "raise"
+    for _ in range(ACCOUNT_CODE_FAILURES + 2):
+        token = await challenge(client, email)  # the user signs in again, and again
+        unavailable(
+            await gql(
+                client,
+                "mutation($i: VerifyOtpInput!) { verifyOtp(input: $i) {"
+                " __typename ... on AuthError { code message } } }",
+                {"i": {"challengeToken": token, "code": code_at(secret, clock)}},
+            )
+        )
+    hook_state.mode = "answer"
+    session = await verify(client, await challenge(client, email), code_at(secret, clock))
+    assert claims_of(session)["amr"] == ["pwd", "otp", "mfa"]
+
+
+async def test_a_slow_hook_cannot_take_every_database_connection(
+    make_settings: Callable[..., Settings],
+    clock: MutableClock,
+    clean_db: None,
+    hook_state: HookState,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At most DB_POOL_SIZE / 2 calls wait for the hook at once (each holds a connection);
+    more fail at once, and the server keeps answering what needs no hook."""
+    settings = make_settings(claims_hook=HOOK, claims_hook_timeout=0.5, db_pool_size=4)
+    application = create_app(settings, clock=clock)
+    hook_state.mode = "hang"
+    signup_document = "mutation($i: SignupInput!) { signup(input: $i) { __typename } }"
+    async with application.router.lifespan_context(application), client_for(application) as c:
+        with caplog.at_level(logging.ERROR, logger="strawgate.claims_hook"):
+            answers = await asyncio.gather(
+                *(
+                    gql(c, signup_document, {"i": {"email": unique_email(), "password": PASSWORD}})
+                    for _ in range(6)
+                ),
+                gql(c, "{ __typename }"),
+            )
+    for answer in answers[:-1]:
+        unavailable(answer)
+    assert answers[-1]["data"] == {"__typename": "Query"}
+    assert caplog.text.count("no answer within 0.5 s") == 2
+    assert caplog.text.count("calls are already waiting for it (at most 2 at once") == 4

@@ -56,6 +56,10 @@ async def test_a_profile_and_a_locale_are_set_kept_and_cleared(client: httpx.Asy
         ({"profileJson": json.dumps({"x": "a" * 5000})}, "profileJson"),
         ({"profileJson": json.dumps({"bell": "\u0007"})}, "profileJson"),
         ({"profileJson": json.dumps({"nul\u0000key": 1})}, "profileJson"),
+        # Nested past the limit (small, but deep): refused, not a recursion error.
+        ({"profileJson": '{"a": ' + "[" * 1000 + "]" * 1000 + "}"}, "profileJson"),
+        ({"profileJson": '{"a": ' + "[" * 40 + "]" * 40 + "}"}, "profileJson"),
+        ({"profileJson": "{" + " " * 20000 + "}"}, "profileJson"),
         ({"locale": "ja"}, "locale"),  # not one of the server's languages
         ({"locale": "english"}, "locale"),
         ({"locale": "en\u0000"}, "locale"),

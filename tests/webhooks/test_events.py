@@ -92,7 +92,7 @@ async def test_signup_and_sign_ins(http: httpx.AsyncClient, hooked_app: Starlett
     events = await events_of(hooked_app, user_id)
     assert [e["type"] for e in events] == ["user.created", "session.created"]
     created, opened = events
-    assert created["data"] == {"user_id": user_id, "email": email}
+    assert created["data"] == {"user_id": user_id, "email": email, "email_verified": False}
     assert opened["data"]["amr"] == ["pwd"]
     assert uuid.UUID(opened["data"]["session_id"])
     assert created["timestamp"].endswith("Z")
@@ -300,6 +300,7 @@ async def test_a_provider_sign_in_is_a_new_user_once(
     assert events[0]["data"] == {
         "user_id": first["user"]["id"],
         "email": email,
+        "email_verified": True,
         "provider": "acme",
     }
     assert events[2]["data"]["amr"] == ["fed"]
@@ -474,3 +475,25 @@ async def test_parallel_signups_of_one_address_write_one_user_created(
             select(WebhookEvent.payload).where(WebhookEvent.type == "user.created"), {}
         )
     assert [orjson.loads(p)["data"]["email"] for p in payloads].count(email) == 1
+
+
+async def test_parallel_sign_ins_past_the_cap_revoke_each_session_once(
+    make_settings: Callable[..., Settings], clock: MutableClock, clean_db: None
+) -> None:
+    settings = make_settings(
+        max_sessions_per_user=1,
+        webhook_allow_private=True,
+        webhook_endpoints=[{"url": ALL, "secrets": [SECRET]}],
+    )
+    application = create_app(settings, clock=clock)
+    async with application.router.lifespan_context(application), client_for(application) as c:
+        email = unique_email()
+        first = await signup(c, email, PASSWORD)
+        for _ in range(3):
+            await asyncio.gather(*(signed_in(c, email) for _ in range(4)))
+        events = await events_of(application, first["user"]["id"])
+    revoked = [e["data"]["session_id"] for e in events if e["type"] == "session.revoked"]
+    assert revoked and len(revoked) == len(set(revoked))
+    assert {e["data"]["reason"] for e in events if e["type"] == "session.revoked"} == {
+        "session_limit"
+    }

@@ -453,7 +453,8 @@ class EmailedCodes:
             user_id=user["id"],
             client=client,
             details={"previous": user["email"]},
-            webhook={"email": address.address},
+            # Whole (the trail's details are cut at 200 characters).
+            webhook={"email": address.address, "previous_email": user["email"]},
         )
         changed = await tx.first(USER_BY_ID, {"user_id": user["id"]})
         assert changed is not None  # noqa: S101 - the row is locked by this transaction

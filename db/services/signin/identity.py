@@ -406,7 +406,7 @@ class IdentitySignIns:
                     user_id=user_id,
                     client=client,
                     details={"provider": identity.provider},
-                    webhook={"email": address.address},
+                    webhook={"email": address.address, "email_verified": bool(trusted)},
                 )
                 if trusted:
                     await self.events.record(

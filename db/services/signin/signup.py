@@ -140,7 +140,8 @@ class Signups:
                     EventKind.SIGNUP,
                     user_id=add_user["user_id"],
                     client=client,
-                    webhook={"email": address.address},
+                    # Not proven yet: user.email_verified follows when it is.
+                    webhook={"email": address.address, "email_verified": False},
                 )
                 if verify_first:
                     issued: IssuedSession | IssuedChallenge = await self.challenges.open_email(
