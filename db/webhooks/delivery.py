@@ -19,6 +19,12 @@ What it guarantees, and how:
   began writing after every running transaction began waits for those too: a long writing
   transaction delays deliveries until it ends. A change made after another committed is
   always delivered after it. SQLite has one writer: commit order is seq order.
+- Endpoints are independent. The running dispatcher serves each endpoint in a loop of its
+  own: once a delivery is recorded it claims that endpoint's next head at once, so an
+  endpoint that answers slowly (or not at all, until WEBHOOK_TIMEOUT) delays only its own
+  events. At most `concurrency` requests are in flight at a time, across endpoints; an
+  endpoint's loop takes a slot per delivery, so one with a long backlog does not keep the
+  others waiting for a slot either.
 - Retries back off from 1 s, doubling (with a little jitter) up to WEBHOOK_RETRY_MAX_SECONDS;
   a delivery not made WEBHOOK_GIVE_UP_HOURS after it was queued (or replayed) is given up,
   a dead letter (failed_at) that `strawgate webhooks replay` queues again. When a head is
@@ -31,7 +37,8 @@ What it guarantees, and how:
   endpoint the others lack still delivers to it meanwhile.
 
 Woken in-process after a commit (WebhookEvents.wake), across processes by LISTEN/NOTIFY
-(PostgreSQL), and polling every POLL_SECONDS regardless.
+(PostgreSQL), and polling every POLL_SECONDS regardless: each wake-up claims, in one short
+transaction, the heads of the endpoints whose loop is not running, and starts their loops.
 """
 
 from __future__ import annotations
@@ -366,8 +373,13 @@ class WebhookDispatcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        # Claims whose rows may still be ours, with their lease's end: stop() releases them.
-        self._claims: dict[uuid.UUID, datetime] = {}
+        # Claims whose rows may still be ours (one id per endpoint claimed), with the
+        # endpoint and the lease's end: stop() releases them.
+        self._claims: dict[uuid.UUID, tuple[str, datetime]] = {}
+        # The endpoints whose loop runs (_serve), and those asked to look again before theirs
+        # ends (a wake-up came while it ran: an event may have been committed behind it).
+        self._serving: set[str] = set()
+        self._again: set[str] = set()
         self._listen_stack: contextlib.AsyncExitStack | None = None
         self._listening: Listening | None = None
         self._listen_failed = False
@@ -457,36 +469,88 @@ class WebhookDispatcher:
         await self._http.aclose()
 
     async def _run(self) -> None:
+        slots = asyncio.Semaphore(self._concurrency)
+        self._serving.clear()
+        self._again.clear()
         try:
-            while not self._stopping:
-                self._wakeup.clear()  # a wake-up from here on means another round
-                if self._postgres:
-                    await self._keep_listening()
-                try:
-                    if self._orphans_due():
-                        await self.give_up_orphans()
-                    # A delivery makes the endpoint's next event its head: go on at once.
-                    while not self._stopping and (await self._round())[1] > 0:
-                        pass
-                except Exception as exc:  # the database is down, say: the next round retries
-                    if not self._round_failed:
-                        log.warning(
-                            "webhooks: cannot read the deliveries (%s); retrying every %ss",
-                            type(exc).__name__,
-                            self._poll_seconds,
-                        )
-                    self._round_failed = True
-                else:
-                    if self._round_failed:
-                        log.info("webhooks: the deliveries can be read again")
-                    self._round_failed = False
-                if self._stopping:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self._wait_seconds())
-                    await asyncio.sleep(WAKE_DELAY)
+            # The endpoints' loops are this task's children: stop() waits for them (the
+            # requests in flight) and, past its grace, cancels them with it.
+            async with asyncio.TaskGroup() as loops:
+                while not self._stopping:
+                    self._wakeup.clear()  # a wake-up from here on means another round
+                    if self._postgres:
+                        await self._keep_listening()
+                    try:
+                        if self._orphans_due():
+                            await self.give_up_orphans()
+                        await self._start_loops(loops, slots)
+                    except Exception as exc:  # the database is down, say: the next round retries
+                        self._cannot_read(exc)
+                    else:
+                        if self._round_failed:
+                            log.info("webhooks: the deliveries can be read again")
+                        self._round_failed = False
+                    if self._stopping:
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), self._wait_seconds())
+                        await asyncio.sleep(WAKE_DELAY)
         finally:
             await self._stop_listening()
+
+    def _cannot_read(self, exc: Exception) -> None:
+        if not self._round_failed:
+            log.warning(
+                "webhooks: cannot read the deliveries (%s); retrying every %ss",
+                type(exc).__name__,
+                self._poll_seconds,
+            )
+        self._round_failed = True
+
+    async def _start_loops(self, loops: asyncio.TaskGroup, slots: asyncio.Semaphore) -> None:
+        """Claims the heads of the endpoints whose loop is not running (one transaction) and
+        starts a loop for each head claimed; a running loop is asked to look once more."""
+        idle = []
+        for url in self._endpoints:
+            if url in self._serving:
+                self._again.add(url)
+            else:
+                idle.append(url)
+        for delivery in await self.claim(idle):
+            self._serving.add(delivery.endpoint)
+            loops.create_task(
+                self._serve(delivery, slots), name=f"strawgate-webhooks {delivery.endpoint}"
+            )
+
+    async def _serve(self, first: ClaimedDelivery, slots: asyncio.Semaphore) -> None:
+        """One endpoint's loop: delivers `first`, then claims and delivers the endpoint's
+        next head as soon as one is recorded, until none is ready (or an attempt failed: its
+        retry is not due yet). One request at a time, each within a slot."""
+        url = first.endpoint
+        delivery: ClaimedDelivery | None = first
+        try:
+            while not self._stopping:
+                async with slots:
+                    if self._stopping:
+                        break  # a head claimed and not sent stays noted: stop() releases it
+                    if delivery is None:
+                        self._again.discard(url)
+                        claimed = await self.claim([url])
+                        if not claimed:
+                            if url in self._again:
+                                continue  # woken meanwhile: look once more
+                            break
+                        delivery = claimed[0]
+                    result = await self._deliver_one(delivery)
+                if result is not None:
+                    self._claims.pop(delivery.claim_id, None)
+                if not result:
+                    break
+                delivery = None
+        except Exception as exc:  # claiming failed (the database is down, say)
+            self._cannot_read(exc)
+        finally:
+            self._serving.discard(url)
 
     def _wait_seconds(self) -> float:
         """Until the next poll, or sooner when a retry this process scheduled is due."""
@@ -549,22 +613,24 @@ class WebhookDispatcher:
         delivered = await self.deliver(deliveries) if deliveries else 0
         return len(deliveries), delivered
 
-    async def claim(self) -> list[ClaimedDelivery]:
-        """One short transaction leases every endpoint's head that is ready (none once
-        stopping)."""
-        if self._stopping or not self._endpoints:
+    async def claim(self, urls: Sequence[str] | None = None) -> list[ClaimedDelivery]:
+        """One short transaction leases the head of every endpoint (or of those of `urls`)
+        that is ready (none once stopping); each endpoint's under a claim id of its own."""
+        urls = list(self._endpoints) if urls is None else [u for u in urls if u in self._endpoints]
+        if self._stopping or not urls:
             return []
         now = self._clock.now()
-        for old, until in list(self._claims.items()):
+        for old, (_url, until) in list(self._claims.items()):
             if until <= now:
                 del self._claims[old]  # the lease ran out: nothing left to release
-        claim_id = uuid.uuid4()
         until = now + self._lease
+        mine = {url: uuid.uuid4() for url in urls}
         # Noted before the claim commits: a cancellation right after it still releases.
-        self._claims[claim_id] = until
+        for url, claim_id in mine.items():
+            self._claims[claim_id] = (url, until)
         claimed: list[ClaimedDelivery] = []
         async with self._statements.transaction() as tx:
-            for url in self._endpoints:
+            for url, claim_id in mine.items():
                 row = await tx.first(
                     self._claim_statement,
                     {"url": url, "now": now, "until": until, "mine": claim_id},
@@ -586,29 +652,31 @@ class WebhookDispatcher:
                         payload=event["payload"],
                     )
                 )
-        if not claimed:
-            self._claims.pop(claim_id, None)
+        taken = {delivery.claim_id for delivery in claimed}
+        for claim_id in mine.values():
+            if claim_id not in taken:
+                self._claims.pop(claim_id, None)
         return claimed
 
     async def deliver(self, deliveries: Sequence[ClaimedDelivery]) -> int:
         """Sends claimed deliveries (one per endpoint), `concurrency` at a time, with no
-        transaction open, and records each result; how many were delivered."""
+        transaction open, and records each result; how many were delivered. (run_once's
+        round: the running dispatcher serves each endpoint in a loop of its own.)"""
         slots = asyncio.Semaphore(self._concurrency)
         results: list[bool | None] = []
 
         async def one(delivery: ClaimedDelivery) -> None:
             async with slots:
                 if self._stopping:
-                    results.append(None)  # not started: stop() releases it
-                    return
-                results.append(await self._deliver_one(delivery))
+                    return  # not started: its claim stays noted, stop() releases it
+                result = await self._deliver_one(delivery)
+            results.append(result)
+            if result is not None:
+                self._claims.pop(delivery.claim_id, None)
 
         async with asyncio.TaskGroup() as group:
             for delivery in deliveries:
                 group.create_task(one(delivery))
-        if None not in results:
-            for claim_id in {delivery.claim_id for delivery in deliveries}:
-                self._claims.pop(claim_id, None)
         return sum(1 for result in results if result)
 
     async def _deliver_one(self, delivery: ClaimedDelivery) -> bool | None:
@@ -817,13 +885,14 @@ class WebhookDispatcher:
 
     async def _release_all(self) -> None:
         claims, self._claims = self._claims, {}
-        for claim_id in claims:
-            try:
-                async with self._statements.transaction() as tx:
-                    for url in self._endpoints:
-                        await tx.execute(_RELEASE_CLAIM, {"url": url, "mine": claim_id})
-            except Exception as exc:  # their leases run out by themselves
-                log.warning("webhooks: a claim could not be released (%s)", type(exc).__name__)
+        if not claims:
+            return
+        try:
+            async with self._statements.transaction() as tx:
+                for claim_id, (url, _until) in claims.items():
+                    await tx.execute(_RELEASE_CLAIM, {"url": url, "mine": claim_id})
+        except Exception as exc:  # their leases run out by themselves
+            log.warning("webhooks: claims could not be released (%s)", type(exc).__name__)
 
     def _label(self, url: str) -> str:
         endpoint = self._endpoints.get(url)

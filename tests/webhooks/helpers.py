@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import BigInteger, Text, func, select
 
 from db.models import WebhookDelivery, WebhookEvent
 from db.session import Statements
@@ -69,6 +69,31 @@ async def settled(dispatcher: WebhookDispatcher, expected: int) -> int:
         await asyncio.sleep(0.05)
         claimed += await dispatcher.run_once()
     return claimed
+
+
+# Events whose transaction is not yet below the xmin horizon (statements are constants).
+_NOT_HANDED_OUT = (
+    select(func.count())
+    .select_from(WebhookEvent)
+    .where(
+        WebhookEvent.txid
+        >= func.pg_snapshot_xmin(func.pg_current_snapshot()).cast(Text).cast(BigInteger)
+    )
+)
+
+
+async def handed_out(statements: Statements) -> None:
+    """PostgreSQL: until every event written so far may be handed out (below the xmin
+    horizon, which other tests' transactions on the cluster may hold back), briefly."""
+    if statements.engine.dialect.name != "postgresql":
+        return
+    deadline = asyncio.get_running_loop().time() + SETTLE
+    while True:
+        async with statements.connection() as conn:
+            if not (await conn.scalars(_NOT_HANDED_OUT, {}))[0]:
+                return
+        assert asyncio.get_running_loop().time() < deadline, "the xmin horizon did not pass"
+        await asyncio.sleep(0.05)
 
 
 async def deliveries(statements: Statements) -> list[dict[str, Any]]:

@@ -17,8 +17,9 @@ from typing import Any, Literal
 import h11
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-# A status; "hang": no answer until the receiver stops; "huge": 200 and a body of HUGE bytes.
-Answer = int | Literal["hang", "huge"]
+# A status; "hang": no answer until the receiver stops; "hold": 200 once the test calls
+# release() (or the receiver stops); "huge": 200 and a body of HUGE bytes.
+Answer = int | Literal["hang", "hold", "huge"]
 HUGE = 64 * 1024 * 1024  # more than the socket buffers on both sides hold
 
 
@@ -43,8 +44,8 @@ class Received:
 @dataclass
 class Receiver:
     """Listens on 127.0.0.1 (a free port unless given). `answers` are used up one a request
-    (a status, or "hang": no answer until stop); then `default`. A request no secret
-    verifies is answered 401 and kept in `rejected`."""
+    (a status, "hang": no answer until stop, or "hold": 200 once released); then `default`.
+    A request no secret verifies is answered 401 and kept in `rejected`."""
 
     secrets: Sequence[str]
     answers: deque[Answer] = field(default_factory=deque)
@@ -58,6 +59,7 @@ class Receiver:
     _server: asyncio.Server | None = None
     _handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = field(default_factory=dict)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
@@ -70,6 +72,10 @@ class Receiver:
 
     def answer(self, *answers: Answer) -> None:
         self.answers.extend(answers)
+
+    def release(self) -> None:
+        """Answers the requests held ("hold"), and those held from now on, at once."""
+        self._released.set()
 
     async def start(self) -> Receiver:
         self._stopped.clear()
@@ -174,11 +180,18 @@ class Receiver:
             content_type=headers.get("content-type", ""),
             body=body,
             payload=payload,
-            status=503 if answer == "hang" else 200 if answer == "huge" else answer,
+            status=answer if isinstance(answer, int) else 503 if answer == "hang" else 200,
         )
         self.received.append(received)
         if answer == "hang":  # no answer until the receiver stops
             await self._stopped.wait()
+        elif answer == "hold":  # no answer until released (or the receiver stops)
+            waits = [asyncio.ensure_future(e.wait()) for e in (self._released, self._stopped)]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
         return "huge" if answer == "huge" else received.status
 
 

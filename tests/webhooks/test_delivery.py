@@ -33,6 +33,7 @@ from tests.webhooks.helpers import (
     emit,
     emitter,
     endpoint,
+    handed_out,
     payload_of,
     settled,
 )
@@ -234,6 +235,45 @@ async def test_a_failing_head_holds_back_its_endpoint_only(
     assert failing.ids == [expected[0], *expected]
     assert [item.status for item in failing.received] == [500, 200, 200, 200]
     assert healthy.ids == expected
+
+
+async def test_a_slow_endpoint_does_not_hold_back_the_others(
+    statements: Statements, make_dispatcher: MakeDispatcher
+) -> None:
+    """The running dispatcher serves each endpoint on its own: while one endpoint takes its
+    time over its first event (well within WEBHOOK_TIMEOUT), another gets every event, in
+    order; the slow one still gets one request at a time, then the rest."""
+    count = 5
+    async with receiving([SECRET], answers=["hold"]) as slow, receiving([SECRET]) as quick:
+        hooks = [endpoint(slow.url), endpoint(quick.url)]
+        dispatcher = make_dispatcher(statements, hooks, timeout=5.0)
+        ids = [webhook_id(await emit(statements, dispatcher.events)) for _ in range(count)]
+        await handed_out(statements)
+        await dispatcher.start()
+        await quick.wait_for(count, limit=2.0)
+        assert quick.ids == ids
+        assert slow.ids == ids[:1]  # still waiting for its answer: nothing more sent
+        slow.release()
+        await slow.wait_for(count, limit=2.0)
+        await dispatcher.stop()
+    assert slow.ids == ids
+    assert quick.ids == ids
+
+
+async def test_stop_releases_the_claim_of_a_request_it_cut_short(
+    statements: Statements, make_dispatcher: MakeDispatcher
+) -> None:
+    async with receiving([SECRET], answers=["hang"]) as receiver:
+        dispatcher = make_dispatcher(statements, [endpoint(receiver.url)], timeout=5.0)
+        event_id = await emit(statements, dispatcher.events)
+        await handed_out(statements)
+        await dispatcher.start()
+        await receiver.wait_for(1, limit=2.0)
+        assert (await delivery(statements, event_id, receiver.url))["claim_id"] is not None
+        await dispatcher.stop(grace=0.1)
+        row = await delivery(statements, event_id, receiver.url)
+        assert (row["claim_id"], row["claimed_until"], row["attempts"]) == (None, None, 0)
+        assert row["next_attempt_at"] is not None and row["delivered_at"] is None
 
 
 async def test_an_event_waits_for_an_earlier_transaction_still_open(
