@@ -39,17 +39,23 @@ class ProviderUnreachable(Exception):
 # well-known prefix (RFC 6052; a NAT64 gateway forwards to the IPv4 address inside) and the
 # deprecated IPv4-compatible addresses. Python (3.11) calls them global whatever they carry.
 _EMBEDDING_IPV4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
+# NAT64's local-use prefix (RFC 8215): a network's own translators, with the IPv4 address at
+# a place that depends on the prefix length each network chose (RFC 6052, 2.2), so it cannot
+# be read out: the whole prefix is refused. Python (3.11) calls it global.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
 def is_public_address(address: str) -> bool:
     """Whether `address` is one a provider may be at: global, not multicast, and, where it
     is an IPv6 address that carries an IPv4 one (IPv4-mapped, NAT64, 6to4, Teredo), the
     IPv4 address it leads to is public too: 64:ff9b::a9fe:a9fe reaches 169.254.169.254 on
-    a network with NAT64."""
+    a network with NAT64. NAT64's local-use prefix 64:ff9b:1::/48 is never public."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if not (ip.is_global and not ip.is_multicast):
         return False
     if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return False
         inner = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
         if any(ip in network for network in _EMBEDDING_IPV4):
             inner.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))

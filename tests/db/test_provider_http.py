@@ -223,6 +223,7 @@ async def test_the_ipv6_loopback_is_refused_and_reached_only_where_allowed() -> 
         "[fd00:ec2::254]",
         "[::ffff:169.254.169.254]",
         "[64:ff9b::a9fe:a9fe]",
+        "[64:ff9b:1::a9fe:a9fe]",
     ],
 )
 async def test_private_and_link_local_addresses_are_refused_without_a_connection(
@@ -432,6 +433,11 @@ async def test_a_redirect_is_not_followed() -> None:
         ("2002:a00:1::", False),
         ("::7f00:1", False),
         ("::a9fe:a9fe", False),
+        # NAT64's local-use prefix (RFC 8215), whatever it carries, wherever.
+        ("64:ff9b:1::a9fe:a9fe", False),
+        ("64:ff9b:1::808:808", False),
+        ("64:ff9b:1:a9:fe:a9fe::", False),  # a /56 prefix: 169.254.169.254 around the u octet
+        ("64:ff9b:1:ffff:ffff:ffff:ffff:ffff", False),
     ],
 )
 def test_is_public_address(address: str, public: bool) -> None:
