@@ -602,8 +602,9 @@ class Settings(BaseSettings):
     it, at least once, signed per Standard Webhooks, in commit order per endpoint."""
     webhook_allow_private: bool = False
     """Allow webhook endpoints and the claims hook on private, loopback or link-local addresses,
-    and over plain HTTP to them (tests; a receiver on your own network). Off, they must be
-    HTTPS to a public address."""
+    and over plain HTTP to them (tests; a receiver on your own network), never over plain HTTP
+    to a public address. Off, they must be HTTPS to a public address. Logs a warning at start
+    in production when on."""
     webhook_timeout: float = Field(10.0, gt=0, le=60)
     """Seconds for one delivery (connect, send, the answer's status) before it counts as failed
     and is retried."""

@@ -9,8 +9,10 @@ loopback, link-local, shared, multicast or reserved), and the connection goes to
 address that was checked, so a DNS answer that changes between check and connect (DNS
 rebinding) reaches nothing new. TLS still verifies the certificate for the host name.
 `IDENTITY_PROVIDERS_ALLOW_INSECURE` lifts both rules (tests; a provider on your own network);
-for webhooks and the claims hook, `WEBHOOK_ALLOW_PRIVATE` does (`setting` names the one that
-applies in what the refusals say).
+for webhooks and the claims hook, `WEBHOOK_ALLOW_PRIVATE` does, but allows plain HTTP only to
+addresses that are not public (`http_private_only`): over the internet, a request and its
+answer are read and changed by anyone on the way (`setting` names the one that applies in
+what the refusals say).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import zlib
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import anyio
 import httpcore
@@ -63,12 +66,33 @@ def is_public_address(address: str) -> bool:
     return True
 
 
+# Where a client's connections may go: public addresses only; any address (the setting
+# that allows private ones is on); or only addresses that are not public (plain HTTP where
+# WEBHOOK_ALLOW_PRIVATE allows it: never across the internet).
+Reach = Literal["public", "any", "private"]
+
+
+def address_problem(
+    host: str, addresses: Sequence[str], *, reach: Reach, setting: str = PROVIDERS_SETTING
+) -> str | None:
+    """Why a connection to `host`, which resolved to `addresses`, may not be made (None: it
+    may): every address must be public for "public", and none for "private"."""
+    if reach == "public" and not all(is_public_address(address) for address in addresses):
+        return f"{host} resolves to a private, loopback or link-local address ({setting} allows it)"
+    if reach == "private" and any(is_public_address(address) for address in addresses):
+        return (
+            f"{host} resolves to a public address: plain http goes only to private, loopback"
+            f" or link-local addresses ({setting}); use https"
+        )
+    return None
+
+
 class _CheckedBackend(httpcore.AsyncNetworkBackend):
     """Connects only to addresses that passed the check, by the address checked."""
 
-    def __init__(self, *, allow_private: bool, setting: str = PROVIDERS_SETTING) -> None:
+    def __init__(self, *, reach: Reach, setting: str = PROVIDERS_SETTING) -> None:
         self._inner = httpcore.AnyIOBackend()
-        self._allow_private = allow_private
+        self.reach = reach
         self._setting = setting
 
     async def connect_tcp(
@@ -86,13 +110,9 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         if not addresses:
             raise httpcore.ConnectError(f"{host} does not resolve")
-        if not self._allow_private:
-            for address in addresses:
-                if not is_public_address(address):
-                    raise httpcore.ConnectError(
-                        f"{host} resolves to a private, loopback or link-local address"
-                        f" ({self._setting} allows it)"
-                    )
+        problem = address_problem(host, addresses, reach=self.reach, setting=self._setting)
+        if problem is not None:
+            raise httpcore.ConnectError(problem)
         last: Exception | None = None
         for address in addresses:
             try:
@@ -123,14 +143,24 @@ class _BoundedTransport(httpx.AsyncBaseTransport):
     content-encoding left for httpx to decode again without a bound.
 
     Without `keep_body` (webhooks: only the status counts) at most MAX_DRAINED_BYTES of the
-    answer are read and dropped, however long it is, and the answer handed on is empty."""
+    answer are read and dropped, however long it is, and the answer handed on is empty.
+    Plain-HTTP requests go through `plain` where there is one (its connections checked by
+    another rule)."""
 
-    def __init__(self, inner: httpx.AsyncHTTPTransport, *, keep_body: bool = True) -> None:
+    def __init__(
+        self,
+        inner: httpx.AsyncHTTPTransport,
+        *,
+        keep_body: bool = True,
+        plain: httpx.AsyncHTTPTransport | None = None,
+    ) -> None:
         self._inner = inner
+        self._plain = plain
         self._keep_body = keep_body
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self._inner.handle_async_request(request)
+        inner = self._plain if self._plain is not None and request.url.scheme == "http" else None
+        response = await (inner or self._inner).handle_async_request(request)
         if not self._keep_body:
             return await _drained(response)
         body = bytearray()
@@ -161,6 +191,8 @@ class _BoundedTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+        if self._plain is not None:
+            await self._plain.aclose()
 
 
 # What an answer whose body is not wanted may send before the connection is dropped: a
@@ -207,6 +239,13 @@ def _decompressed(content: bytes, encoding: str, host: str) -> bytes:
     raise ProviderUnreachable(f"{host} answered {encoding} that does not decompress")
 
 
+def _checked_transport(reach: Reach, setting: str) -> httpx.AsyncHTTPTransport:
+    transport = httpx.AsyncHTTPTransport(retries=0)
+    # httpx does not take a network backend; its pool does.
+    transport._pool._network_backend = _CheckedBackend(reach=reach, setting=setting)
+    return transport
+
+
 def check_url(url: str, *, allow_insecure: bool, setting: str = PROVIDERS_SETTING) -> str | None:
     """Why `url` may not be asked (not absolute, not HTTPS, a user name in it), or None;
     `setting` is the one that allows plain HTTP."""
@@ -225,7 +264,12 @@ def check_url(url: str, *, allow_insecure: bool, setting: str = PROVIDERS_SETTIN
 
 class ProviderHttp:
     """The one HTTP client every provider call goes through (and, built with the webhooks'
-    `setting` and `keep_body=False`, every webhook delivery: db/webhooks/outbound.py)."""
+    `setting`, `http_private_only` and `keep_body=False`, every webhook delivery:
+    db/webhooks/outbound.py).
+
+    `allow_insecure` allows plain HTTP and private, loopback and link-local addresses; with
+    `http_private_only` too, plain HTTP goes to those only: an http URL whose host resolves
+    to a public address is refused where the connection is made."""
 
     def __init__(
         self,
@@ -234,16 +278,16 @@ class ProviderHttp:
         allow_insecure: bool,
         setting: str = PROVIDERS_SETTING,
         keep_body: bool = True,
+        http_private_only: bool = False,
     ) -> None:
         self.timeout = timeout
         self.allow_insecure = allow_insecure
         self.setting = setting
-        inner = httpx.AsyncHTTPTransport(retries=0)
-        # httpx does not take a network backend; its pool does.
-        inner._pool._network_backend = _CheckedBackend(
-            allow_private=allow_insecure, setting=setting
+        inner = _checked_transport("any" if allow_insecure else "public", setting)
+        plain = (
+            _checked_transport("private", setting) if allow_insecure and http_private_only else None
         )
-        self.transport = _BoundedTransport(inner, keep_body=keep_body)
+        self.transport = _BoundedTransport(inner, keep_body=keep_body, plain=plain)
         self.client = httpx.AsyncClient(
             transport=self.transport,
             timeout=httpx.Timeout(timeout),

@@ -78,7 +78,7 @@ from db.services.batches import AnyOf, Batching, chosen, until_done
 from db.session import Listening, Statements
 from db.settings import Settings
 from db.webhooks.events import CHANNEL, WebhookEvents, webhook_id
-from db.webhooks.outbound import outbound_http, shown
+from db.webhooks.outbound import outbound_http, shown, warn_if_private_allowed
 
 log = logging.getLogger("strawgate.webhooks")
 
@@ -399,6 +399,7 @@ class WebhookDispatcher:
         clock: Clock,
     ) -> WebhookDispatcher:
         """The dispatcher of WEBHOOK_ENDPOINTS (those of `events`, the services' own)."""
+        warn_if_private_allowed(settings)
         if events is None:  # no webhooks written: nothing to deliver either
             events = WebhookEvents(endpoints=(), clock=clock, postgres=not settings.is_sqlite)
         return cls(

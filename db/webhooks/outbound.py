@@ -1,19 +1,25 @@
 """Where webhooks (and the claims hook) may send requests: HTTPS to public addresses only,
-unless WEBHOOK_ALLOW_PRIVATE (which also allows plain HTTP). A URL is checked when the
-settings are read (`endpoint_problem`, ConfigError naming the setting), and every
-connection where it is made: the shared outbound client of db/providers/http.py resolves
-the host name once, refuses it if any address is private, loopback or link-local, and
-connects to the address it checked (no DNS rebinding); TLS verifies the host name. No
-redirect is followed and no more than a bounded answer is read."""
+unless WEBHOOK_ALLOW_PRIVATE, which allows private, loopback and link-local addresses too,
+and plain HTTP to those (never to a public address: on the way across the internet, a
+request and its answer, the claims hook's claims say, are anyone's to read and change). A
+URL is checked when the settings are read (`endpoint_problem`, ConfigError naming the
+setting), and every connection where it is made: the shared outbound client of
+db/providers/http.py resolves the host name once, refuses it if any address is private,
+loopback or link-local (or, for plain HTTP, if any is public), and connects to the address
+it checked (no DNS rebinding); TLS verifies the host name. No redirect is followed and no
+more than a bounded answer is read."""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 import httpx
 
 from db.providers.http import ProviderHttp, check_url, is_public_address
 from db.settings import ConfigError, Settings
+
+log = logging.getLogger("strawgate.webhooks")
 
 SETTING = "WEBHOOK_ALLOW_PRIVATE"
 MAX_URL = 2048  # webhook_deliveries.endpoint
@@ -21,9 +27,10 @@ MAX_URL = 2048  # webhook_deliveries.endpoint
 
 def endpoint_problem(url: str, *, allow_private: bool) -> str | None:
     """Why `url` cannot be a webhook endpoint (or the claims hook), or None: not an
-    absolute http(s) URL, plain HTTP, a user name or password in it, or an address that is
-    not public written in it, the last two unless `allow_private`. A host name is checked
-    where each connection is made, against what it resolves to then."""
+    absolute http(s) URL, a user name or password in it, plain HTTP (with `allow_private`:
+    plain HTTP to a public address written in it), or an address that is not public
+    written in it (unless `allow_private`). A host name is checked where each connection is
+    made, against what it resolves to then."""
     problem = check_url(url, allow_insecure=allow_private, setting=SETTING)
     if problem is not None:
         return problem
@@ -36,6 +43,11 @@ def endpoint_problem(url: str, *, allow_private: bool) -> str | None:
         return None  # a name: checked at connect time
     if not allow_private and not is_public_address(str(address)):
         return f"is a private, loopback or link-local address ({SETTING} allows it)"
+    if httpx.URL(url).scheme == "http" and is_public_address(str(address)):
+        return (
+            f"is plain http to a public address: {SETTING} allows http only to private,"
+            " loopback or link-local addresses; use https"
+        )
     return None
 
 
@@ -56,11 +68,27 @@ def check_endpoints(settings: Settings) -> None:
 
 
 def outbound_http(*, timeout: float, allow_private: bool, keep_body: bool) -> ProviderHttp:
-    """The shared outbound client with the webhooks' rules: without `keep_body` (deliveries:
-    only the status counts) an answer's body is read only up to a small bound, and dropped."""
+    """The shared outbound client with the webhooks' rules (plain HTTP, where allowed, only
+    to addresses that are not public): without `keep_body` (deliveries: only the status
+    counts) an answer's body is read only up to a small bound, and dropped."""
     return ProviderHttp(
-        timeout=timeout, allow_insecure=allow_private, setting=SETTING, keep_body=keep_body
+        timeout=timeout,
+        allow_insecure=allow_private,
+        setting=SETTING,
+        keep_body=keep_body,
+        http_private_only=True,
     )
+
+
+def warn_if_private_allowed(settings: Settings) -> None:
+    """A warning, at start, where WEBHOOK_ALLOW_PRIVATE is on in production."""
+    if settings.webhook_allow_private and settings.is_production:
+        log.warning(
+            "%s is on in production: webhook endpoints and the claims hook may be on private,"
+            " loopback and link-local addresses, and reached there over plain HTTP; turn it"
+            " off unless they are on your own network",
+            SETTING,
+        )
 
 
 def shown(url: str) -> str:

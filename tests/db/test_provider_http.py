@@ -26,6 +26,7 @@ from db.providers.http import (
     MAX_RESPONSE_BYTES,
     ProviderHttp,
     ProviderUnreachable,
+    address_problem,
     check_url,
     is_public_address,
 )
@@ -158,10 +159,13 @@ class Tripwire(httpcore.AsyncNetworkBackend):
 
 
 def tripwired(http: ProviderHttp) -> Tripwire:
-    """Puts a Tripwire under `http`'s address check (which stays as it is)."""
-    checked = http.transport._inner._pool._network_backend
+    """Puts a Tripwire under `http`'s address checks (which stay as they are): that of its
+    connections, and that of its plain-HTTP ones where they have their own."""
     tripwire = Tripwire()
-    checked._inner = tripwire  # type: ignore[attr-defined]
+    for transport in (http.transport._inner, http.transport._plain):
+        if transport is not None:
+            checked = transport._pool._network_backend
+            checked._inner = tripwire  # type: ignore[attr-defined]
     return tripwire
 
 
@@ -254,6 +258,74 @@ async def test_a_url_that_is_not_https_is_refused_before_anything(url: str, prob
             with pytest.raises(ProviderUnreachable, match=re.escape(problem)):
                 await http.get_json(url.format(port=server.port))
         assert (server.connections, tripwire.attempts) == (0, [])
+
+
+# -- plain HTTP only to addresses that are not public (the webhooks' rule) -----------------
+
+WEBHOOKS_SETTING = "WEBHOOK_ALLOW_PRIVATE"
+PLAIN_TO_PUBLIC = (
+    "resolves to a public address: plain http goes only to private, loopback or link-local"
+    " addresses (WEBHOOK_ALLOW_PRIVATE); use https"
+)
+
+
+@pytest.mark.parametrize(
+    ("addresses", "refused"),
+    [
+        (["127.0.0.1"], False),
+        (["::1", "127.0.0.1"], False),
+        (["10.0.0.7", "fd00::7"], False),
+        (["8.8.8.8"], True),
+        (["2001:4860:4860::8888"], True),
+        (["10.0.0.7", "8.8.8.8"], True),  # every address, not just the first
+        (["::ffff:8.8.8.8"], True),
+    ],
+)
+def test_plain_http_goes_only_to_addresses_that_are_not_public(
+    addresses: list[str], refused: bool
+) -> None:
+    problem = address_problem(
+        "hooks.example.com", addresses, reach="private", setting=WEBHOOKS_SETTING
+    )
+    assert problem == (f"hooks.example.com {PLAIN_TO_PUBLIC}" if refused else None)
+    # The other rules, for comparison: any address; public ones only.
+    assert address_problem("h", addresses, reach="any", setting=WEBHOOKS_SETTING) is None
+    public_only = address_problem("h", addresses, reach="public", setting=WEBHOOKS_SETTING)
+    assert (public_only is None) == all(is_public_address(a) for a in addresses)
+
+
+@contextlib.asynccontextmanager
+async def webhooks_http() -> AsyncIterator[tuple[ProviderHttp, Tripwire]]:
+    """The client as the webhooks (and the claims hook) build it with WEBHOOK_ALLOW_PRIVATE."""
+    http = ProviderHttp(
+        timeout=2.0, allow_insecure=True, setting=WEBHOOKS_SETTING, http_private_only=True
+    )
+    try:
+        yield http, tripwired(http)
+    finally:
+        await http.aclose()
+
+
+@pytest.mark.parametrize("host", ["8.8.8.8", "[2001:4860:4860::8888]", "[::ffff:8.8.8.8]"])
+async def test_plain_http_to_a_public_address_is_refused_where_it_connects(host: str) -> None:
+    async with webhooks_http() as (http, tripwire):
+        with pytest.raises(ProviderUnreachable, match=re.escape(PLAIN_TO_PUBLIC)):
+            await http.get_json(f"http://{host}:9/hook")
+        # Over https the same address is allowed (and stopped here by the tripwire only).
+        with pytest.raises(ProviderUnreachable, match="the tripwire stopped a connection"):
+            await http.get_json(f"https://{host}:9/hook")
+    assert [port for _host, port in tripwire.attempts] == [9]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_plain_http_to_loopback_is_reached_where_private_addresses_are_allowed(
+    host: str,
+) -> None:
+    with serving() as server:
+        async with webhooks_http() as (http, tripwire):
+            assert await http.get_json(f"http://{host}:{server.port}/x") == {"ok": True}
+    assert server.connections == 1
+    assert {address for address, _port in tripwire.attempts} <= {"127.0.0.1", "::1"}
 
 
 # -- what is read ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ backoff, leases and give-up are never slept through."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,10 +20,14 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from db.migrate import upgrade_head
+from db.providers.http import ProviderUnreachable
 from db.session import Statements, create_engine
 from db.settings import Settings
+from db.webhooks.delivery import WebhookDispatcher
 from db.webhooks.events import webhook_id
+from db.webhooks.outbound import endpoint_problem, outbound_http
 from tests.conftest import MutableClock, OpenStatements
+from tests.db.test_provider_http import tripwired
 from tests.webhooks.helpers import (
     LEASE,
     NEW_SECRET,
@@ -459,6 +464,10 @@ async def test_private_addresses_and_plain_http_are_refused_before_any_connectio
         ("https://[fd00::1]/x", False, "is a private, loopback or link-local address"),
         ("https://169.254.169.254/x", False, "is a private, loopback or link-local address"),
         ("https://hooks.example.com/" + "x" * 2048, True, "is longer than 2048 characters"),
+        # Plain HTTP only to addresses that are not public, even with WEBHOOK_ALLOW_PRIVATE.
+        ("http://8.8.8.8/x", True, "is plain http to a public address"),
+        ("http://[2001:4860:4860::8888]:8080/x", True, "is plain http to a public address"),
+        ("http://[::ffff:8.8.8.8]/x", True, "is plain http to a public address"),
     ],
 )
 def test_settings_refuse_an_endpoint_that_cannot_be_delivered_to(
@@ -495,9 +504,75 @@ def test_settings_take_private_endpoints_and_plain_http_with_allow_private(
         webhook_allow_private=True,
         webhook_endpoints=[
             {"url": "http://127.0.0.1:9/x", "secrets": [SECRET]},
+            {"url": "http://10.1.2.3/x", "secrets": [SECRET]},
+            {"url": "http://[fd00::1]/x", "secrets": [SECRET]},
             {"url": "https://10.1.2.3/x", "secrets": [SECRET]},
+            # A name is checked where each connection is made (what it resolves to then).
+            {"url": "http://hooks.internal.example/x", "secrets": [SECRET]},
         ],
     ).prepare()
+
+
+def test_plain_http_to_a_public_address_is_refused_even_with_allow_private() -> None:
+    assert endpoint_problem("http://127.0.0.1:9/x", allow_private=True) is None
+    assert endpoint_problem("https://8.8.8.8/x", allow_private=True) is None
+    problem = endpoint_problem("http://8.8.8.8/x", allow_private=True)
+    assert problem == (
+        "is plain http to a public address: WEBHOOK_ALLOW_PRIVATE allows http only to"
+        " private, loopback or link-local addresses; use https"
+    )
+
+
+async def test_with_allow_private_plain_http_reaches_loopback_and_never_a_public_address() -> None:
+    """Where each connection is made: the client the dispatcher and the claims hook use."""
+    http = outbound_http(timeout=2.0, allow_private=True, keep_body=False)
+    tripwire = tripwired(http)
+    try:
+        async with receiving([SECRET]) as receiver:
+            for host in ("127.0.0.1", "localhost"):
+                url = f"http://{host}:{receiver.port}/hook"
+                response = await http.request("POST", url, content=b"{}")
+                assert response.status_code == 401  # reached: unsigned, the receiver refuses
+            for host in ("8.8.8.8", "[2001:4860:4860::8888]"):
+                with pytest.raises(ProviderUnreachable) as refused:
+                    await http.request("POST", f"http://{host}:{receiver.port}/hook")
+                assert str(refused.value).endswith(
+                    "resolves to a public address: plain http goes only to private, loopback"
+                    " or link-local addresses (WEBHOOK_ALLOW_PRIVATE); use https"
+                )
+    finally:
+        await http.aclose()
+    assert len(receiver.rejected) == 2
+    assert {address for address, _port in tripwire.attempts} <= {"127.0.0.1", "::1"}
+
+
+@pytest.mark.parametrize(("environment", "warned"), [("production", True), ("development", False)])
+async def test_allow_private_in_production_is_warned_about_at_start(
+    statements: Statements,
+    clock: MutableClock,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+    environment: str,
+    warned: bool,
+) -> None:
+    settings = make_settings(environment=environment, webhook_allow_private=True)
+    with caplog.at_level(logging.WARNING, logger="strawgate.webhooks"):
+        dispatcher = WebhookDispatcher.from_settings(
+            settings, statements=statements, events=None, clock=clock
+        )
+    await dispatcher.stop()
+    found = [
+        r.getMessage() for r in caplog.records if "WEBHOOK_ALLOW_PRIVATE is on" in r.getMessage()
+    ]
+    assert found == (
+        [
+            "WEBHOOK_ALLOW_PRIVATE is on in production: webhook endpoints and the claims hook"
+            " may be on private, loopback and link-local addresses, and reached there over"
+            " plain HTTP; turn it off unless they are on your own network"
+        ]
+        if warned
+        else []
+    )
 
 
 # -- SQLite, the embedded default --------------------------------------------------------
