@@ -633,7 +633,8 @@ _USERS_HELP = (
 _WEBHOOKS_HELP = (
     "The webhook deliveries on the configured database (DATABASE_URL), to the endpoints of"
     " WEBHOOK_ENDPOINTS: what waits, what was delivered, what was given up (dead letters),"
-    " and replaying those. No payload is shown; endpoints without their query strings."
+    " and replaying those. No payload is shown; an endpoint is shown by its scheme, host and"
+    " port and a short hash of its path and query string (https://hooks.example.com/…#a1b2c3d4)."
 )
 
 
@@ -787,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--event", metavar="ID", help="one event: its id or webhook-id (msg_...)"
     )
     replaying.add_argument(
-        "--endpoint", metavar="URL", help="one endpoint, its URL as in WEBHOOK_ENDPOINTS"
+        "--endpoint", metavar="URL", help="one endpoint: its URL, or as list shows it"
     )
     replaying.add_argument(
         "--since",

@@ -142,7 +142,8 @@ class Metrics:
             self.housekeeping_deleted.labels(kind=kind)
         self.webhook_deliveries = Counter(
             "strawgate_webhook_deliveries",
-            "Webhook deliveries by endpoint (its URL without the query string) and outcome:"
+            "Webhook deliveries by endpoint (its scheme, host and port and a short hash of its"
+            " path and query string: https://hooks.example.com/…#a1b2c3d4) and outcome:"
             " delivered (a 2xx answer), failed (another answer, a timeout or a connection"
             " failure: retried), given_up (a dead letter, counted also for deliveries given"
             " up unsent: behind a failing one, or to an endpoint no longer configured).",

@@ -246,6 +246,16 @@ def _checked_transport(reach: Reach, setting: str) -> httpx.AsyncHTTPTransport:
     return transport
 
 
+def _origin(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "the URL"
+    if not parsed.scheme or not parsed.host:
+        return "the URL"
+    return str(parsed.copy_with(path="", query=None, fragment=None, userinfo=b""))
+
+
 def check_url(url: str, *, allow_insecure: bool, setting: str = PROVIDERS_SETTING) -> str | None:
     """Why `url` may not be asked (not absolute, not HTTPS, a user name in it), or None;
     `setting` is the one that allows plain HTTP."""
@@ -304,7 +314,9 @@ class ProviderHttp:
     def checked(self, url: str) -> str:
         problem = check_url(url, allow_insecure=self.allow_insecure, setting=self.setting)
         if problem is not None:
-            raise ProviderUnreachable(f"{url} {problem}")
+            # Named by its origin only: a path or query string may hold a token (a webhook's),
+            # and a user name a password; the message is logged and stored.
+            raise ProviderUnreachable(f"{_origin(url)} {problem}")
         return url
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:

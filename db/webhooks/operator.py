@@ -1,7 +1,7 @@
 """What an operator sees and does from the command line (`strawgate webhooks list|replay`):
 the deliveries per endpoint, the recent dead letters, and queueing dead letters again.
-Nothing shown here is a payload or a secret: events by id and type, endpoints without
-their query strings."""
+Nothing shown here is a payload or a secret: events by id and type, endpoints as
+db/webhooks/outbound.py's shown() shows them (scheme, host and port, a hash of the rest)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from db.base import UTCDateTime
 from db.models import WebhookDelivery, WebhookEvent
 from db.session import Statements
 from db.webhooks.events import CHANNEL, webhook_id
-from db.webhooks.outbound import shown
+from db.webhooks.outbound import names, shown
 
 RECENT_DEAD_LETTERS = 10
 
@@ -76,11 +76,16 @@ _REPLAY = (
     )
 )
 _NOTIFY = select(func.pg_notify(literal(CHANNEL), literal("")))
+_DEAD_ENDPOINTS = (
+    select(WebhookDelivery.endpoint)
+    .where(WebhookDelivery.failed_at.is_not(None))
+    .group_by(WebhookDelivery.endpoint)
+)
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointCounts:
-    endpoint: str  # as shown: without its query string
+    endpoint: str  # as shown: scheme, host, port and a hash of the rest
     configured: bool
     pending: int
     delivered: int
@@ -198,12 +203,18 @@ async def replay(
     since: datetime | None = None,
 ) -> int:
     """Queues the dead letters that match (all of them without a filter) again, as new
-    deliveries (no attempts yet, due now); how many. The dispatchers of running servers
-    are woken (PostgreSQL)."""
+    deliveries (no attempts yet, due now); how many. `endpoint` is its URL or the endpoint
+    as `list` shows it. The dispatchers of running servers are woken (PostgreSQL)."""
     async with statements.transaction() as tx:
-        count = await tx.execute(
-            _REPLAY, {"now": now, "event_id": event_id, "url": endpoint, "since": since}
-        )
+        urls: list[str | None] = [None]
+        if endpoint is not None:
+            dead_at = await tx.scalars(_DEAD_ENDPOINTS, {})
+            urls = [url for url in dead_at if names(endpoint, url)]
+        count = 0
+        for url in urls:
+            count += await tx.execute(
+                _REPLAY, {"now": now, "event_id": event_id, "url": url, "since": since}
+            )
         if count and statements.engine.dialect.name == "postgresql":
             await tx.first(_NOTIFY, {})
     return count

@@ -11,6 +11,7 @@ more than a bounded answer is read."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 
@@ -91,13 +92,30 @@ def warn_if_private_allowed(settings: Settings) -> None:
         )
 
 
+# What stands for an endpoint's path and query string where it is shown: `…#` and the
+# first SHOWN_HASH hex digits of their SHA-256.
+SHOWN_HASH = 8
+
+
 def shown(url: str) -> str:
-    """An endpoint as logs, metrics and the command line show it: without its query string
-    (where a receiver may have put a token) or fragment."""
+    """An endpoint as logs, metrics and the command line show it: its scheme, host and port,
+    and in place of its path and query string (where receivers put tokens: Slack's,
+    Discord's, Zapier's hooks) a short hash of them, the same in every process:
+    `https://hooks.example.com/…#a1b2c3d4`. `strawgate webhooks replay --endpoint` takes it."""
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError):
         return "(not a URL)"
     if not parsed.scheme or not parsed.host:
         return "(not a URL)"
-    return str(parsed.copy_with(query=None, fragment=None, userinfo=b""))
+    origin = str(parsed.copy_with(path="/", query=None, fragment=None, userinfo=b""))
+    rest = parsed.raw_path  # the path and query string, as written
+    if rest in (b"", b"/"):
+        return origin
+    return f"{origin}…#{hashlib.sha256(rest).hexdigest()[:SHOWN_HASH]}"
+
+
+def names(given: str, url: str) -> bool:
+    """Whether an operator's `given` names the endpoint `url`: the URL itself, or as shown
+    (with `...` for `…`, which is easier to type)."""
+    return given == url or given.replace("...", "…") == shown(url)

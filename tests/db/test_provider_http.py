@@ -260,6 +260,28 @@ async def test_a_url_that_is_not_https_is_refused_before_anything(url: str, prob
         assert (server.connections, tripwire.attempts) == (0, [])
 
 
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        (
+            "http://hooks.example.com/T0001/secret-path?token=secret-query",
+            "http://hooks.example.com",
+        ),
+        ("https://user:secret-password@id.example.com:8443/x", "https://id.example.com:8443"),
+        ("file:///secret/file", "the URL"),
+    ],
+)
+async def test_a_refused_url_is_named_by_its_origin_only(url: str, named: str) -> None:
+    """The refusal is logged and stored (a webhook's last error): a path, query string or
+    user name may hold a secret."""
+    async with provider_http(allow_insecure=False) as (http, tripwire):
+        with pytest.raises(ProviderUnreachable) as refused:
+            await http.get_json(url)
+    assert str(refused.value).startswith(named + " ")
+    assert "secret" not in str(refused.value)
+    assert tripwire.attempts == []
+
+
 # -- plain HTTP only to addresses that are not public (the webhooks' rule) -----------------
 
 WEBHOOKS_SETTING = "WEBHOOK_ALLOW_PRIVATE"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from db.session import Statements
 from db.webhooks.events import webhook_id
+from db.webhooks.outbound import shown
 from tests.conftest import MutableClock
 from tests.servers import server_env, strawgate_script
 from tests.webhooks.helpers import SECRET, MakeDispatcher, delivery, emit, endpoint, settled
@@ -59,7 +60,11 @@ async def test_a_dead_letter_is_listed_and_delivered_once_replayed(
 ) -> None:
     async with receiving([SECRET]) as receiver, receiving([SECRET]) as healthy:
         receiver.default = 500
-        hooks = [endpoint(receiver.url), endpoint(healthy.url + "?token=not-for-eyes")]
+        hooks = [
+            endpoint(receiver.url + "/path-not-for-eyes"),
+            endpoint(healthy.url + "/T0001/not-for-eyes-either?token=nor-this"),
+        ]
+        failing, working = (shown(hook.url) for hook in hooks)
         dispatcher = make_dispatcher(statements, hooks, give_up_after=GIVE_UP)
         first = await emit(statements, dispatcher.events, "user.created")
         second = await emit(statements, dispatcher.events, "user.deleted")
@@ -77,36 +82,48 @@ async def test_a_dead_letter_is_listed_and_delivered_once_replayed(
         assert code == 0, (out, err)
         lines = out.splitlines()
         assert lines[0].split() == ["endpoint", "pending", "delivered", "dead", "oldest", "pending"]
-        assert lines[1].split() == [receiver.url, "0", "0", "2", "-"]
-        assert lines[2].split() == [healthy.url, "0", "2", "0", "-"]
+        assert lines[1].split() == [failing, "0", "0", "2", "-"]
+        assert lines[2].split() == [working, "0", "2", "0", "-"]
+        assert failing.startswith(f"http://127.0.0.1:{receiver.port}/…#")
         assert "recent dead letters" in out
-        assert f"{webhook_id(first)}  user.created  {receiver.url}" in out
+        assert f"{webhook_id(first)}  user.created  {failing}" in out
         assert "    3 attempt(s), the last answered HTTP 500\n" in out
-        assert f"{webhook_id(second)}  user.deleted  {receiver.url}" in out
+        assert f"{webhook_id(second)}  user.deleted  {failing}" in out
         assert "    not sent: queued more than WEBHOOK_GIVE_UP_HOURS ago, behind event" in out
-        assert "not-for-eyes" not in out and "ada@example.com" not in out
+        for hidden in ("not-for-eyes", "T0001", "nor-this", "ada@example.com"):
+            assert hidden not in out
 
         code, out, err = await strawgate(tmp_path, database_url, urls, "list", "--json")
         assert code == 0, (out, err)
         report = json.loads(out)
         assert [e["dead"] for e in report["endpoints"]] == [2, 0]
+        assert [e["endpoint"] for e in report["endpoints"]] == [failing, working]
+        assert "not-for-eyes" not in out and "nor-this" not in out
         assert {letter["webhook_id"] for letter in report["dead_letters"]} == {
             webhook_id(first),
             webhook_id(second),
         }
 
-        # Replay: nothing without a filter; one event by its webhook-id; then the rest.
+        # Replay: nothing without a filter; one event by its webhook-id and its endpoint's
+        # URL; then the rest by the endpoint as list shows it.
         code, out, err = await strawgate(tmp_path, database_url, urls, "replay")
         assert code == 2 and "--all" in err
         receiver.default = 200
         code, out, err = await strawgate(
-            tmp_path, database_url, urls, "replay", "--event", webhook_id(first)
+            tmp_path,
+            database_url,
+            urls,
+            "replay",
+            "--event",
+            webhook_id(first),
+            "--endpoint",
+            urls[0],
         )
         assert (code, out.strip().split(":")[0]) == (0, "queued 1 dead letter(s) again")
-        row = await delivery(statements, first, receiver.url)
+        row = await delivery(statements, first, urls[0])
         assert (row["attempts"], row["failed_at"], row["last_error"]) == (0, None, None)
         code, out, err = await strawgate(
-            tmp_path, database_url, urls, "replay", "--endpoint", receiver.url, "--since", "1h"
+            tmp_path, database_url, urls, "replay", "--endpoint", failing, "--since", "1h"
         )
         assert (code, out.strip().split(":")[0]) == (0, "queued 1 dead letter(s) again")
         code, out, err = await strawgate(tmp_path, database_url, urls, "replay", "--all")
@@ -118,7 +135,7 @@ async def test_a_dead_letter_is_listed_and_delivered_once_replayed(
     assert receiver.ids[-2:] == [webhook_id(first), webhook_id(second)]
     assert [item.status for item in receiver.received] == [500, 500, 500, 200, 200]
     for event in (first, second):
-        row = await delivery(statements, event, receiver.url)
+        row = await delivery(statements, event, urls[0])
         assert row["delivered_at"] is not None and row["attempts"] == 1
 
 

@@ -25,7 +25,7 @@ from db.session import Statements, create_engine
 from db.settings import Settings
 from db.webhooks.delivery import WebhookDispatcher
 from db.webhooks.events import webhook_id
-from db.webhooks.outbound import endpoint_problem, outbound_http
+from db.webhooks.outbound import endpoint_problem, names, outbound_http, shown
 from tests.conftest import MutableClock, OpenStatements
 from tests.db.test_provider_http import tripwired
 from tests.webhooks.helpers import (
@@ -337,11 +337,8 @@ async def test_a_delivery_is_given_up_when_too_old_with_those_behind_it(
     assert behind["last_error"].startswith("not sent: queued more than WEBHOOK_GIVE_UP_HOURS")
     young = await delivery(statements, third, receiver.url)
     assert young["failed_at"] is None and young["next_attempt_at"] is not None
-    assert outcomes == [
-        (receiver.url, "given_up", 1),
-        (receiver.url, "given_up", 1),
-        (receiver.url, "failed", 1),
-    ]
+    label = shown(receiver.url)
+    assert outcomes == [(label, "given_up", 1), (label, "given_up", 1), (label, "failed", 1)]
 
 
 async def test_a_dispatcher_that_dies_mid_delivery_is_taken_over_after_its_lease(
@@ -409,6 +406,46 @@ async def test_deliveries_to_an_endpoint_no_longer_configured_are_given_up(
     assert row["failed_at"] == clock.now() and row["attempts"] == 0
     assert row["last_error"] == "the endpoint is not in WEBHOOK_ENDPOINTS (any more)"
     assert kept.ids == [webhook_id(event_id)]
+
+
+# -- how endpoints are shown -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "origin"),
+    [
+        ("https://hooks.slack.com/services/T0001/B0002/XXXXsecretXXXX", "https://hooks.slack.com/"),
+        ("https://discord.com/api/webhooks/123/secretTOKEN", "https://discord.com/"),
+        (
+            "https://hooks.zapier.com/hooks/catch/1/secret/?token=secret",
+            "https://hooks.zapier.com/",
+        ),
+        ("http://127.0.0.1:8080/secret", "http://127.0.0.1:8080/"),
+        ("http://[::1]:8080/secret", "http://[::1]:8080/"),
+        ("https://user:secret@hooks.example.com:8443/x", "https://hooks.example.com:8443/"),
+    ],
+)
+def test_an_endpoint_is_shown_by_its_origin_and_a_hash_of_the_rest(url: str, origin: str) -> None:
+    """Logs, metrics and the command line: a path or query string may hold a token."""
+    label = shown(url)
+    assert label.startswith(origin + "…#")
+    digest = label.removeprefix(origin + "…#")
+    assert len(digest) == 8 and int(digest, 16) >= 0
+    assert "secret" not in label.lower()
+    assert shown(url) == label  # stable (the same in every process: not Python's hash())
+    assert names(url, url) and names(label, url) and names(label.replace("…", "..."), url)
+
+
+def test_endpoints_that_differ_past_their_origin_are_shown_apart() -> None:
+    base = "https://hooks.example.com/hook"
+    labels = {shown(u) for u in (base, base + "2", base + "?token=a", base + "?token=b")}
+    assert len(labels) == 4
+    assert not names(shown(base), base + "2")
+    assert not names("https://hooks.example.com/", base)
+    # Nothing to hide: as it is.
+    assert shown("https://hooks.example.com") == shown("https://hooks.example.com/")
+    assert shown("https://hooks.example.com/") == "https://hooks.example.com/"
+    assert shown("not a url") == "(not a URL)"
 
 
 # -- where requests may go ---------------------------------------------------------------
