@@ -613,7 +613,9 @@ class Settings(BaseSettings):
     while an endpoint fails, it is tried again at least this often."""
     webhook_give_up_hours: int = Field(24, ge=1)
     """A delivery not made this many hours after it was queued (or replayed) is given up: a dead
-    letter, kept for `strawgate webhooks replay` until `WEBHOOK_RETENTION_DAYS`."""
+    letter, kept for `strawgate webhooks replay` until `WEBHOOK_RETENTION_DAYS`. Deliveries to an
+    endpoint a server does not have in its `WEBHOOK_ENDPOINTS` are left to those that have it
+    until this old."""
     webhook_retention_days: int = Field(7, ge=1)
     """Webhook events delivered or given up everywhere are deleted this many days old (dead
     letters included: replay them before)."""

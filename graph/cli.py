@@ -413,7 +413,7 @@ def _queue_text(report: QueueReport) -> str:
         return "no webhook endpoints (WEBHOOK_ENDPOINTS) and no deliveries\n"
     rows = [("endpoint", "pending", "delivered", "dead", "oldest pending")]
     for counts in report.endpoints:
-        name = counts.endpoint if counts.configured else f"{counts.endpoint} (not configured)"
+        name = counts.endpoint if counts.configured else f"{counts.endpoint} (not configured here)"
         oldest = (
             "-"
             if counts.oldest_pending is None

@@ -146,7 +146,7 @@ class Metrics:
             " path and query string: https://hooks.example.com/…#a1b2c3d4) and outcome:"
             " delivered (a 2xx answer), failed (another answer, a timeout or a connection"
             " failure: retried), given_up (a dead letter, counted also for deliveries given"
-            " up unsent: behind a failing one, or to an endpoint no longer configured).",
+            " up unsent: behind a failing one, or to an endpoint not configured here).",
             ["endpoint", "outcome"],
             registry=self.registry,
         )

@@ -32,9 +32,11 @@ What it guarantees, and how:
   a request each (the endpoint has just failed). 2xx is success; every other status
   (redirects are not followed; 410 too: remove an endpoint from WEBHOOK_ENDPOINTS to stop
   it), a timeout (WEBHOOK_TIMEOUT) or a connection failure is retried.
-- Deliveries to an endpoint no longer in WEBHOOK_ENDPOINTS are given up ("not in
-  WEBHOOK_ENDPOINTS") once ORPHAN_GRACE old: a process of a rolling deployment that has an
-  endpoint the others lack still delivers to it meanwhile.
+- Deliveries to an endpoint this process does not have (not in its WEBHOOK_ENDPOINTS) are
+  left alone until WEBHOOK_GIVE_UP_HOURS old, then given up like any other ("not configured
+  here"): another process may have it (an old one during a rolling deployment, another
+  service configured differently on the same database) and deliver them meanwhile; one that
+  lacks an endpoint only gives up what nobody delivered for that long.
 
 Woken in-process after a commit (WebhookEvents.wake), across processes by LISTEN/NOTIFY
 (PostgreSQL), and polling every POLL_SECONDS regardless: each wake-up claims, in one short
@@ -91,9 +93,8 @@ WAKE_DELAY = 0.05
 LEASE_TIMEOUTS = 4
 MIN_LEASE = timedelta(seconds=60)
 ERROR_MAX = 255  # webhook_deliveries.last_error
-# Deliveries to endpoints this process does not have: given up once this old, looked for
-# at start and this often (seconds).
-ORPHAN_GRACE = timedelta(minutes=10)
+# Deliveries to endpoints this process does not have: given up once WEBHOOK_GIVE_UP_HOURS
+# old, looked for at start and this often (seconds).
 ORPHAN_CHECK_SECONDS = 600.0
 GIVE_UP_BATCH = 500  # rows given up in one transaction (waiting behind a head, orphans)
 
@@ -836,8 +837,10 @@ class WebhookDispatcher:
                 return total
 
     async def give_up_orphans(self) -> int:
-        """Gives up the pending deliveries to endpoints this process does not have (no
-        longer in WEBHOOK_ENDPOINTS) queued more than ORPHAN_GRACE ago; how many."""
+        """Gives up the pending deliveries to endpoints this process does not have (not in
+        its WEBHOOK_ENDPOINTS) queued (or replayed) more than WEBHOOK_GIVE_UP_HOURS ago: any
+        process that has the endpoint would have delivered or given them up by then; how
+        many."""
         async with self._statements.connection() as conn:
             pending = await conn.scalars(_PENDING_ENDPOINTS, {})
         total = 0
@@ -846,12 +849,14 @@ class WebhookDispatcher:
                 continue
             given_up = await self._give_up_waiting(
                 url,
-                cutoff=self._clock.now() - ORPHAN_GRACE,
-                error="the endpoint is not in WEBHOOK_ENDPOINTS (any more)",
+                cutoff=self._clock.now() - self._give_up_after,
+                error="not sent: queued more than WEBHOOK_GIVE_UP_HOURS ago to an endpoint"
+                " not configured here (not in WEBHOOK_ENDPOINTS)",
             )
             if given_up:
                 log.warning(
-                    "webhooks: gave up %d delivery(ies) to %s: it is not in WEBHOOK_ENDPOINTS",
+                    "webhooks: gave up %d delivery(ies) to %s, not configured here (not in"
+                    " WEBHOOK_ENDPOINTS), queued more than WEBHOOK_GIVE_UP_HOURS ago",
                     given_up,
                     shown(url),
                 )

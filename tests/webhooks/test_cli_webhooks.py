@@ -14,7 +14,15 @@ from db.webhooks.events import webhook_id
 from db.webhooks.outbound import shown
 from tests.conftest import MutableClock
 from tests.servers import server_env, strawgate_script
-from tests.webhooks.helpers import SECRET, MakeDispatcher, delivery, emit, endpoint, settled
+from tests.webhooks.helpers import (
+    SECRET,
+    MakeDispatcher,
+    delivery,
+    emit,
+    emitter,
+    endpoint,
+    settled,
+)
 from tests.webhooks.receiver import receiving
 
 TIMEOUT = 30.0
@@ -77,6 +85,9 @@ async def test_a_dead_letter_is_listed_and_delivered_once_replayed(
         assert [item.status for item in receiver.received] == [500, 500, 500]
         assert healthy.ids == [webhook_id(first), webhook_id(second)]
         urls = [hook.url for hook in hooks]
+        # Queued by a process configured with another endpoint, which this one lacks.
+        elsewhere = "https://elsewhere.example.com/hook/not-for-eyes-elsewhere"
+        await emit(statements, emitter(statements, [endpoint(elsewhere)], clock))
 
         code, out, err = await strawgate(tmp_path, database_url, urls, "list")
         assert code == 0, (out, err)
@@ -84,6 +95,15 @@ async def test_a_dead_letter_is_listed_and_delivered_once_replayed(
         assert lines[0].split() == ["endpoint", "pending", "delivered", "dead", "oldest", "pending"]
         assert lines[1].split() == [failing, "0", "0", "2", "-"]
         assert lines[2].split() == [working, "0", "2", "0", "-"]
+        assert lines[3].split()[:7] == [
+            shown(elsewhere),
+            "(not",
+            "configured",
+            "here)",
+            "1",
+            "0",
+            "0",
+        ]
         assert failing.startswith(f"http://127.0.0.1:{receiver.port}/…#")
         assert "recent dead letters" in out
         assert f"{webhook_id(first)}  user.created  {failing}" in out
@@ -96,8 +116,9 @@ async def test_a_dead_letter_is_listed_and_delivered_once_replayed(
         code, out, err = await strawgate(tmp_path, database_url, urls, "list", "--json")
         assert code == 0, (out, err)
         report = json.loads(out)
-        assert [e["dead"] for e in report["endpoints"]] == [2, 0]
-        assert [e["endpoint"] for e in report["endpoints"]] == [failing, working]
+        assert [e["dead"] for e in report["endpoints"]] == [2, 0, 0]
+        assert [e["endpoint"] for e in report["endpoints"]] == [failing, working, shown(elsewhere)]
+        assert [e["configured"] for e in report["endpoints"]] == [True, True, False]
         assert "not-for-eyes" not in out and "nor-this" not in out
         assert {letter["webhook_id"] for letter in report["dead_letters"]} == {
             webhook_id(first),

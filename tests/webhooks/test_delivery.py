@@ -389,23 +389,36 @@ async def test_stop_releases_what_a_dispatcher_holds(
         assert receiver.ids == [webhook_id(event_id)]
 
 
-async def test_deliveries_to_an_endpoint_no_longer_configured_are_given_up(
+async def test_deliveries_to_an_endpoint_not_configured_here_wait_out_the_give_up_age(
     statements: Statements, clock: MutableClock, make_dispatcher: MakeDispatcher
 ) -> None:
+    """A process that lacks an endpoint (an old one in a rolling deployment, another service
+    configured differently on the same database) leaves its deliveries to the processes
+    that have it: it gives up only what nobody delivered for WEBHOOK_GIVE_UP_HOURS."""
+    give_up = timedelta(hours=2)
     async with receiving([SECRET]) as kept:
-        gone = "https://gone.example.com/hook?token=abc"
-        writer = emitter(statements, [endpoint(gone), endpoint(kept.url)], clock)
-        event_id = await emit(statements, writer)
-        dispatcher = make_dispatcher(statements, [endpoint(kept.url)])
+        elsewhere = "https://elsewhere.example.com/hook?token=abc"
+        writer = emitter(statements, [endpoint(elsewhere), endpoint(kept.url)], clock)
+        old = await emit(statements, writer)
+        dispatcher = make_dispatcher(statements, [endpoint(kept.url)], give_up_after=give_up)
         assert await settled(dispatcher, 1) == 1  # the one it has
-        # A deployment that still has it may still deliver it: not at once.
-        assert await dispatcher.give_up_orphans() == 0
         clock.advance(minutes=11)
-        assert await dispatcher.give_up_orphans() == 1
-    row = await delivery(statements, event_id, gone)
+        assert await dispatcher.give_up_orphans() == 0  # not yet: another process may have it
+        clock.advance(hours=1)
+        young = await emit(statements, emitter(statements, [endpoint(elsewhere)], clock))
+        clock.advance(minutes=49)
+        assert await dispatcher.give_up_orphans() == 0  # 1 h 49 min old: not yet
+        clock.advance(minutes=1)
+        assert await dispatcher.give_up_orphans() == 1  # 2 h old: given up; the young one stays
+    row = await delivery(statements, old, elsewhere)
     assert row["failed_at"] == clock.now() and row["attempts"] == 0
-    assert row["last_error"] == "the endpoint is not in WEBHOOK_ENDPOINTS (any more)"
-    assert kept.ids == [webhook_id(event_id)]
+    assert row["last_error"] == (
+        "not sent: queued more than WEBHOOK_GIVE_UP_HOURS ago to an endpoint not configured"
+        " here (not in WEBHOOK_ENDPOINTS)"
+    )
+    waiting = await delivery(statements, young, elsewhere)
+    assert waiting["failed_at"] is None and waiting["next_attempt_at"] is not None
+    assert kept.ids == [webhook_id(old)]
 
 
 # -- how endpoints are shown -------------------------------------------------------------
