@@ -424,7 +424,7 @@ class WebhookDispatcher:
 
     @property
     def labels(self) -> list[str]:
-        """The endpoints as metrics and logs show them (without their query strings)."""
+        """The endpoints as metrics and logs show them (outbound.shown: no path, no query)."""
         return [endpoint.label for endpoint in self._endpoints.values()]
 
     @property
