@@ -295,7 +295,7 @@ def claims_source_from_settings(settings: Settings, *, clock: Clock) -> ClaimsSo
             ),
             clock=clock,
         )
-        # Named without its query string (where a token may be) in every log line.
+        # Named as the webhooks show endpoints (no path or query, where a token may be).
         return ClaimsSource(
             hook,
             name=shown(settings.claims_hook_url),
