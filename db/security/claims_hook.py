@@ -142,8 +142,9 @@ class ClaimsSource:
                 ", ".join(sorted(refused)),
             )
         try:
-            # JSON values only (no NaN or infinities, which JSON has no word for).
-            orjson.loads(orjson.dumps(claims))
+            # JSON values only: orjson refuses anything else, but writes NaN and the
+            # infinities (which JSON has no word for) as null; those are looked for apart.
+            orjson.dumps(claims)
             _finite(claims)
         except (TypeError, ValueError, orjson.JSONEncodeError):
             raise self._failed(request, "answered claims that are not JSON values") from None
@@ -171,14 +172,23 @@ class ClaimsSource:
 
 
 def _finite(value: Any) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("not finite")
-    if isinstance(value, Mapping):
-        for item in value.values():
-            _finite(item)
-    elif isinstance(value, list):
-        for item in value:
-            _finite(item)
+    """ValueError for a NaN or an infinity anywhere in `value` (what orjson.dumps took:
+    dicts, lists and tuples of JSON values), walked without recursion."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        kind = type(item)
+        if kind is float:
+            if not math.isfinite(item):
+                raise ValueError("not finite")
+        elif kind is dict:
+            pending.extend(item.values())
+        elif kind is list or kind is tuple:
+            pending.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("not finite")  # a float subclass
+        elif isinstance(item, dict):
+            pending.extend(item.values())
 
 
 def load_callable(spec: str) -> ClaimsHook:
