@@ -58,6 +58,35 @@ RETRY_SECONDS = 5.0  # between probes of an unreachable Redis
 DIGEST_CHARS = 32  # 128 bits of SHA-256: keys stay short and never collide in practice
 
 Status = Literal["redis", "memory", "memory (redis unreachable)", "off"]
+
+# How often the in-memory counters drop their expired hits (see SweptMemoryStorage).
+MEMORY_SWEEP_SECONDS = 1.0
+
+
+class SweptMemoryStorage(MemoryStorage):
+    """limits' in-memory storage, its sweep of expired hits at most once a second.
+
+    limits (5.8) starts a sweep after every hit whose previous sweep has ended, and a sweep
+    walks every key with a thread hop each: under steady load the sweeps run back to back
+    and take a sizeable share of the event loop's core (refresh ran 15% faster without
+    them). The sweep only frees memory: a moving window counts only the hits inside it
+    whether or not the older ones were swept, so sweeping once a second changes no answer.
+    """
+
+    _sweep_due = 0.0
+
+    async def _sweep_now_and_then(self) -> None:
+        now = time.monotonic()
+        if now < self._sweep_due:
+            return
+        self._sweep_due = now + MEMORY_SWEEP_SECONDS
+        await _SCHEDULE_SWEEP(self)
+
+    # What MemoryStorage's own methods call (`self.__schedule_expiry()`, name-mangled).
+    _MemoryStorage__schedule_expiry = _sweep_now_and_then
+
+
+_SCHEDULE_SWEEP = MemoryStorage._MemoryStorage__schedule_expiry  # type: ignore[attr-defined]
 T = TypeVar("T")
 
 # REDIS_URL in redis-py's notation, to the `limits` library's async storage schemes.
@@ -185,7 +214,7 @@ class RateLimiter:
         self._retry_seconds = retry_seconds
         # A Redis operation is a script or two, each a round trip: bound the whole of it.
         self._op_timeout = 4 * redis_timeout
-        self._memory = MemoryStorage()
+        self._memory = SweptMemoryStorage()
         self._memory_limiter = MovingWindowRateLimiter(self._memory)
         self._redis: RedisStorage | None = None
         self._redis_limiter: MovingWindowRateLimiter | None = None

@@ -337,3 +337,32 @@ async def test_an_unreachable_redis_degrades_to_memory_and_comes_back(
     finally:
         await limiter.close()
         await stop(server)
+
+
+@pytest.mark.parametrize("redis_url", ["memory"], indirect=True)
+async def test_memory_counters_sweep_at_most_once_a_second(
+    make_limiter: MakeLimiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """limits' own memory storage starts a sweep of every key (a thread hop each) after
+    nearly every hit; ours sweeps at most once a second, and still counts right."""
+    from limits.aio.storage import MemoryStorage
+
+    # The hooks limits calls: an upgrade that renames them must fail here.
+    assert callable(getattr(MemoryStorage, "_MemoryStorage__schedule_expiry", None))
+    real = MemoryStorage._MemoryStorage__expire_events  # type: ignore[attr-defined]
+    sweeps: list[float] = []
+
+    async def counted(storage: MemoryStorage) -> None:
+        sweeps.append(time.monotonic())
+        await real(storage)
+
+    monkeypatch.setattr(MemoryStorage, "_MemoryStorage__expire_events", counted)
+    limiter = await make_limiter(login_ip="1000/minute")
+    for n in range(300):
+        await limiter.hit("login_ip", f"198.51.100.{n % 50}")
+        await asyncio.sleep(0)  # a sweep, once started, gets to run between hits
+    assert len(sweeps) == 1
+    # The window still counts every hit: 6 per key so far, 994 more fit, not 995.
+    for _ in range(994):
+        await limiter.hit("login_ip", "198.51.100.0")
+    await refused(limiter, "login_ip", "198.51.100.0")
