@@ -17,8 +17,10 @@ what the refusals say).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
+import ssl
 import zlib
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -239,8 +241,16 @@ def _decompressed(content: bytes, encoding: str, host: str) -> bytes:
     raise ProviderUnreachable(f"{host} answered {encoding} that does not decompress")
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """The TLS context (certificates checked against the CA bundle, host names verified) of
+    every outbound client of the process: made once, as reading the CA bundle takes about
+    25 ms, and every app (each test's too) makes several clients."""
+    return httpx.create_ssl_context()
+
+
 def _checked_transport(reach: Reach, setting: str) -> httpx.AsyncHTTPTransport:
-    transport = httpx.AsyncHTTPTransport(retries=0)
+    transport = httpx.AsyncHTTPTransport(verify=_tls(), retries=0)
     # httpx does not take a network backend; its pool does.
     transport._pool._network_backend = _CheckedBackend(reach=reach, setting=setting)
     return transport
