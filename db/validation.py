@@ -24,8 +24,12 @@ class Email:
     normalized: str  # what uniqueness and look-ups use
 
 
+# Unicode's control characters (general category Cc): C0, DEL and C1, exactly these.
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def has_control_characters(value: str) -> bool:
-    return any(unicodedata.category(char) == "Cc" for char in value)
+    return _CONTROL_CHARACTER.search(value) is not None
 
 
 def parse_email(raw: str) -> Email:

@@ -46,3 +46,18 @@ def test_signup_accepts_exactly_what_fastapi_mail_can_send_to(address: str) -> N
         assert not fastapi_mail_accepts(address.strip())
     else:
         assert fastapi_mail_accepts(parsed.address)
+
+
+def test_control_characters_are_exactly_unicodes_cc() -> None:
+    """has_control_characters (a regex, on every input string of every request) finds
+    exactly the characters of Unicode's general category Cc, across all of Unicode."""
+    import unicodedata
+
+    from db.validation import has_control_characters
+
+    for code_point in range(0x110000):
+        char = chr(code_point)
+        assert has_control_characters(f"a{char}b") is (unicodedata.category(char) == "Cc"), hex(
+            code_point
+        )
+    assert not has_control_characters("")
