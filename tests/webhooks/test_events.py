@@ -425,10 +425,11 @@ async def test_housekeeping_tells_of_the_signups_it_deletes(
     pruned = await housekeeper.run_once()
     assert pruned is not None and pruned.unverified_users == 1
     events = await events_of(mail_hooked, user_id)
-    assert [(e["type"], e["data"].get("reason")) for e in events] == [
-        ("user.created", None),
-        ("user.deleted", "unverified"),
-    ]
+    # Eight days on, user.created may already have been given up (nothing listens at the
+    # endpoint) and pruned by the same pass: the deletion is what this test is about.
+    assert [
+        (e["type"], e["data"].get("reason")) for e in events if e["type"] != "user.created"
+    ] == [("user.deleted", "unverified")]
 
 
 async def test_passkeys_added_and_removed(
