@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, select, update
 
 from db.errors import AuthFailure, ErrorCode, invalid_challenge, invalid_input
 from db.mail.render import MAIL_LANGUAGES
@@ -92,7 +92,7 @@ _SET_PROFILE = (
     update(User)
     .where(User.id == bindparam("uid"))
     .values(
-        profile_json=func.coalesce(bindparam("profile_json"), User.profile_json),
+        profile_json=bindparam("profile_json"),
         updated_at=bindparam("now"),
     )
 )
