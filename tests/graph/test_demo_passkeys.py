@@ -215,8 +215,14 @@ async def test_passkeys_in_the_demo(
         assert autofill["rpId"] == "localhost"
 
         # The button, in a browser without autofill (conditional mediation unavailable).
+        # Signing out of this page would sign straight back in (above), so the page is
+        # reloaded without autofill first (restored from its cookie), and signs out there;
+        # the reload after it waits for the sign-out, which clears the cookie.
         await page.add_init_script(NO_AUTOFILL)
+        await page.reload()
+        await expect(page.locator("#me-email")).to_have_text(email)
         await page.click("#logout-button")
+        await expect(page.locator("#status")).to_have_text("Signed out (1 session ended).")
         await page.reload()
         await expect(page.locator("#signed-out")).to_be_visible()
         await expect(page.locator("#status")).to_have_text("Sign up or sign in.")
