@@ -28,7 +28,7 @@ from db.errors import AuthFailure, invalid_input
 from db.models import IP_MAX, RefreshToken, SecurityEvent, UserSession
 from db.services.batches import AnyOf, Batching, chosen, ctid_of, until_done, walk
 from db.services.types import ClientInfo
-from db.session import Runner, Statements
+from db.session import Runner, Statements, Writes
 from db.validation import clean_user_agent, parse_email
 from db.webhooks import catalogue
 from db.webhooks.events import WebhookEvents
@@ -235,6 +235,9 @@ class _Recording:
         self, statement: Executable, params: Mapping[str, Any]
     ) -> list[Mapping[str, Any]]:
         return await self.tx.all(statement, params)
+
+    async def execute_together(self, writes: Writes, params: Mapping[str, Any]) -> None:
+        await self.tx.execute_together(writes, params)
 
 
 class SecurityEvents:

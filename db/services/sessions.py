@@ -36,7 +36,7 @@ from db.services.device_trust import KNOWN_WINDOW
 from db.services.events import EventKind, SecurityEvents
 from db.services.notices import Notices
 from db.services.types import ClientInfo, IssuedSession, UserView, user_view
-from db.session import Runner, Statements
+from db.session import Runner, Statements, Writes
 from db.validation import clean_user_agent
 
 # A sign-in from a device family and network the user has not signed in from within
@@ -213,6 +213,9 @@ _TOUCH_SESSION = (
     .where(UserSession.id == bindparam("session_id"))
     .values(last_used_at=bindparam("now"), expires_at=bindparam("expires_at"))
 )
+
+# A rotation: the presented generation spent, its successor added, the session used.
+_ROTATE = Writes(_MARK_ROTATED, _ADD_GENERATION, _TOUCH_SESSION)
 
 # The user's other live sessions past the newest `keep`: what a new session ends when
 # the user is over MAX_SESSIONS_PER_USER (never the new one, whatever the clock says).
@@ -562,19 +565,24 @@ class Sessions:
                 raise account_disabled()
             session_id = state["session_id"]
             successor = successor_token(self._refresh_key, refresh_token)
+            # A use of the session: its idle timeout starts again.
+            used = {
+                "session_id": session_id,
+                "now": now,
+                "expires_at": self.session_end(now, state["absolute_expires_at"]),
+            }
             if state["rotated_at"] is None:
                 # Only a rotation spends the session's budget (answers to a retry inside
                 # the reuse interval do not); rotations of one session are serialised by
                 # the lock held here, so the check and the count cannot interleave.
                 await self.limiter.hit("refresh_session", str(session_id))
-                await tx.execute(_MARK_ROTATED, {"token_id": state["id"], "now": now})
-                await tx.execute(
-                    _ADD_GENERATION,
+                await tx.execute_together(
+                    _ROTATE,
                     {
-                        "session_id": session_id,
+                        **used,
+                        "token_id": state["id"],
                         "generation": state["generation"] + 1,
                         "token_hash": token_digest(successor),
-                        "now": now,
                     },
                 )
             elif not await self._is_retry(tx, state, successor, now):
@@ -587,15 +595,9 @@ class Sessions:
                     tx, state["user_id"], [session_id], "refresh_token_reused"
                 )
                 reused = True
+            else:  # a retry: its answer is a use of the session too
+                await tx.execute(_TOUCH_SESSION, used)
             if not reused:
-                await tx.execute(
-                    _TOUCH_SESSION,
-                    {
-                        "session_id": session_id,
-                        "now": now,
-                        "expires_at": self.session_end(now, state["absolute_expires_at"]),
-                    },
-                )
                 # In the transaction: a claims hook that fails leaves the token unspent.
                 issued = await self.issue(
                     user_view(state, id_key="user_id"),

@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Integer, Select, bindparam, literal_column, select
+from sqlalchemy import Integer, Select, bindparam, insert, literal_column, select, update
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from db.migrate import upgrade_head
 from db.models import RefreshToken, User, UserSession
-from db.session import Statements, create_engine
+from db.session import Statements, Writes, create_engine
 from db.settings import Settings
 
 _ONE: Select[int] = select(literal_column("1", Integer).label("one"))
@@ -97,6 +97,107 @@ async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> No
     assert row["created_at"] == now and row["created_at"].utcoffset() == timedelta(0)
     assert row["amr"] == "pwd"
     assert bytes(row["token_hash"]) == b"\x01" * 32
+
+
+# A refresh's rotation (db/services/sessions.py), as the test's own constants.
+_SPEND = (
+    update(RefreshToken)
+    .where(RefreshToken.id == bindparam("token_id"))
+    .values(rotated_at=bindparam("now"))
+)
+_SUCCEED = insert(RefreshToken).values(
+    session_id=bindparam("session_id"),
+    generation=bindparam("generation"),
+    token_hash=bindparam("token_hash"),
+    created_at=bindparam("now"),
+)
+_USE = (
+    update(UserSession)
+    .where(UserSession.id == bindparam("session_id"))
+    .values(last_used_at=bindparam("now"))
+)
+_ROTATE = Writes(_SPEND, _SUCCEED, _USE)
+_TOKENS = select(RefreshToken.generation, RefreshToken.token_hash, RefreshToken.rotated_at).where(
+    RefreshToken.session_id == bindparam("sid")
+)
+_LAST_USED = select(UserSession.last_used_at).where(UserSession.id == bindparam("sid"))
+
+
+async def test_writes_together_make_every_change_and_only_those(settings_for: Settings) -> None:
+    """All of a Writes' statements take effect (one statement on PostgreSQL), each with
+    its own parameters only: the spend's UPDATE of refresh_tokens is given the successor's
+    session_id, generation and token_hash too, which SQLAlchemy would set on the spent row
+    if they reached it (they did, on SQLite, in the first version)."""
+    engine = create_engine(settings_for)
+    statements = Statements(engine)
+    await statements.start()
+    then = datetime(2026, 1, 1, tzinfo=UTC)
+    now = then + timedelta(minutes=5)
+    user_id, session_id = uuid.uuid4(), uuid.uuid4()
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                User.__table__.insert().values(  # type: ignore[attr-defined]
+                    id=user_id,
+                    email="w@example.com",
+                    email_normalized="w@example.com",
+                    password_hash="x",
+                    is_active=True,
+                    created_at=then,
+                    updated_at=then,
+                )
+            )
+            await conn.execute(
+                UserSession.__table__.insert().values(  # type: ignore[attr-defined]
+                    id=session_id,
+                    user_id=user_id,
+                    created_at=then,
+                    last_used_at=then,
+                    auth_time=then,
+                    expires_at=then + timedelta(days=1),
+                    absolute_expires_at=then + timedelta(days=1),
+                    amr="pwd",
+                )
+            )
+            spent = (
+                await conn.execute(
+                    RefreshToken.__table__.insert()  # type: ignore[attr-defined]
+                    .values(
+                        session_id=session_id,
+                        generation=0,
+                        token_hash=b"\x01" * 32,
+                        created_at=then,
+                    )
+                    .returning(RefreshToken.id)
+                )
+            ).scalar_one()
+        async with statements.transaction() as tx:
+            await tx.execute_together(
+                _ROTATE,
+                {
+                    "token_id": spent,
+                    "session_id": session_id,
+                    "generation": 1,
+                    "token_hash": b"\x02" * 32,
+                    "now": now,
+                },
+            )
+        async with statements.connection() as conn:
+            tokens = await conn.all(_TOKENS, {"sid": session_id})
+            used = await conn.first(_LAST_USED, {"sid": session_id})
+    finally:
+        await statements.close()
+        await engine.dispose()
+    assert sorted((t["generation"], bytes(t["token_hash"]), t["rotated_at"]) for t in tokens) == [
+        (0, b"\x01" * 32, now),
+        (1, b"\x02" * 32, None),
+    ]
+    assert used == {"last_used_at": now}
+
+
+def test_writes_are_two_statements_or_more() -> None:
+    with pytest.raises(ValueError, match="two statements"):
+        Writes(_USE)
 
 
 async def test_a_missing_parameter_is_an_error(settings_for: Settings) -> None:
