@@ -45,12 +45,19 @@ _STRAWBERRY_RULES = (MaybeNullValidationRule, OneOfInputValidationRule)
 @lru_cache(maxsize=CACHE_SIZE)
 def _validate(
     schema: GraphQLSchema,
-    document: DocumentNode,
+    query: str,
+    max_tokens: int,
     rules: tuple[type[ASTValidationRule], ...],
     hide_suggestions: bool,
 ) -> list[GraphQLError]:
+    """The errors of a query that parses. Keyed by the query's text, like _parse: a
+    string's hash is computed once and kept, a document's is a walk of its whole tree on
+    every lookup."""
     return validate(
-        schema, document, (*rules, *_STRAWBERRY_RULES), hide_suggestions=hide_suggestions
+        schema,
+        _parse(query, max_tokens),
+        (*rules, *_STRAWBERRY_RULES),
+        hide_suggestions=hide_suggestions,
     )
 
 
@@ -147,7 +154,8 @@ class StrawgateSchema(strawberry.Schema):
         context.graphql_document = document
         context.pre_execution_errors = _validate(
             self._schema,
-            document,
+            query,
+            self._max_tokens,
             (*replace_rules(context.validation_rules), *self._rules),
             self._hide_suggestions,
         )
