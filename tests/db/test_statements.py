@@ -8,11 +8,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Integer, Select, bindparam, insert, literal_column, select, update
+from sqlalchemy import Integer, Select, bindparam, literal_column, select
 from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.migrate import upgrade_head
 from db.models import RefreshToken, User, UserSession
+from db.services.sessions import _MARK_ROTATED, _ROTATE
 from db.session import Statements, Writes, create_engine
 from db.settings import Settings
 
@@ -40,6 +42,41 @@ def settings_for(
     return make_settings()
 
 
+async def _user_with_a_session(
+    engine: AsyncEngine, user_id: uuid.UUID, session_id: uuid.UUID, now: datetime
+) -> None:
+    """A user and a session of theirs, set up through SQLAlchemy."""
+    for table, values in (
+        (
+            User,
+            {
+                "id": user_id,
+                "email": f"{user_id.hex}@example.com",
+                "email_normalized": f"{user_id.hex}@example.com",
+                "password_hash": "x",
+                "is_active": True,
+                "created_at": now,
+                "updated_at": now,
+            },
+        ),
+        (
+            UserSession,
+            {
+                "id": session_id,
+                "user_id": user_id,
+                "created_at": now,
+                "last_used_at": now,
+                "auth_time": now,
+                "expires_at": now + timedelta(days=1),
+                "absolute_expires_at": now + timedelta(days=1),
+                "amr": "pwd",
+            },
+        ),
+    ):
+        async with engine.begin() as conn:
+            await conn.execute(table.__table__.insert().values(**values))  # type: ignore[attr-defined]
+
+
 async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> None:
     engine = create_engine(settings_for)
     statements = Statements(engine)
@@ -47,35 +84,7 @@ async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> No
     now = datetime.now(UTC).replace(microsecond=0)
     user_id, session_id = uuid.uuid4(), uuid.uuid4()
     try:
-        for table, values in (
-            (
-                User,
-                {
-                    "id": user_id,
-                    "email": "a@example.com",
-                    "email_normalized": "a@example.com",
-                    "password_hash": "x",
-                    "is_active": True,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            ),
-            (
-                UserSession,
-                {
-                    "id": session_id,
-                    "user_id": user_id,
-                    "created_at": now,
-                    "last_used_at": now,
-                    "auth_time": now,
-                    "expires_at": now + timedelta(days=1),
-                    "absolute_expires_at": now + timedelta(days=1),
-                    "amr": "pwd",
-                },
-            ),
-        ):
-            async with engine.begin() as conn:  # set-up through SQLAlchemy
-                await conn.execute(table.__table__.insert().values(**values))  # type: ignore[attr-defined]
+        await _user_with_a_session(engine, user_id, session_id, now)
         async with statements.transaction() as tx:
             await tx.execute(
                 RefreshToken.__table__.insert().values(  # type: ignore[attr-defined]
@@ -99,35 +108,19 @@ async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> No
     assert bytes(row["token_hash"]) == b"\x01" * 32
 
 
-# A refresh's rotation (db/services/sessions.py), as the test's own constants.
-_SPEND = (
-    update(RefreshToken)
-    .where(RefreshToken.id == bindparam("token_id"))
-    .values(rotated_at=bindparam("now"))
-)
-_SUCCEED = insert(RefreshToken).values(
-    session_id=bindparam("session_id"),
-    generation=bindparam("generation"),
-    token_hash=bindparam("token_hash"),
-    created_at=bindparam("now"),
-)
-_USE = (
-    update(UserSession)
-    .where(UserSession.id == bindparam("session_id"))
-    .values(last_used_at=bindparam("now"))
-)
-_ROTATE = Writes(_SPEND, _SUCCEED, _USE)
 _TOKENS = select(RefreshToken.generation, RefreshToken.token_hash, RefreshToken.rotated_at).where(
     RefreshToken.session_id == bindparam("sid")
 )
-_LAST_USED = select(UserSession.last_used_at).where(UserSession.id == bindparam("sid"))
+_SESSION_TIMES = select(UserSession.last_used_at, UserSession.expires_at).where(
+    UserSession.id == bindparam("sid")
+)
 
 
 async def test_writes_together_make_every_change_and_only_those(settings_for: Settings) -> None:
     """All of a Writes' statements take effect (one statement on PostgreSQL), each with
-    its own parameters only: the spend's UPDATE of refresh_tokens is given the successor's
-    session_id, generation and token_hash too, which SQLAlchemy would set on the spent row
-    if they reached it (they did, on SQLite, in the first version)."""
+    its own parameters only. A refresh's rotation: the spend's UPDATE of refresh_tokens is
+    given the successor's session_id, generation and token_hash too, which SQLAlchemy
+    would set on the spent row if they reached it (they did, on SQLite, at first)."""
     engine = create_engine(settings_for)
     statements = Statements(engine)
     await statements.start()
@@ -135,30 +128,8 @@ async def test_writes_together_make_every_change_and_only_those(settings_for: Se
     now = then + timedelta(minutes=5)
     user_id, session_id = uuid.uuid4(), uuid.uuid4()
     try:
+        await _user_with_a_session(engine, user_id, session_id, then)
         async with engine.begin() as conn:
-            await conn.execute(
-                User.__table__.insert().values(  # type: ignore[attr-defined]
-                    id=user_id,
-                    email="w@example.com",
-                    email_normalized="w@example.com",
-                    password_hash="x",
-                    is_active=True,
-                    created_at=then,
-                    updated_at=then,
-                )
-            )
-            await conn.execute(
-                UserSession.__table__.insert().values(  # type: ignore[attr-defined]
-                    id=session_id,
-                    user_id=user_id,
-                    created_at=then,
-                    last_used_at=then,
-                    auth_time=then,
-                    expires_at=then + timedelta(days=1),
-                    absolute_expires_at=then + timedelta(days=1),
-                    amr="pwd",
-                )
-            )
             spent = (
                 await conn.execute(
                     RefreshToken.__table__.insert()  # type: ignore[attr-defined]
@@ -180,11 +151,12 @@ async def test_writes_together_make_every_change_and_only_those(settings_for: Se
                     "generation": 1,
                     "token_hash": b"\x02" * 32,
                     "now": now,
+                    "expires_at": now + timedelta(days=2),
                 },
             )
         async with statements.connection() as conn:
             tokens = await conn.all(_TOKENS, {"sid": session_id})
-            used = await conn.first(_LAST_USED, {"sid": session_id})
+            used = await conn.first(_SESSION_TIMES, {"sid": session_id})
     finally:
         await statements.close()
         await engine.dispose()
@@ -192,12 +164,12 @@ async def test_writes_together_make_every_change_and_only_those(settings_for: Se
         (0, b"\x01" * 32, now),
         (1, b"\x02" * 32, None),
     ]
-    assert used == {"last_used_at": now}
+    assert used == {"last_used_at": now, "expires_at": now + timedelta(days=2)}
 
 
 def test_writes_are_two_statements_or_more() -> None:
     with pytest.raises(ValueError, match="two statements"):
-        Writes(_USE)
+        Writes(_MARK_ROTATED)
 
 
 async def test_a_missing_parameter_is_an_error(settings_for: Settings) -> None:
