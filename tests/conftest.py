@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
 
 from db.migrate import upgrade_head
@@ -97,19 +97,66 @@ def database_url(pg_admin_url: str) -> Iterator[str]:
         yield url
 
 
+# The tables each test starts without rows: these, and every table that refers to one of
+# them, directly or not (what TRUNCATE ... CASCADE of these would empty).
+CLEANED_TABLES = (
+    "users",
+    "sessions",
+    "refresh_tokens",
+    "challenges",
+    "totp_credentials",
+    "recovery_codes",
+    "outbox",
+    "security_events",
+    "login_throttles",
+    "identity_flows",
+    "spent_id_tokens",
+    "webhook_events",
+    "webhook_deliveries",
+)
+# DELETE statements for CLEANED_TABLES and the tables referring to them, per database.
+_emptying: dict[str, str] = {}
+
+
+async def emptying_statements(conn: asyncpg.Connection) -> str:
+    """DELETE FROM each of CLEANED_TABLES and each table referring to one of them, a
+    referring table before the table it refers to."""
+    referring: dict[str, set[str]] = {}
+    for row in await conn.fetch(
+        "SELECT conrelid::regclass::text AS child, confrelid::regclass::text AS parent"
+        " FROM pg_constraint WHERE contype = 'f'"
+    ):
+        referring.setdefault(row["parent"], set()).add(row["child"])
+    ordered: list[str] = []
+
+    def visit(table: str, path: frozenset[str]) -> None:
+        if table in ordered or table in path:
+            return
+        for child in sorted(referring.get(table, ())):
+            visit(child, path | {table})
+        ordered.append(table)
+
+    for table in CLEANED_TABLES:
+        visit(table, frozenset())
+    # The names are the catalog's own (regclass quotes where needed).
+    return " ".join(f"DELETE FROM {table};" for table in ordered)  # noqa: S608
+
+
 @pytest.fixture
 async def clean_db(database_url: str) -> AsyncIterator[None]:
-    """Tests run against real transactions (and real concurrency), so each starts empty."""
-    engine = create_async_engine(database_url)
-    async with engine.begin() as conn:
-        await conn.execute(
-            text(
-                "TRUNCATE users, sessions, refresh_tokens, challenges, totp_credentials,"
-                " recovery_codes, outbox, security_events, login_throttles, identity_flows,"
-                " spent_id_tokens, webhook_events, webhook_deliveries CASCADE"
-            )
-        )
-    await engine.dispose()
+    """Tests run against real transactions (and real concurrency), so each starts empty.
+    DELETE, not TRUNCATE: on tables this small it takes ~2 ms where TRUNCATE takes ~60
+    (new files for every table and its indexes), before each of ~860 tests."""
+    conn = await asyncpg.connect(
+        make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        if database_url not in _emptying:
+            _emptying[database_url] = await emptying_statements(conn)
+        # One simple-protocol query: the statements run in one transaction.
+        await conn.execute(_emptying[database_url])
+    finally:
+        await conn.close()
     yield
 
 
