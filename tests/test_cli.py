@@ -1,4 +1,6 @@
-"""The strawgate command, run as a user runs it."""
+"""The strawgate command, run as a user runs it: the installed console script, or (where a
+test says so) graph.cli.main in the tests' own process (tests/cli.py: a process costs about
+a second)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from pathlib import Path
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from db.migrate import upgrade_head
 from graph.schema import schema_sdl
+from tests.cli import run_strawgate
 
 STRAWGATE = str(Path(sys.executable).with_name("strawgate"))
 
@@ -23,11 +27,18 @@ def run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def run_here(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`strawgate ARGS` in this process (tests/cli.py), with no setting but `env`: its exit
+    status and output as `run` gives them."""
+    code, out, err = run_strawgate(*args, cwd=cwd, **env)
+    return subprocess.CompletedProcess([STRAWGATE, *args], code, out, err)
+
+
 def test_export_schema_writes_the_schema(tmp_path: Path) -> None:
     done = run("export-schema", "--output", "out.graphql", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out.graphql").read_text(encoding="utf-8") == schema_sdl()
-    printed = run("export-schema", "-o", "-", cwd=tmp_path)
+    printed = run_here("export-schema", "-o", "-", cwd=tmp_path)
     assert printed.stdout == schema_sdl()
 
 
@@ -79,7 +90,7 @@ async def test_rotate_keys_reencrypts_every_secret(tmp_path: Path) -> None:
 
     old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
     url = f"sqlite+aiosqlite:///{tmp_path}/strawgate.db"
-    assert (await asyncio.to_thread(run, "migrate", cwd=tmp_path, DATABASE_URL=url)).returncode == 0
+    await asyncio.to_thread(upgrade_head, url)  # `strawgate migrate`: its own test, above
     engine = create_async_engine(url)
     now = datetime.now(UTC)
     user_id = uuid.uuid4()
@@ -103,7 +114,7 @@ async def test_rotate_keys_reencrypts_every_secret(tmp_path: Path) -> None:
             )
         )
     done = await asyncio.to_thread(
-        run,
+        run_here,
         "rotate-keys",
         cwd=tmp_path,
         DATABASE_URL=url,
@@ -140,7 +151,7 @@ async def test_rotate_keys_reencrypts_queued_mails(tmp_path: Path) -> None:
 
     old, new, lost = (Fernet.generate_key().decode() for _ in range(3))
     url = f"sqlite+aiosqlite:///{tmp_path}/strawgate.db"
-    assert (await asyncio.to_thread(run, "migrate", cwd=tmp_path, DATABASE_URL=url)).returncode == 0
+    await asyncio.to_thread(upgrade_head, url)  # `strawgate migrate`: its own test, above
     engine = create_async_engine(url)
     now = datetime.now(UTC)
     readable, unreadable = uuid.uuid4(), uuid.uuid4()
@@ -169,7 +180,7 @@ async def test_rotate_keys_reencrypts_queued_mails(tmp_path: Path) -> None:
             return str(found.scalar_one())
 
     def rotate() -> subprocess.CompletedProcess[str]:
-        return run(
+        return run_here(
             "rotate-keys",
             cwd=tmp_path,
             DATABASE_URL=url,

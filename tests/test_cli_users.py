@@ -1,6 +1,8 @@
 """`strawgate users show|disable|enable|unlock|logout EMAIL` and `strawgate users passkeys
-remove EMAIL ID`, run as an operator runs it (a process of its own, on the configured
-database) while the app serves the account."""
+remove EMAIL ID`, run as an operator runs it (on the configured database, in a folder
+without a .env) while the app serves the account: in the tests' own process (tests/cli.py:
+a process costs about a second), and as the installed console script where a test runs
+strawgate_process."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from db.models import (
 from db.security.tokens import token_digest
 from db.settings import Settings
 from graph.app import create_app
+from tests.cli import strawgate as in_process
 from tests.conftest import UNLIMITED, MutableClock, client_for, unique_email
 from tests.gql import ME, PASSWORD, gql, login, logout, refresh, signup
 from tests.servers import redis_reachable, server_env, strawgate_script
@@ -43,20 +46,33 @@ WRONG = "not the password at all"
 TIMEOUT = 30.0
 
 
-async def strawgate(
-    cwd: Path, database_url: str | None, *args: str, **env: str
-) -> tuple[int, str, str]:
-    """`strawgate users ARGS` with only DATABASE_URL (and `env`) set, in a folder without
-    a .env: (exit status, stdout, stderr)."""
+def settings_env(database_url: str | None, env: dict[str, str]) -> dict[str, str]:
+    """The command's settings: only DATABASE_URL, ENVIRONMENT (development unless `env`
+    says otherwise) and `env`."""
     overrides = {"ENVIRONMENT": "development", **env}
     if database_url is not None:
         overrides["DATABASE_URL"] = database_url
+    return overrides
+
+
+async def strawgate(
+    cwd: Path, database_url: str | None, *args: str, **env: str
+) -> tuple[int, str, str]:
+    """`strawgate users ARGS` in this process (tests/cli.py) with only DATABASE_URL (and
+    `env`) set, in a folder without a .env: (exit status, stdout, stderr)."""
+    return await in_process("users", *args, cwd=cwd, **settings_env(database_url, env))
+
+
+async def strawgate_process(
+    cwd: Path, database_url: str | None, *args: str, **env: str
+) -> tuple[int, str, str]:
+    """strawgate, as the installed console script: a process of its own."""
     process = await asyncio.create_subprocess_exec(
         strawgate_script(),
         "users",
         *args,
         cwd=cwd,
-        env=server_env(**overrides),
+        env=server_env(**settings_env(database_url, env)),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -280,7 +296,9 @@ async def test_logout_ends_every_session_of_the_account(
     user_id = sessions[0]["user"]["id"]
     epoch = await device_epoch(database_url, user_id)
 
-    out = await ok(tmp_path, database_url, "logout", email)
+    # The installed console script, as an operator runs it.
+    code, out, err = await strawgate_process(tmp_path, database_url, "logout", email)
+    assert code == 0, (code, out, err)
     assert f"logged {email} out everywhere: ended 2 session(s)" in out
     for session in sessions:
         await assert_ended(client, session)
@@ -414,10 +432,8 @@ async def test_unknown_or_invalid_email(
     await signup(client, unique_email(), PASSWORD)
     unknown = unique_email()
     actions = ("show", "disable")  # the other actions find the account as disable does
-    answers = await asyncio.gather(
-        *(strawgate(tmp_path, database_url, action, unknown) for action in actions),
-        strawgate(tmp_path, database_url, "disable", "not an email"),
-    )
+    answers = [await strawgate(tmp_path, database_url, action, unknown) for action in actions]
+    answers.append(await strawgate(tmp_path, database_url, "disable", "not an email"))
     for action, (code, out, err) in zip(actions, answers, strict=False):
         assert (code, out) == (1, ""), (action, code, out, err)
         assert f"strawgate: no account with the email {unknown}" in err
@@ -474,7 +490,7 @@ async def test_production_defaults_and_sqlite(tmp_path: Path) -> None:
 
 
 async def test_a_bad_setting_is_named_not_a_traceback(tmp_path: Path, database_url: str) -> None:
-    code, out, err = await strawgate(
+    code, out, err = await strawgate_process(
         tmp_path, database_url, "show", "someone@example.com", DB_TIMEOUT="soon"
     )
     assert code == 2, (code, out, err)
@@ -559,10 +575,9 @@ async def test_a_role_that_cannot_be_one_is_refused(
     email = unique_email()
     await signup(client, email, PASSWORD)
     roles = ["", "two words", ".lead", "x" * 65, "emoji\u2603"]
-    # The commands side by side: each is a process of its own, mostly starting up.
-    answers = await asyncio.gather(
-        *(strawgate(tmp_path, database_url, "roles", "add", email, role) for role in roles)
-    )
+    answers = [
+        await strawgate(tmp_path, database_url, "roles", "add", email, role) for role in roles
+    ]
     for role, (code, out, err) in zip(roles, answers, strict=True):
         assert code == 2 and out == "", (role, code, out, err)
         assert "is not a role name" in err, (role, err)

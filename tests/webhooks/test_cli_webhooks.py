@@ -1,5 +1,7 @@
-"""`strawgate webhooks list|replay`, run as an operator runs it (a process of its own, on the
-configured database), over deliveries a real dispatcher made to a real receiver."""
+"""`strawgate webhooks list|replay`, run as an operator runs it (on the configured database,
+in a folder without a .env), over deliveries a real dispatcher made to a real receiver: in
+the tests' own process (tests/cli.py: a process costs about a second), and once as the
+installed console script (`process=True`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 from db.session import Statements
 from db.webhooks.events import webhook_id
 from db.webhooks.outbound import shown
+from tests.cli import strawgate as in_process
 from tests.conftest import MutableClock
 from tests.servers import server_env, strawgate_script
 from tests.webhooks.helpers import (
@@ -30,33 +33,37 @@ GIVE_UP = timedelta(minutes=2)
 
 
 async def strawgate(
-    cwd: Path, database_url: str, endpoints: Sequence[str], *args: str
+    cwd: Path, database_url: str, endpoints: Sequence[str], *args: str, process: bool = False
 ) -> tuple[int, str, str]:
     """`strawgate webhooks ARGS` with DATABASE_URL and WEBHOOK_ENDPOINTS set, in a folder
-    without a .env: (exit status, stdout, stderr)."""
+    without a .env: (exit status, stdout, stderr). In this process unless `process`: then
+    the installed console script runs it."""
     configured = json.dumps([{"url": url, "secrets": [SECRET]} for url in endpoints])
-    process = await asyncio.create_subprocess_exec(
+    settings = {
+        "ENVIRONMENT": "development",
+        "DATABASE_URL": database_url,
+        "WEBHOOK_ENDPOINTS": configured,
+        "WEBHOOK_ALLOW_PRIVATE": "true",
+    }
+    if not process:
+        return await in_process("webhooks", *args, cwd=cwd, **settings)
+    child = await asyncio.create_subprocess_exec(
         strawgate_script(),
         "webhooks",
         *args,
         cwd=cwd,
-        env=server_env(
-            ENVIRONMENT="development",
-            DATABASE_URL=database_url,
-            WEBHOOK_ENDPOINTS=configured,
-            WEBHOOK_ALLOW_PRIVATE="true",
-        ),
+        env=server_env(**settings),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+        out, err = await asyncio.wait_for(child.communicate(), TIMEOUT)
     except TimeoutError:
-        process.kill()
-        await process.wait()
+        child.kill()
+        await child.wait()
         raise
-    return int(process.returncode or 0), out.decode(), err.decode()
+    return int(child.returncode or 0), out.decode(), err.decode()
 
 
 async def test_a_dead_letter_is_listed_and_delivered_once_replayed(
@@ -89,7 +96,8 @@ async def test_a_dead_letter_is_listed_and_delivered_once_replayed(
         elsewhere = "https://elsewhere.example.com/hook/not-for-eyes-elsewhere"
         await emit(statements, emitter(statements, [endpoint(elsewhere)], clock))
 
-        code, out, err = await strawgate(tmp_path, database_url, urls, "list")
+        # The installed console script, as an operator runs it.
+        code, out, err = await strawgate(tmp_path, database_url, urls, "list", process=True)
         assert code == 0, (out, err)
         lines = out.splitlines()
         assert lines[0].split() == ["endpoint", "pending", "delivered", "dead", "oldest", "pending"]
