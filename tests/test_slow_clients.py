@@ -46,6 +46,17 @@ async def bounded_server(tmp_path: Path, database_url: str) -> AsyncIterator[Ser
         yield srv
 
 
+@pytest.fixture(scope="module")
+async def server(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str
+) -> AsyncIterator[Server]:
+    """One bounded_server for the tests of this file that need nothing of their own from
+    it (each closes the connections it opened): a server start saved per test."""
+    folder = tmp_path_factory.mktemp("bounded")
+    async with bounded_server(folder, database_url) as bounded:
+        yield bounded
+
+
 async def until_closed(reader: asyncio.StreamReader, limit: float) -> tuple[bytes, float]:
     """What the server sends until it closes the connection, and how long that took;
     fails if it is still open after `limit` seconds."""
@@ -122,87 +133,85 @@ async def trickling(port: int, data: bytes, every: float) -> tuple[bytes, float]
 
 
 async def test_stalled_and_trickling_connections_are_closed_while_healthz_answers(
-    tmp_path: Path, database_url: str
+    server: Server,
 ) -> None:
-    async with bounded_server(tmp_path, database_url) as server:
-        done = asyncio.Event()
-        health = asyncio.create_task(healthz_while(server, done))
-        try:
-            results = await asyncio.gather(
-                *(stalled(server.port, HALF_HEADERS) for _ in range(50)),
-                *(stalled(server.port, HALF_BODY) for _ in range(50)),
-                *(stalled(server.port, b"") for _ in range(10)),
-                *(trickling(server.port, HALF_BODY * 4, 0.1) for _ in range(10)),
-            )
-        finally:
-            done.set()
-            took = await health
-        half_headers, half_body = results[:50], results[50:100]
-        silent, trickled = results[100:110], results[110:]
-        for received, elapsed in half_headers:
-            assert received.startswith(b"HTTP/1.1 408 "), received
-            assert b"connection: close" in received.lower(), received
-            assert TIMEOUT * 0.8 <= elapsed, elapsed
-        for received, elapsed in half_body:
-            head, _, payload = received.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 408 "), received
-            assert b"connection: close" in head.lower(), received
-            assert b"x-request-id" in head.lower(), received  # the app's answer
-            assert b"errors" in payload, received
-            assert TIMEOUT * 0.8 <= elapsed, elapsed
-        for received, elapsed in silent:
-            assert received == b"", received  # nothing was asked: closed without an answer
-            assert TIMEOUT * 0.8 <= elapsed, elapsed
-        for received, elapsed in trickled:
-            # A byte every 0.1 s keeps the connection busy, not alive: cut at the bound.
-            assert received == b"" or received.startswith(b"HTTP/1.1 408 "), received
-            assert TIMEOUT * 0.8 <= elapsed, elapsed
-        assert took, "no /healthz request finished"
-        assert max(took) < 2.0, took
-        assert "Traceback" not in server.log(), server.log()
+    done = asyncio.Event()
+    health = asyncio.create_task(healthz_while(server, done))
+    try:
+        results = await asyncio.gather(
+            *(stalled(server.port, HALF_HEADERS) for _ in range(50)),
+            *(stalled(server.port, HALF_BODY) for _ in range(50)),
+            *(stalled(server.port, b"") for _ in range(10)),
+            *(trickling(server.port, HALF_BODY * 4, 0.1) for _ in range(10)),
+        )
+    finally:
+        done.set()
+        took = await health
+    half_headers, half_body = results[:50], results[50:100]
+    silent, trickled = results[100:110], results[110:]
+    for received, elapsed in half_headers:
+        assert received.startswith(b"HTTP/1.1 408 "), received
+        assert b"connection: close" in received.lower(), received
+        assert TIMEOUT * 0.8 <= elapsed, elapsed
+    for received, elapsed in half_body:
+        head, _, payload = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), received
+        assert b"connection: close" in head.lower(), received
+        assert b"x-request-id" in head.lower(), received  # the app's answer
+        assert b"errors" in payload, received
+        assert TIMEOUT * 0.8 <= elapsed, elapsed
+    for received, elapsed in silent:
+        assert received == b"", received  # nothing was asked: closed without an answer
+        assert TIMEOUT * 0.8 <= elapsed, elapsed
+    for received, elapsed in trickled:
+        # A byte every 0.1 s keeps the connection busy, not alive: cut at the bound.
+        assert received == b"" or received.startswith(b"HTTP/1.1 408 "), received
+        assert TIMEOUT * 0.8 <= elapsed, elapsed
+    assert took, "no /healthz request finished"
+    assert max(took) < 2.0, took
+    assert "Traceback" not in server.log(), server.log()
 
 
 async def test_keep_alive_and_steady_clients_are_served_then_idle_is_closed(
-    tmp_path: Path, database_url: str
+    server: Server,
 ) -> None:
     """On one connection: a request; a pause, then a request whose headers arrive in
     pieces (pause and pieces together within the bound, which counts from the end of the
     previous response); one whose body arrives in pieces within the bound; then silence,
     and the connection is closed (nothing was asked, so no answer)."""
-    async with bounded_server(tmp_path, database_url) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        try:
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            head, _ = await read_response(reader)
-            assert head.startswith(b"HTTP/1.1 200 "), head
-            await asyncio.sleep(TIMEOUT * 0.3)
-            for piece in (b"GET /hea", b"lthz HTTP/1.1\r\n", b"Host: 127.", b"0.0.1\r\n\r\n"):
-                writer.write(piece)
-                await writer.drain()
-                await asyncio.sleep(TIMEOUT * 0.1)
-            head, _ = await read_response(reader)
-            assert head.startswith(b"HTTP/1.1 200 "), head
-            writer.write(
-                b"POST /graphql HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
-                b"\r\nContent-Length: %d\r\n\r\n" % len(QUERY)
-            )
-            for start in range(0, len(QUERY), 9):
-                await asyncio.sleep(TIMEOUT * 0.15)
-                writer.write(QUERY[start : start + 9])
-                await writer.drain()
-            head, body = await read_response(reader)
-            assert head.startswith(b"HTTP/1.1 200 "), head + body
-            assert b'"__typename":"Query"' in body.replace(b" ", b""), body
-            received, elapsed = await until_closed(reader, CLOSE_BOUND)
-            assert received == b"", received
-            # uvicorn's own keep-alive limit is 5 s: this is HTTP_HEADER_TIMEOUT.
-            assert TIMEOUT * 0.8 <= elapsed < 4.0, elapsed
-        finally:
-            writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head, _ = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        await asyncio.sleep(TIMEOUT * 0.3)
+        for piece in (b"GET /hea", b"lthz HTTP/1.1\r\n", b"Host: 127.", b"0.0.1\r\n\r\n"):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(TIMEOUT * 0.1)
+        head, _ = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        writer.write(
+            b"POST /graphql HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n" % len(QUERY)
+        )
+        for start in range(0, len(QUERY), 9):
+            await asyncio.sleep(TIMEOUT * 0.15)
+            writer.write(QUERY[start : start + 9])
+            await writer.drain()
+        head, body = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200 "), head + body
+        assert b'"__typename":"Query"' in body.replace(b" ", b""), body
+        received, elapsed = await until_closed(reader, CLOSE_BOUND)
+        assert received == b"", received
+        # uvicorn's own keep-alive limit is 5 s: this is HTTP_HEADER_TIMEOUT.
+        assert TIMEOUT * 0.8 <= elapsed < 4.0, elapsed
+    finally:
+        writer.close()
 
 
 async def test_headers_past_the_size_bound_get_431_and_the_connection_is_closed(
-    tmp_path: Path, database_url: str
+    server: Server,
 ) -> None:
     """HTTP_MAX_HEADER_BYTES at its default, 32 KiB: a request with 1 MiB of headers gets
     a 431 and the connection is closed right away; one just within is served."""
@@ -211,19 +220,18 @@ async def test_headers_past_the_size_bound_get_431_and_the_connection_is_closed(
         start = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Fill: "
         return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
 
-    async with bounded_server(tmp_path, database_url) as server:
-        received, elapsed = await stalled(server.port, healthz(1024 * 1024))
-        assert received.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), received
-        assert b"\r\nconnection: close\r\n" in received, received
-        assert elapsed < 1.0, elapsed
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        try:
-            writer.write(healthz(32 * 1024))
-            head, _ = await read_response(reader)
-            assert head.startswith(b"HTTP/1.1 200 "), head
-        finally:
-            writer.close()
-        assert "Traceback" not in server.log(), server.log()
+    received, elapsed = await stalled(server.port, healthz(1024 * 1024))
+    assert received.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), received
+    assert b"\r\nconnection: close\r\n" in received, received
+    assert elapsed < 1.0, elapsed
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(healthz(32 * 1024))
+        head, _ = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+    finally:
+        writer.close()
+    assert "Traceback" not in server.log(), server.log()
 
 
 async def test_bare_uvicorn_bounds_the_body_but_not_the_headers(
