@@ -2,7 +2,9 @@
 postgres:// URL, a second migrate, guessable keys and a local PRODUCT_URL in production,
 a REDIS_URL that does not parse, and the keys `strawgate keys generate` makes. Each is
 run as a user runs it (a process of its own) and read from its output: one line, exit
-status 2, never a traceback or a password."""
+status 2, never a traceback or a password. `strawgate keys generate`, which reads no
+setting and logs nothing, runs as a process in one test (five at once) and in the tests'
+own process in the others (tests/cli.py: a process costs about a second)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import socket
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from sqlalchemy.engine import make_url
 
 from db.migrate import head_revision, upgrade_head
 from db.settings import Settings
+from tests.cli import run_strawgate
 from tests.conftest import PRODUCTION_MAIL, TEST_FERNET_KEY
 from tests.gql import LOGIN, post
 from tests.pg import admin_execute, free_port, scratch_database, sqlalchemy_url
@@ -45,6 +49,13 @@ def strawgate(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[
         timeout=60,
         check=False,
     )
+
+
+def in_process(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """strawgate, in this process (tests/cli.py): the same environment, output and exit
+    status."""
+    code, out, err = run_strawgate(*args, cwd=cwd, **env)
+    return subprocess.CompletedProcess([strawgate_script(), *args], code, out, err)
 
 
 def refused_port_url() -> tuple[str, str, str]:
@@ -235,9 +246,14 @@ def test_rotate_keys_needs_only_the_database_and_the_encryption_keys(tmp_path: P
 def test_keys_generate_makes_a_secret_key_production_takes(tmp_path: Path) -> None:
     from db.settings import secret_key_weakness
 
+    def secret_key(_: int) -> subprocess.CompletedProcess[str]:
+        return strawgate("keys", "generate", "--secret-key", cwd=tmp_path)
+
     keys = set()
-    for _ in range(5):
-        done = strawgate("keys", "generate", "--secret-key", cwd=tmp_path)
+    # Five processes side by side: each starts afresh, and no two keys may be alike.
+    with ThreadPoolExecutor(5) as pool:
+        runs = list(pool.map(secret_key, range(5)))
+    for done in runs:
         assert (done.returncode, done.stderr) == (0, ""), done
         key = done.stdout.removesuffix("\n")
         assert len(key) == 64 and "\n" not in key
@@ -247,7 +263,7 @@ def test_keys_generate_makes_a_secret_key_production_takes(tmp_path: Path) -> No
 
 
 def test_keys_generate_makes_an_encryption_key(tmp_path: Path) -> None:
-    done = strawgate("keys", "generate", "--encryption-key", cwd=tmp_path)
+    done = in_process("keys", "generate", "--encryption-key", cwd=tmp_path)
     assert (done.returncode, done.stderr) == (0, ""), done
     key = done.stdout.removesuffix("\n")
     assert Fernet(key.encode()).decrypt(Fernet(key.encode()).encrypt(b"x")) == b"x"
@@ -264,7 +280,7 @@ def bare_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_keys_generate_env_is_a_dotenv_production_starts_with(
     tmp_path: Path, bare_environment: None, alg: str | None
 ) -> None:
-    done = strawgate("keys", "generate", "--env", *(["--alg", alg] if alg else []), cwd=tmp_path)
+    done = in_process("keys", "generate", "--env", *(["--alg", alg] if alg else []), cwd=tmp_path)
     assert (done.returncode, done.stderr) == (0, ""), done
     names = [line.split("=", 1)[0] for line in done.stdout.splitlines() if "=" in line]
     expected = ["SECRET_KEY", "ENCRYPTION_KEYS"] + (["ALGORITHM", "JWT_KEYS"] if alg else [])
@@ -281,11 +297,11 @@ def test_keys_generate_env_is_a_dotenv_production_starts_with(
 
 
 def test_keys_generate_still_prints_a_jwk_by_default(tmp_path: Path) -> None:
-    done = strawgate("keys", "generate", cwd=tmp_path)
+    done = in_process("keys", "generate", cwd=tmp_path)
     assert done.returncode == 0, done
     jwk = json.loads(done.stdout)
     assert (jwk["alg"], jwk["kty"]) == ("ES256", "EC") and "d" in jwk
-    mixed = strawgate("keys", "generate", "--secret-key", "--alg", "ES256", cwd=tmp_path)
+    mixed = in_process("keys", "generate", "--secret-key", "--alg", "ES256", cwd=tmp_path)
     assert (mixed.returncode, mixed.stdout) == (2, "")
     assert mixed.stderr == (
         "strawgate: --alg makes a JWK: give it alone or with --env, not with --secret-key\n"

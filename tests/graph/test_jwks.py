@@ -6,7 +6,6 @@ signs), and keys rotated without signing anybody out."""
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,9 +21,9 @@ from starlette.applications import Starlette
 from db.security.jwks import generate
 from db.settings import ConfigError, Settings
 from graph.app import create_app
+from tests.cli import run_strawgate
 from tests.conftest import PASSWORD, PRODUCTION_MAIL, MutableClock, client_for, unique_email
 from tests.gql import ME, gql, signup
-from tests.servers import strawgate_script
 
 
 def key_set(*keys: dict[str, Any]) -> str:
@@ -162,13 +161,10 @@ async def test_symmetric_tokens_publish_no_keys(client: httpx.AsyncClient) -> No
     assert answer.headers["cache-control"] == "no-store"  # a 404 is not kept
 
 
-def test_the_cli_generates_a_private_key_to_add() -> None:
-    done = subprocess.run(
-        [strawgate_script(), "keys", "generate", "--alg", "RS256"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    key = json.loads(done.stdout)
+def test_the_cli_generates_a_private_key_to_add(tmp_path: Path) -> None:
+    # In this process (tests/cli.py); test_config_errors runs `strawgate keys generate`
+    # as the installed console script.
+    code, out, err = run_strawgate("keys", "generate", "--alg", "RS256", cwd=tmp_path)
+    assert code == 0, err
+    key = json.loads(out)
     assert key["kty"] == "RSA" and key["alg"] == "RS256" and key["kid"] and "d" in key
