@@ -646,7 +646,11 @@ async def test_a_sign_in_racing_the_deletion_of_its_account_makes_a_new_one(
             async with engine.connect() as watcher:
                 for _ in range(500):  # until the sign-in waits for the lock (bounded)
                     waiting = await watcher.scalar(
-                        text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                        # In this database: other workers' tests have their own.
+                        text(
+                            "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+                            " WHERE NOT granted AND datname = current_database()"
+                        )
                     )
                     if waiting:
                         break

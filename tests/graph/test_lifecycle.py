@@ -550,6 +550,14 @@ async def test_a_password_change_racing_a_deletion_wins(
     assert await user_count(statements, id=uuid.UUID(owner["user"]["id"])) == 1
 
 
+# Lock requests waiting in this test's database (the other workers' tests have databases
+# of their own on the same server: their waits are not this test's).
+WAITING_HERE = (
+    "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+    " WHERE NOT granted AND datname = current_database()"
+)
+
+
 async def test_a_refresh_racing_the_completion_waits_for_it(
     mail_client: httpx.AsyncClient,
     mail_app: Starlette,
@@ -577,16 +585,18 @@ async def test_a_refresh_racing_the_completion_waits_for_it(
     rotation = asyncio.create_task(refresh(mail_client, session["refreshToken"]))
     await asyncio.wait_for(rotating.wait(), 5)
     completion = asyncio.create_task(verify_otp(mail_client, challenge["challengeToken"], code))
-    async with asyncio.timeout(10):  # until PostgreSQL shows the completion waiting
-        while True:
-            async with statements.connection() as conn:
-                waiting = await conn.scalars(
-                    text("SELECT count(*) FROM pg_locks WHERE NOT granted"), {}
-                )
-            if waiting[0]:
-                break
-            await asyncio.sleep(0.01)
-    release.set()
+    try:
+        async with asyncio.timeout(10):  # until PostgreSQL shows the completion waiting
+            while True:
+                async with statements.connection() as conn:
+                    waiting = await conn.scalars(text(WAITING_HERE), {})
+                if waiting[0]:
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        # Also when that wait fails: a rotation held for ever keeps its transaction open,
+        # and the app's teardown would wait for its connection for ever (a hung suite).
+        release.set()
     rotated, moved = await asyncio.gather(rotation, completion)
     assert rotated["__typename"] == "AuthSession", rotated
     assert moved["__typename"] == "AuthSession", moved
