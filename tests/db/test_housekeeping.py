@@ -4,6 +4,8 @@ it."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -29,6 +31,17 @@ async def count(database_url: str, sql: str) -> int:
     return int(found)
 
 
+async def all_mail_sent(database_url: str, within: float = 10.0) -> None:
+    """Until the outbox has recorded every mail as sent: the mail server has a mail a moment
+    before its sender records it, at the clock's time then (a test that moves the clock on
+    first would date the sending days later)."""
+    deadline = time.monotonic() + within
+    while await count(database_url, "SELECT count(*) FROM outbox WHERE sent_at IS NULL"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"mail still unsent after {within} s")
+        await asyncio.sleep(0.02)
+
+
 async def test_expired_challenges_and_old_mail_go(
     mail_app: Starlette,
     mail_client: httpx.AsyncClient,
@@ -40,6 +53,7 @@ async def test_expired_challenges_and_old_mail_go(
     await signup(mail_client, email, PASSWORD)
     await mutate(mail_client, REQUEST_LOGIN_CODE, {"i": {"email": "nobody@example.com"}})
     await smtp.wait_for(email)
+    await all_mail_sent(database_url)
     housekeeper: Housekeeper = mail_app.state.housekeeper
     # Its own pass as the app starts holds the one-process lock while it lasts (long, on a
     # loaded machine): stopped, so that the passes below are the test's (run_once answers
@@ -148,6 +162,7 @@ async def test_each_kind_goes_after_its_own_configured_retention(
             abandoned = unique_email()
             await signup(http, abandoned, PASSWORD)  # never verified
             await smtp.wait_for(abandoned)
+            await all_mail_sent(database_url)
         housekeeper: Housekeeper = app.state.housekeeper
         await housekeeper.stop()  # as above
         ten_minutes = timedelta(minutes=10, seconds=1)  # the codes' lifetime, and a second
