@@ -97,6 +97,13 @@ def database_url(pg_admin_url: str) -> Iterator[str]:
         yield url
 
 
+# Lock requests waiting in this test's database: the other workers' tests have databases
+# of their own on the same server, and their waits are not this test's.
+LOCKS_WAITING_HERE = (
+    "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+    " WHERE NOT granted AND datname = current_database()"
+)
+
 # The tables each test starts without rows: these, and every table that refers to one of
 # them, directly or not (what TRUNCATE ... CASCADE of these would empty).
 CLEANED_TABLES = (

@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 
 from db.models import Identity, User
 from db.settings import Settings
-from tests.conftest import MutableClock, unique_email
+from tests.conftest import LOCKS_WAITING_HERE, MutableClock, unique_email
 from tests.gql import (
     LOGIN,
     PASSWORD,
@@ -645,13 +645,7 @@ async def test_a_sign_in_racing_the_deletion_of_its_account_makes_a_new_one(
             racing = asyncio.create_task(id_token_sign_in(client, token))
             async with engine.connect() as watcher:
                 for _ in range(500):  # until the sign-in waits for the lock (bounded)
-                    waiting = await watcher.scalar(
-                        # In this database: other workers' tests have their own.
-                        text(
-                            "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
-                            " WHERE NOT granted AND datname = current_database()"
-                        )
-                    )
+                    waiting = await watcher.scalar(text(LOCKS_WAITING_HERE))
                     if waiting:
                         break
                     await asyncio.sleep(0.01)

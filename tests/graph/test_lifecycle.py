@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 
 from db.models import Challenge, OutboxMail, SecurityEvent, User, UserSession
 from db.session import Statements
-from tests.conftest import MutableClock
+from tests.conftest import LOCKS_WAITING_HERE, MutableClock
 from tests.gql import (
     CHALLENGE_FIELDS,
     CHANGE_PASSWORD,
@@ -550,14 +550,6 @@ async def test_a_password_change_racing_a_deletion_wins(
     assert await user_count(statements, id=uuid.UUID(owner["user"]["id"])) == 1
 
 
-# Lock requests waiting in this test's database (the other workers' tests have databases
-# of their own on the same server: their waits are not this test's).
-WAITING_HERE = (
-    "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
-    " WHERE NOT granted AND datname = current_database()"
-)
-
-
 async def test_a_refresh_racing_the_completion_waits_for_it(
     mail_client: httpx.AsyncClient,
     mail_app: Starlette,
@@ -589,7 +581,7 @@ async def test_a_refresh_racing_the_completion_waits_for_it(
         async with asyncio.timeout(10):  # until PostgreSQL shows the completion waiting
             while True:
                 async with statements.connection() as conn:
-                    waiting = await conn.scalars(text(WAITING_HERE), {})
+                    waiting = await conn.scalars(text(LOCKS_WAITING_HERE), {})
                 if waiting[0]:
                     break
                 await asyncio.sleep(0.01)
