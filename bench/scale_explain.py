@@ -108,13 +108,14 @@ PROBES: tuple[Probe, ...] = (
     Probe("login", "sessions._SHARE_USER", sessions._SHARE_USER, lambda s: {"uid": s["user_id"]}),
     Probe(
         "login",
-        "sessions._DEVICE_HISTORY",
-        sessions._DEVICE_HISTORY,
+        "sessions._SESSION_CONTEXT",
+        sessions._SESSION_CONTEXT,
         lambda s: {
             "uid": s["user_id"],
             "network": s["network"],
             "device": s["device"],
             "since": _now(s) - timedelta(days=90),
+            "now": _now(s),
         },
     ),
     Probe(

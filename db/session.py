@@ -339,6 +339,19 @@ class Statements:
                 yield _SqlalchemyRunner(conn)
 
     @contextlib.asynccontextmanager
+    async def standalone(self) -> AsyncIterator[Runner]:
+        """For one write that needs no transaction around it: on PostgreSQL a statement
+        outside a transaction commits by itself (atomic, and no BEGIN and COMMIT round
+        trips); on SQLite a write transaction, as `transaction()`. Each statement run
+        here commits on its own: never for two that must go together."""
+        if self._native:
+            async with self._require_pool().acquire(timeout=self._timeout) as driver:
+                yield _NativeRunner(self, driver)
+        else:
+            async with self.engine.begin() as conn:
+                yield _SqlalchemyRunner(conn)
+
+    @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Runner]:
         """Committed when the block ends, rolled back when it raises."""
         if self._native:

@@ -445,7 +445,7 @@ class Challenges:
         allow; INVALID_TOKEN otherwise (nothing taken)."""
         if not token or not looks_like_opaque_token(token):
             raise invalid_challenge()
-        async with self.statements.transaction() as tx:
+        async with self.statements.standalone() as tx:
             challenge = await tx.first(
                 statement, {"digest": token_digest(token), "now": self.clock.now()}
             )

@@ -216,6 +216,8 @@ _TOUCH_SESSION = (
 
 # A rotation: the presented generation spent, its successor added, the session used.
 _ROTATE = Writes(_MARK_ROTATED, _ADD_GENERATION, _TOUCH_SESSION)
+# A new session and its first refresh token.
+_OPEN_SESSION = Writes(_ADD_SESSION, _ADD_GENERATION)
 
 # The user's other live sessions past the newest `keep`: what a new session ends when
 # the user is over MAX_SESSIONS_PER_USER (never the new one, whatever the clock says).
@@ -263,8 +265,10 @@ _REVOKE_USER_SESSIONS = (
 )
 
 
-# Whether the user signed in before at all, and from this device family and network lately.
-_DEVICE_HISTORY = select(
+# What a new session needs to know, in one read before it is added: whether the user
+# signed in before at all, and from this device family and network lately; and how many
+# live sessions the user has (past MAX_SESSIONS_PER_USER, _SESSIONS_OVER_CAP names them).
+_SESSION_CONTEXT = select(
     exists().where(UserSession.user_id == bindparam("uid")).label("signed_in_before"),
     exists()
     .where(
@@ -274,6 +278,15 @@ _DEVICE_HISTORY = select(
         UserSession.last_used_at >= bindparam("since"),
     )
     .label("known"),
+    select(func.count())
+    .select_from(UserSession)
+    .where(
+        UserSession.user_id == bindparam("uid"),
+        UserSession.revoked_at.is_(None),
+        UserSession.expires_at > bindparam("now"),
+    )
+    .scalar_subquery()
+    .label("live"),
 )
 
 _REVOKE_OTHER_SESSIONS = (
@@ -395,18 +408,20 @@ class Sessions:
         refresh = new_opaque_token()
         device = device_family(client.user_agent)
         network = network_of(client.ip)
-        history = await tx.first(
-            _DEVICE_HISTORY,
+        context = await tx.first(
+            _SESSION_CONTEXT,
             {
                 "uid": user.id,
                 "device": device,
                 "network": network,
                 "since": now - KNOWN_DEVICE_WINDOW,
+                "now": now,
             },
         )
+        assert context is not None  # noqa: S101 - a SELECT without FROM has its one row
         absolute_end = now + self.refresh_lifetime
-        await tx.execute(
-            _ADD_SESSION,
+        await tx.execute_together(
+            _OPEN_SESSION,
             {
                 "session_id": session_id,
                 "user_id": user.id,
@@ -418,10 +433,13 @@ class Sessions:
                 "amr": " ".join(amr),
                 "device": device,
                 "network": network,
+                "generation": 0,
+                "token_hash": token_digest(refresh),
             },
         )
-        await self.add_generation(tx, session_id, 0, refresh, now)
-        await self._end_sessions_over_cap(tx, user.id, session_id, client)
+        if context["live"] + 1 > self.max_sessions:
+            # The new session is one more than the cap allows: the oldest others end.
+            await self._end_sessions_over_cap(tx, user.id, session_id, client)
         await self.events.record(
             tx,
             EventKind.LOGIN_SUCCEEDED,
@@ -430,7 +448,7 @@ class Sessions:
             client=client,
             details={"amr": " ".join(amr)},
         )
-        if history is not None and history["signed_in_before"] and not history["known"]:
+        if context["signed_in_before"] and not context["known"]:
             # Not the account's first session, and not a device and network seen lately.
             await self.notices.send(
                 tx, user_id=user.id, email=user.email, template="new_device", client=client
@@ -459,9 +477,10 @@ class Sessions:
     async def _end_sessions_over_cap(
         self, tx: Runner, user_id: uuid.UUID, new_id: uuid.UUID, client: ClientInfo
     ) -> None:
-        """Past MAX_SESSIONS_PER_USER live sessions, the oldest end (the new one counts).
-        Sign-ins of one user in parallel each see the others' sessions only once
-        committed, so the cap can be passed by as many as race; the next one trims."""
+        """Past MAX_SESSIONS_PER_USER live sessions, the oldest end (the new one counts);
+        called where the count read before the new one was added says so. Sign-ins of one
+        user in parallel each see the others' sessions only once committed, so the cap
+        can be passed by as many as race; the next one trims."""
         now = self.clock.now()
         over = await tx.scalars(
             _SESSIONS_OVER_CAP,

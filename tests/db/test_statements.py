@@ -8,13 +8,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Integer, Select, bindparam, literal_column, select
+from sqlalchemy import Integer, Select, bindparam, insert, literal_column, select
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from db.errors import UniqueViolation
 from db.migrate import upgrade_head
 from db.models import RefreshToken, User, UserSession
-from db.services.sessions import _MARK_ROTATED, _ROTATE
+from db.services.sessions import _MARK_ROTATED, _OPEN_SESSION, _ROTATE
 from db.session import Statements, Writes, create_engine
 from db.settings import Settings
 
@@ -25,6 +26,13 @@ _SESSION_ROW = (
     .join(RefreshToken, RefreshToken.session_id == UserSession.id)
     .where(UserSession.id == bindparam("sid"), UserSession.expires_at > bindparam("now"))
     .limit(1)
+)
+
+_FIRST_TOKEN = insert(RefreshToken).values(
+    session_id=bindparam("sid"),
+    generation=0,
+    token_hash=bindparam("digest"),
+    created_at=bindparam("now"),
 )
 
 
@@ -77,6 +85,17 @@ async def _user_with_a_session(
             await conn.execute(table.__table__.insert().values(**values))  # type: ignore[attr-defined]
 
 
+async def _first_token(engine: AsyncEngine, session_id: uuid.UUID, at: datetime) -> int:
+    """The session's first refresh token (digest 01...01), through SQLAlchemy; its id."""
+    async with engine.begin() as conn:
+        added = await conn.execute(
+            insert(RefreshToken)
+            .values(session_id=session_id, generation=0, token_hash=b"\x01" * 32, created_at=at)
+            .returning(RefreshToken.id)
+        )
+        return int(added.scalar_one())
+
+
 async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> None:
     engine = create_engine(settings_for)
     statements = Statements(engine)
@@ -87,12 +106,7 @@ async def test_rows_are_the_same_on_both_databases(settings_for: Settings) -> No
         await _user_with_a_session(engine, user_id, session_id, now)
         async with statements.transaction() as tx:
             await tx.execute(
-                RefreshToken.__table__.insert().values(  # type: ignore[attr-defined]
-                    session_id=bindparam("sid"),
-                    generation=0,
-                    token_hash=bindparam("digest"),
-                    created_at=bindparam("now"),
-                ),
+                _FIRST_TOKEN,
                 {"sid": session_id, "digest": b"\x01" * 32, "now": now},
             )
         async with statements.connection() as conn:
@@ -129,19 +143,7 @@ async def test_writes_together_make_every_change_and_only_those(settings_for: Se
     user_id, session_id = uuid.uuid4(), uuid.uuid4()
     try:
         await _user_with_a_session(engine, user_id, session_id, then)
-        async with engine.begin() as conn:
-            spent = (
-                await conn.execute(
-                    RefreshToken.__table__.insert()  # type: ignore[attr-defined]
-                    .values(
-                        session_id=session_id,
-                        generation=0,
-                        token_hash=b"\x01" * 32,
-                        created_at=then,
-                    )
-                    .returning(RefreshToken.id)
-                )
-            ).scalar_one()
+        spent = await _first_token(engine, session_id, then)
         async with statements.transaction() as tx:
             await tx.execute_together(
                 _ROTATE,
@@ -165,6 +167,83 @@ async def test_writes_together_make_every_change_and_only_those(settings_for: Se
         (1, b"\x02" * 32, None),
     ]
     assert used == {"last_used_at": now, "expires_at": now + timedelta(days=2)}
+
+
+async def test_a_session_and_its_first_token_are_written_together(
+    settings_for: Settings,
+) -> None:
+    """A new session and its refresh token in one statement on PostgreSQL: the token's
+    foreign key to the session is checked once the statement has added both."""
+    engine = create_engine(settings_for)
+    statements = Statements(engine)
+    await statements.start()
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    user_id, session_id = uuid.uuid4(), uuid.uuid4()
+    try:
+        await _user_with_a_session(engine, user_id, uuid.uuid4(), now)
+        async with statements.transaction() as tx:
+            await tx.execute_together(
+                _OPEN_SESSION,
+                {
+                    "session_id": session_id,
+                    "user_id": user_id,
+                    "now": now,
+                    "expires_at": now + timedelta(days=1),
+                    "absolute_expires_at": now + timedelta(days=30),
+                    "user_agent": "pytest",
+                    "ip": "203.0.113.7",
+                    "amr": "hwk",
+                    "device": "other",
+                    "network": "203.0.113.0/24",
+                    "generation": 0,
+                    "token_hash": b"\x03" * 32,
+                },
+            )
+        async with statements.connection() as conn:
+            row = await conn.first(_SESSION_ROW, {"sid": session_id, "now": now})
+    finally:
+        await statements.close()
+        await engine.dispose()
+    assert row is not None
+    assert (row["id"], row["amr"], bytes(row["token_hash"])) == (user_id, "hwk", b"\x03" * 32)
+
+
+async def test_a_standalone_statement_commits_by_itself(settings_for: Settings) -> None:
+    """`standalone()`: a write that stands alone is committed once it has run (PostgreSQL
+    runs it outside a transaction: no BEGIN and COMMIT round trips), and one that fails
+    leaves nothing."""
+    engine = create_engine(settings_for)
+    statements = Statements(engine)
+    await statements.start()
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    user_id, session_id = uuid.uuid4(), uuid.uuid4()
+    spend = _MARK_ROTATED.returning(RefreshToken.id)
+    try:
+        await _user_with_a_session(engine, user_id, session_id, now)
+        token_id = await _first_token(engine, session_id, now)
+        async with statements.standalone() as one:
+            assert await one.first(spend, {"token_id": token_id, "now": now}) == {"id": token_id}
+            # PostgreSQL: seen from another connection before the block ends (SQLite holds
+            # its write transaction to the end of the block, as transaction() does).
+            async with statements.connection() as other:
+                during = await other.all(_TOKENS, {"sid": session_id})
+        async with statements.connection() as other:
+            tokens = await other.all(_TOKENS, {"sid": session_id})
+        assert [t["rotated_at"] for t in tokens] == [now]
+        if not settings_for.is_sqlite:
+            assert during == tokens
+        with pytest.raises(UniqueViolation):
+            async with statements.standalone() as one:
+                await one.execute(
+                    _FIRST_TOKEN,
+                    {"sid": session_id, "digest": b"\x02" * 32, "now": now},
+                )
+        async with statements.connection() as conn:
+            after = await conn.all(_TOKENS, {"sid": session_id})
+    finally:
+        await statements.close()
+        await engine.dispose()
+    assert [bytes(t["token_hash"]) for t in after] == [b"\x01" * 32]
 
 
 def test_writes_are_two_statements_or_more() -> None:

@@ -277,7 +277,7 @@ class IdentitySignIns:
             )
         expires = datetime.fromtimestamp(claims["exp"], tz=now.tzinfo) + CLOCK_SKEW
         try:
-            async with self.statements.transaction() as tx:
+            async with self.statements.standalone() as tx:
                 await tx.execute(
                     _SPEND_ID_TOKEN, {"token_hash": spent_digest(id_token), "expires_at": expires}
                 )
