@@ -4,6 +4,7 @@ the same provider block is not a new device."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -30,9 +31,23 @@ _SYSTEMS = (
 )
 
 
+# Both are asked on every sign-in, mostly about the same few clients: the patterns and
+# ipaddress cost more than a lookup (some 18 and 8 us a call). Memory stays bounded: so
+# many entries each, of user agents no longer than this (a longer one is matched every
+# time) and of addresses no longer than _LONGEST_ADDRESS.
+_KNOWN = 4096
+_CACHED_USER_AGENT = 512
+
+
 def device_family(user_agent: str | None) -> str:
     """ "Firefox on Linux", "Safari on iOS", or "unknown"; never the raw string (it is the
     client's to choose, and mails show this)."""
+    if user_agent is not None and len(user_agent) > _CACHED_USER_AGENT:
+        return _device_family(user_agent)
+    return _known_device_family(user_agent)
+
+
+def _device_family(user_agent: str | None) -> str:
     if not user_agent:
         return UNKNOWN
     browser = next((name for name, pattern in _BROWSERS if pattern.search(user_agent)), None)
@@ -42,9 +57,23 @@ def device_family(user_agent: str | None) -> str:
     return browser or system or "an unrecognised client"
 
 
+_known_device_family = functools.lru_cache(maxsize=_KNOWN)(_device_family)
+
+
 def network_of(ip: str | None) -> str:
     """The client's network: the IPv4 /24 or the IPv6 /48 it belongs to (an IPv4-mapped
     IPv6 address counts as IPv4)."""
+    if ip is not None and len(ip) > _LONGEST_ADDRESS:
+        return UNKNOWN  # no address is this long
+    return _known_network(ip)
+
+
+# An IPv6 address with a zone ("fe80::1%eth0") is about the longest there is.
+_LONGEST_ADDRESS = 64
+
+
+@functools.lru_cache(maxsize=_KNOWN)
+def _known_network(ip: str | None) -> str:
     if not ip:
         return UNKNOWN
     try:

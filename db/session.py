@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     create_async_engine,
 )
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import Executable, Select
 from sqlalchemy.sql.dml import UpdateBase
 
 from db.errors import UniqueViolation
@@ -180,8 +180,11 @@ class Runner(Protocol):
         self, statement: Executable, params: Mapping[str, Any]
     ) -> list[Mapping[str, Any]]: ...
 
-    async def execute_together(self, writes: Writes, params: Mapping[str, Any]) -> None:
-        """Runs `writes` (see Writes) with `params`, in one round trip on PostgreSQL."""
+    async def execute_together(
+        self, writes: Writes, params: Mapping[str, Any]
+    ) -> Mapping[str, Any] | None:
+        """Runs `writes` (see Writes) with `params`, in one round trip on PostgreSQL; the
+        row its `before` read found (None without one)."""
         ...
 
 
@@ -194,20 +197,30 @@ class Writes:
     all see the database as it was before any of them (none sees another's rows), their
     order is not defined, and no two may touch the same row. Like every statement here,
     a module-level constant (the combined form is compiled once).
+
+    `before`: a read that goes with them and sees the database as it was before them (on
+    PostgreSQL the statement itself, the writes its WITH queries; on SQLite it runs
+    first); execute_together answers its first row.
     """
 
-    def __init__(self, *statements: UpdateBase) -> None:
-        if len(statements) < 2:
-            raise ValueError("Writes needs two statements or more")
-        *first, last = statements
+    def __init__(self, *statements: UpdateBase, before: Select[Any] | None = None) -> None:
+        if len(statements) < (1 if before is not None else 2):
+            raise ValueError("Writes needs two statements or more, or one and a read")
         # Each with the names of its own parameters: SQLAlchemy would take another
         # statement's parameter named like a column of this one's table as a value to set.
         self.statements = [
             (statement, frozenset(statement.compile().params)) for statement in statements
         ]
-        self.combined: Executable = last.add_cte(
-            *(statement.cte(f"write_{n}") for n, statement in enumerate(first, 1))
-        )
+        self.before = None if before is None else (before, frozenset(before.compile().params))
+        if before is not None:
+            self.combined: Executable = before.add_cte(
+                *(statement.cte(f"write_{n}") for n, statement in enumerate(statements, 1))
+            )
+        else:
+            *first, last = statements
+            self.combined = last.add_cte(
+                *(statement.cte(f"write_{n}") for n, statement in enumerate(first, 1))
+            )
 
 
 class Statements:
@@ -414,8 +427,13 @@ class _NativeRunner:
         # The command tag: "UPDATE 3", "INSERT 0 1", "DELETE 0".
         return int(status.rsplit(" ", 1)[-1]) if status[-1:].isdigit() else 0
 
-    async def execute_together(self, writes: Writes, params: Mapping[str, Any]) -> None:
+    async def execute_together(
+        self, writes: Writes, params: Mapping[str, Any]
+    ) -> Mapping[str, Any] | None:
+        if writes.before is not None:
+            return await self.first(writes.combined, params)
         await self.execute(writes.combined, params)
+        return None
 
 
 class _SqlalchemyRunner:
@@ -446,9 +464,16 @@ class _SqlalchemyRunner:
             raise
         return int(result.rowcount)
 
-    async def execute_together(self, writes: Writes, params: Mapping[str, Any]) -> None:
+    async def execute_together(
+        self, writes: Writes, params: Mapping[str, Any]
+    ) -> Mapping[str, Any] | None:
+        found = None
+        if writes.before is not None:
+            read, names = writes.before
+            found = await self.first(read, {n: params[n] for n in names if n in params})
         for statement, names in writes.statements:
             await self.execute(statement, {n: params[n] for n in names if n in params})
+        return found
 
 
 def _make_sqlite_transactional(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:

@@ -236,8 +236,10 @@ class _Recording:
     ) -> list[Mapping[str, Any]]:
         return await self.tx.all(statement, params)
 
-    async def execute_together(self, writes: Writes, params: Mapping[str, Any]) -> None:
-        await self.tx.execute_together(writes, params)
+    async def execute_together(
+        self, writes: Writes, params: Mapping[str, Any]
+    ) -> Mapping[str, Any] | None:
+        return await self.tx.execute_together(writes, params)
 
 
 class SecurityEvents:

@@ -216,8 +216,6 @@ _TOUCH_SESSION = (
 
 # A rotation: the presented generation spent, its successor added, the session used.
 _ROTATE = Writes(_MARK_ROTATED, _ADD_GENERATION, _TOUCH_SESSION)
-# A new session and its first refresh token.
-_OPEN_SESSION = Writes(_ADD_SESSION, _ADD_GENERATION)
 
 # The user's other live sessions past the newest `keep`: what a new session ends when
 # the user is over MAX_SESSIONS_PER_USER (never the new one, whatever the clock says).
@@ -288,6 +286,10 @@ _SESSION_CONTEXT = select(
     .scalar_subquery()
     .label("live"),
 )
+
+# A new session and its first refresh token, with what the session needs to know of the
+# others (_SESSION_CONTEXT, read as the database was before the new one).
+_OPEN_SESSION = Writes(_ADD_SESSION, _ADD_GENERATION, before=_SESSION_CONTEXT)
 
 _REVOKE_OTHER_SESSIONS = (
     update(UserSession)
@@ -408,19 +410,8 @@ class Sessions:
         refresh = new_opaque_token()
         device = device_family(client.user_agent)
         network = network_of(client.ip)
-        context = await tx.first(
-            _SESSION_CONTEXT,
-            {
-                "uid": user.id,
-                "device": device,
-                "network": network,
-                "since": now - KNOWN_DEVICE_WINDOW,
-                "now": now,
-            },
-        )
-        assert context is not None  # noqa: S101 - a SELECT without FROM has its one row
         absolute_end = now + self.refresh_lifetime
-        await tx.execute_together(
+        context = await tx.execute_together(
             _OPEN_SESSION,
             {
                 "session_id": session_id,
@@ -435,8 +426,12 @@ class Sessions:
                 "network": network,
                 "generation": 0,
                 "token_hash": token_digest(refresh),
+                # _SESSION_CONTEXT's
+                "uid": user.id,
+                "since": now - KNOWN_DEVICE_WINDOW,
             },
         )
+        assert context is not None  # noqa: S101 - a SELECT without FROM has its one row
         if context["live"] + 1 > self.max_sessions:
             # The new session is one more than the cap allows: the oldest others end.
             await self._end_sessions_over_cap(tx, user.id, session_id, client)

@@ -172,8 +172,10 @@ async def test_writes_together_make_every_change_and_only_those(settings_for: Se
 async def test_a_session_and_its_first_token_are_written_together(
     settings_for: Settings,
 ) -> None:
-    """A new session and its refresh token in one statement on PostgreSQL: the token's
-    foreign key to the session is checked once the statement has added both."""
+    """A new session and its refresh token in one statement on PostgreSQL (the token's
+    foreign key to the session is checked once the statement has added both), with the
+    read that goes with them: it sees the user's sessions as they were before (one live
+    session, the one set up; the new one not yet)."""
     engine = create_engine(settings_for)
     statements = Statements(engine)
     await statements.start()
@@ -182,12 +184,14 @@ async def test_a_session_and_its_first_token_are_written_together(
     try:
         await _user_with_a_session(engine, user_id, uuid.uuid4(), now)
         async with statements.transaction() as tx:
-            await tx.execute_together(
+            context = await tx.execute_together(
                 _OPEN_SESSION,
                 {
                     "session_id": session_id,
                     "user_id": user_id,
+                    "uid": user_id,
                     "now": now,
+                    "since": now - timedelta(days=30),
                     "expires_at": now + timedelta(days=1),
                     "absolute_expires_at": now + timedelta(days=30),
                     "user_agent": "pytest",
@@ -204,6 +208,12 @@ async def test_a_session_and_its_first_token_are_written_together(
     finally:
         await statements.close()
         await engine.dispose()
+    assert context is not None
+    assert (bool(context["signed_in_before"]), bool(context["known"]), context["live"]) == (
+        True,
+        False,
+        1,
+    )
     assert row is not None
     assert (row["id"], row["amr"], bytes(row["token_hash"])) == (user_id, "hwk", b"\x03" * 32)
 
@@ -249,6 +259,7 @@ async def test_a_standalone_statement_commits_by_itself(settings_for: Settings) 
 def test_writes_are_two_statements_or_more() -> None:
     with pytest.raises(ValueError, match="two statements"):
         Writes(_MARK_ROTATED)
+    assert Writes(_MARK_ROTATED, before=_ONE).before is not None
 
 
 async def test_a_missing_parameter_is_an_error(settings_for: Settings) -> None:
