@@ -182,8 +182,8 @@ PROBES: tuple[Probe, ...] = (
     ),
     Probe(
         "verifyOtp",
-        "challenges._CONSUME",
-        challenges._CONSUME,
+        "challenges.CONSUME",
+        challenges.CONSUME,
         lambda s: {"challenge_id": s["challenge_id"], "now": _now(s)},
     ),
     Probe(

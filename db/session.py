@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 import asyncpg
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import (
@@ -201,19 +201,41 @@ class Writes:
     `before`: a read that goes with them and sees the database as it was before them (on
     PostgreSQL the statement itself, the writes its WITH queries; on SQLite it runs
     first); execute_together answers its first row.
+
+    `counted`: execute_together answers how many rows each write touched, as `write_1`,
+    `write_2`, ... in the order given (each must have a RETURNING clause), for writes that
+    must all have found their row: a caller that finds one short rolls back.
     """
 
-    def __init__(self, *statements: UpdateBase, before: Select[Any] | None = None) -> None:
+    def __init__(
+        self,
+        *statements: UpdateBase,
+        before: Select[Any] | None = None,
+        counted: bool = False,
+    ) -> None:
         if len(statements) < (1 if before is not None else 2):
             raise ValueError("Writes needs two statements or more, or one and a read")
+        if counted and before is not None:
+            raise ValueError("Writes answers a read or the writes' counts, not both")
+        if counted and not all(statement._returning for statement in statements):
+            raise ValueError("counted Writes need a RETURNING clause on every statement")
         # Each with the names of its own parameters: SQLAlchemy would take another
         # statement's parameter named like a column of this one's table as a value to set.
         self.statements = [
             (statement, frozenset(statement.compile().params)) for statement in statements
         ]
         self.before = None if before is None else (before, frozenset(before.compile().params))
-        if before is not None:
-            self.combined: Executable = before.add_cte(
+        self.counted = counted
+        if counted:
+            written = [statement.cte(f"write_{n}") for n, statement in enumerate(statements, 1)]
+            self.combined: Executable = select(
+                *(
+                    select(func.count()).select_from(cte).scalar_subquery().label(cte.name)
+                    for cte in written
+                )
+            )
+        elif before is not None:
+            self.combined = before.add_cte(
                 *(statement.cte(f"write_{n}") for n, statement in enumerate(statements, 1))
             )
         else:
@@ -430,7 +452,7 @@ class _NativeRunner:
     async def execute_together(
         self, writes: Writes, params: Mapping[str, Any]
     ) -> Mapping[str, Any] | None:
-        if writes.before is not None:
+        if writes.before is not None or writes.counted:
             return await self.first(writes.combined, params)
         await self.execute(writes.combined, params)
         return None
@@ -467,12 +489,20 @@ class _SqlalchemyRunner:
     async def execute_together(
         self, writes: Writes, params: Mapping[str, Any]
     ) -> Mapping[str, Any] | None:
-        found = None
+        found: dict[str, Any] | None = None
         if writes.before is not None:
             read, names = writes.before
-            found = await self.first(read, {n: params[n] for n in names if n in params})
-        for statement, names in writes.statements:
-            await self.execute(statement, {n: params[n] for n in names if n in params})
+            row = await self.first(read, {n: params[n] for n in names if n in params})
+            found = None if row is None else dict(row)
+        elif writes.counted:
+            found = {}
+        for n, (statement, names) in enumerate(writes.statements, 1):
+            own = {name: params[name] for name in names if name in params}
+            if writes.counted:
+                assert found is not None  # noqa: S101 - set above
+                found[f"write_{n}"] = len(await self.all(statement, own))
+            else:
+                await self.execute(statement, own)
         return found
 
 

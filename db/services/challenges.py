@@ -137,7 +137,8 @@ TAKE_FOR_PASSKEY = _take_attempt(
 )
 TAKE_FOR_RESET = _take_attempt(and_(Challenge.method == EMAIL, Challenge.purpose == RESET_PASSWORD))
 
-_CONSUME = (
+# A challenge used up (see Challenges.consume); RETURNING nothing when it was already.
+CONSUME = (
     update(Challenge)
     .where(Challenge.id == bindparam("challenge_id"), Challenge.consumed_at.is_(None))
     .values(consumed_at=bindparam("now"))
@@ -440,15 +441,20 @@ class Challenges:
 
     # -- completing -------------------------------------------------------------------------
 
-    async def take_attempt(self, statement: Executable, token: str) -> Mapping[str, Any]:
+    async def take_attempt(
+        self, statement: Executable, token: str, *, on: Runner | None = None
+    ) -> Mapping[str, Any]:
         """Takes one attempt of the challenge `token` names, if `statement`'s pairings
-        allow; INVALID_TOKEN otherwise (nothing taken)."""
+        allow; INVALID_TOKEN otherwise (nothing taken). Committed by itself: on a
+        connection of its own, or `on` one from Statements.standalone()."""
         if not token or not looks_like_opaque_token(token):
             raise invalid_challenge()
-        async with self.statements.standalone() as tx:
-            challenge = await tx.first(
-                statement, {"digest": token_digest(token), "now": self.clock.now()}
-            )
+        params = {"digest": token_digest(token), "now": self.clock.now()}
+        if on is not None:
+            challenge = await on.first(statement, params)
+        else:
+            async with self.statements.standalone() as tx:
+                challenge = await tx.first(statement, params)
         if challenge is None:
             raise invalid_challenge()
         return challenge
@@ -463,7 +469,7 @@ class Challenges:
 
     async def consume(self, tx: Runner, challenge_id: uuid.UUID) -> bool:
         """Marks it used; False when a concurrent request used it first."""
-        used = await tx.first(_CONSUME, {"challenge_id": challenge_id, "now": self.clock.now()})
+        used = await tx.first(CONSUME, {"challenge_id": challenge_id, "now": self.clock.now()})
         return used is not None
 
     async def void_all(self, tx: Runner, user_id: uuid.UUID) -> None:

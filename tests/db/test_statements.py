@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from db.errors import UniqueViolation
 from db.migrate import upgrade_head
 from db.models import RefreshToken, User, UserSession
-from db.services.sessions import _MARK_ROTATED, _OPEN_SESSION, _ROTATE
+from db.services.sessions import _MARK_ROTATED, _OPEN_SESSION, _ROTATE, _TOUCH_SESSION
 from db.session import Statements, Writes, create_engine
 from db.settings import Settings
 
@@ -256,10 +256,47 @@ async def test_a_standalone_statement_commits_by_itself(settings_for: Settings) 
     assert [bytes(t["token_hash"]) for t in after] == [b"\x01" * 32]
 
 
+_SPEND_TOKEN = _MARK_ROTATED.returning(RefreshToken.id)
+_USE_SESSION = _TOUCH_SESSION.returning(UserSession.id)
+_SPEND_AND_USE = Writes(_SPEND_TOKEN, _USE_SESSION, counted=True)
+
+
+async def test_counted_writes_tell_which_found_their_row(settings_for: Settings) -> None:
+    """A counted Writes answers each write's count of rows (one statement on
+    PostgreSQL): here the token's spend finds it, the session's touch finds none."""
+    engine = create_engine(settings_for)
+    statements = Statements(engine)
+    await statements.start()
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    user_id, session_id = uuid.uuid4(), uuid.uuid4()
+    try:
+        await _user_with_a_session(engine, user_id, session_id, now)
+        token_id = await _first_token(engine, session_id, now)
+        params = {"token_id": token_id, "now": now, "expires_at": now + timedelta(days=1)}
+        async with statements.transaction() as tx:
+            counts = await tx.execute_together(
+                _SPEND_AND_USE, {**params, "session_id": uuid.uuid4()}
+            )
+        async with statements.transaction() as tx:
+            both = await tx.execute_together(_SPEND_AND_USE, {**params, "session_id": session_id})
+        async with statements.connection() as conn:
+            tokens = await conn.all(_TOKENS, {"sid": session_id})
+    finally:
+        await statements.close()
+        await engine.dispose()
+    assert counts == {"write_1": 1, "write_2": 0}
+    assert both == {"write_1": 1, "write_2": 1}
+    assert [t["rotated_at"] for t in tokens] == [now]
+
+
 def test_writes_are_two_statements_or_more() -> None:
     with pytest.raises(ValueError, match="two statements"):
         Writes(_MARK_ROTATED)
     assert Writes(_MARK_ROTATED, before=_ONE).before is not None
+    with pytest.raises(ValueError, match="RETURNING"):
+        Writes(_SPEND_TOKEN, _TOUCH_SESSION, counted=True)
+    with pytest.raises(ValueError, match="not both"):
+        Writes(_SPEND_TOKEN, before=_ONE, counted=True)
 
 
 async def test_a_missing_parameter_is_an_error(settings_for: Settings) -> None:

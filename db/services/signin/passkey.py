@@ -63,7 +63,7 @@ from db.services.types import (
     IssuedSession,
     merge_amr,
 )
-from db.session import Statements
+from db.session import Runner, Statements, Writes
 from db.settings import RelyingParty
 from db.validation import parse_email
 
@@ -107,6 +107,8 @@ _USED = (
     )
     .returning(Passkey.id)
 )
+# A sign-in's challenge consumed and its passkey's count moved, in one round trip.
+_SPEND = Writes(ch.CONSUME, _USED, counted=True)
 
 
 REFUSAL_KEY_PREFIX = "passkey:"
@@ -216,10 +218,11 @@ class PasskeySignIns:
         # back a verified passkey (it cannot be guessed).
         await self.limiter.hit("login_ip", client_key(client.ip))
         credential = _parse(credential_json)
-        challenge = await self._take(challenge_token)
         passkey = None
-        if credential is not None:
-            async with self.statements.connection() as conn:
+        # One connection for both: the attempt committed by itself, then the passkey read.
+        async with self.statements.standalone() as conn:
+            challenge = await self._take(challenge_token, conn)
+            if credential is not None:
                 passkey = await conn.first(
                     _PASSKEY_BY_CREDENTIAL_ID, {"credential_id": bytes(credential.raw_id)}
                 )
@@ -247,13 +250,16 @@ class PasskeySignIns:
                 locked = await self.conclusion.lock_and_read(
                     tx, owner, exclusive=intent.new_password_hash is not None
                 )
-                # Spent here, in the transaction that concludes: of two finishes racing
-                # (on any number of processes), exactly one gets it.
-                if locked is None or not await self.challenges.consume(tx, challenge["id"]):
+                if locked is None:
                     raise _Lost()
-                used = await tx.first(
-                    _USED,
+                # The challenge spent here, in the transaction that concludes: of two
+                # finishes racing (on any number of processes), exactly one gets it; and
+                # the passkey's count moved on from the one checked, unless a concurrent
+                # sign-in with it moved it first. Either lost: nothing of this is kept.
+                spent = await tx.execute_together(
+                    _SPEND,
                     {
+                        "challenge_id": challenge["id"],
                         "passkey_id": passkey["id"],
                         "checked": passkey["sign_count"],
                         "new_count": verified.new_count,
@@ -261,8 +267,8 @@ class PasskeySignIns:
                         "backed_up": verified.backed_up,
                     },
                 )
-                if used is None:
-                    raise _Lost()  # a concurrent sign-in with this passkey moved its count
+                if spent is None or not (spent["write_1"] and spent["write_2"]):
+                    raise _Lost()
                 issued = await self.conclusion.conclude(
                     tx,
                     owner,
@@ -282,11 +288,11 @@ class PasskeySignIns:
 
     # -- the steps of a finish -------------------------------------------------------------
 
-    async def _take(self, token: str) -> Mapping[str, Any] | None:
+    async def _take(self, token: str, on: Runner) -> Mapping[str, Any] | None:
         """The challenge, one attempt taken, if finishPasskeyLogin may complete it (see
         TAKE_FOR_PASSKEY: never a registration ceremony or an emailed sign-in code)."""
         try:
-            return await self.challenges.take_attempt(ch.TAKE_FOR_PASSKEY, token)
+            return await self.challenges.take_attempt(ch.TAKE_FOR_PASSKEY, token, on=on)
         except AuthFailure:
             return None
 
