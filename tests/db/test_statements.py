@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -48,6 +48,19 @@ def settings_for(
         upgrade_head(url)
         return make_settings(database_url=url)
     return make_settings()
+
+
+@pytest.fixture
+async def started(settings_for: Settings) -> AsyncIterator[tuple[AsyncEngine, Statements]]:
+    """The engine and the request path's runner on it, started; closed afterwards."""
+    engine = create_engine(settings_for)
+    statements = Statements(engine)
+    await statements.start()
+    try:
+        yield engine, statements
+    finally:
+        await statements.close()
+        await engine.dispose()
 
 
 async def _user_with_a_session(
@@ -170,44 +183,38 @@ async def test_writes_together_make_every_change_and_only_those(settings_for: Se
 
 
 async def test_a_session_and_its_first_token_are_written_together(
-    settings_for: Settings,
+    started: tuple[AsyncEngine, Statements],
 ) -> None:
     """A new session and its refresh token in one statement on PostgreSQL (the token's
     foreign key to the session is checked once the statement has added both), with the
     read that goes with them: it sees the user's sessions as they were before (one live
     session, the one set up; the new one not yet)."""
-    engine = create_engine(settings_for)
-    statements = Statements(engine)
-    await statements.start()
+    engine, statements = started
     now = datetime(2026, 1, 1, tzinfo=UTC)
     user_id, session_id = uuid.uuid4(), uuid.uuid4()
-    try:
-        await _user_with_a_session(engine, user_id, uuid.uuid4(), now)
-        async with statements.transaction() as tx:
-            context = await tx.execute_together(
-                _OPEN_SESSION,
-                {
-                    "session_id": session_id,
-                    "user_id": user_id,
-                    "uid": user_id,
-                    "now": now,
-                    "since": now - timedelta(days=30),
-                    "expires_at": now + timedelta(days=1),
-                    "absolute_expires_at": now + timedelta(days=30),
-                    "user_agent": "pytest",
-                    "ip": "203.0.113.7",
-                    "amr": "hwk",
-                    "device": "other",
-                    "network": "203.0.113.0/24",
-                    "generation": 0,
-                    "token_hash": b"\x03" * 32,
-                },
-            )
-        async with statements.connection() as conn:
-            row = await conn.first(_SESSION_ROW, {"sid": session_id, "now": now})
-    finally:
-        await statements.close()
-        await engine.dispose()
+    await _user_with_a_session(engine, user_id, uuid.uuid4(), now)
+    async with statements.transaction() as tx:
+        context = await tx.execute_together(
+            _OPEN_SESSION,
+            {
+                "session_id": session_id,
+                "user_id": user_id,
+                "uid": user_id,
+                "now": now,
+                "since": now - timedelta(days=30),
+                "expires_at": now + timedelta(days=1),
+                "absolute_expires_at": now + timedelta(days=30),
+                "user_agent": "pytest",
+                "ip": "203.0.113.7",
+                "amr": "hwk",
+                "device": "other",
+                "network": "203.0.113.0/24",
+                "generation": 0,
+                "token_hash": b"\x03" * 32,
+            },
+        )
+    async with statements.connection() as conn:
+        row = await conn.first(_SESSION_ROW, {"sid": session_id, "now": now})
     assert context is not None
     assert (bool(context["signed_in_before"]), bool(context["known"]), context["live"]) == (
         True,
@@ -218,72 +225,61 @@ async def test_a_session_and_its_first_token_are_written_together(
     assert (row["id"], row["amr"], bytes(row["token_hash"])) == (user_id, "hwk", b"\x03" * 32)
 
 
-async def test_a_standalone_statement_commits_by_itself(settings_for: Settings) -> None:
-    """`standalone()`: a write that stands alone is committed once it has run (PostgreSQL
-    runs it outside a transaction: no BEGIN and COMMIT round trips), and one that fails
-    leaves nothing."""
-    engine = create_engine(settings_for)
-    statements = Statements(engine)
-    await statements.start()
-    now = datetime(2026, 1, 1, tzinfo=UTC)
-    user_id, session_id = uuid.uuid4(), uuid.uuid4()
-    spend = _MARK_ROTATED.returning(RefreshToken.id)
-    try:
-        await _user_with_a_session(engine, user_id, session_id, now)
-        token_id = await _first_token(engine, session_id, now)
-        async with statements.standalone() as one:
-            assert await one.first(spend, {"token_id": token_id, "now": now}) == {"id": token_id}
-            # PostgreSQL: seen from another connection before the block ends (SQLite holds
-            # its write transaction to the end of the block, as transaction() does).
-            async with statements.connection() as other:
-                during = await other.all(_TOKENS, {"sid": session_id})
-        async with statements.connection() as other:
-            tokens = await other.all(_TOKENS, {"sid": session_id})
-        assert [t["rotated_at"] for t in tokens] == [now]
-        if not settings_for.is_sqlite:
-            assert during == tokens
-        with pytest.raises(UniqueViolation):
-            async with statements.standalone() as one:
-                await one.execute(
-                    _FIRST_TOKEN,
-                    {"sid": session_id, "digest": b"\x02" * 32, "now": now},
-                )
-        async with statements.connection() as conn:
-            after = await conn.all(_TOKENS, {"sid": session_id})
-    finally:
-        await statements.close()
-        await engine.dispose()
-    assert [bytes(t["token_hash"]) for t in after] == [b"\x01" * 32]
-
-
 _SPEND_TOKEN = _MARK_ROTATED.returning(RefreshToken.id)
 _USE_SESSION = _TOUCH_SESSION.returning(UserSession.id)
 _SPEND_AND_USE = Writes(_SPEND_TOKEN, _USE_SESSION, counted=True)
 
 
-async def test_counted_writes_tell_which_found_their_row(settings_for: Settings) -> None:
-    """A counted Writes answers each write's count of rows (one statement on
-    PostgreSQL): here the token's spend finds it, the session's touch finds none."""
-    engine = create_engine(settings_for)
-    statements = Statements(engine)
-    await statements.start()
+async def test_a_standalone_statement_commits_by_itself(
+    started: tuple[AsyncEngine, Statements], settings_for: Settings
+) -> None:
+    """`standalone()`: a write that stands alone is committed once it has run (PostgreSQL
+    runs it outside a transaction: no BEGIN and COMMIT round trips), and one that fails
+    leaves nothing."""
+    engine, statements = started
     now = datetime(2026, 1, 1, tzinfo=UTC)
     user_id, session_id = uuid.uuid4(), uuid.uuid4()
-    try:
-        await _user_with_a_session(engine, user_id, session_id, now)
-        token_id = await _first_token(engine, session_id, now)
-        params = {"token_id": token_id, "now": now, "expires_at": now + timedelta(days=1)}
-        async with statements.transaction() as tx:
-            counts = await tx.execute_together(
-                _SPEND_AND_USE, {**params, "session_id": uuid.uuid4()}
+    await _user_with_a_session(engine, user_id, session_id, now)
+    token_id = await _first_token(engine, session_id, now)
+    async with statements.standalone() as one:
+        assert await one.first(_SPEND_TOKEN, {"token_id": token_id, "now": now}) == {"id": token_id}
+        # PostgreSQL: seen from another connection before the block ends (SQLite holds
+        # its write transaction to the end of the block, as transaction() does).
+        async with statements.connection() as other:
+            during = await other.all(_TOKENS, {"sid": session_id})
+    async with statements.connection() as other:
+        tokens = await other.all(_TOKENS, {"sid": session_id})
+    assert [t["rotated_at"] for t in tokens] == [now]
+    if not settings_for.is_sqlite:
+        assert during == tokens
+    with pytest.raises(UniqueViolation):
+        async with statements.standalone() as one:
+            await one.execute(
+                _FIRST_TOKEN,
+                {"sid": session_id, "digest": b"\x02" * 32, "now": now},
             )
-        async with statements.transaction() as tx:
-            both = await tx.execute_together(_SPEND_AND_USE, {**params, "session_id": session_id})
-        async with statements.connection() as conn:
-            tokens = await conn.all(_TOKENS, {"sid": session_id})
-    finally:
-        await statements.close()
-        await engine.dispose()
+    async with statements.connection() as conn:
+        after = await conn.all(_TOKENS, {"sid": session_id})
+    assert [bytes(t["token_hash"]) for t in after] == [b"\x01" * 32]
+
+
+async def test_counted_writes_tell_which_found_their_row(
+    started: tuple[AsyncEngine, Statements],
+) -> None:
+    """A counted Writes answers each write's count of rows (one statement on
+    PostgreSQL): here the token's spend finds it, the session's touch finds none."""
+    engine, statements = started
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    user_id, session_id = uuid.uuid4(), uuid.uuid4()
+    await _user_with_a_session(engine, user_id, session_id, now)
+    token_id = await _first_token(engine, session_id, now)
+    params = {"token_id": token_id, "now": now, "expires_at": now + timedelta(days=1)}
+    async with statements.transaction() as tx:
+        counts = await tx.execute_together(_SPEND_AND_USE, {**params, "session_id": uuid.uuid4()})
+    async with statements.transaction() as tx:
+        both = await tx.execute_together(_SPEND_AND_USE, {**params, "session_id": session_id})
+    async with statements.connection() as conn:
+        tokens = await conn.all(_TOKENS, {"sid": session_id})
     assert counts == {"write_1": 1, "write_2": 0}
     assert both == {"write_1": 1, "write_2": 1}
     assert [t["rotated_at"] for t in tokens] == [now]
