@@ -43,7 +43,7 @@ from db.mail.message import mask_address as mask_address
 from db.models import OutboxMail, User
 from db.security.box import SecretBox, UndecryptableSecret
 from db.services.batches import AnyOf, Batching, chosen, until_done, walk
-from db.session import Listening, Runner, Statements
+from db.session import KeptListen, Runner, Statements
 from db.settings import Settings
 
 log = logging.getLogger("strawgate.mail")
@@ -418,9 +418,15 @@ class MailSender:
         self._stopping = False
         # Claims whose rows may still be ours, with their lease's end: stop() releases them.
         self._claims: dict[uuid.UUID, datetime] = {}
-        self._listen_stack: contextlib.AsyncExitStack | None = None
-        self._listening: Listening | None = None
-        self._listen_failed = False
+        self._listen = KeptListen(
+            statements,
+            CHANNEL,
+            self.wake,
+            log=log,
+            who="mail sender",
+            what="new mails",
+            poll_seconds=self._poll_seconds,
+        )
         self._round_failed = False
         self.on_failure: Callable[[MailFailure], None] | None = None
         self._failed_in_a_row = 0
@@ -455,7 +461,7 @@ class MailSender:
     @property
     def listening(self) -> bool:
         """Whether NOTIFY from other processes reaches this sender right now."""
-        return self._listening is not None and self._listening.alive
+        return self._listen.alive
 
     @property
     def degraded(self) -> DeliveryFailure | None:
@@ -495,7 +501,7 @@ class MailSender:
                 pass
             except Exception:  # pragma: no cover - _run catches what a round raises
                 log.exception("mail sender: the loop failed")
-        await self._stop_listening()
+        await self._listen.stop()
         await self._release_all()
 
     async def _run(self) -> None:
@@ -503,7 +509,7 @@ class MailSender:
             while not self._stopping:
                 self._wakeup.clear()  # a wake-up from here on means another round
                 if self._postgres:
-                    await self._keep_listening()
+                    await self._listen.keep()
                 try:
                     # A full batch suggests more are due; a short one took all there were.
                     while not self._stopping and await self.run_once() >= self._batch_size:
@@ -530,40 +536,7 @@ class MailSender:
                     # queued a mail; the mails of a burst also share one round.
                     await asyncio.sleep(WAKE_DELAY)
         finally:
-            await self._stop_listening()
-
-    async def _keep_listening(self) -> None:
-        """(Re-)establishes the LISTEN when it is not in place; polling covers the gaps."""
-        if self.listening:
-            return
-        await self._stop_listening()
-        stack = contextlib.AsyncExitStack()
-        try:
-            self._listening = await stack.enter_async_context(
-                self._statements.listen(CHANNEL, self.wake)
-            )
-        except Exception as exc:
-            await stack.aclose()
-            if not self._listen_failed:
-                log.warning(
-                    "mail sender: cannot LISTEN (%s); polling every %ss until it can",
-                    type(exc).__name__,
-                    self._poll_seconds,
-                )
-            self._listen_failed = True
-            return
-        if self._listen_failed:
-            log.info("mail sender: listening for new mails again")
-        self._listen_failed = False
-        self._listen_stack = stack
-
-    async def _stop_listening(self) -> None:
-        stack, self._listen_stack, self._listening = self._listen_stack, None, None
-        if stack is not None:
-            try:
-                await stack.aclose()
-            except Exception as exc:
-                log.debug("mail sender: closing the LISTEN failed (%s)", type(exc).__name__)
+            await self._listen.stop()
 
     async def run_once(self) -> int:
         """Claims the due mails (up to a batch) and delivers them; how many it claimed."""

@@ -77,7 +77,7 @@ from db.mail.outbox import backoff
 from db.models import WebhookDelivery, WebhookEvent
 from db.providers.http import ProviderHttp, ProviderUnreachable
 from db.services.batches import AnyOf, Batching, chosen, until_done
-from db.session import Listening, Statements
+from db.session import KeptListen, Statements
 from db.settings import Settings
 from db.webhooks.events import CHANNEL, WebhookEvents, webhook_id
 from db.webhooks.outbound import outbound_http, shown, warn_if_private_allowed
@@ -381,9 +381,15 @@ class WebhookDispatcher:
         # ends (a wake-up came while it ran: an event may have been committed behind it).
         self._serving: set[str] = set()
         self._again: set[str] = set()
-        self._listen_stack: contextlib.AsyncExitStack | None = None
-        self._listening: Listening | None = None
-        self._listen_failed = False
+        self._listen = KeptListen(
+            statements,
+            CHANNEL,
+            self.wake,
+            log=log,
+            who="webhooks",
+            what="new events",
+            poll_seconds=self._poll_seconds,
+        )
         self._round_failed = False
         self._next_retry: datetime | None = None
         self._orphans_checked: float | None = None
@@ -430,7 +436,7 @@ class WebhookDispatcher:
     @property
     def listening(self) -> bool:
         """Whether NOTIFY from other processes reaches this dispatcher right now."""
-        return self._listening is not None and self._listening.alive
+        return self._listen.alive
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -466,7 +472,7 @@ class WebhookDispatcher:
                 pass
             except Exception:  # pragma: no cover - _run catches what a round raises
                 log.exception("webhooks: the loop failed")
-        await self._stop_listening()
+        await self._listen.stop()
         await self._release_all()
         await self._http.aclose()
 
@@ -481,7 +487,7 @@ class WebhookDispatcher:
                 while not self._stopping:
                     self._wakeup.clear()  # a wake-up from here on means another round
                     if self._postgres:
-                        await self._keep_listening()
+                        await self._listen.keep()
                     try:
                         if self._orphans_due():
                             await self.give_up_orphans()
@@ -498,7 +504,7 @@ class WebhookDispatcher:
                         await asyncio.wait_for(self._wakeup.wait(), self._wait_seconds())
                         await asyncio.sleep(WAKE_DELAY)
         finally:
-            await self._stop_listening()
+            await self._listen.stop()
 
     def _cannot_read(self, exc: Exception) -> None:
         if not self._round_failed:
@@ -570,39 +576,6 @@ class WebhookDispatcher:
             self._orphans_checked = now
             return True
         return False
-
-    async def _keep_listening(self) -> None:
-        """(Re-)establishes the LISTEN when it is not in place; polling covers the gaps."""
-        if self.listening:
-            return
-        await self._stop_listening()
-        stack = contextlib.AsyncExitStack()
-        try:
-            self._listening = await stack.enter_async_context(
-                self._statements.listen(CHANNEL, self.wake)
-            )
-        except Exception as exc:
-            await stack.aclose()
-            if not self._listen_failed:
-                log.warning(
-                    "webhooks: cannot LISTEN (%s); polling every %ss until it can",
-                    type(exc).__name__,
-                    self._poll_seconds,
-                )
-            self._listen_failed = True
-            return
-        if self._listen_failed:
-            log.info("webhooks: listening for new events again")
-        self._listen_failed = False
-        self._listen_stack = stack
-
-    async def _stop_listening(self) -> None:
-        stack, self._listen_stack, self._listening = self._listen_stack, None, None
-        if stack is not None:
-            try:
-                await stack.aclose()
-            except Exception as exc:
-                log.debug("webhooks: closing the LISTEN failed (%s)", type(exc).__name__)
 
     async def run_once(self) -> int:
         """Claims every endpoint's head that is ready and delivers them; how many it
