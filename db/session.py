@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -409,74 +408,6 @@ class Listening:
     def alive(self) -> bool:
         """False once the connection is gone: notifications no longer arrive."""
         return not self._driver.is_closed()
-
-
-class KeptListen:
-    """A background worker's LISTEN on `channel` (see Statements.listen), kept in place:
-    `keep()` (re-)establishes it where it is not, `stop()` ends it. A failure is logged
-    once, as `who`, until it works again; the worker polls every `poll_seconds` meanwhile
-    (and always, for what a dropped notification missed)."""
-
-    def __init__(
-        self,
-        statements: Statements,
-        channel: str,
-        callback: Callable[[], None],
-        *,
-        log: logging.Logger,
-        who: str,
-        what: str,
-        poll_seconds: float,
-    ) -> None:
-        self._statements = statements
-        self._channel = channel
-        self._callback = callback
-        self._log = log
-        self._who = who
-        self._what = what  # "new mails": "listening for new mails again"
-        self._poll_seconds = poll_seconds
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._listening: Listening | None = None
-        self._failed = False
-
-    @property
-    def alive(self) -> bool:
-        """Whether NOTIFY from other processes reaches the worker right now."""
-        return self._listening is not None and self._listening.alive
-
-    async def keep(self) -> None:
-        """(Re-)establishes the LISTEN when it is not in place; polling covers the gaps."""
-        if self.alive:
-            return
-        await self.stop()
-        stack = contextlib.AsyncExitStack()
-        try:
-            self._listening = await stack.enter_async_context(
-                self._statements.listen(self._channel, self._callback)
-            )
-        except Exception as exc:
-            await stack.aclose()
-            if not self._failed:
-                self._log.warning(
-                    "%s: cannot LISTEN (%s); polling every %ss until it can",
-                    self._who,
-                    type(exc).__name__,
-                    self._poll_seconds,
-                )
-            self._failed = True
-            return
-        if self._failed:
-            self._log.info("%s: listening for %s again", self._who, self._what)
-        self._failed = False
-        self._stack = stack
-
-    async def stop(self) -> None:
-        stack, self._stack, self._listening = self._stack, None, None
-        if stack is not None:
-            try:
-                await stack.aclose()
-            except Exception as exc:
-                self._log.debug("%s: closing the LISTEN failed (%s)", self._who, type(exc).__name__)
 
 
 async def _rollback_if_needed(connection: asyncpg.Connection) -> None:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     update,
 )
 
+from db.background import KeptListen, finish_or_cancel
 from db.clock import Clock
 from db.mail.languages import MAIL_LANGUAGES, mail_language
 from db.mail.message import (
@@ -43,7 +44,7 @@ from db.mail.message import mask_address as mask_address
 from db.models import OutboxMail, User
 from db.security.box import SecretBox, UndecryptableSecret
 from db.services.batches import AnyOf, Batching, chosen, until_done, walk
-from db.session import KeptListen, Runner, Statements
+from db.session import Runner, Statements
 from db.settings import Settings
 
 log = logging.getLogger("strawgate.mail")
@@ -487,20 +488,14 @@ class MailSender:
         task, self._task = self._task, None
         if task is not None:
             self._wakeup.set()
-            await asyncio.wait({task}, timeout=grace)
-            if not task.done():
-                log.warning(
-                    "mail sender: sends still running after %ss were cancelled; their mails"
-                    " stay queued",
-                    grace,
-                )
-                task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # pragma: no cover - _run catches what a round raises
-                log.exception("mail sender: the loop failed")
+            await finish_or_cancel(
+                task,
+                grace=grace,
+                log=log,
+                overdue="mail sender: sends still running after %ss were cancelled; their"
+                " mails stay queued",
+                failed="mail sender: the loop failed",
+            )
         await self._listen.stop()
         await self._release_all()
 

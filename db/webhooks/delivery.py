@@ -72,12 +72,13 @@ from sqlalchemy import (
 from sqlalchemy.orm import aliased
 from standardwebhooks.webhooks import Webhook
 
+from db.background import KeptListen, finish_or_cancel
 from db.clock import Clock
 from db.mail.outbox import backoff
 from db.models import WebhookDelivery, WebhookEvent
 from db.providers.http import ProviderHttp, ProviderUnreachable
 from db.services.batches import AnyOf, Batching, chosen, until_done
-from db.session import KeptListen, Statements
+from db.session import Statements
 from db.settings import Settings
 from db.webhooks.events import CHANNEL, WebhookEvents, webhook_id
 from db.webhooks.outbound import outbound_http, shown, warn_if_private_allowed
@@ -459,19 +460,14 @@ class WebhookDispatcher:
         task, self._task = self._task, None
         if task is not None:
             self._wakeup.set()
-            await asyncio.wait({task}, timeout=grace)
-            if not task.done():
-                log.warning(
-                    "webhooks: deliveries still running after %ss were cancelled; they stay queued",
-                    grace,
-                )
-                task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # pragma: no cover - _run catches what a round raises
-                log.exception("webhooks: the loop failed")
+            await finish_or_cancel(
+                task,
+                grace=grace,
+                log=log,
+                overdue="webhooks: deliveries still running after %ss were cancelled; they"
+                " stay queued",
+                failed="webhooks: the loop failed",
+            )
         await self._listen.stop()
         await self._release_all()
         await self._http.aclose()
