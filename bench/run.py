@@ -661,16 +661,18 @@ async def hash_probe(bench: Bench) -> dict[str, Any]:
 # What Strawgate does for one verifyOtp (db/services/auth.py verify_otp, db/services/mfa.py
 # TwoFactor.check_code), so that its number can be read.
 VERIFY_OTP_WORK = [
-    "server work per verifyOtp: 5 transactions (BEGIN ... COMMIT each, a WAL flush per"
-    " commit) and 1 plain read, 19 round trips to PostgreSQL, no password hash:",
-    "  1. UPDATE challenges (take an attempt, RETURNING)   2. UPDATE users (reserve a code"
-    " check on the account's counter)",
+    "server work per verifyOtp: 2 transactions (BEGIN ... COMMIT each, a WAL flush per"
+    " commit), 2 statements committing by themselves and 1 plain read, 15 round trips to"
+    " PostgreSQL, no password hash:",
+    "  1. UPDATE challenges (take an attempt, RETURNING)   2. SELECT + UPDATE the account's"
+    " code-check counter (reserve a check)",
     "  3. SELECT totp_credentials; Fernet decrypt of the secret (AES-CBC + HMAC-SHA256) and"
     " 3 TOTP HMAC-SHA1s (steps -1, 0, +1)",
-    "  4. UPDATE totp_credentials (accept the step: replay protection)   5. UPDATE users"
-    " (give the counter back)",
-    "  6. the session: UPDATE challenges (consume) + SELECT user + INSERT sessions + INSERT"
-    " refresh_tokens; then a signed access JWT",
+    "  4. one transaction: lock the user, UPDATE totp_credentials (accept the step: replay"
+    " protection), UPDATE challenges (consume), SELECT the user,",
+    "     the session (INSERT sessions + INSERT refresh_tokens, with the device history and"
+    " the live-session count), LOGIN_SUCCEEDED   5. UPDATE the counter (give the check"
+    " back); then a signed access JWT",
 ]
 
 
@@ -757,14 +759,17 @@ async def scenario_verify_otp(bench: Bench, seeds: Seeds, login: Scenario | None
 # What Strawgate does for one finishPasskeyLogin (db/services/signin/passkey.py
 # PasskeySignIns.finish), so that its number can be read.
 PASSKEY_WORK = [
-    "server work per finishPasskeyLogin, no password hash: the login_ip limit; parse the"
-    " AuthenticationResponseJSON; UPDATE challenges (take an attempt); SELECT the passkey"
-    " by credential ID (+ its user);",
-    "  the account's login_account limit and lockout reserved; the assertion verified"
-    " (py_webauthn: clientDataJSON, RP ID hash, flags, one ECDSA P-256 verify); then one"
-    " transaction: lock the user, consume the challenge,",
-    "  UPDATE passkeys (count, last used), the session (INSERT sessions, INSERT"
-    " refresh_tokens), the lockout settled; then a signed access JWT",
+    "server work per finishPasskeyLogin, no password hash, 8 round trips to PostgreSQL: the"
+    " login_ip limit; parse the AuthenticationResponseJSON; on one connection, each"
+    " committing by itself:",
+    "  UPDATE challenges (take an attempt), SELECT the passkey by credential ID (+ its"
+    " user); the assertion verified (py_webauthn: clientDataJSON, RP ID hash, flags, one"
+    " ECDSA P-256 verify);",
+    "  then one transaction: lock the user (reading the row the sign-in decides on); one"
+    " statement consuming the challenge and moving the passkey's count; one adding the"
+    " session and its refresh token",
+    "  (with the device history and the live-session count read as before them);"
+    " INSERT security_events (LOGIN_SUCCEEDED); then a signed access JWT",
 ]
 PASSKEY = "finishPasskeyLogin"
 
@@ -871,12 +876,12 @@ ID_TOKEN_WORK = [
     " no call to the provider (discovery and keys cached): the login_ip limit; the JWS"
     " header read, the key by kid from the cached JWKS,",
     "  one RSA-2048 signature check (RS256), iss/aud/exp/iat/sub and the nonce's SHA-256"
-    " checked; the token spent (INSERT spent_id_tokens, a transaction of its own); the"
-    " identity's login_account limit;",
+    " checked; the token spent (INSERT spent_id_tokens, a statement committing by itself);"
+    " the identity's login_account limit;",
     "  then one transaction: SELECT the identity by (provider, sub), lock the user, UPDATE"
-    " the identity (last used, address, name), the user read, the session (INSERT sessions,"
-    " INSERT refresh_tokens, the session cap,",
-    "  LOGIN_SUCCEEDED); then a signed access JWT",
+    " the identity (last used, address, name), the user read, the session (one statement:"
+    " INSERT sessions, INSERT refresh_tokens,",
+    "  the device history and the live-session count), LOGIN_SUCCEEDED; then a signed access JWT",
 ]
 
 

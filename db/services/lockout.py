@@ -195,7 +195,7 @@ class Lockout:
 
     async def give_back(self, email: str) -> None:
         """Settles a reserved check that never ran (a busy hasher): not a failure."""
-        async with self.statements.transaction() as tx:
+        async with self.statements.standalone() as tx:
             await tx.execute(_GIVE_BACK, {"address": email})
 
     async def succeeded(self, tx: Runner, email: str) -> None:

@@ -315,7 +315,7 @@ class TwoFactor:
         except Exception:
             await self._give_back_quietly(key)
             raise
-        async with self.statements.transaction() as tx:
+        async with self.statements.standalone() as tx:
             await self.code_checks.give_back(tx, key)
         return method
 
@@ -323,7 +323,7 @@ class TwoFactor:
         """Gives a reserved check back while another failure is on its way to the caller:
         if this fails too (the database is down), that failure is the one reported."""
         try:
-            async with self.statements.transaction() as tx:
+            async with self.statements.standalone() as tx:
                 await self.code_checks.give_back(tx, key)
         except Exception as exc:
             log.warning("a code check could not be given back (%s)", type(exc).__name__)

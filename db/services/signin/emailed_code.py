@@ -309,7 +309,7 @@ class EmailedCodes:
         """A right code that was not spent after all: its checks are given back."""
         if check.lock is not None:
             await self.code_lockout.give_back(check.lock)
-        async with self.statements.transaction() as tx:
+        async with self.statements.standalone() as tx:
             await self.code_checks.give_back(tx, check.key)
 
     async def complete(
