@@ -452,10 +452,13 @@ class _NativeRunner:
     async def execute_together(
         self, writes: Writes, params: Mapping[str, Any]
     ) -> Mapping[str, Any] | None:
-        if writes.before is not None or writes.counted:
+        if writes.before is None and not writes.counted:
+            await self.execute(writes.combined, params)
+            return None
+        try:
             return await self.first(writes.combined, params)
-        await self.execute(writes.combined, params)
-        return None
+        except asyncpg.UniqueViolationError as exc:  # as execute() says it
+            raise UniqueViolation(exc.constraint_name) from exc
 
 
 class _SqlalchemyRunner:
@@ -500,7 +503,12 @@ class _SqlalchemyRunner:
             own = {name: params[name] for name in names if name in params}
             if writes.counted:
                 assert found is not None  # noqa: S101 - set above
-                found[f"write_{n}"] = len(await self.all(statement, own))
+                try:
+                    found[f"write_{n}"] = len(await self.all(statement, own))
+                except IntegrityError as exc:  # as execute() says it
+                    if "unique" in str(exc.orig).lower():
+                        raise UniqueViolation(str(exc.orig)) from exc
+                    raise
             else:
                 await self.execute(statement, own)
         return found

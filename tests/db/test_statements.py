@@ -285,6 +285,30 @@ async def test_counted_writes_tell_which_found_their_row(
     assert [t["rotated_at"] for t in tokens] == [now]
 
 
+async def test_writes_together_stopped_by_a_unique_constraint_say_so(
+    started: tuple[AsyncEngine, Statements],
+) -> None:
+    """Writes stopped by a unique constraint raise UniqueViolation, as execute() does,
+    whatever they answer (nothing, a read, their counts), and change nothing."""
+    engine, statements = started
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    user_id, session_id = uuid.uuid4(), uuid.uuid4()
+    await _user_with_a_session(engine, user_id, session_id, now)
+    token_id = await _first_token(engine, session_id, now)  # generation 0 is taken
+    again = {"sid": session_id, "digest": b"\x02" * 32, "now": now, "token_id": token_id}
+    for writes in (
+        Writes(_SPEND_TOKEN, _FIRST_TOKEN),
+        Writes(_SPEND_TOKEN, _FIRST_TOKEN, before=_ONE),
+        Writes(_SPEND_TOKEN, _FIRST_TOKEN.returning(RefreshToken.id), counted=True),
+    ):
+        with pytest.raises(UniqueViolation):
+            async with statements.transaction() as tx:
+                await tx.execute_together(writes, again)
+    async with statements.connection() as conn:
+        tokens = await conn.all(_TOKENS, {"sid": session_id})
+    assert [(bytes(t["token_hash"]), t["rotated_at"]) for t in tokens] == [(b"\x01" * 32, None)]
+
+
 def test_writes_are_two_statements_or_more() -> None:
     with pytest.raises(ValueError, match="two statements"):
         Writes(_MARK_ROTATED)

@@ -9,20 +9,29 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from jose import jwt
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, insert, select, text, update
 from starlette.applications import Starlette
 
-from db.models import User, UserSession
+from db.models import User, UserRole, UserSession
 from db.services.signin import passkey as passkey_signin
+from db.session import Statements
 from db.settings import Settings
 from graph.app import create_app
-from tests.conftest import PASSWORD, UNLIMITED, MutableClock, client_for, unique_email
+from tests.conftest import (
+    LOCKS_WAITING_HERE,
+    PASSWORD,
+    UNLIMITED,
+    MutableClock,
+    client_for,
+    unique_email,
+)
 from tests.gql import VERIFY_OTP, gql, mutate, signed_up_and_proven
 from tests.graph.test_mfa import code_at, enrolled
 from tests.graph.test_passkeys import finish as finish_registration
@@ -153,6 +162,44 @@ async def test_a_discoverable_passkey_signs_in_without_an_address_as_synced(
     assert claims["auth_time"] == int(clock.now().timestamp())
     (passkey,) = await my_passkeys(client, session["accessToken"])
     assert passkey["lastUsedAt"] is not None
+
+
+async def test_a_role_taken_away_while_a_sign_in_waits_is_not_in_its_token(
+    client: httpx.AsyncClient, statements: Statements
+) -> None:
+    """An operator's change holds the account's lock (as `strawgate users roles remove`
+    does) while a passkey sign-in waits for it: the sign-in's token has the roles the
+    change left. (A statement that waits for a row lock sees the other tables as they were
+    when it started: the account's row, with its roles, is read after the lock, not with
+    it.)"""
+    email, _token, authenticator = await with_passkey(client)
+    async with statements.connection() as conn:
+        user = await conn.first(select(User.id).where(User.email == email), {})
+    assert user is not None
+    now = datetime.now(UTC)
+    async with statements.transaction() as tx:
+        await tx.execute(
+            insert(UserRole).values(
+                user_id=user["id"], role="admin", granted_at=now, granted_by="test"
+            ),
+            {},
+        )
+    ceremony = await start(client)
+    credential = authenticator.assertion(ceremony["optionsJson"])
+    signing_in: asyncio.Task[dict[str, Any]] | None = None
+    async with statements.transaction() as change:
+        await change.first(select(User.id).where(User.id == user["id"]).with_for_update(), {})
+        await change.execute(delete(UserRole).where(UserRole.user_id == user["id"]), {})
+        signing_in = asyncio.create_task(finish(client, ceremony["challengeToken"], credential))
+        async with asyncio.timeout(10):  # until PostgreSQL shows the sign-in waiting
+            while True:
+                async with statements.connection() as conn:
+                    if (await conn.scalars(text(LOCKS_WAITING_HERE), {}))[0]:
+                        break
+                await asyncio.sleep(0.01)
+    session = await asyncio.wait_for(signing_in, 10)
+    assert session["__typename"] == "AuthSession", session
+    assert claims_of(session["accessToken"])["roles"] == []
 
 
 async def test_an_address_lists_its_passkeys_and_a_device_bound_one_is_hwk(

@@ -54,11 +54,6 @@ USER_BY_ID = (
     .outerjoin(*WITH_TOTP)
     .where(User.id == bindparam("user_id"))
 )
-# The same row taken with the account's lock (as lock_account takes it: shared for a
-# sign-in, exclusive for a reset), for a way in that concludes under that lock with no
-# change to the row in between: the lock and conclude's read in one round trip.
-_SHARE_USER_BY_ID = USER_BY_ID.with_for_update(read=True, of=User)
-_LOCK_USER_BY_ID = USER_BY_ID.with_for_update(of=User)
 
 # A new password; password_changed_at is what sign-ins in flight re-check. On a reset,
 # unconditionally, and the address counts as verified (on a change, see
@@ -142,7 +137,6 @@ class Conclusion:
         intent: Intent = SIGN_IN,
         verify_address: bool = False,
         address_required: bool = False,
-        user: Mapping[str, Any] | None = None,
     ) -> IssuedSession | IssuedChallenge:
         """What follows a proven credential, whichever way in proved it (password, emailed
         code, TOTP or recovery code): refuse a disabled account; ask for the address to be
@@ -169,10 +163,11 @@ class Conclusion:
         transaction: the account's lock comes first in every transaction;
         TwoFactor.check_code for a TOTP or recovery code).
 
-        `user`: the account's row as lock_and_read returned it, where the caller took the
-        lock that way; else it is read here."""
-        if user is None:
-            user = await tx.first(USER_BY_ID, {"user_id": user_id})
+        The row is read here, in a statement of its own after the lock: a statement that
+        waited for a lock sees the other tables (the roles, the TOTP credential) as they
+        were when it started, so a role taken away while this sign-in waited would still
+        be in its token."""
+        user = await tx.first(USER_BY_ID, {"user_id": user_id})
         if user is None:
             raise invalid_challenge()
         if not user["is_active"]:
@@ -220,15 +215,6 @@ class Conclusion:
         if intent.session_id is not None:
             return await self._renew(tx, user, intent.session_id, amr, client)
         return await self.sessions.open_session(tx, user_view(user), amr=amr, client=client)
-
-    @staticmethod
-    async def lock_and_read(
-        tx: Runner, user_id: uuid.UUID, *, exclusive: bool
-    ) -> Mapping[str, Any] | None:
-        """The account's lock (Sessions.lock_user's: first in the transaction) and the
-        row conclude reads, in one statement; None when there is no such account."""
-        statement = _LOCK_USER_BY_ID if exclusive else _SHARE_USER_BY_ID
-        return await tx.first(statement, {"user_id": user_id})
 
     async def _renew(
         self,

@@ -247,7 +247,7 @@ class PasskeySignIns:
         try:
             async with self.events.transaction(self.statements) as tx:
                 # First: the account's lock (see _LOCK_USER); exclusive for a reset.
-                locked = await self.conclusion.lock_and_read(
+                locked = await self.sessions.lock_user(
                     tx, owner, exclusive=intent.new_password_hash is not None
                 )
                 if locked is None:
@@ -277,7 +277,6 @@ class PasskeySignIns:
                     intent=intent,
                     # A first factor, as a password login is: the address must be proven.
                     verify_address=intent is SIGN_IN,
-                    user=locked,
                 )
         except _Lost:
             # Not a guess: the answer was right, and a concurrent request used the
