@@ -759,15 +759,15 @@ async def scenario_verify_otp(bench: Bench, seeds: Seeds, login: Scenario | None
 # What Strawgate does for one finishPasskeyLogin (db/services/signin/passkey.py
 # PasskeySignIns.finish), so that its number can be read.
 PASSKEY_WORK = [
-    "server work per finishPasskeyLogin, no password hash, 8 round trips to PostgreSQL: the"
+    "server work per finishPasskeyLogin, no password hash, 9 round trips to PostgreSQL: the"
     " login_ip limit; parse the AuthenticationResponseJSON; on one connection, each"
     " committing by itself:",
     "  UPDATE challenges (take an attempt), SELECT the passkey by credential ID (+ its"
     " user); the assertion verified (py_webauthn: clientDataJSON, RP ID hash, flags, one"
     " ECDSA P-256 verify);",
-    "  then one transaction: lock the user (reading the row the sign-in decides on); one"
-    " statement consuming the challenge and moving the passkey's count; one adding the"
-    " session and its refresh token",
+    "  then one transaction: lock the user; one statement consuming the challenge and"
+    " moving the passkey's count; the user read (with its roles); one adding the session"
+    " and its refresh token",
     "  (with the device history and the live-session count read as before them);"
     " INSERT security_events (LOGIN_SUCCEEDED); then a signed access JWT",
 ]
