@@ -587,10 +587,12 @@ class Settings(BaseSettings):
     """The providers users may sign in with, one group of variables each:
     `IDENTITY_PROVIDERS__<ID>__CLIENT_ID` and the rest (see the identity-provider settings)."""
     identity_providers_allow_insecure: bool = False
-    """Allow plain-HTTP provider URLs and providers on private, loopback or link-local addresses
-    (tests; a provider on your own network). Off, every discovery, token, user-info and key URL
-    must be HTTPS to a public address (what a forged setting or a provider's document points to
-    cannot reach the internal network). Logs a warning at start when on."""
+    """Allow providers on private, loopback or link-local addresses, and plain-HTTP provider
+    URLs to those addresses only (tests; a provider on your own network): plain HTTP to a
+    public address stays refused, where the connection is made. Off, every discovery, token,
+    user-info and key URL must be HTTPS to a public address (what a forged setting or a
+    provider's document points to cannot reach the internal network). Logs a warning at
+    start when on."""
     identity_provider_timeout: float = Field(5.0, gt=0, le=30)
     """Seconds for one request to a provider (discovery, keys, token, user info) before it counts
     as failed (`PROVIDER_ERROR`)."""

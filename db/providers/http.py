@@ -8,11 +8,11 @@ the host name is resolved once, every address it resolves to must be public (not
 loopback, link-local, shared, multicast or reserved), and the connection goes to the
 address that was checked, so a DNS answer that changes between check and connect (DNS
 rebinding) reaches nothing new. TLS still verifies the certificate for the host name.
-`IDENTITY_PROVIDERS_ALLOW_INSECURE` lifts both rules (tests; a provider on your own network);
-for webhooks and the claims hook, `WEBHOOK_ALLOW_PRIVATE` does, but allows plain HTTP only to
-addresses that are not public (`http_private_only`): over the internet, a request and its
-answer are read and changed by anyone on the way (`setting` names the one that applies in
-what the refusals say).
+`IDENTITY_PROVIDERS_ALLOW_INSECURE` lifts both rules for providers (tests; a provider on
+your own network), `WEBHOOK_ALLOW_PRIVATE` for webhooks and the claims hook; both allow
+plain HTTP only to addresses that are not public (`http_private_only`): over the internet,
+a request and its answer are read and changed by anyone on the way (`setting` names the
+one that applies in what the refusals say).
 """
 
 from __future__ import annotations

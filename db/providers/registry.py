@@ -60,14 +60,17 @@ class IdentityProviders:
         configs = provider_configs(settings)
         if configs and settings.identity_providers_allow_insecure:
             log.warning(
-                "IDENTITY_PROVIDERS_ALLOW_INSECURE is on: providers may be reached over plain"
-                " HTTP and on private, loopback and link-local addresses"
+                "IDENTITY_PROVIDERS_ALLOW_INSECURE is on: providers may be reached on private,"
+                " loopback and link-local addresses, and over plain HTTP there"
             )
         return cls(
             configs=configs,
             http=ProviderHttp(
                 timeout=settings.identity_provider_timeout,
                 allow_insecure=settings.identity_providers_allow_insecure,
+                # Plain HTTP never crosses the internet: ID tokens, codes and client
+                # secrets travel on it, readable and changeable by anyone on the way.
+                http_private_only=True,
             ),
             clock=clock,
             public_url=public_url(settings) if configs else None,

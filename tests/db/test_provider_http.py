@@ -22,6 +22,7 @@ from typing import Any
 import httpcore
 import pytest
 
+from db.clock import SystemClock
 from db.providers.http import (
     MAX_RESPONSE_BYTES,
     ProviderHttp,
@@ -30,6 +31,8 @@ from db.providers.http import (
     check_url,
     is_public_address,
 )
+from db.providers.registry import IdentityProviders
+from db.settings import Settings
 
 Answer = Callable[[socket.socket, bytes, threading.Event], None]
 STOP_WAIT = 5.0
@@ -326,6 +329,34 @@ async def webhooks_http() -> AsyncIterator[tuple[ProviderHttp, Tripwire]]:
         yield http, tripwired(http)
     finally:
         await http.aclose()
+
+
+async def test_insecure_providers_get_plain_http_on_private_addresses_only(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """IDENTITY_PROVIDERS_ALLOW_INSECURE (a provider on your own network) allows private
+    addresses and plain HTTP to them, never plain HTTP across the internet: ID tokens, codes
+    and the client secret would travel readable."""
+    settings = make_settings(
+        public_url="http://127.0.0.1:8000",
+        identity_providers={"corp": {"issuer": "http://10.0.0.5", "client_id": "c"}},
+        identity_providers_allow_insecure=True,
+    ).prepare()
+    http = IdentityProviders.from_settings(settings, SystemClock()).http
+    tripwire = tripwired(http)
+    try:
+        with pytest.raises(ProviderUnreachable) as refused:
+            await http.get_json("http://8.8.8.8:9/.well-known/openid-configuration")
+        assert "plain http goes only to private, loopback or link-local" in str(refused.value)
+        assert "IDENTITY_PROVIDERS_ALLOW_INSECURE" in str(refused.value)
+        # Over https, and over plain http to the internal network, it goes ahead (stopped
+        # here by the tripwire only).
+        for url in ("https://8.8.8.8:9/jwks", "http://10.0.0.5:9/jwks"):
+            with pytest.raises(ProviderUnreachable, match="the tripwire stopped a connection"):
+                await http.get_json(url)
+    finally:
+        await http.aclose()
+    assert [port for _host, port in tripwire.attempts] == [9, 9]
 
 
 @pytest.mark.parametrize("host", ["8.8.8.8", "[2001:4860:4860::8888]", "[::ffff:8.8.8.8]"])
