@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
+# The migration scripts are part of the code: read once a process (some 15 ms, which every
+# app made in it would pay again: the test suite makes about a thousand).
+@functools.cache
 def head_revision() -> str:
     """The revision the code's models are at."""
     head = ScriptDirectory.from_config(alembic_config("")).get_current_head()
@@ -47,6 +51,7 @@ def head_revision() -> str:
     return head
 
 
+@functools.cache
 def known_revisions() -> frozenset[str]:
     """Every revision this code's migrations know (a database at another one was migrated
     by a newer release)."""
