@@ -184,7 +184,8 @@ class Runner(Protocol):
         self, writes: Writes, params: Mapping[str, Any]
     ) -> Mapping[str, Any] | None:
         """Runs `writes` (see Writes) with `params`, in one round trip on PostgreSQL; the
-        row its `before` read found (None without one)."""
+        row its `before` read found, or the writes' row counts where they are `counted`
+        (None otherwise)."""
         ...
 
 
@@ -217,7 +218,7 @@ class Writes:
             raise ValueError("Writes needs two statements or more, or one and a read")
         if counted and before is not None:
             raise ValueError("Writes answers a read or the writes' counts, not both")
-        if counted and not all(statement._returning for statement in statements):
+        if counted and not all(s.returning_column_descriptions for s in statements):
             raise ValueError("counted Writes need a RETURNING clause on every statement")
         # Each with the names of its own parameters: SQLAlchemy would take another
         # statement's parameter named like a column of this one's table as a value to set.
